@@ -1,0 +1,44 @@
+# Two commands do all the set-up on a fresh Debian machine with Python 3.11:
+#   make demo   install, start the local stack, run the real CLI end to end
+#   make test   install, run the whole suite against real services (what CI runs)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+OPENSPEC := npx --yes @fission-ai/openspec@1.13.2
+
+.PHONY: install valkey test spec demo stack stack-down bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+# Valkey 8 through apt when we are root; otherwise the stack falls back loudly (never in CI).
+valkey:
+	@command -v valkey-server >/dev/null || { [ "$$(id -u)" = 0 ] && bash local/install-valkey.sh; } \
+	  || echo "WARNING: valkey-server not installed; the stack will use plain redis-server for the cache" >&2
+
+install: $(VENV)/.installed valkey
+
+spec:
+	$(OPENSPEC) validate --all --strict --no-interactive
+
+test: install spec
+	$(PY) -m pytest
+
+demo: install
+	bash local/demo.sh
+
+stack: install
+	$(PY) local/stack.py up
+
+stack-down:
+	$(PY) local/stack.py down
+
+bench: install
+	$(PY) bench/bench.py
+
+clean: stack-down
+	rm -rf $(VENV) .stack .stack.env

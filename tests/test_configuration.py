@@ -1,0 +1,55 @@
+"""Requirement: Configuration from the environment (spec: memory-manager / Configuration)."""
+
+import pytest
+
+
+@pytest.mark.parametrize(("variable", "value", "message"), [
+    ("MEMORY_GROUP_ID", "bad group!", "MEMORY_GROUP_ID must match ^[A-Za-z0-9_-]{1,64}$, got 'bad group!'"),
+    ("MEMORY_GROUP_ID", "x" * 65, "MEMORY_GROUP_ID must match ^[A-Za-z0-9_-]{1,64}$"),
+    ("FALKORDB_PORT", "sixty", "FALKORDB_PORT must be an integer, got 'sixty'"),
+    ("VALKEY_PORT", "70000", "VALKEY_PORT must be between 1 and 65535, got 70000"),
+    ("MEMORY_CACHE_TTL", "0", "MEMORY_CACHE_TTL must be between 1 and 2592000, got 0"),
+    ("MEMORY_MAX_EPISODE_CHARS", "-5", "MEMORY_MAX_EPISODE_CHARS must be between 1 and 10000000, got -5"),
+    ("OPENAI_BASE_URL", "ftp://x", "OPENAI_BASE_URL must be an http(s) URL, got 'ftp://x'"),
+], ids=["group-chars", "group-length", "port-not-int", "port-range", "ttl-zero", "max-chars", "base-url"])
+@pytest.mark.parametrize("command", [["query", "anything"], ["entities"], ["health"]],
+                         ids=["query", "entities", "health"])
+def test_a_malformed_setting_fails_early_with_one_line_naming_it(memory, variable, value, message, command):
+    result = memory.with_env(**{variable: value}).run(*command)
+
+    assert result.code == 2
+    assert len(result.error_lines) == 1
+    assert result.error_lines[0].startswith(f"memory-manager: error: {message}")
+    assert result.stdout == ""
+
+
+def test_a_base_url_with_credentials_is_never_echoed(memory):
+    result = memory.with_env(OPENAI_BASE_URL="ftp://user:hunter2@example.test/v1").run("entities")
+
+    assert result.code == 2
+    assert "hunter2" not in result.stderr
+
+
+def test_settings_hide_secrets_in_their_repr(monkeypatch):
+    import memory_manager
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-canary-1")
+    monkeypatch.setenv("VALKEY_PASSWORD", "canary-2")
+    monkeypatch.setenv("FALKORDB_PASSWORD", "canary-3")
+
+    text = repr(memory_manager.Settings.from_env())
+
+    assert "canary" not in text
+
+
+def test_documented_defaults_apply_when_nothing_is_set(monkeypatch):
+    import memory_manager
+
+    for name in ("FALKORDB_HOST", "FALKORDB_PORT", "VALKEY_HOST", "VALKEY_PORT", "MEMORY_GROUP_ID",
+                 "MEMORY_CACHE_TTL", "MEMORY_MAX_EPISODE_CHARS"):
+        monkeypatch.delenv(name, raising=False)
+
+    s = memory_manager.Settings.from_env()
+
+    assert (s.falkordb_address, s.valkey_address, s.group_id) == ("localhost:6379", "localhost:6380", "opencode")
+    assert (s.cache_ttl_s, s.max_episode_chars) == (300, 100_000)

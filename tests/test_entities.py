@@ -1,0 +1,42 @@
+"""Requirement: List entities (spec: memory-manager / List entities)."""
+
+import pytest
+
+
+def test_entities_are_sorted_by_name_and_filtered_by_type(memory):
+    memory.store("Edited src/app/cache.py to call Valkey from fetch_answer().")
+    memory.store("Fixed TimeoutError in sync_worker when FalkorDB restarts.")
+
+    everything = memory.entities()
+    assert [e["name"] for e in everything] == sorted(e["name"] for e in everything)
+    assert {e["name"] for e in everything} >= {"src/app/cache.py", "Valkey", "fetch_answer",
+                                                "TimeoutError", "sync_worker", "FalkorDB"}
+    assert memory.entities("Technology") == [{"name": "FalkorDB", "type": "Technology"},
+                                             {"name": "Valkey", "type": "Technology"}]
+    assert memory.entities("File") == [{"name": "src/app/cache.py", "type": "File"}]
+
+
+def test_entities_of_an_unknown_type_is_an_empty_list(memory):
+    memory.store("Edited src/app/cache.py to call Valkey.")
+
+    assert memory.entities("Spaceship") == []
+
+
+def test_entities_of_a_group_never_written_is_empty_and_creates_no_graph(memory):
+    assert memory.entities() == []
+    assert memory.graph_counts() == (0, 0)
+    assert memory.cypher_graph_exists() is False
+
+
+@pytest.mark.parametrize("entity_type", ["Person) DETACH DELETE n //", "File`", "1abc", "a b", ""],
+                         ids=["cypher-injection", "backtick", "leading-digit", "space", "empty"])
+def test_invalid_entity_type_exits_2_and_leaves_the_graph_as_it_was(memory, entity_type):
+    memory.store("Edited src/app/cache.py to call Valkey.")
+    before = memory.graph_counts()
+
+    result = memory.run("entities", entity_type)
+
+    assert result.code == 2
+    assert len(result.error_lines) == 1
+    assert "entity type must match" in result.stderr
+    assert memory.graph_counts() == before

@@ -1,0 +1,43 @@
+"""Requirement: Lazy clients (spec: memory-manager / Lazy, loop-safe clients)."""
+
+import asyncio
+import subprocess
+import sys
+
+from conftest import MODULE
+
+
+def test_import_connects_to_nothing_and_loads_no_heavy_library(dead_port):
+    code = (
+        "import sys, socket\n"
+        "def refuse(*a, **k): raise AssertionError('import opened a socket')\n"
+        "socket.socket.connect = refuse\n"
+        f"sys.path.insert(0, {str(MODULE.parent)!r})\n"
+        "import memory_manager\n"
+        "heavy = [m for m in ('graphiti_core', 'openai', 'falkordb', 'b2sdk', 'ddtrace', 'redis') if m in sys.modules]\n"
+        "print(heavy)\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "FALKORDB_PORT": str(dead_port), "VALKEY_PORT": str(dead_port)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "[]\n"
+    assert done.stderr == ""
+
+
+def test_two_asyncio_runs_in_one_process_both_work(memory, monkeypatch):
+    import memory_manager
+
+    memory.store("We chose FalkorDB over Neo4j for the graph database.")
+    for key, value in memory.env.items():
+        monkeypatch.setenv(key, value)
+
+    first = asyncio.run(memory_manager.query_memory("graph database"))
+    second = asyncio.run(memory_manager.query_memory("graph database"))  # new loop: clients recreated
+    entities = asyncio.run(memory_manager.get_entities())
+    asyncio.run(memory_manager.close())
+    asyncio.run(memory_manager.close())
+
+    assert "We chose FalkorDB over Neo4j" in first
+    assert second == first
+    assert {e["name"] for e in entities} == {"FalkorDB", "Neo4j"}

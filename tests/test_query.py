@@ -1,0 +1,124 @@
+"""Requirement: Query memory, with a cache (spec: memory-manager / Query memory, Query cache)."""
+
+import pytest
+
+DECISION = "We chose FalkorDB over Neo4j for the graph database."
+ERROR = "Fixed TimeoutError in sync_worker when Valkey restarts during deploys."
+
+
+def test_query_returns_the_stored_fact_with_its_validity_window(memory):
+    memory.store(DECISION)
+
+    answer = memory.ok("query", "which graph database did we choose")
+
+    assert "We chose FalkorDB over Neo4j" in answer
+    assert "→ present)" in answer
+    assert all(line.startswith("- ") for line in answer.splitlines())
+
+
+def test_query_with_nothing_relevant_says_so_in_one_line(memory):
+    memory.store(DECISION)
+
+    assert memory.ok("query", "kubernetes helm chart") == "No relevant memories found.\n"
+
+
+def test_a_repeated_query_is_served_from_the_cache(memory, standin, valkey):
+    memory.store(DECISION)
+    first = memory.ok("query", "graph database choice")
+    requests_after_miss = standin.requests()
+
+    second = memory.ok("query", "graph database choice")
+
+    assert second == first
+    assert standin.requests() == requests_after_miss, "a cache hit must not reach the LLM"
+    keys = valkey.keys(f"memory:{memory.group}:query:*")
+    assert len(keys) == 1
+    assert 0 < valkey.ttl(keys[0]) <= 300
+
+
+def test_the_cache_ttl_follows_memory_cache_ttl(memory, valkey):
+    memory.store(DECISION)
+    memory.with_env(MEMORY_CACHE_TTL="7").ok("query", "graph database")
+
+    [key] = valkey.keys(f"memory:{memory.group}:query:*")
+    assert 0 < valkey.ttl(key) <= 7
+
+
+def test_the_cache_key_ignores_case_and_spacing(memory, standin):
+    memory.store(DECISION)
+    memory.ok("query", "Graph   database choice")
+    requests = standin.requests()
+
+    memory.ok("query", "graph database CHOICE")
+
+    assert standin.requests() == requests
+
+
+def test_a_store_invalidates_the_cached_answers_of_its_group(memory, standin):
+    memory.store(DECISION)
+    before = memory.ok("query", "Valkey restarts")
+    assert "sync_worker" not in before
+
+    memory.store(ERROR)
+    requests = standin.requests()
+    after = memory.ok("query", "Valkey restarts")
+
+    assert standin.requests() > requests, "the query after a store must miss the cache"
+    assert "sync_worker when Valkey restarts during deploys" in after
+
+
+def test_a_cache_hit_needs_no_openai_key(memory, standin):
+    memory.store(DECISION)
+    first = memory.ok("query", "graph database")
+
+    assert memory.with_env(OPENAI_API_KEY=None).ok("query", "graph database") == first
+
+
+def test_query_still_answers_when_valkey_is_down_and_says_so_once(memory, dead_port):
+    memory.store(DECISION)
+
+    result = memory.with_env(VALKEY_PORT=str(dead_port)).run("query", "graph database")
+
+    assert result.code == 0
+    assert "We chose FalkorDB over Neo4j" in result.stdout
+    assert len(result.error_lines) == 1
+    assert result.error_lines[0].startswith("memory-manager: warning: cache unavailable (valkey at 127.0.0.1:")
+
+
+def test_a_standalone_underscore_in_the_query_does_not_break_search(memory):
+    memory.store(ERROR)
+
+    answer = memory.ok("query", "sync_worker _ Valkey")
+
+    assert "sync_worker when Valkey restarts" in answer
+
+
+def test_the_limit_bounds_the_number_of_facts(memory):
+    memory.store("Edited src/a.py and src/b.py and src/c.py and src/d.py with FalkorDB and Valkey.")
+
+    assert len(memory.ok("query", "src FalkorDB Valkey", "1").splitlines()) == 1
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["query", "x", "0"], "limit must be an integer from 1 to 50, got 0"),
+    (["query", "x", "-1"], "limit must be an integer from 1 to 50, got -1"),
+    (["query", "x", "51"], "limit must be an integer from 1 to 50, got 51"),
+    (["query", "x", "abc"], "query: argument limit: invalid int value: 'abc'"),
+    (["query", "  "], "query must be non-empty text"),
+    (["query"], "query: the following arguments are required: search_query"),
+], ids=["limit-0", "limit-negative", "limit-51", "limit-abc", "blank-query", "missing-query"])
+def test_bad_query_input_exits_2_with_one_line(memory, args, message):
+    memory.store(DECISION)
+    before = memory.graph_counts()
+
+    result = memory.run(*args)
+
+    assert result.code == 2
+    assert result.error_lines == [f"memory-manager: error: {message}"]
+    assert result.stdout == ""
+    assert memory.graph_counts() == before
+
+
+def test_query_of_a_group_never_written_creates_no_graph(memory):
+    assert memory.ok("query", "anything at all") == "No relevant memories found.\n"
+    assert memory.cypher_graph_exists() is False
