@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-OPENSPEC := npx --yes @fission-ai/openspec@1.13.2
+OPENSPEC := OPENSPEC_TELEMETRY=0 npx --yes @fission-ai/openspec@1.13.2
 
 .PHONY: install valkey test spec demo stack stack-down bench clean
 
@@ -29,7 +29,7 @@ test: install spec
 	$(PY) -m pytest
 
 demo: install
-	bash local/demo.sh
+	$(PY) local/demo.py
 
 stack: install
 	$(PY) local/stack.py up
@@ -38,7 +38,7 @@ stack-down:
 	$(PY) local/stack.py down
 
 bench: install
-	$(PY) bench/bench.py
+	$(PY) local/bench.py
 
 clean: stack-down
 	rm -rf $(VENV) .stack .stack.env

@@ -15,7 +15,7 @@ text can be found again by a query that shares its words.
 Control endpoints for tests (not OpenAI's):
   GET  /_standin/stats   request counts per endpoint and per schema name
   POST /_standin/reset   zero the counts and clear faults
-  POST /_standin/faults  {"latency_ms": int, "fault": "429"|"500"|"malformed"|"hang"|null,
+  POST /_standin/faults  {"latency_ms": int, "fault": "401"|"429"|"500"|"malformed"|"hang"|null,
                           "fault_count": int (how many requests get the fault; -1 = all)}
 
 Run: python local/openai_standin.py --port 17450 [--latency-ms 0]
@@ -428,6 +428,10 @@ def make_handler(state: StandIn) -> type[BaseHTTPRequestHandler]:
             if fault == "429":
                 return self.send_json(429, {"error": {"message": "rate limited", "type": "rate_limit"}},
                                       headers={"Retry-After": "1"})
+            if fault == "401":  # like OpenAI, echo the key back: the client must never print it
+                key = self.headers.get("Authorization", "").removeprefix("Bearer ")
+                return self.send_json(401, {"error": {"message": f"Incorrect API key provided: {key}",
+                                                      "type": "invalid_request_error", "code": "invalid_api_key"}})
             if fault == "500":
                 return self.send_json(500, {"error": {"message": "stand-in fault", "type": "server_error"}})
             if fault == "malformed":

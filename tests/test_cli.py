@@ -1,6 +1,9 @@
 """Requirement: CLI contract (spec: memory-manager / Command line, Service failures)."""
 
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +104,27 @@ def test_memory_debug_shows_the_traceback(memory, dead_port):
 
     assert result.code == 1
     assert "Traceback" in result.stderr
+
+
+def test_a_rejected_key_is_reported_without_echoing_it(memory, standin):
+    memory = memory.with_env(OPENAI_API_KEY="sk-canary-7f3a9c-do-not-print")
+    standin.faults(fault="401", fault_count=-1)
+
+    result = memory.run("store", "Alice prefers pytest for the OpenCode repo.")
+
+    assert result.code == 1
+    assert result.error_lines == [f"memory-manager: error: openai at {memory.env['OPENAI_BASE_URL']}: "
+                                  "authentication failed (check OPENAI_API_KEY)"]
+    assert "canary" not in result.stderr + result.stdout
+    assert memory.graph_counts() == (0, 0)
+
+
+def test_the_memory_manager_console_script_runs_the_same_cli(memory):
+    import shutil
+
+    script = shutil.which("memory-manager", path=str(Path(sys.executable).parent))
+    assert script, "pip install -e . must install the memory-manager console script"
+    done = subprocess.run([script, "health"], env=memory.env, capture_output=True, text=True, timeout=60)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("falkordb  ok")

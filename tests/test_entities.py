@@ -8,7 +8,7 @@ def test_entities_are_sorted_by_name_and_filtered_by_type(memory):
     memory.store("Fixed TimeoutError in sync_worker when FalkorDB restarts.")
 
     everything = memory.entities()
-    assert [e["name"] for e in everything] == sorted(e["name"] for e in everything)
+    assert [e["name"] for e in everything] == sorted((e["name"] for e in everything), key=str.lower)
     assert {e["name"] for e in everything} >= {"src/app/cache.py", "Valkey", "fetch_answer",
                                                 "TimeoutError", "sync_worker", "FalkorDB"}
     assert memory.entities("Technology") == [{"name": "FalkorDB", "type": "Technology"},

@@ -13,8 +13,8 @@ def test_store_prints_the_episode_name_and_entities_lists_what_was_extracted(mem
 
     assert re.fullmatch(r"episode_\d{8}T\d{12}Z", name)
     assert memory.entities() == [
-        {"name": "FalkorDB", "type": "Technology"},
         {"name": "connect_graph", "type": "CodeSymbol"},
+        {"name": "FalkorDB", "type": "Technology"},
         {"name": "src/server/routes.py", "type": "File"},
     ]
 
@@ -75,3 +75,13 @@ def test_store_without_openai_key_fails_early_naming_the_variable(memory):
     assert result.error_lines == ["memory-manager: error: OPENAI_API_KEY is not set "
                                   "(needed to store and to answer uncached queries)"]
     assert memory.graph_counts() == (0, 0)
+
+
+def test_store_still_writes_when_valkey_is_down_and_says_so_once(memory, dead_port):
+    result = memory.with_env(VALKEY_PORT=str(dead_port)).run("store", "Alice prefers pytest for the OpenCode repo.")
+
+    assert result.code == 0
+    assert result.stdout.startswith("episode_")
+    assert len(result.error_lines) == 1
+    assert result.error_lines[0].startswith("memory-manager: warning: cache unavailable (valkey at 127.0.0.1:")
+    assert {e["name"] for e in memory.entities()} == {"Alice", "OpenCode"}

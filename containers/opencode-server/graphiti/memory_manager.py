@@ -640,7 +640,7 @@ async def get_entities(entity_type: str | None = None) -> list[dict]:
     async with _service("falkordb", s.falkordb_address):
         result = await (await _falkordb()).select_graph(s.group_id).ro_query(
             "MATCH (n:Entity) WHERE $type IS NULL OR $type IN labels(n) "
-            "RETURN n.name, labels(n) ORDER BY n.name, n.uuid",
+            "RETURN n.name, labels(n) ORDER BY toLower(n.name), n.name, n.uuid",
             {"type": entity_type},
         )
     return [{"name": name, "type": _specific_label(labels)} for name, labels in result.result_set]

@@ -1,0 +1,112 @@
+"""`make bench`: latency of the memory manager against floors measured in the same run.
+
+Runs on the embedded local stack (FalkorDB, Valkey 8, the OpenAI stand-in with zero latency) and
+prints a Markdown table of medians (and p99 where many samples are taken), each with its ratio to
+the floor it should be compared with:
+
+  in-process cache hit   query_memory() on a warm cache  vs  a raw redis.asyncio GET
+  whole-process hit      `python memory_manager.py query` vs  `python -c 'import redis.asyncio'`
+  store                  `python memory_manager.py store` vs  `python -c 'import graphiti_core'`
+  query miss             `python memory_manager.py query` (new question each time), same floor
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from stack import ROOT, Stack
+
+MODULE = ROOT / "containers" / "opencode-server" / "graphiti" / "memory_manager.py"
+sys.path.insert(0, str(MODULE.parent))
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def time_process(env: dict[str, str], args: list[str], runs: int) -> list[float]:
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, *args], env=env, check=True, capture_output=True)
+        samples.append((time.perf_counter() - started) * 1000)
+    return samples
+
+
+async def in_process(env: dict[str, str], iterations: int) -> tuple[list[float], list[float]]:
+    import memory_manager
+    import redis.asyncio
+
+    os.environ.update(env)
+    await memory_manager.query_memory("graph database")  # warm: miss, then cached
+    hits = []
+    for _ in range(iterations):
+        started = time.perf_counter()
+        await memory_manager.query_memory("graph database")
+        hits.append((time.perf_counter() - started) * 1e6)
+    await memory_manager.close()
+
+    raw = redis.asyncio.Redis(port=int(env["VALKEY_PORT"]), protocol=2)
+    await raw.set("bench:floor", "x" * 512)
+    gets = []
+    for _ in range(iterations):
+        started = time.perf_counter()
+        await raw.get("bench:floor")
+        gets.append((time.perf_counter() - started) * 1e6)
+    await raw.aclose()
+    return hits, gets
+
+
+def row(name: str, samples: list[float], unit: str, floor_name: str, floor: list[float], p99: bool = False) -> str:
+    median, floor_median = statistics.median(samples), statistics.median(floor)
+    tail = f"{percentile(samples, 0.99):.0f}" if p99 else "–"
+    return (f"| {name} | {median:.0f} {unit} | {tail} | {floor_name} | {floor_median:.0f} {unit} | "
+            f"{median / floor_median:.2f}× |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=15, help="whole-process runs per measurement")
+    parser.add_argument("--iterations", type=int, default=2000, help="in-process cache hits")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="memory-bench-") as run_dir:
+        stack = Stack(Path(run_dir))
+        stack.start()
+        try:
+            env = {**os.environ, **stack.env(), "MEMORY_GROUP_ID": "bench"}
+            subprocess.run([sys.executable, str(MODULE), "store",
+                            "We chose FalkorDB over Neo4j for the graph database."],
+                           env=env, check=True, capture_output=True)
+            hits, gets = asyncio.run(in_process(env, args.iterations))
+            time_process(env, [str(MODULE), "query", "graph database"], 1)  # cache it
+            whole_hit = time_process(env, [str(MODULE), "query", "graph database"], args.runs)
+            import_floor = time_process(env, ["-c", "import redis.asyncio"], args.runs)
+            stores = [time_process(env, [str(MODULE), "store", f"Run {i} edited src/app_{i}.py for Valkey."], 1)[0]
+                      for i in range(args.runs)]
+            misses = [time_process(env, [str(MODULE), "query", f"src app_{i} Valkey"], 1)[0]
+                      for i in range(args.runs)]
+            graphiti_floor = time_process(env, ["-c", "import graphiti_core"], max(3, args.runs // 3))
+        finally:
+            stack.stop()
+
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, cache server: {stack.cache_flavour}; "
+          f"{args.iterations} in-process hits, {args.runs} runs per whole-process row\n")
+    print("| measurement | median | p99 | floor (same run) | floor median | ratio |")
+    print("|---|---|---|---|---|---|")
+    print(row("query, cache hit, in process", hits, "µs", "raw Valkey GET (redis.asyncio)", gets, p99=True))
+    print(row("query, cache hit, whole process", whole_hit, "ms", "`python -c 'import redis.asyncio'`", import_floor))
+    print(row("query, cache miss, whole process", misses, "ms", "`python -c 'import graphiti_core'`", graphiti_floor))
+    print(row("store, whole process (stand-in LLM)", stores, "ms", "`python -c 'import graphiti_core'`", graphiti_floor))
+
+
+if __name__ == "__main__":
+    main()

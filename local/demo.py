@@ -1,0 +1,84 @@
+"""`make demo`: the real CLI end to end on the embedded local stack.
+
+Starts FalkorDB, Valkey and (unless a real OpenAI key is configured) the OpenAI stand-in on free
+loopback ports, stores five OpenCode events, queries twice (miss, then hit), lists entities,
+runs `health`, and stops everything it started.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from stack import ROOT, Stack
+
+MODULE = ROOT / "containers" / "opencode-server" / "graphiti" / "memory_manager.py"
+
+EVENTS = [
+    ("Edited src/server/session.ts to retry FalkorDB writes in persistSession() with exponential backoff.",
+     '{"event": "file.edited", "path": "src/server/session.ts"}'),
+    ("TypeError in src/tools/grep.ts: readFileSync() returned undefined for binary files; the Bash tool hid it.",
+     '{"event": "session.error", "tool": "grep"}'),
+    ("Completed task: migrated the OpenCode plugin loader from CommonJS to ESM; all Vitest suites pass.",
+     '{"event": "session.idle", "status": "completed"}'),
+    ("Decision: Valkey caches memory queries for 300 seconds; FalkorDB stays the source of truth.",
+     '{"event": "decision", "by": "team"}'),
+    ("Alice prefers Bun over Node for running TypeScript scripts in the OpenCode repo.",
+     '{"event": "preference", "user": "alice"}'),
+]
+QUESTION = "How do we handle FalkorDB write failures in the session code?"
+
+
+def llm_mode() -> tuple[str, dict[str, str]]:
+    """Real OpenAI when a key is set and no base URL redirects it; otherwise the stand-in."""
+    if os.environ.get("OPENAI_API_KEY") and not os.environ.get("OPENAI_BASE_URL"):
+        return "OpenAI (OPENAI_API_KEY is set)", {"OPENAI_API_KEY": os.environ["OPENAI_API_KEY"]}
+    return "the local OpenAI stand-in (test infrastructure; no OpenAI key or a custom base URL)", {}
+
+
+def run(env: dict[str, str], *args: str) -> tuple[str, float]:
+    shown = " ".join(shlex.quote(a if len(a) < 60 else a[:57] + "...") for a in args)
+    print(f"\n$ memory_manager.py {shown}")
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, str(MODULE), *args], env=env, text=True, capture_output=True)
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    sys.stdout.write(done.stdout)
+    sys.stderr.write(done.stderr)
+    if done.returncode != 0:
+        raise SystemExit(f"demo: command failed with exit {done.returncode}")
+    return done.stdout, elapsed_ms
+
+
+def main() -> None:
+    mode, openai_env = llm_mode()
+    print(f"LLM: {mode}")
+    with tempfile.TemporaryDirectory(prefix="memory-demo-") as run_dir:
+        stack = Stack(Path(run_dir))
+        stack.start()
+        try:
+            env = {**os.environ, **stack.env(), "MEMORY_GROUP_ID": "demo", **openai_env}
+            if openai_env:
+                env.pop("OPENAI_BASE_URL", None)
+                for name in ("MEMORY_LLM_MODEL", "MEMORY_LLM_SMALL_MODEL", "MEMORY_EMBEDDING_MODEL"):
+                    env.pop(name, None)
+            print(f"Stack: FalkorDB :{stack.ports['falkordb']}, {stack.cache_flavour} :{stack.ports['valkey']}"
+                  + ("" if openai_env else f", stand-in :{stack.ports['standin']}"))
+            for content, metadata in EVENTS:
+                _, ms = run(env, "store", content, metadata)
+                print(f"  ({ms:.0f} ms)")
+            _, miss_ms = run(env, "query", QUESTION)
+            _, hit_ms = run(env, "query", QUESTION)
+            run(env, "entities")
+            run(env, "health")
+            print(f"\nquery: cache miss {miss_ms:.0f} ms, cache hit {hit_ms:.0f} ms (whole process)")
+        finally:
+            stack.stop()
+
+
+if __name__ == "__main__":
+    main()
