@@ -58,6 +58,9 @@ LLM_TIMEOUT_S = 60.0           # per OpenAI request; the SDK retries twice on to
 LLM_MAX_COROUTINES = 8
 LOCK_TTL_S = 30                # the holder renews it; a crashed holder frees the group this fast
 NO_RESULTS = "No relevant memories found."
+# What build_indices_and_constraints() indexes in graphiti-core 0.31 (a partial build is redone).
+GRAPHITI_INDEXED_LABELS = ("Entity", "Episodic", "Community", "Saga", "RELATES_TO", "MENTIONS",
+                           "HAS_MEMBER", "HAS_EPISODE", "NEXT_EPISODE")
 GROUP_ID_RULE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 LABEL_RULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 # RediSearch rejects a standalone `_` token (graphiti #1820).
@@ -554,8 +557,10 @@ async def _ensure_indices(group: str) -> None:
         return
     graph = (await _falkordb()).select_graph(group)
     if await _graph_exists(group):
-        result = await graph.ro_query("CALL db.indexes() YIELD label RETURN count(label)")
-        if result.result_set and result.result_set[0][0] >= 4:
+        result = await graph.ro_query(
+            "CALL db.indexes() YIELD label WHERE label IN $labels RETURN count(DISTINCT label)",
+            {"labels": list(GRAPHITI_INDEXED_LABELS)})
+        if result.result_set[0][0] == len(GRAPHITI_INDEXED_LABELS):
             _clients.indexed_groups.add(group)
             return
     await (await _graphiti()).build_indices_and_constraints()
