@@ -27,7 +27,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DEFAULT_RUN_DIR = ROOT / ".stack"
-DEFAULT_PORTS = {"falkordb": 16379, "valkey": 16380, "standin": 16450}
+DEFAULT_PORTS = {"falkordb": 16379, "valkey": 16380, "standin": 16450, "b2": 16500}
+B2_PART_SIZE = 1_000_000  # exports above 1 MB take b2sdk's large-file path (B2 itself: 100 MB)
 START_TIMEOUT_S = 20.0
 
 
@@ -42,6 +43,14 @@ def resp_ping(port: int, timeout_s: float = 0.5) -> bool:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
             sock.sendall(b"*1\r\n$4\r\nPING\r\n")
             return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
     except OSError:
         return False
 
@@ -83,6 +92,11 @@ def standin_command(port: int) -> list[str]:
     return [sys.executable, str(HERE / "openai_standin.py"), "--port", str(port)]
 
 
+def b2_command(port: int, info_file: Path) -> list[str]:
+    return [sys.executable, str(HERE / "b2_endpoint.py"), "--port", str(port), "--bucket", "opencode-memory",
+            "--part-size", str(B2_PART_SIZE), "--info-file", str(info_file)]
+
+
 @dataclass
 class Stack:
     run_dir: Path
@@ -94,6 +108,14 @@ class Stack:
     def standin_url(self) -> str:
         return f"http://127.0.0.1:{self.ports['standin']}"
 
+    @property
+    def b2_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['b2']}"
+
+    @property
+    def b2_info_file(self) -> Path:
+        return self.run_dir / "b2.json"
+
     def env(self) -> dict[str, str]:
         """Every variable the module reads, pointed at this stack."""
         return {
@@ -103,15 +125,23 @@ class Stack:
             "MEMORY_LLM_MODEL": "gpt-4.1-mini", "MEMORY_LLM_SMALL_MODEL": "gpt-4.1-nano",
             "MEMORY_EMBEDDING_MODEL": "text-embedding-3-small", "MEMORY_GROUP_ID": "opencode",
             "GRAPHITI_TELEMETRY_ENABLED": "false",
+            **self.b2_env(),
         }
+
+    def b2_env(self) -> dict[str, str]:
+        info = json.loads(self.b2_info_file.read_text()) if self.b2_info_file.exists() else {}
+        return {"B2_KEY_ID": info.get("key_id", ""), "B2_APP_KEY": info.get("key", ""),
+                "B2_BUCKET": info.get("bucket", ""), "B2_REALM": self.b2_url}
 
     def start(self, detach: bool = False) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.b2_info_file.unlink(missing_ok=True)
         valkey, self.cache_flavour = valkey_command(self.ports["valkey"], self.run_dir)
         commands = {
             "falkordb": falkordb_command(self.ports["falkordb"], self.run_dir),
             "valkey": valkey,
             "standin": standin_command(self.ports["standin"]),
+            "b2": b2_command(self.ports["b2"], self.b2_info_file),
         }
         try:
             for name, command in commands.items():
@@ -129,6 +159,7 @@ class Stack:
             "falkordb": lambda: resp_ping(self.ports["falkordb"]),
             "valkey": lambda: resp_ping(self.ports["valkey"]),
             "standin": lambda: http_ok(f"{self.standin_url}/_standin/stats"),
+            "b2": lambda: self.b2_info_file.exists() and _listening(self.ports["b2"]),
         }
         deadline = time.monotonic() + START_TIMEOUT_S
         for name, check in checks.items():

@@ -23,13 +23,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
 import re
+import struct
 import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
@@ -42,7 +49,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MemoryManagerError", "UsageError", "ServiceError", "Settings",
-    "store_episode", "query_memory", "get_entities", "health", "close", "main",
+    "store_episode", "query_memory", "get_entities", "health", "export_to_b2", "export_to_file",
+    "write_export", "restore", "close", "main",
 ]
 
 log = logging.getLogger("memory_manager")
@@ -118,6 +126,16 @@ def _env_url(name: str) -> str | None:
     return url
 
 
+def _env_b2_realm() -> str:
+    """A realm name b2sdk knows (production, staging, dev) or the URL of a B2-native endpoint."""
+    realm = _env_str("B2_REALM", "production") or "production"
+    if "://" in realm:
+        return _env_url("B2_REALM") or realm
+    if not re.fullmatch(r"[a-z]+", realm):
+        raise UsageError(f"B2_REALM must be a realm name or an http(s) URL, got {realm!r}")
+    return realm
+
+
 def redact_url(url: str) -> str:
     """The URL without any user:password part."""
     parts = urlsplit(url)
@@ -149,6 +167,11 @@ class Settings:
     cache_ttl_s: int = 300
     max_episode_chars: int = 100_000
     lock_wait_s: int = 120
+    b2_key_id: str | None = None
+    b2_app_key: str | None = field(default=None, repr=False)
+    b2_bucket: str | None = None
+    b2_prefix: str = ""
+    b2_realm: str = "production"
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -172,6 +195,11 @@ class Settings:
             cache_ttl_s=_env_int("MEMORY_CACHE_TTL", 300, 1, 30 * 86_400),
             max_episode_chars=_env_int("MEMORY_MAX_EPISODE_CHARS", 100_000, 1, 10_000_000),
             lock_wait_s=_env_int("MEMORY_LOCK_WAIT", 120, 1, 3600),
+            b2_key_id=_env_str("B2_KEY_ID"),
+            b2_app_key=_env_str("B2_APP_KEY"),
+            b2_bucket=_env_str("B2_BUCKET"),
+            b2_prefix=(_env_str("B2_PREFIX") or "").strip("/"),
+            b2_realm=_env_b2_realm(),
         )
 
     @property
@@ -186,8 +214,20 @@ class Settings:
     def llm_address(self) -> str:
         return redact_url(self.openai_base_url) if self.openai_base_url else "api.openai.com"
 
+    @property
+    def b2_address(self) -> str:
+        return redact_url(self.b2_realm) if "://" in self.b2_realm else f"B2 {self.b2_realm}"
+
     def secrets(self) -> list[str]:
-        return [s for s in (self.falkordb_password, self.valkey_password, self.openai_api_key) if s]
+        values = (self.falkordb_password, self.valkey_password, self.openai_api_key, self.b2_app_key)
+        return [s for s in values if s]
+
+    def require_b2(self, bucket_needed: bool = True) -> None:
+        needed = [("B2_KEY_ID", self.b2_key_id), ("B2_APP_KEY", self.b2_app_key)]
+        for name, value in needed + ([("B2_BUCKET", self.b2_bucket)] if bucket_needed else []):
+            if not value:
+                raise UsageError(f"{name} is not set (needed to export to B2; "
+                                 "`export --output PATH` writes a local file instead)")
 
     def require_llm(self) -> str:
         if not self.openai_api_key:
@@ -279,6 +319,15 @@ def _new_falkordb(s: Settings) -> FalkorDB:
     return FalkorDB(host=s.falkordb_host, port=s.falkordb_port, username=s.falkordb_username,
                     password=s.falkordb_password, socket_connect_timeout=CONNECT_TIMEOUT_S,
                     socket_timeout=GRAPH_TIMEOUT_S)
+
+
+async def _group_driver(group: str) -> Any:
+    """A graphiti FalkorDriver bound to one group's graph, sharing the FalkorDB pool; built off the
+    loop for the reason given in _graphiti()."""
+    from graphiti_core.driver.falkordb_driver import FalkorDriver
+
+    falkordb = await _falkordb()
+    return await asyncio.to_thread(lambda: FalkorDriver(falkor_db=falkordb, database=group))
 
 
 def _entity_types() -> dict[str, type]:
@@ -462,7 +511,7 @@ async def _invalidate(group: str) -> None:
 def _warn_cache_down(exc: ServiceError) -> None:
     if not _clients.cache_warned:
         _clients.cache_warned = True
-        log.warning("cache unavailable (%s); answering without it", exc)
+        log.warning("warning: cache unavailable (%s); answering without it", exc)
 
 
 @contextlib.asynccontextmanager
@@ -563,7 +612,8 @@ async def _ensure_indices(group: str) -> None:
         if result.result_set[0][0] == len(GRAPHITI_INDEXED_LABELS):
             _clients.indexed_groups.add(group)
             return
-    await (await _graphiti()).build_indices_and_constraints()
+    driver = await _group_driver(group)
+    await driver.build_indices_and_constraints()
     _clients.indexed_groups.add(group)
 
 
@@ -617,7 +667,21 @@ async def _search(query: str, limit: int) -> str:
     async with _service("falkordb", s.falkordb_address), _llm_service():
         results = await graphiti.search_(LONE_UNDERSCORES.sub(" ", query), config=config,
                                          group_ids=[s.group_id])
-    return format_facts(results.edges)
+    return format_facts(_ranked(results.edges, results.edge_reranker_scores))
+
+
+def _ranked(edges: list[Any], scores: list[float]) -> list[Any]:
+    """Graphiti's order, with RRF ties (common: rank 1+2 equals rank 2+1) broken newest first, then
+    by uuid, instead of by FalkorDB's internal ids, which a restore renumbers."""
+    if len(scores) != len(edges):
+        return edges
+
+    def key(pair: tuple[Any, float]) -> tuple:
+        edge, score = pair
+        when = edge.valid_at or edge.created_at
+        return (-score, -when.timestamp() if when else 0.0, edge.uuid)
+
+    return [edge for edge, _ in sorted(zip(edges, scores), key=key)]
 
 
 async def query_memory(search_query: str, limit: int = 5) -> str:
@@ -702,6 +766,561 @@ async def _valkey_probe() -> str:
     return f"{name} {info.get('valkey_version') or info.get('redis_version', '?')}"
 
 
+# === Export and restore ==========================================================================
+# The document is one JSON object, written one record per line so that both directions stream:
+#
+#   {"format": "opencode-memory-export", "version": 1, ..., "groups": [
+#   {"group_id": "g1", "nodes": [
+#   {node}
+#   ,{node}
+#   ], "edges": [
+#   {edge}
+#   ], "counts": {"nodes": 2, "edges": 1}}
+#   ,{"group_id": "g2", "nodes": [
+#   ...
+#   ], "counts": {"groups": 2, "nodes": ..., "edges": ...}}
+#
+# Vectors are base64 of little-endian float32 (exact, and about 20x cheaper than float text).
+# Schema: containers/opencode-server/graphiti/export.schema.json.
+
+EXPORT_FORMAT = "opencode-memory-export"
+EXPORT_VERSION = 1
+EXPORT_PAGE_ROWS = 500
+RESTORE_BATCH_ROWS = 200
+NODE_LABELS = ("Episodic", "Entity", "Community", "Saga")
+EDGE_TYPES = ("RELATES_TO", "MENTIONS", "HAS_MEMBER", "HAS_EPISODE", "NEXT_EPISODE")
+EMBEDDING_KEYS = ("name_embedding", "fact_embedding")
+B2_CONNECT_TIMEOUT_S = 3.0
+B2_READ_TIMEOUT_S = 20.0
+B2_DEADLINE_S = 45.0           # b2sdk retries for minutes on its own; the backup timer must not
+NODE_PAGE = ("MATCH (n:{label}) WHERE n.uuid > $after "
+             "RETURN n.uuid, labels(n), properties(n) ORDER BY n.uuid LIMIT $limit")
+EDGE_PAGE = ("MATCH (a)-[e:{type}]->(b) WHERE e.uuid > $after "
+             "RETURN e.uuid, a.uuid, b.uuid, [l IN labels(a) WHERE l IN $primary][0], "
+             "[l IN labels(b) WHERE l IN $primary][0], properties(e) ORDER BY e.uuid LIMIT $limit")
+
+Progress = Callable[[int, int], None]
+
+
+def encode_vector(values: list[float]) -> str:
+    return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
+
+
+def decode_vector(text: str) -> list[float]:
+    raw = base64.b64decode(text, validate=True)
+    return list(struct.unpack(f"<{len(raw) // 4}f", raw))
+
+
+def _split_embeddings(props: dict) -> tuple[dict, dict]:
+    props = dict(props)
+    return props, {k: encode_vector(props.pop(k)) for k in EMBEDDING_KEYS if props.get(k) is not None}
+
+
+@dataclass
+class ExportSummary:
+    groups: int = 0
+    nodes: int = 0
+    edges: int = 0
+    bytes: int = 0
+    sha256: str = ""
+
+
+class _DocumentWriter:
+    def __init__(self, out: Any) -> None:
+        self.out = out
+        self.digest = hashlib.sha256()
+        self.bytes = 0
+
+    async def lines(self, lines: list[str]) -> None:
+        data = "".join(line + "\n" for line in lines).encode()
+        self.digest.update(data)
+        self.bytes += len(data)
+        await asyncio.to_thread(self.out.write, data)
+
+
+async def _memory_groups() -> list[str]:
+    s = settings()
+    async with _service("falkordb", s.falkordb_address):
+        graphs = await (await _falkordb()).list_graphs()
+    return sorted(g for g in graphs if GROUP_ID_RULE.match(g))
+
+
+async def _pages(group: str, query: str, **params: Any) -> AsyncIterator[list[list]]:
+    """Keyset pagination on uuid: stable and linear, unlike SKIP."""
+    graph = (await _falkordb()).select_graph(group)
+    after = ""
+    while True:
+        rows = (await graph.ro_query(query, {**params, "after": after, "limit": EXPORT_PAGE_ROWS})).result_set
+        if rows:
+            yield rows
+        if len(rows) < EXPORT_PAGE_ROWS:
+            return
+        after = rows[-1][0]
+
+
+async def _export_group(group: str, writer: _DocumentWriter, first: bool, summary: ExportSummary,
+                        progress: Progress | None) -> None:
+    opening = json.dumps({"group_id": group})[:-1] + ', "nodes": ['
+    await writer.lines([("" if first else ",") + opening])
+    nodes = edges = 0
+    for label in NODE_LABELS:
+        async for rows in _pages(group, NODE_PAGE.format(label=label)):
+            records = []
+            for uuid, labels, props in rows:
+                props, embeddings = _split_embeddings(props)
+                records.append(json.dumps({"uuid": uuid, "labels": labels, "properties": props,
+                                           "embeddings": embeddings}))
+            await writer.lines([("," if nodes or i else "") + r for i, r in enumerate(records)])
+            nodes += len(records)
+            summary.nodes += len(records)
+            if progress:
+                progress(summary.nodes, summary.edges)
+    await writer.lines(['], "edges": ['])
+    for edge_type in EDGE_TYPES:
+        async for rows in _pages(group, EDGE_PAGE.format(type=edge_type), primary=list(NODE_LABELS)):
+            records = []
+            for uuid, source, target, source_label, target_label, props in rows:
+                props, embeddings = _split_embeddings(props)
+                records.append(json.dumps({
+                    "uuid": uuid, "type": edge_type, "source": source, "target": target,
+                    "source_label": source_label, "target_label": target_label,
+                    "properties": props, "embeddings": embeddings}))
+            await writer.lines([("," if edges or i else "") + r for i, r in enumerate(records)])
+            edges += len(records)
+            summary.edges += len(records)
+            if progress:
+                progress(summary.nodes, summary.edges)
+    await writer.lines([f'], "counts": {json.dumps({"nodes": nodes, "edges": edges})}}}'])
+
+
+def _embedding_dimension() -> int:
+    from graphiti_core.embedder.client import EMBEDDING_DIM
+
+    return EMBEDDING_DIM
+
+
+async def write_export(out: Any, progress: Progress | None = None) -> ExportSummary:
+    """Stream every memory group to `out` (a binary file object) as one export document."""
+    from importlib.metadata import version
+
+    s = settings()
+    summary = ExportSummary()
+    writer = _DocumentWriter(out)
+    groups = await _memory_groups()
+    header = {
+        "format": EXPORT_FORMAT, "version": EXPORT_VERSION,
+        "exported_at": datetime.now(timezone.utc).isoformat(),
+        "graphiti_core_version": version("graphiti-core"),
+        "embedding_dimension": await asyncio.to_thread(_embedding_dimension),
+        "embedding_encoding": "base64-float32-le",
+    }
+    await writer.lines([json.dumps(header)[:-1] + ', "groups": ['])
+    async with _service("falkordb", s.falkordb_address):
+        for i, group in enumerate(groups):
+            await _export_group(group, writer, i == 0, summary, progress)
+    summary.groups = len(groups)
+    totals = {"groups": summary.groups, "nodes": summary.nodes, "edges": summary.edges}
+    await writer.lines([f'], "counts": {json.dumps(totals)}}}'])
+    summary.bytes, summary.sha256 = writer.bytes, writer.digest.hexdigest()
+    return summary
+
+
+def export_file_name(now: datetime, prefix: str = "") -> str:
+    name = "graphiti_export_" + now.strftime("%Y%m%dT%H%M%SZ") + ".json"
+    return f"{prefix}/{name}" if prefix else name
+
+
+async def export_to_file(path: str, progress: Progress | None = None) -> str:
+    """Write the export document to `path` atomically (a temporary file renamed into place)."""
+    target = os.path.abspath(path)
+    fd, temporary = tempfile.mkstemp(prefix=".graphiti_export_", suffix=".partial",
+                                     dir=os.path.dirname(target))
+    try:
+        with os.fdopen(fd, "wb") as out:
+            summary = await write_export(out, progress)
+        os.replace(temporary, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+    return f"exported {_describe_summary(summary)} to {path}"
+
+
+def _describe_summary(summary: ExportSummary) -> str:
+    return (f"{summary.groups} group(s), {summary.nodes} nodes, {summary.edges} edges, "
+            f"{summary.bytes} bytes, sha256 {summary.sha256}")
+
+
+async def export_to_b2(progress: Progress | None = None) -> str:
+    """Export every memory group to B2 as graphiti_export_<UTC timestamp>.json; returns a summary."""
+    s = settings()
+    s.require_b2()
+    name = export_file_name(datetime.now(timezone.utc), s.b2_prefix)
+    fd, temporary = tempfile.mkstemp(prefix="graphiti_export_", suffix=".json")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            summary = await write_export(out, progress)
+        file_info = {"sha256": summary.sha256, "format": EXPORT_FORMAT, "format_version": str(EXPORT_VERSION),
+                     "groups": str(summary.groups), "nodes": str(summary.nodes), "edges": str(summary.edges)}
+        await _b2(lambda api: api.get_bucket_by_name(s.b2_bucket).upload_local_file(
+            temporary, name, content_type="application/json", file_info=file_info))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+    return f"exported {_describe_summary(summary)} to b2://{s.b2_bucket}/{name} (file {name.rsplit('/', 1)[-1]})"
+
+
+# --- B2 ------------------------------------------------------------------------------------------
+
+def _b2_api(s: Settings) -> Any:
+    """An authorised B2Api whose every HTTP request has short timeouts."""
+    import requests
+    from b2sdk.v2 import B2Api, B2HttpApiConfig, InMemoryAccountInfo
+
+    class BoundedSession(requests.Session):
+        def request(self, *args: Any, **kwargs: Any) -> Any:
+            kwargs["timeout"] = (B2_CONNECT_TIMEOUT_S, B2_READ_TIMEOUT_S)
+            return super().request(*args, **kwargs)
+
+    api = B2Api(InMemoryAccountInfo(), api_config=B2HttpApiConfig(http_session_factory=BoundedSession))
+    api.authorize_account(s.b2_realm, s.b2_key_id, s.b2_app_key)
+    return api
+
+
+def _b2_call(s: Settings, work: Callable[[Any], Any]) -> Any:
+    from b2sdk.v2 import exception as b2
+
+    try:
+        return work(_b2_api(s))
+    except (b2.InvalidAuthToken, b2.Unauthorized) as exc:
+        raise ServiceError("b2", s.b2_address, "authorization failed (check B2_KEY_ID and B2_APP_KEY)") from exc
+    except b2.NonExistentBucket as exc:
+        raise ServiceError("b2", s.b2_address, f"bucket {s.b2_bucket!r} does not exist or the key cannot see it") from exc
+    except b2.FileNotPresent as exc:
+        raise ServiceError("b2", s.b2_address, "file not found") from exc
+    except b2.B2ConnectionError as exc:
+        raise ServiceError("b2", s.b2_address, "cannot connect") from exc
+    except b2.B2RequestTimeout as exc:
+        raise ServiceError("b2", s.b2_address, "request timed out") from exc
+    except b2.B2Error as exc:
+        raise ServiceError("b2", s.b2_address, f"{type(exc).__name__}: {_describe(exc)}") from exc
+
+
+async def _b2(work: Callable[[Any], Any]) -> Any:
+    """Run blocking b2sdk work in a daemon thread under a hard deadline: b2sdk's own retries can
+    outlast any timeout we give its HTTP session, and a daemon thread cannot hold the process."""
+    s = settings()
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if not done.done():
+            done.set_exception(error) if error else done.set_result(result)
+
+    def run() -> None:
+        try:
+            outcome: tuple[Any, BaseException | None] = (_b2_call(s, work), None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting coroutine
+            outcome = (None, exc)
+        with contextlib.suppress(RuntimeError):  # the loop may be gone after the deadline
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=run, name="b2", daemon=True).start()
+    try:
+        return await asyncio.wait_for(done, B2_DEADLINE_S)
+    except asyncio.TimeoutError:
+        raise ServiceError("b2", s.b2_address, f"no answer within {B2_DEADLINE_S:g} s") from None
+
+
+# --- restore -------------------------------------------------------------------------------------
+
+@dataclass
+class RestorePlan:
+    header: dict
+    groups: dict[str, dict[str, int]]  # group -> {"nodes": n, "edges": m}
+
+
+class _Corrupt(UsageError):
+    def __init__(self, line: int, why: str) -> None:
+        where = f" (line {line})" if line else ""
+        super().__init__(f"not a valid export document{where}: {why}")
+
+
+def _read_document(path: str, dimension: int | None) -> Any:
+    """Yield ("header", dict), ("group", id), ("node"|"edge", record), ("end", counts) from an
+    export document, checking its layout, counts and vectors as it goes (raises _Corrupt)."""
+    with open(path, "rb") as source:
+        lines = enumerate(source, start=1)
+        number, first = next(lines, (1, b""))
+        header = _parse_header(number, first, dimension)
+        yield "header", header
+        totals = {"groups": 0, "nodes": 0, "edges": 0}
+        for number, raw in lines:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            if line.startswith('], "counts": '):
+                if _parse(number, "{" + line[3:]).get("counts") != totals:
+                    raise _Corrupt(number, "the totals do not match the records")
+                if next(lines, None) is not None:
+                    raise _Corrupt(number + 1, "data after the end of the document")
+                yield "end", totals
+                return
+            group = _parse(number, line.lstrip(",") + "]}")
+            if not isinstance(group.get("group_id"), str) or not GROUP_ID_RULE.match(group["group_id"]):
+                raise _Corrupt(number, "expected a group with a valid group_id")
+            totals["groups"] += 1
+            yield "group", group["group_id"]
+            counts = yield from _read_group(lines, dimension, totals)
+            yield "group_end", counts
+    raise _Corrupt(number, "the document ends early (truncated)")
+
+
+def _read_group(lines: Any, dimension: int | None, totals: dict) -> Any:
+    counts = {"nodes": 0, "edges": 0}
+    kind = "nodes"
+    for number, raw in lines:
+        line = raw.decode("utf-8", "replace").rstrip("\n")
+        if line == '], "edges": [' and kind == "nodes":
+            kind = "edges"
+            continue
+        if line.startswith('], "counts": ') and kind == "edges":
+            if _parse(number, "{" + line[3:]).get("counts") != counts:
+                raise _Corrupt(number, "the group's counts do not match its records")
+            return counts
+        record = _parse(number, line.removeprefix(","))
+        _check_record(number, record, kind, dimension)
+        counts[kind] += 1
+        totals[kind] += 1
+        yield kind[:-1], record
+    raise _Corrupt(0, "the document ends early (truncated)")
+
+
+def _parse(number: int, text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise _Corrupt(number, "malformed JSON") from None
+    if not isinstance(value, dict):
+        raise _Corrupt(number, "expected a JSON object")
+    return value
+
+
+def _parse_header(number: int, raw: bytes, dimension: int | None) -> dict:
+    header = _parse(number, raw.decode("utf-8", "replace").rstrip("\n") + "]}")
+    if header.get("format") != EXPORT_FORMAT:
+        raise UsageError(f"not an export document: format is {header.get('format')!r}, expected {EXPORT_FORMAT!r}")
+    if header.get("version") != EXPORT_VERSION:
+        raise UsageError(f"unsupported export version {header.get('version')!r} (this version reads {EXPORT_VERSION})")
+    if dimension is not None and header.get("embedding_dimension") != dimension:
+        raise UsageError(f"embedding dimension {header.get('embedding_dimension')!r} in the export does not "
+                         f"match this installation's {dimension} (EMBEDDING_DIM)")
+    return header
+
+
+def _check_record(number: int, record: dict, kind: str, dimension: int | None) -> None:
+    required = ("uuid", "labels", "properties") if kind == "nodes" else (
+        "uuid", "type", "source", "target", "source_label", "target_label", "properties")
+    if any(key not in record for key in required) or not isinstance(record["properties"], dict):
+        raise _Corrupt(number, f"a {kind[:-1]} record lacks {', '.join(required)}")
+    labels = record["labels"] if kind == "nodes" else [record["type"], record["source_label"], record["target_label"]]
+    if not all(isinstance(label, str) and LABEL_RULE.match(label) for label in labels):
+        raise _Corrupt(number, "invalid label or relationship type")
+    for vector in record.get("embeddings", {}).values():
+        try:
+            length = len(decode_vector(vector))
+        except (ValueError, TypeError, struct.error):
+            raise _Corrupt(number, "an embedding is not base64 float32") from None
+        if dimension is not None and length != dimension:
+            raise UsageError(f"line {number}: an embedding has {length} dimensions, this installation uses {dimension}")
+
+
+def validate_document(path: str, dimension: int | None) -> RestorePlan:
+    """First pass over a document: everything is checked before anything is written."""
+    header: dict = {}
+    groups: dict[str, dict[str, int]] = {}
+    current = ""
+    for event, value in _read_document(path, dimension):
+        if event == "header":
+            header = value
+        elif event == "group":
+            if value in groups:
+                raise UsageError(f"group {value!r} appears twice in the document")
+            current = value
+        elif event == "group_end":
+            groups[current] = value
+    return RestorePlan(header, groups)
+
+
+def _node_query(primary: str, extras: tuple[str, ...]) -> str:
+    add_labels = f" SET n:{':'.join(extras)}" if extras else ""
+    # SET n = props stores vectors as plain lists, which break cosine search: vecf32() them.
+    return (f"UNWIND $rows AS row MERGE (n:{primary} {{uuid: row.uuid}}) SET n = row.props{add_labels} "
+            "WITH n, row WHERE row.vector IS NOT NULL SET n.name_embedding = vecf32(row.vector)")
+
+
+def _edge_query(edge_type: str, source: str, target: str) -> str:
+    return (f"UNWIND $rows AS row MATCH (a:{source} {{uuid: row.source}}) MATCH (b:{target} {{uuid: row.target}}) "
+            f"MERGE (a)-[e:{edge_type} {{uuid: row.uuid}}]->(b) SET e = row.props "
+            "WITH e, row WHERE row.vector IS NOT NULL SET e.fact_embedding = vecf32(row.vector)")
+
+
+class _Restorer:
+    """Second pass: batches of UNWIND ... MERGE by uuid per group and label set (idempotent)."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self.pending: dict[tuple, list[dict]] = defaultdict(list)
+        self.progress = progress
+        self.nodes = self.edges = 0
+
+    async def add_node(self, group: str, record: dict) -> None:
+        primary = next((label for label in record["labels"] if label in NODE_LABELS), record["labels"][0])
+        extras = tuple(sorted(label for label in record["labels"] if label != primary))
+        vector = record.get("embeddings", {}).get("name_embedding")
+        row = {"uuid": record["uuid"], "props": record["properties"],
+               "vector": decode_vector(vector) if vector else None}
+        await self._add((group, "node", primary, extras), row)
+
+    async def add_edge(self, group: str, record: dict) -> None:
+        if any(key[0] == group and key[1] == "node" for key in self.pending):
+            await self.flush()  # an edge needs both of its nodes in the graph
+        vector = record.get("embeddings", {}).get("fact_embedding")
+        row = {"uuid": record["uuid"], "source": record["source"], "target": record["target"],
+               "props": record["properties"], "vector": decode_vector(vector) if vector else None}
+        await self._add((group, "edge", record["type"], record["source_label"], record["target_label"]), row)
+
+    async def _add(self, key: tuple, row: dict) -> None:
+        self.pending[key].append(row)
+        if len(self.pending[key]) >= RESTORE_BATCH_ROWS:
+            await self._write(key, self.pending.pop(key))
+
+    async def flush(self) -> None:
+        for key in sorted(self.pending, key=lambda k: k[1] == "edge"):
+            await self._write(key, self.pending.pop(key))
+
+    async def _write(self, key: tuple, rows: list[dict]) -> None:
+        group, kind, *shape = key
+        query = _node_query(*shape) if kind == "node" else _edge_query(*shape)
+        await (await _falkordb()).select_graph(group).query(query, {"rows": rows})
+        if kind == "node":
+            self.nodes += len(rows)
+        else:
+            self.edges += len(rows)
+        if self.progress:
+            self.progress(self.nodes, self.edges)
+
+
+async def _write_document(path: str, dimension: int, progress: Progress | None) -> None:
+    events = _read_document(path, dimension)
+    restorer = _Restorer(progress)
+    group = ""
+    while chunk := await asyncio.to_thread(lambda: list(itertools.islice(events, 1000))):
+        for event, value in chunk:
+            if event == "group":
+                group = value
+            elif event == "node":
+                await restorer.add_node(group, value)
+            elif event == "edge":
+                await restorer.add_edge(group, value)
+            elif event == "group_end":
+                await restorer.flush()
+
+
+async def _graph_counts(group: str) -> tuple[int, int]:
+    if not await _graph_exists(group):
+        return 0, 0
+    graph = (await _falkordb()).select_graph(group)
+    nodes = (await graph.ro_query("MATCH (n) RETURN count(n)")).result_set[0][0]
+    edges = (await graph.ro_query("MATCH ()-[e]->() RETURN count(e)")).result_set[0][0]
+    return nodes, edges
+
+
+@contextlib.asynccontextmanager
+async def _local_copy(source: str) -> AsyncIterator[str]:
+    """The document as a local path: b2://bucket/name is downloaded (and its sha256 checked)."""
+    if not source.startswith("b2://"):
+        if not os.path.isfile(source):
+            raise UsageError(f"no such file: {source}")
+        yield source
+        return
+    bucket, _, name = source[len("b2://"):].partition("/")
+    if not bucket or not name:
+        raise UsageError(f"expected b2://<bucket>/<file name>, got {source!r}")
+    settings().require_b2(bucket_needed=False)
+    fd, temporary = tempfile.mkstemp(prefix="graphiti_restore_", suffix=".json")
+    os.close(fd)
+    try:
+        def download(api: Any) -> dict:
+            downloaded = api.get_bucket_by_name(bucket).download_file_by_name(name)
+            downloaded.save_to(temporary)
+            return downloaded.download_version.file_info
+
+        file_info = await _b2(download)
+        expected = file_info.get("sha256")
+        if expected and await asyncio.to_thread(_file_sha256, temporary) != expected:
+            raise UsageError(f"{source} does not match its sha256 file info (corrupt upload?)")
+        yield temporary
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as source:
+        for block in iter(lambda: source.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+async def restore(source: str, replace: bool = False, dry_run: bool = False,
+                  progress: Progress | None = None) -> str:
+    """Restore an export document (a path or b2://bucket/name) into FalkorDB; returns a summary.
+
+    The whole document is validated first; groups that already hold memories are refused unless
+    `replace`, which drops them first. Embeddings come back as vectors, so search works at once."""
+    dimension = await asyncio.to_thread(_embedding_dimension)
+    async with _local_copy(source) as path:
+        plan = await asyncio.to_thread(validate_document, path, dimension)
+        s = settings()
+        async with _service("falkordb", s.falkordb_address):
+            existing = {group: await _graph_counts(group) for group in plan.groups}
+            occupied = [group for group, (nodes, _) in existing.items() if nodes]
+            if dry_run:
+                return _describe_plan(plan, existing, replace)
+            if occupied and not replace:
+                raise UsageError(f"group(s) {', '.join(occupied)} already hold memories; "
+                                 "pass --replace to overwrite them")
+            for group in plan.groups:
+                if await _graph_exists(group):
+                    await (await _falkordb()).select_graph(group).delete()
+                _clients.indexed_groups.discard(group)
+                await _ensure_indices(group)
+            await _write_document(path, dimension, progress)
+            for group, counts in plan.groups.items():
+                actual = await _graph_counts(group)
+                if actual != (counts["nodes"], counts["edges"]):
+                    raise ServiceError("falkordb", s.falkordb_address,
+                                       f"group {group!r} has {actual[0]} nodes and {actual[1]} edges after the "
+                                       f"restore, expected {counts['nodes']} and {counts['edges']}; run it again")
+        for group in plan.groups:
+            await _invalidate(group)
+    nodes = sum(c["nodes"] for c in plan.groups.values())
+    edges = sum(c["edges"] for c in plan.groups.values())
+    return f"restored {len(plan.groups)} group(s), {nodes} nodes, {edges} edges from {source}"
+
+
+def _describe_plan(plan: RestorePlan, existing: dict[str, tuple[int, int]], replace: bool) -> str:
+    lines = [f"dry run: export of {plan.header.get('exported_at')} ({len(plan.groups)} group(s)); nothing written"]
+    for group, counts in plan.groups.items():
+        nodes, edges = existing[group]
+        if not nodes:
+            action = "would create it"
+        elif replace:
+            action = f"would replace {nodes} nodes and {edges} edges"
+        else:
+            action = f"refused: it holds {nodes} nodes (pass --replace)"
+        lines.append(f"group {group}: {counts['nodes']} nodes, {counts['edges']} edges; {action}")
+    return "\n".join(lines)
+
+
 # === CLI =========================================================================================
 
 class _Parser(argparse.ArgumentParser):
@@ -737,6 +1356,50 @@ async def cmd_health(args: argparse.Namespace) -> int:
     return 0 if report["falkordb"]["ok"] and report["valkey"]["ok"] else 1
 
 
+class _TerminalProgress:
+    """'nodes and edges so far' on stderr, only on a terminal and only once a run passes a second."""
+
+    def __init__(self, verb: str) -> None:
+        self.verb = verb
+        self.started = self.shown = time.monotonic()
+        self.active = sys.stderr.isatty()
+        self.printed = False
+
+    def __call__(self, nodes: int, edges: int) -> None:
+        now = time.monotonic()
+        if self.active and now - self.started > 1 and now - self.shown > 0.25:
+            print(f"\r{self.verb}: {nodes} nodes, {edges} edges", end="", file=sys.stderr, flush=True)
+            self.shown, self.printed = now, True
+
+    def finish(self) -> None:
+        if self.printed:
+            print(file=sys.stderr)
+
+
+async def cmd_export(args: argparse.Namespace) -> int:
+    progress = _TerminalProgress("exporting")
+    try:
+        if args.output == "-":
+            summary = await write_export(sys.stdout.buffer, progress)
+            sys.stdout.flush()
+            print(f"exported {_describe_summary(summary)} to stdout", file=sys.stderr)
+            return 0
+        message = await (export_to_file(args.output, progress) if args.output else export_to_b2(progress))
+    finally:
+        progress.finish()
+    print(message)
+    return 0
+
+
+async def cmd_restore(args: argparse.Namespace) -> int:
+    progress = _TerminalProgress("restoring")
+    try:
+        print(await restore(args.source, replace=args.replace, dry_run=args.dry_run, progress=progress))
+    finally:
+        progress.finish()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="memory-manager", description="Agent memory for the OpenCode pod "
                      "(Graphiti on FalkorDB, Valkey query cache). Configured by environment variables.")
@@ -758,6 +1421,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("health", help="check FalkorDB and Valkey; exit 0 only if both answer")
     check.set_defaults(handler=cmd_health)
+
+    export = commands.add_parser("export", help="export every memory group to B2 (or to a file)")
+    export.add_argument("--output", metavar="PATH", help="write the document to PATH (- for stdout) instead of B2")
+    export.set_defaults(handler=cmd_export)
+
+    restore_ = commands.add_parser("restore", help="restore an export from a file or b2://bucket/name")
+    restore_.add_argument("source", help="a path or b2://<bucket>/<file name>")
+    restore_.add_argument("--replace", action="store_true", help="overwrite groups that already hold memories")
+    restore_.add_argument("--dry-run", action="store_true", help="check the document and say what would change")
+    restore_.set_defaults(handler=cmd_restore)
     return parser
 
 
@@ -775,8 +1448,9 @@ def _scrub(text: str, secrets: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="memory-manager: warning: %(message)s")
-    logging.getLogger("graphiti_core").setLevel(logging.CRITICAL)  # its errors reach us as exceptions
+    # Only this module's warnings reach the user; dependencies' failures reach us as exceptions.
+    logging.basicConfig(level=logging.CRITICAL, format="memory-manager: %(message)s")
+    log.setLevel(logging.WARNING)
     secrets: list[str] = []
     try:
         args = build_parser().parse_args(argv)

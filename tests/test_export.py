@@ -1,0 +1,331 @@
+"""Requirement: Export to B2 and restore (spec: memory-manager / Export, Restore).
+
+B2 here is the stack's loopback B2-native endpoint (local/b2_endpoint.py): b2sdk's own
+RawSimulator behind real HTTP, so the product's real b2sdk client, retries and SHA-1 checks run.
+Real Backblaze (TLS, real keys) is covered only by test_real_b2_round_trip, opt-in.
+"""
+
+import hashlib
+import io
+import json
+import os
+import time
+
+import pytest
+import redis
+
+from conftest import Memory
+
+A_EVENTS = ["We chose FalkorDB over Neo4j for the graph database.",
+            "Fixed TimeoutError in sync_worker when Valkey restarts during deploys."]
+NO_RESULTS = "No relevant memories found."
+B_EVENTS = ["Alice prefers pytest for the OpenCode repo.", "Edited src/app/cache.py to call Valkey."]
+
+
+@pytest.fixture
+def empty_falkordb(stack):
+    """Export covers every group in FalkorDB, so these tests start from an empty server (the other
+    tests make their own groups and never rely on earlier data)."""
+    db = redis.Redis(port=stack.ports["falkordb"])
+    for graph in db.execute_command("GRAPH.LIST"):
+        db.execute_command("GRAPH.DELETE", graph)
+    yield db
+    db.close()
+
+
+@pytest.fixture
+def tmpdir_env(memory, tmp_path):
+    """The CLI with TMPDIR pointed at a folder the test inspects for leftovers."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    return memory.with_env(TMPDIR=str(scratch)), scratch
+
+
+def dump_graph(db: redis.Redis, group: str) -> dict:
+    """Every node and edge of a graph with labels, properties and vectors, keyed by uuid."""
+    nodes = db.execute_command("GRAPH.RO_QUERY", group, "MATCH (n) RETURN n.uuid, labels(n), properties(n)")[1]
+    edges = db.execute_command("GRAPH.RO_QUERY", group,
+                               "MATCH (a)-[e]->(b) RETURN e.uuid, type(e), a.uuid, b.uuid, properties(e)")[1]
+    return {"nodes": {row[0]: row[1:] for row in nodes}, "edges": {row[0]: row[1:] for row in edges}}
+
+
+def vector_types(db: redis.Redis, group: str) -> set:
+    rows = db.execute_command("GRAPH.RO_QUERY", group,
+                              "MATCH (n:Entity) RETURN DISTINCT typeOf(n.name_embedding) AS t UNION "
+                              "MATCH ()-[e:RELATES_TO]->() RETURN DISTINCT typeOf(e.fact_embedding) AS t")[1]
+    return {row[0].decode() for row in rows}
+
+
+def test_round_trip_restores_identical_graphs_answers_and_vectors(memory, empty_falkordb, tmp_path):
+    alpha, beta = memory, Memory(memory.stack, memory.group + "_b")
+    for event in A_EVENTS:
+        alpha.store(event)
+    for event in B_EVENTS:
+        beta.store(event)
+    questions = {alpha.group: ["which graph database did we choose", "sync_worker restarts during deploys"],
+                 beta.group: ["who prefers pytest", "which file calls Valkey"]}
+
+    def answers(m: Memory) -> tuple[list[str], set[str]]:
+        # Exact answers where one fact wins; for a broad question the same facts, since FalkorDB
+        # breaks exact score ties by internal ids, which a restore renumbers.
+        return [m.ok("query", q) for q in questions[m.group]], set(m.ok("query", "Valkey FalkorDB pytest").splitlines())
+
+    before = {m.group: (m.entities(), answers(m), dump_graph(empty_falkordb, m.group)) for m in (alpha, beta)}
+    assert all(NO_RESULTS not in answer for _, (exact, _), _ in before.values() for answer in exact)
+    document = tmp_path / "export.json"
+    alpha.ok("export", "--output", str(document))
+
+    for m in (alpha, beta):
+        empty_falkordb.execute_command("GRAPH.DELETE", m.group)
+    assert alpha.graph_counts() == (0, 0)
+    restored = alpha.ok("restore", str(document))
+
+    assert restored.startswith("restored 2 group(s), ")
+    for m in (alpha, beta):
+        entities, answer, graph = before[m.group]
+        assert m.entities() == entities
+        assert dump_graph(empty_falkordb, m.group) == graph
+        assert vector_types(empty_falkordb, m.group) == {"Vectorf32"}
+        # Restore invalidates the cache, so this answer comes from a fresh search of the restored graph.
+        assert answers(m) == answer
+
+
+def test_the_document_is_one_valid_json_document_with_its_counts(memory, empty_falkordb, tmp_path):
+    memory.store(A_EVENTS[0])
+    path = tmp_path / "export.json"
+
+    message = memory.ok("export", "--output", str(path))
+    document = json.loads(path.read_text())
+
+    assert document["format"] == "opencode-memory-export" and document["version"] == 1
+    assert document["embedding_dimension"] == 1024
+    [group] = document["groups"]
+    assert group["group_id"] == memory.group
+    assert group["counts"] == {"nodes": len(group["nodes"]), "edges": len(group["edges"])}
+    assert (group["counts"]["nodes"], group["counts"]["edges"]) == memory.graph_counts()
+    episode = next(n for n in group["nodes"] if n["labels"] == ["Episodic"])
+    assert episode["properties"]["content"] == A_EVENTS[0]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() in message
+
+
+def test_export_to_stdout_writes_only_the_document_there(memory, empty_falkordb):
+    memory.store(A_EVENTS[0])
+
+    result = memory.run("export", "--output", "-")
+
+    assert result.code == 0
+    assert json.loads(result.stdout)["groups"][0]["group_id"] == memory.group
+    assert result.error_lines[0].startswith("exported 1 group(s)")
+
+
+def test_export_of_an_empty_memory_is_valid_and_restorable(memory, empty_falkordb, tmp_path):
+    path = tmp_path / "empty.json"
+
+    memory.ok("export", "--output", str(path))
+
+    assert json.loads(path.read_text())["groups"] == []
+    assert memory.ok("restore", str(path)).startswith("restored 0 group(s), 0 nodes, 0 edges")
+
+
+def test_restore_refuses_a_group_that_holds_memories_unless_replace(memory, empty_falkordb, tmp_path):
+    memory.store(A_EVENTS[0])
+    path = tmp_path / "export.json"
+    memory.ok("export", "--output", str(path))
+    memory.store(A_EVENTS[1])
+    grown = memory.graph_counts()
+
+    refused = memory.run("restore", str(path))
+    dry_run = memory.ok("restore", str(path), "--dry-run")
+    dry_run_replace = memory.ok("restore", str(path), "--dry-run", "--replace")
+    assert memory.graph_counts() == grown
+    replaced = memory.ok("restore", str(path), "--replace")
+    again = memory.ok("restore", str(path), "--replace")
+
+    assert refused.code == 2
+    assert refused.error_lines == [f"memory-manager: error: group(s) {memory.group} already hold memories; "
+                                   "pass --replace to overwrite them"]
+    assert "nothing written" in dry_run and f"refused: it holds {grown[0]} nodes" in dry_run
+    assert f"would replace {grown[0]} nodes and {grown[1]} edges" in dry_run_replace
+    assert replaced == again
+    assert "sync_worker" not in memory.ok("query", "sync_worker Valkey restarts")
+
+
+def corrupt(path, how: str) -> None:
+    text = path.read_text()
+    if how == "truncated":
+        path.write_text(text[: len(text) * 2 // 3])
+    elif how == "wrong-version":
+        path.write_text(text.replace('"version": 1', '"version": 99', 1))
+    elif how == "other-dimension":
+        path.write_text(text.replace('"embedding_dimension": 1024', '"embedding_dimension": 1536', 1))
+    elif how == "not-json":
+        path.write_text("hello\n")
+
+
+@pytest.mark.parametrize(("how", "message"), [
+    ("truncated", "not a valid export document"),
+    ("wrong-version", "unsupported export version 99 (this version reads 1)"),
+    ("other-dimension", "embedding dimension 1536 in the export does not match this installation's 1024"),
+    ("not-json", "not a valid export document (line 1): malformed JSON"),
+])
+def test_restore_of_a_bad_document_exits_2_and_leaves_the_graph_untouched(memory, empty_falkordb, tmp_path,
+                                                                        how, message):
+    memory.store(A_EVENTS[0])
+    path = tmp_path / "export.json"
+    memory.ok("export", "--output", str(path))
+    empty_falkordb.execute_command("GRAPH.DELETE", memory.group)
+    corrupt(path, how)
+
+    result = memory.run("restore", str(path), "--replace")
+
+    assert result.code == 2
+    assert len(result.error_lines) == 1 and message in result.stderr
+    assert memory.graph_counts() == (0, 0)
+    assert not memory.cypher_graph_exists()
+
+
+# --- B2 ------------------------------------------------------------------------------------------
+
+def b2_bucket(stack):
+    from b2sdk.v2 import B2Api, InMemoryAccountInfo
+
+    env = stack.b2_env()
+    api = B2Api(InMemoryAccountInfo())
+    api.authorize_account(env["B2_REALM"], env["B2_KEY_ID"], env["B2_APP_KEY"])
+    return api.get_bucket_by_name(env["B2_BUCKET"])
+
+
+def test_export_uploads_to_b2_under_the_expected_name_with_its_sha256(tmpdir_env, empty_falkordb, stack):
+    memory, scratch = tmpdir_env
+    memory.store(A_EVENTS[0])
+
+    message = memory.with_env(B2_PREFIX="backups/pod-1").ok("export")
+
+    location = message.split(" to ")[1].split()[0]
+    assert location.startswith("b2://opencode-memory/backups/pod-1/graphiti_export_")
+    name = location.removeprefix("b2://opencode-memory/")
+    bucket = b2_bucket(stack)
+    downloaded = io.BytesIO()
+    download = bucket.download_file_by_name(name)
+    download.save(downloaded)
+    info = download.download_version.file_info
+    assert info["sha256"] == hashlib.sha256(downloaded.getvalue()).hexdigest()
+    assert info["sha256"] in message
+    assert download.download_version.content_type == "application/json"
+    assert json.loads(downloaded.getvalue())["groups"][0]["group_id"] == memory.group
+    assert list(scratch.iterdir()) == []
+
+
+def test_restore_from_b2_brings_the_memory_back(memory, empty_falkordb):
+    memory.store(A_EVENTS[0])
+    entities = memory.entities()
+    location = memory.ok("export").split(" to ")[1].split()[0]
+    empty_falkordb.execute_command("GRAPH.DELETE", memory.group)
+
+    memory.ok("restore", location)
+
+    assert memory.entities() == entities
+
+
+def test_a_large_export_takes_the_b2_large_file_path(memory, empty_falkordb, stack):
+    synthetic_graph(empty_falkordb, memory.group, entities=400)  # ~2 MB > the stack's 1 MB part size
+
+    location = memory.ok("export").split(" to ")[1].split()[0]
+
+    version = b2_bucket(stack).get_file_info_by_name(location.removeprefix("b2://opencode-memory/"))
+    assert "large_file_sha1" in version.file_info
+    assert version.size > 1_000_000
+
+
+def synthetic_graph(db: redis.Redis, group: str, entities: int) -> None:
+    """Graphiti-shaped entities with 1024-dim vectors and one fact each, straight into FalkorDB."""
+    rows = [{"uuid": f"{i:08d}-synthetic", "name": f"Entity {i}", "v": [((i * 7 + j) % 13) / 13 for j in range(1024)]}
+            for i in range(entities)]
+    for start in range(0, entities, 100):
+        db.execute_command("GRAPH.QUERY", group, "CYPHER rows=" + _cypher_literal(rows[start:start + 100]) +
+                           " UNWIND $rows AS r CREATE (:Entity {uuid: r.uuid, name: r.name, group_id: '" + group +
+                           "', name_embedding: vecf32(r.v)})")
+
+
+def _cypher_literal(value) -> str:
+    if isinstance(value, list):
+        return "[" + ",".join(_cypher_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}: {_cypher_literal(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+@pytest.mark.parametrize(("change", "code", "message"), [
+    ({"B2_BUCKET": None}, 2, "B2_BUCKET is not set"),
+    ({"B2_KEY_ID": None}, 2, "B2_KEY_ID is not set"),
+    ({"B2_APP_KEY": "wrong-key-canary-5c1d"}, 1, "authorization failed (check B2_KEY_ID and B2_APP_KEY)"),
+    ({"B2_BUCKET": "no-such-bucket"}, 1, "bucket 'no-such-bucket' does not exist"),
+], ids=["missing-bucket-variable", "missing-key-id", "wrong-key", "missing-bucket"])
+def test_a_b2_failure_is_one_line_with_no_key_and_no_temporary_file(tmpdir_env, empty_falkordb, change, code, message):
+    memory, scratch = tmpdir_env
+    memory.store(A_EVENTS[0])
+
+    result = memory.with_env(**change).run("export")
+
+    assert result.code == code
+    assert len(result.error_lines) == 1 and message in result.stderr
+    assert "canary" not in result.stderr + result.stdout
+    assert list(scratch.iterdir()) == []
+
+
+def test_a_transient_b2_5xx_is_retried_and_the_export_succeeds(tmpdir_env, empty_falkordb, stack):
+    import urllib.request
+
+    memory, scratch = tmpdir_env
+    memory.store(A_EVENTS[0])
+    request = urllib.request.Request(stack.b2_url + "/_b2/faults", data=b'{"upload_errors": 1}', method="POST")
+    urllib.request.urlopen(request, timeout=5).close()
+
+    result = memory.run("export")
+
+    assert result.code == 0, result.stderr
+    assert result.stdout.startswith("exported 1 group(s)")
+    assert list(scratch.iterdir()) == []
+
+
+def test_an_unreachable_b2_fails_within_the_bound(tmpdir_env, empty_falkordb, dead_port):
+    memory, scratch = tmpdir_env
+    memory.store(A_EVENTS[0])
+    started = time.monotonic()
+
+    result = memory.with_env(B2_REALM=f"http://127.0.0.1:{dead_port}").run("export")
+
+    assert result.code == 1
+    assert result.error_lines == [f"memory-manager: error: b2 at http://127.0.0.1:{dead_port}: cannot connect"]
+    assert time.monotonic() - started < 50
+    assert list(scratch.iterdir()) == []
+
+
+def test_a_silent_b2_fails_within_the_bound(tmpdir_env, empty_falkordb, blackhole_port):
+    memory, scratch = tmpdir_env
+    memory.store(A_EVENTS[0])
+    started = time.monotonic()
+
+    result = memory.with_env(B2_REALM=f"http://127.0.0.1:{blackhole_port}").run("export")
+
+    assert result.code == 1
+    assert len(result.error_lines) == 1 and f"b2 at http://127.0.0.1:{blackhole_port}: " in result.stderr
+    assert time.monotonic() - started < 55
+    assert list(scratch.iterdir()) == []
+
+
+@pytest.mark.skipif(not all(os.environ.get(v) for v in ("REAL_B2_KEY_ID", "REAL_B2_APP_KEY", "REAL_B2_BUCKET")),
+                    reason="opt-in: set REAL_B2_KEY_ID, REAL_B2_APP_KEY and REAL_B2_BUCKET to test real Backblaze")
+def test_real_b2_round_trip(memory, empty_falkordb):
+    real = memory.with_env(B2_KEY_ID=os.environ["REAL_B2_KEY_ID"], B2_APP_KEY=os.environ["REAL_B2_APP_KEY"],
+                           B2_BUCKET=os.environ["REAL_B2_BUCKET"], B2_REALM="production", B2_PREFIX="ci-memory-test")
+    real.store(A_EVENTS[0])
+    entities = real.entities()
+    location = real.ok("export").split(" to ")[1].split()[0]
+    empty_falkordb.execute_command("GRAPH.DELETE", real.group)
+
+    real.ok("restore", location)
+
+    assert real.entities() == entities
