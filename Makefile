@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 OPENSPEC := OPENSPEC_TELEMETRY=0 npx --yes @fission-ai/openspec@1.13.2
 
-.PHONY: install valkey test spec demo stack stack-down bench clean
+.PHONY: install valkey test spec demo stack stack-down bench bench-export clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ stack-down:
 
 bench: install
 	$(PY) local/bench.py
+
+bench-export: install
+	$(PY) local/bench_export.py
 
 clean: stack-down
 	rm -rf $(VENV) .stack .stack.env

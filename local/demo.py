@@ -2,7 +2,8 @@
 
 Starts FalkorDB, Valkey and (unless a real OpenAI key is configured) the OpenAI stand-in on free
 loopback ports, stores five OpenCode events, queries twice (miss, then hit), lists entities,
-runs `health`, and stops everything it started.
+runs `health`, exports the memory to B2 (the stack's local B2-native endpoint unless B2 credentials
+are set) and stops everything it started.
 """
 
 from __future__ import annotations
@@ -41,6 +42,14 @@ def llm_mode() -> tuple[str, dict[str, str]]:
     return "the local OpenAI stand-in (test infrastructure; no OpenAI key or a custom base URL)", {}
 
 
+def b2_mode(stack: Stack) -> tuple[str, dict[str, str]]:
+    """Real B2 when all three credentials are set; otherwise the stack's local endpoint."""
+    if all(os.environ.get(name) for name in ("B2_KEY_ID", "B2_APP_KEY", "B2_BUCKET")):
+        return "Backblaze B2 (B2_KEY_ID, B2_APP_KEY and B2_BUCKET are set)", {}
+    return (f"the local B2-native endpoint at {stack.b2_url} (test infrastructure on b2sdk's RawSimulator; "
+            "set B2_KEY_ID, B2_APP_KEY and B2_BUCKET for real B2)", stack.b2_env())
+
+
 def run(env: dict[str, str], *args: str) -> tuple[str, float]:
     shown = " ".join(shlex.quote(a if len(a) < 60 else a[:57] + "...") for a in args)
     print(f"\n$ memory_manager.py {shown}")
@@ -61,7 +70,9 @@ def main() -> None:
         stack = Stack(Path(run_dir))
         stack.start()
         try:
-            env = {**os.environ, **stack.env(), "MEMORY_GROUP_ID": "demo", **openai_env}
+            b2_target, b2_env = b2_mode(stack)
+            keep_b2 = {k: v for k, v in os.environ.items() if k.startswith("B2_")} if not b2_env else b2_env
+            env = {**os.environ, **stack.env(), "MEMORY_GROUP_ID": "demo", **openai_env, **keep_b2}
             if openai_env:
                 env.pop("OPENAI_BASE_URL", None)
                 for name in ("MEMORY_LLM_MODEL", "MEMORY_LLM_SMALL_MODEL", "MEMORY_EMBEDDING_MODEL"):
@@ -75,6 +86,8 @@ def main() -> None:
             _, hit_ms = run(env, "query", QUESTION)
             run(env, "entities")
             run(env, "health")
+            print(f"\nExport goes to {b2_target}.")
+            run(env, "export")
             print(f"\nquery: cache miss {miss_ms:.0f} ms, cache hit {hit_ms:.0f} ms (whole process)")
         finally:
             stack.stop()

@@ -329,3 +329,46 @@ def test_real_b2_round_trip(memory, empty_falkordb):
     real.ok("restore", location)
 
     assert real.entities() == entities
+
+
+def test_the_document_follows_the_published_json_schema(memory, empty_falkordb, tmp_path):
+    import jsonschema
+
+    from conftest import MODULE
+
+    memory.store(A_EVENTS[1], {"event": "session.error"})
+    synthetic_graph(empty_falkordb, memory.group + "_synthetic", entities=3)
+    path = tmp_path / "export.json"
+    memory.ok("export", "--output", str(path))
+
+    schema = json.loads((MODULE.parent / "export.schema.json").read_text())
+    jsonschema.Draft202012Validator(schema).validate(json.loads(path.read_text()))
+
+
+def test_progress_is_shown_on_a_terminal_while_a_long_export_runs(memory, empty_falkordb, tmp_path):
+    import pty
+    import subprocess
+    import sys
+
+    from conftest import MODULE
+
+    synthetic_graph(empty_falkordb, memory.group, entities=1500)  # a few seconds of vectors to read
+    primary, secondary = pty.openpty()
+    process = subprocess.Popen([sys.executable, str(MODULE), "export", "--output", str(tmp_path / "e.json")],
+                               env=memory.env, stdout=subprocess.PIPE, stderr=secondary, text=True)
+    os.close(secondary)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(primary, 4096)
+        except OSError:  # the terminal closes when the process exits
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(primary)
+    out, _ = process.communicate(timeout=60)
+
+    assert process.returncode == 0
+    assert b"\rexporting: " in shown and b" nodes, " in shown
+    assert out.startswith("exported 1 group(s), 1500 nodes")

@@ -1,0 +1,126 @@
+"""`make bench-export`: export and restore time and peak memory against graph size.
+
+Builds synthetic graphs shaped like graphiti-core's (Entity nodes with 1024-dim name_embedding,
+two RELATES_TO facts per entity with fact_embedding, one Episodic node per five entities with a
+MENTIONS edge to each), then times the real CLI with GNU time: `export --output FILE` and
+`restore FILE` into an emptied FalkorDB. Floors measured in the same run: `GRAPH.COPY` of the same
+graph (native, not portable) and the CLI's own fixed cost (`export` of an empty memory).
+
+  python local/bench_export.py [--sizes 5000 50000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+from stack import ROOT, Stack
+
+MODULE = ROOT / "containers" / "opencode-server" / "graphiti" / "memory_manager.py"
+BATCH = 500
+# Vectors are computed server-side so that building a large graph ships no float text.
+VECTOR = "vecf32([x IN range(1, 1024) | toFloat((i * 31 + x * 17) % 997) / 997.0])"
+
+
+def build_graph(db: redis.Redis, group: str, entities: int) -> None:
+    def run(query: str) -> None:
+        db.execute_command("GRAPH.QUERY", group, query)
+
+    now = "'2026-11-24T00:00:00+00:00'"
+    for start in range(0, entities, BATCH):
+        end = min(entities, start + BATCH) - 1
+        run(f"UNWIND range({start}, {end}) AS i CREATE (:Entity:Technology {{uuid: 'e' + toString(100000000 + i), "
+            f"name: 'Entity ' + toString(i), group_id: '{group}', summary: 'synthetic entity ' + toString(i), "
+            f"created_at: {now}, name_embedding: {VECTOR}}})")
+    run("CREATE INDEX FOR (n:Entity) ON (n.uuid)")
+    run("CREATE INDEX FOR (n:Episodic) ON (n.uuid)")
+    for start in range(0, entities, BATCH):
+        end = min(entities, start + BATCH) - 1
+        for offset in (1, 7):
+            run(f"UNWIND range({start}, {end}) AS i MATCH (a:Entity {{uuid: 'e' + toString(100000000 + i)}}) "
+                f"MATCH (b:Entity {{uuid: 'e' + toString(100000000 + (i + {offset}) % {entities})}}) "
+                f"CREATE (a)-[:RELATES_TO {{uuid: 'r{offset}' + toString(100000000 + i), name: 'USES', "
+                f"fact: a.name + ' uses ' + b.name, group_id: '{group}', episodes: [], created_at: {now}, "
+                f"fact_embedding: {VECTOR}}}]->(b)")
+    episodes = max(1, entities // 5)
+    for start in range(0, episodes, BATCH):
+        end = min(episodes, start + BATCH) - 1
+        run(f"UNWIND range({start}, {end}) AS i CREATE (:Episodic {{uuid: 'p' + toString(100000000 + i), "
+            f"name: 'episode_' + toString(i), group_id: '{group}', source: 'text', source_description: 'opencode', "
+            f"content: 'Synthetic event ' + toString(i), entity_edges: [], created_at: {now}, valid_at: {now}}})")
+    for start in range(0, entities, BATCH):
+        end = min(entities, start + BATCH) - 1
+        run(f"UNWIND range({start}, {end}) AS i MATCH (p:Episodic {{uuid: 'p' + toString(100000000 + i / 5)}}) "
+            f"MATCH (e:Entity {{uuid: 'e' + toString(100000000 + i)}}) "
+            f"CREATE (p)-[:MENTIONS {{uuid: 'm' + toString(100000000 + i), group_id: '{group}', created_at: {now}}}]->(e)")
+
+
+def timed(env: dict[str, str], *args: str) -> tuple[float, float]:
+    """(seconds, peak RSS in MB) of one CLI run, from GNU time."""
+    with tempfile.NamedTemporaryFile("r") as report:
+        subprocess.run(["/usr/bin/time", "-o", report.name, "-f", "%e %M", sys.executable, str(MODULE), *args],
+                       env=env, check=True, stdout=subprocess.DEVNULL)
+        seconds, kilobytes = report.read().split()
+    return float(seconds), int(kilobytes) / 1024
+
+
+def counts(db: redis.Redis, group: str) -> tuple[int, int]:
+    nodes = db.execute_command("GRAPH.RO_QUERY", group, "MATCH (n) RETURN count(n)")[1][0][0]
+    edges = db.execute_command("GRAPH.RO_QUERY", group, "MATCH ()-[e]->() RETURN count(e)")[1][0][0]
+    return nodes, edges
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 50000])
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="memory-bench-export-") as run_dir:
+        stack = Stack(Path(run_dir))
+        stack.start()
+        try:
+            env = {**os.environ, **stack.env()}
+            db = redis.Redis(port=stack.ports["falkordb"])
+            document = Path(run_dir) / "export.json"
+            empty_s, empty_mb = timed(env, "export", "--output", str(document))
+            for size in args.sizes:
+                for graph in db.execute_command("GRAPH.LIST"):
+                    db.execute_command("GRAPH.DELETE", graph)
+                group = f"bench_{size}"
+                started = time.perf_counter()
+                build_graph(db, group, size)
+                built_s = time.perf_counter() - started
+                before = counts(db, group)
+                started = time.perf_counter()
+                db.execute_command("GRAPH.COPY", group, group + "_copy")
+                copy_s = time.perf_counter() - started
+                db.execute_command("GRAPH.DELETE", group + "_copy")
+                export_s, export_mb = timed(env, "export", "--output", str(document))
+                size_mb = document.stat().st_size / 1e6
+                db.execute_command("GRAPH.DELETE", group)
+                restore_s, restore_mb = timed(env, "restore", str(document))
+                assert counts(db, group) == before, (counts(db, group), before)
+                rows.append((size, before, built_s, copy_s, export_s, export_mb, size_mb, restore_s, restore_mb))
+                print(f"done {size}: {before}", file=sys.stderr)
+        finally:
+            stack.stop()
+
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores; fixed cost (export of an empty memory): "
+          f"{empty_s:.2f} s, peak RSS {empty_mb:.0f} MB\n")
+    print("| entities | nodes / edges | GRAPH.COPY (floor) | export | export peak RSS | document | "
+          "restore | restore peak RSS |")
+    print("|---|---|---|---|---|---|---|---|")
+    for size, (nodes, edges), _, copy_s, export_s, export_mb, size_mb, restore_s, restore_mb in rows:
+        print(f"| {size:,} | {nodes:,} / {edges:,} | {copy_s:.2f} s | {export_s:.1f} s ({export_s / copy_s:.0f}×) | "
+              f"{export_mb:.0f} MB | {size_mb:.0f} MB | {restore_s:.1f} s | {restore_mb:.0f} MB |")
+
+
+if __name__ == "__main__":
+    main()
