@@ -8,6 +8,8 @@ the floor it should be compared with:
   whole-process hit      `python memory_manager.py query` vs  `python -c 'import redis.asyncio'`
   store                  `python memory_manager.py store` vs  `python -c 'import graphiti_core'`
   query miss             `python memory_manager.py query` (new question each time), same floor
+  tracing                cached `query` and `health` with the Datadog agent present, absent and
+                         black-holed, against the same command with DD_TRACE_ENABLED=false
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -46,7 +49,7 @@ async def in_process(env: dict[str, str], iterations: int) -> tuple[list[float],
     import memory_manager
     import redis.asyncio
 
-    os.environ.update(env)
+    os.environ.update(env, DD_TRACE_ENABLED="false")
     await memory_manager.query_memory("graph database")  # warm: miss, then cached
     hits = []
     for _ in range(iterations):
@@ -73,6 +76,32 @@ def row(name: str, samples: list[float], unit: str, floor_name: str, floor: list
             f"{median / floor_median:.2f}× |")
 
 
+def tracing_rows(env: dict[str, str], agent_port: int, runs: int) -> list[str]:
+    """Whole-process cost of tracing, per agent state, against tracing off in the same run."""
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(512)  # the kernel completes connections; nobody ever answers
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        dead_port = unused.getsockname()[1]
+    states = {"agent present": str(agent_port), "agent absent": str(dead_port),
+              "agent black-holed": str(blackhole.getsockname()[1])}
+    rows = []
+    try:
+        for command in (["query", "graph database"], ["health"]):
+            off = time_process({**env, "DD_TRACE_ENABLED": "false"}, [str(MODULE), *command], runs)
+            for state, port in states.items():
+                on = time_process({**env, "DD_TRACE_ENABLED": "true", "DD_TRACE_AGENT_PORT": port},
+                                  [str(MODULE), *command], runs)
+                delta = statistics.median(on) - statistics.median(off)
+                rows.append(f"| `{' '.join(command[:1])}`{' (cache hit)' if command[0] == 'query' else ''}, "
+                            f"{state} | {statistics.median(on):.0f} ms | {statistics.median(off):.0f} ms | "
+                            f"{delta:+.0f} ms |")
+    finally:
+        blackhole.close()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=15, help="whole-process runs per measurement")
@@ -82,7 +111,7 @@ def main() -> None:
         stack = Stack(Path(run_dir))
         stack.start()
         try:
-            env = {**os.environ, **stack.env(), "MEMORY_GROUP_ID": "bench"}
+            env = {**os.environ, **stack.env(), "MEMORY_GROUP_ID": "bench", "DD_TRACE_ENABLED": "false"}
             subprocess.run([sys.executable, str(MODULE), "store",
                             "We chose FalkorDB over Neo4j for the graph database."],
                            env=env, check=True, capture_output=True)
@@ -95,6 +124,7 @@ def main() -> None:
             misses = [time_process(env, [str(MODULE), "query", f"src app_{i} Valkey"], 1)[0]
                       for i in range(args.runs)]
             graphiti_floor = time_process(env, ["-c", "import graphiti_core"], max(3, args.runs // 3))
+            tracing = tracing_rows(env, stack.ports["ddagent"], args.runs)
         finally:
             stack.stop()
 
@@ -106,6 +136,9 @@ def main() -> None:
     print(row("query, cache hit, whole process", whole_hit, "ms", "`python -c 'import redis.asyncio'`", import_floor))
     print(row("query, cache miss, whole process", misses, "ms", "`python -c 'import graphiti_core'`", graphiti_floor))
     print(row("store, whole process (stand-in LLM)", stores, "ms", "`python -c 'import graphiti_core'`", graphiti_floor))
+    print("\n| command, Datadog agent | median, tracing on | median, DD_TRACE_ENABLED=false (same run) | cost |")
+    print("|---|---|---|---|")
+    print("\n".join(tracing))
 
 
 if __name__ == "__main__":

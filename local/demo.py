@@ -3,13 +3,17 @@
 Starts FalkorDB, Valkey and (unless a real OpenAI key is configured) the OpenAI stand-in on free
 loopback ports, stores five OpenCode events, queries twice (miss, then hit), lists entities,
 runs `health`, exports the memory to B2 (the stack's local B2-native endpoint unless B2 credentials
-are set) and stops everything it started.
+are set), summarises the spans and metrics that Datadog's test agent and the DogStatsD catcher
+received, and stops everything it started.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
+import urllib.request
+from collections import Counter
 import subprocess
 import sys
 import tempfile
@@ -50,6 +54,22 @@ def b2_mode(stack: Stack) -> tuple[str, dict[str, str]]:
             "set B2_KEY_ID, B2_APP_KEY and B2_BUCKET for real B2)", stack.b2_env())
 
 
+def datadog_summary(stack: Stack) -> None:
+    """What the local Datadog test agent and the DogStatsD catcher received during the demo."""
+    time.sleep(0.5)
+    with urllib.request.urlopen(f"{stack.agent_url}/test/traces", timeout=5) as reply:
+        traces = json.load(reply)
+    spans = Counter(s["name"] for trace in traces for s in trace)
+    roots = Counter(s["resource"] for trace in traces for s in trace if not s["parent_id"])
+    lines = stack.dogstatsd_log.read_text().splitlines() if stack.dogstatsd_log.exists() else []
+    metrics = Counter(line.split(":", 1)[0] for line in lines)
+    print(f"\nDatadog (local test agent at {stack.agent_url}): {len(traces)} traces, {sum(spans.values())} spans")
+    print("  traces by operation: " + ", ".join(f"{k} {v}" for k, v in sorted(roots.items())))
+    print("  child spans: " + ", ".join(f"{k} {v}" for k, v in sorted(spans.items()) if k.count(".") > 1))
+    print(f"DogStatsD (catcher on udp://127.0.0.1:{stack.ports['dogstatsd']}): {len(lines)} metrics")
+    print("  " + ", ".join(f"{k} {v}" for k, v in sorted(metrics.items())))
+
+
 def run(env: dict[str, str], *args: str) -> tuple[str, float]:
     shown = " ".join(shlex.quote(a if len(a) < 60 else a[:57] + "...") for a in args)
     print(f"\n$ memory_manager.py {shown}")
@@ -88,6 +108,7 @@ def main() -> None:
             run(env, "health")
             print(f"\nExport goes to {b2_target}.")
             run(env, "export")
+            datadog_summary(stack)
             print(f"\nquery: cache miss {miss_ms:.0f} ms, cache hit {hit_ms:.0f} ms (whole process)")
         finally:
             stack.stop()

@@ -27,7 +27,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DEFAULT_RUN_DIR = ROOT / ".stack"
-DEFAULT_PORTS = {"falkordb": 16379, "valkey": 16380, "standin": 16450, "b2": 16500}
+DEFAULT_PORTS = {"falkordb": 16379, "valkey": 16380, "standin": 16450, "b2": 16500,
+                 "ddagent": 16526, "ddagent_otlp_http": 16527, "ddagent_otlp_grpc": 16528, "dogstatsd": 16525}
+SNAPSHOT_DIR = ROOT / "tests" / "snapshots"
 B2_PART_SIZE = 1_000_000  # exports above 1 MB take b2sdk's large-file path (B2 itself: 100 MB)
 START_TIMEOUT_S = 20.0
 
@@ -92,6 +94,13 @@ def standin_command(port: int) -> list[str]:
     return [sys.executable, str(HERE / "openai_standin.py"), "--port", str(port)]
 
 
+def ddagent_command(ports: dict[str, int]) -> list[str]:
+    agent = Path(sys.executable).parent / "ddapm-test-agent"
+    return [str(agent), "--host", "127.0.0.1", "--port", str(ports["ddagent"]),
+            "--otlp-http-port", str(ports["ddagent_otlp_http"]), "--otlp-grpc-port", str(ports["ddagent_otlp_grpc"]),
+            "--snapshot-dir", str(SNAPSHOT_DIR)]
+
+
 def b2_command(port: int, info_file: Path) -> list[str]:
     return [sys.executable, str(HERE / "b2_endpoint.py"), "--port", str(port), "--bucket", "opencode-memory",
             "--part-size", str(B2_PART_SIZE), "--info-file", str(info_file)]
@@ -113,6 +122,14 @@ class Stack:
         return f"http://127.0.0.1:{self.ports['b2']}"
 
     @property
+    def agent_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['ddagent']}"
+
+    @property
+    def dogstatsd_log(self) -> Path:
+        return self.run_dir / "dogstatsd.log"
+
+    @property
     def b2_info_file(self) -> Path:
         return self.run_dir / "b2.json"
 
@@ -126,6 +143,9 @@ class Stack:
             "MEMORY_EMBEDDING_MODEL": "text-embedding-3-small", "MEMORY_GROUP_ID": "opencode",
             "GRAPHITI_TELEMETRY_ENABLED": "false",
             **self.b2_env(),
+            "DD_AGENT_HOST": "127.0.0.1", "DD_TRACE_AGENT_PORT": str(self.ports["ddagent"]),
+            "DD_DOGSTATSD_PORT": str(self.ports["dogstatsd"]),
+            "DD_SERVICE": "memory-manager", "DD_ENV": "local", "DD_VERSION": "0.1.0",
         }
 
     def b2_env(self) -> dict[str, str]:
@@ -142,13 +162,20 @@ class Stack:
             "valkey": valkey,
             "standin": standin_command(self.ports["standin"]),
             "b2": b2_command(self.ports["b2"], self.b2_info_file),
+            "ddagent": ddagent_command(self.ports),
+            "dogstatsd": [sys.executable, str(HERE / "dogstatsd_catcher.py"), "--port", str(self.ports["dogstatsd"]),
+                          "--out", str(self.dogstatsd_log)],
         }
         try:
             for name, command in commands.items():
+                # The test agent forwards everything to DD_TRACE_AGENT_URL/DD_AGENT_URL if it sees them.
+                env = {k: v for k, v in os.environ.items() if k not in ("DD_TRACE_AGENT_URL", "DD_AGENT_URL")}
+                if os.environ.get("CI"):
+                    env["SNAPSHOT_CI"] = "1"  # in CI a missing trace snapshot fails instead of being written
                 with open(self.run_dir / f"{name}.log", "ab") as log:  # the child keeps its own copy
                     self.processes[name] = subprocess.Popen(
                         command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                        start_new_session=detach)
+                        start_new_session=detach, env=env)
             self.wait_ready()
         except BaseException:
             self.stop()
@@ -160,6 +187,8 @@ class Stack:
             "valkey": lambda: resp_ping(self.ports["valkey"]),
             "standin": lambda: http_ok(f"{self.standin_url}/_standin/stats"),
             "b2": lambda: self.b2_info_file.exists() and _listening(self.ports["b2"]),
+            "ddagent": lambda: http_ok(f"{self.agent_url}/info"),
+            "dogstatsd": lambda: True,
         }
         deadline = time.monotonic() + START_TIMEOUT_S
         for name, check in checks.items():
@@ -191,7 +220,7 @@ def up(run_dir: Path, env_file: Path) -> None:
     if state.exists():
         raise SystemExit(f"stack: already up (see {state}); run `make stack-down` first")
     stack = Stack(run_dir, ports=dict(DEFAULT_PORTS))
-    busy = [f"{n}:{p}" for n, p in stack.ports.items() if resp_ping(p) or http_ok(f"http://127.0.0.1:{p}/")]
+    busy = [f"{n}:{p}" for n, p in stack.ports.items() if _listening(p)]
     if busy:
         raise SystemExit(f"stack: port(s) already in use: {', '.join(busy)}")
     stack.start(detach=True)

@@ -65,7 +65,8 @@ class Memory:
         self.stack = stack
         self.group = group
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(OUR_VARIABLES)}
-        self.env.update(stack.env(), MEMORY_GROUP_ID=group)
+        # Tracing is on only in test_observability.py; elsewhere it would just slow every command.
+        self.env.update(stack.env(), MEMORY_GROUP_ID=group, DD_TRACE_ENABLED="false")
 
     def with_env(self, **changes: str | None) -> Memory:
         other = Memory(self.stack, self.group)

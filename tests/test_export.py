@@ -2,7 +2,8 @@
 
 B2 here is the stack's loopback B2-native endpoint (local/b2_endpoint.py): b2sdk's own
 RawSimulator behind real HTTP, so the product's real b2sdk client, retries and SHA-1 checks run.
-Real Backblaze (TLS, real keys) is covered only by test_real_b2_round_trip, opt-in.
+Real Backblaze (TLS, real keys) is covered only by the opt-in real-b2 case of
+test_restore_from_b2_brings_the_memory_back.
 """
 
 import hashlib
@@ -201,7 +202,7 @@ def test_export_uploads_to_b2_under_the_expected_name_with_its_sha256(tmpdir_env
 
     message = memory.with_env(B2_PREFIX="backups/pod-1").ok("export")
 
-    location = message.split(" to ")[1].split()[0]
+    location = exported_to(message)
     assert location.startswith("b2://opencode-memory/backups/pod-1/graphiti_export_")
     name = location.removeprefix("b2://opencode-memory/")
     bucket = b2_bucket(stack)
@@ -216,10 +217,23 @@ def test_export_uploads_to_b2_under_the_expected_name_with_its_sha256(tmpdir_env
     assert list(scratch.iterdir()) == []
 
 
-def test_restore_from_b2_brings_the_memory_back(memory, empty_falkordb):
+REAL_B2 = ("REAL_B2_KEY_ID", "REAL_B2_APP_KEY", "REAL_B2_BUCKET")
+
+
+@pytest.mark.parametrize("target", [
+    "loopback-endpoint",
+    pytest.param("real-b2", marks=pytest.mark.skipif(
+        not all(os.environ.get(v) for v in REAL_B2),
+        reason="opt-in: set REAL_B2_KEY_ID, REAL_B2_APP_KEY and REAL_B2_BUCKET to test real Backblaze")),
+])
+def test_restore_from_b2_brings_the_memory_back(memory, empty_falkordb, target):
+    if target == "real-b2":
+        memory = memory.with_env(B2_KEY_ID=os.environ["REAL_B2_KEY_ID"], B2_APP_KEY=os.environ["REAL_B2_APP_KEY"],
+                                 B2_BUCKET=os.environ["REAL_B2_BUCKET"], B2_REALM="production",
+                                 B2_PREFIX="ci-memory-test")
     memory.store(A_EVENTS[0])
     entities = memory.entities()
-    location = memory.ok("export").split(" to ")[1].split()[0]
+    location = exported_to(memory.ok("export"))
     empty_falkordb.execute_command("GRAPH.DELETE", memory.group)
 
     memory.ok("restore", location)
@@ -227,10 +241,15 @@ def test_restore_from_b2_brings_the_memory_back(memory, empty_falkordb):
     assert memory.entities() == entities
 
 
+def exported_to(message: str) -> str:
+    """The b2://bucket/name in export's summary line."""
+    return message.split(" to ")[1].split()[0]
+
+
 def test_a_large_export_takes_the_b2_large_file_path(memory, empty_falkordb, stack):
     synthetic_graph(empty_falkordb, memory.group, entities=400)  # ~2 MB > the stack's 1 MB part size
 
-    location = memory.ok("export").split(" to ")[1].split()[0]
+    location = exported_to(memory.ok("export"))
 
     version = b2_bucket(stack).get_file_info_by_name(location.removeprefix("b2://opencode-memory/"))
     assert "large_file_sha1" in version.file_info
@@ -314,21 +333,6 @@ def test_a_silent_b2_fails_within_the_bound(tmpdir_env, empty_falkordb, blackhol
     assert len(result.error_lines) == 1 and f"b2 at http://127.0.0.1:{blackhole_port}: " in result.stderr
     assert time.monotonic() - started < 55
     assert list(scratch.iterdir()) == []
-
-
-@pytest.mark.skipif(not all(os.environ.get(v) for v in ("REAL_B2_KEY_ID", "REAL_B2_APP_KEY", "REAL_B2_BUCKET")),
-                    reason="opt-in: set REAL_B2_KEY_ID, REAL_B2_APP_KEY and REAL_B2_BUCKET to test real Backblaze")
-def test_real_b2_round_trip(memory, empty_falkordb):
-    real = memory.with_env(B2_KEY_ID=os.environ["REAL_B2_KEY_ID"], B2_APP_KEY=os.environ["REAL_B2_APP_KEY"],
-                           B2_BUCKET=os.environ["REAL_B2_BUCKET"], B2_REALM="production", B2_PREFIX="ci-memory-test")
-    real.store(A_EVENTS[0])
-    entities = real.entities()
-    location = real.ok("export").split(" to ")[1].split()[0]
-    empty_falkordb.execute_command("GRAPH.DELETE", real.group)
-
-    real.ok("restore", location)
-
-    assert real.entities() == entities
 
 
 def test_the_document_follows_the_published_json_schema(memory, empty_falkordb, tmp_path):

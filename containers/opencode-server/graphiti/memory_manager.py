@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import re
+import socket
 import struct
 import sys
 import tempfile
@@ -218,10 +219,6 @@ class Settings:
     def b2_address(self) -> str:
         return redact_url(self.b2_realm) if "://" in self.b2_realm else f"B2 {self.b2_realm}"
 
-    def secrets(self) -> list[str]:
-        values = (self.falkordb_password, self.valkey_password, self.openai_api_key, self.b2_app_key)
-        return [s for s in values if s]
-
     def require_b2(self, bucket_needed: bool = True) -> None:
         needed = [("B2_KEY_ID", self.b2_key_id), ("B2_APP_KEY", self.b2_app_key)]
         for name, value in needed + ([("B2_BUCKET", self.b2_bucket)] if bucket_needed else []):
@@ -233,6 +230,206 @@ class Settings:
         if not self.openai_api_key:
             raise UsageError("OPENAI_API_KEY is not set (needed to store and to answer uncached queries)")
         return self.openai_api_key
+
+
+# === Observability ===============================================================================
+# Spans through ddtrace, imported only when tracing is on and an agent answers a quick probe:
+# without an agent ddtrace holds a short CLI's exit for seconds. Metrics are DogStatsD datagrams sent
+# straight over UDP (one line each); the `datadog` client would add ~200 ms of import to a cache hit.
+
+SERVICE_NAME = "memory-manager"
+METRIC_PREFIX = "opencode.memory."
+AGENT_PROBE_TIMEOUT_S = 0.1
+TRACE_FLUSH_TIMEOUT_S = 0.5
+SECRET_VARIABLES = ("OPENAI_API_KEY", "B2_APP_KEY", "VALKEY_PASSWORD", "FALKORDB_PASSWORD")
+
+
+@dataclass
+class _Telemetry:
+    probed: bool = False
+    tracer: Any = None
+    flushed_tracer: bool = False
+    statsd: Any = None  # (socket, address) once opened
+
+
+_telemetry = _Telemetry()
+
+
+def secret_values() -> list[str]:
+    """Secrets straight from the environment, so scrubbing works even when Settings fails."""
+    return [v for v in (os.environ.get(name, "").strip() for name in SECRET_VARIABLES) if v]
+
+
+def scrub(text: str) -> str:
+    for secret in secret_values():
+        text = text.replace(secret, "***")
+    return text
+
+
+def short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _tracing_enabled() -> bool:
+    return os.environ.get("DD_TRACE_ENABLED", "true").strip().lower() not in ("false", "0", "no", "off")
+
+
+def _agent_address() -> tuple[str, Any]:
+    """Where ddtrace will send traces, in ddtrace's own order of precedence."""
+    url = os.environ.get("DD_TRACE_AGENT_URL", "").strip()
+    if url.startswith("unix://"):
+        return "unix", url[len("unix://"):]
+    if url:
+        parts = urlsplit(url)
+        return "tcp", (parts.hostname or "localhost", parts.port or 8126)
+    host = os.environ.get("DD_AGENT_HOST", "").strip()
+    if not host and os.path.exists("/var/run/datadog/apm.socket"):
+        return "unix", "/var/run/datadog/apm.socket"
+    return "tcp", (host or "localhost", int(os.environ.get("DD_TRACE_AGENT_PORT") or 8126))
+
+
+async def _agent_answers() -> bool:
+    kind, address = _agent_address()
+
+    async def probe() -> bool:
+        if kind == "unix":
+            reader, writer = await asyncio.open_unix_connection(address)
+        else:
+            reader, writer = await asyncio.open_connection(*address)
+        try:
+            writer.write(b"GET /info HTTP/1.0\r\nHost: agent\r\n\r\n")
+            return (await reader.read(8)).startswith(b"HTTP/1.")
+        finally:
+            writer.close()
+
+    try:
+        return await asyncio.wait_for(probe(), AGENT_PROBE_TIMEOUT_S)
+    except (OSError, ValueError, asyncio.TimeoutError):
+        return False
+
+
+async def _tracer() -> Any:
+    if not _telemetry.probed:
+        _telemetry.probed = True
+        if _tracing_enabled() and await _agent_answers():
+            # A CLI lives for a second: no instrumentation-telemetry posts unless the user wants them.
+            os.environ.setdefault("DD_INSTRUMENTATION_TELEMETRY_ENABLED", "false")
+            from ddtrace.trace import tracer
+
+            _telemetry.tracer = tracer
+    return _telemetry.tracer
+
+
+def _metric_tags(**tags: Any) -> list[str]:
+    standard = {"service": os.environ.get("DD_SERVICE") or SERVICE_NAME,
+                "env": os.environ.get("DD_ENV"), "version": os.environ.get("DD_VERSION")}
+    merged = {**tags, **{k: v for k, v in standard.items() if v}}
+    return [f"{k}:{str(v).replace(',', '_').replace('|', '_')}" for k, v in merged.items() if v is not None]
+
+
+def _statsd_target() -> tuple[int, Any]:
+    url = os.environ.get("DD_DOGSTATSD_URL", "").strip()
+    if url.startswith("unix://"):
+        return socket.AF_UNIX, url[len("unix://"):]
+    if url.startswith("udp://"):
+        parts = urlsplit(url)
+        return socket.AF_INET, (parts.hostname or "localhost", parts.port or 8125)
+    host = os.environ.get("DD_AGENT_HOST", "").strip() or "localhost"
+    return socket.AF_INET, (host, int(os.environ.get("DD_DOGSTATSD_PORT") or 8125))
+
+
+def emit(metric: str, value: float, kind: str, **tags: Any) -> None:
+    """Send one DogStatsD datagram (kind: c counter, d distribution). Never raises."""
+    line = f"{METRIC_PREFIX}{metric}:{value:g}|{kind}|#{','.join(_metric_tags(**tags))}"
+    try:
+        if _telemetry.statsd is None:
+            family, address = _statsd_target()
+            if family == socket.AF_INET:
+                family = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_DGRAM)[0][0]
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            _telemetry.statsd = (sock, address)
+        sock, address = _telemetry.statsd
+        sock.sendto(line.encode(), address)
+    except (OSError, ValueError):
+        pass  # metrics are best effort: no agent, no metrics
+
+
+class _Span:
+    """Tags for the current span; does nothing when tracing is off."""
+
+    def __init__(self, span: Any = None) -> None:
+        self.span = span
+
+    def set(self, **tags: Any) -> None:
+        if self.span is not None:
+            for key, value in tags.items():
+                if isinstance(value, bool):
+                    self.span.set_tag(key, str(value).lower())
+                elif isinstance(value, (int, float)):
+                    self.span.set_metric(key, value)
+                elif value is not None:
+                    self.span.set_tag(key, value)
+
+
+@contextlib.asynccontextmanager
+async def span(name: str, **tags: Any) -> AsyncIterator[_Span]:
+    """A child span (or a no-op). Errors are tagged by hand so that their messages are scrubbed."""
+    tracer = await _tracer()
+    if tracer is None:
+        yield _Span()
+        return
+    current = tracer.trace(name, service=os.environ.get("DD_SERVICE") or SERVICE_NAME)
+    wrapper = _Span(current)
+    wrapper.set(**tags)
+    try:
+        yield wrapper
+    except BaseException as exc:
+        current.error = 1
+        current.set_tag("error.type", type(exc).__name__)
+        current.set_tag("error.message", scrub(str(exc))[:500])
+        raise
+    finally:
+        current.finish()
+
+
+@contextlib.asynccontextmanager
+async def operation(name: str, **tags: Any) -> AsyncIterator[_Span]:
+    """The root span of a public operation plus its duration and error metrics."""
+    started = time.perf_counter()
+    group = _group_for_tags()
+    error_type = None
+    try:
+        async with span(f"memory.{name}", **{"memory.group": group, **tags}) as current:
+            if current.span is not None:
+                current.span.resource = name
+            yield current
+    except BaseException as exc:
+        error_type = type(exc).__name__
+        raise
+    finally:
+        metric_tags = {"operation": name, "group": group}
+        emit(f"{name}.duration", round((time.perf_counter() - started) * 1000, 3), "d", **metric_tags)
+        if error_type:
+            emit("errors", 1, "c", error_type=error_type, **metric_tags)
+
+
+def _group_for_tags() -> str | None:
+    try:
+        return settings().group_id
+    except UsageError:
+        return None
+
+
+def shutdown_telemetry() -> bool:
+    """Flush spans within TRACE_FLUSH_TIMEOUT_S; True when ddtrace was loaded (see main())."""
+    if _telemetry.statsd is not None:
+        _telemetry.statsd[0].close()
+        _telemetry.statsd = None
+    if _telemetry.tracer is None:
+        return False
+    _telemetry.tracer.shutdown(timeout=TRACE_FLUSH_TIMEOUT_S)
+    return True
 
 
 # === Clients =====================================================================================
@@ -509,6 +706,7 @@ async def _invalidate(group: str) -> None:
 
 
 def _warn_cache_down(exc: ServiceError) -> None:
+    emit("cache_unavailable", 1, "c", group=_group_for_tags())
     if not _clients.cache_warned:
         _clients.cache_warned = True
         log.warning("warning: cache unavailable (%s); answering without it", exc)
@@ -526,7 +724,9 @@ async def _group_write_lock(group: str) -> AsyncIterator[None]:
         async with _service("valkey", s.valkey_address):
             lock = _valkey().lock(_lock_key(group), timeout=LOCK_TTL_S,
                                   blocking_timeout=s.lock_wait_s, sleep=0.05)
-            acquired = await lock.acquire()
+            async with span("memory.lock.acquire") as waiting:
+                acquired = await lock.acquire()
+                waiting.set(**{"lock.acquired": bool(acquired)})
     except ServiceError as exc:
         _warn_cache_down(exc)
         yield
@@ -619,9 +819,16 @@ async def _ensure_indices(group: str) -> None:
 
 async def store_episode(content: str, metadata: dict | str | None = None) -> str:
     """Store one OpenCode event as an episode of the group's graph; returns the episode name."""
+    async with operation("store") as op:
+        return await _store(op, content, metadata)
+
+
+async def _store(op: _Span, content: str, metadata: dict | str | None) -> str:
     s = settings()
     content = _validate_content(content, s.max_episode_chars)
     metadata = _validate_metadata(metadata)
+    op.set(**{"memory.content.length": len(content), "memory.content.hash": short_hash(content),
+              "memory.metadata.keys": len(metadata or {})})
     graphiti = await _graphiti()
     from graphiti_core.nodes import EpisodeType
 
@@ -630,17 +837,21 @@ async def store_episode(content: str, metadata: dict | str | None = None) -> str
         name = episode_name(now)
         async with _service("falkordb", s.falkordb_address), _llm_service():
             await _ensure_indices(s.group_id)
-            result = await graphiti.add_episode(
-                name=name, episode_body=content, source_description=EPISODE_SOURCE,
-                reference_time=now, source=EpisodeType.text, group_id=s.group_id,
-                entity_types=_entity_types(),
-            )
+            async with span("memory.graph.add_episode") as add:
+                result = await graphiti.add_episode(
+                    name=name, episode_body=content, source_description=EPISODE_SOURCE,
+                    reference_time=now, source=EpisodeType.text, group_id=s.group_id,
+                    entity_types=_entity_types(),
+                )
+                add.set(**{"memory.entities": len(result.nodes), "memory.facts": len(result.edges)})
             if metadata is not None:
                 await graphiti.driver.execute_query(
                     "MATCH (e:Episodic {uuid: $uuid}) SET e.metadata = $metadata",
                     uuid=result.episode.uuid, metadata=json.dumps(metadata, sort_keys=True),
                 )
-        await _invalidate(s.group_id)
+        async with span("memory.cache.invalidate"):
+            await _invalidate(s.group_id)
+    op.set(**{"memory.episode": name})
     return name
 
 
@@ -686,33 +897,55 @@ def _ranked(edges: list[Any], scores: list[float]) -> list[Any]:
 
 async def query_memory(search_query: str, limit: int = 5) -> str:
     """Facts relevant to the query, one per line with their validity window; cached per group."""
-    if not isinstance(search_query, str) or not search_query.strip():
-        raise UsageError("query must be non-empty text")
-    limit = _validate_limit(limit)
-    group = settings().group_id
-    cached, key = await _cache_lookup(group, search_query, limit)
-    if cached is not None:
-        return cached
-    answer = await _search(search_query, limit)
-    if key is not None:
-        await _cache_store(key, answer)
-    return answer
+    async with operation("query") as op:
+        if not isinstance(search_query, str) or not search_query.strip():
+            raise UsageError("query must be non-empty text")
+        limit = _validate_limit(limit)
+        group = settings().group_id
+        op.set(**{"memory.limit": limit, "memory.query.length": len(search_query),
+                  "memory.query.hash": short_hash(normalise_query(search_query))})
+        async with span("memory.cache.lookup") as lookup:
+            cached, key = await _cache_lookup(group, search_query, limit)
+            lookup.set(**{"cache.hit": cached is not None})
+        op.set(**{"cache.hit": cached is not None})
+        if cached is not None:
+            emit("cache_hit", 1, "c", operation="query", group=group)
+            answer = cached
+        else:
+            if key is not None:
+                emit("cache_miss", 1, "c", operation="query", group=group)
+            async with span("memory.graph.search") as search:
+                answer = await _search(search_query, limit)
+                search.set(**{"memory.results": _fact_count(answer)})
+            if key is not None:
+                async with span("memory.cache.write"):
+                    await _cache_store(key, answer)
+        op.set(**{"memory.results": _fact_count(answer)})
+        return answer
+
+
+def _fact_count(answer: str) -> int:
+    return 0 if answer == NO_RESULTS else len(answer.splitlines())
 
 
 async def get_entities(entity_type: str | None = None) -> list[dict]:
     """{"name", "type"} for every entity of the group, sorted by name; type is the most specific
     label. The filter is validated and passed as a query parameter, never pasted into Cypher."""
-    entity_type = _validate_entity_type(entity_type)
-    s = settings()
-    if not await _graph_exists(s.group_id):
-        return []
-    async with _service("falkordb", s.falkordb_address):
-        result = await (await _falkordb()).select_graph(s.group_id).ro_query(
-            "MATCH (n:Entity) WHERE $type IS NULL OR $type IN labels(n) "
-            "RETURN n.name, labels(n) ORDER BY toLower(n.name), n.name, n.uuid",
-            {"type": entity_type},
-        )
-    return [{"name": name, "type": _specific_label(labels)} for name, labels in result.result_set]
+    async with operation("entities") as op:
+        entity_type = _validate_entity_type(entity_type)
+        op.set(**{"memory.entity_type": entity_type})
+        s = settings()
+        if not await _graph_exists(s.group_id):
+            op.set(**{"memory.results": 0})
+            return []
+        async with _service("falkordb", s.falkordb_address):
+            result = await (await _falkordb()).select_graph(s.group_id).ro_query(
+                "MATCH (n:Entity) WHERE $type IS NULL OR $type IN labels(n) "
+                "RETURN n.name, labels(n) ORDER BY toLower(n.name), n.name, n.uuid",
+                {"type": entity_type},
+            )
+        op.set(**{"memory.results": len(result.result_set)})
+        return [{"name": name, "type": _specific_label(labels)} for name, labels in result.result_set]
 
 
 def _specific_label(labels: list[str]) -> str:
@@ -722,15 +955,18 @@ def _specific_label(labels: list[str]) -> str:
 
 async def health() -> dict:
     """Reachability of FalkorDB and Valkey (bounded to about a second) and the LLM endpoint."""
-    s = settings()
-    falkordb, valkey = await asyncio.gather(
-        _probe(s.falkordb_address, _falkordb_probe), _probe(s.valkey_address, _valkey_probe))
-    return {
-        "falkordb": falkordb,
-        "valkey": valkey,
-        "llm": {"ok": bool(s.openai_api_key), "address": s.llm_address,
-                "detail": "configured" if s.openai_api_key else "OPENAI_API_KEY not set"},
-    }
+    async with operation("health") as op:
+        s = settings()
+        falkordb, valkey = await asyncio.gather(
+            _probe(s.falkordb_address, _falkordb_probe), _probe(s.valkey_address, _valkey_probe))
+        op.set(**{"health.falkordb": falkordb["ok"], "health.valkey": valkey["ok"],
+                  "health.llm_configured": bool(s.openai_api_key)})
+        return {
+            "falkordb": falkordb,
+            "valkey": valkey,
+            "llm": {"ok": bool(s.openai_api_key), "address": s.llm_address,
+                    "detail": "configured" if s.openai_api_key else "OPENAI_API_KEY not set"},
+        }
 
 
 async def _probe(address: str, check: Callable[[], Any]) -> dict:
@@ -901,6 +1137,14 @@ def _embedding_dimension() -> int:
 
 async def write_export(out: Any, progress: Progress | None = None) -> ExportSummary:
     """Stream every memory group to `out` (a binary file object) as one export document."""
+    async with span("memory.export.stream") as stream:
+        summary = await _write_export(out, progress)
+        stream.set(**{"memory.groups": summary.groups, "memory.nodes": summary.nodes,
+                      "memory.edges": summary.edges, "memory.bytes": summary.bytes})
+    return summary
+
+
+async def _write_export(out: Any, progress: Progress | None) -> ExportSummary:
     from importlib.metadata import version
 
     s = settings()
@@ -931,7 +1175,19 @@ def export_file_name(now: datetime, prefix: str = "") -> str:
 
 
 async def export_to_file(path: str, progress: Progress | None = None) -> str:
-    """Write the export document to `path` atomically (a temporary file renamed into place)."""
+    """Write the export document to `path` atomically (a temporary file renamed into place), or to
+    stdout when `path` is "-"; returns a summary."""
+    async with operation("export", **{"export.target": "stdout" if path == "-" else "file"}) as op:
+        if path == "-":
+            summary = await write_export(sys.stdout.buffer, progress)
+            sys.stdout.flush()
+        else:
+            summary = await _export_to_path(path, progress)
+        _record_export(op, summary)
+    return f"exported {_describe_summary(summary)} to {'stdout' if path == '-' else path}"
+
+
+async def _export_to_path(path: str, progress: Progress | None) -> ExportSummary:
     target = os.path.abspath(path)
     fd, temporary = tempfile.mkstemp(prefix=".graphiti_export_", suffix=".partial",
                                      dir=os.path.dirname(target))
@@ -942,7 +1198,13 @@ async def export_to_file(path: str, progress: Progress | None = None) -> str:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
-    return f"exported {_describe_summary(summary)} to {path}"
+    return summary
+
+
+def _record_export(op: _Span, summary: ExportSummary) -> None:
+    op.set(**{"memory.groups": summary.groups, "memory.nodes": summary.nodes,
+              "memory.edges": summary.edges, "memory.bytes": summary.bytes})
+    emit("export.bytes", summary.bytes, "d", operation="export")
 
 
 def _describe_summary(summary: ExportSummary) -> str:
@@ -952,20 +1214,24 @@ def _describe_summary(summary: ExportSummary) -> str:
 
 async def export_to_b2(progress: Progress | None = None) -> str:
     """Export every memory group to B2 as graphiti_export_<UTC timestamp>.json; returns a summary."""
-    s = settings()
-    s.require_b2()
-    name = export_file_name(datetime.now(timezone.utc), s.b2_prefix)
-    fd, temporary = tempfile.mkstemp(prefix="graphiti_export_", suffix=".json")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            summary = await write_export(out, progress)
-        file_info = {"sha256": summary.sha256, "format": EXPORT_FORMAT, "format_version": str(EXPORT_VERSION),
-                     "groups": str(summary.groups), "nodes": str(summary.nodes), "edges": str(summary.edges)}
-        await _b2(lambda api: api.get_bucket_by_name(s.b2_bucket).upload_local_file(
-            temporary, name, content_type="application/json", file_info=file_info))
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
+    async with operation("export", **{"export.target": "b2"}) as op:
+        s = settings()
+        s.require_b2()
+        name = export_file_name(datetime.now(timezone.utc), s.b2_prefix)
+        fd, temporary = tempfile.mkstemp(prefix="graphiti_export_", suffix=".json")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                summary = await write_export(out, progress)
+            file_info = {"sha256": summary.sha256, "format": EXPORT_FORMAT,
+                         "format_version": str(EXPORT_VERSION), "groups": str(summary.groups),
+                         "nodes": str(summary.nodes), "edges": str(summary.edges)}
+            async with span("memory.b2.upload", **{"memory.bytes": summary.bytes}):
+                await _b2(lambda api: api.get_bucket_by_name(s.b2_bucket).upload_local_file(
+                    temporary, name, content_type="application/json", file_info=file_info))
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+        _record_export(op, summary)
     return f"exported {_describe_summary(summary)} to b2://{s.b2_bucket}/{name} (file {name.rsplit('/', 1)[-1]})"
 
 
@@ -1252,7 +1518,8 @@ async def _local_copy(source: str) -> AsyncIterator[str]:
             downloaded.save_to(temporary)
             return downloaded.download_version.file_info
 
-        file_info = await _b2(download)
+        async with span("memory.b2.download"):
+            file_info = await _b2(download)
         expected = file_info.get("sha256")
         if expected and await asyncio.to_thread(_file_sha256, temporary) != expected:
             raise UsageError(f"{source} does not match its sha256 file info (corrupt upload?)")
@@ -1276,9 +1543,15 @@ async def restore(source: str, replace: bool = False, dry_run: bool = False,
 
     The whole document is validated first; groups that already hold memories are refused unless
     `replace`, which drops them first. Embeddings come back as vectors, so search works at once."""
+    async with operation("restore", **{"restore.replace": replace, "restore.dry_run": dry_run}) as op:
+        return await _restore(op, source, replace, dry_run, progress)
+
+
+async def _restore(op: _Span, source: str, replace: bool, dry_run: bool, progress: Progress | None) -> str:
     dimension = await asyncio.to_thread(_embedding_dimension)
     async with _local_copy(source) as path:
-        plan = await asyncio.to_thread(validate_document, path, dimension)
+        async with span("memory.restore.validate"):
+            plan = await asyncio.to_thread(validate_document, path, dimension)
         s = settings()
         async with _service("falkordb", s.falkordb_address):
             existing = {group: await _graph_counts(group) for group in plan.groups}
@@ -1293,17 +1566,20 @@ async def restore(source: str, replace: bool = False, dry_run: bool = False,
                     await (await _falkordb()).select_graph(group).delete()
                 _clients.indexed_groups.discard(group)
                 await _ensure_indices(group)
-            await _write_document(path, dimension, progress)
+            async with span("memory.restore.write"):
+                await _write_document(path, dimension, progress)
             for group, counts in plan.groups.items():
                 actual = await _graph_counts(group)
                 if actual != (counts["nodes"], counts["edges"]):
                     raise ServiceError("falkordb", s.falkordb_address,
                                        f"group {group!r} has {actual[0]} nodes and {actual[1]} edges after the "
-                                       f"restore, expected {counts['nodes']} and {counts['edges']}; run it again")
+                                       f"restore, the document {counts['nodes']} and {counts['edges']} (duplicate "
+                                       "uuids in the document, or an interrupted write: run it again with --replace)")
         for group in plan.groups:
             await _invalidate(group)
     nodes = sum(c["nodes"] for c in plan.groups.values())
     edges = sum(c["edges"] for c in plan.groups.values())
+    op.set(**{"memory.groups": len(plan.groups), "memory.nodes": nodes, "memory.edges": edges})
     return f"restored {len(plan.groups)} group(s), {nodes} nodes, {edges} edges from {source}"
 
 
@@ -1379,15 +1655,10 @@ class _TerminalProgress:
 async def cmd_export(args: argparse.Namespace) -> int:
     progress = _TerminalProgress("exporting")
     try:
-        if args.output == "-":
-            summary = await write_export(sys.stdout.buffer, progress)
-            sys.stdout.flush()
-            print(f"exported {_describe_summary(summary)} to stdout", file=sys.stderr)
-            return 0
         message = await (export_to_file(args.output, progress) if args.output else export_to_b2(progress))
     finally:
         progress.finish()
-    print(message)
+    print(message, file=sys.stderr if args.output == "-" else sys.stdout)  # stdout holds the document
     return 0
 
 
@@ -1441,31 +1712,37 @@ async def _run(args: argparse.Namespace) -> int:
         await close()
 
 
-def _scrub(text: str, secrets: list[str]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
-
-
 def main(argv: list[str] | None = None) -> int:
     # Only this module's warnings reach the user; dependencies' failures reach us as exceptions.
     logging.basicConfig(level=logging.CRITICAL, format="memory-manager: %(message)s")
     log.setLevel(logging.WARNING)
-    secrets: list[str] = []
     try:
         args = build_parser().parse_args(argv)
-        secrets = settings().secrets()
-        return asyncio.run(_run(args))
+        code = asyncio.run(_run(args))
     except Exception as exc:  # the module's one broad catch: every failure becomes one line
         if os.environ.get("MEMORY_DEBUG") == "1":
             raise
         known = isinstance(exc, MemoryManagerError)
         detail = str(exc) if known else f"{type(exc).__name__}: {_describe(exc)}"
-        print(f"memory-manager: error: {_scrub(detail, secrets)}", file=sys.stderr)
-        return exc.exit_code if known else 1
+        print(f"memory-manager: error: {scrub(detail)}", file=sys.stderr)
+        code = exc.exit_code if known else 1
     except KeyboardInterrupt:
-        return 130
+        code = 130
+    _telemetry.flushed_tracer = shutdown_telemetry()
+    return code
+
+
+def cli() -> None:
+    """The process entry point (script and console script)."""
+    code = main()
+    if _telemetry.flushed_tracer:
+        # Spans are flushed and our clients closed; ddtrace's own exit hooks can still block for
+        # seconds retrying an agent that stopped answering, so they are skipped.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
