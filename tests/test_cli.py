@@ -12,12 +12,12 @@ def test_help_lists_every_command(memory):
     result = memory.run("--help")
 
     assert result.code == 0
-    for command in ("store", "query", "entities", "health"):
+    for command in ("store", "query", "entities", "health", "export", "restore"):
         assert command in result.stdout
     assert result.stderr == ""
 
 
-@pytest.mark.parametrize("command", ["store", "query", "entities", "health"])
+@pytest.mark.parametrize("command", ["store", "query", "entities", "health", "export", "restore"])
 def test_each_command_has_its_own_help(memory, command):
     result = memory.run(command, "--help")
 

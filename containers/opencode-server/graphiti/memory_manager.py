@@ -421,11 +421,15 @@ def _group_for_tags() -> str | None:
         return None
 
 
-def shutdown_telemetry() -> bool:
-    """Flush spans within TRACE_FLUSH_TIMEOUT_S; True when ddtrace was loaded (see main())."""
+def _close_statsd() -> None:
     if _telemetry.statsd is not None:
         _telemetry.statsd[0].close()
         _telemetry.statsd = None
+
+
+def shutdown_telemetry() -> bool:
+    """Flush spans within TRACE_FLUSH_TIMEOUT_S; True when ddtrace was loaded (see main())."""
+    _close_statsd()
     if _telemetry.tracer is None:
         return False
     _telemetry.tracer.shutdown(timeout=TRACE_FLUSH_TIMEOUT_S)
@@ -604,6 +608,7 @@ async def close() -> None:
             await clients.falkordb.aclose()
     clients.valkey = clients.falkordb = clients.graphiti = clients.closer = None
     clients.indexed_groups.clear()
+    _close_statsd()
     clients.loop = clients.settings = None
 
 
