@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from stack import ROOT, Stack
 
@@ -45,26 +46,27 @@ def time_process(env: dict[str, str], args: list[str], runs: int) -> list[float]
     return samples
 
 
+async def sample_us(call: Any, iterations: int) -> list[float]:
+    samples = []
+    for _ in range(iterations):
+        started = time.perf_counter()
+        await call()
+        samples.append((time.perf_counter() - started) * 1e6)
+    return samples
+
+
 async def in_process(env: dict[str, str], iterations: int) -> tuple[list[float], list[float]]:
     import memory_manager
     import redis.asyncio
 
     os.environ.update(env, DD_TRACE_ENABLED="false")
     await memory_manager.query_memory("graph database")  # warm: miss, then cached
-    hits = []
-    for _ in range(iterations):
-        started = time.perf_counter()
-        await memory_manager.query_memory("graph database")
-        hits.append((time.perf_counter() - started) * 1e6)
+    hits = await sample_us(lambda: memory_manager.query_memory("graph database"), iterations)
     await memory_manager.close()
 
     raw = redis.asyncio.Redis(port=int(env["VALKEY_PORT"]), protocol=2)
     await raw.set("bench:floor", "x" * 512)
-    gets = []
-    for _ in range(iterations):
-        started = time.perf_counter()
-        await raw.get("bench:floor")
-        gets.append((time.perf_counter() - started) * 1e6)
+    gets = await sample_us(lambda: raw.get("bench:floor"), iterations)
     await raw.aclose()
     return hits, gets
 

@@ -309,29 +309,19 @@ def test_a_transient_b2_5xx_is_retried_and_the_export_succeeds(tmpdir_env, empty
     assert list(scratch.iterdir()) == []
 
 
-def test_an_unreachable_b2_fails_within_the_bound(tmpdir_env, empty_falkordb, dead_port):
+@pytest.mark.parametrize("endpoint", ["dead_port", "blackhole_port"], ids=["unreachable", "silent"])
+def test_an_unreachable_or_silent_b2_fails_within_the_bound(tmpdir_env, empty_falkordb, request, endpoint):
     memory, scratch = tmpdir_env
     memory.store(A_EVENTS[0])
+    realm = f"http://127.0.0.1:{request.getfixturevalue(endpoint)}"
     started = time.monotonic()
 
-    result = memory.with_env(B2_REALM=f"http://127.0.0.1:{dead_port}").run("export")
+    result = memory.with_env(B2_REALM=realm).run("export")
 
     assert result.code == 1
-    assert result.error_lines == [f"memory-manager: error: b2 at http://127.0.0.1:{dead_port}: cannot connect"]
-    assert time.monotonic() - started < 50
-    assert list(scratch.iterdir()) == []
-
-
-def test_a_silent_b2_fails_within_the_bound(tmpdir_env, empty_falkordb, blackhole_port):
-    memory, scratch = tmpdir_env
-    memory.store(A_EVENTS[0])
-    started = time.monotonic()
-
-    result = memory.with_env(B2_REALM=f"http://127.0.0.1:{blackhole_port}").run("export")
-
-    assert result.code == 1
-    assert len(result.error_lines) == 1 and f"b2 at http://127.0.0.1:{blackhole_port}: " in result.stderr
-    assert time.monotonic() - started < 55
+    assert len(result.error_lines) == 1
+    assert result.error_lines[0].startswith(f"memory-manager: error: b2 at {realm}: ")
+    assert time.monotonic() - started < 50  # B2_DEADLINE_S is 45 s; b2sdk alone retries for minutes
     assert list(scratch.iterdir()) == []
 
 
