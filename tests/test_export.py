@@ -366,3 +366,22 @@ def test_progress_is_shown_on_a_terminal_while_a_long_export_runs(memory, empty_
     assert process.returncode == 0
     assert b"\rexporting: " in shown and b" nodes, " in shown
     assert out.startswith("exported 1 group(s), 1500 nodes")
+
+
+def test_the_library_functions_export_to_b2_and_restore_in_process(memory, empty_falkordb, monkeypatch):
+    import asyncio
+
+    import memory_manager
+
+    memory.store(A_EVENTS[0])
+    entities = memory.entities()
+    for key, value in memory.env.items():
+        monkeypatch.setenv(key, value)
+
+    message = asyncio.run(memory_manager.export_to_b2())
+    empty_falkordb.execute_command("GRAPH.DELETE", memory.group)
+    restored = asyncio.run(memory_manager.restore(exported_to(message)))
+    asyncio.run(memory_manager.close())
+
+    assert message.startswith("exported 1 group(s)") and restored.startswith("restored 1 group(s)")
+    assert memory.entities() == entities
