@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -248,7 +249,6 @@ SECRET_VARIABLES = ("OPENAI_API_KEY", "B2_APP_KEY", "VALKEY_PASSWORD", "FALKORDB
 class _Telemetry:
     probed: bool = False
     tracer: Any = None
-    flushed_tracer: bool = False
     statsd: Any = None  # (socket, address) once opened
 
 
@@ -427,13 +427,11 @@ def _close_statsd() -> None:
         _telemetry.statsd = None
 
 
-def shutdown_telemetry() -> bool:
-    """Flush spans within TRACE_FLUSH_TIMEOUT_S; True when ddtrace was loaded (see main())."""
+def shutdown_telemetry() -> None:
+    """Close the DogStatsD socket and flush spans within TRACE_FLUSH_TIMEOUT_S."""
     _close_statsd()
-    if _telemetry.tracer is None:
-        return False
-    _telemetry.tracer.shutdown(timeout=TRACE_FLUSH_TIMEOUT_S)
-    return True
+    if _telemetry.tracer is not None:
+        _telemetry.tracer.shutdown(timeout=TRACE_FLUSH_TIMEOUT_S)
 
 
 # === Clients =====================================================================================
@@ -567,7 +565,7 @@ async def _graphiti() -> Graphiti:
 
 
 def _new_graphiti(s: Settings, falkordb: FalkorDB) -> Graphiti:
-    api_key = s.require_llm()
+    api_key = s.openai_api_key  # checked by _graphiti() before any connection
     os.environ.setdefault("GRAPHITI_TELEMETRY_ENABLED", "false")
     from graphiti_core import Graphiti
     from graphiti_core.cross_encoder.openai_reranker_client import OpenAIRerankerClient
@@ -1099,39 +1097,41 @@ async def _pages(group: str, query: str, **params: Any) -> AsyncIterator[list[li
         after = rows[-1][0]
 
 
+def _node_record(row: list) -> dict:
+    uuid, labels, props = row
+    props, embeddings = _split_embeddings(props)
+    return {"uuid": uuid, "labels": labels, "properties": props, "embeddings": embeddings}
+
+
+def _edge_record(edge_type: str, row: list) -> dict:
+    uuid, source, target, source_label, target_label, props = row
+    props, embeddings = _split_embeddings(props)
+    return {"uuid": uuid, "type": edge_type, "source": source, "target": target, "source_label": source_label,
+            "target_label": target_label, "properties": props, "embeddings": embeddings}
+
+
 async def _export_group(group: str, writer: _DocumentWriter, first: bool, summary: ExportSummary,
                         progress: Progress | None) -> None:
     opening = json.dumps({"group_id": group})[:-1] + ', "nodes": ['
     await writer.lines([("" if first else ",") + opening])
-    nodes = edges = 0
-    for label in NODE_LABELS:
-        async for rows in _pages(group, NODE_PAGE.format(label=label)):
-            records = []
-            for uuid, labels, props in rows:
-                props, embeddings = _split_embeddings(props)
-                records.append(json.dumps({"uuid": uuid, "labels": labels, "properties": props,
-                                           "embeddings": embeddings}))
-            await writer.lines([("," if nodes or i else "") + r for i, r in enumerate(records)])
-            nodes += len(records)
-            summary.nodes += len(records)
-            if progress:
-                progress(summary.nodes, summary.edges)
-    await writer.lines(['], "edges": ['])
-    for edge_type in EDGE_TYPES:
-        async for rows in _pages(group, EDGE_PAGE.format(type=edge_type), primary=list(NODE_LABELS)):
-            records = []
-            for uuid, source, target, source_label, target_label, props in rows:
-                props, embeddings = _split_embeddings(props)
-                records.append(json.dumps({
-                    "uuid": uuid, "type": edge_type, "source": source, "target": target,
-                    "source_label": source_label, "target_label": target_label,
-                    "properties": props, "embeddings": embeddings}))
-            await writer.lines([("," if edges or i else "") + r for i, r in enumerate(records)])
-            edges += len(records)
-            summary.edges += len(records)
-            if progress:
-                progress(summary.nodes, summary.edges)
-    await writer.lines([f'], "counts": {json.dumps({"nodes": nodes, "edges": edges})}}}'])
+    sections = {
+        "nodes": [(NODE_PAGE.format(label=label), {}, _node_record) for label in NODE_LABELS],
+        "edges": [(EDGE_PAGE.format(type=edge_type), {"primary": list(NODE_LABELS)},
+                   functools.partial(_edge_record, edge_type)) for edge_type in EDGE_TYPES],
+    }
+    counts = {"nodes": 0, "edges": 0}
+    for kind, queries in sections.items():
+        if kind == "edges":
+            await writer.lines(['], "edges": ['])
+        for query, params, to_record in queries:
+            async for rows in _pages(group, query, **params):
+                records = [json.dumps(to_record(row)) for row in rows]
+                await writer.lines([("," if counts[kind] or i else "") + r for i, r in enumerate(records)])
+                counts[kind] += len(records)
+                setattr(summary, kind, getattr(summary, kind) + len(records))
+                if progress:
+                    progress(summary.nodes, summary.edges)
+    await writer.lines([f'], "counts": {json.dumps(counts)}}}'])
 
 
 def _embedding_dimension() -> int:
@@ -1630,9 +1630,7 @@ async def cmd_entities(args: argparse.Namespace) -> int:
 async def cmd_health(args: argparse.Namespace) -> int:
     report = await health()
     for name, status in report.items():
-        state = "ok" if status["ok"] else "FAIL"
-        if name == "llm":
-            state = "ok" if status["ok"] else "off"
+        state = "ok" if status["ok"] else ("off" if name == "llm" else "FAIL")
         print(f"{name:<9} {state:<5} {status['address']}  {status['detail']}")
     return 0 if report["falkordb"]["ok"] and report["valkey"]["ok"] else 1
 
@@ -1733,14 +1731,14 @@ def main(argv: list[str] | None = None) -> int:
         code = exc.exit_code if known else 1
     except KeyboardInterrupt:
         code = 130
-    _telemetry.flushed_tracer = shutdown_telemetry()
+    shutdown_telemetry()
     return code
 
 
 def cli() -> None:
     """The process entry point (script and console script)."""
     code = main()
-    if _telemetry.flushed_tracer:
+    if _telemetry.tracer is not None:
         # Spans are flushed and our clients closed; ddtrace's own exit hooks can still block for
         # seconds retrying an agent that stopped answering, so they are skipped.
         sys.stdout.flush()
