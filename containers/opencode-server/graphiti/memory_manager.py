@@ -1,22 +1,38 @@
 #!/usr/bin/env python3
-"""Agent memory for the OpenCode pod: Graphiti on FalkorDB, with a Valkey query cache.
+"""Agent memory for the OpenCode pod: Graphiti on FalkorDB, a durable write queue and a query
+cache in Valkey.
 
-    store_episode(content, metadata=None) -> str     write one event into the group's graph
+    store_episode(content, metadata=None, *, wait=True) -> str
+                                                     queue one event; by default return once it is
+                                                     in the group's graph (the episode name)
+    enqueue_episode(content, metadata=None) -> QueuedEpisode
+                                                     queue one event and return at once
+    wait_for_episode(queued, timeout_s)              block until a queued episode is ingested
     query_memory(search_query, limit=5) -> str       facts relevant to a question (cached)
     get_entities(entity_type=None) -> list[dict]     every entity of the group, with its type
-    health() -> dict                                 FalkorDB / Valkey reachability, LLM endpoint
+    queue_status() -> dict                           per group: queued, in flight, oldest, dead letters
+    retry_dead_letters(group=None) -> int            requeue dead-lettered episodes
+    run_worker(drain=False) -> int                   ingest queued episodes until stopped (or idle)
+    health() -> dict                                 FalkorDB / Valkey reachability, LLM, queue, worker
+    export_to_b2(), export_to_file(path), restore(source)
     close()                                          release every client
 
-CLI: python3 memory_manager.py store|query|entities|health ... (see --help).
+CLI: memory_manager.py store|query|entities|health|queue|worker|drain|export|restore ... (--help).
+
+Writes go through a queue: `store` validates, appends the episode to the group's Valkey Stream
+(or, with Valkey down, to a local fsync'd spool) and exits; a worker (`worker`, or a `drain`
+process that `store` starts when no worker is alive) ingests each group's episodes in order,
+exactly once, retrying through LLM and FalkorDB outages.
 
 Importing this module connects to nothing, reads no environment and imports none of graphiti,
-openai or falkordb: the OpenCode plugin spawns it on every chat and file event, so a cached
-`query` must cost little more than starting Python with redis.
+openai or falkordb: the OpenCode plugin spawns it on every chat and file event, so `store` and a
+cached `query` must cost little more than starting Python with redis.
 
 Errors:
     MemoryManagerError        exit 1
     ├── UsageError            exit 2: bad argument, bad input, bad environment variable
-    └── ServiceError          exit 1: a service failed; names it and its host:port
+    ├── ServiceError          exit 1: a service failed; names it and its host:port
+    └── IngestError           exit 1: a queued episode was dead-lettered or not ingested in time
 """
 
 from __future__ import annotations
@@ -25,6 +41,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import fcntl
 import functools
 import hashlib
 import itertools
@@ -32,12 +49,15 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import struct
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -50,8 +70,9 @@ if TYPE_CHECKING:
     from graphiti_core import Graphiti
 
 __all__ = [
-    "MemoryManagerError", "UsageError", "ServiceError", "Settings",
-    "store_episode", "query_memory", "get_entities", "health", "export_to_b2", "export_to_file",
+    "MemoryManagerError", "UsageError", "ServiceError", "IngestError", "Settings", "QueuedEpisode",
+    "store_episode", "enqueue_episode", "wait_for_episode", "query_memory", "get_entities",
+    "queue_status", "retry_dead_letters", "run_worker", "health", "export_to_b2", "export_to_file",
     "write_export", "restore", "close", "main",
 ]
 
@@ -66,7 +87,7 @@ COMMAND_TIMEOUT_S = 10.0       # Valkey commands; FalkorDB queries get GRAPH_TIM
 GRAPH_TIMEOUT_S = 60.0
 LLM_TIMEOUT_S = 60.0           # per OpenAI request; the SDK retries twice on top
 LLM_MAX_COROUTINES = 8
-LOCK_TTL_S = 30                # the holder renews it; a crashed holder frees the group this fast
+VALKEY_RETRY_BACKOFF_S = 0.05  # one quick retry: a down Valkey must not cost seconds per command
 NO_RESULTS = "No relevant memories found."
 # What build_indices_and_constraints() indexes in graphiti-core 0.31 (a partial build is redone).
 GRAPHITI_INDEXED_LABELS = ("Entity", "Episodic", "Community", "Saga", "RELATES_TO", "MENTIONS",
@@ -100,6 +121,10 @@ class ServiceError(MemoryManagerError):
         self.address = address
 
 
+class IngestError(MemoryManagerError):
+    """A queued episode was dead-lettered, or was not ingested within the wait."""
+
+
 # === Configuration ===============================================================================
 
 def _env_int(name: str, default: int, low: int, high: int) -> int:
@@ -117,6 +142,27 @@ def _env_int(name: str, default: int, low: int, high: int) -> int:
 
 def _env_str(name: str, default: str | None = None) -> str | None:
     return os.environ.get(name, "").strip() or default
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise UsageError(f"{name} must be on or off, got {raw!r}")
+
+
+def _env_dir(name: str, default: str) -> str:
+    """An absolute path: a detached drainer runs from /, so a relative one would point elsewhere."""
+    return os.path.abspath(os.path.expanduser(_env_str(name, default) or default))
+
+
+def _default_spool_dir() -> str:
+    state = os.environ.get("XDG_STATE_HOME", "").strip() or os.path.join("~", ".local", "state")
+    return os.path.join(state, "opencode-memory", "spool")
 
 
 def _env_url(name: str) -> str | None:
@@ -168,7 +214,11 @@ class Settings:
     group_id: str = "opencode"
     cache_ttl_s: int = 300
     max_episode_chars: int = 100_000
-    lock_wait_s: int = 120
+    spool_dir: str = ""
+    worker_concurrency: int = 4
+    max_attempts: int = 5
+    auto_drain: bool = True
+    drain_idle_s: int = 60
     b2_key_id: str | None = None
     b2_app_key: str | None = field(default=None, repr=False)
     b2_bucket: str | None = None
@@ -196,7 +246,11 @@ class Settings:
             group_id=group_id,
             cache_ttl_s=_env_int("MEMORY_CACHE_TTL", 300, 1, 30 * 86_400),
             max_episode_chars=_env_int("MEMORY_MAX_EPISODE_CHARS", 100_000, 1, 10_000_000),
-            lock_wait_s=_env_int("MEMORY_LOCK_WAIT", 120, 1, 3600),
+            spool_dir=_env_dir("MEMORY_SPOOL_DIR", _default_spool_dir()),
+            worker_concurrency=_env_int("MEMORY_WORKER_CONCURRENCY", 4, 1, 64),
+            max_attempts=_env_int("MEMORY_MAX_ATTEMPTS", 5, 1, 100),
+            auto_drain=_env_bool("MEMORY_AUTO_DRAIN", True),
+            drain_idle_s=_env_int("MEMORY_DRAIN_IDLE", 60, 1, 86_400),
             b2_key_id=_env_str("B2_KEY_ID"),
             b2_app_key=_env_str("B2_APP_KEY"),
             b2_bucket=_env_str("B2_BUCKET"),
@@ -229,7 +283,7 @@ class Settings:
 
     def require_llm(self) -> str:
         if not self.openai_api_key:
-            raise UsageError("OPENAI_API_KEY is not set (needed to store and to answer uncached queries)")
+            raise UsageError("OPENAI_API_KEY is not set (needed to ingest episodes and to answer uncached queries)")
         return self.openai_api_key
 
 
@@ -339,7 +393,7 @@ def _statsd_target() -> tuple[int, Any]:
 
 
 def emit(metric: str, value: float, kind: str, **tags: Any) -> None:
-    """Send one DogStatsD datagram (kind: c counter, d distribution). Never raises."""
+    """Send one DogStatsD datagram (kind: c counter, d distribution, g gauge). Never raises."""
     line = f"{METRIC_PREFIX}{metric}:{value:g}|{kind}|#{','.join(_metric_tags(**tags))}"
     try:
         if _telemetry.statsd is None:
@@ -394,10 +448,11 @@ async def span(name: str, **tags: Any) -> AsyncIterator[_Span]:
 
 
 @contextlib.asynccontextmanager
-async def operation(name: str, **tags: Any) -> AsyncIterator[_Span]:
-    """The root span of a public operation plus its duration and error metrics."""
+async def operation(name: str, group: str | None = None, **tags: Any) -> AsyncIterator[_Span]:
+    """The root span of a public operation plus its duration and error metrics. `group` defaults
+    to the configured one; the worker passes the group of the episode it ingests."""
     started = time.perf_counter()
-    group = _group_for_tags()
+    group = group or _group_for_tags()
     error_type = None
     try:
         async with span(f"memory.{name}", **{"memory.group": group, **tags}) as current:
@@ -444,7 +499,8 @@ class _Clients:
     settings: Settings | None = None
     valkey: redis.asyncio.Redis | None = None
     falkordb: FalkorDB | None = None
-    graphiti: Graphiti | None = None
+    openai: Any = None  # one AsyncOpenAI client shared by every group's Graphiti
+    graphiti: dict[str, Graphiti] = field(default_factory=dict)
     indexed_groups: set[str] = field(default_factory=set)
     cache_warned: bool = False
     closer: AsyncIterator[None] | None = None  # strong reference: the loop only holds a weak one
@@ -463,7 +519,8 @@ def _bound_clients() -> _Clients:
     loop = asyncio.get_running_loop()
     if _clients.loop is not loop:
         # Clients of a finished loop cannot be closed any more; drop them.
-        _clients.valkey = _clients.falkordb = _clients.graphiti = None
+        _clients.valkey = _clients.falkordb = _clients.openai = None
+        _clients.graphiti.clear()
         _clients.indexed_groups.clear()
         _clients.loop = loop
         _clients.closer = _close_when_loop_ends()
@@ -490,6 +547,8 @@ def _valkey() -> redis.asyncio.Redis:
     clients = _bound_clients()
     if clients.valkey is None:
         import redis.asyncio
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ConstantBackoff
         from redis.driver_info import DriverInfo
 
         s = settings()
@@ -497,6 +556,7 @@ def _valkey() -> redis.asyncio.Redis:
         clients.valkey = redis.asyncio.Redis(
             host=s.valkey_host, port=s.valkey_port, password=s.valkey_password,
             socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=COMMAND_TIMEOUT_S,
+            retry=Retry(ConstantBackoff(VALKEY_RETRY_BACKOFF_S), 1),
             protocol=2, driver_info=DriverInfo(name=None, lib_version=None), decode_responses=True,
         )
     return clients.valkey
@@ -552,19 +612,23 @@ def _entity_types() -> dict[str, type]:
     return {cls.__name__: cls for cls in (File, CodeSymbol, Error, Technology, Person)}
 
 
-async def _graphiti() -> Graphiti:
+async def _graphiti(group: str | None = None) -> Graphiti:
+    """The Graphiti client of one group (default: the configured one). Each group gets its own
+    instance on a driver bound to its graph, so graphiti never clones or swaps drivers per call;
+    they share the FalkorDB pool and one OpenAI client."""
     clients = _bound_clients()
-    if clients.graphiti is None:
-        s = settings()
+    s = settings()
+    group = group or s.group_id
+    if group not in clients.graphiti:
         s.require_llm()
         falkordb = await _falkordb()
         # Built off the loop: FalkorDriver() inside a running loop schedules an index build on every
         # process start. _ensure_indices() builds them once per graph instead.
-        clients.graphiti = await asyncio.to_thread(_new_graphiti, s, falkordb)
-    return clients.graphiti
+        clients.graphiti[group] = await asyncio.to_thread(_new_graphiti, s, falkordb, group)
+    return clients.graphiti[group]
 
 
-def _new_graphiti(s: Settings, falkordb: FalkorDB) -> Graphiti:
+def _new_graphiti(s: Settings, falkordb: FalkorDB, group: str) -> Graphiti:
     api_key = s.openai_api_key  # checked by _graphiti() before any connection
     os.environ.setdefault("GRAPHITI_TELEMETRY_ENABLED", "false")
     from graphiti_core import Graphiti
@@ -574,16 +638,16 @@ def _new_graphiti(s: Settings, falkordb: FalkorDB) -> Graphiti:
     from graphiti_core.llm_client import LLMConfig, OpenAIClient
     from openai import AsyncOpenAI
 
-    openai = AsyncOpenAI(api_key=api_key, base_url=s.openai_base_url, timeout=LLM_TIMEOUT_S)
+    if _clients.openai is None:
+        _clients.openai = AsyncOpenAI(api_key=api_key, base_url=s.openai_base_url, timeout=LLM_TIMEOUT_S)
+    openai = _clients.openai
     llm_config = LLMConfig(api_key=api_key, base_url=s.openai_base_url,
                            model=s.llm_model, small_model=s.llm_small_model)
     embedder_config = OpenAIEmbedderConfig(api_key=api_key, base_url=s.openai_base_url)
     if s.embedding_model:
         embedder_config.embedding_model = s.embedding_model
-    # A driver bound to the group: graph == group, so graphiti makes no per-call clones.
-    driver = FalkorDriver(falkor_db=falkordb, database=s.group_id)
     return Graphiti(
-        graph_driver=driver,
+        graph_driver=FalkorDriver(falkor_db=falkordb, database=group),
         llm_client=OpenAIClient(config=llm_config, client=openai),
         embedder=OpenAIEmbedder(config=embedder_config, client=openai),
         # Never called: RRF search makes no reranker calls. Passed so Graphiti builds no default.
@@ -599,12 +663,13 @@ async def close() -> None:
     if same_loop:
         if clients.valkey is not None:
             await clients.valkey.aclose()
-        if clients.graphiti is not None:
+        if clients.openai is not None:
             # Graphiti.close() would also close the shared FalkorDB pool; close the parts ourselves.
-            await clients.graphiti.llm_client.client.close()
+            await clients.openai.close()
         if clients.falkordb is not None:
             await clients.falkordb.aclose()
-    clients.valkey = clients.falkordb = clients.graphiti = clients.closer = None
+    clients.valkey = clients.falkordb = clients.openai = clients.closer = None
+    clients.graphiti.clear()
     clients.indexed_groups.clear()
     _close_statsd()
     clients.loop = clients.settings = None
@@ -656,15 +721,13 @@ def _describe(exc: BaseException) -> str:
 
 
 # === Cache =======================================================================================
-# Keys live under memory:<group>:. Each group has a generation counter that is part of every cache
-# key, so a store invalidates all of the group's cached answers with one INCR (no SCAN).
+# Keys live under memory:{<group>}:. Each group has a generation counter that is part of every cache
+# key, so an ingested episode invalidates all of the group's cached answers with one INCR (no SCAN).
 
-def _gen_key(group: str) -> str:
-    return f"memory:{group}:gen"
-
-
-def _lock_key(group: str) -> str:
-    return f"memory:{group}:lock"
+def group_key(group: str, name: str) -> str:
+    """memory:{<group>}:<name>. The braces are a hash tag: every key of one group lands in one
+    Valkey Cluster slot, so MULTI over them works there too."""
+    return f"memory:{{{group}}}:{name}"
 
 
 def normalise_query(text: str) -> str:
@@ -673,7 +736,7 @@ def normalise_query(text: str) -> str:
 
 def cache_key(group: str, generation: str, query: str, limit: int) -> str:
     payload = json.dumps([group, generation, normalise_query(query), limit])
-    return f"memory:{group}:query:{hashlib.sha256(payload.encode()).hexdigest()}"
+    return group_key(group, f"query:{hashlib.sha256(payload.encode()).hexdigest()}")
 
 
 async def _cache_lookup(group: str, query: str, limit: int) -> tuple[str | None, str | None]:
@@ -682,7 +745,7 @@ async def _cache_lookup(group: str, query: str, limit: int) -> tuple[str | None,
     try:
         async with _service("valkey", s.valkey_address):
             valkey = _valkey()
-            generation = await valkey.get(_gen_key(group)) or "0"
+            generation = await valkey.get(group_key(group, "gen")) or "0"
             key = cache_key(group, generation, query, limit)
             return await valkey.get(key), key
     except ServiceError as exc:
@@ -703,7 +766,7 @@ async def _invalidate(group: str) -> None:
     s = settings()
     try:
         async with _service("valkey", s.valkey_address):
-            await _valkey().incr(_gen_key(group))
+            await _valkey().incr(group_key(group, "gen"))
     except ServiceError as exc:
         _warn_cache_down(exc)
 
@@ -715,48 +778,44 @@ def _warn_cache_down(exc: ServiceError) -> None:
         log.warning("warning: cache unavailable (%s); answering without it", exc)
 
 
-@contextlib.asynccontextmanager
-async def _group_write_lock(group: str) -> AsyncIterator[None]:
-    """Serialise writes to one group across processes (concurrent add_episode duplicates entities).
+# === Queue =======================================================================================
+# Durable writes. Each group has one Valkey Stream, memory:{<group>}:episodes, read through the
+# consumer group `ingest`; entries are acknowledged and then deleted, never trimmed (MAXLEN would
+# drop unacknowledged ones). Per group beside it: `dead` (dead letters), `attempts` (a hash of
+# failed attempts per job), `last_error`, `lease` (the worker that owns the group), `done:<job>`
+# (the outcome, for `store --wait`). Global: memory:groups (every group that ever queued),
+# memory:heartbeat (refreshed by any live worker) and memory:drainer (the drainer-start lease).
+#
+# When Valkey cannot take an entry, it is appended to a local spool (JSON lines, fsync'd) and moved
+# into the queue by the next `store` or worker on this host. An entry keeps its job id wherever it
+# goes, and the worker skips a job already in the graph, so a move repeated after a crash stores
+# nothing twice.
 
-    The lock expires after LOCK_TTL_S unless renewed, so a crashed writer blocks others briefly;
-    a live writer renews it in the background. Without Valkey, the write goes ahead unlocked.
-    """
-    s = settings()
-    try:
-        async with _service("valkey", s.valkey_address):
-            lock = _valkey().lock(_lock_key(group), timeout=LOCK_TTL_S,
-                                  blocking_timeout=s.lock_wait_s, sleep=0.05)
-            async with span("memory.lock.acquire") as waiting:
-                acquired = await lock.acquire()
-                waiting.set(**{"lock.acquired": bool(acquired)})
-    except ServiceError as exc:
-        _warn_cache_down(exc)
-        yield
-        return
-    if not acquired:
-        raise ServiceError("valkey", s.valkey_address,
-                           f"write lock for group {group!r} not free within {s.lock_wait_s} s "
-                           "(another store is still running; raise MEMORY_LOCK_WAIT)")
-    renewer = asyncio.create_task(_renew(lock))
-    try:
-        yield
-    finally:
-        renewer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await renewer
-        with contextlib.suppress(Exception):  # it expires by itself if Valkey went away
-            await lock.release()
+CONSUMER_GROUP = "ingest"
+GROUPS_KEY = "memory:groups"
+HEARTBEAT_KEY = "memory:heartbeat"
+DRAINER_LEASE_KEY = "memory:drainer"
+DRAINER_LEASE_MS = 10_000      # longer than a drainer needs to start beating
+HEARTBEAT_TTL_MS = 15_000
+JOB_OUTCOME_TTL_S = 3600
+WAIT_TIMEOUT_S = 300.0
+WAIT_SLICE_S = 5.0             # BLPOP in slices shorter than the client's socket timeout
+SPOOL_FILE = "spool.jsonl"
+SPOOL_REJECTS_FILE = "spool.rejected.jsonl"
+DRAINER_LOG_FILE = "drainer.log"
+NO_METADATA = ("", "undefined", "null")  # what the plugin sends when it has none
 
 
-async def _renew(lock: Any) -> None:
-    while True:
-        await asyncio.sleep(LOCK_TTL_S / 3)
-        with contextlib.suppress(*_connection_errors()):
-            await lock.reacquire()
+@dataclass(frozen=True)
+class QueuedEpisode:
+    """A queued episode: its name and reference time were fixed when the event happened."""
 
+    name: str
+    job_id: str
+    group: str
+    reference_time: str
+    spooled: bool = False
 
-# === Operations ==================================================================================
 
 def _validate_content(content: Any, limit: int) -> str:
     if not isinstance(content, str) or not content.strip():
@@ -766,18 +825,277 @@ def _validate_content(content: Any, limit: int) -> str:
     return content
 
 
-def _validate_metadata(metadata: Any) -> dict | None:
-    if metadata is None:
-        return None
-    if isinstance(metadata, str):
-        try:
-            metadata = json.loads(metadata)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"metadata is not valid JSON: {exc.msg} at position {exc.pos}") from None
-    if not isinstance(metadata, dict):
-        raise UsageError(f"metadata must be a JSON object, got {type(metadata).__name__}")
-    return metadata
+def parse_metadata(metadata: Any) -> tuple[dict | None, str | None]:
+    """(object, None) for a JSON object; (None, raw text) for anything else, which is kept beside
+    the episode with a warning: metadata must never cost the memory."""
+    if metadata is None or isinstance(metadata, dict):
+        return metadata, None
+    if not isinstance(metadata, str):
+        metadata = json.dumps(metadata, default=str)
+    if metadata.strip() in NO_METADATA:
+        return None, None
+    try:
+        parsed = json.loads(metadata)
+    except (json.JSONDecodeError, RecursionError):
+        log.warning("warning: metadata is not valid JSON; stored as raw text beside the episode")
+        return None, metadata
+    if not isinstance(parsed, dict):
+        log.warning("warning: metadata is a JSON %s, not an object; stored as raw text beside the episode",
+                    type(parsed).__name__)
+        return None, metadata
+    return parsed, None
 
+
+def _new_entry(group: str, content: str, metadata: dict | None, raw_metadata: str | None) -> dict[str, str]:
+    now = datetime.now(timezone.utc)
+    return {"job": uuid.uuid4().hex, "group": group, "name": episode_name(now), "ref": now.isoformat(),
+            "content": content, "metadata": json.dumps(metadata, sort_keys=True) if metadata is not None else "",
+            "metadata_raw": raw_metadata or ""}
+
+
+def episode_name(now: datetime) -> str:
+    return "episode_" + now.strftime("%Y%m%dT%H%M%S%fZ")
+
+
+def _queued(entry: dict[str, str], spooled: bool = False) -> QueuedEpisode:
+    return QueuedEpisode(entry["name"], entry["job"], entry["group"], entry["ref"], spooled)
+
+
+async def _append_to_streams(entries: list[dict[str, str]]) -> bool:
+    """XADD every entry in one round trip; True when a worker heartbeat is live."""
+    pipe = _valkey().pipeline(transaction=False)
+    for entry in entries:
+        pipe.xadd(group_key(entry["group"], "episodes"), entry)
+        pipe.sadd(GROUPS_KEY, entry["group"])
+    pipe.exists(HEARTBEAT_KEY)
+    return bool((await pipe.execute())[-1])
+
+
+def _spool_path(s: Settings, name: str = SPOOL_FILE) -> str:
+    return os.path.join(s.spool_dir, name)
+
+
+def _spool_append(s: Settings, entry: dict[str, str]) -> None:
+    os.makedirs(s.spool_dir, mode=0o700, exist_ok=True)
+    fd = os.open(_spool_path(s), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, (json.dumps(entry) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _spool_take(s: Settings) -> tuple[int, list[dict[str, str]]] | None:
+    """Lock the spool and read its entries; None when it is empty. The caller truncates and closes."""
+    try:
+        if os.path.getsize(_spool_path(s)) == 0:
+            return None
+        fd = os.open(_spool_path(s), os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    with os.fdopen(os.dup(fd), "rb") as spool:
+        lines = spool.read().splitlines()
+    entries, rejects = [], []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+            if not isinstance(entry, dict) or not GROUP_ID_RULE.match(str(entry.get("group"))):
+                raise ValueError
+            entries.append({k: str(v) for k, v in entry.items()})
+        except ValueError:  # a torn last line from a crash mid-append
+            rejects.append(line)
+    if rejects:
+        with open(_spool_path(s, SPOOL_REJECTS_FILE), "ab") as kept:
+            kept.write(b"\n".join(rejects) + b"\n")
+        log.warning("warning: %d unreadable spool line(s) kept in %s", len(rejects), SPOOL_REJECTS_FILE)
+    return fd, entries
+
+
+def _spool_clear(fd: int) -> None:
+    os.ftruncate(fd, 0)
+    os.fsync(fd)
+    os.close(fd)
+
+
+async def _move_spool() -> int:
+    """Move this host's spooled entries into the queue, oldest first; returns how many."""
+    s = settings()
+    taken = await asyncio.to_thread(_spool_take, s)
+    if taken is None:
+        return 0
+    fd, entries = taken
+    try:
+        if entries:
+            await _append_to_streams(entries)
+    except BaseException:
+        os.close(fd)  # still spooled; the next store or worker tries again
+        raise
+    await asyncio.to_thread(_spool_clear, fd)
+    if entries:
+        log.warning("warning: moved %d spooled episode(s) into the queue", len(entries))
+    return len(entries)
+
+
+def _valkey_errors() -> tuple[type[BaseException], ...]:
+    """Valkey could not take a write: unreachable, or refusing it (OOM, read-only replica)."""
+    from redis.exceptions import RedisError
+
+    return _connection_errors() + (RedisError,)
+
+
+async def enqueue_episode(content: str, metadata: dict | str | None = None) -> QueuedEpisode:
+    """Validate one OpenCode event and queue it for ingestion; returns once it is durable (in Valkey,
+    or in the local spool when Valkey cannot take it). Imports nothing of graphiti."""
+    async with operation("store") as op:
+        s = settings()
+        content = _validate_content(content, s.max_episode_chars)
+        metadata, raw_metadata = parse_metadata(metadata)
+        entry = _new_entry(s.group_id, content, metadata, raw_metadata)
+        op.set(**{"memory.content.length": len(content), "memory.content.hash": short_hash(content),
+                  "memory.metadata.keys": len(metadata or {}), "memory.job": entry["job"],
+                  "memory.episode": entry["name"]})
+        async with span("memory.enqueue", **{"memory.job": entry["job"]}) as enqueue:
+            try:
+                await _move_spool()  # older entries first
+                worker_alive = await _append_to_streams([entry])
+            except _valkey_errors() as exc:
+                await _spool(s, entry, exc)
+                enqueue.set(**{"queue.spooled": True})
+                emit("queue.spooled", 1, "c", group=s.group_id)
+                return _queued(entry, spooled=True)
+        emit("queue.enqueued", 1, "c", group=s.group_id)
+        if not worker_alive:
+            await _start_drainer(s)
+        return _queued(entry)
+
+
+async def _spool(s: Settings, entry: dict[str, str], cause: BaseException) -> None:
+    reason = _describe(cause)
+    try:
+        await asyncio.to_thread(_spool_append, s, entry)
+    except OSError as exc:
+        raise ServiceError("valkey", s.valkey_address, f"{reason}; and the spool {_spool_path(s)} "
+                           f"cannot be written ({exc.strerror or _describe(exc)}): episode not stored") from exc
+    log.warning("warning: valkey at %s: %s; episode spooled to %s, queued when Valkey is back",
+                s.valkey_address, reason, _spool_path(s))
+
+
+async def _start_drainer(s: Settings) -> None:
+    """No worker is alive: start one detached `drain` process, at most one per burst of stores."""
+    if not s.auto_drain:
+        return
+    if not s.openai_api_key:
+        log.warning("warning: no worker is running and OPENAI_API_KEY is not set here, so none was "
+                    "started; the episode waits in the queue")
+        return
+    if not await _valkey().set(DRAINER_LEASE_KEY, str(os.getpid()), nx=True, px=DRAINER_LEASE_MS):
+        return
+    try:
+        os.makedirs(s.spool_dir, mode=0o700, exist_ok=True)
+        errors: Any = open(_spool_path(s, DRAINER_LOG_FILE), "ab")
+    except OSError:
+        errors = subprocess.DEVNULL
+    try:
+        # A new session and no inherited stdio: whoever reads our output sees EOF when we exit.
+        subprocess.Popen([sys.executable, os.path.abspath(__file__), "drain"], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=errors, cwd="/", start_new_session=True,
+                         close_fds=True)
+    finally:
+        if errors is not subprocess.DEVNULL:
+            errors.close()
+
+
+async def wait_for_episode(queued: QueuedEpisode, timeout_s: float = WAIT_TIMEOUT_S) -> None:
+    """Block until the worker has stored the episode; IngestError if it was dead-lettered or the
+    timeout passed (it then stays queued)."""
+    s = settings()
+    if queued.spooled:
+        raise IngestError(f"{queued.name} ({queued.job_id}) is spooled in {_spool_path(s)} while Valkey is "
+                          "unreachable; it is queued once Valkey is back, so its ingestion cannot be awaited now")
+    key = group_key(queued.group, f"done:{queued.job_id}")
+    deadline = time.monotonic() + timeout_s
+    async with span("memory.wait", **{"memory.job": queued.job_id}), _service("valkey", s.valkey_address):
+        while (left := deadline - time.monotonic()) > 0:
+            reply = await _valkey().blpop([key], timeout=min(left, WAIT_SLICE_S))
+            if reply:
+                outcome = json.loads(reply[1])
+                if outcome["status"] == "stored":
+                    return
+                raise IngestError(f"{queued.name} ({queued.job_id}) was dead-lettered after "
+                                  f"{outcome['attempts']} attempt(s): {outcome['error']}")
+    raise IngestError(f"{queued.name} ({queued.job_id}) not ingested within {timeout_s:g} s; "
+                      "it stays queued (see `memory-manager queue`)")
+
+
+async def queue_status() -> dict:
+    """Per group: queued (waiting + in flight), in flight, oldest age, dead letters, last error;
+    and the age of the newest worker heartbeat (None: no live worker)."""
+    async with operation("queue"):
+        s = settings()
+        async with _service("valkey", s.valkey_address):
+            return await _read_queue_status()
+
+
+async def _read_queue_status() -> dict:
+    valkey = _valkey()
+    groups = sorted(await valkey.smembers(GROUPS_KEY))
+    pipe = valkey.pipeline(transaction=False)
+    for group in groups:
+        episodes = group_key(group, "episodes")
+        pipe.xlen(episodes)
+        pipe.xrange(episodes, count=1)
+        pipe.xinfo_groups(episodes)  # an error reply until a worker creates the consumer group
+        pipe.xlen(group_key(group, "dead"))
+        pipe.get(group_key(group, "last_error"))
+    pipe.get(HEARTBEAT_KEY)
+    replies = await pipe.execute(raise_on_error=False)
+    now_ms = time.time() * 1000
+    rows = [_group_status(group, replies[i * 5:i * 5 + 5], now_ms) for i, group in enumerate(groups)]
+    return {"groups": rows, "worker": _worker_status(replies[-1], now_ms)}
+
+
+def _group_status(group: str, replies: list, now_ms: float) -> dict:
+    depth, first, consumer_groups, dead, last_error = replies
+    in_flight = sum(g["pending"] for g in consumer_groups) if isinstance(consumer_groups, list) else 0
+    oldest_s = round((now_ms - int(first[0][0].split("-")[0])) / 1000, 1) if first else None
+    return {"group": group, "queued": depth, "in_flight": in_flight, "oldest_age_s": oldest_s,
+            "dead_letters": dead, "last_error": json.loads(last_error) if last_error else None}
+
+
+def _worker_status(heartbeat: str | None, now_ms: float) -> dict | None:
+    if not heartbeat:
+        return None
+    beat = json.loads(heartbeat)
+    return {"id": beat["id"], "mode": beat["mode"], "heartbeat_age_s": round((now_ms - beat["at_ms"]) / 1000, 1)}
+
+
+async def retry_dead_letters(group: str | None = None) -> int:
+    """Move dead letters (of one group, or all) back to the end of their queue; returns how many."""
+    async with operation("queue_retry"):
+        s = settings()
+        if group is not None and not GROUP_ID_RULE.match(group):
+            raise UsageError(f"group must match {GROUP_ID_RULE.pattern}, got {group!r}")
+        moved = 0
+        async with _service("valkey", s.valkey_address):
+            valkey = _valkey()
+            for name in [group] if group else sorted(await valkey.smembers(GROUPS_KEY)):
+                for entry_id, fields in await valkey.xrange(group_key(name, "dead")):
+                    original = {k: v for k, v in fields.items() if k not in ("error", "attempts", "failed_at")}
+                    async with valkey.pipeline(transaction=True) as pipe:
+                        pipe.xadd(group_key(name, "episodes"), original)
+                        pipe.xdel(group_key(name, "dead"), entry_id)
+                        pipe.hdel(group_key(name, "attempts"), original["job"])
+                        await pipe.execute()
+                    moved += 1
+            worker_alive = bool(await valkey.exists(HEARTBEAT_KEY))
+        if moved and not worker_alive:
+            await _start_drainer(s)
+        return moved
+
+
+# === Operations ==================================================================================
 
 def _validate_limit(limit: Any) -> int:
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 50:
@@ -791,10 +1109,6 @@ def _validate_entity_type(entity_type: Any) -> str | None:
     if not isinstance(entity_type, str) or not LABEL_RULE.match(entity_type):
         raise UsageError(f"entity type must match {LABEL_RULE.pattern}, got {entity_type!r}")
     return entity_type
-
-
-def episode_name(now: datetime) -> str:
-    return "episode_" + now.strftime("%Y%m%dT%H%M%S%fZ")
 
 
 async def _graph_exists(group: str) -> bool:
@@ -820,42 +1134,15 @@ async def _ensure_indices(group: str) -> None:
     _clients.indexed_groups.add(group)
 
 
-async def store_episode(content: str, metadata: dict | str | None = None) -> str:
-    """Store one OpenCode event as an episode of the group's graph; returns the episode name."""
-    async with operation("store") as op:
-        return await _store(op, content, metadata)
-
-
-async def _store(op: _Span, content: str, metadata: dict | str | None) -> str:
-    s = settings()
-    content = _validate_content(content, s.max_episode_chars)
-    metadata = _validate_metadata(metadata)
-    op.set(**{"memory.content.length": len(content), "memory.content.hash": short_hash(content),
-              "memory.metadata.keys": len(metadata or {})})
-    graphiti = await _graphiti()
-    from graphiti_core.nodes import EpisodeType
-
-    async with _group_write_lock(s.group_id):
-        now = datetime.now(timezone.utc)
-        name = episode_name(now)
-        async with _service("falkordb", s.falkordb_address), _llm_service():
-            await _ensure_indices(s.group_id)
-            async with span("memory.graph.add_episode") as add:
-                result = await graphiti.add_episode(
-                    name=name, episode_body=content, source_description=EPISODE_SOURCE,
-                    reference_time=now, source=EpisodeType.text, group_id=s.group_id,
-                    entity_types=_entity_types(),
-                )
-                add.set(**{"memory.entities": len(result.nodes), "memory.facts": len(result.edges)})
-            if metadata is not None:
-                await graphiti.driver.execute_query(
-                    "MATCH (e:Episodic {uuid: $uuid}) SET e.metadata = $metadata",
-                    uuid=result.episode.uuid, metadata=json.dumps(metadata, sort_keys=True),
-                )
-        async with span("memory.cache.invalidate"):
-            await _invalidate(s.group_id)
-    op.set(**{"memory.episode": name})
-    return name
+async def store_episode(content: str, metadata: dict | str | None = None, *, wait: bool = True,
+                        timeout_s: float = WAIT_TIMEOUT_S) -> str:
+    """Store one OpenCode event; returns the episode name. It is queued first; with `wait` (the
+    default) this returns once a worker has written it into the group's graph (IngestError if it
+    was dead-lettered or took longer than `timeout_s`), without `wait` as soon as it is durable."""
+    queued = await enqueue_episode(content, metadata)
+    if wait:
+        await wait_for_episode(queued, timeout_s)
+    return queued.name
 
 
 def format_facts(edges: list[Any]) -> str:
@@ -957,11 +1244,14 @@ def _specific_label(labels: list[str]) -> str:
 
 
 async def health() -> dict:
-    """Reachability of FalkorDB and Valkey (bounded to about a second) and the LLM endpoint."""
+    """Reachability of FalkorDB and Valkey (bounded to about a second), the LLM endpoint, and the
+    queue and worker state. Only FalkorDB and Valkey decide `healthy`: a restart cures neither an
+    OpenAI outage nor a backlog, which the queue rides out."""
     async with operation("health") as op:
         s = settings()
         falkordb, valkey = await asyncio.gather(
             _probe(s.falkordb_address, _falkordb_probe), _probe(s.valkey_address, _valkey_probe))
+        queue = await _queue_health(valkey["ok"])
         op.set(**{"health.falkordb": falkordb["ok"], "health.valkey": valkey["ok"],
                   "health.llm_configured": bool(s.openai_api_key)})
         return {
@@ -969,7 +1259,32 @@ async def health() -> dict:
             "valkey": valkey,
             "llm": {"ok": bool(s.openai_api_key), "address": s.llm_address,
                     "detail": "configured" if s.openai_api_key else "OPENAI_API_KEY not set"},
+            **queue,
+            "healthy": falkordb["ok"] and valkey["ok"],
         }
+
+
+async def _queue_health(valkey_ok: bool) -> dict:
+    address = settings().valkey_address
+    if not valkey_ok:
+        unknown = {"ok": False, "address": address, "detail": "unknown (valkey unreachable)"}
+        return {"queue": unknown, "worker": dict(unknown)}
+    try:
+        status = await asyncio.wait_for(_read_queue_status(), HEALTH_TIMEOUT_S)
+    except (asyncio.TimeoutError, *_valkey_errors()) as exc:
+        unknown = {"ok": False, "address": address, "detail": f"unknown ({_describe(exc)})"}
+        return {"queue": unknown, "worker": dict(unknown)}
+    groups = status["groups"]
+    queued, dead = sum(g["queued"] for g in groups), sum(g["dead_letters"] for g in groups)
+    ages = [g["oldest_age_s"] for g in groups if g["oldest_age_s"] is not None]
+    detail = f"{queued} queued, {dead} dead letter(s)" + (f", oldest {max(ages):g} s" if ages else "")
+    worker = status["worker"]
+    return {
+        "queue": {"ok": dead == 0, "address": address, "detail": detail},
+        "worker": {"ok": worker is not None, "address": address,
+                   "detail": (f"{worker['mode']} {worker['id']}, heartbeat {worker['heartbeat_age_s']:g} s ago"
+                              if worker else "none running (the next store starts a drainer)")},
+    }
 
 
 async def _probe(address: str, check: Callable[[], Any]) -> dict:
@@ -1003,6 +1318,352 @@ async def _valkey_probe() -> str:
     info = await _valkey().info("server")
     name = info.get("server_name", "redis")
     return f"{name} {info.get('valkey_version') or info.get('redis_version', '?')}"
+
+
+# === Worker ======================================================================================
+# `worker` (long-running) and `drain` (started by `store` when no worker is alive; exits when idle)
+# run the same loop. A group is served by whoever holds its lease (a Valkey lock renewed while
+# held), one episode at a time, so each group's episodes are ingested in queue order; up to
+# MEMORY_WORKER_CONCURRENCY groups run at once. The lease holder first re-claims the group's oldest
+# pending entry (XAUTOCLAIM: a dead worker's episode), then reads new ones. Before add_episode it
+# looks the job up in the graph: a job id on an Episodic node means stored, so a re-delivered
+# episode is acknowledged, not stored again; an episode of that name without the job id is what a
+# crash in the middle of graphiti's (non-transactional) write leaves, and is removed and redone.
+
+LEASE_TTL_S = 15               # a killed worker's groups are taken over this fast
+POLL_S = 0.25
+HEARTBEAT_EVERY_S = 5.0
+RETRY_BASE_S = 1.0
+RETRY_CAP_S = 15.0             # during a long outage a group retries this often, and never gives up
+AUTH_PAUSE_S = 60.0
+SHUTDOWN_GRACE_S = 8.0         # within Docker's default 10 s stop timeout
+DEAD_FIELDS = ("error", "attempts", "failed_at")
+FIND_EPISODE = ("MATCH (e:Episodic) WHERE e.job_id = $job OR (e.name = $name AND e.job_id IS NULL) "
+                "RETURN e.uuid, e.job_id ORDER BY e.job_id IS NULL LIMIT 1")
+MARK_EPISODE = ("MATCH (e:Episodic {uuid: $uuid}) "
+                "SET e.job_id = $job, e.metadata = $metadata, e.metadata_raw = $metadata_raw")
+
+
+class _AuthFailure(Exception):
+    """The LLM endpoint rejected the key: retrying burns nothing but time, so the worker pauses."""
+
+
+def _failure_kind(exc: BaseException) -> str:
+    """transient (wait and retry, forever), auth (pause, report loudly) or input (counts toward
+    MEMORY_MAX_ATTEMPTS, then dead letter)."""
+    import openai
+    from graphiti_core.llm_client.errors import RateLimitError
+
+    if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
+        return "auth"
+    if isinstance(exc, (openai.APIConnectionError, openai.RateLimitError, RateLimitError,
+                        openai.InternalServerError, ServiceError) + _connection_errors()):
+        return "transient"
+    if isinstance(exc, openai.APIStatusError) and (exc.status_code in (408, 409, 429) or exc.status_code >= 500):
+        return "transient"
+    return "input"
+
+
+def _backoff_s(failures: int) -> float:
+    """Capped exponential backoff with full jitter."""
+    import random
+
+    return random.uniform(0.5, 1.0) * min(RETRY_CAP_S, RETRY_BASE_S * 2 ** max(0, failures - 1))
+
+
+class _Worker:
+    def __init__(self, drain: bool) -> None:
+        self.s = settings()
+        self.drain = drain
+        self.mode = "drain" if drain else "worker"
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.stopping = asyncio.Event()
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.heartbeat: str | None = None
+        self.auth_failed = False
+        self.valkey_down_since: float | None = None
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stopping.set)
+        log.warning("%s %s started: concurrency %d, max attempts %d", self.mode, self.id,
+                    self.s.worker_concurrency, self.s.max_attempts)
+        beats = asyncio.create_task(self._beat_forever())
+        try:
+            await self._loop()
+        finally:
+            await self._shutdown(beats)
+        log.warning("%s %s stopped", self.mode, self.id)
+        return 1 if self.auth_failed else 0
+
+    async def _loop(self) -> None:
+        idle_since = time.monotonic()
+        while not self.stopping.is_set():
+            try:
+                work_waiting = await self._dispatch()
+                self.valkey_down_since = None
+            except _valkey_errors() as exc:
+                work_waiting = False
+                self._valkey_trouble(exc)
+            if work_waiting or self.tasks:
+                idle_since = time.monotonic()
+            elif self.drain and time.monotonic() - idle_since >= self.s.drain_idle_s and await self._idle_exit():
+                return
+            await self._pause(POLL_S)
+
+    def _valkey_trouble(self, exc: BaseException) -> None:
+        if self.valkey_down_since is None:
+            self.valkey_down_since = time.monotonic()
+            log.warning("warning: valkey at %s: %s; waiting for it", self.s.valkey_address, _describe(exc))
+
+    async def _dispatch(self) -> bool:
+        """Start serving every group with queued work that nobody serves; True if any has work."""
+        await _move_spool()
+        valkey = _valkey()
+        groups = sorted(await valkey.smembers(GROUPS_KEY))
+        if not groups:
+            return False
+        pipe = valkey.pipeline(transaction=False)
+        for group in groups:
+            pipe.xlen(group_key(group, "episodes"))
+        depths = await pipe.execute()
+        for group, depth in zip(groups, depths):
+            if not depth or group in self.tasks or len(self.tasks) >= self.s.worker_concurrency:
+                continue
+            lease = valkey.lock(group_key(group, "lease"), timeout=LEASE_TTL_S, thread_local=False)
+            if await lease.acquire(blocking=False):
+                self.tasks[group] = asyncio.create_task(self._serve(group, lease))
+                self.tasks[group].add_done_callback(lambda _, group=group: self.tasks.pop(group, None))
+        return any(depths)
+
+    async def _serve(self, group: str, lease: Any) -> None:
+        renewer = asyncio.create_task(self._keep(group, lease, asyncio.current_task()))
+        try:
+            await self._ensure_consumer_group(group)
+            while not self.stopping.is_set():
+                entry = await self._next_entry(group)
+                if entry is None:
+                    return
+                await self._ingest_with_retries(group, *entry)
+        except _valkey_errors() as exc:
+            self._valkey_trouble(exc)
+        finally:
+            renewer.cancel()
+            await self._release(group, lease)
+
+    async def _keep(self, group: str, lease: Any, server: asyncio.Task | None) -> None:
+        from redis.exceptions import LockError
+
+        while True:
+            await asyncio.sleep(LEASE_TTL_S / 3)
+            try:
+                await lease.reacquire()
+            except LockError:
+                # Another worker may now be ingesting this group: stop at once rather than overlap.
+                log.error("error: %s lost its lease on group %r; abandoning the episode in flight",
+                          self.id, group)
+                emit("worker.lease_lost", 1, "c", group=group)
+                if server is not None:
+                    server.cancel()
+                return
+            except _connection_errors():
+                continue  # Valkey blinked; the lease outlives a few missed renewals
+
+    async def _release(self, group: str, lease: Any) -> None:
+        from redis.exceptions import LockError
+
+        try:
+            await lease.release()
+        except LockError:
+            log.error("error: %s held group %r without its lease at release (it expired)", self.id, group)
+        except _connection_errors():
+            pass  # it expires by itself
+
+    async def _ensure_consumer_group(self, group: str) -> None:
+        from redis.exceptions import ResponseError
+
+        try:
+            await _valkey().xgroup_create(group_key(group, "episodes"), CONSUMER_GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def _next_entry(self, group: str) -> tuple[str, dict[str, str]] | None:
+        """The group's oldest pending entry (left by a dead or stopped worker), else the next new one."""
+        valkey, episodes = _valkey(), group_key(group, "episodes")
+        _, claimed, *_ = await valkey.xautoclaim(episodes, CONSUMER_GROUP, self.id, min_idle_time=0,
+                                                 start_id="0-0", count=1)
+        if claimed:
+            return claimed[0]
+        fresh = await valkey.xreadgroup(CONSUMER_GROUP, self.id, {episodes: ">"}, count=1)
+        return fresh[0][1][0] if fresh and fresh[0][1] else None
+
+    async def _ingest_with_retries(self, group: str, entry_id: str, fields: dict[str, str]) -> None:
+        """Ingest until stored or dead-lettered; a stop leaves the entry pending for the next worker."""
+        failures = 0
+        while not self.stopping.is_set():
+            try:
+                await self._ingest(group, entry_id, fields)
+                return
+            except Exception as exc:  # noqa: BLE001 - every failure is classified below, none escapes
+                kind = _failure_kind(exc)
+                failures += 1
+                detail = await self._record_error(group, fields["job"], exc, kind)
+            if kind == "auth":
+                if self.drain:  # exit; the next store starts a fresh drainer, which tries again
+                    self.auth_failed = True
+                    self.stopping.set()
+                    return
+                await self._pause(AUTH_PAUSE_S)
+            elif kind == "transient":
+                emit("ingest.retries", 1, "c", group=group, reason="transient")
+                await self._pause(_backoff_s(failures))
+            else:
+                attempts = await _valkey().hincrby(group_key(group, "attempts"), fields["job"], 1)
+                if attempts >= self.s.max_attempts:
+                    await self._dead_letter(group, entry_id, fields, attempts, detail)
+                    return
+                emit("ingest.retries", 1, "c", group=group, reason="input")
+                await self._pause(_backoff_s(attempts))
+
+    async def _ingest(self, group: str, entry_id: str, fields: dict[str, str]) -> None:
+        async with operation("ingest", group=group, **{"memory.job": fields["job"],
+                                                      "memory.episode": fields["name"]}) as op:
+            graphiti = await _graphiti(group)
+            await _ensure_indices(group)
+            stored = await self._stored_episode(group, fields)
+            if stored is None:
+                await self._add_episode(graphiti, group, fields, op)
+            else:
+                op.set(**{"ingest.duplicate": True})
+            await _valkey().incr(group_key(group, "gen"))  # the cache sees it only once it is in the graph
+            await self._finish(group, entry_id, fields["job"], {"status": "stored", "episode": fields["name"]})
+        log.info("stored %s (job %s) in group %s", fields["name"], fields["job"], group)
+
+    async def _stored_episode(self, group: str, fields: dict[str, str]) -> str | None:
+        """The uuid of this job's episode if it is fully stored; removes a half-written one."""
+        graph = (await _falkordb()).select_graph(group)
+        rows = (await graph.ro_query(FIND_EPISODE, {"job": fields["job"], "name": fields["name"]})).result_set
+        if not rows:
+            return None
+        episode_uuid, job = rows[0]
+        if job == fields["job"]:
+            return episode_uuid
+        log.warning("warning: %s in group %s was half-written by a worker that died; redoing it",
+                    fields["name"], group)
+        await (await _graphiti(group)).remove_episode(episode_uuid)
+        return None
+
+    async def _add_episode(self, graphiti: Graphiti, group: str, fields: dict[str, str], op: _Span) -> None:
+        from graphiti_core.nodes import EpisodeType
+
+        async with span("memory.graph.add_episode") as add:
+            result = await graphiti.add_episode(
+                name=fields["name"], episode_body=fields["content"], source_description=EPISODE_SOURCE,
+                reference_time=datetime.fromisoformat(fields["ref"]), source=EpisodeType.text,
+                group_id=group, entity_types=_entity_types(),
+            )
+            add.set(**{"memory.entities": len(result.nodes), "memory.facts": len(result.edges)})
+        await graphiti.driver.execute_query(MARK_EPISODE, uuid=result.episode.uuid, job=fields["job"],
+                                            metadata=fields.get("metadata") or None,
+                                            metadata_raw=fields.get("metadata_raw") or None)
+
+    async def _finish(self, group: str, entry_id: str, job: str, outcome: dict,
+                      dead_letter: dict[str, str] | None = None) -> None:
+        """Acknowledge and delete the entry, publish its outcome, in one MULTI (one slot)."""
+        episodes, done = group_key(group, "episodes"), group_key(group, f"done:{job}")
+        async with _valkey().pipeline(transaction=True) as pipe:
+            if dead_letter is not None:
+                pipe.xadd(group_key(group, "dead"), dead_letter)
+            pipe.xack(episodes, CONSUMER_GROUP, entry_id)
+            pipe.xdel(episodes, entry_id)
+            pipe.hdel(group_key(group, "attempts"), job)
+            pipe.lpush(done, json.dumps(outcome))
+            pipe.expire(done, JOB_OUTCOME_TTL_S)
+            await pipe.execute()
+
+    async def _dead_letter(self, group: str, entry_id: str, fields: dict[str, str], attempts: int,
+                           detail: str) -> None:
+        dead = {**fields, "error": detail, "attempts": str(attempts),
+                "failed_at": datetime.now(timezone.utc).isoformat()}
+        await self._finish(group, entry_id, fields["job"],
+                           {"status": "dead", "error": detail, "attempts": attempts}, dead_letter=dead)
+        emit("ingest.dead_letters", 1, "c", group=group)
+        log.error("error: %s (job %s) in group %s dead-lettered after %d attempts: %s",
+                  fields["name"], fields["job"], group, attempts, detail)
+
+    async def _record_error(self, group: str, job: str, exc: BaseException, kind: str) -> str:
+        detail = scrub(f"{type(exc).__name__}: {_describe(exc)}")[:500]
+        if kind == "auth":
+            detail = f"openai at {self.s.llm_address}: authentication failed (check OPENAI_API_KEY)"
+            log.error("error: %s; ingestion paused", detail)
+        else:
+            log.warning("warning: group %s, job %s: %s failure: %s", group, job, kind, detail)
+        record = json.dumps({"at": datetime.now(timezone.utc).isoformat(), "job": job, "kind": kind, "error": detail})
+        with contextlib.suppress(*_valkey_errors()):  # Valkey may be what failed
+            await _valkey().set(group_key(group, "last_error"), record)
+        return detail
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but wake at once on SIGTERM."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+
+    async def _beat_forever(self) -> None:
+        while True:
+            with contextlib.suppress(*_valkey_errors()):
+                await self._beat()
+                await self._report_gauges()
+            await asyncio.sleep(HEARTBEAT_EVERY_S)
+
+    async def _beat(self) -> None:
+        self.heartbeat = json.dumps({"id": self.id, "mode": self.mode, "at_ms": int(time.time() * 1000)})
+        await _valkey().set(HEARTBEAT_KEY, self.heartbeat, px=HEARTBEAT_TTL_MS)
+
+    async def _drop_heartbeat(self) -> None:
+        """Delete the heartbeat only if it is still ours: another live worker's must stay."""
+        if self.heartbeat is not None:
+            await _valkey().eval("if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) "
+                                 "end return 0", 1, HEARTBEAT_KEY, self.heartbeat)
+
+    async def _report_gauges(self) -> None:
+        for group in (await _read_queue_status())["groups"]:
+            emit("queue.depth", group["queued"], "g", group=group["group"])
+            emit("queue.oldest_age", group["oldest_age_s"] or 0, "g", group=group["group"])
+            emit("queue.dead_letters", group["dead_letters"], "g", group=group["group"])
+
+    async def _idle_exit(self) -> bool:
+        """A drainer leaves when there is no work, closing the race with a store that just saw its
+        heartbeat: drop the heartbeat first, then look once more."""
+        try:
+            await self._drop_heartbeat()
+            if await self._dispatch():
+                await self._beat()
+                return False
+        except _valkey_errors():
+            pass  # Valkey is gone too: nothing to drain, and nothing lost (stores spool)
+        return True
+
+    async def _shutdown(self, beats: asyncio.Task) -> None:
+        self.stopping.set()
+        if self.tasks:
+            _, late = await asyncio.wait(list(self.tasks.values()), timeout=SHUTDOWN_GRACE_S)
+            for task in late:
+                task.cancel()  # the entry stays pending; the next worker re-claims it
+            await asyncio.gather(*late, return_exceptions=True)
+        beats.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beats
+        with contextlib.suppress(*_valkey_errors()):
+            await self._drop_heartbeat()
+
+
+async def run_worker(drain: bool = False) -> int:
+    """Ingest queued episodes until SIGTERM (worker) or until the queue stays empty for
+    MEMORY_DRAIN_IDLE seconds (drain). Exit status 1 if the LLM endpoint rejected the key."""
+    settings().require_llm()
+    return await _Worker(drain).run()
 
 
 # === Export and restore ==========================================================================
@@ -1613,7 +2274,11 @@ class _Parser(argparse.ArgumentParser):
 
 async def cmd_store(args: argparse.Namespace) -> int:
     content = sys.stdin.read() if args.content == "-" else args.content
-    print(await store_episode(content, args.metadata))
+    queued = await enqueue_episode(content, args.metadata)
+    if args.wait:
+        await wait_for_episode(queued, args.timeout)
+    state = "stored" if args.wait else ("spooled" if queued.spooled else "queued")
+    print(f"{state} {queued.name} {queued.job_id}")
     return 0
 
 
@@ -1627,12 +2292,47 @@ async def cmd_entities(args: argparse.Namespace) -> int:
     return 0
 
 
+HEALTH_NOT_OK = {"falkordb": "FAIL", "valkey": "FAIL", "llm": "off", "queue": "WARN", "worker": "off"}
+
+
 async def cmd_health(args: argparse.Namespace) -> int:
     report = await health()
-    for name, status in report.items():
-        state = "ok" if status["ok"] else ("off" if name == "llm" else "FAIL")
-        print(f"{name:<9} {state:<5} {status['address']}  {status['detail']}")
-    return 0 if report["falkordb"]["ok"] and report["valkey"]["ok"] else 1
+    for name, failed in HEALTH_NOT_OK.items():
+        status = report[name]
+        print(f"{name:<9} {'ok' if status['ok'] else failed:<5} {status['address']}  {status['detail']}")
+    return 0 if report["healthy"] else 1
+
+
+async def cmd_queue(args: argparse.Namespace) -> int:
+    if args.action == "retry":
+        moved = await retry_dead_letters(args.group)
+        print(json.dumps({"requeued": moved}) if args.json else f"requeued {moved} dead letter(s)")
+        return 0
+    if args.group is not None:
+        raise UsageError("queue: a group is only taken by `queue retry [GROUP]`")
+    status = await queue_status()
+    if args.json:
+        print(json.dumps(status, ensure_ascii=False))
+        return 0
+    print(f"{'group':<24} {'queued':>6} {'in flight':>9} {'oldest':>9} {'dead':>5}  last error")
+    for row in status["groups"]:
+        oldest = f"{row['oldest_age_s']:g} s" if row["oldest_age_s"] is not None else "-"
+        error = row["last_error"]
+        last = f"{error['at']} {error['error']}" if error else "-"
+        print(f"{row['group']:<24} {row['queued']:>6} {row['in_flight']:>9} {oldest:>9} {row['dead_letters']:>5}  {last}")
+    worker = status["worker"]
+    print(f"worker: {worker['mode']} {worker['id']}, heartbeat {worker['heartbeat_age_s']:g} s ago" if worker
+          else "worker: none running (the next store starts a drainer)")
+    return 0
+
+
+async def cmd_worker(args: argparse.Namespace) -> int:
+    log.setLevel(logging.INFO)
+    return await run_worker(drain=False)
+
+
+async def cmd_drain(args: argparse.Namespace) -> int:
+    return await run_worker(drain=True)
 
 
 class _TerminalProgress:
@@ -1674,14 +2374,28 @@ async def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 86_400:
+        raise argparse.ArgumentTypeError(f"must be seconds from 0 to 86400, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="memory-manager", description="Agent memory for the OpenCode pod "
                      "(Graphiti on FalkorDB, Valkey query cache). Configured by environment variables.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    store = commands.add_parser("store", help="store one event; prints the episode name")
+    store = commands.add_parser("store", help="queue one event; prints 'queued <episode> <job id>'")
     store.add_argument("content", help="the event text, or - to read it from stdin")
-    store.add_argument("metadata", nargs="?", help="a JSON object stored with the episode")
+    store.add_argument("metadata", nargs="?", help="a JSON object stored with the episode "
+                       "(other text is kept beside it; undefined, null or empty: none)")
+    store.add_argument("--wait", action="store_true", help="return only once the episode is in the graph")
+    store.add_argument("--timeout", type=_positive_seconds, default=WAIT_TIMEOUT_S, metavar="S",
+                       help=f"with --wait: give up after S seconds (default {WAIT_TIMEOUT_S:g}); it stays queued")
     store.set_defaults(handler=cmd_store)
 
     query = commands.add_parser("query", help="print the facts relevant to a question")
@@ -1693,8 +2407,22 @@ def build_parser() -> argparse.ArgumentParser:
     entities.add_argument("entity_type", nargs="?", help="only entities of this type, e.g. File")
     entities.set_defaults(handler=cmd_entities)
 
-    check = commands.add_parser("health", help="check FalkorDB and Valkey; exit 0 only if both answer")
+    check = commands.add_parser("health", help="check FalkorDB and Valkey (exit 0 only if both answer); "
+                                "show the LLM, queue and worker state")
     check.set_defaults(handler=cmd_health)
+
+    queue = commands.add_parser("queue", help="show the write queue per group, or requeue dead letters")
+    queue.add_argument("action", nargs="?", choices=["status", "retry"], default="status",
+                       help="status (default) or retry: move dead letters back into the queue")
+    queue.add_argument("group", nargs="?", help="with retry: only this group")
+    queue.add_argument("--json", action="store_true", help="print one JSON document")
+    queue.set_defaults(handler=cmd_queue)
+
+    worker = commands.add_parser("worker", help="ingest queued episodes until SIGTERM (a container process)")
+    worker.set_defaults(handler=cmd_worker)
+
+    drain = commands.add_parser("drain", help="ingest queued episodes, exit after MEMORY_DRAIN_IDLE idle seconds")
+    drain.set_defaults(handler=cmd_drain)
 
     export = commands.add_parser("export", help="export every memory group to B2 (or to a file)")
     export.add_argument("--output", metavar="PATH", help="write the document to PATH (- for stdout) instead of B2")
