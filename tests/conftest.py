@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 import uuid
 from dataclasses import dataclass
@@ -58,18 +60,23 @@ class Result:
         return [line for line in self.stderr.splitlines() if line.strip()]
 
 
+DRAIN_IDLE_S = 5  # drainers that tests start leave soon after their work is done
+
+
 class Memory:
     """The CLI as a user runs it, against one memory group of the session's stack."""
 
-    def __init__(self, stack: Stack, group: str) -> None:
+    def __init__(self, stack: Stack, group: str, spool_dir: Path | None = None) -> None:
         self.stack = stack
         self.group = group
+        self.spool_dir = spool_dir or stack.run_dir / "spool"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(OUR_VARIABLES)}
         # Tracing is on only in test_observability.py; elsewhere it would just slow every command.
-        self.env.update(stack.env(), MEMORY_GROUP_ID=group, DD_TRACE_ENABLED="false")
+        self.env.update(stack.env(), MEMORY_GROUP_ID=group, DD_TRACE_ENABLED="false",
+                        MEMORY_SPOOL_DIR=str(self.spool_dir), MEMORY_DRAIN_IDLE=str(DRAIN_IDLE_S))
 
     def with_env(self, **changes: str | None) -> Memory:
-        other = Memory(self.stack, self.group)
+        other = Memory(self.stack, self.group, self.spool_dir)
         other.env = dict(self.env)
         for key, value in changes.items():
             if value is None:
@@ -82,6 +89,16 @@ class Memory:
         return subprocess.Popen([sys.executable, str(MODULE), *args], env=self.env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.PIPE)
 
+    def worker(self, command: str = "worker", log: Path | None = None) -> subprocess.Popen:
+        """A `worker` (or `drain`) process; its log goes to a file so a full pipe never blocks it."""
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        out = open(log or self.spool_dir / f"{command}-{time.monotonic_ns()}.log", "w")
+        try:
+            return subprocess.Popen([sys.executable, str(MODULE), command], env=self.env, text=True,
+                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        finally:
+            out.close()
+
     def run(self, *args: str, stdin: str | None = None, timeout_s: float = 120) -> Result:
         done = subprocess.run([sys.executable, str(MODULE), *args], env=self.env, text=True,
                               capture_output=True, input=stdin, timeout=timeout_s)
@@ -93,8 +110,52 @@ class Memory:
         return result.stdout
 
     def store(self, content: str, metadata: dict | None = None) -> str:
-        args = ["store", content] + ([json.dumps(metadata)] if metadata is not None else [])
-        return self.ok(*args).strip()
+        """Store and wait until the episode is in the graph; returns the episode name."""
+        args = ["store", "--wait", "--timeout", "180", content] + ([json.dumps(metadata)] if metadata else [])
+        state, name, job = self.ok(*args).split()
+        assert state == "stored"
+        return name
+
+    def queue(self) -> dict:
+        """This group's row of `queue --json` (zeros when it never queued)."""
+        status = json.loads(self.ok("queue", "--json"))
+        empty = {"group": self.group, "queued": 0, "in_flight": 0, "oldest_age_s": None, "dead_letters": 0,
+                 "last_error": None}
+        return next((g for g in status["groups"] if g["group"] == self.group), empty)
+
+    def wait_until_ingested(self, episodes: int, timeout_s: float = 180) -> None:
+        """Poll the graph until it holds `episodes` Episodic nodes and the queue is empty."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            count = self.episode_count()
+            if count >= episodes and self.queue()["queued"] == 0:
+                assert count == episodes, f"{count} episodes, expected {episodes}"
+                return
+            assert time.monotonic() < deadline, f"{count}/{episodes} episodes after {timeout_s} s: {self.queue()}"
+            time.sleep(0.5)
+
+    def episode_count(self) -> int:
+        if not self.cypher_graph_exists():
+            return 0
+        return self.cypher("MATCH (e:Episodic) RETURN count(e)")[0][0]
+
+    def episodes(self) -> list[dict]:
+        """Every Episodic node in ingestion order (graphiti's created_at)."""
+        rows = self.cypher("MATCH (e:Episodic) RETURN e.name, e.job_id, e.valid_at, e.created_at, e.content, "
+                           "e.metadata, e.metadata_raw, e.queue_id ORDER BY e.created_at")
+        keys = ("name", "job_id", "valid_at", "created_at", "content", "metadata", "metadata_raw", "queue_id")
+        return [dict(zip(keys, row)) for row in rows]
+
+    def forget_queue(self) -> None:
+        """Delete this group's queue, cache and lease keys, so no later worker picks them up."""
+        db = redis.Redis(port=self.stack.ports["valkey"])
+        try:
+            keys = list(db.scan_iter(match=f"memory:{{{self.group}}}:*", count=1000))
+            if keys:
+                db.delete(*keys)
+            db.srem("memory:groups", self.group)
+        finally:
+            db.close()
 
     def entities(self, entity_type: str | None = None) -> list[dict]:
         return json.loads(self.ok("entities", *([entity_type] if entity_type else [])))
@@ -127,10 +188,34 @@ class Memory:
 
 
 @pytest.fixture
-def memory(stack: Stack, request: pytest.FixtureRequest) -> Memory:
-    """A fresh memory group per test: groups are separate graphs, so tests never interfere."""
-    return Memory(stack, f"t_{request.node.name[:40]}_{uuid.uuid4().hex[:6]}".replace("[", "_")
-                  .replace("]", "").replace("-", "_"))
+def memory(stack: Stack, request: pytest.FixtureRequest, tmp_path: Path) -> Memory:
+    """A fresh memory group per test: groups are separate graphs, so tests never interfere; its
+    queue keys are removed afterwards so that no worker of a later test spends time on them."""
+    group = f"t_{request.node.name[:40]}_{uuid.uuid4().hex[:6]}".replace("[", "_").replace("]", "").replace("-", "_")
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    memory = Memory(stack, group, spool)
+    yield memory
+    memory.forget_queue()
+
+
+def wait_for_no_worker(stack: Stack, timeout_s: float = 30) -> None:
+    """Wait until no worker or drainer heartbeat is live (drainers of earlier tests leave when idle)."""
+    db = redis.Redis(port=stack.ports["valkey"])
+    try:
+        deadline = time.monotonic() + timeout_s
+        while db.exists("memory:heartbeat"):
+            assert time.monotonic() < deadline, "a worker from an earlier test is still running"
+            time.sleep(0.2)
+    finally:
+        db.close()
+
+
+def stop(process: subprocess.Popen, timeout_s: float = 30) -> int:
+    """SIGTERM a worker and wait for it."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    return process.wait(timeout=timeout_s)
 
 
 class StandIn:

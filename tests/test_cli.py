@@ -12,12 +12,13 @@ def test_help_lists_every_command(memory):
     result = memory.run("--help")
 
     assert result.code == 0
-    for command in ("store", "query", "entities", "health", "export", "restore"):
+    for command in ("store", "query", "entities", "health", "queue", "worker", "drain", "export", "restore"):
         assert command in result.stdout
     assert result.stderr == ""
 
 
-@pytest.mark.parametrize("command", ["store", "query", "entities", "health", "export", "restore"])
+@pytest.mark.parametrize("command", ["store", "query", "entities", "health", "queue", "worker", "drain", "export",
+                                     "restore"])
 def test_each_command_has_its_own_help(memory, command):
     result = memory.run(command, "--help")
 
@@ -44,7 +45,9 @@ def test_health_reports_each_dependency_and_exits_0_when_all_answer(memory):
 
     assert result.code == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert [line.split()[:2] for line in lines] == [["falkordb", "ok"], ["valkey", "ok"], ["llm", "ok"]]
+    assert [line.split()[:2] for line in lines[:4]] == [["falkordb", "ok"], ["valkey", "ok"], ["llm", "ok"],
+                                                        ["queue", "ok"]]
+    assert lines[4].split()[:2] in (["worker", "ok"], ["worker", "off"])  # a drainer may be finishing
     assert "valkey 8." in lines[1] or "redis" in lines[1]
 
 
@@ -73,10 +76,9 @@ def test_health_without_openai_key_still_passes_and_says_llm_is_off(memory):
 
 
 @pytest.mark.parametrize("args", [
-    ["store", "Alice prefers pytest."],
     ["query", "what does Alice prefer"],
     ["entities"],
-], ids=["store", "query", "entities"])
+], ids=["query", "entities"])
 def test_falkordb_down_exits_1_naming_host_and_port_quickly(memory, dead_port, args):
     started = time.monotonic()
     result = memory.with_env(FALKORDB_PORT=str(dead_port)).run(*args)
@@ -89,34 +91,11 @@ def test_falkordb_down_exits_1_naming_host_and_port_quickly(memory, dead_port, a
     assert time.monotonic() - started < 15
 
 
-def test_an_llm_outage_fails_the_store_with_one_line_and_no_secret(memory, standin):
-    standin.faults(fault="500", fault_count=-1)
-
-    result = memory.run("store", "Alice prefers pytest for the OpenCode repo.")
-
-    assert result.code == 1
-    assert result.error_lines == [f"memory-manager: error: openai at {memory.env['OPENAI_BASE_URL']}: HTTP 500"]
-    assert memory.env["OPENAI_API_KEY"] not in result.stderr + result.stdout
-
-
 def test_memory_debug_shows_the_traceback(memory, dead_port):
     result = memory.with_env(FALKORDB_PORT=str(dead_port), MEMORY_DEBUG="1").run("entities")
 
     assert result.code == 1
     assert "Traceback" in result.stderr
-
-
-def test_a_rejected_key_is_reported_without_echoing_it(memory, standin):
-    memory = memory.with_env(OPENAI_API_KEY="sk-canary-7f3a9c-do-not-print")
-    standin.faults(fault="401", fault_count=-1)
-
-    result = memory.run("store", "Alice prefers pytest for the OpenCode repo.")
-
-    assert result.code == 1
-    assert result.error_lines == [f"memory-manager: error: openai at {memory.env['OPENAI_BASE_URL']}: "
-                                  "authentication failed (check OPENAI_API_KEY)"]
-    assert "canary" not in result.stderr + result.stdout
-    assert memory.graph_counts() == (0, 0)
 
 
 def test_the_memory_manager_console_script_runs_the_same_cli(memory):

@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 import redis
 
-from conftest import Memory
+from conftest import Memory, stop, wait_for_no_worker
 
 # Values that legitimately differ between runs and machines; everything else must match.
 SNAPSHOT_IGNORES = ",".join([
@@ -63,7 +63,9 @@ def agent(stack) -> Agent:
 
 
 def traced(memory: Memory, token: str, **changes: str) -> Memory:
-    return memory.with_env(DD_TRACE_ENABLED="true",
+    """Tracing on, tied to the test's session token. Traced stores start no drainer: its ingest
+    traces would land in the same session (test_ingestion_is_one_trace... covers those)."""
+    return memory.with_env(DD_TRACE_ENABLED="true", MEMORY_AUTO_DRAIN="off",
                            _DD_TRACE_WRITER_ADDITIONAL_HEADERS=f"X-Datadog-Test-Session-Token:{token}", **changes)
 
 
@@ -76,7 +78,7 @@ def fixed_group(stack, request) -> Memory:
         db.execute_command("GRAPH.DELETE", group)
     db.close()
     memory = Memory(stack, group)
-    redis.Redis(port=stack.ports["valkey"]).delete(f"memory:{group}:gen")
+    redis.Redis(port=stack.ports["valkey"]).delete(f"memory:{{{group}}}:gen")
     return memory
 
 
@@ -92,7 +94,7 @@ def span_tree(trace: list[dict]) -> tuple[dict, dict[str, list[str]]]:
 
 COMMANDS = {
     "store": (["store", "We chose FalkorDB over Neo4j for the graph database.", '{"event": "decision"}'],
-              {"memory.store": ["memory.cache.invalidate", "memory.graph.add_episode", "memory.lock.acquire"]}),
+              {"memory.store": ["memory.enqueue"]}),
     "query-miss": (["query", "graph database", "3"],
                    {"memory.query": ["memory.cache.lookup", "memory.cache.write", "memory.graph.search"]}),
     "query-hit": (["query", "graph database", "3"], {"memory.query": ["memory.cache.lookup"]}),
@@ -135,6 +137,25 @@ def test_every_command_produces_one_trace_with_its_structure_and_tags(fixed_grou
         assert root["meta"]["memory.entity_type"] == "Technology" and root["metrics"]["memory.results"] == 2
     status, diff = agent.snapshot(token)
     assert status == 200, diff
+
+
+def test_ingestion_is_one_trace_tagged_with_the_job(fixed_group, agent):
+    wait_for_no_worker(fixed_group.stack)
+    job = fixed_group.with_env(MEMORY_AUTO_DRAIN="off").ok("store", "We chose FalkorDB over Neo4j.").split()[2]
+    token = "memory_ingest"
+    agent.start(token)
+
+    worker = traced(fixed_group, token).worker("drain")
+    try:
+        fixed_group.wait_until_ingested(1)
+    finally:
+        assert stop(worker) == 0
+
+    [trace] = [t for t in agent.traces(token, expected=1) if span_tree(t)[0]["name"] == "memory.ingest"]
+    root, children = span_tree(trace)
+    assert (root["resource"], root["error"]) == ("ingest", 0)
+    assert (root["meta"]["memory.job"], root["meta"]["memory.group"]) == (job, fixed_group.group)
+    assert children == {"memory.ingest": ["memory.graph.add_episode"]}
 
 
 def test_a_failing_command_produces_an_error_span(fixed_group, agent, dead_port):
@@ -213,7 +234,8 @@ def test_a_miss_then_a_hit_emit_one_cache_miss_then_one_cache_hit(memory, dogsta
 
 def test_every_operation_reports_its_duration_and_failures_are_counted(memory, dogstatsd, tmp_path, dead_port):
     counting = memory.with_env(DD_DOGSTATSD_PORT=str(dogstatsd.port))
-    counting.store("We chose FalkorDB over Neo4j for the graph database.")
+    counting.with_env(MEMORY_AUTO_DRAIN="off").ok("store", "We chose Valkey for the cache.")
+    memory.store("We chose FalkorDB over Neo4j for the graph database.")  # an uncounted drainer ingests both
     counting.ok("query", "graph database")
     counting.ok("entities")
     counting.ok("health")
@@ -233,11 +255,14 @@ def test_every_operation_reports_its_duration_and_failures_are_counted(memory, d
     assert export_bytes
 
 
-def test_no_secret_or_content_reaches_spans_metrics_or_output(memory, agent, dogstatsd, standin, tmp_path):
+def test_no_secret_or_content_reaches_spans_metrics_logs_the_queue_or_output(memory, agent, dogstatsd, standin,
+                                                                             valkey, tmp_path):
+    wait_for_no_worker(memory.stack)
     token = "memory_canaries"
     agent.start(token)
     base = traced(memory, token, DD_DOGSTATSD_PORT=str(dogstatsd.port))
-    keyed = base.with_env(OPENAI_API_KEY=CANARIES["OPENAI_API_KEY"], B2_APP_KEY=CANARIES["B2_APP_KEY"])
+    keyed = base.with_env(OPENAI_API_KEY=CANARIES["OPENAI_API_KEY"], B2_APP_KEY=CANARIES["B2_APP_KEY"],
+                          MEMORY_DRAIN_IDLE="1")
     outputs = [
         keyed.run("store", f"Alice prefers pytest for the OpenCode repo ({CONTENT_CANARY}).",
                   json.dumps({"note": CONTENT_CANARY})),
@@ -246,18 +271,21 @@ def test_no_secret_or_content_reaches_spans_metrics_or_output(memory, agent, dog
         keyed.run("export"),  # the B2 key is wrong: a failure path
     ]
     standin.faults(fault="401", fault_count=-1)  # the stand-in echoes the key back, as OpenAI does
-    outputs.append(keyed.run("store", "Bob prefers Bun."))
+    outputs.append(keyed.run("drain"))  # ingesting with the rejected key: the drainer reports and exits
     standin.reset()
     passworded = base.with_env(VALKEY_PASSWORD=CANARIES["VALKEY_PASSWORD"],
                                FALKORDB_PASSWORD=CANARIES["FALKORDB_PASSWORD"])
     outputs += [passworded.run("health"), passworded.run("query", "anything"), passworded.run("store", "Carol.")]
 
-    assert [r.code for r in outputs] == [0, 0, 0, 1, 1, 1, 1, 1], [r.stderr for r in outputs]
+    assert [r.code for r in outputs] == [0, 0, 0, 1, 1, 1, 1, 0], [r.stderr for r in outputs]
+    assert outputs[-1].stdout.startswith("spooled ")
     spans = json.dumps(agent.traces(token, expected=len(outputs)))
     assert spans.count('"parent_id": 0') == len(outputs)
-    telemetry_and_logs = spans + "\n".join(dogstatsd.lines()) + "".join(r.stderr for r in outputs)
-    for canary in [*CANARIES.values(), CONTENT_CANARY]:
+    queue_state = json.dumps(memory.queue()) + (memory.spool_dir / "spool.jsonl").read_text()
+    telemetry_and_logs = spans + "\n".join(dogstatsd.lines()) + "".join(r.stderr for r in outputs) + queue_state
+    for canary in CANARIES.values():
         assert canary not in telemetry_and_logs, canary
+    assert CONTENT_CANARY not in spans + "\n".join(dogstatsd.lines()) + "".join(r.stderr for r in outputs)
     # stdout is the user's data (a stored fact may quote the content), but never a secret.
     for canary in CANARIES.values():
         assert canary not in "".join(r.stdout for r in outputs), canary

@@ -805,6 +805,9 @@ SPOOL_REJECTS_FILE = "spool.rejected.jsonl"
 DRAINER_LOG_FILE = "drainer.log"
 NO_METADATA = ("", "undefined", "null")  # what the plugin sends when it has none
 
+# Drainers this process started. A long-lived importer reaps them (no zombies); a CLI simply exits.
+_drainers: list[subprocess.Popen] = []
+
 
 @dataclass(frozen=True)
 class QueuedEpisode:
@@ -922,7 +925,11 @@ def _spool_clear(fd: int) -> None:
 async def _move_spool() -> int:
     """Move this host's spooled entries into the queue, oldest first; returns how many."""
     s = settings()
-    taken = await asyncio.to_thread(_spool_take, s)
+    try:
+        taken = await asyncio.to_thread(_spool_take, s)
+    except OSError as exc:  # an unreadable spool must not block new writes
+        log.warning("warning: spool %s cannot be read (%s)", _spool_path(s), exc.strerror or _describe(exc))
+        return 0
     if taken is None:
         return 0
     fd, entries = taken
@@ -999,9 +1006,10 @@ async def _start_drainer(s: Settings) -> None:
         errors = subprocess.DEVNULL
     try:
         # A new session and no inherited stdio: whoever reads our output sees EOF when we exit.
-        subprocess.Popen([sys.executable, os.path.abspath(__file__), "drain"], stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=errors, cwd="/", start_new_session=True,
-                         close_fds=True)
+        _drainers[:] = [d for d in _drainers if d.poll() is None]
+        _drainers.append(subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "drain"], stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=errors, cwd="/", start_new_session=True, close_fds=True))
     finally:
         if errors is not subprocess.DEVNULL:
             errors.close()
@@ -1025,6 +1033,8 @@ async def wait_for_episode(queued: QueuedEpisode, timeout_s: float = WAIT_TIMEOU
                     return
                 raise IngestError(f"{queued.name} ({queued.job_id}) was dead-lettered after "
                                   f"{outcome['attempts']} attempt(s): {outcome['error']}")
+            if not await _valkey().exists(HEARTBEAT_KEY):  # the drainer died or left: start another
+                await _start_drainer(s)
     raise IngestError(f"{queued.name} ({queued.job_id}) not ingested within {timeout_s:g} s; "
                       "it stays queued (see `memory-manager queue`)")
 
@@ -1340,8 +1350,8 @@ SHUTDOWN_GRACE_S = 8.0         # within Docker's default 10 s stop timeout
 DEAD_FIELDS = ("error", "attempts", "failed_at")
 FIND_EPISODE = ("MATCH (e:Episodic) WHERE e.job_id = $job OR (e.name = $name AND e.job_id IS NULL) "
                 "RETURN e.uuid, e.job_id ORDER BY e.job_id IS NULL LIMIT 1")
-MARK_EPISODE = ("MATCH (e:Episodic {uuid: $uuid}) "
-                "SET e.job_id = $job, e.metadata = $metadata, e.metadata_raw = $metadata_raw")
+MARK_EPISODE = ("MATCH (e:Episodic {uuid: $uuid}) SET e.job_id = $job, e.queue_id = $queue_id, "
+                "e.metadata = $metadata, e.metadata_raw = $metadata_raw")
 
 
 class _AuthFailure(Exception):
@@ -1387,14 +1397,14 @@ class _Worker:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stopping.set)
-        log.warning("%s %s started: concurrency %d, max attempts %d", self.mode, self.id,
-                    self.s.worker_concurrency, self.s.max_attempts)
+        log.info("%s %s started: concurrency %d, max attempts %d", self.mode, self.id,
+                 self.s.worker_concurrency, self.s.max_attempts)
         beats = asyncio.create_task(self._beat_forever())
         try:
             await self._loop()
         finally:
             await self._shutdown(beats)
-        log.warning("%s %s stopped", self.mode, self.id)
+        log.info("%s %s stopped", self.mode, self.id)
         return 1 if self.auth_failed else 0
 
     async def _loop(self) -> None:
@@ -1534,7 +1544,7 @@ class _Worker:
             await _ensure_indices(group)
             stored = await self._stored_episode(group, fields)
             if stored is None:
-                await self._add_episode(graphiti, group, fields, op)
+                await self._add_episode(graphiti, group, entry_id, fields)
             else:
                 op.set(**{"ingest.duplicate": True})
             await _valkey().incr(group_key(group, "gen"))  # the cache sees it only once it is in the graph
@@ -1555,7 +1565,7 @@ class _Worker:
         await (await _graphiti(group)).remove_episode(episode_uuid)
         return None
 
-    async def _add_episode(self, graphiti: Graphiti, group: str, fields: dict[str, str], op: _Span) -> None:
+    async def _add_episode(self, graphiti: Graphiti, group: str, entry_id: str, fields: dict[str, str]) -> None:
         from graphiti_core.nodes import EpisodeType
 
         async with span("memory.graph.add_episode") as add:
@@ -1566,6 +1576,7 @@ class _Worker:
             )
             add.set(**{"memory.entities": len(result.nodes), "memory.facts": len(result.edges)})
         await graphiti.driver.execute_query(MARK_EPISODE, uuid=result.episode.uuid, job=fields["job"],
+                                            queue_id=entry_id,
                                             metadata=fields.get("metadata") or None,
                                             metadata_raw=fields.get("metadata_raw") or None)
 
@@ -1635,9 +1646,10 @@ class _Worker:
 
     async def _idle_exit(self) -> bool:
         """A drainer leaves when there is no work, closing the race with a store that just saw its
-        heartbeat: drop the heartbeat first, then look once more."""
+        heartbeat: drop the heartbeat and the drainer-start lease first, then look once more."""
         try:
             await self._drop_heartbeat()
+            await _valkey().delete(DRAINER_LEASE_KEY)
             if await self._dispatch():
                 await self._beat()
                 return False
@@ -2443,9 +2455,19 @@ async def _run(args: argparse.Namespace) -> int:
         await close()
 
 
+class _ScrubSecrets(logging.Filter):
+    """Warnings quote dependencies' error texts, which may echo a key: scrub them like errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = scrub(record.getMessage()), None
+        return True
+
+
 def main(argv: list[str] | None = None) -> int:
     # Only this module's warnings reach the user; dependencies' failures reach us as exceptions.
     logging.basicConfig(level=logging.CRITICAL, format="memory-manager: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_ScrubSecrets())
     log.setLevel(logging.WARNING)
     try:
         args = build_parser().parse_args(argv)

@@ -1,0 +1,414 @@
+"""Requirement: Durable write queue (spec: memory-manager / Durable write queue).
+
+`store` queues; a worker (or the drainer `store` starts) ingests. Every scenario runs the real CLI
+against the session's FalkorDB, Valkey (AOF on) and the OpenAI stand-in with its latency and faults.
+"""
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+
+import pytest
+import redis
+
+from conftest import MODULE, stop, wait_for_no_worker
+
+EDIT = "Edited src/server/routes.py to add retry logic around FalkorDB connections in connect_graph()."
+QUEUED = re.compile(r"queued (episode_\d{8}T\d{12}Z) ([0-9a-f]{32})\n")
+
+
+def no_drain(memory):
+    """Stores that only queue: no drainer is started, so the test decides when a worker runs."""
+    wait_for_no_worker(memory.stack)
+    return memory.with_env(MEMORY_AUTO_DRAIN="off")
+
+
+def name_time(name: str) -> datetime:
+    return datetime.strptime(name.removeprefix("episode_"), "%Y%m%dT%H%M%S%fZ")
+
+
+def test_store_queues_and_prints_the_episode_and_job_before_anything_is_ingested(memory):
+    queued_only = no_drain(memory)
+
+    result = queued_only.run("store", EDIT)
+
+    assert result.code == 0, result.stderr
+    assert QUEUED.fullmatch(result.stdout)
+    assert result.stderr == ""
+    assert queued_only.queue()["queued"] == 1
+    assert memory.episode_count() == 0
+
+
+def test_a_worker_ingests_what_was_queued_and_the_entities_come_back(memory):
+    queued_only = no_drain(memory)
+    name = QUEUED.fullmatch(queued_only.ok("store", EDIT)).group(1)
+
+    worker = memory.worker()
+    try:
+        memory.wait_until_ingested(1)
+    finally:
+        assert stop(worker) == 0
+
+    assert [e["name"] for e in memory.episodes()] == [name]
+    assert memory.entities() == [
+        {"name": "connect_graph", "type": "CodeSymbol"},
+        {"name": "FalkorDB", "type": "Technology"},
+        {"name": "src/server/routes.py", "type": "File"},
+    ]
+
+
+def test_store_wait_returns_once_the_episode_is_in_the_graph(memory):
+    out = memory.ok("store", "--wait", EDIT, '{"event": "file.edited"}')
+
+    state, name, job = out.split()
+    assert state == "stored"
+    [episode] = memory.episodes()
+    assert (episode["name"], episode["job_id"]) == (name, job)
+    assert json.loads(episode["metadata"]) == {"event": "file.edited"}
+
+
+def test_the_reference_time_is_the_time_of_the_event_not_of_its_ingestion(memory):
+    queued_only = no_drain(memory)
+    names = [QUEUED.fullmatch(queued_only.ok("store", f"Step {i}: Alice edited src/step_{i}.py.")).group(1)
+             for i in range(3)]
+    time.sleep(2)  # the worker starts well after the events happened
+
+    worker = memory.worker()
+    try:
+        memory.wait_until_ingested(3)
+    finally:
+        stop(worker)
+
+    episodes = memory.episodes()
+    assert [e["name"] for e in episodes] == names  # ingested in queue order
+    for episode in episodes:
+        valid_at = datetime.fromisoformat(episode["valid_at"]).replace(tzinfo=None)
+        created_at = datetime.fromisoformat(episode["created_at"]).replace(tzinfo=None)
+        assert valid_at == name_time(episode["name"])
+        assert (created_at - valid_at).total_seconds() > 1.5
+
+
+def test_store_wait_times_out_with_one_line_and_the_episode_stays_queued(memory):
+    queued_only = no_drain(memory)
+
+    result = queued_only.run("store", "--wait", "--timeout", "1", EDIT)
+
+    assert result.code == 1
+    [line] = result.error_lines
+    assert re.fullmatch(r"memory-manager: error: episode_\d+T\d+Z \([0-9a-f]{32}\) not ingested within 1 s; "
+                        r"it stays queued \(see `memory-manager queue`\)", line)
+    assert queued_only.queue()["queued"] == 1
+
+
+def test_library_store_episode_waits_by_default_and_not_with_wait_false(memory, monkeypatch):
+    import memory_manager
+
+    for key, value in memory.env.items():
+        monkeypatch.setenv(key, value)
+
+    async def both() -> tuple[str, int, str, int]:
+        waited = await memory_manager.store_episode("We chose FalkorDB over Neo4j for the graph database.")
+        after_wait = memory.episode_count()
+        queued = await memory_manager.store_episode("Alice prefers pytest for the OpenCode repo.", wait=False)
+        right_after = memory.episode_count()
+        await memory_manager.close()
+        return waited, after_wait, queued, right_after
+
+    waited, after_wait, queued, right_after = asyncio.run(both())
+
+    assert (after_wait, right_after) == (1, 1)
+    memory.wait_until_ingested(2)
+    assert [e["name"] for e in memory.episodes()] == [waited, queued]
+
+
+@pytest.mark.parametrize("metadata", ["undefined", "null", ""], ids=["undefined", "null", "empty"])
+def test_metadata_that_means_none_is_no_metadata_and_no_warning(memory, metadata):
+    result = memory.run("store", "--wait", "Completed: lint", metadata)
+
+    assert result.code == 0, result.stderr
+    assert result.stderr == ""
+    [episode] = memory.episodes()
+    assert (episode["metadata"], episode["metadata_raw"]) == (None, None)
+
+
+@pytest.mark.parametrize(("metadata", "warning"), [
+    ("[1, 2]", "metadata is a JSON list, not an object; stored as raw text beside the episode"),
+    ('"text"', "metadata is a JSON str, not an object; stored as raw text beside the episode"),
+    ("{not json", "metadata is not valid JSON; stored as raw text beside the episode"),
+], ids=["list", "string", "invalid-json"])
+def test_metadata_that_is_not_an_object_never_costs_the_memory(memory, metadata, warning):
+    result = memory.run("store", "--wait", "Completed: lint for the OpenCode repo", metadata)
+
+    assert result.code == 0
+    assert result.error_lines == [f"memory-manager: warning: {warning}"]
+    [episode] = memory.episodes()
+    assert (episode["metadata"], episode["metadata_raw"]) == (None, metadata)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["store", ""], "content must be non-empty text"),
+    (["store", "   \n\t"], "content must be non-empty text"),
+    (["store"], "store: the following arguments are required: content"),
+    (["store", "--timeout", "0", EDIT], "store: argument --timeout: must be seconds from 0 to 86400, got '0'"),
+], ids=["empty", "blank", "missing", "bad-timeout"])
+def test_bad_store_input_exits_2_and_queues_nothing(memory, args, message):
+    result = memory.run(*args)
+
+    assert (result.code, result.stdout) == (2, "")
+    assert result.error_lines == [f"memory-manager: error: {message}"]
+    assert memory.queue()["queued"] == 0
+
+
+def test_content_over_the_size_limit_is_refused_and_nothing_is_queued(memory):
+    result = memory.with_env(MEMORY_MAX_EPISODE_CHARS="20").run("store", "x" * 21)
+
+    assert result.code == 2
+    assert result.error_lines == [
+        "memory-manager: error: content is 21 characters; MEMORY_MAX_EPISODE_CHARS allows 20"]
+    assert memory.queue()["queued"] == 0
+
+
+def test_with_valkey_down_store_spools_and_the_next_store_queues_both_in_order(memory, dead_port):
+    first = memory.with_env(VALKEY_PORT=str(dead_port)).run("store", "Alice prefers pytest for the OpenCode repo.")
+
+    assert first.code == 0
+    assert re.fullmatch(r"spooled episode_\d+T\d+Z [0-9a-f]{32}\n", first.stdout)
+    assert first.error_lines == [
+        f"memory-manager: warning: valkey at 127.0.0.1:{dead_port}: Error 111 connecting to 127.0.0.1:{dead_port}. "
+        f"Connect call failed ('127.0.0.1', {dead_port}).; episode spooled to {memory.spool_dir}/spool.jsonl, "
+        "queued when Valkey is back"]
+    assert os.stat(memory.spool_dir / "spool.jsonl").st_mode & 0o777 == 0o600
+
+    second = memory.run("store", "--wait", "Bob prefers Bun for the OpenCode scripts.")
+
+    assert second.code == 0, second.stderr
+    assert second.error_lines == ["memory-manager: warning: moved 1 spooled episode(s) into the queue"]
+    memory.wait_until_ingested(2)
+    assert [e["name"] for e in memory.episodes()] == [first.stdout.split()[1], second.stdout.split()[1]]
+    assert (memory.spool_dir / "spool.jsonl").read_text() == ""
+
+
+def test_a_worker_moves_the_spool_into_the_queue_too(memory, dead_port):
+    memory.with_env(VALKEY_PORT=str(dead_port)).ok("store", "Alice prefers pytest for the OpenCode repo.")
+    wait_for_no_worker(memory.stack)
+
+    worker = memory.worker()
+    try:
+        memory.wait_until_ingested(1)
+    finally:
+        stop(worker)
+
+
+def test_when_neither_valkey_nor_the_spool_can_take_it_store_exits_1_with_one_line(memory, dead_port, tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+
+    result = memory.with_env(VALKEY_PORT=str(dead_port), MEMORY_SPOOL_DIR=str(not_a_dir)).run("store", EDIT)
+
+    assert (result.code, result.stdout) == (1, "")
+    assert result.error_lines == [
+        f"memory-manager: warning: spool {not_a_dir}/spool.jsonl cannot be read (Not a directory)",
+        f"memory-manager: error: valkey at 127.0.0.1:{dead_port}: Error 111 connecting to 127.0.0.1:{dead_port}. "
+        f"Connect call failed ('127.0.0.1', {dead_port}).; and the spool {not_a_dir}/spool.jsonl cannot be written "
+        "(File exists): episode not stored"]
+
+
+def test_queued_episodes_survive_a_valkey_crash_and_restart(memory):
+    queued_only = no_drain(memory)
+    for i in range(3):
+        queued_only.ok("store", f"Task {i}: Carol fixed TimeoutError in sync_worker_{i}.")
+    time.sleep(1.5)  # appendfsync everysec: what was acknowledged a second ago is on disk
+
+    memory.stack.kill("valkey")
+    memory.stack.restart("valkey")
+
+    assert queued_only.queue()["queued"] == 3
+    worker = memory.worker()
+    try:
+        memory.wait_until_ingested(3)
+    finally:
+        stop(worker)
+
+
+def test_store_starts_a_detached_drainer_and_its_caller_sees_eof_at_once(memory, standin):
+    wait_for_no_worker(memory.stack)
+    standin.faults(latency_ms=1000)  # ingestion takes ~10 s; the store must not wait for it
+
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, str(MODULE), "store", EDIT], env=memory.env, capture_output=True,
+                          text=True, timeout=30)
+    elapsed = time.monotonic() - started
+
+    assert done.returncode == 0, done.stderr
+    assert elapsed < 5, f"store held its caller's pipes for {elapsed:.1f} s"
+    status = json.loads(memory.ok("queue", "--json"))
+    assert status["worker"]["mode"] == "drain"
+    memory.wait_until_ingested(1)
+
+
+def test_the_cache_is_invalidated_when_an_episode_is_ingested_not_when_queued(memory):
+    memory.store("We chose FalkorDB over Neo4j for the graph database.")
+    before = memory.ok("query", "graph database")
+    queued_only = no_drain(memory)
+
+    queued_only.ok("store", "We chose Valkey over Memcached for the graph database cache.")
+
+    assert memory.ok("query", "graph database") == before
+    worker = memory.worker()
+    try:
+        memory.wait_until_ingested(2)
+    finally:
+        stop(worker)
+    after = memory.ok("query", "graph database")
+    assert "We chose Valkey over Memcached" in after
+    assert after != before
+
+
+def test_an_openai_outage_of_a_minute_loses_none_of_six_stores(memory, standin):
+    standin.faults(fault="500", fault_for_s=60)
+
+    results = [memory.run("store", f"Outage event {i}: Dave edited src/outage_{i}.py.") for i in range(6)]
+
+    assert [r.code for r in results] == [0] * 6, [r.stderr for r in results]
+    time.sleep(5)
+    assert memory.episode_count() == 0
+    assert memory.queue()["last_error"]["kind"] == "transient"
+    memory.wait_until_ingested(6, timeout_s=180)
+    assert [e["name"] for e in memory.episodes()] == [r.stdout.split()[1] for r in results]
+    assert memory.queue()["dead_letters"] == 0
+
+
+def test_a_worker_killed_mid_episode_leaves_it_to_the_next_worker_which_stores_it_once(memory, standin):
+    queued_only = no_drain(memory)
+    standin.faults(latency_ms=1000)
+    name = QUEUED.fullmatch(queued_only.ok("store", EDIT)).group(1)
+    worker = memory.worker()
+    deadline = time.monotonic() + 60
+    while standin.requests() < 2:  # add_episode is under way
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+    worker.kill()
+    worker.wait()
+    assert memory.queue()["in_flight"] == 1
+    standin.faults(latency_ms=0)
+    successor = memory.worker()
+    try:
+        memory.wait_until_ingested(1, timeout_s=120)
+    finally:
+        stop(successor)
+
+    assert [e["name"] for e in memory.episodes()] == [name]
+    names = [e["name"] for e in memory.entities()]
+    assert sorted(names) == sorted(set(names)) == ["FalkorDB", "connect_graph", "src/server/routes.py"]
+
+
+def test_a_job_delivered_again_after_it_was_stored_is_not_stored_twice(memory, valkey):
+    memory.store(EDIT)
+    [episode] = memory.episodes()
+    # What a crash between the graph write and the acknowledgement leaves: the same job queued again.
+    entry = {"job": episode["job_id"], "group": memory.group, "name": episode["name"],
+             "ref": episode["valid_at"], "content": EDIT, "metadata": "", "metadata_raw": ""}
+    valkey.xadd(f"memory:{{{memory.group}}}:episodes", entry)
+
+    out = memory.ok("store", "--wait", "Alice prefers pytest for the OpenCode repo.")
+
+    assert out.startswith("stored ")
+    assert [e["name"] for e in memory.episodes()] == [episode["name"], out.split()[1]]
+    assert memory.queue()["queued"] == 0
+
+
+def test_persistent_malformed_output_is_dead_lettered_and_queue_retry_stores_it_once(memory, standin):
+    standin.faults(fault="malformed", fault_count=-1)
+    attempts = memory.with_env(MEMORY_MAX_ATTEMPTS="2")
+    wait_for_no_worker(memory.stack)
+
+    result = attempts.run("store", "--wait", "--timeout", "120", EDIT)
+
+    assert result.code == 1
+    [line] = result.error_lines
+    assert re.fullmatch(r"memory-manager: error: episode_\d+T\d+Z \([0-9a-f]{32}\) was dead-lettered after "
+                        r"2 attempt\(s\): .+", line), line
+    row = memory.queue()
+    assert (row["queued"], row["dead_letters"], row["last_error"]["kind"]) == (0, 1, "input")
+    assert memory.episode_count() == 0
+
+    standin.reset()
+    assert memory.ok("queue", "retry", memory.group) == "requeued 1 dead letter(s)\n"
+    memory.wait_until_ingested(1)
+    assert memory.queue()["dead_letters"] == 0
+    assert memory.ok("queue", "retry") == "requeued 0 dead letter(s)\n"
+
+
+def test_a_rejected_key_pauses_ingestion_without_burning_attempts_or_printing_the_key(memory, standin):
+    canary = "sk-canary-7f3a9c-do-not-print"
+    keyed = no_drain(memory).with_env(OPENAI_API_KEY=canary, MEMORY_MAX_ATTEMPTS="1")
+    standin.faults(fault="401", fault_count=-1)  # the stand-in echoes the key, as OpenAI does
+    keyed.ok("store", EDIT)
+
+    log = memory.spool_dir / "worker.log"
+    worker = keyed.worker(log=log)
+    try:
+        deadline = time.monotonic() + 60
+        while not (memory.queue()["last_error"] or {}).get("kind") == "auth":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        row = memory.queue()
+        standin.reset()
+    finally:
+        assert stop(worker) == 0
+
+    assert (row["queued"], row["dead_letters"]) == (1, 0)  # paused, not dead-lettered
+    assert row["last_error"]["error"] == (f"openai at {memory.env['OPENAI_BASE_URL']}: "
+                                          "authentication failed (check OPENAI_API_KEY)")
+    output = log.read_text()
+    assert (f"memory-manager: error: openai at {memory.env['OPENAI_BASE_URL']}: authentication failed "
+            "(check OPENAI_API_KEY); ingestion paused") in output.splitlines()
+    assert canary not in output + json.dumps(row)
+
+
+def test_sigterm_stops_a_worker_within_the_bound_and_the_next_one_finishes_its_episode(memory, standin):
+    queued_only = no_drain(memory)
+    standin.faults(latency_ms=1000)
+    queued_only.ok("store", EDIT)
+    worker = memory.worker()
+    deadline = time.monotonic() + 60
+    while standin.requests() < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+    started = time.monotonic()
+    worker.send_signal(signal.SIGTERM)
+    code = worker.wait(timeout=30)
+
+    assert code == 0
+    assert time.monotonic() - started < 10
+    standin.faults(latency_ms=0)
+    successor = memory.worker()
+    try:
+        memory.wait_until_ingested(1)
+    finally:
+        stop(successor)
+
+
+def test_queue_and_health_show_depth_dead_letters_and_the_worker(memory):
+    queued_only = no_drain(memory)
+    queued_only.ok("store", EDIT)
+
+    row = memory.queue()
+    text = memory.ok("queue")
+    health = memory.run("health")
+
+    assert (row["queued"], row["in_flight"], row["dead_letters"]) == (1, 0, 0)
+    assert row["oldest_age_s"] >= 0
+    assert re.search(rf"^{memory.group} +1 +0 +[\d.]+ s +0  -$", text, re.M), text
+    assert text.splitlines()[-1] == "worker: none running (the next store starts a drainer)"
+    assert health.code == 0
+    assert health.stdout.splitlines()[4] == (f"worker    off   127.0.0.1:{memory.stack.ports['valkey']}  "
+                                             "none running (the next store starts a drainer)")
