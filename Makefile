@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 OPENSPEC := OPENSPEC_TELEMETRY=0 npx --yes @fission-ai/openspec@1.13.2
 
-.PHONY: install valkey test spec demo stack stack-down bench bench-export clean
+.PHONY: install valkey test spec demo stack stack-down bench bench-export bench-queue clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,9 @@ bench: install
 
 bench-export: install
 	$(PY) local/bench_export.py
+
+bench-queue: install
+	$(PY) local/bench_queue.py
 
 clean: stack-down
 	rm -rf $(VENV) .stack .stack.env
