@@ -253,7 +253,8 @@ def up(run_dir: Path, env_file: Path) -> None:
           f"OpenAI stand-in :{stack.ports['standin']}); env in {env_file}", file=sys.stderr)
 
 
-def down(run_dir: Path) -> None:
+def down(run_dir: Path, env_file: Path) -> None:
+    env_file.unlink(missing_ok=True)  # its ports would point at nothing now
     state = run_dir / "stack.json"
     if not state.exists():
         print("stack: nothing to stop", file=sys.stderr)
@@ -285,7 +286,7 @@ def main() -> None:
     if args.action == "up":
         up(args.run_dir, args.env_file)
     else:
-        down(args.run_dir)
+        down(args.run_dir, args.env_file)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,29 @@
 """Requirement: CLI contract (spec: memory-manager / Command line, Service failures)."""
 
+import json
+import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import redis
+
+from conftest import MODULE
+
+
+def help_commands(help_text: str) -> list[str]:
+    return re.findall(r"^    ([a-z]+) ", help_text, re.M)
 
 
 def test_help_lists_every_command(memory):
     result = memory.run("--help")
 
-    assert result.code == 0
-    for command in ("store", "query", "entities", "health", "queue", "worker", "drain", "export", "restore"):
-        assert command in result.stdout
-    assert result.stderr == ""
+    assert (result.code, result.stderr) == (0, "")
+    assert help_commands(result.stdout) == ["store", "query", "entities", "health", "queue", "worker", "drain",
+                                            "export", "restore"]
 
 
 @pytest.mark.parametrize("command", ["store", "query", "entities", "health", "queue", "worker", "drain", "export",
@@ -26,18 +35,19 @@ def test_each_command_has_its_own_help(memory, command):
     assert result.stdout.startswith(f"usage: memory-manager {command}")
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["forget", "x"], "memory-manager: argument COMMAND: invalid choice: 'forget'"),
-    ([], "memory-manager: the following arguments are required: COMMAND"),
-    (["entities", "File", "extra"], "memory-manager: unrecognized arguments: extra"),
-], ids=["unknown-command", "no-command", "extra-argument"])
-def test_usage_errors_exit_2_with_one_line(memory, args, message):
+@pytest.mark.parametrize(("args", "line"), [
+    (["qurey", "x"], "unknown command 'qurey' (did you mean 'query'? see memory-manager --help)"),
+    (["forget", "x"], "unknown command 'forget' (see memory-manager --help)"),
+    (["entities", "File", "extra"], "unrecognized arguments: extra"),
+    (["query"], "query: the following arguments are required: search_query"),
+    (["query", "x", "--limit", "3", "4"], "query: give the limit once (--limit N or a second argument)"),
+    (["query", "x", "--group", "a b"], "--group must match ^[A-Za-z0-9_-]{1,64}$, got 'a b'"),
+], ids=["typo", "unknown-command", "extra-argument", "missing-argument", "limit-twice", "bad-group"])
+def test_usage_errors_exit_2_with_exactly_one_prefixed_line(memory, args, line):
     result = memory.run(*args)
 
-    assert result.code == 2
-    assert len(result.error_lines) == 1
-    assert result.error_lines[0].startswith(f"memory-manager: error: {message}")
-    assert result.stdout == ""
+    assert (result.code, result.stdout) == (2, "")
+    assert result.error_lines == [f"memory-manager: error: {line}"]
 
 
 def test_health_reports_each_dependency_and_exits_0_when_all_answer(memory):
@@ -64,7 +74,7 @@ def test_health_answers_within_about_a_second_when_a_service_black_holes(memory,
     elapsed = time.monotonic() - started
 
     assert result.code == 1
-    assert f"valkey    FAIL  127.0.0.1:{blackhole_port}  no answer within 1 s" in result.stdout
+    assert f"valkey    FAIL  127.0.0.1:{blackhole_port}  timed out: no answer within 1 s" in result.stdout
     assert elapsed < 5, f"health took {elapsed:.1f} s"  # ~1 s bound plus interpreter start
 
 
@@ -107,3 +117,226 @@ def test_the_memory_manager_console_script_runs_the_same_cli(memory):
 
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("falkordb  ok")
+
+
+# --- conventions users know from other CLIs (clig.dev, llm, sqlite-utils) ---------------------------
+
+def test_version_names_this_package_and_graphiti_core(memory):
+    from importlib.metadata import version
+
+    result = memory.run("--version")
+
+    assert (result.code, result.stderr) == (0, "")
+    assert result.stdout == f"memory-manager {version('opencode-memory-manager')} (graphiti-core 0.31.1)\n"
+
+
+def test_no_arguments_prints_usage_and_two_examples_and_exits_2(memory):
+    result = memory.run()
+
+    assert (result.code, result.stdout) == (2, "")
+    assert result.stderr.splitlines() == [
+        "usage: memory-manager [-h] [--version] COMMAND ...",
+        "",
+        "examples:",
+        '  echo "Edited src/app.py: retry FalkorDB writes" | memory-manager store - \\'{"event": "file.edited"}\\'',
+        '  memory-manager query "how do we retry FalkorDB writes" --limit 3',
+        "",
+        "run 'memory-manager --help' for every command",
+    ]
+
+
+def test_help_shows_examples_the_environment_and_the_exit_codes(memory):
+    result = memory.run("--help")
+
+    sections = [line for line in result.stdout.splitlines() if line and not line.startswith(" ")]
+    assert sections[-3:] == ["examples:", "environment (see .env.example for all, with defaults):", "exit status:"]
+    assert "  2  usage, input or configuration error" in result.stdout.splitlines()
+
+
+def readme_cli_block() -> list[str]:
+    text = (MODULE.parents[3] / "README.md").read_text()
+    block = text.split("## CLI", 1)[1].split("```", 2)[1]
+    return [line.split("#")[0].strip() for line in block.splitlines() if line.startswith("memory-manager ")]
+
+
+def test_the_readme_cli_block_and_help_agree(memory):
+    lines = readme_cli_block()
+    listed = {line.split()[1] for line in lines if not line.split()[1].startswith("[")}
+    assert listed == set(help_commands(memory.ok("--help")))
+    for line in lines:
+        command = line.split()[1]
+        if command.startswith("["):
+            continue
+        options = set(re.findall(r"(--[a-z-]+)", line))
+        command_help = memory.ok(command, "--help")
+        assert options <= set(re.findall(r"(--[a-z-]+)", command_help)), (command, options)
+
+
+def test_query_takes_limit_as_an_option_or_an_argument_alike(memory):
+    memory.store("We chose FalkorDB over Neo4j for the graph database.")
+
+    assert memory.ok("query", "graph database", "--limit", "1") == memory.ok("query", "graph database", "1")
+
+
+def test_group_option_overrides_memory_group_id_on_every_command(memory):
+    other = memory.group + "_other"
+    try:
+        memory.ok("store", "--wait", "--group", other, "Alice prefers pytest for the OpenCode repo.")
+
+        assert memory.entities() == []
+        assert [e["name"] for e in json.loads(memory.ok("entities", "--group", other))] == ["Alice", "OpenCode"]
+    finally:
+        memory.with_env(MEMORY_GROUP_ID=other).forget_queue()
+
+
+def test_quiet_silences_warnings_but_not_errors(memory, dead_port):
+    warned = memory.run("store", "--wait", "Completed: lint for the OpenCode repo", "[1]")
+    quiet = memory.run("store", "--wait", "-q", "Completed: lint for the OpenCode repo", "[1]")
+    failed = memory.with_env(FALKORDB_PORT=str(dead_port)).run("entities", "-q")
+
+    assert (warned.code, len(warned.error_lines)) == (0, 1)
+    assert (quiet.code, quiet.stderr) == (0, "")
+    assert failed.code == 1 and len(failed.error_lines) == 1
+
+
+def test_store_from_stdin_takes_an_event_too_long_for_an_argument(memory):
+    event = "修复了同步工作进程中的超时错误。" * 3125  # 50,000 CJK characters: 150 KB of UTF-8
+    with pytest.raises(OSError, match="Argument list too long"):
+        memory.run("store", event)
+
+    stored = memory.ok("store", "--wait", "-", stdin=event)
+
+    assert stored.startswith("stored ")
+    [episode] = memory.episodes()
+    assert episode["content"] == event
+
+
+def run_on_a_terminal(memory, args: list[str], typed: bytes) -> tuple[int, str]:
+    """Run with a pseudo-terminal as stdin (stdout and stderr piped); type `typed` into it."""
+    import pty
+
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen([sys.executable, str(MODULE), *args], env=memory.env, stdin=terminal,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    os.close(terminal)
+    time.sleep(1.5)  # let it start and prompt
+    os.write(controller, typed)
+    out, err = process.communicate(timeout=120)
+    os.close(controller)
+    return process.returncode, err
+
+
+def test_store_dash_on_a_terminal_says_what_it_is_waiting_for(memory):
+    code, err = run_on_a_terminal(memory, ["store", "--wait", "-"], b"Alice prefers pytest.\n\x04")
+
+    assert code == 0, err
+    assert err.splitlines()[0] == "memory-manager: reading the event from stdin; end it with Ctrl-D"
+
+
+def test_restore_replace_asks_on_a_terminal_and_needs_yes_in_a_script(memory, tmp_path):
+    memory.store("Alice prefers pytest for the OpenCode repo.")
+    path = tmp_path / "export.json"
+    memory.ok("export", "--output", str(path))
+    before = memory.graph_counts()
+
+    scripted = memory.run("restore", str(path), "--replace")
+    code, err = run_on_a_terminal(memory, ["restore", str(path), "--replace"], b"n\n")
+
+    assert (scripted.code, scripted.stdout) == (2, "")
+    assert scripted.error_lines == ["memory-manager: error: restore: --replace drops the groups the document "
+                                    "holds; pass --yes to confirm (or run it from a terminal to be asked)"]
+    assert code == 2
+    assert err == (f"memory-manager: restore --replace drops every group in {path} that already holds memories, "
+                   "then restores it. Continue? [y/N] memory-manager: error: restore: not confirmed; nothing changed\n")
+    assert memory.graph_counts() == before
+
+
+def delete_every_graph(memory) -> None:
+    """Export covers every group in FalkorDB; earlier tests' groups are not needed any more."""
+    db = redis.Redis(port=memory.stack.ports["falkordb"])
+    for group in db.execute_command("GRAPH.LIST"):
+        db.execute_command("GRAPH.DELETE", group)
+    db.close()
+
+
+def test_restore_dash_reads_the_document_from_stdin(memory, tmp_path):
+    delete_every_graph(memory)
+    memory.store("Alice prefers pytest for the OpenCode repo.")
+    document = memory.ok("export", "--output", "-")
+    delete_every_graph(memory)
+
+    restored = memory.ok("restore", "-", stdin=document)
+
+    assert restored.startswith("restored ")
+    assert [e["name"] for e in memory.entities()] == ["Alice", "OpenCode"]
+
+
+def test_a_closed_stdout_ends_export_quietly_like_head_expects(memory):
+    process = subprocess.Popen([sys.executable, str(MODULE), "export", "--output", "-"], env=memory.env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # the reader is gone before the first byte
+
+    code = process.wait(timeout=60)
+
+    assert (code, process.stderr.read()) == (141, b"")
+    process.stderr.close()
+
+
+@pytest.mark.parametrize("where", ["missing-directory", "a-directory"])
+def test_an_unwritable_output_path_is_exit_2_naming_it(memory, tmp_path, where):
+    path = tmp_path / "no" / "such" / "x.json" if where == "missing-directory" else tmp_path
+    result = memory.run("export", "--output", str(path))
+
+    expected = (f"--output {path}: cannot write in {path.parent} (No such file or directory)"
+                if where == "missing-directory" else f"--output {path}: is a directory; give a file name")
+    assert (result.code, result.stdout) == (2, "")
+    assert result.error_lines == [f"memory-manager: error: {expected}"]
+
+
+def test_restore_from_b2_without_keys_names_restore_not_export(memory):
+    result = memory.with_env(B2_KEY_ID=None).run("restore", "b2://bucket/graphiti_export_x.json")
+
+    assert result.code == 2
+    assert result.error_lines == ["memory-manager: error: B2_KEY_ID is not set (needed to restore with B2; "
+                                  "`restore PATH` reads a local file instead)"]
+
+
+def test_health_says_refused_timed_out_or_rejected(memory, dead_port, blackhole_port):
+    refused = memory.with_env(FALKORDB_PORT=str(dead_port)).run("health")
+    timed_out = memory.with_env(FALKORDB_PORT=str(blackhole_port)).run("health")
+    rejected = memory.with_env(VALKEY_PASSWORD="wrong-password").run("health")
+
+    assert refused.stdout.splitlines()[0] == f"falkordb  FAIL  127.0.0.1:{dead_port}  connection refused"
+    assert timed_out.stdout.splitlines()[0] == \
+        f"falkordb  FAIL  127.0.0.1:{blackhole_port}  timed out: no answer within 1 s"
+    assert rejected.stdout.splitlines()[1] == (f"valkey    FAIL  127.0.0.1:{memory.stack.ports['valkey']}  "
+                                               "rejected the credentials (check VALKEY_PASSWORD)")
+    assert [r.code for r in (refused, timed_out, rejected)] == [1, 1, 1]
+
+
+def test_health_warns_when_openai_default_model_names_go_to_another_server(memory):
+    result = memory.with_env(MEMORY_LLM_MODEL=None, MEMORY_LLM_SMALL_MODEL=None).run("health")
+
+    assert result.code == 0
+    assert result.stdout.splitlines()[2] == (
+        f"llm       WARN  {memory.env['OPENAI_BASE_URL']}  configured, but MEMORY_LLM_MODEL, MEMORY_LLM_SMALL_MODEL "
+        "unset: graphiti's OpenAI default model names are sent to this non-OpenAI server")
+
+
+def test_a_python_without_the_dependencies_gets_told_which_interpreter_to_use(memory):
+    done = subprocess.run([sys.executable, "-S", str(MODULE), "query", "anything"], env=memory.env,
+                          capture_output=True, text=True, timeout=60)
+
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == (f"memory-manager: error: this Python ({sys.executable}) lacks the package 'redis': run "
+                           "the memory-manager script or the Python it was installed into (e.g. .venv/bin/python)\n")
+
+
+def test_stack_down_removes_the_env_file_it_wrote(tmp_path):
+    env_file = tmp_path / ".stack.env"
+    env_file.write_text("export VALKEY_PORT=1\n")
+
+    subprocess.run([sys.executable, str(MODULE.parents[3] / "local" / "stack.py"), "down", "--run-dir",
+                    str(tmp_path / "run"), "--env-file", str(env_file)], check=True, capture_output=True, timeout=30)
+
+    assert not env_file.exists()

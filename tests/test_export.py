@@ -136,16 +136,19 @@ def test_restore_refuses_a_group_that_holds_memories_unless_replace(memory, empt
     grown = memory.graph_counts()
 
     refused = memory.run("restore", str(path))
-    dry_run = memory.ok("restore", str(path), "--dry-run")
+    dry_run = memory.run("restore", str(path), "--dry-run")
     dry_run_replace = memory.ok("restore", str(path), "--dry-run", "--replace")
     assert memory.graph_counts() == grown
-    replaced = memory.ok("restore", str(path), "--replace")
-    again = memory.ok("restore", str(path), "--replace")
+    replaced = memory.ok("restore", str(path), "--replace", "--yes")
+    again = memory.ok("restore", str(path), "--replace", "--yes")
 
     assert refused.code == 2
     assert refused.error_lines == [f"memory-manager: error: group(s) {memory.group} already hold memories; "
                                    "pass --replace to overwrite them"]
-    assert "nothing written" in dry_run and f"refused: it holds {grown[0]} nodes" in dry_run
+    assert dry_run.code == 2  # the code the real run has
+    assert dry_run.error_lines == [f"memory-manager: error: the restore would be refused: group(s) {memory.group} "
+                                   "already hold memories; pass --replace to overwrite them"]
+    assert "nothing written" in dry_run.stdout and f"refused: it holds {grown[0]} nodes" in dry_run.stdout
     assert f"would replace {grown[0]} nodes and {grown[1]} edges" in dry_run_replace
     assert replaced == again
     assert "sync_worker" not in memory.ok("query", "sync_worker Valkey restarts")
@@ -177,7 +180,7 @@ def test_restore_of_a_bad_document_exits_2_and_leaves_the_graph_untouched(memory
     empty_falkordb.execute_command("GRAPH.DELETE", memory.group)
     corrupt(path, how)
 
-    result = memory.run("restore", str(path), "--replace")
+    result = memory.run("restore", str(path), "--replace", "--yes")
 
     assert result.code == 2
     assert len(result.error_lines) == 1 and message in result.stderr

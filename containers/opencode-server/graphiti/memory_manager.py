@@ -32,7 +32,9 @@ Errors:
     MemoryManagerError        exit 1
     ├── UsageError            exit 2: bad argument, bad input, bad environment variable
     ├── ServiceError          exit 1: a service failed; names it and its host:port
-    └── IngestError           exit 1: a queued episode was dead-lettered or not ingested in time
+    ├── IngestError           exit 1: a queued episode was dead-lettered or not ingested in time
+    ├── OutputError           exit 1: writing our own output failed midway (disk full)
+    └── OutputClosed          exit 141, silent: stdout was closed early (`| head`)
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import fcntl
 import functools
 import hashlib
@@ -49,6 +52,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -123,6 +127,16 @@ class ServiceError(MemoryManagerError):
 
 class IngestError(MemoryManagerError):
     """A queued episode was dead-lettered, or was not ingested within the wait."""
+
+
+class OutputError(MemoryManagerError):
+    """Writing our own output (a file, stdout) failed midway, e.g. the disk filled up."""
+
+
+class OutputClosed(MemoryManagerError):
+    """Whoever read our stdout stopped reading (`... | head`): leave quietly, as other tools do."""
+
+    exit_code = 141  # what a shell reports for a tool killed by SIGPIPE
 
 
 # === Configuration ===============================================================================
@@ -274,12 +288,16 @@ class Settings:
     def b2_address(self) -> str:
         return redact_url(self.b2_realm) if "://" in self.b2_realm else f"B2 {self.b2_realm}"
 
-    def require_b2(self, bucket_needed: bool = True) -> None:
+    def require_b2(self, command: str = "export") -> None:
+        """The B2 variables `export` (key and bucket) or `restore b2://...` (key only) needs."""
         needed = [("B2_KEY_ID", self.b2_key_id), ("B2_APP_KEY", self.b2_app_key)]
-        for name, value in needed + ([("B2_BUCKET", self.b2_bucket)] if bucket_needed else []):
+        if command == "export":
+            needed.append(("B2_BUCKET", self.b2_bucket))
+        alternative = ("`export --output PATH` writes a local file instead" if command == "export"
+                       else "`restore PATH` reads a local file instead")
+        for name, value in needed:
             if not value:
-                raise UsageError(f"{name} is not set (needed to export to B2; "
-                                 "`export --output PATH` writes a local file instead)")
+                raise UsageError(f"{name} is not set (needed to {command} with B2; {alternative})")
 
     def require_llm(self) -> str:
         if not self.openai_api_key:
@@ -1260,18 +1278,32 @@ async def health() -> dict:
     async with operation("health") as op:
         s = settings()
         falkordb, valkey = await asyncio.gather(
-            _probe(s.falkordb_address, _falkordb_probe), _probe(s.valkey_address, _valkey_probe))
+            _probe(s.falkordb_address, _falkordb_probe, "FALKORDB_PASSWORD"),
+            _probe(s.valkey_address, _valkey_probe, "VALKEY_PASSWORD"))
         queue = await _queue_health(valkey["ok"])
         op.set(**{"health.falkordb": falkordb["ok"], "health.valkey": valkey["ok"],
                   "health.llm_configured": bool(s.openai_api_key)})
         return {
             "falkordb": falkordb,
             "valkey": valkey,
-            "llm": {"ok": bool(s.openai_api_key), "address": s.llm_address,
-                    "detail": "configured" if s.openai_api_key else "OPENAI_API_KEY not set"},
+            "llm": _llm_health(s),
             **queue,
             "healthy": falkordb["ok"] and valkey["ok"],
         }
+
+
+def _llm_health(s: Settings) -> dict:
+    """Configured or not, and a warning when graphiti's OpenAI model names would go elsewhere."""
+    if not s.openai_api_key:
+        return {"ok": False, "address": s.llm_address, "detail": "OPENAI_API_KEY not set"}
+    elsewhere = s.openai_base_url and urlsplit(s.openai_base_url).hostname != "api.openai.com"
+    unset = [name for name, value in (("MEMORY_LLM_MODEL", s.llm_model), ("MEMORY_LLM_SMALL_MODEL", s.llm_small_model),
+                                      ("MEMORY_EMBEDDING_MODEL", s.embedding_model)) if not value]
+    if elsewhere and unset:
+        return {"ok": True, "state": "WARN", "address": s.llm_address,
+                "detail": f"configured, but {', '.join(unset)} unset: graphiti's OpenAI default model names "
+                          "are sent to this non-OpenAI server"}
+    return {"ok": True, "address": s.llm_address, "detail": "configured"}
 
 
 async def _queue_health(valkey_ok: bool) -> dict:
@@ -1297,16 +1329,30 @@ async def _queue_health(valkey_ok: bool) -> dict:
     }
 
 
-async def _probe(address: str, check: Callable[[], Any]) -> dict:
+async def _probe(address: str, check: Callable[[], Any], password_variable: str) -> dict:
+    """ok and a detail; a failure says refused, timed out or rejected, and why otherwise."""
+    from redis.exceptions import AuthenticationError, TimeoutError as RedisTimeout
+
     try:
         detail = await asyncio.wait_for(check(), HEALTH_TIMEOUT_S)
         return {"ok": True, "address": address, "detail": detail}
-    except (asyncio.TimeoutError, TimeoutError):
-        return {"ok": False, "address": address, "detail": f"no answer within {HEALTH_TIMEOUT_S:g} s"}
+    except AuthenticationError:
+        detail = f"rejected the credentials (check {password_variable})"
+    except (asyncio.TimeoutError, TimeoutError, RedisTimeout):
+        detail = f"timed out: no answer within {HEALTH_TIMEOUT_S:g} s"
     except _connection_errors() as exc:
-        return {"ok": False, "address": address, "detail": _describe(exc)}
+        detail = "connection refused" if _caused_by(exc, ConnectionRefusedError) else _describe(exc)
     except Exception as exc:  # noqa: BLE001 - any other server reply still means "not healthy"
-        return {"ok": False, "address": address, "detail": f"{type(exc).__name__}: {_describe(exc)}"}
+        detail = f"{type(exc).__name__}: {_describe(exc)}"
+    return {"ok": False, "address": address, "detail": detail}
+
+
+def _caused_by(exc: BaseException | None, kind: type[BaseException]) -> bool:
+    while exc is not None:
+        if isinstance(exc, kind):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 async def _falkordb_probe() -> str:
@@ -1314,9 +1360,12 @@ async def _falkordb_probe() -> str:
 
     s = settings()
     # A throwaway client with the probe's own timeout: a black-holed server cannot hold it longer.
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
     probe = redis.asyncio.Redis(host=s.falkordb_host, port=s.falkordb_port, username=s.falkordb_username,
                                 password=s.falkordb_password, socket_timeout=HEALTH_TIMEOUT_S,
-                                socket_connect_timeout=HEALTH_TIMEOUT_S, protocol=2)
+                                socket_connect_timeout=HEALTH_TIMEOUT_S, retry=Retry(NoBackoff(), 0), protocol=2)
     try:
         graphs = await probe.execute_command("GRAPH.LIST")
     finally:
@@ -1747,7 +1796,13 @@ class _DocumentWriter:
         data = "".join(line + "\n" for line in lines).encode()
         self.digest.update(data)
         self.bytes += len(data)
-        await asyncio.to_thread(self.out.write, data)
+        try:
+            await asyncio.to_thread(self.out.write, data)
+        except BrokenPipeError:  # raised as our own type: an OSError here is not FalkorDB's
+            raise OutputClosed("stdout was closed") from None
+        except OSError as exc:
+            name = getattr(self.out, "name", "the output")
+            raise OutputError(f"cannot write {name}: {exc.strerror or _describe(exc)}") from exc
 
 
 async def _memory_groups() -> list[str]:
@@ -1867,8 +1922,14 @@ async def export_to_file(path: str, progress: Progress | None = None) -> str:
 
 async def _export_to_path(path: str, progress: Progress | None) -> ExportSummary:
     target = os.path.abspath(path)
-    fd, temporary = tempfile.mkstemp(prefix=".graphiti_export_", suffix=".partial",
-                                     dir=os.path.dirname(target))
+    if os.path.isdir(target):
+        raise UsageError(f"--output {path}: is a directory; give a file name")
+    try:
+        fd, temporary = tempfile.mkstemp(prefix=".graphiti_export_", suffix=".partial",
+                                         dir=os.path.dirname(target))
+    except OSError as exc:
+        raise UsageError(f"--output {path}: cannot write in {os.path.dirname(target)} "
+                         f"({exc.strerror or _describe(exc)})") from None
     try:
         with os.fdopen(fd, "wb") as out:
             summary = await write_export(out, progress)
@@ -1981,6 +2042,14 @@ async def _b2(work: Callable[[Any], Any]) -> Any:
 class RestorePlan:
     header: dict
     groups: dict[str, dict[str, int]]  # group -> {"nodes": n, "edges": m}
+
+
+class RefusedRestore(UsageError):
+    """A dry run whose real run would be refused; `plan` says what the document holds."""
+
+    def __init__(self, message: str, plan: str) -> None:
+        super().__init__(message)
+        self.plan = plan
 
 
 class _Corrupt(UsageError):
@@ -2178,7 +2247,17 @@ async def _graph_counts(group: str) -> tuple[int, int]:
 
 @contextlib.asynccontextmanager
 async def _local_copy(source: str) -> AsyncIterator[str]:
-    """The document as a local path: b2://bucket/name is downloaded (and its sha256 checked)."""
+    """The document as a local path: b2://bucket/name is downloaded (and its sha256 checked), - is
+    read from stdin into a temporary file (validation and the write each read it)."""
+    if source == "-":
+        fd, temporary = tempfile.mkstemp(prefix="graphiti_restore_", suffix=".json")
+        try:
+            with os.fdopen(fd, "wb") as copy:
+                await asyncio.to_thread(shutil.copyfileobj, sys.stdin.buffer, copy)
+            yield temporary
+        finally:
+            os.unlink(temporary)
+        return
     if not source.startswith("b2://"):
         if not os.path.isfile(source):
             raise UsageError(f"no such file: {source}")
@@ -2187,7 +2266,7 @@ async def _local_copy(source: str) -> AsyncIterator[str]:
     bucket, _, name = source[len("b2://"):].partition("/")
     if not bucket or not name:
         raise UsageError(f"expected b2://<bucket>/<file name>, got {source!r}")
-    settings().require_b2(bucket_needed=False)
+    settings().require_b2("restore")
     fd, temporary = tempfile.mkstemp(prefix="graphiti_restore_", suffix=".json")
     os.close(fd)
     try:
@@ -2234,11 +2313,15 @@ async def _restore(op: _Span, source: str, replace: bool, dry_run: bool, progres
         async with _service("falkordb", s.falkordb_address):
             existing = {group: await _graph_counts(group) for group in plan.groups}
             occupied = [group for group, (nodes, _) in existing.items() if nodes]
+            refusal = (f"group(s) {', '.join(occupied)} already hold memories; pass --replace to overwrite them"
+                       if occupied and not replace else None)
             if dry_run:
-                return _describe_plan(plan, existing, replace)
-            if occupied and not replace:
-                raise UsageError(f"group(s) {', '.join(occupied)} already hold memories; "
-                                 "pass --replace to overwrite them")
+                description = _describe_plan(plan, existing, replace)
+                if refusal:
+                    raise RefusedRestore(f"the restore would be refused: {refusal}", description)
+                return description
+            if refusal:
+                raise UsageError(refusal)
             for group in plan.groups:
                 if await _graph_exists(group):
                     await (await _falkordb()).select_graph(group).delete()
@@ -2277,15 +2360,65 @@ def _describe_plan(plan: RestorePlan, existing: dict[str, tuple[int, int]], repl
 
 # === CLI =========================================================================================
 
+PROG = "memory-manager"
+EXAMPLES = """\
+examples:
+  echo "Edited src/app.py: retry FalkorDB writes" | memory-manager store - '{"event": "file.edited"}'
+  memory-manager query "how do we retry FalkorDB writes" --limit 3"""
+HELP_EPILOG = EXAMPLES + """
+  memory-manager store --wait - < event.txt      # returns once the episode is in the graph
+  memory-manager queue                           # what is waiting, failing or dead-lettered
+  memory-manager export --output backup.json     # (no B2 keys needed)
+
+environment (see .env.example for all, with defaults):
+  FALKORDB_HOST/PORT, VALKEY_HOST/PORT, OPENAI_API_KEY, OPENAI_BASE_URL, MEMORY_GROUP_ID,
+  MEMORY_SPOOL_DIR, MEMORY_AUTO_DRAIN, B2_KEY_ID, B2_APP_KEY, B2_BUCKET, DD_* (Datadog)
+
+exit status:
+  0  success (health: FalkorDB and Valkey answer)
+  1  a service failed (named with its address), or a queued episode was dead-lettered or not
+     ingested within --timeout
+  2  usage, input or configuration error
+  141  stdout was closed early (e.g. piped into head)"""
+EXIT_OUTPUT_CLOSED = OutputClosed.exit_code
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line and exit 2 (raised as UsageError)."""
+    """argparse, but a usage error is one line and exit 2 (raised as UsageError), a mistyped command
+    gets a suggestion, and a bare `memory-manager` shows usage with examples."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{self.prog.split()[-1]}: {message}")
+        unknown = re.match(r"argument COMMAND: invalid choice: '(.*?)'", message)
+        if unknown:
+            raise UsageError(_unknown_command(unknown.group(1), self))
+        command = self.prog.split()[-1]
+        raise UsageError(message if command == PROG else f"{command}: {message}")
+
+
+def _unknown_command(typed: str, parser: argparse.ArgumentParser) -> str:
+    import difflib
+
+    choices = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    close = difflib.get_close_matches(typed, list(choices or []), n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return f"unknown command '{typed}' ({hint}see memory-manager --help)"
+
+
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--group", metavar="G", help="memory group (overrides MEMORY_GROUP_ID)")
+    common.add_argument("-q", "--quiet", action="store_true", help="no warnings or progress on stderr")
+    return common
+
+
+def _read_stdin(what: str) -> str:
+    if sys.stdin.isatty():
+        print(f"{PROG}: reading {what} from stdin; end it with Ctrl-D", file=sys.stderr)
+    return sys.stdin.read()
 
 
 async def cmd_store(args: argparse.Namespace) -> int:
-    content = sys.stdin.read() if args.content == "-" else args.content
+    content = _read_stdin("the event") if args.content == "-" else args.content
     queued = await enqueue_episode(content, args.metadata)
     if args.wait:
         await wait_for_episode(queued, args.timeout)
@@ -2295,7 +2428,10 @@ async def cmd_store(args: argparse.Namespace) -> int:
 
 
 async def cmd_query(args: argparse.Namespace) -> int:
-    print(await query_memory(args.search_query, args.limit))
+    if args.limit is not None and args.limit_option is not None:
+        raise UsageError("query: give the limit once (--limit N or a second argument)")
+    limit = args.limit_option if args.limit_option is not None else args.limit
+    print(await query_memory(args.search_query, 5 if limit is None else limit))
     return 0
 
 
@@ -2311,16 +2447,17 @@ async def cmd_health(args: argparse.Namespace) -> int:
     report = await health()
     for name, failed in HEALTH_NOT_OK.items():
         status = report[name]
-        print(f"{name:<9} {'ok' if status['ok'] else failed:<5} {status['address']}  {status['detail']}")
+        state = status.get("state") or ("ok" if status["ok"] else failed)
+        print(f"{name:<9} {state:<5} {status['address']}  {status['detail']}")
     return 0 if report["healthy"] else 1
 
 
 async def cmd_queue(args: argparse.Namespace) -> int:
     if args.action == "retry":
-        moved = await retry_dead_letters(args.group)
+        moved = await retry_dead_letters(args.retry_group)
         print(json.dumps({"requeued": moved}) if args.json else f"requeued {moved} dead letter(s)")
         return 0
-    if args.group is not None:
+    if args.retry_group is not None:
         raise UsageError("queue: a group is only taken by `queue retry [GROUP]`")
     status = await queue_status()
     if args.json:
@@ -2339,7 +2476,8 @@ async def cmd_queue(args: argparse.Namespace) -> int:
 
 
 async def cmd_worker(args: argparse.Namespace) -> int:
-    log.setLevel(logging.INFO)
+    if not args.quiet:
+        log.setLevel(logging.INFO)
     return await run_worker(drain=False)
 
 
@@ -2350,10 +2488,10 @@ async def cmd_drain(args: argparse.Namespace) -> int:
 class _TerminalProgress:
     """'nodes and edges so far' on stderr, only on a terminal and only once a run passes a second."""
 
-    def __init__(self, verb: str) -> None:
+    def __init__(self, verb: str, quiet: bool = False) -> None:
         self.verb = verb
         self.started = self.shown = time.monotonic()
-        self.active = sys.stderr.isatty()
+        self.active = sys.stderr.isatty() and not quiet
         self.printed = False
 
     def __call__(self, nodes: int, edges: int) -> None:
@@ -2368,7 +2506,7 @@ class _TerminalProgress:
 
 
 async def cmd_export(args: argparse.Namespace) -> int:
-    progress = _TerminalProgress("exporting")
+    progress = _TerminalProgress("exporting", args.quiet)
     try:
         message = await (export_to_file(args.output, progress) if args.output else export_to_b2(progress))
     finally:
@@ -2378,12 +2516,105 @@ async def cmd_export(args: argparse.Namespace) -> int:
 
 
 async def cmd_restore(args: argparse.Namespace) -> int:
-    progress = _TerminalProgress("restoring")
+    if args.replace and not args.dry_run and not args.yes:
+        _confirm_replace(args.source)
+    progress = _TerminalProgress("restoring", args.quiet)
     try:
         print(await restore(args.source, replace=args.replace, dry_run=args.dry_run, progress=progress))
+    except RefusedRestore as refused:
+        print(refused.plan)  # the dry run's plan, then the reason it would be refused
+        raise
     finally:
         progress.finish()
     return 0
+
+
+def _confirm_replace(source: str) -> None:
+    """--replace drops groups: on a terminal ask; elsewhere demand --yes rather than guess."""
+    if not (sys.stdin.isatty() and source != "-"):
+        raise UsageError("restore: --replace drops the groups the document holds; pass --yes to confirm "
+                         "(or run it from a terminal to be asked)")
+    print(f"{PROG}: restore --replace drops every group in {source} that already holds memories, "
+          "then restores it. Continue? [y/N] ", end="", file=sys.stderr, flush=True)
+    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+        raise UsageError("restore: not confirmed; nothing changed")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"{PROG} {of('opencode-memory-manager')} (graphiti-core {of('graphiti-core')})"
+
+
+class _VersionAction(argparse.Action):
+    """--version, with the package versions looked up only when asked for."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the versions and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        print(_version())
+        parser.exit()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Agent memory for the OpenCode pod: Graphiti on FalkorDB, a durable "
+                     "write queue\nand a query cache in Valkey. Configured by environment variables.",
+                     epilog=HELP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action=_VersionAction)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str, handler: Callable[[argparse.Namespace], Any]) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
+                                  parents=[_common_options()])
+        sub.set_defaults(handler=handler)
+        return sub
+
+    store = command("store", "queue one event; prints 'queued <episode> <job id>'", cmd_store)
+    store.add_argument("content", help="the event text; - (preferred) reads it from stdin, since one argument "
+                       "is capped at 128 KiB by Linux")
+    store.add_argument("metadata", nargs="?", help="a JSON object stored with the episode "
+                       "(other text is kept beside it; undefined, null or empty: none)")
+    store.add_argument("--wait", action="store_true", help="return only once the episode is in the graph")
+    store.add_argument("--timeout", type=_positive_seconds, default=WAIT_TIMEOUT_S, metavar="S",
+                       help=f"with --wait: give up after S seconds (default {WAIT_TIMEOUT_S:g}); it stays queued")
+
+    query = command("query", "print the facts relevant to a question", cmd_query)
+    query.add_argument("search_query", help="the question or keywords (a text starting with - needs -- before it)")
+    query.add_argument("limit", nargs="?", type=int, help="facts to return, 1-50 (default 5); or --limit")
+    query.add_argument("--limit", dest="limit_option", type=int, metavar="N", help="facts to return, 1-50 (default 5)")
+
+    entities = command("entities", "print the group's entities as a JSON array", cmd_entities)
+    entities.add_argument("entity_type", nargs="?", help="only entities of this type, e.g. File")
+
+    command("health", "check FalkorDB and Valkey (exit 0 only if both answer); show the LLM, queue and worker",
+            cmd_health)
+
+    queue = command("queue", "show the write queue per group, or requeue dead letters", cmd_queue)
+    queue.add_argument("action", nargs="?", choices=["status", "retry"], default="status",
+                       help="status (default) or retry: move dead letters back into the queue")
+    queue.add_argument("retry_group", nargs="?", metavar="GROUP", help="with retry: only this group")
+    queue.add_argument("--json", action="store_true", help="print one JSON document")
+
+    command("worker", "ingest queued episodes until SIGTERM (a container process)", cmd_worker)
+    command("drain", "ingest queued episodes; exit after MEMORY_DRAIN_IDLE idle seconds", cmd_drain)
+
+    export = command("export", "export every memory group to B2 (or to a file)", cmd_export)
+    export.add_argument("--output", metavar="PATH", help="write the document to PATH (- for stdout) instead of B2")
+
+    restore_ = command("restore", "restore an export from a file, stdin or b2://bucket/name", cmd_restore)
+    restore_.add_argument("source", help="a path, - for stdin, or b2://<bucket>/<file name>")
+    restore_.add_argument("--replace", action="store_true", help="overwrite groups that already hold memories")
+    restore_.add_argument("--yes", action="store_true", help="confirm --replace without asking")
+    restore_.add_argument("--dry-run", action="store_true", help="check the document and say what would "
+                          "change; exits as the real run would")
+    return parser
 
 
 def _positive_seconds(text: str) -> float:
@@ -2396,60 +2627,17 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="memory-manager", description="Agent memory for the OpenCode pod "
-                     "(Graphiti on FalkorDB, Valkey query cache). Configured by environment variables.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    store = commands.add_parser("store", help="queue one event; prints 'queued <episode> <job id>'")
-    store.add_argument("content", help="the event text, or - to read it from stdin")
-    store.add_argument("metadata", nargs="?", help="a JSON object stored with the episode "
-                       "(other text is kept beside it; undefined, null or empty: none)")
-    store.add_argument("--wait", action="store_true", help="return only once the episode is in the graph")
-    store.add_argument("--timeout", type=_positive_seconds, default=WAIT_TIMEOUT_S, metavar="S",
-                       help=f"with --wait: give up after S seconds (default {WAIT_TIMEOUT_S:g}); it stays queued")
-    store.set_defaults(handler=cmd_store)
-
-    query = commands.add_parser("query", help="print the facts relevant to a question")
-    query.add_argument("search_query", help="the question or keywords")
-    query.add_argument("limit", nargs="?", type=int, default=5, help="facts to return, 1-50 (default 5)")
-    query.set_defaults(handler=cmd_query)
-
-    entities = commands.add_parser("entities", help="print the group's entities as a JSON array")
-    entities.add_argument("entity_type", nargs="?", help="only entities of this type, e.g. File")
-    entities.set_defaults(handler=cmd_entities)
-
-    check = commands.add_parser("health", help="check FalkorDB and Valkey (exit 0 only if both answer); "
-                                "show the LLM, queue and worker state")
-    check.set_defaults(handler=cmd_health)
-
-    queue = commands.add_parser("queue", help="show the write queue per group, or requeue dead letters")
-    queue.add_argument("action", nargs="?", choices=["status", "retry"], default="status",
-                       help="status (default) or retry: move dead letters back into the queue")
-    queue.add_argument("group", nargs="?", help="with retry: only this group")
-    queue.add_argument("--json", action="store_true", help="print one JSON document")
-    queue.set_defaults(handler=cmd_queue)
-
-    worker = commands.add_parser("worker", help="ingest queued episodes until SIGTERM (a container process)")
-    worker.set_defaults(handler=cmd_worker)
-
-    drain = commands.add_parser("drain", help="ingest queued episodes, exit after MEMORY_DRAIN_IDLE idle seconds")
-    drain.set_defaults(handler=cmd_drain)
-
-    export = commands.add_parser("export", help="export every memory group to B2 (or to a file)")
-    export.add_argument("--output", metavar="PATH", help="write the document to PATH (- for stdout) instead of B2")
-    export.set_defaults(handler=cmd_export)
-
-    restore_ = commands.add_parser("restore", help="restore an export from a file or b2://bucket/name")
-    restore_.add_argument("source", help="a path or b2://<bucket>/<file name>")
-    restore_.add_argument("--replace", action="store_true", help="overwrite groups that already hold memories")
-    restore_.add_argument("--dry-run", action="store_true", help="check the document and say what would change")
-    restore_.set_defaults(handler=cmd_restore)
-    return parser
+def _use_group(group: str | None) -> None:
+    """--group overrides MEMORY_GROUP_ID for this run, under the same rule."""
+    if group is not None:
+        if not GROUP_ID_RULE.match(group):
+            raise UsageError(f"--group must match {GROUP_ID_RULE.pattern}, got {group!r}")
+        _clients.settings = dataclasses.replace(Settings.from_env(), group_id=group)
 
 
 async def _run(args: argparse.Namespace) -> int:
     try:
+        _use_group(args.group)
         return await args.handler(args)
     finally:
         await close()
@@ -2465,19 +2653,32 @@ class _ScrubSecrets(logging.Filter):
 
 def main(argv: list[str] | None = None) -> int:
     # Only this module's warnings reach the user; dependencies' failures reach us as exceptions.
-    logging.basicConfig(level=logging.CRITICAL, format="memory-manager: %(message)s")
+    logging.basicConfig(level=logging.CRITICAL, format=f"{PROG}: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(_ScrubSecrets())
-    log.setLevel(logging.WARNING)
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        print(build_parser().format_usage() + "\n" + EXAMPLES + f"\n\nrun '{PROG} --help' for every command",
+              file=sys.stderr)
+        return UsageError.exit_code
     try:
         args = build_parser().parse_args(argv)
+        log.setLevel(logging.ERROR if args.quiet else logging.WARNING)
         code = asyncio.run(_run(args))
+    except BrokenPipeError:
+        code = EXIT_OUTPUT_CLOSED
+    except OutputClosed:
+        code = OutputClosed.exit_code
+    except ModuleNotFoundError as exc:
+        print(f"{PROG}: error: this Python ({sys.executable}) lacks the package {exc.name!r}: run the "
+              "memory-manager script or the Python it was installed into (e.g. .venv/bin/python)", file=sys.stderr)
+        code = UsageError.exit_code
     except Exception as exc:  # the module's one broad catch: every failure becomes one line
         if os.environ.get("MEMORY_DEBUG") == "1":
             raise
         known = isinstance(exc, MemoryManagerError)
         detail = str(exc) if known else f"{type(exc).__name__}: {_describe(exc)}"
-        print(f"memory-manager: error: {scrub(detail)}", file=sys.stderr)
+        print(f"{PROG}: error: {scrub(detail)}", file=sys.stderr)
         code = exc.exit_code if known else 1
     except KeyboardInterrupt:
         code = 130
@@ -2488,11 +2689,17 @@ def main(argv: list[str] | None = None) -> int:
 def cli() -> None:
     """The process entry point (script and console script)."""
     code = main()
-    if _telemetry.tracer is not None:
-        # Spans are flushed and our clients closed; ddtrace's own exit hooks can still block for
-        # seconds retrying an agent that stopped answering, so they are skipped.
+    try:
         sys.stdout.flush()
         sys.stderr.flush()
+    except BrokenPipeError:
+        code = EXIT_OUTPUT_CLOSED
+    if code == EXIT_OUTPUT_CLOSED:
+        # Python would report the closed pipe again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if _telemetry.tracer is not None or code == EXIT_OUTPUT_CLOSED:
+        # Spans are flushed and our clients closed; ddtrace's own exit hooks can still block for
+        # seconds retrying an agent that stopped answering, so they are skipped.
         os._exit(code)
     sys.exit(code)
 
