@@ -40,7 +40,7 @@ def test_each_command_has_its_own_help(memory, command):
     (["forget", "x"], "unknown command 'forget' (see memory-manager --help)"),
     (["entities", "File", "extra"], "unrecognized arguments: extra"),
     (["query"], "query: the following arguments are required: search_query"),
-    (["query", "x", "--limit", "3", "4"], "query: give the limit once (--limit N or a second argument)"),
+    (["query", "x", "4", "--limit", "3"], "query: give the limit once (--limit N or a second argument)"),
     (["query", "x", "--group", "a b"], "--group must match ^[A-Za-z0-9_-]{1,64}$, got 'a b'"),
 ], ids=["typo", "unknown-command", "extra-argument", "missing-argument", "limit-twice", "bad-group"])
 def test_usage_errors_exit_2_with_exactly_one_prefixed_line(memory, args, line):
@@ -138,7 +138,7 @@ def test_no_arguments_prints_usage_and_two_examples_and_exits_2(memory):
         "usage: memory-manager [-h] [--version] COMMAND ...",
         "",
         "examples:",
-        '  echo "Edited src/app.py: retry FalkorDB writes" | memory-manager store - \\'{"event": "file.edited"}\\'',
+        """  echo "Edited src/app.py: retry FalkorDB writes" | memory-manager store - '{"event": "file.edited"}'""",
         '  memory-manager query "how do we retry FalkorDB writes" --limit 3',
         "",
         "run 'memory-manager --help' for every command",
