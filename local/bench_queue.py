@@ -25,14 +25,8 @@ from pathlib import Path
 
 import redis
 
-from stack import ROOT, Stack
-
-MODULE = ROOT / "containers" / "opencode-server" / "graphiti" / "memory_manager.py"
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+from bench import MODULE, percentile
+from stack import Stack
 
 
 def run_ms(env: dict[str, str], args: list[str]) -> float:

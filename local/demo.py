@@ -1,7 +1,9 @@
 """`make demo`: the real CLI end to end on the embedded local stack.
 
 Starts FalkorDB, Valkey and (unless a real OpenAI key is configured) the OpenAI stand-in on free
-loopback ports, stores five OpenCode events, queries twice (miss, then hit), lists entities,
+loopback ports, queues five OpenCode events (content on stdin, as the plugin sends it; the first
+store starts a drainer), shows the queue, waits until the drainer has ingested them, queries twice
+(miss, then hit), lists entities,
 runs `health`, exports the memory to B2 (the stack's local B2-native endpoint unless B2 credentials
 are set), summarises the spans and metrics that Datadog's test agent and the DogStatsD catcher
 received, and stops everything it started.
@@ -70,17 +72,32 @@ def datadog_summary(stack: Stack) -> None:
     print("  " + ", ".join(f"{k} {v}" for k, v in sorted(metrics.items())))
 
 
-def run(env: dict[str, str], *args: str) -> tuple[str, float]:
+def run(env: dict[str, str], *args: str, stdin: str | None = None) -> tuple[str, float]:
     shown = " ".join(shlex.quote(a if len(a) < 60 else a[:57] + "...") for a in args)
-    print(f"\n$ memory_manager.py {shown}")
+    piped = f"echo {shlex.quote(stdin[:40] + '...')} | " if stdin else ""
+    print(f"\n$ {piped}memory-manager {shown}")
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, str(MODULE), *args], env=env, text=True, capture_output=True)
+    done = subprocess.run([sys.executable, str(MODULE), *args], env=env, text=True, capture_output=True,
+                          input=stdin)
     elapsed_ms = (time.perf_counter() - started) * 1000
     sys.stdout.write(done.stdout)
     sys.stderr.write(done.stderr)
     if done.returncode != 0:
         raise SystemExit(f"demo: command failed with exit {done.returncode}")
     return done.stdout, elapsed_ms
+
+
+def wait_until_ingested(env: dict[str, str], timeout_s: float = 600) -> float:
+    started = time.monotonic()
+    while True:
+        done = subprocess.run([sys.executable, str(MODULE), "queue", "--json"], env=env, text=True,
+                              capture_output=True, check=True)
+        groups = json.loads(done.stdout)["groups"]
+        if sum(g["queued"] for g in groups) == 0:
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout_s:
+            raise SystemExit(f"demo: episodes still queued after {timeout_s:.0f} s: {groups}")
+        time.sleep(0.5)
 
 
 def main() -> None:
@@ -92,7 +109,8 @@ def main() -> None:
         try:
             b2_target, b2_env = b2_mode(stack)
             keep_b2 = {k: v for k, v in os.environ.items() if k.startswith("B2_")} if not b2_env else b2_env
-            env = {**os.environ, **stack.env(), "MEMORY_GROUP_ID": "demo", **openai_env, **keep_b2}
+            env = {**os.environ, **stack.env(), "MEMORY_GROUP_ID": "demo", **openai_env, **keep_b2,
+                   "MEMORY_SPOOL_DIR": str(Path(run_dir) / "spool"), "MEMORY_DRAIN_IDLE": "5"}
             if openai_env:
                 env.pop("OPENAI_BASE_URL", None)
                 for name in ("MEMORY_LLM_MODEL", "MEMORY_LLM_SMALL_MODEL", "MEMORY_EMBEDDING_MODEL"):
@@ -100,8 +118,11 @@ def main() -> None:
             print(f"Stack: FalkorDB :{stack.ports['falkordb']}, {stack.cache_flavour} :{stack.ports['valkey']}"
                   + ("" if openai_env else f", stand-in :{stack.ports['standin']}"))
             for content, metadata in EVENTS:
-                _, ms = run(env, "store", content, metadata)
-                print(f"  ({ms:.0f} ms)")
+                _, ms = run(env, "store", "-", metadata, stdin=content)
+                print(f"  ({ms:.0f} ms: queued; the drainer ingests in the background)")
+            run(env, "queue")
+            ingest_s = wait_until_ingested(env)
+            print(f"\nAll {len(EVENTS)} episodes ingested {ingest_s:.1f} s after the last store returned.")
             _, miss_ms = run(env, "query", QUESTION)
             _, hit_ms = run(env, "query", QUESTION)
             run(env, "entities")

@@ -103,7 +103,7 @@ COMMANDS = {
     "health": (["health"], {}),
     "export-file": (["export", "--output", "{tmp}/e.json"], {"memory.export": ["memory.export.stream"]}),
     "export-b2": (["export"], {"memory.export": ["memory.b2.upload", "memory.export.stream"]}),
-    "restore": (["restore", "{tmp}/e.json", "--dry-run"], {"memory.restore": ["memory.restore.validate"]}),
+    "restore": (["restore", "{tmp}/e.json", "--dry-run", "--replace"], {"memory.restore": ["memory.restore.validate"]}),
 }
 
 
@@ -241,7 +241,7 @@ def test_every_operation_reports_its_duration_and_failures_are_counted(memory, d
     counting.ok("entities")
     counting.ok("health")
     counting.ok("export", "--output", str(tmp_path / "e.json"))
-    counting.ok("restore", str(tmp_path / "e.json"), "--dry-run")
+    counting.ok("restore", str(tmp_path / "e.json"), "--dry-run", "--replace")
     counting.with_env(FALKORDB_PORT=str(dead_port)).run("entities")
     counting.with_env(VALKEY_PORT=str(dead_port)).run("query", "graph database")
 
