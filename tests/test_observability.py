@@ -256,6 +256,25 @@ def test_every_operation_reports_its_duration_and_failures_are_counted(memory, d
     assert export_bytes
 
 
+def test_a_worker_reports_queue_gauges_ingest_duration_and_enqueue_counts(memory, dogstatsd):
+    wait_for_no_worker(memory.stack)
+    counting = memory.with_env(DD_DOGSTATSD_PORT=str(dogstatsd.port), MEMORY_AUTO_DRAIN="off")
+    counting.ok("store", "We chose FalkorDB over Neo4j for the graph database.")
+
+    worker = counting.worker()
+    try:
+        memory.wait_until_ingested(1)
+        time.sleep(6)  # one heartbeat period: the gauges go out with the heartbeat
+    finally:
+        assert stop(worker) == 0
+
+    metrics = dogstatsd.metrics()
+    kinds = {(name, kind) for name, kind, tags in metrics if tags.get("group") == memory.group}
+    assert {("opencode.memory.queue.enqueued", "c"), ("opencode.memory.ingest.duration", "d"),
+            ("opencode.memory.queue.depth", "g"), ("opencode.memory.queue.oldest_age", "g"),
+            ("opencode.memory.queue.dead_letters", "g")} <= kinds, kinds
+
+
 def test_no_secret_or_content_reaches_spans_metrics_logs_the_queue_or_output(memory, agent, dogstatsd, standin,
                                                                              valkey, tmp_path):
     wait_for_no_worker(memory.stack)

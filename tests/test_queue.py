@@ -412,3 +412,15 @@ def test_queue_and_health_show_depth_dead_letters_and_the_worker(memory):
     assert health.code == 0
     assert health.stdout.splitlines()[4] == (f"worker    off   127.0.0.1:{memory.stack.ports['valkey']}  "
                                              "none running (the next store starts a drainer)")
+
+
+def test_store_imports_none_of_graphiti_openai_or_falkordb(memory):
+    queued_only = no_drain(memory)
+    done = subprocess.run([sys.executable, "-X", "importtime", str(MODULE), "store", EDIT], env=queued_only.env,
+                          capture_output=True, text=True, timeout=60)
+
+    assert done.returncode == 0, done.stderr
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in done.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "redis" in imported  # the check sees real imports
+    assert imported.isdisjoint({"graphiti_core", "openai", "falkordb", "b2sdk", "ddtrace"})
