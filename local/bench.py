@@ -6,7 +6,7 @@ the floor it should be compared with:
 
   in-process cache hit   query_memory() on a warm cache  vs  a raw redis.asyncio GET
   whole-process hit      `python memory_manager.py query` vs  `python -c 'import redis.asyncio'`
-  store                  `python memory_manager.py store` vs  `python -c 'import graphiti_core'`
+  (the queued store, ingestion throughput and bursts: local/bench_queue.py)
   query miss             `python memory_manager.py query` (new question each time), same floor
   tracing                cached `query` and `health` with the Datadog agent present, absent and
                          black-holed, against the same command with DD_TRACE_ENABLED=false
@@ -113,16 +113,15 @@ def main() -> None:
         stack = Stack(Path(run_dir))
         stack.start()
         try:
-            env = {**os.environ, **stack.env(), "MEMORY_GROUP_ID": "bench", "DD_TRACE_ENABLED": "false"}
-            subprocess.run([sys.executable, str(MODULE), "store",
+            env = {**os.environ, **stack.env(), "MEMORY_GROUP_ID": "bench", "DD_TRACE_ENABLED": "false",
+                   "MEMORY_SPOOL_DIR": str(Path(run_dir) / "spool"), "MEMORY_DRAIN_IDLE": "5"}
+            subprocess.run([sys.executable, str(MODULE), "store", "--wait",
                             "We chose FalkorDB over Neo4j for the graph database."],
                            env=env, check=True, capture_output=True)
             hits, gets = asyncio.run(in_process(env, args.iterations))
             time_process(env, [str(MODULE), "query", "graph database"], 1)  # cache it
             whole_hit = time_process(env, [str(MODULE), "query", "graph database"], args.runs)
             import_floor = time_process(env, ["-c", "import redis.asyncio"], args.runs)
-            stores = [time_process(env, [str(MODULE), "store", f"Run {i} edited src/app_{i}.py for Valkey."], 1)[0]
-                      for i in range(args.runs)]
             misses = [time_process(env, [str(MODULE), "query", f"src app_{i} Valkey"], 1)[0]
                       for i in range(args.runs)]
             graphiti_floor = time_process(env, ["-c", "import graphiti_core"], max(3, args.runs // 3))
@@ -137,7 +136,6 @@ def main() -> None:
     print(row("query, cache hit, in process", hits, "µs", "raw Valkey GET (redis.asyncio)", gets, p99=True))
     print(row("query, cache hit, whole process", whole_hit, "ms", "`python -c 'import redis.asyncio'`", import_floor))
     print(row("query, cache miss, whole process", misses, "ms", "`python -c 'import graphiti_core'`", graphiti_floor))
-    print(row("store, whole process (stand-in LLM)", stores, "ms", "`python -c 'import graphiti_core'`", graphiti_floor))
     print("\n| command, Datadog agent | median, tracing on | median, DD_TRACE_ENABLED=false (same run) | cost |")
     print("|---|---|---|---|")
     print("\n".join(tracing))
