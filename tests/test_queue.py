@@ -247,8 +247,11 @@ def test_store_starts_a_detached_drainer_and_its_caller_sees_eof_at_once(memory,
 
     assert done.returncode == 0, done.stderr
     assert elapsed < 5, f"store held its caller's pipes for {elapsed:.1f} s"
-    status = json.loads(memory.ok("queue", "--json"))
-    assert status["worker"]["mode"] == "drain"
+    deadline = time.monotonic() + 10
+    while (worker := json.loads(memory.ok("queue", "--json"))["worker"]) is None:  # it beats once imported
+        assert time.monotonic() < deadline, "no drainer started"
+        time.sleep(0.1)
+    assert worker["mode"] == "drain"
     memory.wait_until_ingested(1)
 
 

@@ -739,8 +739,9 @@ def _describe(exc: BaseException) -> str:
 
 
 # === Cache =======================================================================================
-# Keys live under memory:{<group>}:. Each group has a generation counter that is part of every cache
-# key, so an ingested episode invalidates all of the group's cached answers with one INCR (no SCAN).
+# Keys live under memory:{<group>}:. Each group has a generation counter; an answer is stored with
+# the generation it was computed under, so one MGET (generation, answer) tells a hit from a stale
+# answer, and an ingested episode invalidates all of the group's answers with one INCR (no SCAN).
 
 def group_key(group: str, name: str) -> str:
     """memory:{<group>}:<name>. The braces are a hash tag: every key of one group lands in one
@@ -752,30 +753,41 @@ def normalise_query(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
-def cache_key(group: str, generation: str, query: str, limit: int) -> str:
-    payload = json.dumps([group, generation, normalise_query(query), limit])
+def cache_key(group: str, query: str, limit: int) -> str:
+    payload = json.dumps([group, normalise_query(query), limit])
     return group_key(group, f"query:{hashlib.sha256(payload.encode()).hexdigest()}")
 
 
-async def _cache_lookup(group: str, query: str, limit: int) -> tuple[str | None, str | None]:
-    """(cached answer or None, key to store a fresh answer under). (None, None): cache is down."""
+@dataclass(frozen=True)
+class _CacheSlot:
+    """Where a fresh answer goes, and the generation it will be valid for."""
+
+    key: str
+    generation: str
+
+
+async def _cache_lookup(group: str, query: str, limit: int) -> tuple[str | None, _CacheSlot | None]:
+    """(cached answer or None, slot to store a fresh answer in). (None, None): cache is down."""
     s = settings()
+    key = cache_key(group, query, limit)
     try:
         async with _service("valkey", s.valkey_address):
-            valkey = _valkey()
-            generation = await valkey.get(group_key(group, "gen")) or "0"
-            key = cache_key(group, generation, query, limit)
-            return await valkey.get(key), key
+            generation, stored = await _valkey().mget(group_key(group, "gen"), key)
     except ServiceError as exc:
         _warn_cache_down(exc)
         return None, None
+    generation = generation or "0"
+    computed_under, _, answer = (stored or "").partition("\n")
+    return (answer if stored and computed_under == generation else None), _CacheSlot(key, generation)
 
 
-async def _cache_store(key: str, answer: str) -> None:
+async def _cache_store(slot: _CacheSlot, answer: str) -> None:
+    # Stored under the generation read before the search: an episode ingested meanwhile bumped it,
+    # so this answer is already stale for the next lookup, as it should be.
     s = settings()
     try:
         async with _service("valkey", s.valkey_address):
-            await _valkey().set(key, answer, ex=s.cache_ttl_s)
+            await _valkey().set(slot.key, f"{slot.generation}\n{answer}", ex=s.cache_ttl_s)
     except ServiceError as exc:
         _warn_cache_down(exc)
 
@@ -822,9 +834,6 @@ SPOOL_FILE = "spool.jsonl"
 SPOOL_REJECTS_FILE = "spool.rejected.jsonl"
 DRAINER_LOG_FILE = "drainer.log"
 NO_METADATA = ("", "undefined", "null")  # what the plugin sends when it has none
-
-# Drainers this process started. A long-lived importer reaps them (no zombies); a CLI simply exits.
-_drainers: list[subprocess.Popen] = []
 
 
 @dataclass(frozen=True)
@@ -1023,11 +1032,12 @@ async def _start_drainer(s: Settings) -> None:
     except OSError:
         errors = subprocess.DEVNULL
     try:
-        # A new session and no inherited stdio: whoever reads our output sees EOF when we exit.
-        _drainers[:] = [d for d in _drainers if d.poll() is None]
-        _drainers.append(subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "drain"], stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=errors, cwd="/", start_new_session=True, close_fds=True))
+        # A new session and no inherited stdio: whoever reads our output sees EOF when we exit. sh
+        # backgrounds the drainer and exits at once (reaped here), so the drainer is nobody's child:
+        # a long-lived importer collects no zombie.
+        subprocess.run(["/bin/sh", "-c", 'exec "$0" "$@" &', sys.executable, os.path.abspath(__file__), "drain"],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors, cwd="/",
+                       start_new_session=True, close_fds=True, check=False)
     finally:
         if errors is not subprocess.DEVNULL:
             errors.close()
@@ -1223,21 +1233,21 @@ async def query_memory(search_query: str, limit: int = 5) -> str:
         op.set(**{"memory.limit": limit, "memory.query.length": len(search_query),
                   "memory.query.hash": short_hash(normalise_query(search_query))})
         async with span("memory.cache.lookup") as lookup:
-            cached, key = await _cache_lookup(group, search_query, limit)
+            cached, slot = await _cache_lookup(group, search_query, limit)
             lookup.set(**{"cache.hit": cached is not None})
         op.set(**{"cache.hit": cached is not None})
         if cached is not None:
             emit("cache_hit", 1, "c", operation="query", group=group)
             answer = cached
         else:
-            if key is not None:
+            if slot is not None:
                 emit("cache_miss", 1, "c", operation="query", group=group)
             async with span("memory.graph.search") as search:
                 answer = await _search(search_query, limit)
                 search.set(**{"memory.results": _fact_count(answer)})
-            if key is not None:
+            if slot is not None:
                 async with span("memory.cache.write"):
-                    await _cache_store(key, answer)
+                    await _cache_store(slot, answer)
         op.set(**{"memory.results": _fact_count(answer)})
         return answer
 
