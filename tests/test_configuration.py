@@ -53,3 +53,31 @@ def test_documented_defaults_apply_when_nothing_is_set(monkeypatch):
 
     assert (s.falkordb_address, s.valkey_address, s.group_id) == ("localhost:6379", "localhost:6380", "opencode")
     assert (s.cache_ttl_s, s.max_episode_chars) == (300, 100_000)
+
+
+@pytest.mark.parametrize(("variable", "value", "message"), [
+    ("DD_TRACE_AGENT_PORT", "abc", "DD_TRACE_AGENT_PORT must be an integer, got 'abc'"),
+    ("DD_DOGSTATSD_PORT", "99999", "DD_DOGSTATSD_PORT must be between 1 and 65535, got 99999"),
+    ("DD_TRACE_ENABLED", "maybe", "DD_TRACE_ENABLED must be on or off, got 'maybe'"),
+    ("DD_TRACE_AGENT_URL", "ftp://agent", "DD_TRACE_AGENT_URL must be http(s)://host:port or unix:///path, "
+                                          "got 'ftp://agent'"),
+    ("DD_DOGSTATSD_URL", "tcp://agent:8125", "DD_DOGSTATSD_URL must be udp://host:port or unix:///path, "
+                                             "got 'tcp://agent:8125'"),
+], ids=["agent-port", "statsd-port", "trace-enabled", "agent-url", "statsd-url"])
+@pytest.mark.parametrize("command", [["query", "anything"], ["store", "Alice prefers pytest."], ["health"], ["worker"]],
+                         ids=["query", "store", "health", "worker"])
+def test_a_malformed_datadog_variable_fails_early_naming_it(memory, variable, value, message, command):
+    result = memory.with_env(**{"DD_TRACE_ENABLED": "true", variable: value}).run(*command, timeout_s=30)
+
+    assert (result.code, result.stdout) == (2, "")
+    assert result.error_lines == [f"memory-manager: error: {message}"]
+    assert memory.queue()["queued"] == 0
+
+
+def test_b2_realm_is_checked_only_by_the_commands_that_use_b2(memory):
+    bad = memory.with_env(B2_REALM="bad realm")
+
+    assert bad.run("query", "anything").code == 0
+    export = bad.run("export")
+    assert (export.code, export.error_lines) == (
+        2, ["memory-manager: error: B2_REALM must be a realm name or an http(s) URL, got 'bad realm'"])

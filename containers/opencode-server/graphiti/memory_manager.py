@@ -188,14 +188,12 @@ def _env_url(name: str) -> str | None:
     return url
 
 
-def _env_b2_realm() -> str:
+def _check_b2_realm(realm: str) -> None:
     """A realm name b2sdk knows (production, staging, dev) or the URL of a B2-native endpoint."""
-    realm = _env_str("B2_REALM", "production") or "production"
     if "://" in realm:
-        return _env_url("B2_REALM") or realm
-    if not re.fullmatch(r"[a-z]+", realm):
+        _env_url("B2_REALM")
+    elif not re.fullmatch(r"[a-z]+", realm):
         raise UsageError(f"B2_REALM must be a realm name or an http(s) URL, got {realm!r}")
-    return realm
 
 
 def redact_url(url: str) -> str:
@@ -269,7 +267,7 @@ class Settings:
             b2_app_key=_env_str("B2_APP_KEY"),
             b2_bucket=_env_str("B2_BUCKET"),
             b2_prefix=(_env_str("B2_PREFIX") or "").strip("/"),
-            b2_realm=_env_b2_realm(),
+            b2_realm=_env_str("B2_REALM", "production") or "production",  # checked by require_b2()
         )
 
     @property
@@ -298,6 +296,7 @@ class Settings:
         for name, value in needed:
             if not value:
                 raise UsageError(f"{name} is not set (needed to {command} with B2; {alternative})")
+        _check_b2_realm(self.b2_realm)
 
     def require_llm(self) -> str:
         if not self.openai_api_key:
@@ -305,12 +304,65 @@ class Settings:
         return self.openai_api_key
 
 
+def _dd_agent(host: str | None) -> tuple[str, Any]:
+    """Where ddtrace will send traces, in ddtrace's own order of precedence."""
+    url = _env_str("DD_TRACE_AGENT_URL")
+    if url and url.startswith("unix://"):
+        return "unix", url[len("unix://"):]
+    if url:
+        parts = urlsplit(url)
+        try:
+            port = parts.port or 8126
+        except ValueError:
+            port = 0
+        if parts.scheme not in ("http", "https") or not parts.hostname or not port:
+            raise UsageError(f"DD_TRACE_AGENT_URL must be http(s)://host:port or unix:///path, got {redact_url(url)!r}")
+        return "tcp", (parts.hostname, port)
+    if not host and os.path.exists("/var/run/datadog/apm.socket"):
+        return "unix", "/var/run/datadog/apm.socket"
+    return "tcp", (host or "localhost", _env_int("DD_TRACE_AGENT_PORT", 8126, 1, 65535))
+
+
+def _dd_statsd(host: str | None) -> tuple[str, Any]:
+    url = _env_str("DD_DOGSTATSD_URL")
+    if url and url.startswith("unix://"):
+        return "unix", url[len("unix://"):]
+    if url:
+        parts = urlsplit(url)
+        try:
+            port = parts.port or 8125
+        except ValueError:
+            port = 0
+        if parts.scheme != "udp" or not parts.hostname or not port:
+            raise UsageError(f"DD_DOGSTATSD_URL must be udp://host:port or unix:///path, got {url!r}")
+        return "udp", (parts.hostname, port)
+    return "udp", (host or "localhost", _env_int("DD_DOGSTATSD_PORT", 8125, 1, 65535))
+
+
+@dataclass(frozen=True)
+class DatadogSettings:
+    """Datadog's standard DD_* variables, read once and validated like ours."""
+
+    tracing: bool = True
+    agent: tuple[str, Any] = ("tcp", ("localhost", 8126))
+    statsd: tuple[str, Any] = ("udp", ("localhost", 8125))
+    service: str = "memory-manager"
+    env: str | None = None
+    version: str | None = None
+
+    @classmethod
+    def from_env(cls) -> DatadogSettings:
+        host = _env_str("DD_AGENT_HOST")
+        return cls(tracing=_env_bool("DD_TRACE_ENABLED", True), agent=_dd_agent(host), statsd=_dd_statsd(host),
+                   service=_env_str("DD_SERVICE", "memory-manager") or "memory-manager",
+                   env=_env_str("DD_ENV"), version=_env_str("DD_VERSION"))
+
+
 # === Observability ===============================================================================
 # Spans through ddtrace, imported only when tracing is on and an agent answers a quick probe:
 # without an agent ddtrace holds a short CLI's exit for seconds. Metrics are DogStatsD datagrams sent
 # straight over UDP (one line each); the `datadog` client would add ~200 ms of import to a cache hit.
 
-SERVICE_NAME = "memory-manager"
 METRIC_PREFIX = "opencode.memory."
 AGENT_PROBE_TIMEOUT_S = 0.1
 TRACE_FLUSH_TIMEOUT_S = 0.5
@@ -319,9 +371,16 @@ SECRET_VARIABLES = ("OPENAI_API_KEY", "B2_APP_KEY", "VALKEY_PASSWORD", "FALKORDB
 
 @dataclass
 class _Telemetry:
+    settings: DatadogSettings | None = None
     probed: bool = False
     tracer: Any = None
     statsd: Any = None  # (socket, address) once opened
+
+
+def datadog() -> DatadogSettings:
+    if _telemetry.settings is None:
+        _telemetry.settings = DatadogSettings.from_env()
+    return _telemetry.settings
 
 
 _telemetry = _Telemetry()
@@ -342,26 +401,8 @@ def short_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _tracing_enabled() -> bool:
-    return os.environ.get("DD_TRACE_ENABLED", "true").strip().lower() not in ("false", "0", "no", "off")
-
-
-def _agent_address() -> tuple[str, Any]:
-    """Where ddtrace will send traces, in ddtrace's own order of precedence."""
-    url = os.environ.get("DD_TRACE_AGENT_URL", "").strip()
-    if url.startswith("unix://"):
-        return "unix", url[len("unix://"):]
-    if url:
-        parts = urlsplit(url)
-        return "tcp", (parts.hostname or "localhost", parts.port or 8126)
-    host = os.environ.get("DD_AGENT_HOST", "").strip()
-    if not host and os.path.exists("/var/run/datadog/apm.socket"):
-        return "unix", "/var/run/datadog/apm.socket"
-    return "tcp", (host or "localhost", int(os.environ.get("DD_TRACE_AGENT_PORT") or 8126))
-
-
 async def _agent_answers() -> bool:
-    kind, address = _agent_address()
+    kind, address = datadog().agent
 
     async def probe() -> bool:
         if kind == "unix":
@@ -381,9 +422,11 @@ async def _agent_answers() -> bool:
 
 
 async def _tracer() -> Any:
+    if _telemetry.statsd is None:
+        await _open_statsd()
     if not _telemetry.probed:
         _telemetry.probed = True
-        if _tracing_enabled() and await _agent_answers():
+        if datadog().tracing and await _agent_answers():
             # A CLI lives for a second: no instrumentation-telemetry posts unless the user wants them.
             os.environ.setdefault("DD_INSTRUMENTATION_TELEMETRY_ENABLED", "false")
             from ddtrace.trace import tracer
@@ -393,37 +436,36 @@ async def _tracer() -> Any:
 
 
 def _metric_tags(**tags: Any) -> list[str]:
-    standard = {"service": os.environ.get("DD_SERVICE") or SERVICE_NAME,
-                "env": os.environ.get("DD_ENV"), "version": os.environ.get("DD_VERSION")}
+    dd = datadog()
+    standard = {"service": dd.service, "env": dd.env, "version": dd.version}
     merged = {**tags, **{k: v for k, v in standard.items() if v}}
     return [f"{k}:{str(v).replace(',', '_').replace('|', '_')}" for k, v in merged.items() if v is not None]
 
 
-def _statsd_target() -> tuple[int, Any]:
-    url = os.environ.get("DD_DOGSTATSD_URL", "").strip()
-    if url.startswith("unix://"):
-        return socket.AF_UNIX, url[len("unix://"):]
-    if url.startswith("udp://"):
-        parts = urlsplit(url)
-        return socket.AF_INET, (parts.hostname or "localhost", parts.port or 8125)
-    host = os.environ.get("DD_AGENT_HOST", "").strip() or "localhost"
-    return socket.AF_INET, (host, int(os.environ.get("DD_DOGSTATSD_PORT") or 8125))
+async def _open_statsd() -> None:
+    """The DogStatsD socket, its address resolved off the event loop (a pod's agent has a DNS name)."""
+    kind, address = datadog().statsd
+    try:
+        if kind == "unix":
+            family = socket.AF_UNIX
+        else:
+            infos = await asyncio.to_thread(socket.getaddrinfo, address[0], address[1], type=socket.SOCK_DGRAM)
+            family, address = infos[0][0], infos[0][4]
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        _telemetry.statsd = (sock, address)
+    except OSError:
+        pass  # metrics are best effort: no agent, no metrics
 
 
 def emit(metric: str, value: float, kind: str, **tags: Any) -> None:
     """Send one DogStatsD datagram (kind: c counter, d distribution, g gauge). Never raises."""
-    line = f"{METRIC_PREFIX}{metric}:{value:g}|{kind}|#{','.join(_metric_tags(**tags))}"
+    if _telemetry.statsd is None:
+        return  # opened by the first operation (or never: no agent, or bad DD_* settings)
+    sock, address = _telemetry.statsd
     try:
-        if _telemetry.statsd is None:
-            family, address = _statsd_target()
-            if family == socket.AF_INET:
-                family = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_DGRAM)[0][0]
-            sock = socket.socket(family, socket.SOCK_DGRAM)
-            sock.setblocking(False)
-            _telemetry.statsd = (sock, address)
-        sock, address = _telemetry.statsd
-        sock.sendto(line.encode(), address)
-    except (OSError, ValueError):
+        sock.sendto(f"{METRIC_PREFIX}{metric}:{value:g}|{kind}|#{','.join(_metric_tags(**tags))}".encode(), address)
+    except OSError:
         pass  # metrics are best effort: no agent, no metrics
 
 
@@ -451,7 +493,7 @@ async def span(name: str, **tags: Any) -> AsyncIterator[_Span]:
     if tracer is None:
         yield _Span()
         return
-    current = tracer.trace(name, service=os.environ.get("DD_SERVICE") or SERVICE_NAME)
+    current = tracer.trace(name, service=datadog().service)
     wrapper = _Span(current)
     wrapper.set(**tags)
     try:
@@ -690,6 +732,7 @@ async def close() -> None:
     clients.graphiti.clear()
     clients.indexed_groups.clear()
     _close_statsd()
+    _telemetry.settings = None
     clients.loop = clients.settings = None
 
 
@@ -1734,6 +1777,7 @@ async def run_worker(drain: bool = False) -> int:
     """Ingest queued episodes until SIGTERM (worker) or until the queue stays empty for
     MEMORY_DRAIN_IDLE seconds (drain). Exit status 1 if the LLM endpoint rejected the key."""
     settings().require_llm()
+    await _tracer()  # a malformed DD_* variable stops the worker here, not every ingestion
     return await _Worker(drain).run()
 
 
