@@ -1,5 +1,8 @@
 """Requirement: Query memory, with a cache (spec: memory-manager / Query memory, Query cache)."""
 
+import socket
+import threading
+
 import pytest
 
 DECISION = "We chose FalkorDB over Neo4j for the graph database."
@@ -85,6 +88,43 @@ def test_query_still_answers_when_valkey_is_down_and_says_so_once(memory, dead_p
     assert result.error_lines[0].startswith("memory-manager: warning: cache unavailable (valkey at 127.0.0.1:")
 
 
+@pytest.fixture
+def hang_up_port():
+    """A loopback port that accepts each connection and closes it at once; counts the connections."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    server.settimeout(0.2)
+    accepted, stop = [], threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            accepted.append(1)
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server.getsockname()[1], accepted
+    stop.set()
+    thread.join()
+    server.close()
+
+
+def test_a_cache_that_is_down_costs_one_connection_attempt_per_query_process(memory, hang_up_port):
+    memory.store(DECISION)
+    port, accepted = hang_up_port
+
+    result = memory.with_env(VALKEY_PORT=str(port)).run("query", "graph database")
+
+    assert result.code == 0
+    assert "We chose FalkorDB over Neo4j" in result.stdout
+    assert len(accepted) == 1  # the lookup's; neither a retry nor the answer's write tries again
+
+
 def test_a_standalone_underscore_in_the_query_does_not_break_search(memory):
     memory.store(ERROR)
 
@@ -122,3 +162,24 @@ def test_bad_query_input_exits_2_with_one_line(memory, args, message):
 def test_query_of_a_group_never_written_creates_no_graph(memory):
     assert memory.ok("query", "anything at all") == "No relevant memories found.\n"
     assert memory.cypher_graph_exists() is False
+
+
+def test_a_long_lived_process_does_not_retry_a_down_cache_on_every_query(memory, hang_up_port, monkeypatch):
+    import asyncio
+
+    import memory_manager
+
+    memory.store(DECISION)
+    port, accepted = hang_up_port
+    for key, value in memory.with_env(VALKEY_PORT=str(port)).env.items():
+        monkeypatch.setenv(key, value)
+
+    async def three_queries() -> list[str]:
+        answers = [await memory_manager.query_memory(q) for q in ("graph database", "Neo4j", "FalkorDB choice")]
+        await memory_manager.close()
+        return answers
+
+    answers = asyncio.run(three_queries())
+
+    assert all("We chose FalkorDB over Neo4j" in answer for answer in answers)
+    assert len(accepted) == 1  # the cache is skipped for CACHE_DOWN_RETRY_S after the first failure

@@ -91,7 +91,7 @@ COMMAND_TIMEOUT_S = 10.0       # Valkey commands; FalkorDB queries get GRAPH_TIM
 GRAPH_TIMEOUT_S = 60.0
 LLM_TIMEOUT_S = 60.0           # per OpenAI request; the SDK retries twice on top
 LLM_MAX_COROUTINES = 8
-VALKEY_RETRY_BACKOFF_S = 0.05  # one quick retry: a down Valkey must not cost seconds per command
+CACHE_DOWN_RETRY_S = 30.0      # after a failed cache call, skip the cache this long (one connect, not one per call)
 NO_RESULTS = "No relevant memories found."
 # What build_indices_and_constraints() indexes in graphiti-core 0.31 (a partial build is redone).
 GRAPHITI_INDEXED_LABELS = ("Entity", "Episodic", "Community", "Saga", "RELATES_TO", "MENTIONS",
@@ -563,6 +563,7 @@ class _Clients:
     graphiti: dict[str, Graphiti] = field(default_factory=dict)
     indexed_groups: set[str] = field(default_factory=set)
     cache_warned: bool = False
+    cache_down_until: float = 0.0  # monotonic; the cache is skipped until then
     closer: AsyncIterator[None] | None = None  # strong reference: the loop only holds a weak one
 
 
@@ -608,7 +609,7 @@ def _valkey() -> redis.asyncio.Redis:
     if clients.valkey is None:
         import redis.asyncio
         from redis.asyncio.retry import Retry
-        from redis.backoff import ConstantBackoff
+        from redis.backoff import NoBackoff
         from redis.driver_info import DriverInfo
 
         s = settings()
@@ -616,7 +617,7 @@ def _valkey() -> redis.asyncio.Redis:
         clients.valkey = redis.asyncio.Redis(
             host=s.valkey_host, port=s.valkey_port, password=s.valkey_password,
             socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=COMMAND_TIMEOUT_S,
-            retry=Retry(ConstantBackoff(VALKEY_RETRY_BACKOFF_S), 1),
+            retry=Retry(NoBackoff(), 0),  # callers recover on their own: spool, answer uncached, worker retry
             protocol=2, driver_info=DriverInfo(name=None, lib_version=None), decode_responses=True,
         )
     return clients.valkey
@@ -733,6 +734,7 @@ async def close() -> None:
     clients.indexed_groups.clear()
     _close_statsd()
     _telemetry.settings = None
+    clients.cache_down_until = 0.0
     clients.loop = clients.settings = None
 
 
@@ -813,6 +815,8 @@ async def _cache_lookup(group: str, query: str, limit: int) -> tuple[str | None,
     """(cached answer or None, slot to store a fresh answer in). (None, None): cache is down."""
     s = settings()
     key = cache_key(group, query, limit)
+    if time.monotonic() < _clients.cache_down_until:
+        return None, None
     try:
         async with _service("valkey", s.valkey_address):
             generation, stored = await _valkey().mget(group_key(group, "gen"), key)
@@ -828,6 +832,8 @@ async def _cache_store(slot: _CacheSlot, answer: str) -> None:
     # Stored under the generation read before the search: an episode ingested meanwhile bumped it,
     # so this answer is already stale for the next lookup, as it should be.
     s = settings()
+    if time.monotonic() < _clients.cache_down_until:
+        return
     try:
         async with _service("valkey", s.valkey_address):
             await _valkey().set(slot.key, f"{slot.generation}\n{answer}", ex=s.cache_ttl_s)
@@ -845,6 +851,7 @@ async def _invalidate(group: str) -> None:
 
 
 def _warn_cache_down(exc: ServiceError) -> None:
+    _clients.cache_down_until = time.monotonic() + CACHE_DOWN_RETRY_S
     emit("cache_unavailable", 1, "c", group=_group_for_tags())
     if not _clients.cache_warned:
         _clients.cache_warned = True
