@@ -59,7 +59,7 @@ def test_documented_defaults_apply_when_nothing_is_set(monkeypatch):
     ("DD_TRACE_AGENT_PORT", "abc", "DD_TRACE_AGENT_PORT must be an integer, got 'abc'"),
     ("DD_DOGSTATSD_PORT", "99999", "DD_DOGSTATSD_PORT must be between 1 and 65535, got 99999"),
     ("DD_TRACE_ENABLED", "maybe", "DD_TRACE_ENABLED must be on or off, got 'maybe'"),
-    ("DD_TRACE_AGENT_URL", "ftp://agent", "DD_TRACE_AGENT_URL must be http(s)://host:port or unix:///path, "
+    ("DD_TRACE_AGENT_URL", "ftp://agent", "DD_TRACE_AGENT_URL must be http/https://host:port or unix:///path, "
                                           "got 'ftp://agent'"),
     ("DD_DOGSTATSD_URL", "tcp://agent:8125", "DD_DOGSTATSD_URL must be udp://host:port or unix:///path, "
                                              "got 'tcp://agent:8125'"),

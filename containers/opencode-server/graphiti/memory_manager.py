@@ -304,39 +304,36 @@ class Settings:
         return self.openai_api_key
 
 
+def _dd_endpoint(variable: str, schemes: tuple[str, ...], default_port: int) -> tuple[str, Any] | None:
+    """("unix", path) or (scheme, (host, port)) from a DD_*_URL variable; None when it is unset."""
+    url = _env_str(variable)
+    if not url:
+        return None
+    if url.startswith("unix://"):
+        return "unix", url[len("unix://"):]
+    parts = urlsplit(url)
+    try:
+        port = parts.port or default_port
+    except ValueError:
+        port = 0
+    if parts.scheme not in schemes or not parts.hostname or not port:
+        raise UsageError(f"{variable} must be {'/'.join(schemes)}://host:port or unix:///path, got {redact_url(url)!r}")
+    return parts.scheme, (parts.hostname, port)
+
+
 def _dd_agent(host: str | None) -> tuple[str, Any]:
     """Where ddtrace will send traces, in ddtrace's own order of precedence."""
-    url = _env_str("DD_TRACE_AGENT_URL")
-    if url and url.startswith("unix://"):
-        return "unix", url[len("unix://"):]
-    if url:
-        parts = urlsplit(url)
-        try:
-            port = parts.port or 8126
-        except ValueError:
-            port = 0
-        if parts.scheme not in ("http", "https") or not parts.hostname or not port:
-            raise UsageError(f"DD_TRACE_AGENT_URL must be http(s)://host:port or unix:///path, got {redact_url(url)!r}")
-        return "tcp", (parts.hostname, port)
+    endpoint = _dd_endpoint("DD_TRACE_AGENT_URL", ("http", "https"), 8126)
+    if endpoint:
+        return endpoint
     if not host and os.path.exists("/var/run/datadog/apm.socket"):
         return "unix", "/var/run/datadog/apm.socket"
-    return "tcp", (host or "localhost", _env_int("DD_TRACE_AGENT_PORT", 8126, 1, 65535))
+    return "http", (host or "localhost", _env_int("DD_TRACE_AGENT_PORT", 8126, 1, 65535))
 
 
 def _dd_statsd(host: str | None) -> tuple[str, Any]:
-    url = _env_str("DD_DOGSTATSD_URL")
-    if url and url.startswith("unix://"):
-        return "unix", url[len("unix://"):]
-    if url:
-        parts = urlsplit(url)
-        try:
-            port = parts.port or 8125
-        except ValueError:
-            port = 0
-        if parts.scheme != "udp" or not parts.hostname or not port:
-            raise UsageError(f"DD_DOGSTATSD_URL must be udp://host:port or unix:///path, got {url!r}")
-        return "udp", (parts.hostname, port)
-    return "udp", (host or "localhost", _env_int("DD_DOGSTATSD_PORT", 8125, 1, 65535))
+    return (_dd_endpoint("DD_DOGSTATSD_URL", ("udp",), 8125)
+            or ("udp", (host or "localhost", _env_int("DD_DOGSTATSD_PORT", 8125, 1, 65535))))
 
 
 @dataclass(frozen=True)
@@ -344,7 +341,7 @@ class DatadogSettings:
     """Datadog's standard DD_* variables, read once and validated like ours."""
 
     tracing: bool = True
-    agent: tuple[str, Any] = ("tcp", ("localhost", 8126))
+    agent: tuple[str, Any] = ("http", ("localhost", 8126))
     statsd: tuple[str, Any] = ("udp", ("localhost", 8125))
     service: str = "memory-manager"
     env: str | None = None
@@ -442,6 +439,14 @@ def _metric_tags(**tags: Any) -> list[str]:
     return [f"{k}:{str(v).replace(',', '_').replace('|', '_')}" for k, v in merged.items() if v is not None]
 
 
+async def _resolve_udp(host: str, port: int) -> list[Any]:
+    """An IP address resolves at once; a name may need DNS, which must not block the event loop."""
+    try:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM, flags=socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        return await asyncio.to_thread(socket.getaddrinfo, host, port, type=socket.SOCK_DGRAM)
+
+
 async def _open_statsd() -> None:
     """The DogStatsD socket, its address resolved off the event loop (a pod's agent has a DNS name)."""
     kind, address = datadog().statsd
@@ -449,7 +454,7 @@ async def _open_statsd() -> None:
         if kind == "unix":
             family = socket.AF_UNIX
         else:
-            infos = await asyncio.to_thread(socket.getaddrinfo, address[0], address[1], type=socket.SOCK_DGRAM)
+            infos = await _resolve_udp(*address)
             family, address = infos[0][0], infos[0][4]
         sock = socket.socket(family, socket.SOCK_DGRAM)
         sock.setblocking(False)
@@ -884,6 +889,7 @@ SPOOL_FILE = "spool.jsonl"
 SPOOL_REJECTS_FILE = "spool.rejected.jsonl"
 DRAINER_LOG_FILE = "drainer.log"
 NO_METADATA = ("", "undefined", "null")  # what the plugin sends when it has none
+DEAD_FIELDS = ("error", "attempts", "failed_at")  # what a dead letter adds to its entry
 
 
 @dataclass(frozen=True)
@@ -966,11 +972,17 @@ def _spool_append(s: Settings, entry: dict[str, str]) -> None:
         os.close(fd)
 
 
+def _spool_waiting(s: Settings) -> bool:
+    """One stat, cheap enough for every store: the spool is almost always absent or empty."""
+    try:
+        return os.path.getsize(_spool_path(s)) > 0
+    except FileNotFoundError:
+        return False
+
+
 def _spool_take(s: Settings) -> tuple[int, list[dict[str, str]]] | None:
     """Lock the spool and read its entries; None when it is empty. The caller truncates and closes."""
     try:
-        if os.path.getsize(_spool_path(s)) == 0:
-            return None
         fd = os.open(_spool_path(s), os.O_RDWR)
     except FileNotFoundError:
         return None
@@ -1003,7 +1015,7 @@ async def _move_spool() -> int:
     """Move this host's spooled entries into the queue, oldest first; returns how many."""
     s = settings()
     try:
-        taken = await asyncio.to_thread(_spool_take, s)
+        taken = await asyncio.to_thread(_spool_take, s) if _spool_waiting(s) else None
     except OSError as exc:  # an unreadable spool must not block new writes
         log.warning("warning: spool %s cannot be read (%s)", _spool_path(s), exc.strerror or _describe(exc))
         return 0
@@ -1170,7 +1182,7 @@ async def retry_dead_letters(group: str | None = None) -> int:
             valkey = _valkey()
             for name in [group] if group else sorted(await valkey.smembers(GROUPS_KEY)):
                 for entry_id, fields in await valkey.xrange(group_key(name, "dead")):
-                    original = {k: v for k, v in fields.items() if k not in ("error", "attempts", "failed_at")}
+                    original = {k: v for k, v in fields.items() if k not in DEAD_FIELDS}
                     async with valkey.pipeline(transaction=True) as pipe:
                         pipe.xadd(group_key(name, "episodes"), original)
                         pipe.xdel(group_key(name, "dead"), entry_id)
@@ -1368,14 +1380,16 @@ def _llm_health(s: Settings) -> dict:
 
 async def _queue_health(valkey_ok: bool) -> dict:
     address = settings().valkey_address
+
+    def unknown(why: str) -> dict:
+        return {name: {"ok": False, "address": address, "detail": f"unknown ({why})"} for name in ("queue", "worker")}
+
     if not valkey_ok:
-        unknown = {"ok": False, "address": address, "detail": "unknown (valkey unreachable)"}
-        return {"queue": unknown, "worker": dict(unknown)}
+        return unknown("valkey unreachable")
     try:
         status = await asyncio.wait_for(_read_queue_status(), HEALTH_TIMEOUT_S)
     except (asyncio.TimeoutError, *_valkey_errors()) as exc:
-        unknown = {"ok": False, "address": address, "detail": f"unknown ({_describe(exc)})"}
-        return {"queue": unknown, "worker": dict(unknown)}
+        return unknown(_describe(exc))
     groups = status["groups"]
     queued, dead = sum(g["queued"] for g in groups), sum(g["dead_letters"] for g in groups)
     ages = [g["oldest_age_s"] for g in groups if g["oldest_age_s"] is not None]
@@ -1456,15 +1470,10 @@ RETRY_BASE_S = 1.0
 RETRY_CAP_S = 15.0             # during a long outage a group retries this often, and never gives up
 AUTH_PAUSE_S = 60.0
 SHUTDOWN_GRACE_S = 8.0         # within Docker's default 10 s stop timeout
-DEAD_FIELDS = ("error", "attempts", "failed_at")
 FIND_EPISODE = ("MATCH (e:Episodic) WHERE e.job_id = $job OR (e.name = $name AND e.job_id IS NULL) "
                 "RETURN e.uuid, e.job_id ORDER BY e.job_id IS NULL LIMIT 1")
 MARK_EPISODE = ("MATCH (e:Episodic {uuid: $uuid}) SET e.job_id = $job, e.queue_id = $queue_id, "
                 "e.metadata = $metadata, e.metadata_raw = $metadata_raw")
-
-
-class _AuthFailure(Exception):
-    """The LLM endpoint rejected the key: retrying burns nothing but time, so the worker pauses."""
 
 
 def _failure_kind(exc: BaseException) -> str:
@@ -1500,7 +1509,7 @@ class _Worker:
         self.tasks: dict[str, asyncio.Task] = {}
         self.heartbeat: str | None = None
         self.auth_failed = False
-        self.valkey_down_since: float | None = None
+        self.valkey_warned = False  # warn once per outage
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -1521,7 +1530,7 @@ class _Worker:
         while not self.stopping.is_set():
             try:
                 work_waiting = await self._dispatch()
-                self.valkey_down_since = None
+                self.valkey_warned = False
             except _valkey_errors() as exc:
                 work_waiting = False
                 self._valkey_trouble(exc)
@@ -1532,8 +1541,8 @@ class _Worker:
             await self._pause(POLL_S)
 
     def _valkey_trouble(self, exc: BaseException) -> None:
-        if self.valkey_down_since is None:
-            self.valkey_down_since = time.monotonic()
+        if not self.valkey_warned:
+            self.valkey_warned = True
             log.warning("warning: valkey at %s: %s; waiting for it", self.s.valkey_address, _describe(exc))
 
     async def _dispatch(self) -> bool:
@@ -1705,7 +1714,7 @@ class _Worker:
 
     async def _dead_letter(self, group: str, entry_id: str, fields: dict[str, str], attempts: int,
                            detail: str) -> None:
-        dead = {**fields, "error": detail, "attempts": str(attempts),
+        dead = {**fields, "error": detail, "attempts": str(attempts),  # the DEAD_FIELDS
                 "failed_at": datetime.now(timezone.utc).isoformat()}
         await self._finish(group, entry_id, fields["job"],
                            {"status": "dead", "error": detail, "attempts": attempts}, dead_letter=dead)
@@ -1861,9 +1870,10 @@ class _DocumentWriter:
             await asyncio.to_thread(self.out.write, data)
         except BrokenPipeError:  # raised as our own type: an OSError here is not FalkorDB's
             raise OutputClosed("stdout was closed") from None
-        except OSError as exc:
-            name = getattr(self.out, "name", "the output")
-            raise OutputError(f"cannot write {name}: {exc.strerror or _describe(exc)}") from exc
+        except OSError as exc:  # a file opened from a descriptor is "named" by its number
+            name = getattr(self.out, "name", None)
+            shown = name if isinstance(name, str) else "the export document"
+            raise OutputError(f"cannot write {shown}: {exc.strerror or _describe(exc)}") from exc
 
 
 async def _memory_groups() -> list[str]:
@@ -2631,9 +2641,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action=_VersionAction)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    common = _common_options()
+
     def command(name: str, help_text: str, handler: Callable[[argparse.Namespace], Any]) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
-                                  parents=[_common_options()])
+                                  parents=[common])
         sub.set_defaults(handler=handler)
         return sub
 
