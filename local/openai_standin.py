@@ -395,8 +395,11 @@ def make_handler(state: StandIn) -> type[BaseHTTPRequestHandler]:
             if self.path.startswith("/_standin/stats"):
                 with state.lock:
                     self.send_json(200, dict(state.counts))
-            elif self.path.rstrip("/") in ("/v1/models", "/models"):
-                self.send_json(200, {"object": "list", "data": [{"id": "stand-in", "object": "model"}]})
+            elif self.path.rstrip("/") in ("/v1/models", "/models"):  # what `health` calls
+                with state.lock:
+                    state.counts["models"] += 1
+                if not self.answer_fault(state.take_fault()):
+                    self.send_json(200, {"object": "list", "data": [{"id": "stand-in", "object": "model"}]})
             else:
                 self.send_json(404, {"error": {"message": "not found"}})
 
@@ -419,6 +422,23 @@ def make_handler(state: StandIn) -> type[BaseHTTPRequestHandler]:
                 return self.send_json(200, {"ok": True})
             self.serve_openai(path, body)
 
+        def answer_fault(self, fault: str | None) -> bool:
+            """Answer with the injected fault, if any; True when it did."""
+            if fault == "hang":
+                state.stopping.wait(HANG_S)
+            elif fault == "429":
+                self.send_json(429, {"error": {"message": "rate limited", "type": "rate_limit"}},
+                               headers={"Retry-After": "1"})
+            elif fault == "401":  # like OpenAI, echo the key back: the client must never print it
+                key = self.headers.get("Authorization", "").removeprefix("Bearer ")
+                self.send_json(401, {"error": {"message": f"Incorrect API key provided: {key}",
+                                               "type": "invalid_request_error", "code": "invalid_api_key"}})
+            elif fault == "500":
+                self.send_json(500, {"error": {"message": "stand-in fault", "type": "server_error"}})
+            elif fault == "malformed":
+                self.send_json(200, None, raw=b'{"id": "resp_standin", "output": [')
+            return fault is not None
+
         def serve_openai(self, path: str, body: dict) -> None:
             endpoint = path.rsplit("/v1/", 1)[-1]
             if endpoint not in ("responses", "embeddings", "chat/completions"):
@@ -428,21 +448,8 @@ def make_handler(state: StandIn) -> type[BaseHTTPRequestHandler]:
                 latency_ms = state.latency_ms
             if latency_ms:
                 time.sleep(latency_ms / 1000)
-            fault = state.take_fault()
-            if fault == "hang":
-                state.stopping.wait(HANG_S)
+            if self.answer_fault(state.take_fault()):
                 return
-            if fault == "429":
-                return self.send_json(429, {"error": {"message": "rate limited", "type": "rate_limit"}},
-                                      headers={"Retry-After": "1"})
-            if fault == "401":  # like OpenAI, echo the key back: the client must never print it
-                key = self.headers.get("Authorization", "").removeprefix("Bearer ")
-                return self.send_json(401, {"error": {"message": f"Incorrect API key provided: {key}",
-                                                      "type": "invalid_request_error", "code": "invalid_api_key"}})
-            if fault == "500":
-                return self.send_json(500, {"error": {"message": "stand-in fault", "type": "server_error"}})
-            if fault == "malformed":
-                return self.send_json(200, None, raw=b'{"id": "resp_standin", "output": [')
             if endpoint == "embeddings":
                 return self.send_json(200, embeddings_reply(body))
             if endpoint == "chat/completions":

@@ -78,11 +78,41 @@ def test_health_answers_within_about_a_second_when_a_service_black_holes(memory,
     assert elapsed < 5, f"health took {elapsed:.1f} s"  # ~1 s bound plus interpreter start
 
 
-def test_health_without_openai_key_still_passes_and_says_llm_is_off(memory):
+def test_health_without_openai_key_still_passes_and_says_llm_is_not_configured(memory):
     result = memory.with_env(OPENAI_API_KEY=None).run("health")
 
     assert result.code == 0
-    assert result.stdout.splitlines()[2].startswith("llm       off")
+    assert result.stdout.splitlines()[2] == (f"llm       off   {memory.env['OPENAI_BASE_URL']}  "
+                                             "not configured (OPENAI_API_KEY not set)")
+
+
+@pytest.mark.parametrize("fault, detail", [
+    (None, "answered (key accepted)"),
+    ("401", "rejected the key (check OPENAI_API_KEY)"),
+    ("500", "answered HTTP 500"),
+    ("hang", "unreachable: no answer within 1 s"),
+], ids=["answers", "rejects-the-key", "http-500", "hangs"])
+def test_health_really_calls_the_llm_endpoint_and_keeps_exit_0_when_it_fails(memory, standin, fault, detail):
+    if fault:
+        standin.faults(fault=fault, fault_count=-1)
+    before = standin.stats().get("models", 0)
+    started = time.monotonic()
+    result = memory.run("health")
+    elapsed = time.monotonic() - started
+
+    state = "ok  " if fault is None else "FAIL"
+    assert result.stdout.splitlines()[2] == f"llm       {state}  {memory.env['OPENAI_BASE_URL']}  {detail}"
+    assert result.code == 0  # an OpenAI outage must not get the pod restarted by its healthcheck
+    assert standin.stats()["models"] == before + 1
+    assert memory.env["OPENAI_API_KEY"] not in result.stdout + result.stderr
+    assert elapsed < 6, f"health took {elapsed:.1f} s"
+
+
+def test_health_says_the_llm_endpoint_is_unreachable_when_nothing_listens(memory, dead_port):
+    result = memory.with_env(OPENAI_BASE_URL=f"http://127.0.0.1:{dead_port}/v1").run("health")
+
+    assert result.code == 0
+    assert result.stdout.splitlines()[2] == f"llm       FAIL  http://127.0.0.1:{dead_port}/v1  unreachable: connection refused"
 
 
 @pytest.mark.parametrize("args", [
@@ -319,7 +349,7 @@ def test_health_warns_when_openai_default_model_names_go_to_another_server(memor
 
     assert result.code == 0
     assert result.stdout.splitlines()[2] == (
-        f"llm       WARN  {memory.env['OPENAI_BASE_URL']}  configured, but MEMORY_LLM_MODEL, MEMORY_LLM_SMALL_MODEL "
+        f"llm       WARN  {memory.env['OPENAI_BASE_URL']}  answered, but MEMORY_LLM_MODEL, MEMORY_LLM_SMALL_MODEL "
         "unset: graphiti's OpenAI default model names are sent to this non-OpenAI server")
 
 
@@ -340,3 +370,62 @@ def test_stack_down_removes_the_env_file_it_wrote(tmp_path):
                     str(tmp_path / "run"), "--env-file", str(env_file)], check=True, capture_output=True, timeout=30)
 
     assert not env_file.exists()
+
+
+@pytest.mark.parametrize("text", ["-foo", "-h1", "--postgres"])
+def test_a_question_that_starts_with_a_dash_is_a_recall(memory, text):
+    memory.store(f"Alice set the flag {text} in the Billing worker.")
+
+    result = memory.run("query", text, "--limit", "3")
+
+    assert (result.code, result.stderr) == (0, "")
+    assert "Billing" in result.stdout
+    assert memory.ok("query", "--limit", "3", "--", text) == result.stdout
+
+
+def test_query_h_stays_help(memory):
+    result = memory.run("query", "-h")
+
+    assert result.code == 0 and result.stdout.startswith("usage: memory-manager query")
+
+
+def test_query_json_gives_fact_records_in_the_same_order_as_the_text(memory):
+    memory.store("We chose FalkorDB over Neo4j for the graph database.")
+    memory.store("Alice migrated the Billing service from MySQL to Postgres.")
+
+    text = memory.ok("query", "graph database Billing", "--limit", "5")
+    document = json.loads(memory.ok("query", "graph database Billing", "--limit", "5", "--json"))
+
+    assert document["group"] == memory.group
+    facts = document["facts"]
+    assert facts and [f"- {f['text']} (valid {f['valid_at'] or '?'} → {f['invalid_at'] or 'present'})"
+                      for f in facts] == text.splitlines()
+    assert all(isinstance(f["score"], float) and len(f["uuid"]) == 36 for f in facts)
+    assert [f["score"] for f in facts] == sorted((f["score"] for f in facts), reverse=True)
+
+
+@pytest.mark.parametrize("args", [
+    ["store", "Dana prefers ruff."], ["query", "ruff"], ["entities"], ["health"], ["queue"], ["queue", "retry"],
+    ["drain"],
+], ids=lambda a: "-".join(a[:2]))
+def test_every_command_prints_one_json_document_with_json(memory, args):
+    result = memory.with_env(MEMORY_DRAIN_IDLE="1").run(*args, "--json")
+
+    assert (result.code, result.stderr) == (0, ""), result.stderr
+    document = json.loads(result.stdout)
+    expected_keys = {"store": {"state", "episode", "job_id", "group"}, "query": {"group", "facts"},
+                     "health": {"falkordb", "valkey", "llm", "queue", "worker", "healthy"},
+                     "queue": {"groups", "worker"} if len(args) == 1 else {"requeued"},
+                     "drain": {"mode", "id", "stored", "dead_lettered", "exit_code"}}
+    if args[0] == "entities":
+        assert isinstance(document, list)
+    else:
+        assert set(document) == expected_keys[args[0]]
+
+
+def test_export_refuses_json_when_the_document_goes_to_stdout(memory):
+    result = memory.run("export", "--output", "-", "--json")
+
+    assert (result.code, result.stdout) == (2, "")
+    assert result.error_lines == ["memory-manager: error: export: --json and --output - both want stdout; give "
+                                  "--output a file name"]

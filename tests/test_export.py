@@ -381,10 +381,32 @@ def test_the_library_functions_export_to_b2_and_restore_in_process(memory, empty
     for key, value in memory.env.items():
         monkeypatch.setenv(key, value)
 
-    message = asyncio.run(memory_manager.export_to_b2())
+    summary = asyncio.run(memory_manager.export_to_b2())
     empty_falkordb.execute_command("GRAPH.DELETE", memory.group)
-    restored = asyncio.run(memory_manager.restore(exported_to(message)))
+    restored = asyncio.run(memory_manager.restore(summary.target))
     asyncio.run(memory_manager.close())
 
-    assert message.startswith("exported 1 group(s)") and restored.startswith("restored 1 group(s)")
+    assert (summary.groups, summary.target.startswith("b2://opencode-memory/graphiti_export_")) == (1, True)
+    assert summary.nodes == restored.nodes > 0 and summary.edges == restored.edges
+    assert [(g.group, g.action) for g in restored.groups] == [(memory.group, "create")]
+    assert restored.dry_run is False
     assert memory.entities() == entities
+
+
+def test_export_and_restore_json_are_documents_a_script_can_use(memory, empty_falkordb, tmp_path):
+    memory.store(A_EVENTS[0])
+    path = tmp_path / "backup.json"
+
+    exported = json.loads(memory.ok("export", "--output", str(path), "--json"))
+    dry_run = json.loads(memory.ok("restore", str(path), "--dry-run", "--replace", "--json"))
+    empty_falkordb.execute_command("GRAPH.DELETE", memory.group)
+    restored = json.loads(memory.ok("restore", str(path), "--json"))
+
+    assert exported["target"] == str(path)
+    assert exported["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert exported["bytes"] == path.stat().st_size
+    assert dry_run["dry_run"] is True
+    assert [(g["group"], g["action"], g["existing_nodes"]) for g in dry_run["groups"]] == \
+        [(memory.group, "replace", exported["nodes"])]
+    assert (restored["dry_run"], restored["nodes"], restored["edges"]) == (False, exported["nodes"], exported["edges"])
+    assert restored["groups"][0]["action"] == "create"

@@ -75,7 +75,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MemoryManagerError", "UsageError", "ServiceError", "IngestError", "Settings", "QueuedEpisode",
-    "store_episode", "enqueue_episode", "wait_for_episode", "query_memory", "get_entities",
+    "store_episode", "enqueue_episode", "wait_for_episode", "query_memory", "search_facts", "Fact",
+    "get_entities", "ExportSummary", "RestoreResult", "GroupRestore", "RefusedRestore",
     "queue_status", "retry_dead_letters", "run_worker", "health", "export_to_b2", "export_to_file",
     "write_export", "restore", "close", "main",
 ]
@@ -805,7 +806,7 @@ def normalise_query(text: str) -> str:
 
 def cache_key(group: str, query: str, limit: int) -> str:
     payload = json.dumps([group, normalise_query(query), limit])
-    return group_key(group, f"query:{hashlib.sha256(payload.encode()).hexdigest()}")
+    return group_key(group, f"facts:{hashlib.sha256(payload.encode()).hexdigest()}")  # JSON fact records
 
 
 @dataclass(frozen=True)
@@ -1245,21 +1246,30 @@ async def store_episode(content: str, metadata: dict | str | None = None, *, wai
     return queued.name
 
 
-def format_facts(edges: list[Any]) -> str:
-    if not edges:
+@dataclass(frozen=True)
+class Fact:
+    """One remembered fact: its text, validity window (ISO 8601; None: unknown / still true), the
+    graph edge's uuid and its search score (reciprocal rank fusion of text and vector search)."""
+
+    text: str
+    valid_at: str | None
+    invalid_at: str | None
+    uuid: str
+    score: float | None
+
+
+def format_facts(facts: list[Fact]) -> str:
+    """The text `query` prints: one line per distinct fact, with its validity window."""
+    if not facts:
         return NO_RESULTS
-    lines: dict[str, None] = {}  # ordered set: two edges may carry the same fact text
-    for edge in edges:
-        valid = edge.valid_at.isoformat() if edge.valid_at else "?"
-        invalid = edge.invalid_at.isoformat() if edge.invalid_at else "present"
-        lines[f"- {edge.fact} (valid {valid} → {invalid})"] = None
-    return "\n".join(lines)
+    lines = {f"- {f.text} (valid {f.valid_at or '?'} → {f.invalid_at or 'present'})": None for f in facts}
+    return "\n".join(lines)  # an ordered set: two edges may carry the same fact text
 
 
-async def _search(query: str, limit: int) -> str:
+async def _search(query: str, limit: int) -> list[Fact]:
     s = settings()
     if not await _graph_exists(s.group_id):  # searching would create an empty graph
-        return NO_RESULTS
+        return []
     graphiti = await _graphiti()
     from graphiti_core.search.search_config_recipes import EDGE_HYBRID_SEARCH_RRF
 
@@ -1268,54 +1278,70 @@ async def _search(query: str, limit: int) -> str:
     async with _service("falkordb", s.falkordb_address), _llm_service():
         results = await graphiti.search_(LONE_UNDERSCORES.sub(" ", query), config=config,
                                          group_ids=[s.group_id])
-    return format_facts(_ranked(results.edges, results.edge_reranker_scores))
+    scores = results.edge_reranker_scores
+    if len(scores) != len(results.edges):
+        scores = [None] * len(results.edges)
+    return [_fact(edge, score) for edge, score in _ranked(results.edges, scores)]
 
 
-def _ranked(edges: list[Any], scores: list[float]) -> list[Any]:
+def _fact(edge: Any, score: float | None) -> Fact:
+    def iso(when: datetime | None) -> str | None:
+        return when.isoformat() if when else None
+
+    return Fact(edge.fact, iso(edge.valid_at), iso(edge.invalid_at), edge.uuid, score)
+
+
+def _ranked(edges: list[Any], scores: list[Any]) -> list[tuple[Any, Any]]:
     """Graphiti's order, with RRF ties (common: rank 1+2 equals rank 2+1) broken newest first, then
     by uuid, instead of by FalkorDB's internal ids, which a restore renumbers."""
-    if len(scores) != len(edges):
-        return edges
+    if None in scores:
+        return list(zip(edges, scores))
 
     def key(pair: tuple[Any, float]) -> tuple:
         edge, score = pair
         when = edge.valid_at or edge.created_at
         return (-score, -when.timestamp() if when else 0.0, edge.uuid)
 
-    return [edge for edge, _ in sorted(zip(edges, scores), key=key)]
+    return sorted(zip(edges, scores), key=key)
+
+
+async def search_facts(search_query: str, limit: int = 5) -> list[Fact]:
+    """The facts relevant to a query, best first, as records (for `query --json` and servers)."""
+    async with operation("query") as op:
+        return await _cached_facts(op, search_query, limit)
 
 
 async def query_memory(search_query: str, limit: int = 5) -> str:
     """Facts relevant to the query, one per line with their validity window; cached per group."""
     async with operation("query") as op:
-        if not isinstance(search_query, str) or not search_query.strip():
-            raise UsageError("query must be non-empty text")
-        limit = _validate_limit(limit)
-        group = settings().group_id
-        op.set(**{"memory.limit": limit, "memory.query.length": len(search_query),
-                  "memory.query.hash": short_hash(normalise_query(search_query))})
-        async with span("memory.cache.lookup") as lookup:
-            cached, slot = await _cache_lookup(group, search_query, limit)
-            lookup.set(**{"cache.hit": cached is not None})
-        op.set(**{"cache.hit": cached is not None})
-        if cached is not None:
-            emit("cache_hit", 1, "c", operation="query", group=group)
-            answer = cached
-        else:
-            if slot is not None:
-                emit("cache_miss", 1, "c", operation="query", group=group)
-            async with span("memory.graph.search") as search:
-                answer = await _search(search_query, limit)
-                search.set(**{"memory.results": _fact_count(answer)})
-            if slot is not None:
-                async with span("memory.cache.write"):
-                    await _cache_store(slot, answer)
-        op.set(**{"memory.results": _fact_count(answer)})
-        return answer
+        return format_facts(await _cached_facts(op, search_query, limit))
 
 
-def _fact_count(answer: str) -> int:
-    return 0 if answer == NO_RESULTS else len(answer.splitlines())
+async def _cached_facts(op: _Span, search_query: str, limit: int) -> list[Fact]:
+    if not isinstance(search_query, str) or not search_query.strip():
+        raise UsageError("query must be non-empty text")
+    limit = _validate_limit(limit)
+    group = settings().group_id
+    op.set(**{"memory.limit": limit, "memory.query.length": len(search_query),
+              "memory.query.hash": short_hash(normalise_query(search_query))})
+    async with span("memory.cache.lookup") as lookup:
+        cached, slot = await _cache_lookup(group, search_query, limit)
+        lookup.set(**{"cache.hit": cached is not None})
+    op.set(**{"cache.hit": cached is not None})
+    if cached is not None:
+        emit("cache_hit", 1, "c", operation="query", group=group)
+        facts = [Fact(**record) for record in json.loads(cached)]
+    else:
+        if slot is not None:
+            emit("cache_miss", 1, "c", operation="query", group=group)
+        async with span("memory.graph.search") as search:
+            facts = await _search(search_query, limit)
+            search.set(**{"memory.results": len(facts)})
+        if slot is not None:
+            async with span("memory.cache.write"):
+                await _cache_store(slot, json.dumps([dataclasses.asdict(f) for f in facts], ensure_ascii=False))
+    op.set(**{"memory.results": len(facts)})
+    return facts
 
 
 async def get_entities(entity_type: str | None = None) -> list[dict]:
@@ -1349,33 +1375,60 @@ async def health() -> dict:
     OpenAI outage nor a backlog, which the queue rides out."""
     async with operation("health") as op:
         s = settings()
-        falkordb, valkey = await asyncio.gather(
+        falkordb, valkey, llm = await asyncio.gather(
             _probe(s.falkordb_address, _falkordb_probe, "FALKORDB_PASSWORD"),
-            _probe(s.valkey_address, _valkey_probe, "VALKEY_PASSWORD"))
+            _probe(s.valkey_address, _valkey_probe, "VALKEY_PASSWORD"), _llm_health(s))
         queue = await _queue_health(valkey["ok"])
         op.set(**{"health.falkordb": falkordb["ok"], "health.valkey": valkey["ok"],
-                  "health.llm_configured": bool(s.openai_api_key)})
+                  "health.llm": llm["ok"]})
         return {
             "falkordb": falkordb,
             "valkey": valkey,
-            "llm": _llm_health(s),
+            "llm": llm,
             **queue,
             "healthy": falkordb["ok"] and valkey["ok"],
         }
 
 
-def _llm_health(s: Settings) -> dict:
-    """Configured or not, and a warning when graphiti's OpenAI model names would go elsewhere."""
+async def _llm_health(s: Settings) -> dict:
+    """One cheap authenticated call (GET /models, no retries, bounded): not configured, unreachable,
+    rejected the key, or answered; plus a warning when graphiti's OpenAI model names would go to a
+    server that is not OpenAI."""
     if not s.openai_api_key:
-        return {"ok": False, "address": s.llm_address, "detail": "OPENAI_API_KEY not set"}
+        return {"ok": False, "state": "off", "address": s.llm_address, "detail": "not configured (OPENAI_API_KEY not set)"}
+    failure = await _llm_probe(s)
+    if failure:
+        return {"ok": False, "state": "FAIL", "address": s.llm_address, "detail": failure}
     elsewhere = s.openai_base_url and urlsplit(s.openai_base_url).hostname != "api.openai.com"
     unset = [name for name, value in (("MEMORY_LLM_MODEL", s.llm_model), ("MEMORY_LLM_SMALL_MODEL", s.llm_small_model),
                                       ("MEMORY_EMBEDDING_MODEL", s.embedding_model)) if not value]
     if elsewhere and unset:
         return {"ok": True, "state": "WARN", "address": s.llm_address,
-                "detail": f"configured, but {', '.join(unset)} unset: graphiti's OpenAI default model names "
+                "detail": f"answered, but {', '.join(unset)} unset: graphiti's OpenAI default model names "
                           "are sent to this non-OpenAI server"}
-    return {"ok": True, "address": s.llm_address, "detail": "configured"}
+    return {"ok": True, "address": s.llm_address, "detail": "answered (key accepted)"}
+
+
+async def _llm_probe(s: Settings) -> str | None:
+    """None when the endpoint accepted the key, else why not."""
+    import openai
+
+    client = openai.AsyncOpenAI(api_key=s.openai_api_key, base_url=s.openai_base_url,
+                                timeout=HEALTH_TIMEOUT_S, max_retries=0)
+    try:
+        await asyncio.wait_for(client.models.list(), HEALTH_TIMEOUT_S)
+        return None
+    except (openai.AuthenticationError, openai.PermissionDeniedError):
+        return "rejected the key (check OPENAI_API_KEY)"
+    except (openai.APITimeoutError, asyncio.TimeoutError):
+        return f"unreachable: no answer within {HEALTH_TIMEOUT_S:g} s"
+    except openai.APIConnectionError as exc:
+        refused = _caused_by(exc, ConnectionRefusedError) or "refused" in repr(exc.__cause__)
+        return "unreachable: connection refused" if refused else f"unreachable: {_describe(exc)}"
+    except openai.APIStatusError as exc:
+        return f"answered HTTP {exc.status_code}"
+    finally:
+        await client.close()
 
 
 async def _queue_health(valkey_ok: bool) -> dict:
@@ -1499,6 +1552,17 @@ def _backoff_s(failures: int) -> float:
     return random.uniform(0.5, 1.0) * min(RETRY_CAP_S, RETRY_BASE_S * 2 ** max(0, failures - 1))
 
 
+@dataclass
+class WorkerSummary:
+    """What one worker or drainer run did; exit_code 1 when the LLM endpoint rejected the key."""
+
+    mode: str
+    id: str
+    stored: int = 0
+    dead_lettered: int = 0
+    exit_code: int = 0
+
+
 class _Worker:
     def __init__(self, drain: bool) -> None:
         self.s = settings()
@@ -1510,8 +1574,9 @@ class _Worker:
         self.heartbeat: str | None = None
         self.auth_failed = False
         self.valkey_warned = False  # warn once per outage
+        self.summary = WorkerSummary(self.mode, self.id)
 
-    async def run(self) -> int:
+    async def run(self) -> WorkerSummary:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stopping.set)
@@ -1523,7 +1588,8 @@ class _Worker:
         finally:
             await self._shutdown(beats)
         log.info("%s %s stopped", self.mode, self.id)
-        return 1 if self.auth_failed else 0
+        self.summary.exit_code = 1 if self.auth_failed else 0
+        return self.summary
 
     async def _loop(self) -> None:
         idle_since = time.monotonic()
@@ -1667,6 +1733,7 @@ class _Worker:
                 op.set(**{"ingest.duplicate": True})
             await _valkey().incr(group_key(group, "gen"))  # the cache sees it only once it is in the graph
             await self._finish(group, entry_id, fields["job"], {"status": "stored", "episode": fields["name"]})
+        self.summary.stored += 1
         log.info("stored %s (job %s) in group %s", fields["name"], fields["job"], group)
 
     async def _stored_episode(self, group: str, fields: dict[str, str]) -> str | None:
@@ -1719,6 +1786,7 @@ class _Worker:
         await self._finish(group, entry_id, fields["job"],
                            {"status": "dead", "error": detail, "attempts": attempts}, dead_letter=dead)
         emit("ingest.dead_letters", 1, "c", group=group)
+        self.summary.dead_lettered += 1
         log.error("error: %s (job %s) in group %s dead-lettered after %d attempts: %s",
                   fields["name"], fields["job"], group, attempts, detail)
 
@@ -1789,9 +1857,9 @@ class _Worker:
             await self._drop_heartbeat()
 
 
-async def run_worker(drain: bool = False) -> int:
+async def run_worker(drain: bool = False) -> WorkerSummary:
     """Ingest queued episodes until SIGTERM (worker) or until the queue stays empty for
-    MEMORY_DRAIN_IDLE seconds (drain). Exit status 1 if the LLM endpoint rejected the key."""
+    MEMORY_DRAIN_IDLE seconds (drain)."""
     settings().require_llm()
     await _tracer()  # a malformed DD_* variable stops the worker here, not every ingestion
     return await _Worker(drain).run()
@@ -1849,11 +1917,18 @@ def _split_embeddings(props: dict) -> tuple[dict, dict]:
 
 @dataclass
 class ExportSummary:
+    """What an export wrote, and where (a path, "stdout" or b2://bucket/name)."""
+
     groups: int = 0
     nodes: int = 0
     edges: int = 0
     bytes: int = 0
     sha256: str = ""
+    target: str = ""
+
+    def __str__(self) -> str:
+        return (f"exported {self.groups} group(s), {self.nodes} nodes, {self.edges} edges, {self.bytes} bytes, "
+                f"sha256 {self.sha256} to {self.target}")
 
 
 class _DocumentWriter:
@@ -1978,17 +2053,18 @@ def export_file_name(now: datetime, prefix: str = "") -> str:
     return f"{prefix}/{name}" if prefix else name
 
 
-async def export_to_file(path: str, progress: Progress | None = None) -> str:
+async def export_to_file(path: str, progress: Progress | None = None) -> ExportSummary:
     """Write the export document to `path` atomically (a temporary file renamed into place), or to
-    stdout when `path` is "-"; returns a summary."""
+    stdout when `path` is "-"."""
     async with operation("export", **{"export.target": "stdout" if path == "-" else "file"}) as op:
         if path == "-":
             summary = await write_export(sys.stdout.buffer, progress)
             sys.stdout.flush()
         else:
             summary = await _export_to_path(path, progress)
+        summary.target = "stdout" if path == "-" else path
         _record_export(op, summary)
-    return f"exported {_describe_summary(summary)} to {'stdout' if path == '-' else path}"
+    return summary
 
 
 async def _export_to_path(path: str, progress: Progress | None) -> ExportSummary:
@@ -2017,13 +2093,8 @@ def _record_export(op: _Span, summary: ExportSummary) -> None:
     emit("export.bytes", summary.bytes, "d", operation="export")
 
 
-def _describe_summary(summary: ExportSummary) -> str:
-    return (f"{summary.groups} group(s), {summary.nodes} nodes, {summary.edges} edges, "
-            f"{summary.bytes} bytes, sha256 {summary.sha256}")
-
-
-async def export_to_b2(progress: Progress | None = None) -> str:
-    """Export every memory group to B2 as graphiti_export_<UTC timestamp>.json; returns a summary."""
+async def export_to_b2(progress: Progress | None = None) -> ExportSummary:
+    """Export every memory group to B2 as graphiti_export_<UTC timestamp>.json."""
     async with operation("export", **{"export.target": "b2"}) as op:
         s = settings()
         s.require_b2()
@@ -2041,8 +2112,9 @@ async def export_to_b2(progress: Progress | None = None) -> str:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
+        summary.target = f"b2://{s.b2_bucket}/{name}"
         _record_export(op, summary)
-    return f"exported {_describe_summary(summary)} to b2://{s.b2_bucket}/{name} (file {name.rsplit('/', 1)[-1]})"
+    return summary
 
 
 # --- B2 ------------------------------------------------------------------------------------------
@@ -2115,10 +2187,49 @@ class RestorePlan:
     groups: dict[str, dict[str, int]]  # group -> {"nodes": n, "edges": m}
 
 
+@dataclass(frozen=True)
+class GroupRestore:
+    group: str
+    nodes: int                 # in the document
+    edges: int
+    existing_nodes: int        # in FalkorDB before the restore
+    existing_edges: int
+    action: str                # "create", "replace" or "refuse"
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    """What a restore wrote or, with dry_run, would write (then nothing was written)."""
+
+    source: str
+    exported_at: str | None
+    dry_run: bool
+    groups: list[GroupRestore]
+
+    @property
+    def nodes(self) -> int:
+        return sum(g.nodes for g in self.groups)
+
+    @property
+    def edges(self) -> int:
+        return sum(g.edges for g in self.groups)
+
+    def __str__(self) -> str:
+        if not self.dry_run:
+            return f"restored {len(self.groups)} group(s), {self.nodes} nodes, {self.edges} edges from {self.source}"
+        lines = [f"dry run: export of {self.exported_at} ({len(self.groups)} group(s)); nothing written"]
+        for g in self.groups:
+            action = {"create": "would create it",
+                      "replace": f"would replace {g.existing_nodes} nodes and {g.existing_edges} edges",
+                      "refuse": f"refused: it holds {g.existing_nodes} nodes (pass --replace)"}[g.action]
+            lines.append(f"group {g.group}: {g.nodes} nodes, {g.edges} edges; {action}")
+        return "\n".join(lines)
+
+
 class RefusedRestore(UsageError):
     """A dry run whose real run would be refused; `plan` says what the document holds."""
 
-    def __init__(self, message: str, plan: str) -> None:
+    def __init__(self, message: str, plan: RestoreResult) -> None:
         super().__init__(message)
         self.plan = plan
 
@@ -2366,8 +2477,8 @@ def _file_sha256(path: str) -> str:
 
 
 async def restore(source: str, replace: bool = False, dry_run: bool = False,
-                  progress: Progress | None = None) -> str:
-    """Restore an export document (a path or b2://bucket/name) into FalkorDB; returns a summary.
+                  progress: Progress | None = None) -> RestoreResult:
+    """Restore an export document (a path or b2://bucket/name) into FalkorDB.
 
     The whole document is validated first; groups that already hold memories are refused unless
     `replace`, which drops them first. Embeddings come back as vectors, so search works at once."""
@@ -2375,7 +2486,8 @@ async def restore(source: str, replace: bool = False, dry_run: bool = False,
         return await _restore(op, source, replace, dry_run, progress)
 
 
-async def _restore(op: _Span, source: str, replace: bool, dry_run: bool, progress: Progress | None) -> str:
+async def _restore(op: _Span, source: str, replace: bool, dry_run: bool,
+                   progress: Progress | None) -> RestoreResult:
     dimension = await asyncio.to_thread(_embedding_dimension)
     async with _local_copy(source) as path:
         async with span("memory.restore.validate"):
@@ -2383,14 +2495,14 @@ async def _restore(op: _Span, source: str, replace: bool, dry_run: bool, progres
         s = settings()
         async with _service("falkordb", s.falkordb_address):
             existing = {group: await _graph_counts(group) for group in plan.groups}
-            occupied = [group for group, (nodes, _) in existing.items() if nodes]
+            result = _restore_result(source, plan, existing, replace, dry_run)
+            occupied = [g.group for g in result.groups if g.action == "refuse"]
             refusal = (f"group(s) {', '.join(occupied)} already hold memories; pass --replace to overwrite them"
-                       if occupied and not replace else None)
+                       if occupied else None)
             if dry_run:
-                description = _describe_plan(plan, existing, replace)
                 if refusal:
-                    raise RefusedRestore(f"the restore would be refused: {refusal}", description)
-                return description
+                    raise RefusedRestore(f"the restore would be refused: {refusal}", result)
+                return result
             if refusal:
                 raise UsageError(refusal)
             for group in plan.groups:
@@ -2409,24 +2521,18 @@ async def _restore(op: _Span, source: str, replace: bool, dry_run: bool, progres
                                        "uuids in the document, or an interrupted write: run it again with --replace)")
         for group in plan.groups:
             await _invalidate(group)
-    nodes = sum(c["nodes"] for c in plan.groups.values())
-    edges = sum(c["edges"] for c in plan.groups.values())
-    op.set(**{"memory.groups": len(plan.groups), "memory.nodes": nodes, "memory.edges": edges})
-    return f"restored {len(plan.groups)} group(s), {nodes} nodes, {edges} edges from {source}"
+    op.set(**{"memory.groups": len(result.groups), "memory.nodes": result.nodes, "memory.edges": result.edges})
+    return result
 
 
-def _describe_plan(plan: RestorePlan, existing: dict[str, tuple[int, int]], replace: bool) -> str:
-    lines = [f"dry run: export of {plan.header.get('exported_at')} ({len(plan.groups)} group(s)); nothing written"]
-    for group, counts in plan.groups.items():
-        nodes, edges = existing[group]
-        if not nodes:
-            action = "would create it"
-        elif replace:
-            action = f"would replace {nodes} nodes and {edges} edges"
-        else:
-            action = f"refused: it holds {nodes} nodes (pass --replace)"
-        lines.append(f"group {group}: {counts['nodes']} nodes, {counts['edges']} edges; {action}")
-    return "\n".join(lines)
+def _restore_result(source: str, plan: RestorePlan, existing: dict[str, tuple[int, int]], replace: bool,
+                    dry_run: bool) -> RestoreResult:
+    def action(existing_nodes: int) -> str:
+        return "create" if not existing_nodes else ("replace" if replace else "refuse")
+
+    groups = [GroupRestore(group, counts["nodes"], counts["edges"], *existing[group], action(existing[group][0]))
+              for group, counts in plan.groups.items()]
+    return RestoreResult(source, plan.header.get("exported_at"), dry_run, groups)
 
 
 # === CLI =========================================================================================
@@ -2479,7 +2585,13 @@ def _common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--group", metavar="G", help="memory group (overrides MEMORY_GROUP_ID)")
     common.add_argument("-q", "--quiet", action="store_true", help="no warnings or progress on stderr")
+    common.add_argument("--json", action="store_true", help="print one JSON document on stdout (errors stay "
+                        "one line on stderr)")
     return common
+
+
+def _print_json(document: Any) -> None:
+    print(json.dumps(document, ensure_ascii=False))
 
 
 def _read_stdin(what: str) -> str:
@@ -2494,7 +2606,11 @@ async def cmd_store(args: argparse.Namespace) -> int:
     if args.wait:
         await wait_for_episode(queued, args.timeout)
     state = "stored" if args.wait else ("spooled" if queued.spooled else "queued")
-    print(f"{state} {queued.name} {queued.job_id}")
+    if args.json:
+        _print_json({"state": state, "episode": queued.name, "job_id": queued.job_id,
+                     "group": settings().group_id})
+    else:
+        print(f"{state} {queued.name} {queued.job_id}")
     return 0
 
 
@@ -2502,20 +2618,28 @@ async def cmd_query(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit_option is not None:
         raise UsageError("query: give the limit once (--limit N or a second argument)")
     limit = args.limit_option if args.limit_option is not None else args.limit
-    print(await query_memory(args.search_query, 5 if limit is None else limit))
+    limit = 5 if limit is None else limit
+    if args.json:
+        facts = await search_facts(args.search_query, limit)
+        _print_json({"group": settings().group_id, "facts": [dataclasses.asdict(f) for f in facts]})
+    else:
+        print(await query_memory(args.search_query, limit))
     return 0
 
 
 async def cmd_entities(args: argparse.Namespace) -> int:
-    print(json.dumps(await get_entities(args.entity_type), ensure_ascii=False))
+    _print_json(await get_entities(args.entity_type))  # JSON with or without --json
     return 0
 
 
-HEALTH_NOT_OK = {"falkordb": "FAIL", "valkey": "FAIL", "llm": "off", "queue": "WARN", "worker": "off"}
+HEALTH_NOT_OK = {"falkordb": "FAIL", "valkey": "FAIL", "llm": "FAIL", "queue": "WARN", "worker": "off"}
 
 
 async def cmd_health(args: argparse.Namespace) -> int:
     report = await health()
+    if args.json:
+        _print_json(report)
+        return 0 if report["healthy"] else 1
     for name, failed in HEALTH_NOT_OK.items():
         status = report[name]
         state = status.get("state") or ("ok" if status["ok"] else failed)
@@ -2526,13 +2650,16 @@ async def cmd_health(args: argparse.Namespace) -> int:
 async def cmd_queue(args: argparse.Namespace) -> int:
     if args.action == "retry":
         moved = await retry_dead_letters(args.retry_group)
-        print(json.dumps({"requeued": moved}) if args.json else f"requeued {moved} dead letter(s)")
+        if args.json:
+            _print_json({"requeued": moved})
+        else:
+            print(f"requeued {moved} dead letter(s)")
         return 0
     if args.retry_group is not None:
         raise UsageError("queue: a group is only taken by `queue retry [GROUP]`")
     status = await queue_status()
     if args.json:
-        print(json.dumps(status, ensure_ascii=False))
+        _print_json(status)
         return 0
     print(f"{'group':<24} {'queued':>6} {'in flight':>9} {'oldest':>9} {'dead':>5}  last error")
     for row in status["groups"]:
@@ -2549,11 +2676,17 @@ async def cmd_queue(args: argparse.Namespace) -> int:
 async def cmd_worker(args: argparse.Namespace) -> int:
     if not args.quiet:
         log.setLevel(logging.INFO)
-    return await run_worker(drain=False)
+    return _worker_done(args, await run_worker(drain=False))
 
 
 async def cmd_drain(args: argparse.Namespace) -> int:
-    return await run_worker(drain=True)
+    return _worker_done(args, await run_worker(drain=True))
+
+
+def _worker_done(args: argparse.Namespace, summary: WorkerSummary) -> int:
+    if args.json:
+        _print_json(dataclasses.asdict(summary))
+    return summary.exit_code
 
 
 class _TerminalProgress:
@@ -2577,12 +2710,17 @@ class _TerminalProgress:
 
 
 async def cmd_export(args: argparse.Namespace) -> int:
+    if args.json and args.output == "-":
+        raise UsageError("export: --json and --output - both want stdout; give --output a file name")
     progress = _TerminalProgress("exporting", args.quiet)
     try:
-        message = await (export_to_file(args.output, progress) if args.output else export_to_b2(progress))
+        summary = await (export_to_file(args.output, progress) if args.output else export_to_b2(progress))
     finally:
         progress.finish()
-    print(message, file=sys.stderr if args.output == "-" else sys.stdout)  # stdout holds the document
+    if args.json:
+        _print_json(dataclasses.asdict(summary))
+    else:
+        print(summary, file=sys.stderr if args.output == "-" else sys.stdout)  # stdout holds the document
     return 0
 
 
@@ -2591,13 +2729,21 @@ async def cmd_restore(args: argparse.Namespace) -> int:
         _confirm_replace(args.source)
     progress = _TerminalProgress("restoring", args.quiet)
     try:
-        print(await restore(args.source, replace=args.replace, dry_run=args.dry_run, progress=progress))
+        _print_restore(args, await restore(args.source, replace=args.replace, dry_run=args.dry_run,
+                                           progress=progress))
     except RefusedRestore as refused:
-        print(refused.plan)  # the dry run's plan, then the reason it would be refused
+        _print_restore(args, refused.plan)  # the dry run's plan, then the reason it would be refused
         raise
     finally:
         progress.finish()
     return 0
+
+
+def _print_restore(args: argparse.Namespace, result: RestoreResult) -> None:
+    if args.json:
+        _print_json({**dataclasses.asdict(result), "nodes": result.nodes, "edges": result.edges})
+    else:
+        print(result)
 
 
 def _confirm_replace(source: str) -> None:
@@ -2659,7 +2805,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"with --wait: give up after S seconds (default {WAIT_TIMEOUT_S:g}); it stays queued")
 
     query = command("query", "print the facts relevant to a question", cmd_query)
-    query.add_argument("search_query", help="the question or keywords (a text starting with - needs -- before it)")
+    query.add_argument("search_query", help="the question or keywords (a text starting with - is a question too, "
+                       "except -h; -- before it is always safe)")
     query.add_argument("limit", nargs="?", type=int, help="facts to return, 1-50 (default 5); or --limit")
     query.add_argument("--limit", dest="limit_option", type=int, metavar="N", help="facts to return, 1-50 (default 5)")
 
@@ -2673,7 +2820,6 @@ def build_parser() -> argparse.ArgumentParser:
     queue.add_argument("action", nargs="?", choices=["status", "retry"], default="status",
                        help="status (default) or retry: move dead letters back into the queue")
     queue.add_argument("retry_group", nargs="?", metavar="GROUP", help="with retry: only this group")
-    queue.add_argument("--json", action="store_true", help="print one JSON document")
 
     command("worker", "ingest queued episodes until SIGTERM (a container process)", cmd_worker)
     command("drain", "ingest queued episodes; exit after MEMORY_DRAIN_IDLE idle seconds", cmd_drain)
@@ -2698,6 +2844,30 @@ def _positive_seconds(text: str) -> float:
     if not 0 < value <= 86_400:
         raise argparse.ArgumentTypeError(f"must be seconds from 0 to 86400, got {text!r}")
     return value
+
+
+QUERY_OPTIONS = {"--limit": True, "--group": True, "-q": False, "--quiet": False, "--json": False,
+                 "-h": False, "--help": False}  # option -> takes a value
+
+
+def _dash_texts_are_questions(argv: list[str]) -> list[str]:
+    """`query -foo` asks about "-foo": the plugin passes a user's text as one argument, and argparse
+    would read it as an unknown option. Options `query` knows (including -h) keep their meaning;
+    every other argument becomes positional, behind a `--`."""
+    if not argv or argv[0] != "query" or "--" in argv:
+        return argv
+    options: list[str] = []
+    positionals: list[str] = []
+    rest = iter(argv[1:])
+    for token in rest:
+        name = token.split("=", 1)[0]
+        if name in QUERY_OPTIONS:
+            options.append(token)
+            if QUERY_OPTIONS[name] and "=" not in token:
+                options.extend(itertools.islice(rest, 1))
+        else:
+            positionals.append(token)
+    return ["query", *options, "--", *positionals]
 
 
 def _use_group(group: str | None) -> None:
@@ -2735,7 +2905,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return UsageError.exit_code
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(_dash_texts_are_questions(argv))
         log.setLevel(logging.ERROR if args.quiet else logging.WARNING)
         code = asyncio.run(_run(args))
     except BrokenPipeError:
