@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 OPENSPEC := OPENSPEC_TELEMETRY=0 npx --yes @fission-ai/openspec@1.13.2
 
-.PHONY: install valkey test spec demo stack stack-down bench bench-export bench-queue clean
+.PHONY: install valkey test spec lint demo stack stack-down bench bench-export bench-queue clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,12 @@ install: $(VENV)/.installed containers/opencode-server/graphiti/__pycache__/.com
 spec:
 	$(OPENSPEC) validate --all --strict --no-interactive
 
-test: install spec
+# ruff (rule sets in pyproject.toml) and mypy over the module, the local stack and the tests.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: install spec lint
 	$(PY) -m pytest
 
 demo: install

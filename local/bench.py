@@ -58,8 +58,9 @@ async def sample_us(call: Any, iterations: int) -> list[float]:
 
 async def in_process(env: dict[str, str], iterations: int) -> tuple[list[float], list[float]]:
     """Hits and raw GETs in this process, tracing as `env` says (the tracer is probed once per process)."""
-    import memory_manager
     import redis.asyncio
+
+    import memory_manager
 
     os.environ.update(env)
     await memory_manager.query_memory("graph database")  # warm: miss, then cached

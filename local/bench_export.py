@@ -60,7 +60,8 @@ def build_graph(db: redis.Redis, group: str, entities: int) -> None:
         end = min(entities, start + BATCH) - 1
         run(f"UNWIND range({start}, {end}) AS i MATCH (p:Episodic {{uuid: 'p' + toString(100000000 + i / 5)}}) "
             f"MATCH (e:Entity {{uuid: 'e' + toString(100000000 + i)}}) "
-            f"CREATE (p)-[:MENTIONS {{uuid: 'm' + toString(100000000 + i), group_id: '{group}', created_at: {now}}}]->(e)")
+            f"CREATE (p)-[:MENTIONS {{uuid: 'm' + toString(100000000 + i), group_id: '{group}', "
+            f"created_at: {now}}}]->(e)")
 
 
 def wait_for_indexes(db: redis.Redis, group: str) -> None:

@@ -174,9 +174,9 @@ def main() -> None:
             if args.store_only:
                 print_table(stores)
                 return
-            log = open(Path(run_dir) / "worker.log", "w")
-            worker = subprocess.Popen([sys.executable, str(MODULE), "worker"], env=env, stdout=log,
-                                      stderr=subprocess.STDOUT)
+            with open(Path(run_dir) / "worker.log", "w") as log:
+                worker = subprocess.Popen([sys.executable, str(MODULE), "worker"], env=env, stdout=log,
+                                          stderr=subprocess.STDOUT)
             wait_heartbeat(stack, present=True)
             throughput = throughput_rows(stack, env, per_group={0: 12, 1000: 6})
             rss = peak_rss_mb(worker.pid)

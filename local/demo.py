@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import urllib.request
-from collections import Counter
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections import Counter
 from pathlib import Path
 
 from stack import ROOT, Stack
@@ -108,7 +108,7 @@ def main() -> None:
         stack.start()
         try:
             b2_target, b2_env = b2_mode(stack)
-            keep_b2 = {k: v for k, v in os.environ.items() if k.startswith("B2_")} if not b2_env else b2_env
+            keep_b2 = b2_env or {k: v for k, v in os.environ.items() if k.startswith("B2_")}
             env = {**os.environ, **stack.env(), "MEMORY_GROUP_ID": "demo", **openai_env, **keep_b2,
                    "MEMORY_SPOOL_DIR": str(Path(run_dir) / "spool"), "MEMORY_DRAIN_IDLE": "5"}
             if openai_env:

@@ -6,6 +6,7 @@ Run: python local/dogstatsd_catcher.py --port 16525 --out .stack/dogstatsd.log
 """
 
 import argparse
+import contextlib
 import socket
 
 
@@ -23,7 +24,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         main()
-    except KeyboardInterrupt:
-        pass

@@ -28,6 +28,7 @@ import argparse
 import ast
 import base64
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -42,17 +43,26 @@ EMBEDDING_DIM = 1536
 HANG_S = 600
 
 STOPWORDS = frozenset(
-    "a an and are as at be been but by can did do does for from had has have how i if in into is it "
-    "its me my not of on or our so that the their them then there these they this to was we were what "
-    "when where which who why will with you your us use used using".split()
+    [
+        "a", "an", "and", "are", "as", "at", "be", "been", "but", "by", "can", "did", "do", "does", "for",
+        "from", "had", "has", "have", "how", "i", "if", "in", "into", "is", "it", "its", "me", "my", "not", "of",
+        "on", "or", "our", "so", "that", "the", "their", "them", "then", "there", "these", "they", "this", "to",
+        "was", "we", "were", "what", "when", "where", "which", "who", "why", "will", "with", "you", "your", "us",
+        "use", "used", "using"
+    ]
 )
 # Sentence-initial words and other capitalised words that are not names.
 NOT_NAMES = frozenset(
-    "A An And As At But By For From He How I If In It Its My No Not Of On Or Our She So That The Their "
-    "Then There These They This To We What When Where Which Who Why With You Your Use Used Using After "
-    "Before Added Fixed Completed Decided Prefer Prefers Always Never Edited Error Task Decision".split()
+    [
+        "A", "An", "And", "As", "At", "But", "By", "For", "From", "He", "How", "I", "If", "In", "It", "Its",
+        "My", "No", "Not", "Of", "On", "Or", "Our", "She", "So", "That", "The", "Their", "Then", "There",
+        "These", "They", "This", "To", "We", "What", "When", "Where", "Which", "Who", "Why", "With", "You",
+        "Your", "Use", "Used", "Using", "After", "Before", "Added", "Fixed", "Completed", "Decided", "Prefer",
+        "Prefers", "Always", "Never", "Edited", "Error", "Task", "Decision"
+    ]
 )
-FILE_PATH = re.compile(r"(?<![\w/.-])(?:[\w.-]+/)*[\w-]+\.(?:py|ts|tsx|js|json|md|toml|yaml|yml|sh|go|rs|txt|cfg|ini)\b")
+FILE_PATH = re.compile(
+    r"(?<![\w/.-])(?:[\w.-]+/)*[\w-]+\.(?:py|ts|tsx|js|json|md|toml|yaml|yml|sh|go|rs|txt|cfg|ini)\b")
 CODE_IDENT = re.compile(r"\b(?:[a-z]+_[a-z0-9_]+|[a-z]+[A-Z][A-Za-z0-9]+)\b(?:\(\))?")
 ERROR_NAME = re.compile(r"\b[A-Z][A-Za-z]*(?:Error|Exception)\b")
 PROPER_NAME = re.compile(r"\b[A-Z][A-Za-z0-9]*(?:[-.][A-Za-z0-9]+)*(?:\s+[A-Z][A-Za-z0-9]*(?:[-.][A-Za-z0-9]+)*)*")
@@ -156,7 +166,7 @@ def extract_edges(text: str, names: list[str]) -> list[dict]:
     for sentence in sentences(text):
         lower = sentence.lower()
         present = sorted((n for n in names if n.lower() in lower), key=lambda n: lower.find(n.lower()))
-        pairs = list(zip(present, present[1:]))
+        pairs = list(itertools.pairwise(present))
         for i, (source, target) in enumerate(pairs):
             if (source, target) in seen:
                 continue
@@ -269,7 +279,7 @@ def value_for_schema(schema: dict, defs: dict) -> Any:
     if kind == "object":
         props = schema.get("properties", {})
         return {k: value_for_schema(v, defs) for k, v in props.items() if k in schema.get("required", props)}
-    return {"array": [], "string": "", "integer": 0, "number": 0, "boolean": False}.get(kind)
+    return {"array": [], "string": "", "integer": 0, "number": 0, "boolean": False}.get(str(kind))
 
 
 def structured_answer(body: dict) -> tuple[str, Any]:

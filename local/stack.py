@@ -12,6 +12,7 @@ The env file holds one `export NAME=value` line for every variable the module re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -261,10 +262,8 @@ def down(run_dir: Path, env_file: Path) -> None:
         return
     pids = json.loads(state.read_text())["pids"]
     for pid in pids.values():
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
     deadline = time.monotonic() + 5
     for pid in pids.values():
         while time.monotonic() < deadline:

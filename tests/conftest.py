@@ -16,6 +16,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,7 @@ OUR_VARIABLES = (
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     local = Stack(tmp_path_factory.mktemp("stack"))
     local.start()
     yield local
@@ -92,12 +93,9 @@ class Memory:
     def worker(self, command: str = "worker", log: Path | None = None) -> subprocess.Popen:
         """A `worker` (or `drain`) process; its log goes to a file so a full pipe never blocks it."""
         self.spool_dir.mkdir(parents=True, exist_ok=True)
-        out = open(log or self.spool_dir / f"{command}-{time.monotonic_ns()}.log", "w")
-        try:
+        with open(log or self.spool_dir / f"{command}-{time.monotonic_ns()}.log", "w") as out:
             return subprocess.Popen([sys.executable, str(MODULE), command], env=self.env, text=True,
                                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        finally:
-            out.close()
 
     def run(self, *args: str, stdin: str | None = None, timeout_s: float = 120) -> Result:
         done = subprocess.run([sys.executable, str(MODULE), *args], env=self.env, text=True,
@@ -112,7 +110,7 @@ class Memory:
     def store(self, content: str, metadata: dict | None = None) -> str:
         """Store and wait until the episode is in the graph; returns the episode name."""
         args = ["store", "--wait", "--timeout", "180", content] + ([json.dumps(metadata)] if metadata else [])
-        state, name, job = self.ok(*args).split()
+        state, name, _job = self.ok(*args).split()
         assert state == "stored"
         return name
 
@@ -144,7 +142,7 @@ class Memory:
         rows = self.cypher("MATCH (e:Episodic) RETURN e.name, e.job_id, e.valid_at, e.created_at, e.content, "
                            "e.metadata, e.metadata_raw, e.queue_id ORDER BY e.created_at")
         keys = ("name", "job_id", "valid_at", "created_at", "content", "metadata", "metadata_raw", "queue_id")
-        return [dict(zip(keys, row)) for row in rows]
+        return [dict(zip(keys, row, strict=True)) for row in rows]
 
     def forget_queue(self) -> None:
         """Delete this group's queue, cache and lease keys, so no later worker picks them up."""
@@ -188,7 +186,7 @@ class Memory:
 
 
 @pytest.fixture
-def memory(stack: Stack, request: pytest.FixtureRequest, tmp_path: Path) -> Memory:
+def memory(stack: Stack, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Memory]:
     """A fresh memory group per test: groups are separate graphs, so tests never interfere; its
     queue keys are removed afterwards so that no worker of a later test spends time on them."""
     group = f"t_{request.node.name[:40]}_{uuid.uuid4().hex[:6]}".replace("[", "_").replace("]", "").replace("-", "_")
@@ -243,7 +241,7 @@ class StandIn:
 
 
 @pytest.fixture
-def standin(stack: Stack) -> StandIn:
+def standin(stack: Stack) -> Iterator[StandIn]:
     client = StandIn(stack.standin_url)
     client.reset()
     yield client
@@ -251,7 +249,7 @@ def standin(stack: Stack) -> StandIn:
 
 
 @pytest.fixture
-def valkey(stack: Stack) -> redis.Redis:
+def valkey(stack: Stack) -> Iterator[redis.Redis]:
     client = redis.Redis(port=stack.ports["valkey"], decode_responses=True)
     yield client
     client.close()
@@ -264,7 +262,7 @@ def dead_port() -> int:
 
 
 @pytest.fixture
-def blackhole_port() -> int:
+def blackhole_port() -> Iterator[int]:
     """A loopback port that accepts connections and never answers."""
     server = socket.socket()
     server.bind(("127.0.0.1", 0))

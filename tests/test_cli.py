@@ -86,7 +86,7 @@ def test_health_without_openai_key_still_passes_and_says_llm_is_not_configured(m
                                              "not configured (OPENAI_API_KEY not set)")
 
 
-@pytest.mark.parametrize("fault, detail", [
+@pytest.mark.parametrize(("fault", "detail"), [
     (None, "answered (key accepted)"),
     ("401", "rejected the key (check OPENAI_API_KEY)"),
     ("500", "answered HTTP 500"),
@@ -112,7 +112,8 @@ def test_health_says_the_llm_endpoint_is_unreachable_when_nothing_listens(memory
     result = memory.with_env(OPENAI_BASE_URL=f"http://127.0.0.1:{dead_port}/v1").run("health")
 
     assert result.code == 0
-    assert result.stdout.splitlines()[2] == f"llm       FAIL  http://127.0.0.1:{dead_port}/v1  unreachable: connection refused"
+    assert result.stdout.splitlines()[2] == \
+        f"llm       FAIL  http://127.0.0.1:{dead_port}/v1  unreachable: connection refused"
 
 
 @pytest.mark.parametrize("args", [
@@ -251,7 +252,7 @@ def run_on_a_terminal(memory, args: list[str], typed: bytes) -> tuple[int, str]:
     os.close(terminal)
     time.sleep(1.5)  # let it start and prompt
     os.write(controller, typed)
-    out, err = process.communicate(timeout=120)
+    _, err = process.communicate(timeout=120)
     os.close(controller)
     return process.returncode, err
 
@@ -304,6 +305,7 @@ def test_restore_dash_reads_the_document_from_stdin(memory, tmp_path):
 def test_a_closed_stdout_ends_export_quietly_like_head_expects(memory):
     process = subprocess.Popen([sys.executable, str(MODULE), "export", "--output", "-"], env=memory.env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout and process.stderr
     process.stdout.close()  # the reader is gone before the first byte
 
     code = process.wait(timeout=60)
@@ -429,3 +431,16 @@ def test_export_refuses_json_when_the_document_goes_to_stdout(memory):
     assert (result.code, result.stdout) == (2, "")
     assert result.error_lines == ["memory-manager: error: export: --json and --output - both want stdout; give "
                                   "--output a file name"]
+
+
+def test_the_module_docstring_lists_every_public_operation_and_command(memory):
+    import memory_manager
+
+    doc = memory_manager.__doc__ or ""
+    operations = [name for name in memory_manager.__all__
+                  if callable(getattr(memory_manager, name)) and not isinstance(getattr(memory_manager, name), type)
+                  and name != "main"]
+    assert [name for name in operations if f"{name}(" not in doc] == []
+    commands = help_commands(memory.ok("--help"))
+    cli_line = next(line for line in doc.splitlines() if line.startswith("CLI:"))
+    assert cli_line.split()[2].split("|") == commands

@@ -45,7 +45,7 @@ def test_a_burst_of_24_store_processes_at_one_second_per_llm_call_keeps_all_24(m
     standin.faults(latency_ms=1000)
     try:
         names = burst(groups, per_group=6)
-        for group, expected in zip(groups, names):
+        for group, expected in zip(groups, names, strict=True):
             group.wait_until_ingested(6, timeout_s=240)
             assert_each_group_in_queue_order_without_duplicates(group, expected)
     finally:

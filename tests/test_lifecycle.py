@@ -14,7 +14,8 @@ def test_import_connects_to_nothing_and_loads_no_heavy_library(dead_port):
         "socket.socket.connect = refuse\n"
         f"sys.path.insert(0, {str(MODULE.parent)!r})\n"
         "import memory_manager\n"
-        "heavy = [m for m in ('graphiti_core', 'openai', 'falkordb', 'b2sdk', 'ddtrace', 'redis') if m in sys.modules]\n"
+        "heavy = [m for m in ('graphiti_core', 'openai', 'falkordb', 'b2sdk', 'ddtrace', 'redis')\n"
+        "         if m in sys.modules]\n"
         "print(heavy)\n"
     )
     env = {"PATH": "/usr/bin:/bin", "FALKORDB_PORT": str(dead_port), "VALKEY_PORT": str(dead_port)}

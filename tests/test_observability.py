@@ -201,14 +201,14 @@ class DogStatsd:
         while True:
             try:
                 received += self.sock.recv(65535).decode().splitlines()
-            except socket.timeout:
+            except TimeoutError:
                 return received
 
     def metrics(self) -> list[tuple[str, str, dict[str, str]]]:
         parsed = []
         for line in self.lines():
             head, kind, tags = line.split("|")
-            name, value = head.split(":")
+            name, _ = head.split(":")
             parsed.append((name, kind, dict(t.split(":", 1) for t in tags.lstrip("#").split(","))))
         return parsed
 

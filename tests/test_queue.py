@@ -15,12 +15,17 @@ import time
 from datetime import datetime
 
 import pytest
-import redis
 
 from conftest import MODULE, stop, wait_for_no_worker
 
 EDIT = "Edited src/server/routes.py to add retry logic around FalkorDB connections in connect_graph()."
 QUEUED = re.compile(r"queued (episode_\d{8}T\d{12}Z) ([0-9a-f]{32})\n")
+
+
+def queued_name(output: str) -> str:
+    match = QUEUED.fullmatch(output)
+    assert match, output
+    return match.group(1)
 
 
 def no_drain(memory):
@@ -47,7 +52,7 @@ def test_store_queues_and_prints_the_episode_and_job_before_anything_is_ingested
 
 def test_a_worker_ingests_what_was_queued_and_the_entities_come_back(memory):
     queued_only = no_drain(memory)
-    name = QUEUED.fullmatch(queued_only.ok("store", EDIT)).group(1)
+    name = queued_name(queued_only.ok("store", EDIT))
 
     worker = memory.worker()
     try:
@@ -75,7 +80,7 @@ def test_store_wait_returns_once_the_episode_is_in_the_graph(memory):
 
 def test_the_reference_time_is_the_time_of_the_event_not_of_its_ingestion(memory):
     queued_only = no_drain(memory)
-    names = [QUEUED.fullmatch(queued_only.ok("store", f"Step {i}: Alice edited src/step_{i}.py.")).group(1)
+    names = [queued_name(queued_only.ok("store", f"Step {i}: Alice edited src/step_{i}.py."))
              for i in range(3)]
     time.sleep(2)  # the worker starts well after the events happened
 
@@ -290,7 +295,7 @@ def test_an_openai_outage_of_a_minute_loses_none_of_six_stores(memory, standin):
 def test_a_worker_killed_mid_episode_leaves_it_to_the_next_worker_which_stores_it_once(memory, standin):
     queued_only = no_drain(memory)
     standin.faults(latency_ms=1000)
-    name = QUEUED.fullmatch(queued_only.ok("store", EDIT)).group(1)
+    name = queued_name(queued_only.ok("store", EDIT))
     worker = memory.worker()
     deadline = time.monotonic() + 60
     while standin.requests() < 2:  # add_episode is under way
@@ -359,7 +364,7 @@ def test_a_rejected_key_pauses_ingestion_without_burning_attempts_or_printing_th
     worker = keyed.worker(log=log)
     try:
         deadline = time.monotonic() + 60
-        while not (memory.queue()["last_error"] or {}).get("kind") == "auth":
+        while (memory.queue()["last_error"] or {}).get("kind") != "auth":
             assert time.monotonic() < deadline
             time.sleep(0.2)
         row = memory.queue()

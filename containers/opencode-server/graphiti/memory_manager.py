@@ -8,16 +8,24 @@ cache in Valkey.
     enqueue_episode(content, metadata=None) -> QueuedEpisode
                                                      queue one event and return at once
     wait_for_episode(queued, timeout_s)              block until a queued episode is ingested
-    query_memory(search_query, limit=5) -> str       facts relevant to a question (cached)
+    query_memory(search_query, limit=5) -> str       facts relevant to a question, as text (cached)
+    search_facts(search_query, limit=5) -> list[Fact]
+                                                     the same facts as records: text, validity, uuid, score
     get_entities(entity_type=None) -> list[dict]     every entity of the group, with its type
     queue_status() -> dict                           per group: queued, in flight, oldest, dead letters
     retry_dead_letters(group=None) -> int            requeue dead-lettered episodes
-    run_worker(drain=False) -> int                   ingest queued episodes until stopped (or idle)
-    health() -> dict                                 FalkorDB / Valkey reachability, LLM, queue, worker
-    export_to_b2(), export_to_file(path), restore(source)
+    run_worker(drain=False) -> WorkerSummary         ingest queued episodes until stopped (or idle)
+    health() -> dict                                 FalkorDB / Valkey reachability, the LLM endpoint,
+                                                     queue, worker
+    export_to_b2() -> ExportSummary                  every group to B2 as one document
+    export_to_file(path) -> ExportSummary            ... to a file ("-": stdout)
+    write_export(out) -> ExportSummary               ... to an open binary file
+    restore(source, replace=False, dry_run=False) -> RestoreResult
+                                                     a document (path, "-", b2://) back into FalkorDB
     close()                                          release every client
 
-CLI: memory_manager.py store|query|entities|health|queue|worker|drain|export|restore ... (--help).
+CLI: memory_manager.py store|query|entities|health|queue|worker|drain|export|restore ... (--help);
+every command takes --group G, -q and --json.
 
 Writes go through a queue: `store` validates, appends the episode to the group's Valkey Stream
 (or, with Valkey down, to a local fsync'd spool) and exits; a worker (`worker`, or a `drain`
@@ -63,9 +71,10 @@ import threading
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
@@ -74,11 +83,33 @@ if TYPE_CHECKING:
     from graphiti_core import Graphiti
 
 __all__ = [
-    "MemoryManagerError", "UsageError", "ServiceError", "IngestError", "Settings", "QueuedEpisode",
-    "store_episode", "enqueue_episode", "wait_for_episode", "query_memory", "search_facts", "Fact",
-    "get_entities", "ExportSummary", "RestoreResult", "GroupRestore", "RefusedRestore",
-    "queue_status", "retry_dead_letters", "run_worker", "health", "export_to_b2", "export_to_file",
-    "write_export", "restore", "close", "main",
+    "ExportSummary",
+    "Fact",
+    "GroupRestore",
+    "IngestError",
+    "MemoryManagerError",
+    "QueuedEpisode",
+    "RefusedRestore",
+    "RestoreResult",
+    "ServiceError",
+    "Settings",
+    "UsageError",
+    "close",
+    "enqueue_episode",
+    "export_to_b2",
+    "export_to_file",
+    "get_entities",
+    "health",
+    "main",
+    "query_memory",
+    "queue_status",
+    "restore",
+    "retry_dead_letters",
+    "run_worker",
+    "search_facts",
+    "store_episode",
+    "wait_for_episode",
+    "write_export",
 ]
 
 log = logging.getLogger("memory_manager")
@@ -415,7 +446,7 @@ async def _agent_answers() -> bool:
 
     try:
         return await asyncio.wait_for(probe(), AGENT_PROBE_TIMEOUT_S)
-    except (OSError, ValueError, asyncio.TimeoutError):
+    except (TimeoutError, OSError, ValueError):
         return False
 
 
@@ -469,10 +500,8 @@ def emit(metric: str, value: float, kind: str, **tags: Any) -> None:
     if _telemetry.statsd is None:
         return  # opened by the first operation (or never: no agent, or bad DD_* settings)
     sock, address = _telemetry.statsd
-    try:
+    with contextlib.suppress(OSError):  # metrics are best effort: no agent, no metrics
         sock.sendto(f"{METRIC_PREFIX}{metric}:{value:g}|{kind}|#{','.join(_metric_tags(**tags))}".encode(), address)
-    except OSError:
-        pass  # metrics are best effort: no agent, no metrics
 
 
 class _Span:
@@ -594,11 +623,11 @@ def _bound_clients() -> _Clients:
     return _clients
 
 
-def _close_when_loop_ends() -> AsyncIterator[None]:
+def _close_when_loop_ends() -> AsyncGenerator[None, None]:
     """Release the clients on their own loop when asyncio.run() finishes, even if the caller never
     awaits close(): the loop finalises its async generators (shutdown_asyncgens) before closing."""
 
-    async def closer() -> AsyncIterator[None]:
+    async def closer() -> AsyncGenerator[None, None]:
         try:
             yield
         finally:
@@ -610,7 +639,9 @@ def _close_when_loop_ends() -> AsyncIterator[None]:
     return generator
 
 
-def _valkey() -> redis.asyncio.Redis:
+def _valkey() -> Any:
+    """The Valkey client, typed Any: redis-py's annotations cannot express decode_responses=True
+    (they type every reply bytes | str), and a cast at each of ~40 calls would say nothing more."""
     clients = _bound_clients()
     if clients.valkey is None:
         import redis.asyncio
@@ -934,7 +965,7 @@ def parse_metadata(metadata: Any) -> tuple[dict | None, str | None]:
 
 
 def _new_entry(group: str, content: str, metadata: dict | None, raw_metadata: str | None) -> dict[str, str]:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     return {"job": uuid.uuid4().hex, "group": group, "name": episode_name(now), "ref": now.isoformat(),
             "content": content, "metadata": json.dumps(metadata, sort_keys=True) if metadata is not None else "",
             "metadata_raw": raw_metadata or ""}
@@ -1039,7 +1070,7 @@ def _valkey_errors() -> tuple[type[BaseException], ...]:
     """Valkey could not take a write: unreachable, or refusing it (OOM, read-only replica)."""
     from redis.exceptions import RedisError
 
-    return _connection_errors() + (RedisError,)
+    return (*_connection_errors(), RedisError)
 
 
 async def enqueue_episode(content: str, metadata: dict | str | None = None) -> QueuedEpisode:
@@ -1087,23 +1118,25 @@ async def _start_drainer(s: Settings) -> None:
         log.warning("warning: no worker is running and OPENAI_API_KEY is not set here, so none was "
                     "started; the episode waits in the queue")
         return
-    if not await _valkey().set(DRAINER_LEASE_KEY, str(os.getpid()), nx=True, px=DRAINER_LEASE_MS):
-        return
-    try:
-        os.makedirs(s.spool_dir, mode=0o700, exist_ok=True)
-        errors: Any = open(_spool_path(s, DRAINER_LOG_FILE), "ab")
-    except OSError:
-        errors = subprocess.DEVNULL
-    try:
+    if await _valkey().set(DRAINER_LEASE_KEY, str(os.getpid()), nx=True, px=DRAINER_LEASE_MS):
+        _spawn_drainer(s)
+
+
+def _spawn_drainer(s: Settings) -> None:
+    """Synchronous on purpose: sh forks and exits within a millisecond or two, once per burst, and
+    asyncio's subprocess machinery would cost more than it saves on `store`'s short path."""
+    with contextlib.ExitStack() as files:
+        try:
+            os.makedirs(s.spool_dir, mode=0o700, exist_ok=True)
+            errors: Any = files.enter_context(open(_spool_path(s, DRAINER_LOG_FILE), "ab"))
+        except OSError:
+            errors = subprocess.DEVNULL
         # A new session and no inherited stdio: whoever reads our output sees EOF when we exit. sh
         # backgrounds the drainer and exits at once (reaped here), so the drainer is nobody's child:
         # a long-lived importer collects no zombie.
         subprocess.run(["/bin/sh", "-c", 'exec "$0" "$@" &', sys.executable, os.path.abspath(__file__), "drain"],
                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors, cwd="/",
                        start_new_session=True, close_fds=True, check=False)
-    finally:
-        if errors is not subprocess.DEVNULL:
-            errors.close()
 
 
 async def wait_for_episode(queued: QueuedEpisode, timeout_s: float = WAIT_TIMEOUT_S) -> None:
@@ -1278,7 +1311,7 @@ async def _search(query: str, limit: int) -> list[Fact]:
     async with _service("falkordb", s.falkordb_address), _llm_service():
         results = await graphiti.search_(LONE_UNDERSCORES.sub(" ", query), config=config,
                                          group_ids=[s.group_id])
-    scores = results.edge_reranker_scores
+    scores: list[float | None] = list(results.edge_reranker_scores)
     if len(scores) != len(results.edges):
         scores = [None] * len(results.edges)
     return [_fact(edge, score) for edge, score in _ranked(results.edges, scores)]
@@ -1295,14 +1328,14 @@ def _ranked(edges: list[Any], scores: list[Any]) -> list[tuple[Any, Any]]:
     """Graphiti's order, with RRF ties (common: rank 1+2 equals rank 2+1) broken newest first, then
     by uuid, instead of by FalkorDB's internal ids, which a restore renumbers."""
     if None in scores:
-        return list(zip(edges, scores))
+        return list(zip(edges, scores, strict=True))
 
     def key(pair: tuple[Any, float]) -> tuple:
         edge, score = pair
         when = edge.valid_at or edge.created_at
         return (-score, -when.timestamp() if when else 0.0, edge.uuid)
 
-    return sorted(zip(edges, scores), key=key)
+    return sorted(zip(edges, scores, strict=True), key=key)
 
 
 async def search_facts(search_query: str, limit: int = 5) -> list[Fact]:
@@ -1395,7 +1428,8 @@ async def _llm_health(s: Settings) -> dict:
     rejected the key, or answered; plus a warning when graphiti's OpenAI model names would go to a
     server that is not OpenAI."""
     if not s.openai_api_key:
-        return {"ok": False, "state": "off", "address": s.llm_address, "detail": "not configured (OPENAI_API_KEY not set)"}
+        return {"ok": False, "state": "off", "address": s.llm_address,
+                "detail": "not configured (OPENAI_API_KEY not set)"}
     failure = await _llm_probe(s)
     if failure:
         return {"ok": False, "state": "FAIL", "address": s.llm_address, "detail": failure}
@@ -1420,7 +1454,7 @@ async def _llm_probe(s: Settings) -> str | None:
         return None
     except (openai.AuthenticationError, openai.PermissionDeniedError):
         return "rejected the key (check OPENAI_API_KEY)"
-    except (openai.APITimeoutError, asyncio.TimeoutError):
+    except (TimeoutError, openai.APITimeoutError):
         return f"unreachable: no answer within {HEALTH_TIMEOUT_S:g} s"
     except openai.APIConnectionError as exc:
         refused = _caused_by(exc, ConnectionRefusedError) or "refused" in repr(exc.__cause__)
@@ -1441,7 +1475,7 @@ async def _queue_health(valkey_ok: bool) -> dict:
         return unknown("valkey unreachable")
     try:
         status = await asyncio.wait_for(_read_queue_status(), HEALTH_TIMEOUT_S)
-    except (asyncio.TimeoutError, *_valkey_errors()) as exc:
+    except _valkey_errors() as exc:  # TimeoutError among them
         return unknown(_describe(exc))
     groups = status["groups"]
     queued, dead = sum(g["queued"] for g in groups), sum(g["dead_letters"] for g in groups)
@@ -1458,14 +1492,15 @@ async def _queue_health(valkey_ok: bool) -> dict:
 
 async def _probe(address: str, check: Callable[[], Any], password_variable: str) -> dict:
     """ok and a detail; a failure says refused, timed out or rejected, and why otherwise."""
-    from redis.exceptions import AuthenticationError, TimeoutError as RedisTimeout
+    from redis.exceptions import AuthenticationError
+    from redis.exceptions import TimeoutError as RedisTimeout
 
     try:
         detail = await asyncio.wait_for(check(), HEALTH_TIMEOUT_S)
         return {"ok": True, "address": address, "detail": detail}
     except AuthenticationError:
         detail = f"rejected the credentials (check {password_variable})"
-    except (asyncio.TimeoutError, TimeoutError, RedisTimeout):
+    except (TimeoutError, RedisTimeout):
         detail = f"timed out: no answer within {HEALTH_TIMEOUT_S:g} s"
     except _connection_errors() as exc:
         detail = "connection refused" if _caused_by(exc, ConnectionRefusedError) else _describe(exc)
@@ -1538,7 +1573,7 @@ def _failure_kind(exc: BaseException) -> str:
     if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
         return "auth"
     if isinstance(exc, (openai.APIConnectionError, openai.RateLimitError, RateLimitError,
-                        openai.InternalServerError, ServiceError) + _connection_errors()):
+                        openai.InternalServerError, ServiceError, *_connection_errors())):
         return "transient"
     if isinstance(exc, openai.APIStatusError) and (exc.status_code in (408, 409, 429) or exc.status_code >= 500):
         return "transient"
@@ -1622,14 +1657,17 @@ class _Worker:
         for group in groups:
             pipe.xlen(group_key(group, "episodes"))
         depths = await pipe.execute()
-        for group, depth in zip(groups, depths):
+        for group, depth in zip(groups, depths, strict=True):
             if not depth or group in self.tasks or len(self.tasks) >= self.s.worker_concurrency:
                 continue
             lease = valkey.lock(group_key(group, "lease"), timeout=LEASE_TTL_S, thread_local=False)
             if await lease.acquire(blocking=False):
                 self.tasks[group] = asyncio.create_task(self._serve(group, lease))
-                self.tasks[group].add_done_callback(lambda _, group=group: self.tasks.pop(group, None))
+                self.tasks[group].add_done_callback(functools.partial(self._forget, group))
         return any(depths)
+
+    def _forget(self, group: str, _: asyncio.Task) -> None:
+        self.tasks.pop(group, None)
 
     async def _serve(self, group: str, lease: Any) -> None:
         renewer = asyncio.create_task(self._keep(group, lease, asyncio.current_task()))
@@ -1782,7 +1820,7 @@ class _Worker:
     async def _dead_letter(self, group: str, entry_id: str, fields: dict[str, str], attempts: int,
                            detail: str) -> None:
         dead = {**fields, "error": detail, "attempts": str(attempts),  # the DEAD_FIELDS
-                "failed_at": datetime.now(timezone.utc).isoformat()}
+                "failed_at": datetime.now(UTC).isoformat()}
         await self._finish(group, entry_id, fields["job"],
                            {"status": "dead", "error": detail, "attempts": attempts}, dead_letter=dead)
         emit("ingest.dead_letters", 1, "c", group=group)
@@ -1797,7 +1835,7 @@ class _Worker:
             log.error("error: %s; ingestion paused", detail)
         else:
             log.warning("warning: group %s, job %s: %s failure: %s", group, job, kind, detail)
-        record = json.dumps({"at": datetime.now(timezone.utc).isoformat(), "job": job, "kind": kind, "error": detail})
+        record = json.dumps({"at": datetime.now(UTC).isoformat(), "job": job, "kind": kind, "error": detail})
         with contextlib.suppress(*_valkey_errors()):  # Valkey may be what failed
             await _valkey().set(group_key(group, "last_error"), record)
         return detail
@@ -1988,7 +2026,7 @@ async def _export_group(group: str, writer: _DocumentWriter, first: bool, summar
                         progress: Progress | None) -> None:
     opening = json.dumps({"group_id": group})[:-1] + ', "nodes": ['
     await writer.lines([("" if first else ",") + opening])
-    sections = {
+    sections: dict[str, list[tuple[str, dict, Callable[[list], dict]]]] = {
         "nodes": [(NODE_PAGE.format(label=label), {}, _node_record) for label in NODE_LABELS],
         "edges": [(EDGE_PAGE.format(type=edge_type), {"primary": list(NODE_LABELS)},
                    functools.partial(_edge_record, edge_type)) for edge_type in EDGE_TYPES],
@@ -2032,7 +2070,7 @@ async def _write_export(out: Any, progress: Progress | None) -> ExportSummary:
     groups = await _memory_groups()
     header = {
         "format": EXPORT_FORMAT, "version": EXPORT_VERSION,
-        "exported_at": datetime.now(timezone.utc).isoformat(),
+        "exported_at": datetime.now(UTC).isoformat(),
         "graphiti_core_version": version("graphiti-core"),
         "embedding_dimension": await asyncio.to_thread(_embedding_dimension),
         "embedding_encoding": "base64-float32-le",
@@ -2098,7 +2136,7 @@ async def export_to_b2(progress: Progress | None = None) -> ExportSummary:
     async with operation("export", **{"export.target": "b2"}) as op:
         s = settings()
         s.require_b2()
-        name = export_file_name(datetime.now(timezone.utc), s.b2_prefix)
+        name = export_file_name(datetime.now(UTC), s.b2_prefix)
         fd, temporary = tempfile.mkstemp(prefix="graphiti_export_", suffix=".json")
         try:
             with os.fdopen(fd, "wb") as out:
@@ -2142,7 +2180,8 @@ def _b2_call(s: Settings, work: Callable[[Any], Any]) -> Any:
     except (b2.InvalidAuthToken, b2.Unauthorized) as exc:
         raise ServiceError("b2", s.b2_address, "authorization failed (check B2_KEY_ID and B2_APP_KEY)") from exc
     except b2.NonExistentBucket as exc:
-        raise ServiceError("b2", s.b2_address, f"bucket {s.b2_bucket!r} does not exist or the key cannot see it") from exc
+        raise ServiceError("b2", s.b2_address,
+                           f"bucket {s.b2_bucket!r} does not exist or the key cannot see it") from exc
     except b2.FileNotPresent as exc:
         raise ServiceError("b2", s.b2_address, "file not found") from exc
     except b2.B2ConnectionError as exc:
@@ -2175,7 +2214,7 @@ async def _b2(work: Callable[[Any], Any]) -> Any:
     threading.Thread(target=run, name="b2", daemon=True).start()
     try:
         return await asyncio.wait_for(done, B2_DEADLINE_S)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise ServiceError("b2", s.b2_address, f"no answer within {B2_DEADLINE_S:g} s") from None
 
 
@@ -2482,7 +2521,7 @@ async def restore(source: str, replace: bool = False, dry_run: bool = False,
 
     The whole document is validated first; groups that already hold memories are refused unless
     `replace`, which drops them first. Embeddings come back as vectors, so search works at once."""
-    async with operation("restore", **{"restore.replace": replace, "restore.dry_run": dry_run}) as op:
+    async with operation("restore", None, **{"restore.replace": replace, "restore.dry_run": dry_run}) as op:
         return await _restore(op, source, replace, dry_run, progress)
 
 
@@ -2581,8 +2620,8 @@ def _unknown_command(typed: str, parser: argparse.ArgumentParser) -> str:
     return f"unknown command '{typed}' ({hint}see memory-manager --help)"
 
 
-def _common_options() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+def _common_options() -> _Parser:
+    common = _Parser(add_help=False)
     common.add_argument("--group", metavar="G", help="memory group (overrides MEMORY_GROUP_ID)")
     common.add_argument("-q", "--quiet", action="store_true", help="no warnings or progress on stderr")
     common.add_argument("--json", action="store_true", help="print one JSON document on stdout (errors stay "
@@ -2666,7 +2705,8 @@ async def cmd_queue(args: argparse.Namespace) -> int:
         oldest = f"{row['oldest_age_s']:g} s" if row["oldest_age_s"] is not None else "-"
         error = row["last_error"]
         last = f"{error['at']} {error['error']}" if error else "-"
-        print(f"{row['group']:<24} {row['queued']:>6} {row['in_flight']:>9} {oldest:>9} {row['dead_letters']:>5}  {last}")
+        print(f"{row['group']:<24} {row['queued']:>6} {row['in_flight']:>9} {oldest:>9} "
+              f"{row['dead_letters']:>5}  {last}")
     worker = status["worker"]
     print(f"worker: {worker['mode']} {worker['id']}, heartbeat {worker['heartbeat_age_s']:g} s ago" if worker
           else "worker: none running (the next store starts a drainer)")
@@ -2922,7 +2962,7 @@ def main(argv: list[str] | None = None) -> int:
         known = isinstance(exc, MemoryManagerError)
         detail = str(exc) if known else f"{type(exc).__name__}: {_describe(exc)}"
         print(f"{PROG}: error: {scrub(detail)}", file=sys.stderr)
-        code = exc.exit_code if known else 1
+        code = exc.exit_code if isinstance(exc, MemoryManagerError) else 1
     except KeyboardInterrupt:
         code = 130
     shutdown_telemetry()
