@@ -119,9 +119,10 @@ log = logging.getLogger("memory_manager")
 EPISODE_SOURCE = "opencode"
 HEALTH_TIMEOUT_S = 1.0
 CONNECT_TIMEOUT_S = 2.0
-COMMAND_TIMEOUT_S = 10.0       # Valkey commands; FalkorDB queries get GRAPH_TIMEOUT_S
-GRAPH_TIMEOUT_S = 60.0
-LLM_TIMEOUT_S = 60.0           # per OpenAI request; the SDK retries twice on top
+COMMAND_TIMEOUT_S = 3.0        # Valkey commands answer in ms: a hung Valkey costs `store` 3 s, then the spool
+GRAPH_TIMEOUT_S = 15.0         # per FalkorDB command (a page of an export, one search query), not per operation
+LLM_TIMEOUT_S = 60.0           # per OpenAI request while ingesting; the SDK retries twice on top
+QUERY_LLM_TIMEOUT_S = 10.0     # per request for a query's embedding, retried once: a recall waits at most ~20 s
 LLM_MAX_COROUTINES = 8
 CACHE_DOWN_RETRY_S = 30.0      # after a failed cache call, skip the cache this long (one connect, not one per call)
 NO_RESULTS = "No relevant memories found."
@@ -595,7 +596,7 @@ class _Clients:
     valkey: redis.asyncio.Redis | None = None
     falkordb: FalkorDB | None = None
     openai: Any = None  # one AsyncOpenAI client shared by every group's Graphiti
-    graphiti: dict[str, Graphiti] = field(default_factory=dict)
+    graphiti: dict[tuple[str, bool], Graphiti] = field(default_factory=dict)  # (group, for queries)
     indexed_groups: set[str] = field(default_factory=set)
     cache_warned: bool = False
     cache_down_until: float = 0.0  # monotonic; the cache is skipped until then
@@ -710,23 +711,24 @@ def _entity_types() -> dict[str, type]:
     return {cls.__name__: cls for cls in (File, CodeSymbol, Error, Technology, Person)}
 
 
-async def _graphiti(group: str | None = None) -> Graphiti:
+async def _graphiti(group: str | None = None, *, for_query: bool = False) -> Graphiti:
     """The Graphiti client of one group (default: the configured one). Each group gets its own
     instance on a driver bound to its graph, so graphiti never clones or swaps drivers per call;
-    they share the FalkorDB pool and one OpenAI client."""
+    they share the FalkorDB pool and one OpenAI client. A query's instance has a short OpenAI
+    timeout: a recall must not wait minutes on a hung endpoint the way an ingestion may."""
     clients = _bound_clients()
     s = settings()
-    group = group or s.group_id
-    if group not in clients.graphiti:
+    key = (group or s.group_id, for_query)
+    if key not in clients.graphiti:
         s.require_llm()
         falkordb = await _falkordb()
         # Built off the loop: FalkorDriver() inside a running loop schedules an index build on every
         # process start. _ensure_indices() builds them once per graph instead.
-        clients.graphiti[group] = await asyncio.to_thread(_new_graphiti, s, falkordb, group)
-    return clients.graphiti[group]
+        clients.graphiti[key] = await asyncio.to_thread(_new_graphiti, s, falkordb, *key)
+    return clients.graphiti[key]
 
 
-def _new_graphiti(s: Settings, falkordb: FalkorDB, group: str) -> Graphiti:
+def _new_graphiti(s: Settings, falkordb: FalkorDB, group: str, for_query: bool) -> Graphiti:
     api_key = s.openai_api_key  # checked by _graphiti() before any connection
     os.environ.setdefault("GRAPHITI_TELEMETRY_ENABLED", "false")
     from graphiti_core import Graphiti
@@ -738,7 +740,7 @@ def _new_graphiti(s: Settings, falkordb: FalkorDB, group: str) -> Graphiti:
 
     if _clients.openai is None:
         _clients.openai = AsyncOpenAI(api_key=api_key, base_url=s.openai_base_url, timeout=LLM_TIMEOUT_S)
-    openai = _clients.openai
+    openai = _clients.openai.with_options(timeout=QUERY_LLM_TIMEOUT_S, max_retries=1) if for_query else _clients.openai
     llm_config = LLMConfig(api_key=api_key, base_url=s.openai_base_url,
                            model=s.llm_model, small_model=s.llm_small_model)
     embedder_config = OpenAIEmbedderConfig(api_key=api_key, base_url=s.openai_base_url)
@@ -813,6 +815,8 @@ async def _llm_service() -> AsyncIterator[None]:
         raise ServiceError("openai", s.llm_address, f"HTTP {exc.status_code}") from exc
     except openai.APIConnectionError as exc:
         raise ServiceError("openai", s.llm_address, _describe(exc)) from exc
+    except (openai.APIError, json.JSONDecodeError) as exc:  # a 200 whose body is not what the API returns
+        raise ServiceError("openai", s.llm_address, f"malformed reply ({type(exc).__name__})") from exc
 
 
 def _describe(exc: BaseException) -> str:
@@ -916,7 +920,7 @@ DRAINER_LEASE_MS = 10_000      # longer than a drainer needs to start beating
 HEARTBEAT_TTL_MS = 15_000
 JOB_OUTCOME_TTL_S = 3600
 WAIT_TIMEOUT_S = 300.0
-WAIT_SLICE_S = 5.0             # BLPOP in slices shorter than the client's socket timeout
+WAIT_SLICE_S = 2.0             # BLPOP in slices shorter than the client's socket timeout
 SPOOL_FILE = "spool.jsonl"
 SPOOL_REJECTS_FILE = "spool.rejected.jsonl"
 DRAINER_LOG_FILE = "drainer.log"
@@ -1303,7 +1307,7 @@ async def _search(query: str, limit: int) -> list[Fact]:
     s = settings()
     if not await _graph_exists(s.group_id):  # searching would create an empty graph
         return []
-    graphiti = await _graphiti()
+    graphiti = await _graphiti(for_query=True)
     from graphiti_core.search.search_config_recipes import EDGE_HYBRID_SEARCH_RRF
 
     config = EDGE_HYBRID_SEARCH_RRF.model_copy(deep=True)
@@ -1633,7 +1637,7 @@ class _Worker:
                 work_waiting = await self._dispatch()
                 self.valkey_warned = False
             except _valkey_errors() as exc:
-                work_waiting = False
+                work_waiting = True  # unknown: a drainer rides out a Valkey outage instead of leaving work behind
                 self._valkey_trouble(exc)
             if work_waiting or self.tasks:
                 idle_since = time.monotonic()
@@ -1739,6 +1743,7 @@ class _Worker:
                 await self._ingest(group, entry_id, fields)
                 return
             except Exception as exc:  # noqa: BLE001 - every failure is classified below, none escapes
+                _clients.indexed_groups.discard(group)  # a FalkorDB restarted empty lost them: re-check
                 kind = _failure_kind(exc)
                 failures += 1
                 detail = await self._record_error(group, fields["job"], exc, kind)
@@ -1878,7 +1883,7 @@ class _Worker:
                 await self._beat()
                 return False
         except _valkey_errors():
-            pass  # Valkey is gone too: nothing to drain, and nothing lost (stores spool)
+            return False  # Valkey went away just now: stay, as during any outage
         return True
 
     async def _shutdown(self, beats: asyncio.Task) -> None:
