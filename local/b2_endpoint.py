@@ -8,7 +8,7 @@ its HTTP layer, retries and SHA-1 checks run unchanged; the CLI reaches it throu
   authorize     GET  /b2api/v3/b2_authorize_account (Basic auth); URLs rewritten to this server
   upload        POST /upload?u=<simulator upload URL>, /upload_part?u=...
   download      GET|HEAD /file/<bucket>/<name> (Range supported)
-  test control  POST /_b2/faults {"upload_errors": n}   n transient 503s on the next uploads
+  test control  POST /_b2/faults {"upload_errors": n}   n transient 503s on the next uploads (0: none)
 
 Run: python local/b2_endpoint.py --port 16500 --bucket opencode-memory --info-file b2.json
 (the info file receives {"realm", "key_id", "key", "bucket"}).
@@ -120,6 +120,7 @@ def make_handler(endpoint: Endpoint) -> type[BaseHTTPRequestHandler]:
             if parts.path == "/_b2/faults":
                 count = int(json.loads(body or b"{}").get("upload_errors", 0))
                 with endpoint.lock:
+                    sim.upload_errors = []  # replaces what is left of an earlier storm
                     sim.set_upload_errors([b2_exception.ServiceError("503 simulated")] * count)
                 return self.reply(200, b"{}")
             if parts.path in ("/upload", "/upload_part"):

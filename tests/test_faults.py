@@ -137,7 +137,7 @@ def render_table() -> str:
     return "\n".join(lines)
 
 
-CELLS = [pytest.param(state, command, id=f"{state}-{command}".replace(" ", "_"))
+CELLS = [pytest.param(state, command, id=re.sub(r"[^A-Za-z0-9-]+", "_", f"{state}-{command}"))
          for state in STATES for command in COMMANDS if MATRIX[state][command] is not None]
 
 
@@ -283,7 +283,11 @@ def run_killing(stack, env: dict[str, str], args: list[str], service: str, after
     stack.kill(service)
     time.sleep(down_s)
     stack.restart(service)
-    out, err = process.communicate(timeout=150)
+    try:
+        out, err = process.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
     return Result(process.returncode, out, err), time.monotonic() - started
 
 
@@ -309,7 +313,7 @@ def run_worker_cell(stack, memory: Memory, state: str, env: dict[str, str], outc
 
 
 def run_cell(stack, memory: Memory, matrix, state: str, command: str, env: dict[str, str],
-             outcome: Outcome) -> Result:
+             outcome: Outcome, faults: dict | None) -> Result:
     shared, ensure = matrix
     home = ensure().with_env(MEMORY_AUTO_DRAIN="off")
     counts_before = home.graph_counts()
@@ -327,6 +331,8 @@ def run_cell(stack, memory: Memory, matrix, state: str, command: str, env: dict[
     expected_answer = home.ok("query", QUESTION) if command == "query hit" else None
     if state == "b2 5xx storm":
         b2_faults(stack, 1000)
+    if faults:
+        standin(stack, "/_standin/faults", faults)
     try:
         if state.endswith("killed mid-operation"):
             standin(stack, "/_standin/faults", {"latency_ms": 1000})
@@ -345,6 +351,7 @@ def run_cell(stack, memory: Memory, matrix, state: str, command: str, env: dict[
         spooled = (memory.spool_dir / "spool.jsonl").read_text() if outcome.after == "spooled" else ""
         assert (home.queue()["queued"] - queued_before, spooled.count(CONTENT)) == \
             ((1, 0) if outcome.after == "queued" else (0, 1))
+        home.forget_queue()  # a later worker cell's drainer must not ingest it into the shared group
     else:
         assert home.graph_counts() == counts_before
     return result
@@ -359,16 +366,16 @@ def test_fault_matrix(stack, memory, matrix, state, command):
     statsd, holes = Statsd(), []
     try:
         env = cell_env(memory, state, command, statsd, token, holes)
-        if state in OPENAI_FAULTS:
-            faults = OPENAI_FAULTS[state]
-            if command != "worker":  # one-shot commands see a fault that lasts
-                faults = {k: v for k, v in faults.items() if k != "fault_for_s"}
-            standin(stack, "/_standin/faults", faults)
+        faults = OPENAI_FAULTS.get(state)
+        if faults and command != "worker":  # a one-shot command sees a fault that lasts
+            faults = {"fault": faults["fault"], "fault_count": -1}
         if command == "worker":
+            if faults:
+                standin(stack, "/_standin/faults", faults)
             env = {**env, "MEMORY_GROUP_ID": memory.group, "MEMORY_SPOOL_DIR": str(memory.spool_dir)}
             result = run_worker_cell(stack, memory, state, env, outcome)
         else:
-            result = run_cell(stack, memory, matrix, state, command, env, outcome)
+            result = run_cell(stack, memory, matrix, state, command, env, outcome, faults)
         assert_outcome(stack, env, command, outcome, result)
         assert_no_secret_anywhere(stack, memory, token, statsd, result)
     finally:

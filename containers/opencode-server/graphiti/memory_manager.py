@@ -126,11 +126,14 @@ QUERY_LLM_TIMEOUT_S = 10.0     # per request for a query's embedding, retried on
 LLM_MAX_COROUTINES = 8
 CACHE_DOWN_RETRY_S = 30.0      # after a failed cache call, skip the cache this long (one connect, not one per call)
 NO_RESULTS = "No relevant memories found."
+MAX_QUERY_CHARS = 8_000        # far beyond a question; an embedding request takes ~8k tokens
+MAX_METADATA_CHARS = 65_536
 # What build_indices_and_constraints() indexes in graphiti-core 0.31 (a partial build is redone).
 GRAPHITI_INDEXED_LABELS = ("Entity", "Episodic", "Community", "Saga", "RELATES_TO", "MENTIONS",
                            "HAS_MEMBER", "HAS_EPISODE", "NEXT_EPISODE")
 GROUP_ID_RULE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 LABEL_RULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+HOST_RULE = re.compile(r"^[A-Za-z0-9._:\[\]-]{1,253}$")  # a name, IPv4 or IPv6
 # RediSearch rejects a standalone `_` token (graphiti #1820).
 LONE_UNDERSCORES = re.compile(r"(?<![\w])_+(?![\w])")
 
@@ -189,6 +192,13 @@ def _env_int(name: str, default: int, low: int, high: int) -> int:
 
 def _env_str(name: str, default: str | None = None) -> str | None:
     return os.environ.get(name, "").strip() or default
+
+
+def _env_host(name: str) -> str:
+    host = _env_str(name, "localhost") or "localhost"
+    if not HOST_RULE.match(host):
+        raise UsageError(f"{name} must be a host name or IP address, got {host!r}")
+    return host
 
 
 def _env_bool(name: str, default: bool) -> bool:
@@ -276,11 +286,11 @@ class Settings:
         if not GROUP_ID_RULE.match(group_id):
             raise UsageError(f"MEMORY_GROUP_ID must match {GROUP_ID_RULE.pattern}, got {group_id!r}")
         return cls(
-            falkordb_host=_env_str("FALKORDB_HOST", "localhost") or "localhost",
+            falkordb_host=_env_host("FALKORDB_HOST"),
             falkordb_port=_env_int("FALKORDB_PORT", 6379, 1, 65535),
             falkordb_username=_env_str("FALKORDB_USERNAME"),
             falkordb_password=_env_str("FALKORDB_PASSWORD"),
-            valkey_host=_env_str("VALKEY_HOST", "localhost") or "localhost",
+            valkey_host=_env_host("VALKEY_HOST"),
             valkey_port=_env_int("VALKEY_PORT", 6380, 1, 65535),
             valkey_password=_env_str("VALKEY_PASSWORD"),
             openai_api_key=_env_str("OPENAI_API_KEY"),
@@ -383,6 +393,8 @@ class DatadogSettings:
     @classmethod
     def from_env(cls) -> DatadogSettings:
         host = _env_str("DD_AGENT_HOST")
+        if host is not None and not HOST_RULE.match(host):
+            raise UsageError(f"DD_AGENT_HOST must be a host name or IP address, got {host!r}")
         return cls(tracing=_env_bool("DD_TRACE_ENABLED", True), agent=_dd_agent(host), statsd=_dd_statsd(host),
                    service=_env_str("DD_SERVICE", "memory-manager") or "memory-manager",
                    env=_env_str("DD_ENV"), version=_env_str("DD_VERSION"))
@@ -939,23 +951,40 @@ class QueuedEpisode:
     spooled: bool = False
 
 
+def check_text(text: str, what: str) -> str:
+    """Text that every store below can hold: no NUL characters, and encodable as UTF-8 (a lone
+    surrogate, or bytes that were not UTF-8 in an argument, is not)."""
+    if "\x00" in text:
+        raise UsageError(f"{what} contains NUL characters")
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} is not valid UTF-8 text") from None
+    return text
+
+
 def _validate_content(content: Any, limit: int) -> str:
     if not isinstance(content, str) or not content.strip():
         raise UsageError("content must be non-empty text")
     if len(content) > limit:
         raise UsageError(f"content is {len(content)} characters; MEMORY_MAX_EPISODE_CHARS allows {limit}")
-    return content
+    return check_text(content, "content")
 
 
 def parse_metadata(metadata: Any) -> tuple[dict | None, str | None]:
     """(object, None) for a JSON object; (None, raw text) for anything else, which is kept beside
     the episode with a warning: metadata must never cost the memory."""
-    if metadata is None or isinstance(metadata, dict):
-        return metadata, None
+    if metadata is None:
+        return None, None
     if not isinstance(metadata, str):
-        metadata = json.dumps(metadata, default=str)
+        try:
+            text = json.dumps(metadata, default=str, sort_keys=True)
+        except (RecursionError, ValueError, TypeError) as exc:  # a cycle; keys of mixed types
+            raise UsageError(f"metadata cannot be serialised as JSON ({type(exc).__name__})") from None
+        return parse_metadata(text) if not isinstance(metadata, dict) else (_limited(metadata, text), None)
     if metadata.strip() in NO_METADATA:
         return None, None
+    check_text(_limited(metadata, metadata), "metadata")
     try:
         parsed = json.loads(metadata)
     except (json.JSONDecodeError, RecursionError):
@@ -968,10 +997,17 @@ def parse_metadata(metadata: Any) -> tuple[dict | None, str | None]:
     return parsed, None
 
 
+def _limited(metadata: Any, text: str) -> Any:
+    if len(text) > MAX_METADATA_CHARS:
+        raise UsageError(f"metadata is {len(text)} characters as JSON; at most {MAX_METADATA_CHARS}")
+    check_text(text, "metadata")
+    return metadata
+
+
 def _new_entry(group: str, content: str, metadata: dict | None, raw_metadata: str | None) -> dict[str, str]:
     now = datetime.now(UTC)
     return {"job": uuid.uuid4().hex, "group": group, "name": episode_name(now), "ref": now.isoformat(),
-            "content": content, "metadata": json.dumps(metadata, sort_keys=True) if metadata is not None else "",
+            "content": content, "metadata": json.dumps(metadata, sort_keys=True, default=str) if metadata is not None else "",
             "metadata_raw": raw_metadata or ""}
 
 
@@ -1357,6 +1393,9 @@ async def query_memory(search_query: str, limit: int = 5) -> str:
 async def _cached_facts(op: _Span, search_query: str, limit: int) -> list[Fact]:
     if not isinstance(search_query, str) or not search_query.strip():
         raise UsageError("query must be non-empty text")
+    if len(search_query) > MAX_QUERY_CHARS:
+        raise UsageError(f"query is {len(search_query)} characters; at most {MAX_QUERY_CHARS}")
+    check_text(search_query, "query")
     limit = _validate_limit(limit)
     group = settings().group_id
     op.set(**{"memory.limit": limit, "memory.query.length": len(search_query),
@@ -1465,6 +1504,8 @@ async def _llm_probe(s: Settings) -> str | None:
         return "unreachable: connection refused" if refused else f"unreachable: {_describe(exc)}"
     except openai.APIStatusError as exc:
         return f"answered HTTP {exc.status_code}"
+    except (openai.APIError, json.JSONDecodeError) as exc:
+        return f"answered, but not as the API does ({type(exc).__name__})"
     finally:
         await client.close()
 
@@ -1556,6 +1597,7 @@ async def _valkey_probe() -> str:
 # crash in the middle of graphiti's (non-transactional) write leaves, and is removed and redone.
 
 LEASE_TTL_S = 15               # a killed worker's groups are taken over this fast
+DRAINER_OUTAGE_S = 120.0       # a drainer waits this long for an unreachable Valkey, then exits
 POLL_S = 0.25
 HEARTBEAT_EVERY_S = 5.0
 RETRY_BASE_S = 1.0
@@ -1631,14 +1673,18 @@ class _Worker:
         return self.summary
 
     async def _loop(self) -> None:
-        idle_since = time.monotonic()
+        idle_since = reachable_at = time.monotonic()
         while not self.stopping.is_set():
             try:
                 work_waiting = await self._dispatch()
-                self.valkey_warned = False
+                self.valkey_warned, reachable_at = False, time.monotonic()
             except _valkey_errors() as exc:
-                work_waiting = True  # unknown: a drainer rides out a Valkey outage instead of leaving work behind
                 self._valkey_trouble(exc)
+                # A drainer rides out a Valkey restart rather than leave queued work behind, but not
+                # an outage without end: the next store starts a fresh one.
+                if self.drain and time.monotonic() - reachable_at > DRAINER_OUTAGE_S:
+                    return
+                work_waiting = True
             if work_waiting or self.tasks:
                 idle_since = time.monotonic()
             elif self.drain and time.monotonic() - idle_since >= self.s.drain_idle_s and await self._idle_exit():
@@ -2641,7 +2687,10 @@ def _print_json(document: Any) -> None:
 def _read_stdin(what: str) -> str:
     if sys.stdin.isatty():
         print(f"{PROG}: reading {what} from stdin; end it with Ctrl-D", file=sys.stderr)
-    return sys.stdin.read()
+    try:
+        return sys.stdin.buffer.read().decode()
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{what} on stdin is not UTF-8 text (byte {exc.start})") from None
 
 
 async def cmd_store(args: argparse.Namespace) -> int:
