@@ -63,6 +63,12 @@ NA = None  # the command never reaches that dependency in that state (see README
 OK = Outcome(0)
 DD_BAD = Outcome(2, "DD_TRACE_AGENT_PORT", within_s=5)
 
+
+
+def every(outcome: Outcome) -> dict[str, Outcome | None]:
+    return dict.fromkeys(COMMANDS, outcome)
+
+
 MATRIX: dict[str, dict[str, Outcome | None]] = {
     "falkordb down": {
         "store": Outcome(0, after="queued"), "worker": Outcome(0, after="ingested", within_s=60),
@@ -120,11 +126,11 @@ MATRIX: dict[str, dict[str, Outcome | None]] = {
     "b2 stall": {
         "store": NA, "worker": NA, "query hit": NA, "query miss": NA, "entities": NA, "health": NA,
         "export": Outcome(1, "b2", within_s=60), "restore": Outcome(1, "b2", within_s=60)},
-    "datadog agent absent": {command: OK for command in COMMANDS} | {
-        "store": Outcome(0, after="queued"), "worker": Outcome(0, after="ingested", within_s=60)},
-    "datadog agent black-holed": {command: OK for command in COMMANDS} | {
-        "store": Outcome(0, after="queued"), "worker": Outcome(0, after="ingested", within_s=60)},
-    "malformed DD_*": {command: DD_BAD for command in COMMANDS},
+    "datadog agent absent": {
+        **every(OK), "store": Outcome(0, after="queued"), "worker": Outcome(0, after="ingested", within_s=60)},
+    "datadog agent black-holed": {
+        **every(OK), "store": Outcome(0, after="queued"), "worker": Outcome(0, after="ingested", within_s=60)},
+    "malformed DD_*": every(DD_BAD),
 }
 
 
@@ -200,8 +206,9 @@ def b2_faults(stack, upload_errors: int) -> None:
 def matrix(stack, tmp_path_factory):
     """One group with two episodes and its export in B2, shared by the read cells; rebuilt after a
     cell that killed FalkorDB (the local FalkorDB keeps nothing across a restart)."""
-    state = {"group": f"faults_{uuid.uuid4().hex[:6]}", "b2_name": None}
-    home = Memory(stack, state["group"], tmp_path_factory.mktemp("matrix-spool")).with_env(MEMORY_DRAIN_IDLE="1")
+    group = f"faults_{uuid.uuid4().hex[:6]}"
+    state: dict[str, str | None] = {"group": group, "b2_name": None}
+    home = Memory(stack, group, tmp_path_factory.mktemp("matrix-spool")).with_env(MEMORY_DRAIN_IDLE="1")
 
     def ensure() -> Memory:
         if home.episode_count() < len(EPISODES):
@@ -363,7 +370,7 @@ def test_fault_matrix(stack, memory, matrix, state, command):
     assert outcome is not None
     token = f"faults_{uuid.uuid4().hex[:10]}"
     urllib.request.urlopen(f"{stack.agent_url}/test/session/start?test_session_token={token}", timeout=10).close()
-    statsd, holes = Statsd(), []
+    statsd, holes = Statsd(), list[Blackhole]()
     try:
         env = cell_env(memory, state, command, statsd, token, holes)
         faults = OPENAI_FAULTS.get(state)

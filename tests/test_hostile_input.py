@@ -84,7 +84,7 @@ def test_hostile_queries_always_answer_through_the_cli(seeded):
     for query in QUERIES:
         result = seeded.run("query", query)
         assert_answered_or_refused(result, ANSWER)
-    assert seeded.run("query", "graph database").stdout.startswith("- Alice chose FalkorDB")
+    assert "FalkorDB over Neo4j" in seeded.run("query", "graph database").stdout
     assert snapshot(seeded) == before
 
 
@@ -100,7 +100,9 @@ def test_empty_or_oversized_queries_are_refused_in_one_line(seeded, query):
 
 def test_an_argument_that_is_not_utf8_is_refused(seeded):
     before = snapshot(seeded)
-    for args in (["query", b"graph \xff\xfe"], ["store", b"Edited \xff.py"], ["store", "x", b'{"k": "\xff"}']):
+    arguments: list[list[bytes]] = [[b"query", b"graph \xff\xfe"], [b"store", b"Edited \xff.py"],
+                                    [b"store", b"x", b'{"k": "\xff"}']]
+    for args in arguments:
         done = subprocess.run([sys.executable, str(MODULE), *args], env=seeded.env, capture_output=True,
                               timeout=60)
         assert done.returncode == 2, done.stderr
@@ -192,10 +194,9 @@ def test_hostile_queries_through_the_library_answer_or_raise_usage_error(seeded,
     for query in QUERIES:
         assert isinstance(call(mm.query_memory, query), str), query
         assert isinstance(call(mm.search_facts, query), list), query
-    for why, query in {**LIBRARY_ONLY_QUERIES, **dict(enumerate(REFUSED_QUERIES))}.items():
+    for query in [*LIBRARY_ONLY_QUERIES.values(), *REFUSED_QUERIES]:
         with pytest.raises(mm.UsageError):
             call(mm.query_memory, query)
-        assert why is not None
     for limit in (0, 51, -1, True, "5", 2.5, None):
         with pytest.raises(mm.UsageError):
             call(mm.query_memory, "graph", limit)
@@ -212,13 +213,15 @@ def test_hostile_content_and_metadata_through_the_library(seeded, library):
         node = node["a"]
     cyclic: dict = {}
     cyclic["self"] = cyclic
-    refused = [("x\x00y", None), ("graph \ud800", None), ("", None), (" ", None), (None, None), (42, None),
-               ("x" * 100_001, None), ("ok", deep), ("ok", cyclic), ("ok", {1: "a", "b": 2}),
-               ("ok", {"k": "x" * 70_000}), ("ok", "{\"k\": \"\ud800\"}")]
+    refused: list[tuple[object, object]] = [
+        ("x\x00y", None), ("graph \ud800", None), ("", None), (" ", None), (None, None), (42, None),
+        ("x" * 100_001, None), ("ok", deep), ("ok", cyclic), ("ok", {1: "a", "b": 2}),
+        ("ok", {"k": "x" * 70_000}), ("ok", "{\"k\": \"\ud800\"}")]
     for content, metadata in refused:
         with pytest.raises(mm.UsageError):
             call(mm.enqueue_episode, content, metadata)
-    stored = [("ok", None), ("ok", {"nested": [1, {"deep": True}]}), ("ok", ["a", "list"]), ("ok", "undefined"),
+    stored: list[tuple[object, object]] = [
+        ("ok", None), ("ok", {"nested": [1, {"deep": True}]}), ("ok", ["a", "list"]), ("ok", "undefined"),
               ("ok", "[" * 10_000 + "]" * 10_000), ("ok", {"when": __import__("datetime").date(2026, 11, 24)})]
     for content, metadata in stored:
         queued_episode = call(mm.enqueue_episode, content, metadata)

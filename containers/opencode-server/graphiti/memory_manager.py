@@ -134,8 +134,9 @@ GRAPHITI_INDEXED_LABELS = ("Entity", "Episodic", "Community", "Saga", "RELATES_T
 GROUP_ID_RULE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 LABEL_RULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 HOST_RULE = re.compile(r"^[A-Za-z0-9._:\[\]-]{1,253}$")  # a name, IPv4 or IPv6
-# RediSearch rejects a standalone `_` token (graphiti #1820).
-LONE_UNDERSCORES = re.compile(r"(?<![\w])_+(?![\w])")
+# RediSearch rejects a standalone `_` token (graphiti #1820) and control characters, which
+# graphiti's query sanitiser passes through (an ANSI colour code in a pasted error, say).
+UNSEARCHABLE = re.compile(r"(?<![\w])_+(?![\w])|[\x00-\x1f\x7f-\x9f]")
 
 
 # === Errors ======================================================================================
@@ -1007,7 +1008,8 @@ def _limited(metadata: Any, text: str) -> Any:
 def _new_entry(group: str, content: str, metadata: dict | None, raw_metadata: str | None) -> dict[str, str]:
     now = datetime.now(UTC)
     return {"job": uuid.uuid4().hex, "group": group, "name": episode_name(now), "ref": now.isoformat(),
-            "content": content, "metadata": json.dumps(metadata, sort_keys=True, default=str) if metadata is not None else "",
+            "content": content,
+            "metadata": json.dumps(metadata, sort_keys=True, default=str) if metadata is not None else "",
             "metadata_raw": raw_metadata or ""}
 
 
@@ -1349,7 +1351,7 @@ async def _search(query: str, limit: int) -> list[Fact]:
     config = EDGE_HYBRID_SEARCH_RRF.model_copy(deep=True)
     config.limit = limit
     async with _service("falkordb", s.falkordb_address), _llm_service():
-        results = await graphiti.search_(LONE_UNDERSCORES.sub(" ", query), config=config,
+        results = await graphiti.search_(UNSEARCHABLE.sub(" ", query), config=config,
                                          group_ids=[s.group_id])
     scores: list[float | None] = list(results.edge_reranker_scores)
     if len(scores) != len(results.edges):
