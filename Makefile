@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 OPENSPEC := OPENSPEC_TELEMETRY=0 npx --yes @fission-ai/openspec@1.13.2
 
-.PHONY: install valkey test spec lint demo stack stack-down bench bench-export bench-queue clean
+.PHONY: install valkey test spec lint demo stack stack-down bench bench-export bench-queue bench-miss clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,9 @@ bench-export: install
 
 bench-queue: install
 	$(PY) local/bench_queue.py
+
+bench-miss: install
+	$(PY) local/bench_miss.py
 
 clean: stack-down
 	rm -rf $(VENV) .stack .stack.env

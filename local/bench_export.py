@@ -26,7 +26,7 @@ from stack import ROOT, Stack
 MODULE = ROOT / "containers" / "opencode-server" / "graphiti" / "memory_manager.py"
 BATCH = 500
 # Vectors are computed server-side so that building a large graph ships no float text.
-VECTOR = "vecf32([x IN range(1, 1024) | toFloat((i * 31 + x * 17) % 997) / 997.0])"
+VECTOR = "vecf32([x IN range(0, 1023) | toFloat((i * 31 + x * 17) % 997) / 997.0])"  # 1024 dimensions
 
 
 def build_graph(db: redis.Redis, group: str, entities: int) -> None:

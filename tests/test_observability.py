@@ -206,9 +206,11 @@ class DogStatsd:
 
     def metrics(self) -> list[tuple[str, str, dict[str, str]]]:
         parsed = []
+        self.values: dict[str, list[float]] = {}
         for line in self.lines():
             head, kind, tags = line.split("|")
-            name, _ = head.split(":")
+            name, value = head.split(":")
+            self.values.setdefault(name, []).append(float(value))
             parsed.append((name, kind, dict(t.split(":", 1) for t in tags.lstrip("#").split(","))))
         return parsed
 
@@ -252,8 +254,8 @@ def test_every_operation_reports_its_duration_and_failures_are_counted(memory, d
     assert (error["operation"], error["error_type"], error["group"]) == ("entities", "ServiceError", memory.group)
     assert [name for name, _, _ in metrics if name == "opencode.memory.cache_unavailable"] == \
         ["opencode.memory.cache_unavailable"]
-    [export_bytes] = [n for n, kind, _ in metrics if n == "opencode.memory.export.bytes" and kind == "d"]
-    assert export_bytes
+    assert [kind for n, kind, _ in metrics if n == "opencode.memory.export.bytes"] == ["d"]
+    assert dogstatsd.values["opencode.memory.export.bytes"] == [(tmp_path / "e.json").stat().st_size]
 
 
 def test_a_worker_reports_queue_gauges_ingest_duration_and_enqueue_counts(memory, dogstatsd):

@@ -34,7 +34,7 @@ def test_a_repeated_query_is_served_from_the_cache(memory, standin, valkey):
 
     assert second == first
     assert standin.requests() == requests_after_miss, "a cache hit must not reach the LLM"
-    keys = valkey.keys(f"memory:{{{memory.group}}}:query:*")
+    keys = valkey.keys(f"memory:{{{memory.group}}}:answer:*")
     assert len(keys) == 1
     assert 0 < valkey.ttl(keys[0]) <= 300
 
@@ -43,7 +43,7 @@ def test_the_cache_ttl_follows_memory_cache_ttl(memory, valkey):
     memory.store(DECISION)
     memory.with_env(MEMORY_CACHE_TTL="7").ok("query", "graph database")
 
-    [key] = valkey.keys(f"memory:{{{memory.group}}}:query:*")
+    [key] = valkey.keys(f"memory:{{{memory.group}}}:answer:*")
     assert 0 < valkey.ttl(key) <= 7
 
 

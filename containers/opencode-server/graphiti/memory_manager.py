@@ -854,7 +854,7 @@ def normalise_query(text: str) -> str:
 
 def cache_key(group: str, query: str, limit: int) -> str:
     payload = json.dumps([group, normalise_query(query), limit])
-    return group_key(group, f"facts:{hashlib.sha256(payload.encode()).hexdigest()}")  # JSON fact records
+    return group_key(group, f"answer:{hashlib.sha256(payload.encode()).hexdigest()}")  # text and fact records
 
 
 @dataclass(frozen=True)
@@ -1380,19 +1380,46 @@ def _ranked(edges: list[Any], scores: list[Any]) -> list[tuple[Any, Any]]:
     return sorted(zip(edges, scores, strict=True), key=key)
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """An answer as cached: the text `query` prints and the fact records as JSON, kept side by side
+    so that a hit for query_memory() parses nothing."""
+
+    text: str
+    records: str
+
+    @classmethod
+    def of(cls, facts: list[Fact]) -> _Answer:
+        return cls(format_facts(facts), json.dumps([dataclasses.asdict(f) for f in facts], ensure_ascii=False))
+
+    @classmethod
+    def decode(cls, value: str) -> _Answer:
+        size, _, rest = value.partition("\n")
+        return cls(rest[:int(size)], rest[int(size):])
+
+    def encode(self) -> str:
+        return f"{len(self.text)}\n{self.text}{self.records}"
+
+    def facts(self) -> list[Fact]:
+        return [Fact(**record) for record in json.loads(self.records)]
+
+    def count(self) -> int:
+        return 0 if self.text == NO_RESULTS else self.text.count("\n") + 1
+
+
 async def search_facts(search_query: str, limit: int = 5) -> list[Fact]:
     """The facts relevant to a query, best first, as records (for `query --json` and servers)."""
     async with operation("query") as op:
-        return await _cached_facts(op, search_query, limit)
+        return (await _cached_answer(op, search_query, limit)).facts()
 
 
 async def query_memory(search_query: str, limit: int = 5) -> str:
     """Facts relevant to the query, one per line with their validity window; cached per group."""
     async with operation("query") as op:
-        return format_facts(await _cached_facts(op, search_query, limit))
+        return (await _cached_answer(op, search_query, limit)).text
 
 
-async def _cached_facts(op: _Span, search_query: str, limit: int) -> list[Fact]:
+async def _cached_answer(op: _Span, search_query: str, limit: int) -> _Answer:
     if not isinstance(search_query, str) or not search_query.strip():
         raise UsageError("query must be non-empty text")
     if len(search_query) > MAX_QUERY_CHARS:
@@ -1408,18 +1435,18 @@ async def _cached_facts(op: _Span, search_query: str, limit: int) -> list[Fact]:
     op.set(**{"cache.hit": cached is not None})
     if cached is not None:
         emit("cache_hit", 1, "c", operation="query", group=group)
-        facts = [Fact(**record) for record in json.loads(cached)]
+        answer = _Answer.decode(cached)
     else:
         if slot is not None:
             emit("cache_miss", 1, "c", operation="query", group=group)
         async with span("memory.graph.search") as search:
-            facts = await _search(search_query, limit)
-            search.set(**{"memory.results": len(facts)})
+            answer = _Answer.of(await _search(search_query, limit))
+            search.set(**{"memory.results": answer.count()})
         if slot is not None:
             async with span("memory.cache.write"):
-                await _cache_store(slot, json.dumps([dataclasses.asdict(f) for f in facts], ensure_ascii=False))
-    op.set(**{"memory.results": len(facts)})
-    return facts
+                await _cache_store(slot, answer.encode())
+    op.set(**{"memory.results": answer.count()})
+    return answer
 
 
 async def get_entities(entity_type: str | None = None) -> list[dict]:
@@ -1489,27 +1516,37 @@ async def _llm_health(s: Settings) -> dict:
 
 
 async def _llm_probe(s: Settings) -> str | None:
-    """None when the endpoint accepted the key, else why not."""
-    import openai
-
-    client = openai.AsyncOpenAI(api_key=s.openai_api_key, base_url=s.openai_base_url,
-                                timeout=HEALTH_TIMEOUT_S, max_retries=0)
+    """None when the endpoint accepted the key, else why not. A plain HTTP GET in a thread: the
+    openai package would cost a healthcheck ~0.5 s of imports for one request."""
     try:
-        await asyncio.wait_for(client.models.list(), HEALTH_TIMEOUT_S)
-        return None
-    except (openai.AuthenticationError, openai.PermissionDeniedError):
-        return "rejected the key (check OPENAI_API_KEY)"
-    except (TimeoutError, openai.APITimeoutError):
+        return await asyncio.wait_for(asyncio.to_thread(_get_models, s), HEALTH_TIMEOUT_S + 0.5)
+    except TimeoutError:
         return f"unreachable: no answer within {HEALTH_TIMEOUT_S:g} s"
-    except openai.APIConnectionError as exc:
-        refused = _caused_by(exc, ConnectionRefusedError) or "refused" in repr(exc.__cause__)
-        return "unreachable: connection refused" if refused else f"unreachable: {_describe(exc)}"
-    except openai.APIStatusError as exc:
-        return f"answered HTTP {exc.status_code}"
-    except (openai.APIError, json.JSONDecodeError) as exc:
+
+
+def _get_models(s: Settings) -> str | None:
+    import urllib.error
+    import urllib.request
+
+    url = (s.openai_base_url or "https://api.openai.com/v1").rstrip("/") + "/models"
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {s.openai_api_key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=HEALTH_TIMEOUT_S) as reply:
+            json.load(reply)
+        return None
+    except urllib.error.HTTPError as exc:
+        return "rejected the key (check OPENAI_API_KEY)" if exc.code in (401, 403) else f"answered HTTP {exc.code}"
+    except urllib.error.URLError as exc:  # connecting failed
+        reason = exc.reason
+        if isinstance(reason, ConnectionRefusedError):
+            return "unreachable: connection refused"
+        if isinstance(reason, TimeoutError):
+            return f"unreachable: no answer within {HEALTH_TIMEOUT_S:g} s"
+        return f"unreachable: {reason if isinstance(reason, str) else _describe(reason)}"
+    except TimeoutError:  # reading the reply
+        return f"unreachable: no answer within {HEALTH_TIMEOUT_S:g} s"
+    except (ValueError, OSError) as exc:  # ValueError: a body that is not JSON
         return f"answered, but not as the API does ({type(exc).__name__})"
-    finally:
-        await client.close()
 
 
 async def _queue_health(valkey_ok: bool) -> dict:
