@@ -23,11 +23,11 @@ def test_help_lists_every_command(memory):
 
     assert (result.code, result.stderr) == (0, "")
     assert help_commands(result.stdout) == ["store", "query", "entities", "health", "queue", "worker", "drain",
-                                            "export", "restore"]
+                                            "export", "backups", "restore"]
 
 
 @pytest.mark.parametrize("command", ["store", "query", "entities", "health", "queue", "worker", "drain", "export",
-                                     "restore"])
+                                     "backups", "restore"])
 def test_each_command_has_its_own_help(memory, command):
     result = memory.run(command, "--help")
 
@@ -408,7 +408,7 @@ def test_query_json_gives_fact_records_in_the_same_order_as_the_text(memory):
 
 @pytest.mark.parametrize("args", [
     ["store", "Dana prefers ruff."], ["query", "ruff"], ["entities"], ["health"], ["queue"], ["queue", "retry"],
-    ["drain"],
+    ["drain"], ["backups"],
 ], ids=lambda a: "-".join(a[:2]))
 def test_every_command_prints_one_json_document_with_json(memory, args):
     result = memory.with_env(MEMORY_DRAIN_IDLE="1").run(*args, "--json")
@@ -419,7 +419,7 @@ def test_every_command_prints_one_json_document_with_json(memory, args):
                      "health": {"falkordb", "valkey", "llm", "queue", "worker", "healthy"},
                      "queue": {"groups", "worker"} if len(args) == 1 else {"requeued"},
                      "drain": {"mode", "id", "stored", "dead_lettered", "exit_code"}}
-    if args[0] == "entities":
+    if args[0] in ("entities", "backups"):
         assert isinstance(document, list)
     else:
         assert set(document) == expected_keys[args[0]]

@@ -410,3 +410,73 @@ def test_export_and_restore_json_are_documents_a_script_can_use(memory, empty_fa
         [(memory.group, "replace", exported["nodes"])]
     assert (restored["dry_run"], restored["nodes"], restored["edges"]) == (False, exported["nodes"], exported["edges"])
     assert restored["groups"][0]["action"] == "create"
+
+
+# --- retention and the backups listing ------------------------------------------------------------
+
+def upload(bucket, name: str, data: bytes = b"{}") -> None:
+    bucket.upload_bytes(data, name, file_info={"groups": "1", "nodes": "2", "edges": "3"})
+
+
+def names_in(bucket, prefix: str) -> list[str]:
+    return sorted(v.file_name for v, _ in bucket.ls(folder_to_list=prefix, latest_only=True, recursive=True))
+
+
+def test_export_keeps_the_newest_b2_keep_exports_and_touches_nothing_else(memory, stack):
+    prefix = f"retention-{memory.group}"
+    bucket = b2_bucket(stack)
+    old = [f"{prefix}/graphiti_export_2026010{day}T000000Z.json" for day in range(1, 6)]
+    others = [f"{prefix}/notes.txt", f"{prefix}/graphiti_export_latest.json", f"{prefix}/deeper/graphiti_export_"
+              "20250101T000000Z.json", f"{prefix}-other/graphiti_export_20250101T000000Z.json"]
+    for name in old + others:
+        upload(bucket, name)
+    memory.store(A_EVENTS[0])
+
+    summary = json.loads(memory.with_env(B2_PREFIX=prefix, B2_KEEP="3").ok("export", "--json"))
+
+    written = summary["target"].removeprefix("b2://opencode-memory/")
+    assert sorted(summary["pruned"]) == old[:3]
+    assert names_in(bucket, prefix) == sorted([written, *old[3:], *others[:3]])
+    assert names_in(bucket, f"{prefix}-other") == [others[3]]
+
+
+def test_b2_keep_0_keeps_every_export(memory, stack):
+    prefix = f"keep-all-{memory.group}"
+    bucket = b2_bucket(stack)
+    upload(bucket, f"{prefix}/graphiti_export_20260101T000000Z.json")
+    memory.store(A_EVENTS[0])
+
+    summary = json.loads(memory.with_env(B2_PREFIX=prefix, B2_KEEP="0").ok("export", "--json"))
+
+    assert summary["pruned"] == []
+    assert len(names_in(bucket, prefix)) == 2
+
+
+def test_backups_lists_exports_newest_first_and_latest_restores_the_newest(memory, empty_falkordb, stack):
+    prefix = f"latest-{memory.group}"
+    upload(b2_bucket(stack), f"{prefix}/graphiti_export_20200101T000000Z.json", b"not an export")
+    at_prefix = memory.with_env(B2_PREFIX=prefix)
+    memory.store(A_EVENTS[0])
+    entities = memory.entities()
+    exported = json.loads(at_prefix.ok("export", "--json"))
+
+    listed = json.loads(at_prefix.ok("backups", "--json"))
+    text = at_prefix.ok("backups").splitlines()
+    empty_falkordb.execute_command("GRAPH.DELETE", memory.group)
+    restored = json.loads(at_prefix.ok("restore", "b2://opencode-memory/latest", "--json"))
+
+    assert [b["location"] for b in listed] == [exported["target"],
+                                               f"b2://opencode-memory/{prefix}/graphiti_export_20200101T000000Z.json"]
+    assert (listed[0]["nodes"], listed[0]["edges"], listed[0]["bytes"]) == \
+        (exported["nodes"], exported["edges"], exported["bytes"])
+    assert text[0].endswith(exported["target"]) and f"{exported['nodes']} nodes" in text[0]
+    assert restored["source"] == "b2://opencode-memory/latest" and restored["nodes"] == exported["nodes"]
+    assert memory.entities() == entities
+
+
+def test_latest_with_no_export_under_the_prefix_is_a_usage_error(memory):
+    result = memory.with_env(B2_PREFIX=f"empty-{memory.group}").run("restore", "b2://opencode-memory/latest")
+
+    assert (result.code, result.stdout) == (2, "")
+    assert result.error_lines == [f"memory-manager: error: no export under B2_PREFIX 'empty-{memory.group}' of "
+                                  "b2://opencode-memory"]

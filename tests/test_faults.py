@@ -233,7 +233,8 @@ def cell_env(memory: Memory, state: str, command: str, statsd: Statsd, token: st
     """The environment of a cell: canary credentials where the faulted service never checks them,
     tracing and DogStatsD pointed at what the test reads, and the state's own change."""
     env = {"OPENAI_API_KEY": SECRETS["OPENAI_API_KEY"], "MEMORY_AUTO_DRAIN": "off", "MEMORY_DRAIN_IDLE": "1",
-           "MEMORY_MAX_ATTEMPTS": "2", "DD_TRACE_ENABLED": "true", "DD_DOGSTATSD_PORT": str(statsd.port),
+           "MEMORY_MAX_ATTEMPTS": "2", "B2_KEEP": "0",  # the shared export must outlive the cells' exports
+           "DD_TRACE_ENABLED": "true", "DD_DOGSTATSD_PORT": str(statsd.port),
            "_DD_TRACE_WRITER_ADDITIONAL_HEADERS": f"X-Datadog-Test-Session-Token:{token}"}
 
     def hole() -> str:

@@ -17,14 +17,15 @@ cache in Valkey.
     run_worker(drain=False) -> WorkerSummary         ingest queued episodes until stopped (or idle)
     health() -> dict                                 FalkorDB / Valkey reachability, the LLM endpoint,
                                                      queue, worker
-    export_to_b2() -> ExportSummary                  every group to B2 as one document
+    export_to_b2() -> ExportSummary                  every group to B2 as one document; prunes to B2_KEEP
+    list_backups(bucket=None) -> list[Backup]        the exports in B2 under B2_PREFIX, newest first
     export_to_file(path) -> ExportSummary            ... to a file ("-": stdout)
     write_export(out) -> ExportSummary               ... to an open binary file
     restore(source, replace=False, dry_run=False) -> RestoreResult
                                                      a document (path, "-", b2://) back into FalkorDB
     close()                                          release every client
 
-CLI: memory_manager.py store|query|entities|health|queue|worker|drain|export|restore ... (--help);
+CLI: memory_manager.py store|query|entities|health|queue|worker|drain|export|backups|restore ... (--help);
 every command takes --group G, -q and --json.
 
 Writes go through a queue: `store` validates, appends the episode to the group's Valkey Stream
@@ -83,6 +84,7 @@ if TYPE_CHECKING:
     from graphiti_core import Graphiti
 
 __all__ = [
+    "Backup",
     "ExportSummary",
     "Fact",
     "GroupRestore",
@@ -100,6 +102,7 @@ __all__ = [
     "export_to_file",
     "get_entities",
     "health",
+    "list_backups",
     "main",
     "query_memory",
     "queue_status",
@@ -280,6 +283,7 @@ class Settings:
     b2_bucket: str | None = None
     b2_prefix: str = ""
     b2_realm: str = "production"
+    b2_keep: int = 28
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -312,6 +316,7 @@ class Settings:
             b2_bucket=_env_str("B2_BUCKET"),
             b2_prefix=(_env_str("B2_PREFIX") or "").strip("/"),
             b2_realm=_env_str("B2_REALM", "production") or "production",  # checked by require_b2()
+            b2_keep=_env_int("B2_KEEP", 28, 0, 1_000_000),
         )
 
     @property
@@ -1429,9 +1434,7 @@ async def _cached_answer(op: _Span, search_query: str, limit: int) -> _Answer:
     group = settings().group_id
     op.set(**{"memory.limit": limit, "memory.query.length": len(search_query),
               "memory.query.hash": short_hash(normalise_query(search_query))})
-    async with span("memory.cache.lookup") as lookup:
-        cached, slot = await _cache_lookup(group, search_query, limit)
-        lookup.set(**{"cache.hit": cached is not None})
+    cached, slot = await _cache_lookup(group, search_query, limit)  # no span of its own: a hit is one MGET
     op.set(**{"cache.hit": cached is not None})
     if cached is not None:
         emit("cache_hit", 1, "c", operation="query", group=group)
@@ -2053,10 +2056,12 @@ class ExportSummary:
     bytes: int = 0
     sha256: str = ""
     target: str = ""
+    pruned: list[str] = field(default_factory=list)  # older exports deleted under B2_KEEP
 
     def __str__(self) -> str:
+        pruned = f"; deleted {len(self.pruned)} older export(s) (B2_KEEP)" if self.pruned else ""
         return (f"exported {self.groups} group(s), {self.nodes} nodes, {self.edges} edges, {self.bytes} bytes, "
-                f"sha256 {self.sha256} to {self.target}")
+                f"sha256 {self.sha256} to {self.target}{pruned}")
 
 
 class _DocumentWriter:
@@ -2241,8 +2246,83 @@ async def export_to_b2(progress: Progress | None = None) -> ExportSummary:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
         summary.target = f"b2://{s.b2_bucket}/{name}"
+        summary.pruned = await _prune_exports(s, keep_name=name)
         _record_export(op, summary)
     return summary
+
+
+EXPORT_NAME = re.compile(r"graphiti_export_\d{8}T\d{6}Z\.json")
+
+
+@dataclass(frozen=True)
+class Backup:
+    """One export in B2: where, when, how big, and what it holds (from its file info)."""
+
+    location: str              # b2://bucket/name
+    uploaded_at: str           # ISO 8601, UTC
+    bytes: int
+    groups: int | None
+    nodes: int | None
+    edges: int | None
+
+
+def _exports_in(bucket: Any, prefix: str) -> list[Any]:
+    """Our exports directly under the prefix, newest first; nothing else in the bucket."""
+    def ours(name: str) -> bool:  # ls also yields one file per subfolder: keep this level's only
+        folder, _, base = name.rpartition("/")
+        return folder == prefix and bool(EXPORT_NAME.fullmatch(base))
+
+    found = [version for version, _ in bucket.ls(folder_to_list=prefix, latest_only=True, recursive=False)
+             if ours(version.file_name)]
+    return sorted(found, key=lambda v: (v.file_name, v.upload_timestamp), reverse=True)
+
+
+async def _prune_exports(s: Settings, keep_name: str) -> list[str]:
+    """Delete exports beyond the newest B2_KEEP, never the one just written. A failure here is a
+    warning: the backup itself is in B2."""
+    if not s.b2_keep:
+        return []
+
+    def prune(api: Any) -> list[str]:
+        bucket = api.get_bucket_by_name(s.b2_bucket)
+        old = [v for v in _exports_in(bucket, s.b2_prefix)[s.b2_keep:] if v.file_name != keep_name]
+        for version in old:
+            bucket.delete_file_version(version.id_, version.file_name)
+        return [v.file_name for v in old]
+
+    try:
+        return await _b2(prune)
+    except ServiceError as exc:
+        log.warning("warning: the export is in B2, but deleting older exports failed: %s", exc)
+        return []
+
+
+async def list_backups(bucket: str | None = None) -> list[Backup]:
+    """The exports under B2_PREFIX in the bucket (default B2_BUCKET), newest first."""
+    async with operation("backups"):
+        return await _list_backups(bucket)
+
+
+async def _list_backups(bucket: str | None) -> list[Backup]:
+    s = settings()
+    s.require_b2("restore" if bucket else "export")
+    name = bucket or s.b2_bucket or ""
+
+    def listing(api: Any) -> list[Backup]:
+        return [_backup(name, v) for v in _exports_in(api.get_bucket_by_name(name), s.b2_prefix)]
+
+    return await _b2(listing)
+
+
+def _backup(bucket: str, version: Any) -> Backup:
+    info = version.file_info or {}
+
+    def count(key: str) -> int | None:
+        return int(info[key]) if str(info.get(key, "")).isdigit() else None
+
+    when = datetime.fromtimestamp(version.upload_timestamp / 1000, UTC).isoformat()
+    return Backup(f"b2://{bucket}/{version.file_name}", when, version.size, count("groups"), count("nodes"),
+                  count("edges"))
 
 
 # --- B2 ------------------------------------------------------------------------------------------
@@ -2576,8 +2656,15 @@ async def _local_copy(source: str) -> AsyncIterator[str]:
         return
     bucket, _, name = source[len("b2://"):].partition("/")
     if not bucket or not name:
-        raise UsageError(f"expected b2://<bucket>/<file name>, got {source!r}")
+        raise UsageError(f"expected b2://<bucket>/<file name> or b2://<bucket>/latest, got {source!r}")
     settings().require_b2("restore")
+    if name == "latest":
+        newest = await _list_backups(bucket)
+        if not newest:
+            prefix = settings().b2_prefix
+            raise UsageError(f"no export under {'B2_PREFIX ' + repr(prefix) if prefix else 'the top level'} "
+                             f"of b2://{bucket}")
+        name = newest[0].location.removeprefix(f"b2://{bucket}/")
     fd, temporary = tempfile.mkstemp(prefix="graphiti_restore_", suffix=".json")
     os.close(fd)
     try:
@@ -2678,7 +2765,8 @@ HELP_EPILOG = EXAMPLES + """
 
 environment (see .env.example for all, with defaults):
   FALKORDB_HOST/PORT, VALKEY_HOST/PORT, OPENAI_API_KEY, OPENAI_BASE_URL, MEMORY_GROUP_ID,
-  MEMORY_SPOOL_DIR, MEMORY_AUTO_DRAIN, B2_KEY_ID, B2_APP_KEY, B2_BUCKET, DD_* (Datadog)
+  MEMORY_SPOOL_DIR, MEMORY_AUTO_DRAIN, B2_KEY_ID, B2_APP_KEY, B2_BUCKET, B2_PREFIX, B2_KEEP,
+  DD_* (Datadog)
 
 exit status:
   0  success (health: FalkorDB and Valkey answer)
@@ -2857,6 +2945,19 @@ async def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_backups(args: argparse.Namespace) -> int:
+    backups = await list_backups(args.bucket)
+    if args.json:
+        _print_json([dataclasses.asdict(b) for b in backups])
+        return 0
+    for b in backups:
+        counts = f"{b.groups} group(s), {b.nodes} nodes, {b.edges} edges" if b.nodes is not None else "counts unknown"
+        print(f"{b.uploaded_at}  {b.bytes:>12} bytes  {counts}  {b.location}")
+    if not backups:
+        print("no exports found", file=sys.stderr)
+    return 0
+
+
 async def cmd_restore(args: argparse.Namespace) -> int:
     if args.replace and not args.dry_run and not args.yes:
         _confirm_replace(args.source)
@@ -2960,8 +3061,12 @@ def build_parser() -> argparse.ArgumentParser:
     export = command("export", "export every memory group to B2 (or to a file)", cmd_export)
     export.add_argument("--output", metavar="PATH", help="write the document to PATH (- for stdout) instead of B2")
 
+    backups = command("backups", "list the exports in B2 under B2_PREFIX, newest first", cmd_backups)
+    backups.add_argument("--bucket", metavar="B", help="another bucket than B2_BUCKET")
+
     restore_ = command("restore", "restore an export from a file, stdin or b2://bucket/name", cmd_restore)
-    restore_.add_argument("source", help="a path, - for stdin, or b2://<bucket>/<file name>")
+    restore_.add_argument("source", help="a path, - for stdin, b2://<bucket>/<file name>, or b2://<bucket>/latest "
+                          "(the newest export under B2_PREFIX)")
     restore_.add_argument("--replace", action="store_true", help="overwrite groups that already hold memories")
     restore_.add_argument("--yes", action="store_true", help="confirm --replace without asking")
     restore_.add_argument("--dry-run", action="store_true", help="check the document and say what would "
