@@ -15,7 +15,7 @@ import time
 import pytest
 import redis
 
-from conftest import Memory
+from conftest import Memory, stop, wait_for_no_worker
 
 A_EVENTS = ["We chose FalkorDB over Neo4j for the graph database.",
             "Fixed TimeoutError in sync_worker when Valkey restarts during deploys."]
@@ -480,3 +480,35 @@ def test_latest_with_no_export_under_the_prefix_is_a_usage_error(memory):
     assert (result.code, result.stdout) == (2, "")
     assert result.error_lines == [f"memory-manager: error: no export under B2_PREFIX 'empty-{memory.group}' of "
                                   "b2://opencode-memory"]
+
+
+def test_an_export_while_the_worker_writes_is_one_instant_and_restores_whole(memory, empty_falkordb, tmp_path):
+    wait_for_no_worker(memory.stack, timeout_s=90)
+    synthetic_graph(empty_falkordb, memory.group, entities=2000)  # an export of several seconds
+    queued = memory.with_env(MEMORY_AUTO_DRAIN="off")
+    for i in range(8):
+        queued.ok("store", f"Step {i}: Alice edited src/step_{i}.py and Bob reviewed StepHandler{i}.")
+    worker = memory.worker()
+    try:
+        while memory.episode_count() < 1:  # the worker is writing this group now
+            time.sleep(0.2)
+        document = tmp_path / "during.json"
+        exported = json.loads(memory.ok("export", "--output", str(document), "--json"))
+        written_meanwhile = memory.episode_count()
+    finally:
+        assert stop(worker) == 0
+    groups = {g["group_id"]: g for g in json.loads(document.read_text())["groups"]}
+    mine = groups[memory.group]
+    node_uuids = {n["uuid"] for n in mine["nodes"]}
+    dangling = [e["uuid"] for e in mine["edges"] if e["source"] not in node_uuids or e["target"] not in node_uuids]
+    for graph in empty_falkordb.execute_command("GRAPH.LIST"):
+        empty_falkordb.execute_command("GRAPH.DELETE", graph)
+
+    restored = memory.run("restore", str(document), "--json")
+
+    assert dangling == []
+    assert 1 <= sum(n["labels"] == ["Episodic"] for n in mine["nodes"]) <= written_meanwhile
+    assert restored.code == 0, restored.stderr
+    assert memory.graph_counts() == (mine["counts"]["nodes"], mine["counts"]["edges"])
+    assert [name for name in empty_falkordb.execute_command("GRAPH.LIST") if b"snapshot" in name] == []
+    assert exported["nodes"] == sum(len(g["nodes"]) for g in groups.values())

@@ -2016,6 +2016,7 @@ async def run_worker(drain: bool = False) -> WorkerSummary:
 EXPORT_FORMAT = "opencode-memory-export"
 EXPORT_VERSION = 1
 EXPORT_PAGE_ROWS = 500
+SNAPSHOT_PREFIX = "export-snapshot:"  # + <unix time>:<random>:<group>
 RESTORE_BATCH_ROWS = 200
 NODE_LABELS = ("Episodic", "Entity", "Community", "Saga")
 EDGE_TYPES = ("RELATES_TO", "MENTIONS", "HAS_MEMBER", "HAS_EPISODE", "NEXT_EPISODE")
@@ -2091,9 +2092,9 @@ async def _memory_groups() -> list[str]:
     return sorted(g for g in graphs if GROUP_ID_RULE.match(g))
 
 
-async def _pages(group: str, query: str, **params: Any) -> AsyncIterator[list[list]]:
+async def _pages(graph_name: str, query: str, **params: Any) -> AsyncIterator[list[list]]:
     """Keyset pagination on uuid: stable and linear, unlike SKIP."""
-    graph = (await _falkordb()).select_graph(group)
+    graph = (await _falkordb()).select_graph(graph_name)
     after = ""
     while True:
         rows = (await graph.ro_query(query, {**params, "after": after, "limit": EXPORT_PAGE_ROWS})).result_set
@@ -2117,8 +2118,38 @@ def _edge_record(edge_type: str, row: list) -> dict:
             "target_label": target_label, "properties": props, "embeddings": embeddings}
 
 
+@contextlib.asynccontextmanager
+async def _snapshot(group: str) -> AsyncIterator[str]:
+    """A point-in-time copy of the group's graph (GRAPH.COPY), deleted on every path: the pages of
+    an export then all come from one instant while the worker keeps writing the original. The
+    name cannot be a group id (it has colons), so no export or query ever treats it as one."""
+    name = f"{SNAPSHOT_PREFIX}{int(time.time())}:{uuid.uuid4().hex[:8]}:{group}"
+    connection = (await _falkordb()).connection
+    await connection.execute_command("GRAPH.COPY", group, name)
+    try:
+        yield name
+    finally:
+        with contextlib.suppress(*_connection_errors()):
+            await connection.execute_command("GRAPH.DELETE", name)
+
+
+async def _drop_stale_snapshots() -> None:
+    """Copies left by an export that was killed (an export never takes an hour)."""
+    connection = (await _falkordb()).connection
+    for name in await connection.execute_command("GRAPH.LIST"):
+        name = name.decode() if isinstance(name, bytes) else name
+        if name.startswith(SNAPSHOT_PREFIX) and int(name.split(":")[1]) < time.time() - 3600:
+            await connection.execute_command("GRAPH.DELETE", name)
+
+
 async def _export_group(group: str, writer: _DocumentWriter, first: bool, summary: ExportSummary,
                         progress: Progress | None) -> None:
+    async with _snapshot(group) as copy:
+        await _export_copy(group, copy, writer, first, summary, progress)
+
+
+async def _export_copy(group: str, copy: str, writer: _DocumentWriter, first: bool, summary: ExportSummary,
+                       progress: Progress | None) -> None:
     opening = json.dumps({"group_id": group})[:-1] + ', "nodes": ['
     await writer.lines([("" if first else ",") + opening])
     sections: dict[str, list[tuple[str, dict, Callable[[list], dict]]]] = {
@@ -2131,7 +2162,7 @@ async def _export_group(group: str, writer: _DocumentWriter, first: bool, summar
         if kind == "edges":
             await writer.lines(['], "edges": ['])
         for query, params, to_record in queries:
-            async for rows in _pages(group, query, **params):
+            async for rows in _pages(copy, query, **params):
                 records = [json.dumps(to_record(row)) for row in rows]
                 await writer.lines([("," if counts[kind] or i else "") + r for i, r in enumerate(records)])
                 counts[kind] += len(records)
@@ -2172,6 +2203,7 @@ async def _write_export(out: Any, progress: Progress | None) -> ExportSummary:
     }
     await writer.lines([json.dumps(header)[:-1] + ', "groups": ['])
     async with _service("falkordb", s.falkordb_address):
+        await _drop_stale_snapshots()
         for i, group in enumerate(groups):
             await _export_group(group, writer, i == 0, summary, progress)
     summary.groups = len(groups)
