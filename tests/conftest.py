@@ -210,10 +210,16 @@ def wait_for_no_worker(stack: Stack, timeout_s: float = 30) -> None:
 
 
 def stop(process: subprocess.Popen, timeout_s: float = 30) -> int:
-    """SIGTERM a worker and wait for it."""
+    """SIGTERM a worker and wait for it; one that ignores SIGTERM fails its test, after a SIGKILL
+    so that it cannot hold the heartbeat for the tests after it."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
-    return process.wait(timeout=timeout_s)
+    try:
+        return process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        raise
 
 
 class StandIn:

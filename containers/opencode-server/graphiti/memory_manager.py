@@ -1939,11 +1939,13 @@ class _Worker:
             await asyncio.wait_for(self.stopping.wait(), seconds)
 
     async def _beat_forever(self) -> None:
-        while True:
+        # Ends on `stopping`, not only on cancel: a cancel that lands inside a redis-py call can come
+        # back as a connection error, which the suppress below would swallow, beating forever.
+        while not self.stopping.is_set():
             with contextlib.suppress(*_valkey_errors()):
                 await self._beat()
                 await self._report_gauges()
-            await asyncio.sleep(HEARTBEAT_EVERY_S)
+            await self._pause(HEARTBEAT_EVERY_S)
 
     async def _beat(self) -> None:
         self.heartbeat = json.dumps({"id": self.id, "mode": self.mode, "at_ms": int(time.time() * 1000)})
