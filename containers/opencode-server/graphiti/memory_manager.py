@@ -764,14 +764,72 @@ def _new_graphiti(s: Settings, falkordb: FalkorDB, group: str, for_query: bool) 
     embedder_config = OpenAIEmbedderConfig(api_key=api_key, base_url=s.openai_base_url)
     if s.embedding_model:
         embedder_config.embedding_model = s.embedding_model
+    driver = FalkorDriver(falkor_db=falkordb, database=group)
+    if for_query:
+        driver.search_interface = _stable_edge_search()
     return Graphiti(
-        graph_driver=FalkorDriver(falkor_db=falkordb, database=group),
+        graph_driver=driver,
         llm_client=OpenAIClient(config=llm_config, client=openai),
         embedder=OpenAIEmbedder(config=embedder_config, client=openai),
         # Never called: RRF search makes no reranker calls. Passed so Graphiti builds no default.
         cross_encoder=OpenAIRerankerClient(config=llm_config, client=openai),
         max_coroutines=LLM_MAX_COROUTINES,
     )
+
+
+def _stable_edge_search() -> Any:
+    """Graphiti's two edge searches (fulltext and cosine: all that recall runs), made a function of
+    the stored memories alone, so that a restored graph answers exactly as the original did.
+    FalkorDB orders equal scores by internal id or by when the fulltext index last saw the edge,
+    neither of which a restore keeps: here they are ordered by uuid. Graphiti's own filters, return
+    clause and record parser are used."""
+    from graphiti_core.driver.search_interface.search_interface import SearchInterface
+    from graphiti_core.edges import get_entity_edge_from_record
+    from graphiti_core.graph_queries import get_vector_cosine_func_query
+    from graphiti_core.models.edges.edge_db_queries import get_entity_edge_return_query
+    from graphiti_core.search.search_filters import edge_search_filter_query_constructor
+
+    async def run(driver: Any, pattern: str, search_filter: Any, group_ids: list[str] | None, limit: int,
+                  extra: dict[str, str], **params: Any) -> list[Any]:
+        conditions, filter_params = edge_search_filter_query_constructor(search_filter, driver.provider)
+        if group_ids is not None:
+            conditions.append("e.group_id IN $group_ids")
+            filter_params["group_ids"] = group_ids
+        conditions += [f"{node}.uuid = ${name}" for name, node in extra.items() if params.get(name)]
+        where = " WHERE " + " AND ".join(conditions) if conditions else ""
+        query = (pattern.format(where=where) + f" RETURN {get_entity_edge_return_query(driver.provider)} "
+                 "ORDER BY score DESC, e.uuid LIMIT $limit")
+        records, _, _ = await driver.execute_query(query, limit=limit, routing_="r", **params, **filter_params)
+        return [get_entity_edge_from_record(record, driver.provider) for record in records]
+
+    class StableEdgeSearch(SearchInterface):
+        async def edge_fulltext_search(self, driver: Any, query: str, search_filter: Any,
+                                       group_ids: list[str] | None = None, limit: int = 100) -> list[Any]:
+            # FalkorDB's own fulltext score counts stale index entries that updates leave behind
+            # (FalkorDB issue 1208), so it drifts with history. Ours is the number of distinct query
+            # words an edge matches, one index lookup per word: a function of the text alone.
+            words = dict.fromkeys(word.lower() for word in query.split())
+            lookups = [q for q in (driver.build_fulltext_query(word, group_ids) for word in words) if q]
+            if not lookups:
+                return []
+            pattern = ("UNWIND $lookups AS lookup CALL db.idx.fulltext.queryRelationships('RELATES_TO', lookup) "
+                       "YIELD relationship AS rel WITH rel, count(*) AS score "
+                       "WITH rel AS e, score, startNode(rel) AS n, endNode(rel) AS m WHERE n:Entity AND m:Entity "
+                       "WITH e, score, n, m{where}")
+            return await run(driver, pattern, search_filter, group_ids, limit, {}, lookups=lookups)
+
+        async def edge_similarity_search(self, driver: Any, search_vector: list[float], source_node_uuid: Any,
+                                         target_node_uuid: Any, search_filter: Any,
+                                         group_ids: list[str] | None = None, limit: int = 100,
+                                         min_score: float = 0.0) -> list[Any]:
+            cosine = get_vector_cosine_func_query("e.fact_embedding", "$search_vector", driver.provider)
+            pattern = (f"MATCH (n:Entity)-[e:RELATES_TO]->(m:Entity){{where}} WITH DISTINCT e, n, m, {cosine} "
+                       "AS score WHERE score > $min_score")
+            return await run(driver, pattern, search_filter, group_ids, limit,
+                             {"source_uuid": "n", "target_uuid": "m"}, search_vector=search_vector,
+                             min_score=min_score, source_uuid=source_node_uuid, target_uuid=target_node_uuid)
+
+    return StableEdgeSearch()
 
 
 async def close() -> None:
@@ -2026,11 +2084,14 @@ EMBEDDING_KEYS = ("name_embedding", "fact_embedding")
 B2_CONNECT_TIMEOUT_S = 3.0
 B2_READ_TIMEOUT_S = 20.0
 B2_DEADLINE_S = 45.0           # b2sdk retries for minutes on its own; the backup timer must not
-NODE_PAGE = ("MATCH (n:{label}) WHERE n.uuid > $after "
-             "RETURN n.uuid, labels(n), properties(n) ORDER BY n.uuid LIMIT $limit")
-EDGE_PAGE = ("MATCH (a)-[e:{type}]->(b) WHERE e.uuid > $after "
-             "RETURN e.uuid, a.uuid, b.uuid, [l IN labels(a) WHERE l IN $primary][0], "
-             "[l IN labels(b) WHERE l IN $primary][0], properties(e) ORDER BY e.uuid LIMIT $limit")
+# Pages are ranges of internal node ids (an id seek, no sort): the nodes in a range, or the edges
+# leaving them. Replies are read raw (--compact) and decoded by _value(), which hands a vector's
+# floats to struct.pack as they came: falkordb-py converts each float in Python, 6 of every 10 s.
+NODE_PAGE = ("MATCH (n) WHERE id(n) >= $low AND id(n) < $high AND any(l IN labels(n) WHERE l IN $primary) "
+             "RETURN n.uuid, labels(n), properties(n)")
+EDGE_PAGE = ("MATCH (a) WHERE id(a) >= $low AND id(a) < $high MATCH (a)-[e]->(b) WHERE type(e) IN $types "
+             "RETURN e.uuid, type(e), a.uuid, b.uuid, [l IN labels(a) WHERE l IN $primary][0], "
+             "[l IN labels(b) WHERE l IN $primary][0], properties(e) ORDER BY id(e)")
 
 Progress = Callable[[int, int], None]
 
@@ -2094,17 +2155,52 @@ async def _memory_groups() -> list[str]:
     return sorted(g for g in graphs if GROUP_ID_RULE.match(g))
 
 
-async def _pages(graph_name: str, query: str, **params: Any) -> AsyncIterator[list[list]]:
-    """Keyset pagination on uuid: stable and linear, unlike SKIP."""
-    graph = (await _falkordb()).select_graph(graph_name)
-    after = ""
-    while True:
-        rows = (await graph.ro_query(query, {**params, "after": after, "limit": EXPORT_PAGE_ROWS})).result_set
-        if rows:
-            yield rows
-        if len(rows) < EXPORT_PAGE_ROWS:
-            return
-        after = rows[-1][0]
+def _value(typed: list) -> Any:
+    """One value of a --compact reply: [type, payload] (types as in falkordb-py's parser)."""
+    kind, payload = typed
+    if isinstance(payload, bytes):
+        payload = payload.decode()
+    if kind == 1:
+        return None
+    if kind in (2, 3, 12):  # string, integer, vector (its floats, as hiredis read them)
+        return payload
+    if kind == 4:
+        return payload == "true"
+    if kind == 5:
+        return float(payload)
+    if kind == 6:
+        return [_value(item) for item in payload]
+    if kind == 10:
+        pairs = zip(payload[::2], payload[1::2], strict=True)
+        return {(k.decode() if isinstance(k, bytes) else k): _value(v) for k, v in pairs}
+    raise ServiceError("falkordb", settings().falkordb_address, f"a property of type {kind} cannot be exported")
+
+
+@contextlib.asynccontextmanager
+async def _export_reader() -> AsyncIterator[Any]:
+    """A connection of the export's own, on RESP3: hiredis then reads a vector's elements as floats
+    (RESP3 doubles); falkordb-py's pool speaks RESP2, where each would be text to convert."""
+    import redis.asyncio
+
+    s = settings()
+    reader = redis.asyncio.Redis(host=s.falkordb_host, port=s.falkordb_port, username=s.falkordb_username,
+                                 password=s.falkordb_password, protocol=3, socket_connect_timeout=CONNECT_TIMEOUT_S,
+                                 socket_timeout=GRAPH_TIMEOUT_S)
+    try:
+        yield reader
+    finally:
+        await reader.aclose()
+
+
+async def _pages(reader: Any, graph_name: str, query: str) -> AsyncIterator[list[list]]:
+    reply = await reader.execute_command("GRAPH.RO_QUERY", graph_name, "MATCH (n) RETURN max(id(n))", "--compact")
+    highest = _value(reply[1][0][0])
+    labels, types = json.dumps(list(NODE_LABELS)), json.dumps(list(EDGE_TYPES))
+    for low in range(0, -1 if highest is None else highest + 1, EXPORT_PAGE_ROWS):
+        header = f"CYPHER low={low} high={low + EXPORT_PAGE_ROWS} primary={labels} types={types} "
+        reply = await reader.execute_command("GRAPH.RO_QUERY", graph_name, header + query, "--compact")
+        if reply[1]:
+            yield [[_value(cell) for cell in row] for row in reply[1]]
 
 
 def _node_record(row: list) -> dict:
@@ -2113,8 +2209,8 @@ def _node_record(row: list) -> dict:
     return {"uuid": uuid, "labels": labels, "properties": props, "embeddings": embeddings}
 
 
-def _edge_record(edge_type: str, row: list) -> dict:
-    uuid, source, target, source_label, target_label, props = row
+def _edge_record(row: list) -> dict:
+    uuid, edge_type, source, target, source_label, target_label, props = row
     props, embeddings = _split_embeddings(props)
     return {"uuid": uuid, "type": edge_type, "source": source, "target": target, "source_label": source_label,
             "target_label": target_label, "properties": props, "embeddings": embeddings}
@@ -2144,33 +2240,27 @@ async def _drop_stale_snapshots() -> None:
             await connection.execute_command("GRAPH.DELETE", name)
 
 
-async def _export_group(group: str, writer: _DocumentWriter, first: bool, summary: ExportSummary,
+async def _export_group(reader: Any, group: str, writer: _DocumentWriter, first: bool, summary: ExportSummary,
                         progress: Progress | None) -> None:
     async with _snapshot(group) as copy:
-        await _export_copy(group, copy, writer, first, summary, progress)
+        await _export_copy(reader, group, copy, writer, first, summary, progress)
 
 
-async def _export_copy(group: str, copy: str, writer: _DocumentWriter, first: bool, summary: ExportSummary,
-                       progress: Progress | None) -> None:
+async def _export_copy(reader: Any, group: str, copy: str, writer: _DocumentWriter, first: bool,
+                       summary: ExportSummary, progress: Progress | None) -> None:
     opening = json.dumps({"group_id": group})[:-1] + ', "nodes": ['
     await writer.lines([("" if first else ",") + opening])
-    sections: dict[str, list[tuple[str, dict, Callable[[list], dict]]]] = {
-        "nodes": [(NODE_PAGE.format(label=label), {}, _node_record) for label in NODE_LABELS],
-        "edges": [(EDGE_PAGE.format(type=edge_type), {"primary": list(NODE_LABELS)},
-                   functools.partial(_edge_record, edge_type)) for edge_type in EDGE_TYPES],
-    }
     counts = {"nodes": 0, "edges": 0}
-    for kind, queries in sections.items():
+    for kind, query, to_record in (("nodes", NODE_PAGE, _node_record), ("edges", EDGE_PAGE, _edge_record)):
         if kind == "edges":
             await writer.lines(['], "edges": ['])
-        for query, params, to_record in queries:
-            async for rows in _pages(copy, query, **params):
-                records = [json.dumps(to_record(row)) for row in rows]
-                await writer.lines([("," if counts[kind] or i else "") + r for i, r in enumerate(records)])
-                counts[kind] += len(records)
-                setattr(summary, kind, getattr(summary, kind) + len(records))
-                if progress:
-                    progress(summary.nodes, summary.edges)
+        async for rows in _pages(reader, copy, query):
+            records = [json.dumps(to_record(row)) for row in rows]
+            await writer.lines([("," if counts[kind] or i else "") + r for i, r in enumerate(records)])
+            counts[kind] += len(records)
+            setattr(summary, kind, getattr(summary, kind) + len(records))
+            if progress:
+                progress(summary.nodes, summary.edges)
     await writer.lines([f'], "counts": {json.dumps(counts)}}}'])
 
 
@@ -2204,10 +2294,10 @@ async def _write_export(out: Any, progress: Progress | None) -> ExportSummary:
         "embedding_encoding": "base64-float32-le",
     }
     await writer.lines([json.dumps(header)[:-1] + ', "groups": ['])
-    async with _service("falkordb", s.falkordb_address):
+    async with _service("falkordb", s.falkordb_address), _export_reader() as reader:
         await _drop_stale_snapshots()
         for i, group in enumerate(groups):
-            await _export_group(group, writer, i == 0, summary, progress)
+            await _export_group(reader, group, writer, i == 0, summary, progress)
     summary.groups = len(groups)
     totals = {"groups": summary.groups, "nodes": summary.nodes, "edges": summary.edges}
     await writer.lines([f'], "counts": {json.dumps(totals)}}}'])
