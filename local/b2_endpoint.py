@@ -9,6 +9,9 @@ its HTTP layer, retries and SHA-1 checks run unchanged; the CLI reaches it throu
   upload        POST /upload?u=<simulator upload URL>, /upload_part?u=...
   download      GET|HEAD /file/<bucket>/<name> (Range supported)
   test control  POST /_b2/faults {"upload_errors": n}   n transient 503s on the next uploads (0: none)
+                                 {"upload_bytes_per_s": r} upload bodies read at r bytes/s in all (a slow uplink)
+                                 {"upload_stall_after": b} upload bodies stop being read after b bytes (a stall)
+                each call replaces every earlier fault; {} clears them
 
 Run: python local/b2_endpoint.py --port 16500 --bucket opencode-memory --info-file b2.json
 (the info file receives {"realm", "key_id", "key", "bucket"}).
@@ -22,7 +25,9 @@ import inspect
 import io
 import json
 import re
+import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
@@ -57,6 +62,11 @@ class Endpoint:
         self.lock = threading.Lock()
         self.base_url = base_url
         self.part_size = part_size
+        self.rate = 0                      # upload bytes per second over all connections; 0: unlimited
+        self.stall_after: int | None = None
+        self.uploaded = 0                  # upload body bytes read since the faults were set
+        self.uplink_free_at = 0.0
+        self.released = threading.Event()  # set when the faults change: a stalled read gives up
         self.key_id, self.key = self.sim.create_account()
         token = self.sim.authorize_account(self.sim.API_URL, self.key_id, self.key)["authorizationToken"]
         self.sim.create_bucket(self.sim.API_URL, token, self.key_id, bucket, "allPrivate")
@@ -92,7 +102,28 @@ def make_handler(endpoint: Endpoint) -> type[BaseHTTPRequestHandler]:
             self.reply(status, to_json({"status": status, "code": code, "message": str(exc)}))
 
         def body(self) -> bytes:
-            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            size = int(self.headers.get("Content-Length") or 0)
+            if not self.path.startswith("/upload") or not (endpoint.rate or endpoint.stall_after is not None):
+                return self.rfile.read(size)
+            # A small receive window, so that the kernel cannot take in megabytes the "uplink" has
+            # not carried yet; then read at the shared rate, or stop reading.
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            chunks, released = [], endpoint.released
+            while size > 0:
+                if endpoint.stall_after is not None and endpoint.uploaded >= endpoint.stall_after:
+                    released.wait(600)
+                    raise ConnectionAbortedError("stalled upload released")
+                chunk = self.rfile.read(min(size, 16 * 1024))
+                chunks.append(chunk)
+                size -= len(chunk)
+                with endpoint.lock:
+                    endpoint.uploaded += len(chunk)
+                    if endpoint.rate:  # the connections share one uplink: each chunk takes its turn
+                        endpoint.uplink_free_at = max(time.monotonic(), endpoint.uplink_free_at)
+                        endpoint.uplink_free_at += len(chunk) / endpoint.rate
+                        wait = endpoint.uplink_free_at - time.monotonic()
+                time.sleep(wait if endpoint.rate else 0)
+            return b"".join(chunks)
 
         def call(self, fn: Any) -> None:
             try:
@@ -118,10 +149,15 @@ def make_handler(endpoint: Endpoint) -> type[BaseHTTPRequestHandler]:
             parts = urlsplit(self.path)
             body = self.body()  # always consumed: the connection is kept alive for the next request
             if parts.path == "/_b2/faults":
-                count = int(json.loads(body or b"{}").get("upload_errors", 0))
+                knobs = json.loads(body or b"{}")
                 with endpoint.lock:
                     sim.upload_errors = []  # replaces what is left of an earlier storm
-                    sim.set_upload_errors([b2_exception.ServiceError("503 simulated")] * count)
+                    sim.set_upload_errors([b2_exception.ServiceError("503 simulated")] * knobs.get("upload_errors", 0))
+                    endpoint.rate = int(knobs.get("upload_bytes_per_s", 0))
+                    endpoint.stall_after = knobs.get("upload_stall_after")
+                    endpoint.uploaded = 0
+                    endpoint.released.set()
+                    endpoint.released = threading.Event()
                 return self.reply(200, b"{}")
             if parts.path in ("/upload", "/upload_part"):
                 return self.upload(parts.path, parse_qs(parts.query)["u"][0], body)

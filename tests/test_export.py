@@ -6,6 +6,7 @@ Real Backblaze (TLS, real keys) is covered only by the opt-in real-b2 case of
 test_restore_from_b2_brings_the_memory_back.
 """
 
+import functools
 import hashlib
 import io
 import json
@@ -14,6 +15,7 @@ import time
 
 import pytest
 import redis
+import zstandard
 
 from conftest import Memory, stop, wait_for_no_worker
 
@@ -213,10 +215,12 @@ def test_export_uploads_to_b2_under_the_expected_name_with_its_sha256(tmpdir_env
     download = bucket.download_file_by_name(name)
     download.save(downloaded)
     info = download.download_version.file_info
-    assert info["sha256"] == hashlib.sha256(downloaded.getvalue()).hexdigest()
-    assert info["sha256"] in message
-    assert download.download_version.content_type == "application/json"
-    assert json.loads(downloaded.getvalue())["groups"][0]["group_id"] == memory.group
+    assert name.endswith(".json.zst")
+    assert info["sha256"] == hashlib.sha256(downloaded.getvalue()).hexdigest()  # of the stored bytes
+    assert f"{len(downloaded.getvalue())} bytes (zstd), sha256 {info['sha256']}" in message
+    assert download.download_version.content_type == "application/zstd"
+    document = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(downloaded.getvalue())).read()
+    assert json.loads(document)["groups"][0]["group_id"] == memory.group
     assert list(scratch.iterdir()) == []
 
 
@@ -250,7 +254,7 @@ def exported_to(message: str) -> str:
 
 
 def test_a_large_export_takes_the_b2_large_file_path(memory, empty_falkordb, stack):
-    synthetic_graph(empty_falkordb, memory.group, entities=400)  # ~2 MB > the stack's 1 MB part size
+    random_vector_graph(empty_falkordb, memory.group, entities=800)  # ~3.2 MB stored: three 1 MB parts or more
 
     location = exported_to(memory.ok("export"))
 
@@ -297,13 +301,10 @@ def test_a_b2_failure_is_one_line_with_no_key_and_no_temporary_file(tmpdir_env, 
     assert list(scratch.iterdir()) == []
 
 
-def test_a_transient_b2_5xx_is_retried_and_the_export_succeeds(tmpdir_env, empty_falkordb, stack):
-    import urllib.request
-
+def test_a_transient_b2_5xx_is_retried_and_the_export_succeeds(tmpdir_env, empty_falkordb, b2_faults_cleared):
     memory, scratch = tmpdir_env
     memory.store(A_EVENTS[0])
-    request = urllib.request.Request(stack.b2_url + "/_b2/faults", data=b'{"upload_errors": 1}', method="POST")
-    urllib.request.urlopen(request, timeout=5).close()
+    b2_faults_cleared(upload_errors=1)
 
     result = memory.run("export")
 
@@ -313,19 +314,94 @@ def test_a_transient_b2_5xx_is_retried_and_the_export_succeeds(tmpdir_env, empty
 
 
 @pytest.mark.parametrize("endpoint", ["dead_port", "blackhole_port"], ids=["unreachable", "silent"])
-def test_an_unreachable_or_silent_b2_fails_within_the_bound(tmpdir_env, empty_falkordb, request, endpoint):
+def test_an_unreachable_or_silent_b2_fails_within_the_stall_bound(tmpdir_env, empty_falkordb, request, endpoint):
     memory, scratch = tmpdir_env
     memory.store(A_EVENTS[0])
     realm = f"http://127.0.0.1:{request.getfixturevalue(endpoint)}"
     started = time.monotonic()
 
-    result = memory.with_env(B2_REALM=realm).run("export")
+    result = memory.with_env(B2_REALM=realm, B2_STALL_S="10").run("export")
 
     assert result.code == 1
     assert len(result.error_lines) == 1
     assert result.error_lines[0].startswith(f"memory-manager: error: b2 at {realm}: ")
-    assert time.monotonic() - started < 50  # B2_DEADLINE_S is 45 s; b2sdk alone retries for minutes
+    assert time.monotonic() - started < 20  # b2sdk alone retries for minutes
     assert list(scratch.iterdir()) == []
+
+
+def b2_faults(stack, **knobs) -> None:
+    import urllib.request
+
+    request = urllib.request.Request(stack.b2_url + "/_b2/faults", data=json.dumps(knobs).encode(), method="POST")
+    urllib.request.urlopen(request, timeout=5).close()
+
+
+@pytest.fixture
+def b2_faults_cleared(stack):
+    yield functools.partial(b2_faults, stack)
+    b2_faults(stack)
+
+
+def random_vector_graph(db: redis.Redis, group: str, entities: int) -> None:
+    """Entities whose vectors are random floats, as real embeddings are: they barely compress."""
+    for start in range(0, entities, 500):
+        db.execute_command("GRAPH.QUERY", group, f"UNWIND range({start}, {min(entities, start + 500) - 1}) AS i "
+                           f"CREATE (:Entity {{uuid: 'r' + toString(100000 + i), name: 'Entity ' + toString(i), "
+                           f"group_id: '{group}', name_embedding: vecf32([x IN range(0, 1023) | rand() - 0.5])}})")
+
+
+def test_an_upload_far_longer_than_45_s_completes_while_bytes_keep_moving(tmpdir_env, empty_falkordb, stack,
+                                                                           b2_faults_cleared):
+    memory, scratch = tmpdir_env
+    random_vector_graph(empty_falkordb, memory.group, entities=5000)  # ~20 MB stored
+    b2_faults_cleared(upload_bytes_per_s=200_000)  # a 1.6 Mbit/s uplink, shared by b2sdk's part uploads
+    started = time.monotonic()
+
+    result = memory.with_env(B2_STALL_S="30").run("export", timeout_s=400)
+
+    took = time.monotonic() - started
+    assert result.code == 0, result.stderr
+    stored = int(result.stdout.split(" bytes (zstd)")[0].rsplit(" ", 1)[1])
+    assert stored > 18_000_000
+    assert took > 90  # twice the old fixed 45 s deadline, three times the stall bound
+    assert list(scratch.iterdir()) == []
+    version = b2_bucket(stack).get_file_info_by_name(exported_to(result.stdout).removeprefix("b2://opencode-memory/"))
+    assert version.size == stored
+
+
+def test_a_stalled_upload_fails_within_the_stall_bound_and_leaves_nothing(tmpdir_env, empty_falkordb, stack,
+                                                                         b2_faults_cleared):
+    memory, scratch = tmpdir_env
+    random_vector_graph(empty_falkordb, memory.group, entities=500)
+    b2_faults_cleared(upload_stall_after=300_000)  # the endpoint stops reading mid-upload
+    started = time.monotonic()
+
+    result = memory.with_env(B2_STALL_S="10").run("export")
+
+    took = time.monotonic() - started
+    assert result.code == 1
+    assert result.error_lines == [f"memory-manager: error: b2 at {stack.b2_url}: no bytes moved for 10 s (B2_STALL_S)"]
+    assert 10 < took < 25
+    assert list(scratch.iterdir()) == []
+
+
+def test_a_compressed_local_export_and_a_plain_b2_export_both_restore(memory, empty_falkordb, stack, tmp_path):
+    memory.store(A_EVENTS[0])
+    entities = memory.entities()
+    compressed, plain = tmp_path / "backup.json.zst", tmp_path / "backup.json"
+    memory.ok("export", "--output", str(compressed))
+    memory.ok("export", "--output", str(plain))
+    prefix = f"plain-{memory.group}"
+    b2_bucket(stack).upload_local_file(str(plain), f"{prefix}/graphiti_export_20250101T000000Z.json")  # as before
+    empty_falkordb.execute_command("GRAPH.DELETE", memory.group)
+
+    memory.ok("restore", str(compressed))
+    assert memory.entities() == entities
+    empty_falkordb.execute_command("GRAPH.DELETE", memory.group)
+    memory.with_env(B2_PREFIX=prefix).ok("restore", "b2://opencode-memory/latest")
+
+    assert compressed.read_bytes()[:4] == b"\x28\xb5\x2f\xfd"  # zstd
+    assert memory.entities() == entities
 
 
 def test_the_document_follows_the_published_json_schema(memory, empty_falkordb, tmp_path):

@@ -248,7 +248,7 @@ def cell_env(memory: Memory, state: str, command: str, statsd: Statsd, token: st
         "valkey black-holed": {"VALKEY_PORT": hole(), "VALKEY_PASSWORD": SECRETS["VALKEY_PASSWORD"]},
         "b2 bad key": {"B2_APP_KEY": SECRETS["B2_APP_KEY"]},
         "b2 missing bucket": {"B2_BUCKET": "no-such-bucket"},
-        "b2 stall": {"B2_REALM": f"http://127.0.0.1:{hole()}"},
+        "b2 stall": {"B2_REALM": f"http://127.0.0.1:{hole()}", "B2_STALL_S": "20"},
         "datadog agent absent": {"DD_TRACE_AGENT_PORT": str(dead_port())},
         "datadog agent black-holed": {"DD_TRACE_AGENT_PORT": hole()},
         "malformed DD_*": {"DD_TRACE_AGENT_PORT": "abc"},
