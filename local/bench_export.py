@@ -1,10 +1,12 @@
-"""`make bench-export`: export and restore time and peak memory against graph size.
+"""`make bench-export`: export, backup and restore time and peak memory against graph size.
 
 Builds synthetic graphs shaped like graphiti-core's (Entity nodes with 1024-dim name_embedding,
 two RELATES_TO facts per entity with fact_embedding, one Episodic node per five entities with a
-MENTIONS edge to each), then times the real CLI with GNU time: `export --output FILE` and
-`restore FILE` into an emptied FalkorDB. Floors measured in the same run: `DUMP` of the same
-graph key (native binary, not portable) and the CLI's own fixed cost (`export` of an empty memory).
+MENTIONS edge to each), then times the real CLI with GNU time: `export --output FILE`, `export`
+(the backup: zstd to the stack's B2 endpoint), `restore FILE` and `restore b2://.../latest`, each
+into an emptied FalkorDB. Floors measured in the same run: `DUMP` of the same graph key (native
+binary, not portable; FalkorDB crashed on RESTORE of one, see README) and the CLI's own fixed
+cost (`export` of an empty memory).
 
   python local/bench_export.py [--sizes 5000 50000]
 """
@@ -25,8 +27,9 @@ from stack import ROOT, Stack
 
 MODULE = ROOT / "containers" / "opencode-server" / "graphiti" / "memory_manager.py"
 BATCH = 500
-# Vectors are computed server-side so that building a large graph ships no float text.
-VECTOR = "vecf32([x IN range(0, 1023) | toFloat((i * 31 + x * 17) % 997) / 997.0])"  # 1024 dimensions
+# Vectors are computed server-side so that building a large graph ships no float text. They are
+# random, as real embeddings are near-random floats: a patterned vector would compress 100x.
+VECTOR = "vecf32([x IN range(0, 1023) | rand() - 0.5])"  # 1024 dimensions
 
 
 def build_graph(db: redis.Redis, group: str, entities: int) -> None:
@@ -77,13 +80,13 @@ def assert_no_duplicates(db: redis.Redis, group: str) -> None:
         assert total == distinct, f"synthetic graph has duplicate uuids: {total} vs {distinct}"
 
 
-def timed(env: dict[str, str], *args: str) -> tuple[float, float]:
-    """(seconds, peak RSS in MB) of one CLI run, from GNU time."""
+def timed(env: dict[str, str], *args: str) -> tuple[float, float, str]:
+    """(seconds, peak RSS in MB, stdout) of one CLI run, from GNU time."""
     with tempfile.NamedTemporaryFile("r") as report:
-        subprocess.run(["/usr/bin/time", "-o", report.name, "-f", "%e %M", sys.executable, str(MODULE), *args],
-                       env=env, check=True, stdout=subprocess.DEVNULL)
+        done = subprocess.run(["/usr/bin/time", "-o", report.name, "-f", "%e %M", sys.executable, str(MODULE),
+                               *args], env=env, check=True, stdout=subprocess.PIPE, text=True)
         seconds, kilobytes = report.read().split()
-    return float(seconds), int(kilobytes) / 1024
+    return float(seconds), int(kilobytes) / 1024, done.stdout
 
 
 def counts(db: redis.Redis, group: str) -> tuple[int, int]:
@@ -104,37 +107,43 @@ def main() -> None:
             env = {**os.environ, **stack.env()}
             db = redis.Redis(port=stack.ports["falkordb"])
             document = Path(run_dir) / "export.json"
-            empty_s, empty_mb = timed(env, "export", "--output", str(document))
+            empty_s, empty_mb, _ = timed(env, "export", "--output", str(document))
             for size in args.sizes:
                 for graph in db.execute_command("GRAPH.LIST"):
                     db.execute_command("GRAPH.DELETE", graph)
                 group = f"bench_{size}"
-                started = time.perf_counter()
                 build_graph(db, group, size)
-                built_s = time.perf_counter() - started
                 assert_no_duplicates(db, group)
                 before = counts(db, group)
                 started = time.perf_counter()
                 db.dump(group)  # native binary serialisation: the floor a portable export is compared with
-                copy_s = time.perf_counter() - started
-                export_s, export_mb = timed(env, "export", "--output", str(document))
-                size_mb = document.stat().st_size / 1e6
+                row = {"size": size, "counts": before, "dump": time.perf_counter() - started}
+                row["export"], row["export_mb"], _ = timed(env, "export", "--output", str(document))
+                row["document_mb"] = document.stat().st_size / 1e6
+                row["backup"], row["backup_mb"], out = timed(env, "export")  # to B2, zstd
+                row["stored_mb"] = int(out.split(" bytes (zstd)")[0].rsplit(" ", 1)[1]) / 1e6
                 db.execute_command("GRAPH.DELETE", group)
-                restore_s, restore_mb = timed(env, "restore", str(document))
+                row["restore"], row["restore_mb"], _ = timed(env, "restore", str(document))
                 assert counts(db, group) == before, (counts(db, group), before)
-                rows.append((size, before, built_s, copy_s, export_s, export_mb, size_mb, restore_s, restore_mb))
+                db.execute_command("GRAPH.DELETE", group)
+                row["b2_restore"], row["b2_restore_mb"], _ = timed(env, "restore", "b2://opencode-memory/latest")
+                assert counts(db, group) == before, (counts(db, group), before)
+                rows.append(row)
                 print(f"done {size}: {before}", file=sys.stderr)
         finally:
             stack.stop()
 
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores; fixed cost (export of an empty memory): "
           f"{empty_s:.2f} s, peak RSS {empty_mb:.0f} MB\n")
-    print("| entities | nodes / edges | DUMP (floor) | export | export peak RSS | document | "
-          "restore | restore peak RSS |")
-    print("|---|---|---|---|---|---|---|---|")
-    for size, (nodes, edges), _, copy_s, export_s, export_mb, size_mb, restore_s, restore_mb in rows:
-        print(f"| {size:,} | {nodes:,} / {edges:,} | {copy_s:.2f} s | {export_s:.1f} s ({export_s / copy_s:.0f}×) | "
-              f"{export_mb:.0f} MB | {size_mb:.0f} MB | {restore_s:.1f} s | {restore_mb:.0f} MB |")
+    print("| entities | nodes / edges | DUMP (floor) | export to file | backup to B2 (zstd) | restore from file | "
+          "restore from B2 | document / stored | peak RSS export / backup / restore |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        nodes, edges = r["counts"]
+        ratio = [f"{r[k]:.1f} s ({r[k] / r['dump']:.0f}×)" for k in ("export", "backup", "restore", "b2_restore")]
+        print(f"| {r['size']:,} | {nodes:,} / {edges:,} | {r['dump']:.2f} s | {' | '.join(ratio)} | "
+              f"{r['document_mb']:.0f} MB / {r['stored_mb']:.0f} MB | "
+              f"{r['export_mb']:.0f} / {r['backup_mb']:.0f} / {r['restore_mb']:.0f} MB |")
 
 
 if __name__ == "__main__":

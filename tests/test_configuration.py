@@ -11,7 +11,9 @@ import pytest
     ("MEMORY_CACHE_TTL", "0", "MEMORY_CACHE_TTL must be between 1 and 2592000, got 0"),
     ("MEMORY_MAX_EPISODE_CHARS", "-5", "MEMORY_MAX_EPISODE_CHARS must be between 1 and 10000000, got -5"),
     ("OPENAI_BASE_URL", "ftp://x", "OPENAI_BASE_URL must be an http(s) URL, got 'ftp://x'"),
-], ids=["group-chars", "group-length", "port-not-int", "port-range", "ttl-zero", "max-chars", "base-url"])
+    ("B2_STALL_S", "0", "B2_STALL_S must be between 1 and 3600, got 0"),
+], ids=["group-chars", "group-length", "port-not-int", "port-range", "ttl-zero", "max-chars", "base-url",
+        "b2-stall"])
 @pytest.mark.parametrize("command", [["query", "anything"], ["entities"], ["health"]],
                          ids=["query", "entities", "health"])
 def test_a_malformed_setting_fails_early_with_one_line_naming_it(memory, variable, value, message, command):

@@ -2396,9 +2396,8 @@ async def export_to_b2(progress: Progress | None = None) -> ExportSummary:
                          "format_version": str(EXPORT_VERSION), "groups": str(summary.groups),
                          "nodes": str(summary.nodes), "edges": str(summary.edges)}
             async with span("memory.b2.upload", **{"memory.bytes": summary.bytes}):
-                await _b2(lambda api, listener: api.get_bucket_by_name(s.b2_bucket).upload_local_file(
-                    temporary, name, content_type="application/zstd", file_info=file_info,
-                    progress_listener=listener), transfer=True)
+                await _b2(lambda api: api.get_bucket_by_name(s.b2_bucket).upload_local_file(
+                    temporary, name, content_type="application/zstd", file_info=file_info))
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
@@ -2484,7 +2483,62 @@ def _backup(bucket: str, version: Any) -> Backup:
 
 # --- B2 ------------------------------------------------------------------------------------------
 
-def _b2_api(s: Settings) -> Any:
+# Set when the stall rule gave up on B2 work: b2sdk's pool threads are still blocked in it, and the
+# interpreter would join them at exit (minutes of retries), so the CLI exits without waiting.
+b2_work_abandoned = threading.Event()
+
+
+class _Moved:
+    """When B2 work last moved a new byte (or began): the clock of the stall rule. b2sdk retries a
+    part that timed out by sending it again; only bytes beyond what an earlier attempt at the same
+    part had sent count, so a stalled endpoint fails after B2_STALL_S, not after five attempts."""
+
+    def __init__(self) -> None:
+        self.at = time.monotonic()
+        self.furthest: dict[str, int] = {}  # part -> the most bytes an attempt has sent of it
+        self.lock = threading.Lock()
+
+    def sent(self, part: str, total: int) -> None:
+        with self.lock:
+            if total > self.furthest.get(part, 0):
+                self.furthest[part], self.at = total, time.monotonic()
+
+    def listener(self) -> Any:
+        """A b2sdk progress listener for a download that winds this clock."""
+        from b2sdk.v2 import AbstractProgressListener
+
+        moved = self
+
+        class Listener(AbstractProgressListener):
+            def set_total_bytes(self, total_byte_count: int) -> None:
+                moved.sent("download", 0)
+
+            def bytes_completed(self, byte_count: int) -> None:
+                moved.sent("download", byte_count)
+
+        return Listener()
+
+
+class _CountedBody:
+    """An upload's body as requests reads it, reporting the running total of bytes sent."""
+
+    def __init__(self, body: Any, report: Callable[[int], None]) -> None:
+        from requests.utils import super_len
+
+        self.body, self.report, self.total = body, report, 0
+        self.length = super_len(body)  # requests then sends Content-Length, not chunks
+
+    def __len__(self) -> int:
+        return self.length
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.body.read(size)
+        self.total += len(chunk)
+        self.report(self.total)
+        return chunk
+
+
+def _b2_api(s: Settings, moved: _Moved) -> Any:
     """An authorised B2Api whose every HTTP request gives up after B2_STALL_S without a byte.
 
     The stall rule sees the bytes b2sdk hands to its sockets; what sits in their send buffers has
@@ -2508,6 +2562,9 @@ def _b2_api(s: Settings) -> Any:
 
         def request(self, *args: Any, **kwargs: Any) -> Any:
             kwargs["timeout"] = (B2_CONNECT_TIMEOUT_S, s.b2_stall_s)
+            if hasattr(kwargs.get("data"), "read"):  # an upload's body: count what it sends
+                part = (kwargs.get("headers") or {}).get("X-Bz-Part-Number", "whole file")
+                kwargs["data"] = _CountedBody(kwargs["data"], functools.partial(moved.sent, part))
             return super().request(*args, **kwargs)
 
     api = B2Api(InMemoryAccountInfo(), max_upload_workers=B2_UPLOAD_WORKERS,
@@ -2516,11 +2573,11 @@ def _b2_api(s: Settings) -> Any:
     return api
 
 
-def _b2_call(s: Settings, work: Callable[[Any], Any]) -> Any:
+def _b2_call(s: Settings, work: Callable[[Any], Any], moved: _Moved) -> Any:
     from b2sdk.v2 import exception as b2
 
     try:
-        return work(_b2_api(s))
+        return work(_b2_api(s, moved))
     except (b2.InvalidAuthToken, b2.Unauthorized) as exc:
         raise ServiceError("b2", s.b2_address, "authorization failed (check B2_KEY_ID and B2_APP_KEY)") from exc
     except b2.NonExistentBucket as exc:
@@ -2536,33 +2593,12 @@ def _b2_call(s: Settings, work: Callable[[Any], Any]) -> Any:
         raise ServiceError("b2", s.b2_address, f"{type(exc).__name__}: {_describe(exc)}") from exc
 
 
-class _Moved:
-    """When B2 work last moved a byte (or began): the clock of the stall rule."""
-
-    def __init__(self) -> None:
-        self.at = time.monotonic()
-
-    def listener(self) -> Any:
-        """A b2sdk progress listener for an upload or download that winds this clock."""
-        from b2sdk.v2 import AbstractProgressListener
-
-        moved = self
-
-        class Listener(AbstractProgressListener):
-            def set_total_bytes(self, total_byte_count: int) -> None:
-                moved.at = time.monotonic()
-
-            def bytes_completed(self, byte_count: int) -> None:
-                moved.at = time.monotonic()
-
-        return Listener()
-
-
 async def _b2(work: Callable[..., Any], transfer: bool = False) -> Any:
-    """Run blocking b2sdk work in a daemon thread until it ends or no byte has moved for B2_STALL_S
-    (a transfer's work also gets a progress listener: `work(api, listener)`). There is no deadline
-    for the whole: an upload of any size finishes while bytes keep moving, and b2sdk's own retries,
-    which can outlast any per-request timeout, are cut off at the same bound."""
+    """Run blocking b2sdk work in a daemon thread until it ends or no new byte has moved for
+    B2_STALL_S (upload bodies are counted as sent; a download's `work(api, listener)` gets a
+    progress listener). There is no deadline for the whole: an upload of any size finishes while
+    bytes keep moving, and b2sdk's own retries, which can outlast any per-request timeout, are cut
+    off at the same bound."""
     s = settings()
     loop = asyncio.get_running_loop()
     done: asyncio.Future = loop.create_future()
@@ -2575,7 +2611,7 @@ async def _b2(work: Callable[..., Any], transfer: bool = False) -> Any:
 
     def run() -> None:
         try:
-            outcome: tuple[Any, BaseException | None] = (_b2_call(s, job), None)
+            outcome: tuple[Any, BaseException | None] = (_b2_call(s, job, moved), None)
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting coroutine
             outcome = (None, exc)
         with contextlib.suppress(RuntimeError):  # the loop may be gone after a stall
@@ -2586,6 +2622,7 @@ async def _b2(work: Callable[..., Any], transfer: bool = False) -> Any:
         with contextlib.suppress(TimeoutError):
             return await asyncio.wait_for(asyncio.shield(done), 1.0)
         if time.monotonic() - moved.at > s.b2_stall_s:
+            b2_work_abandoned.set()
             raise ServiceError("b2", s.b2_address, f"no bytes moved for {s.b2_stall_s} s (B2_STALL_S)")
 
 
@@ -3071,7 +3108,7 @@ HELP_EPILOG = EXAMPLES + """
 
 environment (see .env.example for all, with defaults):
   FALKORDB_HOST/PORT, VALKEY_HOST/PORT, OPENAI_API_KEY, OPENAI_BASE_URL, MEMORY_GROUP_ID,
-  MEMORY_SPOOL_DIR, MEMORY_AUTO_DRAIN, B2_KEY_ID, B2_APP_KEY, B2_BUCKET, B2_PREFIX, B2_KEEP,
+  MEMORY_SPOOL_DIR, MEMORY_AUTO_DRAIN, B2_KEY_ID, B2_APP_KEY, B2_BUCKET, B2_PREFIX, B2_KEEP, B2_STALL_S,
   DD_* (Datadog)
 
 exit status:
@@ -3484,7 +3521,7 @@ def cli() -> None:
     if code == EXIT_OUTPUT_CLOSED:
         # Python would report the closed pipe again when it flushes stdout at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    if _telemetry.tracer is not None or code == EXIT_OUTPUT_CLOSED:
+    if _telemetry.tracer is not None or code == EXIT_OUTPUT_CLOSED or b2_work_abandoned.is_set():
         # Spans are flushed and our clients closed; ddtrace's own exit hooks can still block for
         # seconds retrying an agent that stopped answering, so they are skipped.
         os._exit(code)
