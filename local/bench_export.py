@@ -105,7 +105,7 @@ def main() -> None:
         stack.start()
         try:
             env = {**os.environ, **stack.env()}
-            db = redis.Redis(port=stack.ports["falkordb"])
+            db = redis.Redis(port=stack.ports["falkordb"], socket_timeout=900)  # DUMP of 50k: minutes
             document = Path(run_dir) / "export.json"
             empty_s, empty_mb, _ = timed(env, "export", "--output", str(document))
             for size in args.sizes:
