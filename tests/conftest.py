@@ -222,6 +222,12 @@ def stop(process: subprocess.Popen, timeout_s: float = 30) -> int:
         raise
 
 
+def b2_faults(stack: Stack, **knobs: object) -> None:
+    """Set the local B2 endpoint's faults (local/b2_endpoint.py); no knobs clears them."""
+    request = urllib.request.Request(stack.b2_url + "/_b2/faults", data=json.dumps(knobs).encode(), method="POST")
+    urllib.request.urlopen(request, timeout=5).close()
+
+
 class StandIn:
     def __init__(self, url: str) -> None:
         self.url = url

@@ -17,7 +17,7 @@ import pytest
 import redis
 import zstandard
 
-from conftest import Memory, stop, wait_for_no_worker
+from conftest import Memory, b2_faults, stop, wait_for_no_worker
 
 A_EVENTS = ["We chose FalkorDB over Neo4j for the graph database.",
             "Fixed TimeoutError in sync_worker when Valkey restarts during deploys."]
@@ -327,13 +327,6 @@ def test_an_unreachable_or_silent_b2_fails_within_the_stall_bound(tmpdir_env, em
     assert result.error_lines[0].startswith(f"memory-manager: error: b2 at {realm}: ")
     assert time.monotonic() - started < 20  # b2sdk alone retries for minutes
     assert list(scratch.iterdir()) == []
-
-
-def b2_faults(stack, **knobs) -> None:
-    import urllib.request
-
-    request = urllib.request.Request(stack.b2_url + "/_b2/faults", data=json.dumps(knobs).encode(), method="POST")
-    urllib.request.urlopen(request, timeout=5).close()
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import pytest
 import redis
 
-from conftest import MODULE, ROOT, Memory, Result, wait_for_no_worker
+from conftest import MODULE, ROOT, Memory, Result, b2_faults, wait_for_no_worker
 
 COMMANDS = ("store", "worker", "query hit", "query miss", "entities", "health", "export", "restore")
 STATES = (
@@ -196,12 +196,6 @@ def standin(stack, path: str, body: dict) -> None:
     urllib.request.urlopen(request, timeout=5).close()
 
 
-def b2_faults(stack, upload_errors: int) -> None:
-    request = urllib.request.Request(stack.b2_url + "/_b2/faults", data=json.dumps(
-        {"upload_errors": upload_errors}).encode(), method="POST")
-    urllib.request.urlopen(request, timeout=5).close()
-
-
 @pytest.fixture(scope="module")
 def matrix(stack, tmp_path_factory):
     """One group with two episodes and its export in B2, shared by the read cells; rebuilt after a
@@ -338,7 +332,7 @@ def run_cell(stack, memory: Memory, matrix, state: str, command: str, env: dict[
         args[1] = args[1].replace("b2://opencode-memory/", "b2://no-such-bucket/")
     expected_answer = home.ok("query", QUESTION) if command == "query hit" else None
     if state == "b2 5xx storm":
-        b2_faults(stack, 1000)
+        b2_faults(stack, upload_errors=1000)
     if faults:
         standin(stack, "/_standin/faults", faults)
     try:
@@ -348,7 +342,7 @@ def run_cell(stack, memory: Memory, matrix, state: str, command: str, env: dict[
         else:
             result, elapsed = run(env, args, outcome.within_s)
     finally:
-        b2_faults(stack, 0)
+        b2_faults(stack)
         standin(stack, "/_standin/reset", {})
     assert elapsed <= outcome.within_s, f"{elapsed:.1f} s"
     if state.startswith("falkordb killed"):

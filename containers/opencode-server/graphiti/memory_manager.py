@@ -2511,7 +2511,7 @@ class _Moved:
 
         class Listener(AbstractProgressListener):
             def set_total_bytes(self, total_byte_count: int) -> None:
-                moved.sent("download", 0)
+                pass  # the size says nothing about progress
 
             def bytes_completed(self, byte_count: int) -> None:
                 moved.sent("download", byte_count)
@@ -2881,6 +2881,7 @@ class _BulkWriter:
         self.pending_bytes = 0
         self.ids: dict[str, int] = {}  # uuid -> the id its node was given
         self.written = 0  # nodes in this group's graph
+        self.sources: list[int] = []  # ids of the pending edges' source nodes
 
     def start(self, group: str) -> None:
         self.group, self.ids, self.written = group, {}, 0
@@ -2891,8 +2892,9 @@ class _BulkWriter:
     async def add_edge(self, record: dict) -> None:
         if self.kind == "node":
             await self.flush()  # an edge names its ends by the ids their nodes were given
-        ends = struct.pack("<QQ", self.ids[record["source"]], self.ids[record["target"]])
-        await self._add("edge", record["type"], ends, record)
+        source = self.ids[record["source"]]
+        self.sources.append(source)
+        await self._add("edge", record["type"], struct.pack("<QQ", source, self.ids[record["target"]]), record)
 
     async def _add(self, kind: str, name: str, prefix: bytes, record: dict) -> None:
         self.kind = kind
@@ -2908,8 +2910,7 @@ class _BulkWriter:
         edges = self.kind == "edge"
         tokens = [_bulk_token(name, records) for name, records in self.pending.items()]
         count = sum(len(records) for records in self.pending.values())
-        sources = [struct.unpack_from("<Q", prefix)[0] for records in self.pending.values()
-                   for prefix, _, _ in records] if edges else []
+        sources, self.sources = self.sources, []
         self.pending, self.pending_bytes = defaultdict(list), 0
         begin = [] if self.written or edges else ["BEGIN"]
         counts = [0, count, 0, len(tokens)] if edges else [count, 0, len(tokens), 0]
@@ -2936,7 +2937,7 @@ class _BulkWriter:
                                      span)).result_set
         if len(rows) != count:
             raise ServiceError("falkordb", settings().falkordb_address,
-                               f"group {self.group!r}: {len(rows)} of {count} bulk-loaded nodes where expected")
+                               f"group {self.group!r}: {len(rows)} of {count} bulk-loaded nodes were expected")
         self.ids.update(dict(rows))
         self.written += count
 
