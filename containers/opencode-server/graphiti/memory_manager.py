@@ -72,7 +72,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -2079,6 +2079,7 @@ async def run_worker(drain: bool = False) -> WorkerSummary:
 EXPORT_FORMAT = "opencode-memory-export"
 EXPORT_VERSION = 1
 EXPORT_PAGE_ROWS = 500
+EXPORT_PAGES_AHEAD = 2         # pages FalkorDB formats while one is decoded (2 cores: 2 is best)
 SNAPSHOT_PREFIX = "export-snapshot:"  # + <unix time>:<random>:<group>
 RESTORE_INDEX_WAIT_S = 600.0
 RESTORE_CHUNK_BYTES = 32 << 20  # per GRAPH.BULK call; Redis refuses an argument over 512 MB
@@ -2136,17 +2137,38 @@ class ExportSummary:
 
 
 class _DocumentWriter:
+    """Writes in a thread (zstd and the disk release the GIL), one write in flight while the next
+    lines are read and encoded. Use as `async with`: leaving waits for the last write."""
+
     def __init__(self, out: Any) -> None:
         self.out = out
         self.digest = hashlib.sha256()
         self.bytes = 0
+        self.writing: asyncio.Future | None = None
+
+    async def __aenter__(self) -> _DocumentWriter:
+        return self
+
+    async def __aexit__(self, kind: Any, *_: Any) -> None:
+        if kind is None:
+            await self.settle()
+        elif self.writing:
+            with contextlib.suppress(Exception):
+                await self.writing
 
     async def lines(self, lines: list[str]) -> None:
         data = "".join(line + "\n" for line in lines).encode()
         self.digest.update(data)
         self.bytes += len(data)
+        await self.settle()
+        self.writing = asyncio.ensure_future(asyncio.to_thread(self.out.write, data))
+
+    async def settle(self) -> None:
+        writing, self.writing = self.writing, None
+        if writing is None:
+            return
         try:
-            await asyncio.to_thread(self.out.write, data)
+            await writing
         except BrokenPipeError:  # raised as our own type: an OSError here is not FalkorDB's
             raise OutputClosed("stdout was closed") from None
         except OSError as exc:  # a file opened from a descriptor is "named" by its number
@@ -2203,11 +2225,26 @@ async def _pages(reader: Any, graph_name: str, query: str) -> AsyncIterator[list
     reply = await reader.execute_command("GRAPH.RO_QUERY", graph_name, "MATCH (n) RETURN max(id(n))", "--compact")
     highest = _value(reply[1][0][0])
     labels, types = json.dumps(list(NODE_LABELS)), json.dumps(list(EDGE_TYPES))
-    for low in range(0, -1 if highest is None else highest + 1, EXPORT_PAGE_ROWS):
+
+    def fetch(low: int) -> asyncio.Future:
         header = f"CYPHER low={low} high={low + EXPORT_PAGE_ROWS} primary={labels} types={types} "
-        reply = await reader.execute_command("GRAPH.RO_QUERY", graph_name, header + query, "--compact")
-        if reply[1]:
-            yield [[_value(cell) for cell in row] for row in reply[1]]
+        return asyncio.ensure_future(reader.execute_command("GRAPH.RO_QUERY", graph_name, header + query,
+                                                            "--compact"))
+
+    # Pages are asked for EXPORT_PAGES_AHEAD ahead of the one being decoded: FalkorDB formats them
+    # on its other threads meanwhile (each on a pooled connection of its own).
+    lows = iter(range(0, -1 if highest is None else highest + 1, EXPORT_PAGE_ROWS))
+    coming = deque(fetch(low) for low in itertools.islice(lows, EXPORT_PAGES_AHEAD))
+    try:
+        while coming:
+            reply = await coming.popleft()
+            coming.extend(fetch(low) for low in itertools.islice(lows, 1))
+            if reply[1]:
+                yield [[_value(cell) for cell in row] for row in reply[1]]
+    finally:
+        for page in coming:  # the export failed or stopped early: nobody reads these
+            page.cancel()
+            page.add_done_callback(lambda page: page.cancelled() or page.exception())
 
 
 def _node_record(row: list) -> dict:
@@ -2291,7 +2328,6 @@ async def _write_export(out: Any, progress: Progress | None) -> ExportSummary:
 
     s = settings()
     summary = ExportSummary()
-    writer = _DocumentWriter(out)
     groups = await _memory_groups()
     header = {
         "format": EXPORT_FORMAT, "version": EXPORT_VERSION,
@@ -2300,14 +2336,15 @@ async def _write_export(out: Any, progress: Progress | None) -> ExportSummary:
         "embedding_dimension": await asyncio.to_thread(_embedding_dimension),
         "embedding_encoding": "base64-float32-le",
     }
-    await writer.lines([json.dumps(header)[:-1] + ', "groups": ['])
-    async with _service("falkordb", s.falkordb_address), _export_reader() as reader:
-        await _drop_stale_snapshots()
-        for i, group in enumerate(groups):
-            await _export_group(reader, group, writer, i == 0, summary, progress)
-    summary.groups = len(groups)
-    totals = {"groups": summary.groups, "nodes": summary.nodes, "edges": summary.edges}
-    await writer.lines([f'], "counts": {json.dumps(totals)}}}'])
+    async with _DocumentWriter(out) as writer:
+        await writer.lines([json.dumps(header)[:-1] + ', "groups": ['])
+        async with _service("falkordb", s.falkordb_address), _export_reader() as reader:
+            await _drop_stale_snapshots()
+            for i, group in enumerate(groups):
+                await _export_group(reader, group, writer, i == 0, summary, progress)
+        summary.groups = len(groups)
+        totals = {"groups": summary.groups, "nodes": summary.nodes, "edges": summary.edges}
+        await writer.lines([f'], "counts": {json.dumps(totals)}}}'])
     summary.bytes, summary.sha256 = writer.bytes, writer.digest.hexdigest()
     return summary
 
