@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 OPENSPEC := OPENSPEC_TELEMETRY=0 npx --yes @fission-ai/openspec@1.13.2
 
-.PHONY: install valkey test spec lint demo stack stack-down bench bench-export bench-queue bench-miss clean
+.PHONY: install valkey test spec lint demo stack stack-down bench bench-export bench-queue bench-miss bench-redact bench-mcp clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,12 @@ bench-queue: install
 
 bench-miss: install
 	$(PY) local/bench_miss.py
+
+bench-redact: install
+	$(PY) local/bench_redact.py
+
+bench-mcp: install
+	$(PY) local/bench_mcp.py
 
 clean: stack-down
 	rm -rf $(VENV) .stack .stack.env

@@ -6,7 +6,8 @@ graphiti-core 0.31 really calls:
 
   POST /v1/responses         structured output, dispatched on text.format.name
   POST /v1/embeddings        hashed bag-of-words vectors (float or base64)
-  POST /v1/chat/completions  the reranker's True/False logprob call
+  POST /v1/chat/completions  the reranker's True/False logprob call; with "stream": true (OpenCode
+                             itself, as a chat model), SSE chunks of the next scripted answer
 
 Extraction is rule-based but real: capitalised names, file paths and code identifiers become
 entities, and entities that share a sentence become facts carrying that sentence, so stored
@@ -14,10 +15,16 @@ text can be found again by a query that shares its words.
 
 Control endpoints for tests (not OpenAI's):
   GET  /_standin/stats   request counts per endpoint and per schema name
-  POST /_standin/reset   zero the counts and clear faults
+  GET  /_standin/requests  every OpenAI request body received while recording (a JSON list)
+  POST /_standin/reset   zero the counts, clear faults, stop recording and forget recorded bodies
   POST /_standin/faults  {"latency_ms": int, "fault": "401"|"429"|"500"|"malformed"|"hang"|null,
                           "fault_count": int (how many requests get the fault; -1 = all),
-                          "fault_for_s": float (the fault ends this many seconds from now; an outage)}
+                          "fault_for_s": float (the fault ends this many seconds from now; an outage),
+                          "record": bool (keep every OpenAI request body for /_standin/requests)}
+  POST /_standin/chat    {"script": [{"text": str} | {"tool": name, "arguments": {...}}, ...]}: what
+                         the next streamed chat turns answer, in order (a request without tools, such
+                         as OpenCode's title request, is answered "Stand-in session" and takes none;
+                         an empty script answers "Done.")
 
 Run: python local/openai_standin.py --port 17450 [--latency-ms 0]
 """
@@ -355,6 +362,27 @@ def chat_reply(body: dict) -> dict:
     }
 
 
+def chat_stream(body: dict, answer: dict) -> bytes:
+    """OpenAI's streamed chat completion (SSE) for one scripted answer: a role chunk, the text or
+    one tool call, a finish chunk with usage, then [DONE]."""
+    base = {"id": f"chatcmpl_standin_{int(time.time() * 1000)}", "object": "chat.completion.chunk",
+            "created": int(time.time()), "model": body.get("model", "stand-in")}
+
+    def chunk(delta: dict, finish: str | None = None, **extra: Any) -> str:
+        return "data: " + json.dumps({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                                      **extra}) + "\n\n"
+
+    usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+    events = [chunk({"role": "assistant", "content": ""})]
+    if "tool" in answer:
+        call = {"index": 0, "id": f"call_{int(time.time() * 1000)}", "type": "function",
+                "function": {"name": answer["tool"], "arguments": json.dumps(answer.get("arguments", {}))}}
+        events += [chunk({"tool_calls": [call]}), chunk({}, "tool_calls", usage=usage)]
+    else:
+        events += [chunk({"content": answer.get("text", "Done.")}), chunk({}, "stop", usage=usage)]
+    return ("".join(events) + "data: [DONE]\n\n").encode()
+
+
 class StandIn:
     """Shared state: counters and fault knobs, guarded by one lock."""
 
@@ -366,6 +394,9 @@ class StandIn:
         self.fault: str | None = None
         self.fault_count = 0
         self.fault_until: float | None = None  # monotonic end of a timed outage
+        self.recording = False
+        self.recorded: list[str] = []
+        self.chat_script: list[dict] = []
 
     def take_fault(self) -> str | None:
         with self.lock:
@@ -399,12 +430,18 @@ def make_handler(state: StandIn) -> type[BaseHTTPRequestHandler]:
         def read_body(self) -> dict:
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length) if length else b"{}"
+            if state.recording and "/_standin/" not in self.path:
+                with state.lock:
+                    state.recorded.append(raw.decode(errors="replace"))
             return json.loads(raw or b"{}")
 
         def do_GET(self) -> None:
             if self.path.startswith("/_standin/stats"):
                 with state.lock:
                     self.send_json(200, dict(state.counts))
+            elif self.path.startswith("/_standin/requests"):
+                with state.lock:
+                    self.send_json(200, list(state.recorded))
             elif self.path.rstrip("/") in ("/v1/models", "/models"):  # what `health` calls
                 with state.lock:
                     state.counts["models"] += 1
@@ -421,6 +458,11 @@ def make_handler(state: StandIn) -> type[BaseHTTPRequestHandler]:
                     state.counts.clear()
                     state.fault, state.fault_count, state.fault_until = None, 0, None
                     state.latency_ms = state.default_latency_ms
+                    state.recording, state.recorded, state.chat_script = False, [], []
+                return self.send_json(200, {"ok": True})
+            if path == "/_standin/chat":
+                with state.lock:
+                    state.chat_script = list(body.get("script", []))
                 return self.send_json(200, {"ok": True})
             if path == "/_standin/faults":
                 with state.lock:
@@ -429,8 +471,22 @@ def make_handler(state: StandIn) -> type[BaseHTTPRequestHandler]:
                     state.fault_count = int(body.get("fault_count", -1))
                     duration = body.get("fault_for_s")
                     state.fault_until = time.monotonic() + float(duration) if duration else None
+                    state.recording = bool(body.get("record", state.recording))
                 return self.send_json(200, {"ok": True})
             self.serve_openai(path, body)
+
+        def next_answer(self, body: dict) -> dict:
+            if not body.get("tools"):
+                return {"text": "Stand-in session"}
+            with state.lock:
+                return state.chat_script.pop(0) if state.chat_script else {"text": "Done."}
+
+        def send_stream(self, data: bytes) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
 
         def answer_fault(self, fault: str | None) -> bool:
             """Answer with the injected fault, if any; True when it did."""
@@ -462,6 +518,8 @@ def make_handler(state: StandIn) -> type[BaseHTTPRequestHandler]:
                 return
             if endpoint == "embeddings":
                 return self.send_json(200, embeddings_reply(body))
+            if endpoint == "chat/completions" and body.get("stream"):
+                return self.send_stream(chat_stream(body, self.next_answer(body)))
             if endpoint == "chat/completions":
                 return self.send_json(200, chat_reply(body))
             name, answer = structured_answer(body)

@@ -248,6 +248,11 @@ class StandIn:
     def faults(self, **knobs: object) -> None:
         self._post("/_standin/faults", knobs)
 
+    def recorded(self) -> list[str]:
+        """The OpenAI request bodies received since faults(record=True)."""
+        with urllib.request.urlopen(self.url + "/_standin/requests", timeout=5) as reply:
+            return json.load(reply)
+
     def reset(self) -> None:
         self._post("/_standin/reset", {})
 

@@ -23,11 +23,11 @@ def test_help_lists_every_command(memory):
 
     assert (result.code, result.stderr) == (0, "")
     assert help_commands(result.stdout) == ["store", "query", "entities", "health", "queue", "worker", "drain",
-                                            "export", "backups", "restore"]
+                                            "export", "backups", "mcp", "restore"]
 
 
 @pytest.mark.parametrize("command", ["store", "query", "entities", "health", "queue", "worker", "drain", "export",
-                                     "backups", "restore"])
+                                     "backups", "mcp", "restore"])
 def test_each_command_has_its_own_help(memory, command):
     result = memory.run(command, "--help")
 
@@ -58,6 +58,7 @@ def test_health_reports_each_dependency_and_exits_0_when_all_answer(memory):
     assert [line.split()[:2] for line in lines[:4]] == [["falkordb", "ok"], ["valkey", "ok"], ["llm", "ok"],
                                                         ["queue", "ok"]]
     assert lines[4].split()[:2] in (["worker", "ok"], ["worker", "off"])  # a drainer may be finishing
+    assert lines[5].split()[:3] == ["redaction", "on", "MEMORY_REDACT"]
     assert "valkey 8." in lines[1] or "redis" in lines[1]
 
 
@@ -416,7 +417,7 @@ def test_every_command_prints_one_json_document_with_json(memory, args):
     assert (result.code, result.stderr) == (0, ""), result.stderr
     document = json.loads(result.stdout)
     expected_keys = {"store": {"state", "episode", "job_id", "group"}, "query": {"group", "facts"},
-                     "health": {"falkordb", "valkey", "llm", "queue", "worker", "healthy"},
+                     "health": {"falkordb", "valkey", "llm", "queue", "worker", "redaction", "healthy"},
                      "queue": {"groups", "worker"} if len(args) == 1 else {"requeued"},
                      "drain": {"mode", "id", "stored", "dead_lettered", "exit_code"}}
     if args[0] in ("entities", "backups"):

@@ -1,0 +1,281 @@
+"""Requirement: MCP server (spec: memory-manager / MCP server, MCP over HTTP). Driven by the
+official `mcp` Python SDK client over stdio and streamable HTTP, and by the MCP Inspector's CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
+import pytest
+from mcp import Client
+from mcp.client.stdio import StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
+
+from conftest import MODULE, ROOT, Memory, free_port
+
+TOKEN = "test-mcp-token-5f0c2e"
+NOTE = "Decided to keep FalkorDB as the graph store; Valkey holds the write queue for MemoryWorker."
+
+# The schemas a model sees: pinned, so a change to a tool's arguments is deliberate.
+INPUT_SCHEMAS = {
+    "add_memory": ({"content"}, {"content": "string", "metadata": "object|null"}),
+    "search_memory_facts": ({"query"}, {"query": "string", "limit": "integer"}),
+    "search_entities": (set(), {"query": "string|null", "entity_type": "string|null"}),
+    "get_episodes": (set(), {"last_n": "integer"}),
+    "delete_episode": ({"name"}, {"name": "string"}),
+    "get_status": (set(), {}),
+}
+
+
+def schema_types(schema: dict) -> dict[str, str]:
+    def kind(prop: dict) -> str:
+        if "anyOf" in prop:
+            return "|".join(option.get("type", "?") for option in prop["anyOf"])
+        return prop.get("type", "?")
+
+    return {name: kind(prop) for name, prop in schema.get("properties", {}).items()}
+
+
+def stdio_client(memory: Memory) -> Client:
+    return Client(StdioServerParameters(command=sys.executable, args=[str(MODULE), "mcp"], env=memory.env),
+                  cache=None)
+
+
+@asynccontextmanager
+async def http_client(url: str) -> AsyncIterator[Client]:
+    async with create_mcp_http_client(headers={"Authorization": f"Bearer {TOKEN}"}) as http, \
+            Client(streamable_http_client(url, http_client=http), cache=None) as client:
+        yield client
+
+
+@contextmanager
+def http_server(memory: Memory, *args: str, **env: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    port = free_port()
+    server = memory.with_env(MEMORY_MCP_TOKEN=TOKEN, **env).popen("mcp", "--http", f"127.0.0.1:{port}", *args)
+    url = f"http://127.0.0.1:{port}/mcp"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="GET"), timeout=1)
+        except urllib.error.HTTPError as answered:
+            answered.close()
+            break  # it answers (401 without a token)
+        except OSError:
+            assert server.poll() is None, server.stderr.read() if server.stderr else ""
+            assert time.monotonic() < deadline, "the MCP server did not listen within 30 s"
+            time.sleep(0.1)
+    try:
+        yield url, server
+    finally:
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=15)
+        for stream in (server.stdin, server.stdout, server.stderr):
+            if stream:
+                stream.close()
+
+
+def text_of(result: Any) -> str:
+    return "".join(block.text for block in result.content)
+
+
+async def call(client: Client, tool: str, **arguments: Any) -> Any:
+    result = await client.call_tool(tool, arguments)
+    assert not result.is_error, text_of(result)
+    return result
+
+
+def run(coroutine: Any) -> Any:
+    return asyncio.run(coroutine)
+
+
+def test_stdio_server_offers_the_six_tools_with_pinned_input_schemas_and_instructions(memory):
+    async def scenario() -> tuple[Any, Any]:
+        async with stdio_client(memory) as client:
+            return client.instructions, await client.list_tools()
+
+    instructions, listed = run(scenario())
+
+    assert "Long-term memory of this project" in instructions
+    tools = {tool.name: tool for tool in listed.tools}
+    assert set(tools) == set(INPUT_SCHEMAS)
+    for name, (required, types) in INPUT_SCHEMAS.items():
+        schema = tools[name].input_schema
+        assert set(schema.get("required", [])) == required, name
+        assert schema_types(schema) == types, name
+        assert len(tools[name].description) > 60, name  # written for a model deciding when to call it
+
+
+def test_stdio_tools_store_recall_list_and_delete_with_the_cli_s_results(memory):
+    async def store() -> Any:
+        async with stdio_client(memory) as client:
+            return await call(client, "add_memory", content=NOTE, metadata={"event": "decision"})
+
+    added = run(store())
+    assert added.structured_content["state"] == "queued"
+    assert re.fullmatch(r"queued episode_\d{8}T\d{12}Z [0-9a-f]{32}", text_of(added))
+    memory.wait_until_ingested(1)
+    cli_text = memory.ok("query", "graph store write queue").rstrip("\n")
+    cli_facts = json.loads(memory.ok("query", "graph store write queue", "--json"))["facts"]
+    cli_technologies = memory.entities("Technology")
+
+    async def read_and_delete() -> dict[str, Any]:
+        async with stdio_client(memory) as client:
+            found = await call(client, "search_memory_facts", query="graph store write queue")
+            entities = await call(client, "search_entities", query="falkor")
+            typed = await call(client, "search_entities", entity_type="Technology")
+            episodes = await call(client, "get_episodes", last_n=5)
+            status = await call(client, "get_status")
+            deleted = await call(client, "delete_episode", name=added.structured_content["episode"])
+            after = await call(client, "search_memory_facts", query="graph store write queue")
+            return {"found": found, "entities": entities, "typed": typed, "episodes": episodes,
+                    "status": status, "deleted": deleted, "after": after}
+
+    results = run(read_and_delete())
+
+    assert text_of(results["found"]) == cli_text
+    assert results["found"].structured_content["facts"] == cli_facts and cli_facts
+    assert results["entities"].structured_content["entities"] == [{"name": "FalkorDB", "type": "Technology"}]
+    assert results["typed"].structured_content["entities"] == cli_technologies
+    [episode] = results["episodes"].structured_content["episodes"]
+    assert (episode["name"], episode["content"], episode["metadata"]) == \
+        (added.structured_content["episode"], NOTE, {"event": "decision"})
+    assert episode["reference_time"].startswith(time.strftime("%Y-%m-%d", time.gmtime()))
+    assert results["status"].structured_content["health"]["healthy"] is True
+    assert results["after"].structured_content["facts"] == []  # the cached answer was invalidated
+    assert memory.episode_count() == 0
+
+
+@pytest.mark.parametrize(("tool", "arguments", "message"), [
+    ("add_memory", {"content": "   "}, "content must be non-empty text"),
+    ("add_memory", {"content": "<private>all of it</private>"}, "content is empty once its <private> spans"),
+    ("add_memory", {"content": "x" * 100_001}, "MEMORY_MAX_EPISODE_CHARS allows 100000"),
+    ("search_memory_facts", {"query": ""}, "query must be non-empty text"),
+    ("search_memory_facts", {"query": "x", "limit": 0}, "limit must be"),
+    ("search_memory_facts", {"query": "x", "limit": "many"}, "limit"),
+    ("search_entities", {"entity_type": "File) DETACH DELETE n //"}, "entity type"),
+    ("get_episodes", {"last_n": 0}, "last_n must be an integer from 1 to 100"),
+    ("delete_episode", {"name": "' OR 1=1"}, "episode name must look like"),
+    ("delete_episode", {"name": "episode_20200101T000000000000Z"}, "no episode episode_20200101T000000000000Z"),
+], ids=lambda value: value if isinstance(value, str) and len(value) < 25 else None)
+def test_a_refused_argument_is_a_tool_error_and_the_server_keeps_answering(memory, tool, arguments, message):
+    async def scenario() -> tuple[Any, Any]:
+        async with stdio_client(memory) as client:
+            refused = await client.call_tool(tool, arguments)
+            return refused, await call(client, "get_status")
+
+    refused, status = run(scenario())
+
+    assert refused.is_error
+    assert message in text_of(refused)
+    assert "\n" not in text_of(refused) and "Traceback" not in text_of(refused)
+    assert status.structured_content["health"]["healthy"] is True
+    assert memory.queue()["queued"] == 0
+
+
+def test_http_needs_the_bearer_token_and_then_serves_what_stdio_serves(memory):
+    memory.store(NOTE)
+    with http_server(memory) as (url, _server):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+            request = urllib.request.Request(url, data=b"{}", method="POST",
+                                             headers={"Content-Type": "application/json", **headers})
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=5)
+            refused.value.close()
+            assert refused.value.code == 401
+
+        async def scenario() -> tuple[Any, Any]:
+            async with http_client(url) as client:
+                tools = await client.list_tools()
+                return tools, await call(client, "search_memory_facts", query="graph store")
+
+        tools, found = run(scenario())
+
+    assert {tool.name for tool in tools.tools} == set(INPUT_SCHEMAS)
+    assert text_of(found) == memory.ok("query", "graph store").rstrip("\n")
+
+
+def test_http_refuses_a_foreign_origin(memory):
+    with http_server(memory) as (url, _server):
+        request = urllib.request.Request(url, data=b"{}", method="POST", headers={
+            "Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}", "Origin": "http://evil.example"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=5)
+        refused.value.close()
+    assert refused.value.code == 403
+
+
+def test_binding_beyond_loopback_without_a_token_is_refused_at_start(memory):
+    bind = f"0.0.0.0:{free_port()}"
+    result = memory.run("mcp", "--http", bind, timeout_s=30)
+
+    assert result.code == 2
+    assert result.error_lines == [f"memory-manager: error: mcp --http {bind}: binding "
+                                  "beyond loopback needs MEMORY_MCP_TOKEN (every request must then carry "
+                                  "Authorization: Bearer <token>)"]
+
+
+def test_sigterm_ends_the_server_and_its_worker_cleanly(memory):
+    with http_server(memory, "--worker", MEMORY_AUTO_DRAIN="off") as (url, server):
+        async def store() -> Any:
+            async with http_client(url) as client:
+                return await call(client, "add_memory", content=NOTE)
+
+        run(store())
+        memory.wait_until_ingested(1)  # the server's own worker ingested it
+        started = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=15) == 0
+        assert time.monotonic() - started < 10
+        assert server.stderr is not None and "Traceback" not in server.stderr.read()
+
+
+def test_a_falkordb_outage_is_a_tool_error_and_the_server_serves_again(memory, stack):
+    memory.store(NOTE)
+
+    async def scenario() -> tuple[Any, Any]:
+        async with stdio_client(memory) as client:
+            stack.kill("falkordb")
+            try:
+                during = await client.call_tool("search_entities", {})
+            finally:
+                stack.restart("falkordb")
+            return during, await client.call_tool("get_status", {})
+
+    during, after = run(scenario())
+
+    assert during.is_error and f"falkordb at 127.0.0.1:{stack.ports['falkordb']}" in text_of(during)
+    assert after.structured_content["health"]["falkordb"]["ok"] is True
+
+
+@pytest.mark.skipif(shutil.which("npx") is None, reason="needs node's npx")
+def test_the_mcp_inspector_cli_lists_the_tools_and_calls_one(memory):
+    memory.store(NOTE)
+    env_args = [arg for name, value in memory.env.items()
+                if name.startswith(("FALKORDB_", "VALKEY_", "OPENAI_", "MEMORY_", "DD_", "GRAPHITI_"))
+                for arg in ("-e", f"{name}={value}")]
+    inspector = ["npx", "--yes", "@modelcontextprotocol/inspector@2.12.0", "--cli", *env_args,
+                 sys.executable, str(MODULE), "mcp"]
+
+    listed = subprocess.run([*inspector, "--method", "tools/list"], capture_output=True, text=True, timeout=180,
+                            cwd=ROOT)
+    called = subprocess.run([*inspector, "--method", "tools/call", "--tool-name", "search_memory_facts",
+                             "--tool-arg", "query=graph store"], capture_output=True, text=True, timeout=180,
+                            cwd=ROOT)
+
+    assert listed.returncode == 0, listed.stderr
+    assert {tool["name"] for tool in json.loads(listed.stdout)["tools"]} == set(INPUT_SCHEMAS)
+    assert called.returncode == 0, called.stderr
+    assert json.loads(called.stdout)["content"][0]["text"] == memory.ok("query", "graph store").rstrip("\n")

@@ -1,0 +1,170 @@
+"""Requirement: OpenCode integration (spec: memory-manager / OpenCode plugin, MCP server). OpenCode
+itself (opencode-ai 1.18.33, installed here on first use, run headless and offline) against the
+OpenAI stand-in as its chat model, whose streamed answers each test scripts. A handful of runs,
+4-7 s each."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import MODULE, ROOT, Memory
+
+OPENCODE_VERSION = "1.18.33"
+PLUGIN = ROOT / "containers" / "opencode-server" / "plugins" / "memory.js"
+SEEDED_LOCK = {"lockfileVersion": 3, "packages": {"": {"dependencies": {"@opencode-ai/plugin": OPENCODE_VERSION}}}}
+pytestmark = pytest.mark.skipif(shutil.which("npm") is None, reason="needs node's npm")
+
+
+@pytest.fixture(scope="session")
+def opencode(stack) -> Path:
+    """The pinned OpenCode binary, installed once into the stack's directory."""
+    prefix = stack.run_dir / "opencode"
+    binary = prefix / "node_modules" / ".bin" / "opencode"
+    if not binary.exists():
+        subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund", "--prefix", str(prefix),
+                        f"opencode-ai@{OPENCODE_VERSION}"], check=True, timeout=600)
+    return binary
+
+
+def seed_config_dir(directory: Path) -> None:
+    """Skip OpenCode's start-up npm install of @opencode-ai/plugin (74 s of offline retries)."""
+    (directory / "node_modules").mkdir(parents=True, exist_ok=True)
+    (directory / "package-lock.json").write_text(json.dumps(SEEDED_LOCK))
+
+
+def script_chat(stack, answers: list[dict]) -> None:
+    request = urllib.request.Request(stack.standin_url + "/_standin/chat", method="POST",
+                                     data=json.dumps({"script": answers}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=5).close()
+
+
+class Project:
+    """A git project directory with its own HOME for OpenCode, wired to the stand-in."""
+
+    def __init__(self, root: Path, memory: Memory, stack, remote: str, group: str) -> None:
+        self.dir, self.memory, self.group = root / "project", memory, group
+        self.home = root / "home"
+        self.dir.mkdir()
+        subprocess.run(["git", "init", "-q", str(self.dir)], check=True)
+        subprocess.run(["git", "-C", str(self.dir), "remote", "add", "origin", remote], check=True)
+        for config_dir in (self.home / ".config" / "opencode", self.dir / ".opencode"):
+            seed_config_dir(config_dir)
+        self.config = {
+            "$schema": "https://opencode.ai/config.json",
+            "provider": {"fake": {"npm": "@ai-sdk/openai-compatible", "name": "Stand-in",
+                                  "options": {"baseURL": stack.env()["OPENAI_BASE_URL"], "apiKey": "x"},
+                                  "models": {"fake-model": {"name": "Fake", "tool_call": True}}}},
+            "model": "fake/fake-model", "small_model": "fake/fake-model",
+            "permission": {"edit": "allow", "bash": "allow", "webfetch": "deny"},
+            "autoupdate": False, "share": "disabled",
+        }
+        memory_env = {k: v for k, v in memory.env.items() if k.startswith(("FALKORDB_", "VALKEY_", "OPENAI_",
+                                                                           "MEMORY_", "GRAPHITI_", "DD_"))}
+        memory_env.pop("MEMORY_GROUP_ID", None)  # the plugin derives the group from the git remote
+        self.env = {
+            "PATH": os.environ["PATH"], "HOME": str(self.home), "PWD": str(self.dir),
+            "XDG_CONFIG_HOME": str(self.home / ".config"), "XDG_DATA_HOME": str(self.home / ".local" / "share"),
+            "XDG_CACHE_HOME": str(self.home / ".cache"), "XDG_STATE_HOME": str(self.home / ".local" / "state"),
+            **{f"OPENCODE_DISABLE_{name}": "1" for name in ("AUTOUPDATE", "MODELS_FETCH", "LSP_DOWNLOAD", "SHARE",
+                                                           "DEFAULT_PLUGINS", "CLAUDE_CODE", "EXTERNAL_SKILLS")},
+            **memory_env, "MEMORY_MANAGER": str(MODULE), "MEMORY_PYTHON": sys.executable,
+        }
+
+    def write_config(self) -> None:
+        (self.dir / "opencode.json").write_text(json.dumps(self.config, indent=2))
+
+    def opencode(self, binary: Path, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
+        self.write_config()
+        return subprocess.run([str(binary), *args], cwd=self.dir, env=self.env, capture_output=True, text=True,
+                              timeout=timeout_s, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def project(tmp_path, memory, stack) -> Project:
+    name = f"oc-{uuid.uuid4().hex[:10]}"
+    # the plugin must derive this group from the remote: lower-cased host and path, slugged
+    return Project(tmp_path, memory, stack, f"git@github.com:Acme/{name}.git", f"github-com-acme-{name}")
+
+
+def group_memory(project: Project) -> Memory:
+    group = project.memory.with_env(MEMORY_GROUP_ID=project.group)
+    group.group = project.group
+    return group
+
+
+def wait_for_episodes(memory: Memory, predicate, timeout_s: float = 90) -> list[dict]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        episodes = memory.episodes() if memory.cypher_graph_exists() else []
+        if predicate(episodes):
+            return episodes
+        assert time.monotonic() < deadline, f"episodes after {timeout_s} s: {[e['content'] for e in episodes]}"
+        time.sleep(0.5)
+
+
+def test_with_the_plugin_a_turn_that_writes_a_file_is_remembered_in_the_project_s_group(opencode, project, stack):
+    plugins = project.dir / ".opencode" / "plugins"
+    plugins.mkdir(parents=True)
+    shutil.copy(PLUGIN, plugins / "memory.js")
+    script_chat(stack, [{"tool": "write", "arguments": {"filePath": str(project.dir / "NOTES.md"),
+                                                        "content": "Release checklist\n"}},
+                        {"text": "Wrote NOTES.md."}])
+
+    started = time.monotonic()
+    run = project.opencode(opencode, "run", "Create NOTES.md with a release checklist")
+    took = time.monotonic() - started
+
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert (project.dir / "NOTES.md").read_text() == "Release checklist\n"
+    memory = group_memory(project)
+    episodes = wait_for_episodes(memory, lambda found: any(e["content"] == "Edited NOTES.md" for e in found)
+                                 and any(e["content"].startswith("Completed a turn.") for e in found))
+    edited = next(e for e in episodes if e["content"] == "Edited NOTES.md")
+    assert json.loads(edited["metadata"]) == {"event": "file.edited", "file": "NOTES.md", "group": project.group}
+    turn = next(e for e in episodes if e["content"].startswith("Completed a turn."))
+    assert "Create NOTES.md with a release checklist" in turn["content"] and "write(NOTES.md)" in turn["content"]
+    print(f"OpenCode run with the plugin: {took:.1f} s")
+
+
+def test_with_the_mcp_server_opencode_connects_and_its_model_stores_and_recalls(opencode, project, stack):
+    memory = group_memory(project)
+    memory.store("Decided to keep FalkorDB as the graph store for MemoryWorker.")
+    project.config["mcp"] = {"memory": {"type": "local", "command": [sys.executable, str(MODULE), "mcp"],
+                                        "environment": {**{k: v for k, v in project.env.items()
+                                                           if k.startswith(("FALKORDB_", "VALKEY_", "OPENAI_",
+                                                                            "MEMORY_", "GRAPHITI_", "DD_"))},
+                                                        "MEMORY_GROUP_ID": project.group},
+                                        "enabled": True, "timeout": 20000}}
+
+    listed = project.opencode(opencode, "mcp", "list")
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    assert "memory" in listed.stdout and "connected" in listed.stdout
+
+    script_chat(stack, [
+        {"tool": "memory_add_memory", "arguments": {"content": "The release checklist lives in NOTES.md."}},
+        {"tool": "memory_search_memory_facts", "arguments": {"query": "graph store FalkorDB"}},
+        {"text": "FalkorDB is the graph store."},
+    ])
+    run = project.opencode(opencode, "run", "--format", "json", "Remember where the checklist is, then tell me "
+                           "which graph store we chose")
+
+    assert run.returncode == 0, run.stdout + run.stderr
+    events = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    tools = {e["part"]["tool"]: e["part"]["state"] for e in events
+             if e.get("type") == "tool_use" and "part" in e}
+    assert tools["memory_add_memory"]["status"] == "completed"
+    assert tools["memory_search_memory_facts"]["status"] == "completed"
+    assert "FalkorDB" in tools["memory_search_memory_facts"]["output"]
+    wait_for_episodes(memory, lambda found: any(e["content"] == "The release checklist lives in NOTES.md."
+                                                for e in found))

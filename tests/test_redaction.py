@@ -1,0 +1,183 @@
+"""Requirement: Credential redaction (spec: memory-manager / Redact credentials, Private spans,
+Redaction switch). Corpora in redaction_corpus.py."""
+
+import json
+import time
+import uuid
+
+import pytest
+import redis
+
+import memory_manager  # the module's own redaction functions (conftest puts it on sys.path)
+from conftest import wait_for_no_worker
+from redaction_corpus import CREDENTIAL_EVENTS, ORDINARY_EVENTS
+from test_observability import Agent, DogStatsd
+
+# Shapes the worker's detect-secrets pass catches and the quick pass (at `store`) leaves alone.
+TWILIO_KEY = "SK" + uuid.UUID(int=0x5EED_1234_ABCD_0000_1111_2222_3333_4444).hex
+MAILCHIMP_KEY = uuid.UUID(int=0xFEED_0000_1111_2222_3333_4444_5555_6666).hex + "-us12"
+
+
+def everything_in_valkey(stack, group: str) -> str:
+    """Every value of every key of the group, as text."""
+    parts = []
+    client = redis.Redis(port=stack.ports["valkey"])
+    for key in client.scan_iter(match=f"memory:{{{group}}}:*", count=1000):
+        kind = client.type(key)
+        if kind == b"stream":
+            parts.append(repr(client.xrange(key)))
+        elif kind == b"hash":
+            parts.append(repr(client.hgetall(key)))
+        elif kind == b"list":
+            parts.append(repr(client.lrange(key, 0, -1)))
+        elif kind == b"string":
+            parts.append(repr(client.get(key)))
+    client.close()
+    return "\n".join(parts)
+
+
+def every_property(memory) -> str:
+    nodes = memory.cypher("MATCH (n) RETURN properties(n)")
+    edges = memory.cypher("MATCH ()-[r]->() RETURN properties(r)")
+    return json.dumps(nodes + edges)
+
+
+def aof(stack) -> str:
+    time.sleep(1.5)  # appendfsync everysec
+    return "".join(path.read_bytes().decode(errors="replace") for path in (stack.run_dir / "appendonlydir").iterdir())
+
+
+def test_ordinary_coding_events_come_through_unaltered():
+    quick = [event for event in ORDINARY_EVENTS if memory_manager.redact_quick(event).text != event]
+    thorough = [event for event in ORDINARY_EVENTS if memory_manager.redact_thorough(event).text != event]
+
+    print(f"altered: quick {len(quick)}/{len(ORDINARY_EVENTS)}, thorough {len(thorough)}/{len(ORDINARY_EVENTS)}")
+    assert len(ORDINARY_EVENTS) >= 200
+    assert len(quick) <= len(ORDINARY_EVENTS) // 100, quick
+    assert len(thorough) <= len(ORDINARY_EVENTS) // 100, thorough
+
+
+def test_the_quick_pass_at_store_catches_every_credential_of_the_corpus():
+    assert len(CREDENTIAL_EVENTS) >= 40
+    for event, secrets in CREDENTIAL_EVENTS:
+        redacted = memory_manager.redact_quick(memory_manager.remove_private(event).text).text
+        assert [s for s in secrets if s in redacted] == [], redacted
+        assert "[REDACTED:" in redacted
+
+
+def test_the_worker_pass_catches_vendor_keys_the_quick_pass_does_not_know():
+    event = f"twilio client built with {TWILIO_KEY}; mailchimp list sync with {MAILCHIMP_KEY} failed"
+
+    assert memory_manager.redact_quick(event).text == event
+    thorough = memory_manager.redact_thorough(event)
+    assert TWILIO_KEY not in thorough.text and MAILCHIMP_KEY not in thorough.text
+    assert set(thorough.kinds) == {"twilio-api-key", "mailchimp-access-key"}
+
+
+@pytest.fixture
+def statsd():
+    catcher = DogStatsd()
+    yield catcher
+    catcher.sock.close()
+
+
+def test_no_credential_reaches_the_llm_the_graph_valkey_the_spool_an_export_or_telemetry(memory, standin, stack, statsd,
+                                                                                           dead_port, tmp_path):
+    wait_for_no_worker(stack)  # a drainer of an earlier test would ingest (and count) our episodes
+    standin.faults(record=True)
+    agent, token = Agent(stack.agent_url), uuid.uuid4().hex
+    agent.start(token)
+    queued = memory.with_env(MEMORY_AUTO_DRAIN="off", DD_DOGSTATSD_PORT=str(statsd.port), DD_TRACE_ENABLED="true",
+                             _DD_TRACE_WRITER_ADDITIONAL_HEADERS=f"X-Datadog-Test-Session-Token:{token}")
+    events = [*CREDENTIAL_EVENTS, (f"Vendor keys in the billing job: {TWILIO_KEY} {MAILCHIMP_KEY}",
+                                   [TWILIO_KEY, MAILCHIMP_KEY])]
+    secrets = [secret for _, values in events for secret in values]
+    quick_only = {TWILIO_KEY, MAILCHIMP_KEY}  # reach the queue; the worker stops them before the LLM
+    for i, (event, values) in enumerate(events):
+        metadata = json.dumps({"event": "session.error", "env": {"token": values[0]}} if i % 5 == 0 else {})
+        queued.ok("store", "-", metadata, stdin=event)
+    spooled = queued.with_env(VALKEY_PORT=str(dead_port)).run("store", "-", stdin=events[0][0])
+    assert spooled.code == 0 and spooled.stdout.startswith("spooled")
+
+    spool = (memory.spool_dir / "spool.jsonl").read_text()
+    in_queue = everything_in_valkey(stack, memory.group)
+    assert [s for s in secrets if s in spool] == []
+    assert [s for s in secrets if s in in_queue and s not in quick_only] == []
+
+    drain = queued.with_env(MEMORY_AUTO_DRAIN="on").run("drain", timeout_s=600)
+    assert drain.code == 0, drain.stderr
+    memory.wait_until_ingested(len(events) + 1, timeout_s=60)
+    export = tmp_path / "export.json"
+    memory.ok("export", "--output", str(export))
+
+    places = {
+        "graph": every_property(memory),
+        "llm requests": "\n".join(standin.recorded()),
+        "valkey now": everything_in_valkey(stack, memory.group),
+        "export": export.read_text(),
+        "metrics": "\n".join(statsd.lines()),
+        "spans": json.dumps(agent.traces(token, expected=len(events) + 2)),
+        "output": drain.stdout + drain.stderr,
+        "valkey aof": aof(stack),
+    }
+    for place, text in places.items():
+        allowed = quick_only if place == "valkey aof" else set()
+        assert [s for s in secrets if s in text and s not in allowed] == [], place
+    assert "[REDACTED:github-token]" in places["llm requests"] and "[REDACTED:private-key]" in places["graph"]
+    assert "memory.ingest" in places["spans"]
+    counted = [line for line in places["metrics"].splitlines() if line.startswith("opencode.memory.redactions:")]
+    assert any("type:aws-access-key" in line and "stage:store" in line for line in counted)
+    assert any("type:twilio-api-key" in line and "stage:ingest" in line for line in counted)
+
+
+def test_private_spans_are_removed_before_the_queue_and_an_all_private_event_is_refused(memory, valkey):
+    queued = memory.with_env(MEMORY_AUTO_DRAIN="off")
+    queued.ok("store", "Deployed api v2.3. <private>The staging root password is Tr0ub4dor</private> Rolled back.")
+
+    [(_, entry)] = valkey.xrange(f"memory:{{{memory.group}}}:episodes")
+    assert entry["content"] == "Deployed api v2.3. [REDACTED:private] Rolled back."
+
+    refused = queued.run("store", "<private>all of it</private>")
+    assert refused.code == 2
+    assert refused.error_lines == ["memory-manager: error: content is empty once its <private> spans are removed; "
+                                   "nothing stored"]
+
+
+def test_a_redacted_event_is_still_recalled_by_its_question(memory):
+    token = CREDENTIAL_EVENTS[9][1][0]  # a ghp_ token in a git remote URL
+    memory.store(f"PaymentGateway retries timed out against BillingService; git remote used "
+                 f"https://x-access-token:{token}@github.com/acme/api.git")
+
+    answer = memory.ok("query", "PaymentGateway BillingService timed out")
+    assert "PaymentGateway" in answer and "BillingService" in answer
+    assert token not in answer + json.dumps(memory.entities())
+
+
+def test_redaction_off_is_never_silent_and_what_is_read_back_is_still_redacted(memory, stack, tmp_path):
+    wait_for_no_worker(stack)  # a drainer of an earlier test (redaction on) would ingest our episode
+    token = CREDENTIAL_EVENTS[12][1][0]  # a ghs_ token
+    off = memory.with_env(MEMORY_REDACT="off")
+
+    health = off.run("health")
+    assert [line.split()[:2] for line in health.stdout.splitlines() if line.startswith("redaction")] == \
+        [["redaction", "off"]]
+    log = tmp_path / "worker.log"
+    worker = off.worker("drain", log=log)
+    off.ok("store", "--wait", f"DeployBot cloned WebRepo with installation token {token}")
+    assert worker.wait(timeout=120) == 0
+    assert log.read_text().splitlines() == ["memory-manager: warning: MEMORY_REDACT is off: credentials in episodes "
+                                           "reach OpenAI, the graph and B2"]
+    assert token in every_property(memory)  # kept, as documented
+
+    export = tmp_path / "export.json"
+    memory.ok("export", "--output", str(export))
+    answer = memory.ok("query", "DeployBot cloned WebRepo")
+    assert "DeployBot" in answer
+    assert token not in answer + export.read_text() + json.dumps(memory.entities())
+
+
+def test_redaction_switch_is_validated(memory):
+    result = memory.with_env(MEMORY_REDACT="maybe").run("store", "anything")
+
+    assert result.code == 2
+    assert result.error_lines == ["memory-manager: error: MEMORY_REDACT must be on or off, got 'maybe'"]
