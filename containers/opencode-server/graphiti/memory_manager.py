@@ -1142,7 +1142,8 @@ def _detect_secrets_plugins() -> dict:
     from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_class
 
     entropy = ("Base64HighEntropyString", "HexHighEntropyString")
-    names = [plugin.__name__ for plugin in get_mapping_from_secret_type_to_class().values()]
+    plugins: list[type] = list(get_mapping_from_secret_type_to_class().values())
+    names = [plugin.__name__ for plugin in plugins]
     return {"plugins_used": [{"name": name} for name in names if name not in entropy]}
 
 
