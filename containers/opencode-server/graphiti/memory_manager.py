@@ -3509,6 +3509,15 @@ class _BearerGate:
         await self.app(scope, receive, send)
 
 
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("opencode-memory-manager")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def _tool_result(text: str, data: Any) -> Any:
     from mcp.types import CallToolResult, TextContent
 
@@ -3549,7 +3558,7 @@ def build_mcp_server() -> Any:
             return function
         return register
 
-    server = MCPServer("memory", instructions=MCP_INSTRUCTIONS, version=_version(), log_level="WARNING")
+    server = MCPServer("memory", instructions=MCP_INSTRUCTIONS, version=_package_version(), log_level="WARNING")
 
     @tool("add_memory", content=text, metadata=maybe_object)
     async def add_memory(content, metadata=None):  # type: ignore[no-untyped-def]
