@@ -177,7 +177,7 @@ def test_a_redacted_event_is_still_recalled_by_its_question(memory):
     assert token not in answer + json.dumps(memory.entities())
 
 
-def test_redaction_off_is_never_silent_and_what_is_read_back_is_still_redacted(memory, stack, tmp_path):
+def test_redaction_off_is_never_silent_and_what_it_kept_reads_back_redacted_with_it_on(memory, stack, tmp_path):
     wait_for_no_worker(stack)  # a drainer of an earlier test (redaction on) would ingest our episode
     token = CREDENTIAL_EVENTS[12][1][0]  # a ghs_ token
     off = memory.with_env(MEMORY_REDACT="off")
@@ -194,7 +194,7 @@ def test_redaction_off_is_never_silent_and_what_is_read_back_is_still_redacted(m
     assert token in every_property(memory)  # kept, as documented
 
     export = tmp_path / "export.json"
-    memory.ok("export", "--output", str(export))
+    memory.ok("export", "--output", str(export))  # `memory`: redaction on (the default)
     answer = memory.ok("query", "DeployBot cloned WebRepo")
     assert "DeployBot" in answer
     assert token not in answer + export.read_text() + json.dumps(memory.entities())
