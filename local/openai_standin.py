@@ -74,6 +74,7 @@ CODE_IDENT = re.compile(r"\b(?:[a-z]+_[a-z0-9_]+|[a-z]+[A-Z][A-Za-z0-9]+)\b(?:\(
 ERROR_NAME = re.compile(r"\b[A-Z][A-Za-z]*(?:Error|Exception)\b")
 PROPER_NAME = re.compile(r"\b[A-Z][A-Za-z0-9]*(?:[-.][A-Za-z0-9]+)*(?:\s+[A-Z][A-Za-z0-9]*(?:[-.][A-Za-z0-9]+)*)*")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+BACKTICKED = re.compile(r"`([^`\s]{1,60})`")  # a quoted name is a name, even `Such` or `it`
 
 
 # --- extraction --------------------------------------------------------------------------------
@@ -100,13 +101,15 @@ def find_entities(text: str) -> list[tuple[str, str]]:
     """(name, kind) in order of first appearance; kind is file|error|code|name."""
     found: dict[str, tuple[int, str]] = {}
 
-    def add(name: str, pos: int, kind: str) -> None:
+    def add(name: str, pos: int, kind: str, quoted: bool = False) -> None:
         name = name.strip(" .,:;()")
-        if len(name) < 2 or name.lower() in STOPWORDS:
+        if not quoted and (len(name) < 2 or name.lower() in STOPWORDS):
             return
-        if name.lower() not in {k.lower() for k in found}:
+        if name and name.lower() not in {k.lower() for k in found}:
             found[name] = (pos, kind)
 
+    for m in BACKTICKED.finditer(text):
+        add(m.group(1), m.start(), "code", quoted=True)
     for m in FILE_PATH.finditer(text):
         add(m.group(0), m.start(), "file")
     for m in ERROR_NAME.finditer(text):

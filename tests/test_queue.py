@@ -317,6 +317,37 @@ def test_a_worker_killed_mid_episode_leaves_it_to_the_next_worker_which_stores_i
     assert sorted(names) == sorted(set(names)) == ["FalkorDB", "connect_graph", "src/server/routes.py"]
 
 
+def test_an_episode_during_which_falkordb_goes_down_three_times_is_dead_lettered_and_the_queue_flows(
+        memory, standin, valkey):
+    queued_only = no_drain(memory)
+    standin.faults(latency_ms=1000)
+    first = queued_name(queued_only.ok("store", EDIT))
+    second = queued_name(queued_only.ok("store", "Bob chose Valkey for the query cache."))
+    worker = memory.worker()
+    try:
+        for _ in range(3):  # FalkorDB goes down while the first episode's LLM calls are under way
+            seen, errors = standin.requests(), memory.queue()["last_error"]
+            deadline = time.monotonic() + 60
+            while standin.requests() == seen:
+                assert time.monotonic() < deadline, "no attempt started"
+                time.sleep(0.05)
+            memory.stack.kill("falkordb")
+            while memory.queue()["last_error"] == errors:  # the attempt failed
+                assert time.monotonic() < deadline, "the attempt did not fail"
+                time.sleep(0.1)
+            memory.stack.restart("falkordb")
+        standin.faults(latency_ms=0)
+        memory.wait_until_ingested(1, timeout_s=120)
+    finally:
+        stop(worker)
+
+    assert [e["name"] for e in memory.episodes()] == [second]
+    [(_, dead)] = valkey.xrange(f"memory:{{{memory.group}}}:dead")
+    assert dead["name"] == first
+    assert "stopped answering 3 times in a row while this episode was being ingested" in dead["error"]
+    assert memory.queue()["dead_letters"] == 1
+
+
 def test_a_job_delivered_again_after_it_was_stored_is_not_stored_twice(memory, valkey):
     memory.store(EDIT)
     [episode] = memory.episodes()

