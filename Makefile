@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 OPENSPEC := OPENSPEC_TELEMETRY=0 npx --yes @fission-ai/openspec@1.13.2
 
-.PHONY: install valkey test spec lint demo stack stack-down bench bench-export bench-queue bench-miss bench-redact bench-mcp clean
+.PHONY: install valkey test spec lint demo stack stack-down bench bench-export bench-queue bench-miss bench-redact bench-mcp bench-recall clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,9 @@ bench-redact: install
 
 bench-mcp: install
 	$(PY) local/bench_mcp.py
+
+bench-recall: install
+	$(PY) local/bench_recall.py
 
 clean: stack-down
 	rm -rf $(VENV) .stack .stack.env

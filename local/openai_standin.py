@@ -5,7 +5,8 @@ real OpenAI client (through OPENAI_BASE_URL) at this deterministic server. It an
 graphiti-core 0.31 really calls:
 
   POST /v1/responses         structured output, dispatched on text.format.name
-  POST /v1/embeddings        hashed bag-of-words vectors (float or base64)
+  POST /v1/embeddings        hashed bag-of-words vectors (float or base64); with --embeddings semantic,
+                             wordllama's static word vectors (weights from its wheel), zero-padded
   POST /v1/chat/completions  the reranker's True/False logprob call; with "stream": true (OpenCode
                              itself, as a chat model), SSE chunks of the next scripted answer
 
@@ -26,7 +27,7 @@ Control endpoints for tests (not OpenAI's):
                          as OpenCode's title request, is answered "Stand-in session" and takes none;
                          an empty script answers "Done.")
 
-Run: python local/openai_standin.py --port 17450 [--latency-ms 0]
+Run: python local/openai_standin.py --port 17450 [--latency-ms 0] [--embeddings hashed|semantic]
 """
 
 from __future__ import annotations
@@ -322,12 +323,32 @@ def embed(text: str, dim: int = EMBEDDING_DIM) -> list[float]:
     return [v / norm for v in vector]
 
 
-def embeddings_reply(body: dict) -> dict:
+class SemanticEmbedder:
+    """wordllama 0.4's static 256-dimension word embeddings, loaded from the weights its wheel ships
+    (nothing is downloaded), zero-padded to the requested dimension: cosine is unchanged."""
+
+    def __init__(self) -> None:
+        import pathlib
+
+        import wordllama
+
+        self.model = wordllama.WordLlama.load(cache_dir=pathlib.Path(wordllama.__file__).parent,
+                                              disable_download=True)
+        self.lock = threading.Lock()
+
+    def __call__(self, texts: list[str], dim: int) -> list[list[float]]:
+        with self.lock:
+            vectors = self.model.embed(texts, norm=True)
+        return [[float(v) for v in vector] + [0.0] * max(0, dim - len(vector)) for vector in vectors]
+
+
+def embeddings_reply(body: dict, semantic: SemanticEmbedder | None = None) -> dict:
     inputs = body.get("input", [])
     inputs = [inputs] if isinstance(inputs, str) else inputs
+    dim = int(body.get("dimensions") or EMBEDDING_DIM)
+    vectors = semantic([str(t) for t in inputs], dim) if semantic else [embed(str(t), dim) for t in inputs]
     data = []
-    for i, text in enumerate(inputs):
-        vector = embed(str(text), int(body.get("dimensions") or EMBEDDING_DIM))
+    for i, vector in enumerate(vectors):
         if body.get("encoding_format") == "base64":
             encoded: Any = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
         else:
@@ -389,7 +410,8 @@ def chat_stream(body: dict, answer: dict) -> bytes:
 class StandIn:
     """Shared state: counters and fault knobs, guarded by one lock."""
 
-    def __init__(self, latency_ms: int = 0) -> None:
+    def __init__(self, latency_ms: int = 0, embeddings: str = "hashed") -> None:
+        self.semantic = SemanticEmbedder() if embeddings == "semantic" else None
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.counts: Counter[str] = Counter()
@@ -520,7 +542,7 @@ def make_handler(state: StandIn) -> type[BaseHTTPRequestHandler]:
             if self.answer_fault(state.take_fault()):
                 return
             if endpoint == "embeddings":
-                return self.send_json(200, embeddings_reply(body))
+                return self.send_json(200, embeddings_reply(body, state.semantic))
             if endpoint == "chat/completions" and body.get("stream"):
                 return self.send_stream(chat_stream(body, self.next_answer(body)))
             if endpoint == "chat/completions":
@@ -533,8 +555,8 @@ def make_handler(state: StandIn) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def serve(host: str, port: int, latency_ms: int = 0) -> tuple[ThreadingHTTPServer, StandIn]:
-    state = StandIn(latency_ms)
+def serve(host: str, port: int, latency_ms: int = 0, embeddings: str = "hashed") -> tuple[ThreadingHTTPServer, StandIn]:
+    state = StandIn(latency_ms, embeddings)
     server = ThreadingHTTPServer((host, port), make_handler(state))
     server.daemon_threads = True
     return server, state
@@ -545,8 +567,10 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=17450)
     parser.add_argument("--latency-ms", type=int, default=0)
+    parser.add_argument("--embeddings", choices=["hashed", "semantic"], default="hashed",
+                        help="hashed bag of words (exact control), or wordllama's static word vectors (meaning)")
     args = parser.parse_args()
-    server, state = serve(args.host, args.port, args.latency_ms)
+    server, state = serve(args.host, args.port, args.latency_ms, args.embeddings)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

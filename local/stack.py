@@ -3,7 +3,8 @@
 One launcher for the tests, the demo and the benchmarks. `Stack` starts each service as a child
 process, waits until it answers, and stops exactly what it started.
 
-  python local/stack.py up [--env-file .stack.env]   start in the background, write the env file
+  python local/stack.py up [--env-file .stack.env] [--embeddings hashed|semantic]
+                                                     start in the background, write the env file
   python local/stack.py down                         stop what `up` started
 
 The env file holds one `export NAME=value` line for every variable the module reads.
@@ -97,8 +98,8 @@ def valkey_command(port: int, run_dir: Path) -> tuple[list[str], str]:
              "--dir", str(run_dir)], flavour)
 
 
-def standin_command(port: int) -> list[str]:
-    return [sys.executable, str(HERE / "openai_standin.py"), "--port", str(port)]
+def standin_command(port: int, embeddings: str = "hashed") -> list[str]:
+    return [sys.executable, str(HERE / "openai_standin.py"), "--port", str(port), "--embeddings", embeddings]
 
 
 def ddagent_command(ports: dict[str, int]) -> list[str]:
@@ -119,6 +120,7 @@ class Stack:
     ports: dict[str, int] = field(default_factory=lambda: {name: free_port() for name in DEFAULT_PORTS})
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     cache_flavour: str = "valkey"
+    embeddings: str = "hashed"  # the stand-in's: hashed (tests) or semantic (the recall benchmark, the demo)
 
     @property
     def standin_url(self) -> str:
@@ -177,7 +179,7 @@ class Stack:
         return {
             "falkordb": falkordb_command(self.ports["falkordb"], self.run_dir),
             "valkey": valkey,
-            "standin": standin_command(self.ports["standin"]),
+            "standin": standin_command(self.ports["standin"], self.embeddings),
             "b2": b2_command(self.ports["b2"], self.b2_info_file),
             "ddagent": ddagent_command(self.ports),
             "dogstatsd": [sys.executable, str(HERE / "dogstatsd_catcher.py"), "--port", str(self.ports["dogstatsd"]),
@@ -241,11 +243,11 @@ class Stack:
         path.write_text("\n".join(lines) + "\n")
 
 
-def up(run_dir: Path, env_file: Path) -> None:
+def up(run_dir: Path, env_file: Path, embeddings: str = "hashed") -> None:
     state = run_dir / "stack.json"
     if state.exists():
         raise SystemExit(f"stack: already up (see {state}); run `make stack-down` first")
-    stack = Stack(run_dir, ports=dict(DEFAULT_PORTS))
+    stack = Stack(run_dir, ports=dict(DEFAULT_PORTS), embeddings=embeddings)
     busy = [f"{n}:{p}" for n, p in stack.ports.items() if _listening(p)]
     if busy:
         raise SystemExit(f"stack: port(s) already in use: {', '.join(busy)}")
@@ -284,9 +286,11 @@ def main() -> None:
     parser.add_argument("action", choices=["up", "down"])
     parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
     parser.add_argument("--env-file", type=Path, default=ROOT / ".stack.env")
+    parser.add_argument("--embeddings", choices=["hashed", "semantic"], default="hashed",
+                        help="the OpenAI stand-in's embeddings (semantic: wordllama's static word vectors)")
     args = parser.parse_args()
     if args.action == "up":
-        up(args.run_dir, args.env_file)
+        up(args.run_dir, args.env_file, args.embeddings)
     else:
         down(args.run_dir, args.env_file)
 

