@@ -231,13 +231,25 @@ def answer_node_resolutions(prompt: str) -> dict:
     ]}
 
 
+CHANGE_MARKERS = re.compile(r"\b(switched|instead of|no longer|replaced|changed to|moved from|migrated)\b", re.I)
+
+
 def answer_edge_duplicate(prompt: str) -> dict:
-    new_fact = (section(prompt, "NEW FACT") or "").strip().lower()
-    existing = parse_listing(section(prompt, "EXISTING FACTS"))
+    """Duplicates: the same fact text. Contradictions, by one rule: a new fact that says something
+    changed ("switched", "instead of", "no longer", ...) contradicts every candidate fact that
+    names one of its entities, so graphiti invalidates the old facts as a model would."""
+    new_fact = (section(prompt, "NEW FACT") or "").strip()
+    existing = [e for e in parse_listing(section(prompt, "EXISTING FACTS")) if isinstance(e, dict)]
+    candidates = [e for e in parse_listing(section(prompt, "FACT INVALIDATION CANDIDATES")) if isinstance(e, dict)]
+    contradicted = []
+    if CHANGE_MARKERS.search(new_fact):
+        names = {name.lower() for name, _ in find_entities(new_fact)}
+        contradicted = [e["idx"] for e in existing + candidates
+                        if str(e.get("fact", "")).strip().lower() != new_fact.lower()
+                        and names & {name.lower() for name, _ in find_entities(str(e.get("fact", "")))}]
     return {
-        "duplicate_facts": [e["idx"] for e in existing
-                            if isinstance(e, dict) and str(e.get("fact", "")).strip().lower() == new_fact],
-        "contradicted_facts": [],
+        "duplicate_facts": [e["idx"] for e in existing if str(e.get("fact", "")).strip().lower() == new_fact.lower()],
+        "contradicted_facts": contradicted,
     }
 
 

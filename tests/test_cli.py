@@ -392,7 +392,7 @@ def test_query_h_stays_help(memory):
     assert result.code == 0 and result.stdout.startswith("usage: memory-manager query")
 
 
-def test_query_json_gives_fact_records_in_the_same_order_as_the_text(memory):
+def test_query_json_gives_the_records_in_the_same_order_as_the_text(memory):
     memory.store("We chose FalkorDB over Neo4j for the graph database.")
     memory.store("Alice migrated the Billing service from MySQL to Postgres.")
 
@@ -400,11 +400,11 @@ def test_query_json_gives_fact_records_in_the_same_order_as_the_text(memory):
     document = json.loads(memory.ok("query", "graph database Billing", "--limit", "5", "--json"))
 
     assert document["group"] == memory.group
-    facts = document["facts"]
-    assert facts and [f"- {f['text']} (valid {f['valid_at'] or '?'} → {f['invalid_at'] or 'present'})"
-                      for f in facts] == text.splitlines()
-    assert all(isinstance(f["score"], float) and len(f["uuid"]) == 36 for f in facts)
-    assert [f["score"] for f in facts] == sorted((f["score"] for f in facts), reverse=True)
+    events = document["results"]
+    assert len(events) == 2 and [line for line in text.splitlines() if line.startswith("- event ")] == [
+        f"- event {e['valid_at']}: {e['text']}" for e in events]
+    assert all(isinstance(e["score"], float) and len(e["uuid"]) == 36 for e in events)
+    assert [e["score"] for e in events] == sorted((e["score"] for e in events), reverse=True)
 
 
 @pytest.mark.parametrize("args", [
@@ -416,7 +416,7 @@ def test_every_command_prints_one_json_document_with_json(memory, args):
 
     assert (result.code, result.stderr) == (0, ""), result.stderr
     document = json.loads(result.stdout)
-    expected_keys = {"store": {"state", "episode", "job_id", "group"}, "query": {"group", "facts"},
+    expected_keys = {"store": {"state", "episode", "job_id", "group"}, "query": {"group", "scope", "results"},
                      "health": {"falkordb", "valkey", "llm", "queue", "worker", "redaction", "healthy"},
                      "queue": {"groups", "worker"} if len(args) == 1 else {"requeued"},
                      "drain": {"mode", "id", "stored", "dead_lettered", "exit_code"}}

@@ -55,7 +55,8 @@ def dump_graph(db: redis.Redis, group: str) -> dict:
 def vector_types(db: redis.Redis, group: str) -> set:
     rows = db.execute_command("GRAPH.RO_QUERY", group,
                               "MATCH (n:Entity) RETURN DISTINCT typeOf(n.name_embedding) AS t UNION "
-                              "MATCH ()-[e:RELATES_TO]->() RETURN DISTINCT typeOf(e.fact_embedding) AS t")[1]
+                              "MATCH ()-[e:RELATES_TO]->() RETURN DISTINCT typeOf(e.fact_embedding) AS t UNION "
+                              "MATCH (e:Episodic) RETURN DISTINCT typeOf(e.content_embedding) AS t")[1]
     return {row[0].decode() for row in rows}
 
 

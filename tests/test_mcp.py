@@ -128,7 +128,7 @@ def test_stdio_tools_store_recall_list_and_delete_with_the_cli_s_results(memory)
     assert re.fullmatch(r"queued episode_\d{8}T\d{12}Z [0-9a-f]{32}", text_of(added))
     memory.wait_until_ingested(1)
     cli_text = memory.ok("query", "graph store write queue").rstrip("\n")
-    cli_facts = json.loads(memory.ok("query", "graph store write queue", "--json"))["facts"]
+    cli_results = json.loads(memory.ok("query", "graph store write queue", "--json"))["results"]
     cli_technologies = memory.entities("Technology")
 
     async def read_and_delete() -> dict[str, Any]:
@@ -146,7 +146,7 @@ def test_stdio_tools_store_recall_list_and_delete_with_the_cli_s_results(memory)
     results = run(read_and_delete())
 
     assert text_of(results["found"]) == cli_text
-    assert results["found"].structured_content["facts"] == cli_facts and cli_facts
+    assert results["found"].structured_content["results"] == cli_results and cli_results
     assert results["entities"].structured_content["entities"] == [{"name": "FalkorDB", "type": "Technology"}]
     assert results["typed"].structured_content["entities"] == cli_technologies
     [episode] = results["episodes"].structured_content["episodes"]
@@ -154,7 +154,7 @@ def test_stdio_tools_store_recall_list_and_delete_with_the_cli_s_results(memory)
         (added.structured_content["episode"], NOTE, {"event": "decision"})
     assert episode["reference_time"].startswith(time.strftime("%Y-%m-%d", time.gmtime()))
     assert results["status"].structured_content["health"]["healthy"] is True
-    assert results["after"].structured_content["facts"] == []  # the cached answer was invalidated
+    assert results["after"].structured_content["results"] == []  # the cached answer was invalidated
     assert memory.episode_count() == 0
 
 

@@ -1643,6 +1643,7 @@ RECALL_SCOPES = ("all", "facts", "episodes")
 RECALL_CANDIDATES = 50         # per ranked list (text and vector, facts and episodes) before fusion
 RRF_K = 60                     # reciprocal rank fusion's constant (Cormack et al. 2009)
 FACTS_PER_EVENT = 3            # matched facts shown under a recalled event
+MIN_SIMILARITY = 0.6           # (1 + cosine) / 2, graphiti's own floor: below it a vector match is noise
 BM25_K1, BM25_B = 1.2, 0.75
 MAX_QUERY_TERMS = 32
 EVENT_SNIPPET_CHARS = 400      # an event's text in `query`'s plain output; --json has all of it
@@ -1822,13 +1823,13 @@ async def _bm25(graph: Any, kind: _Kind, terms: list[str], window: _Window, at: 
 
 
 async def _nearest(graph: Any, kind: _Kind, vector: list[float], window: _Window, at: str) -> list[tuple[float, str]]:
-    """(cosine similarity, uuid) of the best RECALL_CANDIDATES: an exact scan, as graphiti's own
-    edge search does; equal scores ordered by text."""
+    """(similarity, uuid) of the best RECALL_CANDIDATES at MIN_SIMILARITY or more: an exact scan,
+    as graphiti's own edge search does; equal scores ordered by text."""
     rows = (await graph.ro_query(
         f"{kind.match} WHERE {kind.vector} IS NOT NULL{kind.filters(window)} "
-        f"WITH x, (2 - vec.cosineDistance({kind.vector}, vecf32($vector))) / 2 AS score "
+        f"WITH x, (2 - vec.cosineDistance({kind.vector}, vecf32($vector))) / 2 AS score WHERE score >= $floor "
         f"RETURN score, x.uuid ORDER BY score DESC, {kind.text}, x.uuid LIMIT $limit",
-        {"vector": vector, "at": at, "limit": RECALL_CANDIDATES})).result_set
+        {"vector": vector, "at": at, "limit": RECALL_CANDIDATES, "floor": MIN_SIMILARITY})).result_set
     return [(score, uid) for score, uid in rows]
 
 
@@ -1853,9 +1854,9 @@ def _fuse(lists: list[list[tuple[float, str]]]) -> dict[str, float]:
 async def _recall(query: str, limit: int, scope: str, window: _Window) -> list[Recalled]:
     """Text (BM25) and vector (cosine) search over facts and over episodes, fused by reciprocal
     rank. One embeddings call; no LLM call. Scope `all` ranks events: an event's own two ranks add
-    to its score, and so do those of every fact extracted from it, each fact's share divided among
-    the events it came from (a fact that dozens of small talk turns share, such as a greeting with
-    two names, is weak evidence for any one of them). Each event then shows its matching facts."""
+    to its score, and so does the fused score of its best matching fact, divided among the events
+    that fact came from (a fact that dozens of small talk turns share, such as a greeting with two
+    names, is weak evidence for any one of them). Each event then shows its matching facts."""
     s = settings()
     if not await _graph_exists(s.group_id):  # searching would create an empty graph
         return []
@@ -1875,15 +1876,24 @@ async def _recall(query: str, limit: int, scope: str, window: _Window) -> list[R
             return _ranked_items("fact", fact_records, facts, limit)
         events = _fuse(list(ranked[-2:]))
         if scope == "all":
-            for uid, score in facts.items():
-                sources = (fact_records.get(uid) or {}).get("episodes") or []
-                for episode in sources:
-                    events[episode] += score / len(sources)
+            for episode, evidence in _fact_evidence(facts, fact_records).items():
+                events[episode] += evidence
         keys = await _details(graph, EPISODES, list(events), "coalesce(x.valid_at, '') AS at, "
                               "left(x.content, 200) AS opening")
         best = sorted(keys, key=lambda u: (-round(events[u], 12), keys[u]["opening"], keys[u]["at"], u))[:limit]
         items = _ranked_items("episode", await _details(graph, EPISODES, best), events, limit)
     return [dataclasses.replace(item, facts=_supporting(item.uuid, fact_records, facts)) for item in items]
+
+
+def _fact_evidence(facts: dict[str, float], records: dict[str, dict]) -> dict[str, float]:
+    """Per event, the fused score of its best matching fact, shared among that fact's events: the
+    best, not the sum, or an event would gain rank for producing many facts."""
+    evidence: dict[str, float] = defaultdict(float)
+    for uid, score in facts.items():
+        sources = (records.get(uid) or {}).get("episodes") or []
+        for episode in sources:
+            evidence[episode] = max(evidence[episode], score / len(sources))
+    return evidence
 
 
 def _ranked_items(kind: str, records: dict[str, dict], scores: dict[str, float], limit: int) -> list[Recalled]:

@@ -1,0 +1,175 @@
+"""Requirement: Recall events and facts (spec: memory-manager / Recall, Event time, Context block).
+
+The stand-in's hashed embeddings keep these exact; local/bench_recall.py measures recall quality."""
+
+import json
+import re
+
+import pytest
+
+T1, T2, T3 = "2026-03-02T09:00:00+00:00", "2026-03-09T09:00:00+00:00", "2026-03-16T09:00:00+00:00"
+RECORD_KEYS = {"kind", "text", "uuid", "score", "valid_at", "invalid_at", "episodes", "facts"}
+FACT_KEYS = {"text", "valid_at", "invalid_at", "uuid", "score"}
+
+
+def store_at(memory, at: str, content: str) -> str:
+    state, name, _ = memory.ok("store", "--wait", "--timeout", "180", "--at", at, content).split()
+    assert state == "stored"
+    return name
+
+
+def test_an_event_that_produced_no_fact_is_recalled_with_its_time(memory):
+    store_at(memory, T1, "the nightly deploy failed twice because the disk filled up")
+    assert memory.cypher("MATCH ()-[e:RELATES_TO]->() RETURN count(e)") == [[0]]
+
+    answer = memory.ok("query", "why did the nightly deploy fail")
+
+    assert answer == f"- event {T1}: the nightly deploy failed twice because the disk filled up\n"
+
+
+def test_query_json_returns_events_with_their_facts_in_one_documented_shape(memory):
+    store_at(memory, T1, "Alice chose Valkey for the query cache.")
+
+    document = json.loads(memory.ok("query", "--json", "Alice Valkey query cache"))
+
+    assert set(document) == {"group", "scope", "results"} and document["scope"] == "all"
+    [event] = document["results"]
+    assert set(event) == RECORD_KEYS
+    assert (event["kind"], event["text"], event["valid_at"], event["invalid_at"]) == (
+        "episode", "Alice chose Valkey for the query cache.", T1, None)
+    assert event["episodes"] == [event["uuid"]]
+    assert event["facts"] and all(set(f) == FACT_KEYS for f in event["facts"])
+    assert {f["text"] for f in event["facts"]} == {"Alice chose Valkey for the query cache."}
+
+
+def test_scope_facts_returns_only_facts_and_scope_episodes_only_events(memory):
+    store_at(memory, T1, "Alice chose Valkey for the query cache.")
+
+    facts = json.loads(memory.ok("query", "--json", "--scope", "facts", "Alice Valkey"))["results"]
+    events = json.loads(memory.ok("query", "--json", "--scope", "episodes", "Alice Valkey"))["results"]
+
+    assert facts and {r["kind"] for r in facts} == {"fact"}
+    assert all(r["facts"] == [] and r["episodes"] == [events[0]["uuid"]] for r in facts)
+    assert [(r["kind"], r["text"]) for r in events] == [("episode", "Alice chose Valkey for the query cache.")]
+    assert memory.ok("query", "--scope", "facts", "Alice Valkey") == (
+        f"- Alice chose Valkey for the query cache. (valid {T1} → present)\n")
+
+
+def test_a_rare_word_outranks_names_that_every_memory_shares(memory):
+    store_at(memory, T1, "Maya told Theo she is allergic to cashews.")
+    for day in range(10, 18):  # newer, and each matches two of the three words, as the rare one does
+        store_at(memory, f"2026-03-{day}T09:00:00+00:00", f"Good morning Maya and Theo, how was the lake on day {day}?")
+
+    first = memory.ok("query", "Maya Theo cashews").splitlines()[0]
+
+    assert first == f"- event {T1}: Maya told Theo she is allergic to cashews."
+
+
+EVENTS = [(T1, "We chose FalkorDB over Neo4j for the graph database."),
+          (T2, "Bob fixed a TimeoutError in sync_worker when Valkey restarts."),
+          (T3, "Alice prefers pytest and ruff for the OpenCode repo.")]
+QUESTIONS = ["which graph database", "what broke when Valkey restarted", "test tools Alice likes", "Bob"]
+
+
+def test_the_same_events_stored_again_give_byte_identical_answers(memory):
+    again = memory.with_env(MEMORY_GROUP_ID=memory.group + "_again")
+    for at, content in EVENTS:
+        store_at(memory, at, content)
+        store_at(again, at, content)
+
+    for question in QUESTIONS:
+        for scope in ("all", "facts", "episodes"):
+            assert memory.ok("query", "--scope", scope, question) == again.ok("query", "--scope", scope, question)
+    assert memory.ok("context", QUESTIONS[0]) == again.ok("context", QUESTIONS[0])
+    again.forget_queue()
+
+
+def test_an_invalidated_fact_is_left_out_unless_history_or_as_of_asks_for_it(memory):
+    store_at(memory, T1, "The Ledger service uses PostgreSQL for accounts.")
+    store_at(memory, T2, "The team switched the Ledger service from PostgreSQL to SQLite.")
+    old = "The Ledger service uses PostgreSQL for accounts."
+
+    current = memory.ok("query", "--scope", "facts", "Ledger PostgreSQL accounts")
+    history = memory.ok("query", "--scope", "facts", "--history", "Ledger PostgreSQL accounts")
+    then = memory.ok("query", "--scope", "facts", "--as-of", "2026-03-05T00:00:00Z", "Ledger PostgreSQL accounts")
+
+    assert old not in current and "switched the Ledger service from PostgreSQL" in current
+    assert f"- {old} (valid {T1} → {T2})" in history.splitlines()
+    assert f"- {old} (valid {T1} → {T2})" in then.splitlines() and "SQLite" not in then
+    # the events themselves are history: both are recalled, each with its time
+    events = memory.ok("query", "--scope", "episodes", "Ledger PostgreSQL")
+    assert f"- event {T1}: The Ledger service uses PostgreSQL for accounts." in events.splitlines()
+
+
+@pytest.mark.parametrize(("at", "message"), [
+    ("yesterday", "--at must be an ISO 8601 time such as 2026-11-24T10:15:00Z, got 'yesterday'"),
+    ("2026-13-01", "--at must be an ISO 8601 time such as 2026-11-24T10:15:00Z, got '2026-13-01'"),
+    ("2999-01-01T00:00:00Z", "--at 2999-01-01T00:00:00+00:00 is in the future (more than a day ahead of this "
+                             "host's clock)"),
+    ("1969-12-31T23:00:00Z", "--at 1969-12-31T23:00:00+00:00 is before 1970"),
+], ids=["words", "month-13", "far-future", "before-1970"])
+def test_a_bad_event_time_exits_2_naming_it_and_queues_nothing(memory, at, message):
+    result = memory.run("store", "--at", at, "Alice chose Valkey.")
+
+    assert (result.code, result.error_lines, result.stdout) == (2, [f"memory-manager: error: {message}"], "")
+    assert memory.queue()["queued"] == 0
+
+
+def test_an_event_time_without_offset_is_utc_and_orders_the_recalled_events(memory):
+    store_at(memory, "2026-03-02T10:00:00", "Deploy one of the Billing service.")
+
+    assert memory.ok("query", "--scope", "episodes", "Billing deploy") == (
+        "- event 2026-03-02T10:00:00+00:00: Deploy one of the Billing service.\n")
+
+
+def test_as_of_leaves_out_events_that_had_not_happened_yet(memory):
+    for at, content in EVENTS:
+        store_at(memory, at, content)
+
+    answer = memory.ok("query", "--scope", "episodes", "--as-of", T2, "FalkorDB Valkey pytest Bob Alice")
+
+    assert sorted(line.split(":")[0] for line in answer.splitlines()) == ["- event 2026-03-02T09",
+                                                                          "- event 2026-03-09T09"]
+
+
+def test_the_context_block_is_byte_identical_and_never_exceeds_its_budget(memory):
+    for day in range(2, 12):
+        store_at(memory, f"2026-03-{day:02d}T09:00:00+00:00",
+                 f"Deploy {day} of the Billing service to Kubernetes took {day} minutes.")
+
+    block = memory.ok("context", "--budget-tokens", "100", "Billing deploys to Kubernetes")
+    again = memory.ok("context", "--budget-tokens", "100", "Billing deploys to Kubernetes")
+    document = json.loads(memory.ok("context", "--json", "--budget-tokens", "100", "Billing deploys to Kubernetes"))
+
+    assert block == again == document["context"] + "\n"
+    assert -(-len(document["context"].encode()) // 3) == document["estimated_tokens"] <= 100
+    assert block.startswith("Memories relevant to: Billing deploys to Kubernetes\n- event at 2026-03-")
+    assert re.search(r"^\(\d+ more left out: budget of 100 tokens\)$", block, re.M)
+    roomy = memory.ok("context", "--budget-tokens", "5000", "Billing deploys to Kubernetes")
+    assert "left out" not in roomy and roomy.count("- event at") == 10
+
+
+def test_a_budget_out_of_range_exits_2(memory):
+    result = memory.run("context", "--budget-tokens", "10", "anything")
+
+    assert (result.code, result.error_lines) == (
+        2, ["memory-manager: error: budget must be an integer number of tokens from 50 to 100000, got 10"])
+
+
+def test_the_library_takes_an_event_time_and_recalls_records(memory, monkeypatch):
+    import asyncio
+
+    import memory_manager
+
+    for key, value in memory.env.items():
+        monkeypatch.setenv(key, value)
+
+    async def run() -> list:
+        await memory_manager.store_episode("Carol moved the Billing cron to 02:00 UTC.", at="2026-03-02T09:00:00Z",
+                                           timeout_s=180)
+        items = await memory_manager.recall("Billing cron", 3)
+        await memory_manager.close()
+        return items
+
+    [item] = asyncio.run(run())
+    assert (item.kind, item.valid_at, item.text) == ("episode", T1, "Carol moved the Billing cron to 02:00 UTC.")
