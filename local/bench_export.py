@@ -58,7 +58,8 @@ def build_graph(db: redis.Redis, group: str, entities: int) -> None:
         end = min(episodes, start + BATCH) - 1
         run(f"UNWIND range({start}, {end}) AS i CREATE (:Episodic {{uuid: 'p' + toString(100000000 + i), "
             f"name: 'episode_' + toString(i), group_id: '{group}', source: 'text', source_description: 'opencode', "
-            f"content: 'Synthetic event ' + toString(i), entity_edges: [], created_at: {now}, valid_at: {now}}})")
+            f"content: 'Synthetic event ' + toString(i), entity_edges: [], created_at: {now}, valid_at: {now}, "
+            f"content_embedding: {VECTOR}}})")
     for start in range(0, entities, BATCH):
         end = min(entities, start + BATCH) - 1
         run(f"UNWIND range({start}, {end}) AS i MATCH (p:Episodic {{uuid: 'p' + toString(100000000 + i / 5)}}) "

@@ -3,9 +3,9 @@
 Builds a synthetic graph shaped like graphiti-core's (local/bench_export.py: 10,000 Entity nodes
 with 1024-dim vectors, two RELATES_TO facts each with fact_embedding; graphiti's own indexes), then
 asks N different questions through query_memory() in one process, the stand-in at zero latency, so
-every one is a cache miss: embed the question, graphiti's hybrid RRF edge search, rank, format, cache
-the answer. The floor, measured in the same run: the Cypher queries that search sent to FalkorDB
-(recorded from graphiti's driver during one search), replayed through the same falkordb client.
+every one is a cache miss: embed the question, recall's BM25 and cosine searches over facts and
+events, fuse, format, cache the answer. The floor, measured in the same run: the Cypher queries that
+one recall sent to FalkorDB (recorded at the falkordb client), replayed through the same client.
 
   python local/bench_miss.py [--entities 10000] [--questions 200]
 """
@@ -41,21 +41,22 @@ def question(i: int) -> str:
 
 
 async def measure(group: str, questions: int) -> tuple[list[float], list[float], list[tuple[str, list[float]]]]:
+    from falkordb.asyncio.graph import AsyncGraph
+
     import memory_manager as mm
 
     await mm._ensure_indices(group)  # what the worker does before its first episode
     await mm.query_memory(question(-1))  # warm: clients, graphiti import, connections
-    graphiti = await mm._graphiti(group, for_query=True)
     recorded: list[tuple[str, dict]] = []
-    original = graphiti.driver.execute_query
+    original = AsyncGraph.ro_query
 
-    async def recording(cypher: str, **params: object) -> object:
-        recorded.append((cypher, {k: v for k, v in params.items() if k != "routing_"}))
-        return await original(cypher, **params)
+    async def recording(self: AsyncGraph, cypher: str, params: dict | None = None, **rest: object) -> object:
+        recorded.append((cypher, dict(params or {})))
+        return await original(self, cypher, params, **rest)
 
-    graphiti.driver.execute_query = recording  # type: ignore[method-assign,assignment]  # bench instrumentation
+    AsyncGraph.ro_query = recording  # bench instrumentation
     await mm.query_memory(question(-2))
-    graphiti.driver.execute_query = original  # type: ignore[method-assign]
+    AsyncGraph.ro_query = original
 
     misses = []
     for i in range(questions):
@@ -112,7 +113,7 @@ def main() -> None:
     for cypher, samples in each:
         print(f"| floor part: `{cypher}...` | | | {statistics.median(samples):.1f} ms | "
               f"{percentile(samples, 0.99):.1f} ms | |")
-    print(f"\nfloor: the {len(each)} Cypher queries one search sends (graphiti runs them concurrently), replayed "
+    print(f"\nfloor: the {len(each)} Cypher queries one recall sends (several run concurrently), replayed "
           "one after the other through the same falkordb client")
 
 

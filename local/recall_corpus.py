@@ -65,7 +65,8 @@ def _chat() -> _Script:
     c.key(0, "dog", "Maya: Big news, I finally adopted a dog on Saturday! A beagle puppy, I named him Pixel.")
     c.ask("single", "What breed is the puppy Maya took home?", "dog")
     c.ask("single", "What is the name of Maya's pet?", "dog")
-    c.key(0, "theo_job", "Theo: I started my new job at Northwind Labs this week, I'm building their billing dashboards.")
+    c.key(0, "theo_job", "Theo: I started my new job at Northwind Labs this week, I'm building their "
+                         "billing dashboards.")
     c.ask("single", "Which company hired Theo?", "theo_job")
     c.key(1, "sister", "Theo: My sister Ines moved to Porto last month, she loves being near the ocean.")
     c.key(5, "ines_job", "Theo: Ines just got a position at the aquarium, she studies octopus behaviour there.")
@@ -83,7 +84,8 @@ def _chat() -> _Script:
     c.key(3, "allergy", "Maya: Turns out I'm allergic to cashews, found out the hard way at a dinner party.")
     c.ask("single", "Which nut can Maya not eat?", "allergy")
     c.key(3, "flat_old", "Theo: I'm renting a tiny flat above a bakery on Elm Street, it always smells of bread.")
-    c.key(11, "flat_new", "Theo: I moved out of the Elm Street flat, I now live in a house by the river with two roommates.")
+    c.key(11, "flat_new", "Theo: I moved out of the Elm Street flat, I now live in a house by the river "
+                          "with two roommates.")
     c.ask("changed", "Where does Theo live now?", "flat_new")
     c.ask("temporal", "When did Theo move into the house by the river?", "flat_new")
     c.key(4, "book", "Maya: I'm reading The Glass Orchard by Lena Voss, the ending made me cry on the train.")
@@ -116,7 +118,8 @@ def _chat() -> _Script:
     c.key(11, "course", "Maya: I enrolled in an evening course on data visualisation, the first assignment is a map.")
     c.ask("single", "What is Maya studying at night?", "course")
     c.key(12, "coffee_old", "Maya: I drink three espressos a day, I can't function before the second one.")
-    c.key(14, "coffee_new", "Maya: I quit coffee completely and switched to green tea, the headaches stopped after a week.")
+    c.key(14, "coffee_new", "Maya: I quit coffee completely and switched to green tea, the headaches "
+                            "stopped after a week.")
     c.ask("changed", "What does Maya drink in the morning now?", "coffee_new")
     c.key(13, "wedding", "Theo: My cousin Rafael is getting married in Lisbon in September and I'm the best man.")
     c.ask("single", "Whose wedding is Theo going to be best man at?", "wedding")

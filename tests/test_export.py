@@ -618,3 +618,16 @@ def test_answers_and_entities_are_byte_identical_after_export_wipe_restore(memor
     assert differing == []
     assert memory.entities() == before_entities
     assert sum(a.count("\n- ") >= 2 for a in before_answers) >= 20  # most answers rank three facts or more
+
+
+def test_two_exports_at_once_both_finish_and_falkordb_keeps_answering(memory, tmp_path):
+    """GRAPH.COPY forks; a second fork while the first ran left FalkorDB's main thread stuck for good."""
+    for event in TIE_EPISODES[:4]:
+        memory.store(event)
+    exports = [memory.popen("export", "--output", str(tmp_path / f"export-{i}.json")) for i in range(2)]
+
+    results = [(p.wait(timeout=120), p.stderr.read() if p.stderr else "") for p in exports]
+
+    assert results == [(0, ""), (0, "")]
+    assert json.loads(memory.ok("health", "--json"))["falkordb"]["ok"] is True
+    assert memory.ok("entities")

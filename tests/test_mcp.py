@@ -30,8 +30,9 @@ NOTE = "Decided to keep FalkorDB as the graph store; Valkey holds the write queu
 
 # The schemas a model sees: pinned, so a change to a tool's arguments is deliberate.
 INPUT_SCHEMAS = {
-    "add_memory": ({"content"}, {"content": "string", "metadata": "object|null"}),
+    "add_memory": ({"content"}, {"content": "string", "metadata": "object|null", "at": "string|null"}),
     "search_memory_facts": ({"query"}, {"query": "string", "limit": "integer"}),
+    "get_context": ({"query"}, {"query": "string", "budget_tokens": "integer"}),
     "search_entities": (set(), {"query": "string|null", "entity_type": "string|null"}),
     "get_episodes": (set(), {"last_n": "integer"}),
     "delete_episode": ({"name"}, {"name": "string"}),

@@ -168,3 +168,31 @@ def test_with_the_mcp_server_opencode_connects_and_its_model_stores_and_recalls(
     assert "FalkorDB" in tools["memory_search_memory_facts"]["output"]
     wait_for_episodes(memory, lambda found: any(e["content"] == "The release checklist lives in NOTES.md."
                                                 for e in found))
+
+
+def test_what_the_plugin_stored_in_one_session_the_model_finds_through_mcp_in_the_next(opencode, project, stack):
+    plugins = project.dir / ".opencode" / "plugins"
+    plugins.mkdir(parents=True)
+    shutil.copy(PLUGIN, plugins / "memory.js")
+    server_env = {k: v for k, v in project.env.items() if k.startswith(("FALKORDB_", "VALKEY_", "OPENAI_",
+                                                                        "MEMORY_", "GRAPHITI_", "DD_"))}
+    assert "MEMORY_GROUP_ID" not in server_env  # both pick the group from the project
+    project.config["mcp"] = {"memory": {"type": "local", "command": [sys.executable, str(MODULE), "mcp"],
+                                        "environment": server_env, "enabled": True, "timeout": 20000}}
+    script_chat(stack, [{"tool": "write", "arguments": {"filePath": str(project.dir / "NOTES.md"),
+                                                        "content": "Release checklist\n"}},
+                        {"text": "Wrote NOTES.md."}])
+    first = project.opencode(opencode, "run", "Create NOTES.md with the Zanzibar release checklist")
+    assert first.returncode == 0, first.stdout + first.stderr
+    wait_for_episodes(group_memory(project), lambda found: any(e["content"] == "Edited NOTES.md" for e in found))
+
+    script_chat(stack, [{"tool": "memory_search_memory_facts", "arguments": {"query": "Zanzibar release checklist"}},
+                        {"text": "It is in NOTES.md."}])
+    second = project.opencode(opencode, "run", "--format", "json", "Where is the Zanzibar release checklist?")
+
+    assert second.returncode == 0, second.stdout + second.stderr
+    events = [json.loads(line) for line in second.stdout.splitlines() if line.startswith("{")]
+    [search] = [e["part"]["state"] for e in events if e.get("type") == "tool_use"
+                and e.get("part", {}).get("tool") == "memory_search_memory_facts"]
+    assert search["status"] == "completed"
+    assert "Create NOTES.md with the Zanzibar release checklist" in search["output"]

@@ -9,14 +9,16 @@ DECISION = "We chose FalkorDB over Neo4j for the graph database."
 ERROR = "Fixed TimeoutError in sync_worker when Valkey restarts during deploys."
 
 
-def test_query_returns_the_stored_fact_with_its_validity_window(memory):
-    memory.store(DECISION)
+def test_query_returns_the_stored_event_with_its_time_and_facts_with_their_validity_window(memory):
+    name = memory.store(DECISION)
 
     answer = memory.ok("query", "which graph database did we choose")
+    facts = memory.ok("query", "--scope", "facts", "which graph database did we choose")
 
-    assert "We chose FalkorDB over Neo4j" in answer
-    assert "→ present)" in answer
-    assert all(line.startswith("- ") for line in answer.splitlines())
+    [episode] = memory.episodes()
+    assert answer.splitlines()[0] == f"- event {episode['valid_at']}: {DECISION}" and name
+    assert "We chose FalkorDB over Neo4j" in facts and "→ present)" in facts
+    assert all(line.startswith("- ") for line in answer.splitlines() + facts.splitlines())
 
 
 def test_query_with_nothing_relevant_says_so_in_one_line(memory):

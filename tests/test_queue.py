@@ -224,6 +224,28 @@ def test_when_neither_valkey_nor_the_spool_can_take_it_store_exits_1_with_one_li
         "(File exists): episode not stored"]
 
 
+def test_a_spool_write_cut_short_by_a_full_disk_exits_1_and_leaves_no_torn_line(memory, dead_port):
+    import resource
+
+    down = memory.with_env(VALKEY_PORT=str(dead_port))
+    assert down.run("store", EDIT).code == 0
+    spool = memory.spool_dir / "spool.jsonl"
+    kept = spool.read_bytes()
+
+    def small_disk() -> None:  # what a full disk does to a write: only part of it lands
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(kept) + 40, len(kept) + 40))
+
+    done = subprocess.run([sys.executable, str(MODULE), "store", EDIT], env=down.env, capture_output=True,
+                          text=True, timeout=60, preexec_fn=small_disk)
+
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr.count("\n") == 1
+    assert "cannot be written (No space left on device): episode not stored" in done.stderr
+    assert spool.read_bytes() == kept
+    assert down.run("store", EDIT).code == 0
+    assert [json.loads(line)["content"] for line in spool.read_text().splitlines()] == [EDIT, EDIT]
+
+
 def test_queued_episodes_survive_a_valkey_crash_and_restart(memory):
     queued_only = no_drain(memory)
     for i in range(3):
@@ -346,6 +368,24 @@ def test_an_episode_during_which_falkordb_goes_down_three_times_is_dead_lettered
     assert dead["name"] == first
     assert "stopped answering 3 times in a row while this episode was being ingested" in dead["error"]
     assert memory.queue()["dead_letters"] == 1
+
+
+def test_a_drainer_killed_mid_episode_is_replaced_by_the_next_store_alone(memory, standin, valkey):
+    wait_for_no_worker(memory.stack)
+    standin.faults(latency_ms=1000)
+    memory.ok("store", EDIT)  # starts a drainer
+    deadline = time.monotonic() + 60
+    while standin.requests() < 2:  # the drainer is ingesting
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    drainer = int(json.loads(valkey.get("memory:heartbeat"))["id"].split(":")[1])
+    os.kill(drainer, signal.SIGKILL)
+    standin.faults(latency_ms=0)
+
+    memory.ok("store", "Bob chose Valkey for the query cache.")  # its heartbeat is still there, 15 s
+
+    memory.wait_until_ingested(2, timeout_s=120)
+    assert memory.queue()["in_flight"] == 0
 
 
 def test_a_job_delivered_again_after_it_was_stored_is_not_stored_twice(memory, valkey):

@@ -193,9 +193,10 @@ def test_redaction_off_is_never_silent_and_what_it_kept_reads_back_redacted_with
                                            "reach OpenAI, the graph and B2"]
     assert token in every_property(memory)  # kept, as documented
 
+    assert token in off.ok("query", "DeployBot cloned WebRepo")  # and cached: redaction off reads back raw
     export = tmp_path / "export.json"
     memory.ok("export", "--output", str(export))  # `memory`: redaction on (the default)
-    answer = memory.ok("query", "DeployBot cloned WebRepo")
+    answer = memory.ok("query", "DeployBot cloned WebRepo")  # the same question: not served what `off` cached
     assert "DeployBot" in answer
     assert token not in answer + export.read_text() + json.dumps(memory.entities())
 
@@ -205,3 +206,27 @@ def test_redaction_switch_is_validated(memory):
 
     assert result.code == 2
     assert result.error_lines == ["memory-manager: error: MEMORY_REDACT must be on or off, got 'maybe'"]
+
+
+WORST_CASES = {  # shapes that made the quick pass backtrack quadratically (32k dashes took 27.8 s)
+    "dashes": "-" * 100_000, "a line of dashes": "\n" + "-" * 100_000, "secret and spaces": "secret" + " " * 100_000,
+    "token and spaces": "token" + " " * 100_000 + "=", "password and colon-spaces": "\npassword:" + " " * 100_000,
+    "bearer and spaces": "bearer" + " " * 100_000, "authorization": "authorization:" + " " * 100_000,
+    "a long flag": "--" + "a" * 100_000, "a long query parameter": "?" + "a" * 100_000,
+    "assignments": "a=" * 50_000, "url schemes": "://a" * 25_000, "quoted": "password='" + "a" * 100_000,
+}
+
+
+def test_the_quick_pass_is_linear_on_worst_case_shapes_of_100_kb():
+    import time
+
+    import memory_manager
+
+    spent = {}
+    for name, text in WORST_CASES.items():
+        started = time.process_time()
+        memory_manager.redact(text)
+        spent[name] = time.process_time() - started
+
+    # linear: ~5-20 ms each here; quadratic: minutes. The budget leaves room for a loaded machine.
+    assert {name: s for name, s in spent.items() if s > 0.5} == {}

@@ -204,13 +204,53 @@ def _env_int(name: str, default: int, low: int, high: int) -> int:
     return value
 
 
+def project_group(directory: str) -> str:
+    """The memory group of a project directory, the rule the OpenCode plugin and `mcp` share: its git
+    remote `origin`, normalised (git@github.com:Acme/api.git and https://github.com/acme/api are both
+    github-com-acme-api, so a fresh clone finds its old memories), else the directory's name and a
+    hash of its path; capped at 64 characters with a hash of the whole."""
+    try:
+        remote = subprocess.run(["git", "-C", directory, "config", "--get", "remote.origin.url"], text=True,
+                                capture_output=True, timeout=2).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        remote = ""
+    if remote:
+        return _group_slug(_normalised_remote(remote))
+    resolved = os.path.realpath(directory)
+    return _group_slug(f"{os.path.basename(resolved)}-{hashlib.sha256(resolved.encode()).hexdigest()[:8]}")
+
+
+def _normalised_remote(url: str) -> str:
+    """"git@github.com:Acme/api.git", "https://user:pw@github.com/acme/api" -> "github.com/acme/api"."""
+    text = re.sub(r"\.git/?$", "", url.strip()).rstrip("/")
+    scp = re.match(r"^(?:[^@/]+@)?([^:/]+):(?!/)(.+)$", text)
+    if scp:
+        text = f"{scp.group(1)}/{scp.group(2)}"
+    text = re.sub(r":\d+/", "/", re.sub(r"^[^@/]+@", "", re.sub(r"^[a-z+]+://", "", text, flags=re.I)), count=1)
+    return text.lower()
+
+
+def _group_slug(identity: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", identity).strip("-") or "project"
+    if len(slug) <= 64:
+        return slug
+    return f"{slug[:55]}-{hashlib.sha256(identity.encode()).hexdigest()[:8]}"
+
+
+def working_directory() -> str:
+    """The directory a command was started in, as OpenCode reads it: $PWD when it names a directory
+    (OpenCode takes its project from $PWD, and a local MCP server inherits it), else the process's."""
+    pwd = os.environ.get("PWD")
+    return pwd if pwd and os.path.isdir(pwd) else os.getcwd()
+
+
 def _env_str(name: str, default: str | None = None) -> str | None:
     return os.environ.get(name, "").strip() or default
 
 
 def _env_host(name: str) -> str:
     host = _env_str(name, "localhost") or "localhost"
-    if not HOST_RULE.match(host):
+    if not HOST_RULE.fullmatch(host):
         raise UsageError(f"{name} must be a host name or IP address, got {host!r}")
     return host
 
@@ -300,7 +340,7 @@ class Settings:
     @classmethod
     def from_env(cls) -> Settings:
         group_id = _env_str("MEMORY_GROUP_ID", "opencode") or "opencode"
-        if not GROUP_ID_RULE.match(group_id):
+        if not GROUP_ID_RULE.fullmatch(group_id):
             raise UsageError(f"MEMORY_GROUP_ID must match {GROUP_ID_RULE.pattern}, got {group_id!r}")
         return cls(
             falkordb_host=_env_host("FALKORDB_HOST"),
@@ -413,7 +453,7 @@ class DatadogSettings:
     @classmethod
     def from_env(cls) -> DatadogSettings:
         host = _env_str("DD_AGENT_HOST")
-        if host is not None and not HOST_RULE.match(host):
+        if host is not None and not HOST_RULE.fullmatch(host):
             raise UsageError(f"DD_AGENT_HOST must be a host name or IP address, got {host!r}")
         return cls(tracing=_env_bool("DD_TRACE_ENABLED", True), agent=_dd_agent(host), statsd=_dd_statsd(host),
                    service=_env_str("DD_SERVICE", "memory-manager") or "memory-manager",
@@ -958,12 +998,15 @@ _KEYWORDS = ("pass", "secret", "token", "key", "cred", "pwd", "auth")
 # A pattern runs only when one of its triggers is in the text. Its group `keep` stays in front
 # of the placeholder (a variable's name, a URL's user). Where letter case is part of the shape
 # (AKIA..., an upper-case NAME=), `cased` must also match the original text where the match starts.
+# Repetitions in front of a required word are bounded ({0,8}, {0,100}) and a flag starts only
+# where no dash precedes it: an unbounded \s* or [\w-]* re-tried at every position of a long run
+# is quadratic (32k dashes took 28 s); bounded, 100 KB of any shape takes milliseconds.
 _CREDENTIAL_SHAPES = (
     ("private-key", r"(?s)-----begin[a-z0-9 ]{0,30}private key(?: block)?-----.*?"
                     r"(?:-----end[a-z0-9 ]{0,30}private key(?: block)?-----|\Z)", ("private key",)),
     ("aws-access-key", r"(?:akia|asia|abia|acca)[0-9a-z]{16}(?![a-z0-9])", ("akia", "asia", "abia", "acca"),
      r"[A-Z0-9]{20}"),
-    ("aws-secret-key", r"(?P<keep>secret(?:_?access_?key)?[\"']?\s*(?:[:=]|is)?\s*[\"']?)"
+    ("aws-secret-key", r"(?P<keep>secret(?:_?access_?key)?[\"']?\s{0,8}(?:[:=]|is)?\s{0,8}[\"']?)"
                        r"[a-z0-9/+]{40}(?![a-z0-9/+=])", ("secret",)),
     ("gcp-api-key", r"aiza[0-9a-z_-]{35}", ("aiza",), "AIza"),
     ("gcp-oauth-token", r"ya29\.[0-9a-z_-]{20,}", ("ya29.",)),
@@ -986,26 +1029,28 @@ _CREDENTIAL_SHAPES = (
                      + r"[^\s/?#@'\"<>]{1,256}(?=@[a-z0-9\[])", ("://",)),
     ("basic-auth", r"(?P<keep>(?:-u(?<=\s-u)|--user)[ =]?[\"']?[^\s:\"'/]+:)" + _NOT_PLACEHOLDER
                    + r"[^\s\"'@]{3,}", (" -u", "--user")),
-    ("authorization", r"(?P<keep>authorization[\"']?\s*[:=]\s*[\"']?(?:bearer|basic|token|bot|digest|apikey)\s+)"
+    ("authorization", r"(?P<keep>authorization[\"']?\s{0,8}[:=]\s{0,8}[\"']?"
+                      r"(?:bearer|basic|token|bot|digest|apikey)\s{1,8})"
                       + _NOT_PLACEHOLDER + r"[a-z0-9._~+/=:-]{8,}", ("authorization",)),
-    ("bearer-token", r"(?P<keep>bearer\s+)" + _NOT_PLACEHOLDER + r"[a-z0-9._~+/-]{20,}=*", ("bearer",)),
-    ("secret-query-parameter", r"(?P<keep>[?&](?:[\w.-]*" + _SECRET_WORD + _NAME_END + r"|sig|signature)=)"
+    ("bearer-token", r"(?P<keep>bearer\s{1,8})" + _NOT_PLACEHOLDER + r"[a-z0-9._~+/-]{20,}=*", ("bearer",)),
+    ("secret-query-parameter", r"(?P<keep>[?&](?:[\w.-]{0,100}" + _SECRET_WORD + _NAME_END + r"|sig|signature)=)"
                                + _NOT_PLACEHOLDER + r"[^&\s#'\"<>]{6,}", ("=",)),
     # --password=... and --token ... flags.
-    ("secret-assignment", r"(?P<keep>--[\w-]*" + _SECRET_WORD + _NAME_END + r"[= ])(?![$\[])[^\s'\"]{4,}", ("--",)),
+    ("secret-assignment", r"(?P<keep>--(?<![\w-]--)[\w-]{0,100}" + _SECRET_WORD + _NAME_END
+                          + r"[= ])(?![$\[])[^\s'\"]{4,}", ("--",)),
     # One line of its own, `NAME=value` (.env, shell exports, ini files, a diff's + lines) or
     # `name: value` (YAML); a value that is a reference ($VAR, a call, an index), a number, a
     # boolean or, for a lower-case name, a word or dotted name (`password = form.password`) stays.
-    ("secret-assignment", r"(?P<keep>\n[ \t+-]*(?:export[ \t]+)?[\w.-]*" + _SECRET_WORD + _NAME_END
-                          + r"(?:[ \t]*=[ \t]*|:[ \t]+))"
+    ("secret-assignment", r"(?P<keep>\n[ \t+-]{0,16}(?:export[ \t]{1,8})?[\w.-]{0,100}" + _SECRET_WORD + _NAME_END
+                          + r"(?:[ \t]{0,8}=[ \t]{0,8}|:[ \t]{1,8}))"
                           r"(?![\"'|>&*!{\[$]|(?:\d{1,9}|true|false|none|null|~)[ \t]*(?:\n|\Z))"
-                          r"[^\s\"'#(\[{]+(?=[ \t]*(?:#[^\n]*)?(?:\n|\Z))", ("=", ":"),
+                          r"[^\s\"'#(\[{]+(?=[ \t]{0,64}(?:#[^\n]*)?(?:\n|\Z))", ("=", ":"),
      r"\n[+-]?[ \t]*(?:export[ \t]+)?[A-Z0-9_]+[ \t]*[=:]"
      r"|\n[^\n=:]*(?::|=[ \t]*+(?![a-z_]\w*(?:\.[A-Za-z_]\w*)*[ \t]*(?:\n|\Z)))"),
     # password=hunter2 inside a line (libpq connection strings, form bodies, log lines), and
     # "password": "...", password: '...', password = "..." (JSON, YAML, code): quoted literals
     # without spaces only, so `token = getToken()` and messages about passwords stay.
-    ("secret-assignment", r"(?P<keep>" + _SECRET_WORD + _NAME_END + r"(?:[\"']?\s*(?::|=|:=|=>)\s*(?=[\"'])|=))"
+    ("secret-assignment", r"(?P<keep>" + _SECRET_WORD + _NAME_END + r"(?:[\"']?\s{0,8}(?::|=|:=|=>)\s{0,8}(?=[\"'])|=))"
                           r"(?:" + _QUOTED + r"|(?![$\"'({\[])[^\s&;,'\"<>)]{3,})", _KEYWORDS),
 )
 _LEADS = {"azure-client-secret": 4}  # characters of the secret before where its pattern starts (at "q~")
@@ -1309,13 +1354,30 @@ def _queued(entry: dict[str, str], spooled: bool = False) -> QueuedEpisode:
 
 
 async def _append_to_streams(entries: list[dict[str, str]]) -> bool:
-    """XADD every entry in one round trip; True when a worker heartbeat is live."""
+    """XADD every entry in one round trip; True when a live worker's heartbeat is there."""
     pipe = _valkey().pipeline(transaction=False)
     for entry in entries:
         pipe.xadd(group_key(entry["group"], "episodes"), entry)
         pipe.sadd(GROUPS_KEY, entry["group"])
-    pipe.exists(HEARTBEAT_KEY)
-    return bool((await pipe.execute())[-1])
+    pipe.get(HEARTBEAT_KEY)
+    return _beating((await pipe.execute())[-1])
+
+
+def _beating(heartbeat: str | None) -> bool:
+    """Whether a heartbeat stands for a live worker. One of a process on this host that is gone (a
+    drainer SIGKILLed or OOM-killed mid-episode) is not, though its key lives on for up to 15 s:
+    trusting it, a store would start no drainer and its episode would wait for the next store."""
+    if not heartbeat:
+        return False
+    try:
+        host, pid, _ = json.loads(heartbeat)["id"].split(":")
+        if host == socket.gethostname():
+            os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (ValueError, KeyError, TypeError, OSError):  # not ours to judge (PermissionError: it lives)
+        return True
+    return True
 
 
 def _spool_path(s: Settings, name: str = SPOOL_FILE) -> str:
@@ -1324,11 +1386,18 @@ def _spool_path(s: Settings, name: str = SPOOL_FILE) -> str:
 
 def _spool_append(s: Settings, entry: dict[str, str]) -> None:
     os.makedirs(s.spool_dir, mode=0o700, exist_ok=True)
-    fd = os.open(_spool_path(s), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    fd = os.open(_spool_path(s), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        os.write(fd, (json.dumps(entry) + "\n").encode())
-        os.fsync(fd)
+        line = (json.dumps(entry) + "\n").encode()
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            if os.write(fd, line) != len(line):  # a full disk or `ulimit -f` takes part of it
+                raise OSError(28, "No space left on device")
+            os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, start)  # no torn line for the next store to reject
+            raise
     finally:
         os.close(fd)
 
@@ -1354,7 +1423,7 @@ def _spool_take(s: Settings) -> tuple[int, list[dict[str, str]]] | None:
     for line in lines:
         try:
             entry = json.loads(line)
-            if not isinstance(entry, dict) or not GROUP_ID_RULE.match(str(entry.get("group"))):
+            if not isinstance(entry, dict) or not GROUP_ID_RULE.fullmatch(str(entry.get("group"))):
                 raise ValueError
             entries.append({k: str(v) for k, v in entry.items()})
         except ValueError:  # a torn last line from a crash mid-append
@@ -1412,7 +1481,10 @@ async def enqueue_episode(content: str, metadata: dict | str | None = None, *,
         content = _validate_content(content, s.max_episode_chars)
         when = None if at is None else parse_event_time(at)
         metadata, raw_metadata = parse_metadata(metadata)
-        content, metadata, raw_metadata, found = _redact_event(content, metadata, raw_metadata)
+        # A long event is redacted in a thread: a server (MCP) keeps answering its other sessions.
+        redacting = (asyncio.to_thread(_redact_event, content, metadata, raw_metadata) if len(content) > 16_384
+                     else _redacted_now(content, metadata, raw_metadata))
+        content, metadata, raw_metadata, found = await redacting
         count_redactions(found, "store")
         entry = _new_entry(s.group_id, content, metadata, raw_metadata, when)
         op.set(**{"memory.content.length": len(content), "memory.content.hash": short_hash(content),
@@ -1431,6 +1503,11 @@ async def enqueue_episode(content: str, metadata: dict | str | None = None, *,
         if not worker_alive:
             await _start_drainer(s)
         return _queued(entry)
+
+
+async def _redacted_now(content: str, metadata: dict | None,
+                        raw_metadata: str | None) -> tuple[str, dict | None, str | None, Redacted]:
+    return _redact_event(content, metadata, raw_metadata)
 
 
 async def _spool(s: Settings, entry: dict[str, str], cause: BaseException) -> None:
@@ -1543,7 +1620,7 @@ async def retry_dead_letters(group: str | None = None) -> int:
     """Move dead letters (of one group, or all) back to the end of their queue; returns how many."""
     async with operation("queue_retry"):
         s = settings()
-        if group is not None and not GROUP_ID_RULE.match(group):
+        if group is not None and not GROUP_ID_RULE.fullmatch(group):
             raise UsageError(f"group must match {GROUP_ID_RULE.pattern}, got {group!r}")
         moved = 0
         async with _service("valkey", s.valkey_address):
@@ -1557,7 +1634,7 @@ async def retry_dead_letters(group: str | None = None) -> int:
                         pipe.hdel(group_key(name, "attempts"), original["job"])
                         await pipe.execute()
                     moved += 1
-            worker_alive = bool(await valkey.exists(HEARTBEAT_KEY))
+            worker_alive = _beating(await valkey.get(HEARTBEAT_KEY))
         if moved and not worker_alive:
             await _start_drainer(s)
         return moved
@@ -1577,7 +1654,7 @@ def _validate_limit(limit: Any) -> int:
 def _validate_entity_type(entity_type: Any) -> str | None:
     if entity_type is None:
         return None
-    if not isinstance(entity_type, str) or not LABEL_RULE.match(entity_type):
+    if not isinstance(entity_type, str) or not LABEL_RULE.fullmatch(entity_type):
         raise UsageError(f"entity type must match {LABEL_RULE.pattern}, got {entity_type!r}")
     return entity_type
 
@@ -2826,7 +2903,7 @@ async def _memory_groups() -> list[str]:
     s = settings()
     async with _service("falkordb", s.falkordb_address):
         graphs = await (await _falkordb()).list_graphs()
-    return sorted(g for g in graphs if GROUP_ID_RULE.match(g))
+    return sorted(g for g in graphs if GROUP_ID_RULE.fullmatch(g))
 
 
 def _value(typed: list) -> Any:
@@ -2927,12 +3004,51 @@ async def _snapshot(group: str) -> AsyncIterator[str]:
     name cannot be a group id (it has colons), so no export or query ever treats it as one."""
     name = f"{SNAPSHOT_PREFIX}{int(time.time())}:{uuid.uuid4().hex[:8]}:{group}"
     connection = (await _falkordb()).connection
-    await connection.execute_command("GRAPH.COPY", group, name)
+    async with _one_fork_at_a_time():
+        await _wait_for_no_fork(connection)
+        await connection.execute_command("GRAPH.COPY", group, name)
     try:
         yield name
     finally:
         with contextlib.suppress(*_connection_errors()):
             await connection.execute_command("GRAPH.DELETE", name)
+
+
+FORK_WAIT_S = 120.0            # an AOF rewrite or another export's copy may fork for this long
+
+
+@contextlib.asynccontextmanager
+async def _one_fork_at_a_time() -> AsyncIterator[None]:
+    """GRAPH.COPY forks; a second fork while one runs fails inside FalkorDB ("Can't fork for module:
+    File exists") and leaves its main thread stuck for good (two exports at once did it). Exports
+    of one FalkorDB take turns through a Valkey lock; without Valkey, the fork check alone guards."""
+    lock = _valkey().lock(f"memory:export-fork:{settings().falkordb_address}", timeout=FORK_WAIT_S,
+                          blocking_timeout=FORK_WAIT_S, thread_local=False)
+    try:
+        held = await lock.acquire()
+    except _valkey_errors():
+        held = False
+    if not held:  # the export still runs: a backup must not depend on the cache's server
+        log.info("exporting without the export lock (valkey unavailable, or the lock held for %g s)", FORK_WAIT_S)
+    try:
+        yield
+    finally:
+        if held:
+            with contextlib.suppress(Exception):
+                await lock.release()
+
+
+async def _wait_for_no_fork(connection: Any) -> None:
+    deadline = time.monotonic() + FORK_WAIT_S
+    while True:
+        info = await connection.info("persistence")
+        if not any(info.get(k) for k in ("rdb_bgsave_in_progress", "aof_rewrite_in_progress",
+                                           "module_fork_in_progress")):
+            return
+        if time.monotonic() > deadline:
+            raise ServiceError("falkordb", settings().falkordb_address,
+                               f"still saving (a forked child) after {FORK_WAIT_S:g} s; export not started")
+        await asyncio.sleep(0.1)
 
 
 async def _drop_stale_snapshots() -> None:
@@ -3405,7 +3521,7 @@ def _read_document(path: str, dimension: int | None) -> Any:
                 yield "end", totals
                 return
             group = _parse(number, line.lstrip(",") + "]}")
-            if not isinstance(group.get("group_id"), str) or not GROUP_ID_RULE.match(group["group_id"]):
+            if not isinstance(group.get("group_id"), str) or not GROUP_ID_RULE.fullmatch(group["group_id"]):
                 raise _Corrupt(number, "expected a group with a valid group_id")
             totals["groups"] += 1
             yield "group", group["group_id"]
@@ -3477,7 +3593,7 @@ def _check_record(number: int, record: dict, kind: str, dimension: int | None) -
     if any(key not in record for key in required) or not isinstance(record["properties"], dict):
         raise _Corrupt(number, f"a {kind[:-1]} record lacks {', '.join(required)}")
     labels = record["labels"] if kind == "nodes" else [record["type"], record["source_label"], record["target_label"]]
-    if not all(isinstance(label, str) and LABEL_RULE.match(label) for label in labels):
+    if not all(isinstance(label, str) and LABEL_RULE.fullmatch(label) for label in labels):
         raise _Corrupt(number, "invalid label or relationship type")
     if not isinstance(record["uuid"], str) or not all(map(_storable, record["properties"].values())):
         raise _Corrupt(number, "a property FalkorDB cannot store (a map, a NUL character or an integer over 64 bits)")
@@ -3803,8 +3919,9 @@ def _restore_result(source: str, plan: RestorePlan, existing: dict[str, tuple[in
 
 MCP_INSTRUCTIONS = (
     "Long-term memory of this project, shared by every session: what was edited, decided, fixed and "
-    "learned, as facts between entities (files, code symbols, technologies, people). Search it "
-    "(search_memory_facts) before answering a question about the project's history or conventions, and "
+    "learned: the events themselves with their times, and facts between entities (files, code symbols, "
+    "technologies, people) with their validity. Search it (search_memory_facts, or get_context for one "
+    "block within a token budget) before answering a question about the project's history or conventions, and "
     "store (add_memory) a concise note of anything worth remembering: a decision, a fix and its cause, "
     "a preference. Credentials in stored text are replaced by [REDACTED:<kind>].")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -3855,7 +3972,7 @@ async def _tool_errors() -> AsyncIterator[None]:
 
 
 def build_mcp_server() -> Any:
-    """The MCP server with its six tools (import mcp only here). Arguments are declared to the model
+    """The MCP server with its seven tools (import mcp only here). Arguments are declared to the model
     with their JSON types but checked by our own validation, so a wrong one is our one-line error
     (the SDK's would be pydantic's multi-line report, quoting the value)."""
     from typing import Annotated
@@ -3879,13 +3996,14 @@ def build_mcp_server() -> Any:
 
     server = MCPServer("memory", instructions=MCP_INSTRUCTIONS, version=_package_version(), log_level="WARNING")
 
-    @tool("add_memory", content=text, metadata=maybe_object)
-    async def add_memory(content, metadata=None):  # type: ignore[no-untyped-def]
+    @tool("add_memory", content=text, metadata=maybe_object, at=maybe_text)
+    async def add_memory(content, metadata=None, at=None):  # type: ignore[no-untyped-def]
         """Remember something for later sessions: a decision, a fix and its cause, a convention, a
         preference, what a file is for. One concise, self-contained note per call; it is queued and
-        ingested in the background. Returns the episode name and job id."""
+        ingested in the background. `at`: when it happened (ISO 8601), if not now. Returns the
+        episode name and job id."""
         async with _tool_errors():
-            queued = await enqueue_episode(content, metadata)
+            queued = await enqueue_episode(content, metadata, at=at)
         data = {"state": "spooled" if queued.spooled else "queued", "episode": queued.name,
                 "job_id": queued.job_id, "group": queued.group}
         return _tool_result(f"{data['state']} {queued.name} {queued.job_id}", data)
@@ -3899,6 +4017,15 @@ def build_mcp_server() -> Any:
         async with _tool_errors(), operation("query") as op:
             answer = await _cached_answer(op, query, limit)
         return _tool_result(answer.text, {"results": [dataclasses.asdict(i) for i in answer.items()]})
+
+    @tool("get_context", query=text, budget_tokens=integer)
+    async def get_context(query, budget_tokens=CONTEXT_BUDGET_TOKENS):  # type: ignore[no-untyped-def]
+        """The memories relevant to a question as one block to read, within a token budget (default
+        1000): events with their times and facts with their validity, best first, and how many did
+        not fit."""
+        async with _tool_errors():
+            block = await context(query, budget_tokens)
+        return _tool_result(block, {"context": block, "estimated_tokens": estimated_tokens(block)})
 
     @tool("search_entities", query=maybe_text, entity_type=maybe_text)
     async def search_entities(query=None, entity_type=None):  # type: ignore[no-untyped-def]
@@ -3947,7 +4074,7 @@ def build_mcp_server() -> Any:
 def parse_bind(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     host = host.strip("[]")
-    if not host or not port.isdigit() or not 1 <= int(port) <= 65535 or not HOST_RULE.match(host):
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535 or not HOST_RULE.fullmatch(host):
         raise UsageError(f"--http must be HOST:PORT (e.g. 127.0.0.1:8765), got {text!r}")
     return host, int(port)
 
@@ -4239,7 +4366,19 @@ async def cmd_export(args: argparse.Namespace) -> int:
 
 
 async def cmd_mcp(args: argparse.Namespace) -> int:
+    if args.group is None and _env_str("MEMORY_GROUP_ID") is None:
+        _use_group(project_group(working_directory()))  # the group the plugin stores this project under
+    log.info("mcp: serving memory group %s", settings().group_id)
     await serve_mcp(args.http, args.worker)
+    return 0
+
+
+async def cmd_group(args: argparse.Namespace) -> int:
+    group = project_group(args.directory or working_directory())
+    if args.json:
+        _print_json({"group": group})
+    else:
+        print(group)
     return 0
 
 
@@ -4353,6 +4492,10 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--limit", dest="limit_option", type=int, metavar="N", help="facts to return, 1-50 (default 5)")
     _recall_options(query)
 
+    group = command("group", "print the memory group of a project directory (its git remote, else its path); "
+                    "the plugin and mcp use it", cmd_group)
+    group.add_argument("directory", nargs="?", help="the project directory (default: the current one)")
+
     context_ = command("context", "print one block of memories for a prompt, within a token budget", cmd_context)
     context_.add_argument("search_query", help="the question (as for query)")
     context_.add_argument("--budget-tokens", type=int, default=CONTEXT_BUDGET_TOKENS, metavar="N",
@@ -4437,7 +4580,7 @@ def _dash_texts_are_questions(argv: list[str]) -> list[str]:
 def _use_group(group: str | None) -> None:
     """--group overrides MEMORY_GROUP_ID for this run, under the same rule."""
     if group is not None:
-        if not GROUP_ID_RULE.match(group):
+        if not GROUP_ID_RULE.fullmatch(group):
             raise UsageError(f"--group must match {GROUP_ID_RULE.pattern}, got {group!r}")
         _clients.settings = dataclasses.replace(Settings.from_env(), group_id=group)
 

@@ -9,58 +9,45 @@
 // 1.18.33). The agent can always recall mid-task through the MCP server's search_memory_facts.
 //
 // One memory group per project: the normalised git remote URL (so a fresh clone finds its old
-// memories and two projects never share them), else the directory; MEMORY_GROUP_ID overrides.
+// memories and two projects never share them), else the directory; MEMORY_GROUP_ID overrides. The
+// MCP server started in the project directory serves the same group. The group is logged at start.
 //
 // Environment: MEMORY_MANAGER (path of memory_manager.py), MEMORY_PYTHON (default python3),
 // MEMORY_GROUP_ID, MEMORY_RECALL (on/off, default on), MEMORY_RECALL_TIMEOUT_MS (default 3000),
+// MEMORY_RECALL_BUDGET_TOKENS (default 1500),
 // plus the memory manager's own variables, which its processes inherit. No npm dependencies.
 
 import { execFile, execFileSync, spawn } from "node:child_process"
-import { createHash } from "node:crypto"
 import path from "node:path"
 
 const PYTHON = process.env.MEMORY_PYTHON || "python3"
 const SCRIPT = process.env.MEMORY_MANAGER || "/opt/opencode/graphiti/memory_manager.py"
 const RECALL = (process.env.MEMORY_RECALL || "on") !== "off"
 const RECALL_TIMEOUT_MS = Number(process.env.MEMORY_RECALL_TIMEOUT_MS || 3000)
+const RECALL_BUDGET_TOKENS = Number(process.env.MEMORY_RECALL_BUDGET_TOKENS || 1500)
 const MAX_CONTENT = 8000 // characters per stored event: a concise note, not a transcript
 
-// "git@github.com:Acme/api.git", "https://user:pw@github.com/acme/api" -> "github.com/acme/api"
-function normaliseRemote(url) {
-  let text = url.trim().replace(/\.git\/?$/, "").replace(/\/+$/, "")
-  const scp = text.match(/^(?:[^@/]+@)?([^:/]+):(?!\/)(.+)$/)
-  if (scp) text = `${scp[1]}/${scp[2]}`
-  text = text.replace(/^[a-z+]+:\/\//i, "").replace(/^[^@/]+@/, "").replace(/:\d+\//, "/")
-  const [host, ...rest] = text.split("/")
-  return [host.toLowerCase(), ...rest].join("/").toLowerCase()
-}
-
-// A group id the memory manager accepts: ^[A-Za-z0-9_-]{1,64}$
-function groupId(identity) {
-  const slug = identity.replace(/[^A-Za-z0-9]+/g, "-").replace(/^-+|-+$/g, "") || "project"
-  if (slug.length <= 64) return slug
-  const digest = createHash("sha256").update(identity).digest("hex").slice(0, 8)
-  return `${slug.slice(0, 55)}-${digest}`
-}
-
+// The project's group, by the memory manager's own rule (`memory_manager.py group DIR`: the
+// normalised git remote, else the directory), which its MCP server applies to its working directory
+// too: what the plugin stores there, the agent's search_memory_facts finds.
 function projectGroup(directory) {
   if (process.env.MEMORY_GROUP_ID) return process.env.MEMORY_GROUP_ID
   try {
-    const remote = execFileSync("git", ["-C", directory, "config", "--get", "remote.origin.url"], {
-      encoding: "utf8", stdio: ["ignore", "pipe", "ignore"], timeout: 2000,
-    })
-    if (remote.trim()) return groupId(normaliseRemote(remote))
+    return execFileSync(PYTHON, [SCRIPT, "group", directory], {
+      encoding: "utf8", stdio: ["ignore", "pipe", "ignore"], timeout: 10000,
+    }).trim() || "opencode"
   } catch {
-    // not a repository, or no origin: fall back to the directory
+    return "opencode" // the memory manager cannot run here: its stores fail the same way
   }
-  const resolved = path.resolve(directory)
-  return groupId(`${path.basename(resolved)}-${createHash("sha256").update(resolved).digest("hex").slice(0, 8)}`)
 }
 
 // The plugin is the file's only export: OpenCode calls every exported function as a plugin.
-export const MemoryPlugin = async ({ directory, worktree }) => {
+export const MemoryPlugin = async ({ client, directory, worktree }) => {
   const root = worktree || directory
   const group = projectGroup(root)
+  try {
+    await client?.app?.log?.({ body: { service: "memory", level: "info", message: `memory group ${group}` } })
+  } catch {}
   const env = { ...process.env, MEMORY_GROUP_ID: group }
   const turns = new Map() // sessionID -> {asked, tools}
   const recalled = new Set()
@@ -85,8 +72,11 @@ export const MemoryPlugin = async ({ directory, worktree }) => {
     return turns.get(sessionID)
   }
 
+  // One deterministic block within a budget (`context`): the same memories and question give the
+  // same bytes, so the provider's prompt cache keeps holding.
   const recall = (question) => new Promise((resolve) => {
-    execFile(PYTHON, [SCRIPT, "query", "--", question.slice(0, 2000), "5"], {
+    execFile(PYTHON, [SCRIPT, "context", "--budget-tokens", String(RECALL_BUDGET_TOKENS), "--",
+      question.slice(0, 2000)], {
       env, timeout: RECALL_TIMEOUT_MS, encoding: "utf8",
     }, (error, stdout) => resolve(error ? "" : stdout.trim()))
   })
@@ -143,8 +133,9 @@ export const MemoryPlugin = async ({ directory, worktree }) => {
         const asked = turns.has(sessionID) ? turns.get(sessionID).asked : ""
         if (!asked) return
         const memories = await recall(asked)
-        if (memories && memories !== "No relevant memories found.") {
-          output.system.push(`Memories of this project from earlier sessions (facts, newest validity first):\n${memories}`)
+        if (memories && !memories.endsWith("No relevant memories found.")) {
+          output.system.push(`Memories of this project from earlier sessions (events with their times, facts ` +
+            `with their validity):\n${memories}`)
         }
       } catch {}
     },
