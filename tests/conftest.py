@@ -6,6 +6,7 @@ substitute is the OpenAI stand-in server (test infrastructure in local/openai_st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -303,3 +304,67 @@ def blackhole_port() -> Iterator[int]:
     for conn in accepted:
         conn.close()
     server.close()
+
+
+class PartitionProxy:
+    """A TCP relay to a loopback port that can be cut: from then on it relays nothing, in either
+    direction, and answers no new connection (a network partition, not a refused connection)."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.cut_off = threading.Event()
+        self.stopping = threading.Event()
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(64)
+        self.server.settimeout(0.2)
+        self.port = self.server.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut(self) -> None:
+        self.cut_off.set()
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                continue
+            self.sockets.append(client)
+            if self.cut_off.is_set():
+                continue  # accepted, never answered
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self.sockets.append(upstream)
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._relay, args=(source, sink), daemon=True).start()
+
+    def _relay(self, source: socket.socket, sink: socket.socket) -> None:
+        source.settimeout(0.2)
+        while not self.stopping.is_set():
+            if self.cut_off.is_set():
+                time.sleep(0.2)
+                continue
+            try:
+                data = source.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            with contextlib.suppress(OSError):
+                sink.sendall(data)
+
+    def close(self) -> None:
+        self.stopping.set()
+        for sock in [self.server, *self.sockets]:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+@pytest.fixture
+def valkey_partition(stack: Stack) -> Iterator[PartitionProxy]:
+    proxy = PartitionProxy(stack.ports["valkey"])
+    yield proxy
+    proxy.close()

@@ -22,12 +22,12 @@ def test_help_lists_every_command(memory):
     result = memory.run("--help")
 
     assert (result.code, result.stderr) == (0, "")
-    assert help_commands(result.stdout) == ["store", "query", "entities", "health", "queue", "worker", "drain",
-                                            "export", "backups", "mcp", "restore"]
+    assert help_commands(result.stdout) == ["store", "query", "context", "entities", "health", "queue", "worker",
+                                            "drain", "export", "backups", "mcp", "restore", "group"]
 
 
-@pytest.mark.parametrize("command", ["store", "query", "entities", "health", "queue", "worker", "drain", "export",
-                                     "backups", "mcp", "restore"])
+@pytest.mark.parametrize("command", ["store", "query", "context", "entities", "health", "queue", "worker", "drain",
+                                     "export", "backups", "mcp", "restore", "group"])
 def test_each_command_has_its_own_help(memory, command):
     result = memory.run(command, "--help")
 

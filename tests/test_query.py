@@ -135,6 +135,13 @@ def test_a_standalone_underscore_in_the_query_does_not_break_search(memory):
     assert "sync_worker when Valkey restarts" in answer
 
 
+def test_unquoted_words_are_one_question_and_a_last_number_is_the_limit(memory):
+    memory.store(DECISION)
+
+    assert memory.ok("query", "which", "graph", "database", "1") == memory.ok("query", "which graph database", "1")
+    assert memory.ok("query", "which", "graph", "database") == memory.ok("query", "which graph database")
+
+
 def test_the_limit_bounds_the_number_of_facts(memory):
     memory.store("Edited src/a.py and src/b.py and src/c.py and src/d.py with FalkorDB and Valkey.")
 
@@ -145,7 +152,7 @@ def test_the_limit_bounds_the_number_of_facts(memory):
     (["query", "x", "0"], "limit must be an integer from 1 to 50, got 0"),
     (["query", "x", "-1"], "limit must be an integer from 1 to 50, got -1"),
     (["query", "x", "51"], "limit must be an integer from 1 to 50, got 51"),
-    (["query", "x", "abc"], "query: argument limit: invalid int value: 'abc'"),
+    (["query", "x", "--limit", "abc"], "query: argument --limit: invalid int value: 'abc'"),
     (["query", "  "], "query must be non-empty text"),
     (["query"], "query: the following arguments are required: search_query"),
 ], ids=["limit-0", "limit-negative", "limit-51", "limit-abc", "blank-query", "missing-query"])

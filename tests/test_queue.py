@@ -388,6 +388,29 @@ def test_a_drainer_killed_mid_episode_is_replaced_by_the_next_store_alone(memory
     assert memory.queue()["in_flight"] == 0
 
 
+def test_a_worker_cut_off_from_valkey_stops_before_its_successor_can_store_the_job_twice(
+        memory, standin, valkey_partition):
+    queued_only = no_drain(memory)
+    standin.faults(latency_ms=2000)  # one episode (~9 requests) outlasts the 15 s lease
+    name = queued_name(queued_only.ok("store", EDIT))
+    cut_off = memory.with_env(VALKEY_PORT=str(valkey_partition.port)).worker()
+    deadline = time.monotonic() + 60
+    while standin.requests() < 1:  # its add_episode is under way, FalkorDB still reachable
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    valkey_partition.cut()
+    successor = memory.worker()
+    try:
+        memory.wait_until_ingested(1, timeout_s=150)
+        time.sleep(5)  # the cut-off worker, had it gone on, finished its episode (~18 s) before this
+    finally:
+        stop(successor)
+        cut_off.kill()
+        cut_off.wait()
+
+    assert [e["name"] for e in memory.episodes()] == [name]
+
+
 def test_a_job_delivered_again_after_it_was_stored_is_not_stored_twice(memory, valkey):
     memory.store(EDIT)
     [episode] = memory.episodes()

@@ -8,9 +8,14 @@ cache in Valkey.
     enqueue_episode(content, metadata=None) -> QueuedEpisode
                                                      queue one event and return at once
     wait_for_episode(queued, timeout_s)              block until a queued episode is ingested
-    query_memory(search_query, limit=5) -> str       facts relevant to a question, as text (cached)
+    recall(search_query, limit=5, *, scope="all", as_of=None, history=False) -> list[Recalled]
+                                                     events and facts relevant to a question, best
+                                                     first, as records (cached)
+    query_memory(search_query, limit=5, ...) -> str  the same as the text `query` prints
     search_facts(search_query, limit=5) -> list[Fact]
-                                                     the same facts as records: text, validity, uuid, score
+                                                     the facts alone as records: text, validity, uuid, score
+    context(search_query, budget_tokens=1000) -> str one block for a prompt, within the budget
+    project_group(directory) -> str                  a project's memory group (git remote, else path)
     get_entities(entity_type=None) -> list[dict]     every entity of the group, with its type
     get_episodes(last_n=10) -> list[dict]            the newest episodes, with metadata and reference time
     delete_episode(name) -> str                      forget one episode (through graphiti); its uuid
@@ -28,7 +33,7 @@ cache in Valkey.
     serve_mcp(http=None, with_worker=False)          the MCP server (stdio, or streamable HTTP)
     close()                                          release every client
 
-CLI: memory_manager.py store|query|entities|health|queue|worker|drain|export|backups|mcp|restore ... (--help);
+CLI: memory_manager.py store|query|context|entities|health|queue|worker|drain|export|backups|mcp|restore|group ... (--help);
 every command takes --group G, -q and --json.
 
 Writes go through a queue: `store` validates, appends the episode to the group's Valkey Stream
@@ -94,6 +99,7 @@ __all__ = [
     "Backup",
     "ExportSummary",
     "Fact",
+    "Recalled",
     "GroupRestore",
     "IngestError",
     "MemoryManagerError",
@@ -104,6 +110,7 @@ __all__ = [
     "Settings",
     "UsageError",
     "close",
+    "context",
     "delete_episode",
     "enqueue_episode",
     "export_to_b2",
@@ -113,8 +120,10 @@ __all__ = [
     "health",
     "list_backups",
     "main",
+    "project_group",
     "query_memory",
     "queue_status",
+    "recall",
     "restore",
     "retry_dead_letters",
     "run_worker",
@@ -574,7 +583,8 @@ def emit(metric: str, value: float, kind: str, **tags: Any) -> None:
         return  # opened by the first operation (or never: no agent, or bad DD_* settings)
     sock, address = _telemetry.statsd
     with contextlib.suppress(OSError):  # metrics are best effort: no agent, no metrics
-        sock.sendto(f"{METRIC_PREFIX}{metric}:{value:g}|{kind}|#{','.join(_metric_tags(**tags))}".encode(), address)
+        number = value if isinstance(value, int) else f"{value:.6g}"  # `:g` wrote 2501998 bytes as 2.502e+06
+        sock.sendto(f"{METRIC_PREFIX}{metric}:{number}|{kind}|#{','.join(_metric_tags(**tags))}".encode(), address)
 
 
 class _Span:
@@ -1353,31 +1363,43 @@ def _queued(entry: dict[str, str], spooled: bool = False) -> QueuedEpisode:
     return QueuedEpisode(entry["name"], entry["job"], entry["group"], entry["ref"], spooled)
 
 
-async def _append_to_streams(entries: list[dict[str, str]]) -> bool:
-    """XADD every entry in one round trip; True when a live worker's heartbeat is there."""
+async def _append_to_streams(entries: list[dict[str, str]]) -> str | None:
+    """XADD every entry in one round trip; returns the worker heartbeat (None: no worker)."""
     pipe = _valkey().pipeline(transaction=False)
     for entry in entries:
         pipe.xadd(group_key(entry["group"], "episodes"), entry)
         pipe.sadd(GROUPS_KEY, entry["group"])
     pipe.get(HEARTBEAT_KEY)
-    return _beating((await pipe.execute())[-1])
+    return (await pipe.execute())[-1]
 
 
 def _beating(heartbeat: str | None) -> bool:
     """Whether a heartbeat stands for a live worker. One of a process on this host that is gone (a
-    drainer SIGKILLed or OOM-killed mid-episode) is not, though its key lives on for up to 15 s:
-    trusting it, a store would start no drainer and its episode would wait for the next store."""
+    drainer SIGKILLed or OOM-killed mid-episode; a zombie where no init reaps it) is not, though its
+    key lives on for up to 15 s: trusting it, a store would start no drainer and its episode would
+    wait for the next store."""
     if not heartbeat:
         return False
     try:
         host, pid, _ = json.loads(heartbeat)["id"].split(":")
-        if host == socket.gethostname():
-            os.kill(int(pid), 0)
-    except ProcessLookupError:
+        if host != socket.gethostname():
+            return True
+        with open(f"/proc/{int(pid)}/stat", "rb") as stat:
+            return stat.read().rpartition(b")")[2].split()[0] != b"Z"
+    except FileNotFoundError:
         return False
-    except (ValueError, KeyError, TypeError, OSError):  # not ours to judge (PermissionError: it lives)
+    except (ValueError, KeyError, TypeError, IndexError, OSError):  # not ours to judge
         return True
-    return True
+
+
+async def _ensure_a_worker(s: Settings, heartbeat: str | None) -> None:
+    """Start a drainer unless a live worker beats; one that died gets a successor at once (its
+    drainer-start lease would hold the next one off for 10 s)."""
+    if _beating(heartbeat):
+        return
+    if heartbeat:
+        await _valkey().delete(DRAINER_LEASE_KEY)
+    await _start_drainer(s)
 
 
 def _spool_path(s: Settings, name: str = SPOOL_FILE) -> str:
@@ -1493,15 +1515,14 @@ async def enqueue_episode(content: str, metadata: dict | str | None = None, *,
         async with span("memory.enqueue", **{"memory.job": entry["job"]}) as enqueue:
             try:
                 await _move_spool()  # older entries first
-                worker_alive = await _append_to_streams([entry])
+                heartbeat = await _append_to_streams([entry])
             except _valkey_errors() as exc:
                 await _spool(s, entry, exc)
                 enqueue.set(**{"queue.spooled": True})
                 emit("queue.spooled", 1, "c", group=s.group_id)
                 return _queued(entry, spooled=True)
         emit("queue.enqueued", 1, "c", group=s.group_id)
-        if not worker_alive:
-            await _start_drainer(s)
+        await _ensure_a_worker(s, heartbeat)
         return _queued(entry)
 
 
@@ -1634,9 +1655,9 @@ async def retry_dead_letters(group: str | None = None) -> int:
                         pipe.hdel(group_key(name, "attempts"), original["job"])
                         await pipe.execute()
                     moved += 1
-            worker_alive = _beating(await valkey.get(HEARTBEAT_KEY))
-        if moved and not worker_alive:
-            await _start_drainer(s)
+            heartbeat = await valkey.get(HEARTBEAT_KEY)
+        if moved:
+            await _ensure_a_worker(s, heartbeat)
         return moved
 
 
@@ -2531,22 +2552,30 @@ class _Worker:
             await self._release(group, lease)
 
     async def _keep(self, group: str, lease: Any, server: asyncio.Task | None) -> None:
+        """Renew the lease every LEASE_TTL_S / 3. Fencing: a worker that cannot renew it (Valkey
+        gone, FalkorDB still there) abandons its episode before the lease can expire, since the
+        worker that takes the group over would otherwise ingest the same job beside it."""
         from redis.exceptions import LockError
 
+        renewed = time.monotonic()
+        pause = LEASE_TTL_S / 3
         while True:
-            await asyncio.sleep(LEASE_TTL_S / 3)
+            await asyncio.sleep(pause)
+            if time.monotonic() - renewed > LEASE_TTL_S / 2:
+                return self._abandon(group, server, "cannot renew its lease (valkey unreachable)")
             try:
                 await lease.reacquire()
-            except LockError:
-                # Another worker may now be ingesting this group: stop at once rather than overlap.
-                log.error("error: %s lost its lease on group %r; abandoning the episode in flight",
-                          self.id, group)
-                emit("worker.lease_lost", 1, "c", group=group)
-                if server is not None:
-                    server.cancel()
-                return
+                renewed, pause = time.monotonic(), LEASE_TTL_S / 3
+            except LockError:  # another worker may be ingesting this group now: stop at once
+                return self._abandon(group, server, "lost its lease")
             except _connection_errors():
-                continue  # Valkey blinked; the lease outlives a few missed renewals
+                pause = 1.0  # Valkey blinked, perhaps: the lease outlives a few seconds of it
+
+    def _abandon(self, group: str, server: asyncio.Task | None, why: str) -> None:
+        log.error("error: %s %s on group %r; abandoning the episode in flight", self.id, why, group)
+        emit("worker.lease_lost", 1, "c", group=group)
+        if server is not None:
+            server.cancel()
 
     async def _release(self, group: str, lease: Any) -> None:
         from redis.exceptions import LockError
@@ -4485,16 +4514,12 @@ def build_parser() -> argparse.ArgumentParser:
     store.add_argument("--at", metavar="TIME", help="when the event happened, ISO 8601 (default: now; "
                        "no offset means UTC); for imported history and backfills")
 
-    query = command("query", "print the facts relevant to a question", cmd_query)
+    query = command("query", "print the events and facts relevant to a question", cmd_query)
     query.add_argument("search_query", help="the question or keywords (a text starting with - is a question too, "
                        "except -h; -- before it is always safe)")
     query.add_argument("limit", nargs="?", type=int, help="facts to return, 1-50 (default 5); or --limit")
     query.add_argument("--limit", dest="limit_option", type=int, metavar="N", help="facts to return, 1-50 (default 5)")
     _recall_options(query)
-
-    group = command("group", "print the memory group of a project directory (its git remote, else its path); "
-                    "the plugin and mcp use it", cmd_group)
-    group.add_argument("directory", nargs="?", help="the project directory (default: the current one)")
 
     context_ = command("context", "print one block of memories for a prompt, within a token budget", cmd_context)
     context_.add_argument("search_query", help="the question (as for query)")
@@ -4535,6 +4560,10 @@ def build_parser() -> argparse.ArgumentParser:
     restore_.add_argument("--yes", action="store_true", help="confirm --replace without asking")
     restore_.add_argument("--dry-run", action="store_true", help="check the document and say what would "
                           "change; exits as the real run would")
+
+    group = command("group", "print the memory group of a project directory (its git remote, else its path); "
+                    "the plugin and mcp use it", cmd_group)
+    group.add_argument("directory", nargs="?", help="the project directory (default: the current one)")
     return parser
 
 
@@ -4572,7 +4601,8 @@ def _dash_texts_are_questions(argv: list[str]) -> list[str]:
                 options.extend(itertools.islice(rest, 1))
         else:
             positionals.append(token)
-    limit = positionals[-1:] if argv[0] == "query" and len(positionals) > 1 and positionals[-1].isdigit() else []
+    limit = positionals[-1:] if argv[0] == "query" and len(positionals) > 1 and re.fullmatch(
+        r"[+-]?\d+", positionals[-1]) else []
     words = positionals[:len(positionals) - len(limit)]
     return [argv[0], *options, "--", *([" ".join(words)] if words else []), *limit]
 
