@@ -179,6 +179,14 @@ def test_content_over_the_size_limit_is_refused_and_nothing_is_queued(memory):
     assert memory.queue()["queued"] == 0
 
 
+def test_stdin_beyond_the_size_limit_is_refused_at_the_limit_not_after_reading_it_all(memory):
+    result = memory.with_env(MEMORY_MAX_EPISODE_CHARS="1000").run("store", "-", stdin="x" * 5_000_000)
+
+    assert (result.code, result.error_lines) == (2, [
+        "memory-manager: error: the event on stdin is over 4000 bytes; MEMORY_MAX_EPISODE_CHARS allows 1000"])
+    assert memory.queue()["queued"] == 0
+
+
 def test_with_valkey_down_store_spools_and_the_next_store_queues_both_in_order(memory, dead_port):
     first = memory.with_env(VALKEY_PORT=str(dead_port)).run("store", "Alice prefers pytest for the OpenCode repo.")
 

@@ -33,8 +33,8 @@ cache in Valkey.
     serve_mcp(http=None, with_worker=False)          the MCP server (stdio, or streamable HTTP)
     close()                                          release every client
 
-CLI: memory_manager.py store|query|context|entities|health|queue|worker|drain|export|backups|mcp|restore|group ... (--help);
-every command takes --group G, -q and --json.
+CLI: memory-manager store|query|context|entities|health|queue|worker|drain|export|backups|mcp|restore|group
+(--help); every command takes --group G, -q and --json.
 
 Writes go through a queue: `store` validates, appends the episode to the group's Valkey Stream
 (or, with Valkey down, to a local fsync'd spool) and exits; a worker (`worker`, or a `drain`
@@ -99,11 +99,11 @@ __all__ = [
     "Backup",
     "ExportSummary",
     "Fact",
-    "Recalled",
     "GroupRestore",
     "IngestError",
     "MemoryManagerError",
     "QueuedEpisode",
+    "Recalled",
     "RefusedRestore",
     "RestoreResult",
     "ServiceError",
@@ -1435,7 +1435,7 @@ def _spool_waiting(s: Settings) -> bool:
 def _spool_take(s: Settings) -> tuple[int, list[dict[str, str]]] | None:
     """Lock the spool and read its entries; None when it is empty. The caller truncates and closes."""
     try:
-        fd = os.open(_spool_path(s), os.O_RDWR)
+        fd = os.open(_spool_path(s), os.O_RDWR | os.O_NOFOLLOW)
     except FileNotFoundError:
         return None
     fcntl.flock(fd, fcntl.LOCK_EX)
@@ -1451,8 +1451,12 @@ def _spool_take(s: Settings) -> tuple[int, list[dict[str, str]]] | None:
         except ValueError:  # a torn last line from a crash mid-append
             rejects.append(line)
     if rejects:
-        with open(_spool_path(s, SPOOL_REJECTS_FILE), "ab") as kept:
-            kept.write(b"\n".join(rejects) + b"\n")
+        kept = os.open(_spool_path(s, SPOOL_REJECTS_FILE), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
+                       0o600)
+        try:
+            os.write(kept, b"\n".join(rejects) + b"\n")
+        finally:
+            os.close(kept)
         log.warning("warning: %d unreadable spool line(s) kept in %s", len(rejects), SPOOL_REJECTS_FILE)
     return fd, entries
 
@@ -1560,7 +1564,9 @@ def _spawn_drainer(s: Settings) -> None:
     with contextlib.ExitStack() as files:
         try:
             os.makedirs(s.spool_dir, mode=0o700, exist_ok=True)
-            errors: Any = files.enter_context(open(_spool_path(s, DRAINER_LOG_FILE), "ab"))
+            log_fd = os.open(_spool_path(s, DRAINER_LOG_FILE), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
+                             0o600)
+            errors: Any = files.enter_context(open(log_fd, "ab"))
         except OSError:
             errors = subprocess.DEVNULL
         # A new session and no inherited stdio: whoever reads our output sees EOF when we exit. sh
@@ -3085,7 +3091,8 @@ async def _drop_stale_snapshots() -> None:
     connection = (await _falkordb()).connection
     for name in await connection.execute_command("GRAPH.LIST"):
         name = name.decode() if isinstance(name, bytes) else name
-        if name.startswith(SNAPSHOT_PREFIX) and int(name.split(":")[1]) < time.time() - 3600:
+        stamp = name.removeprefix(SNAPSHOT_PREFIX).split(":")[0] if name.startswith(SNAPSHOT_PREFIX) else ""
+        if stamp.isdigit() and int(stamp) < time.time() - 3600:  # a graph merely named like ours is not
             await connection.execute_command("GRAPH.DELETE", name)
 
 
@@ -4245,17 +4252,22 @@ def _print_json(document: Any) -> None:
     print(json.dumps(document, ensure_ascii=False))
 
 
-def _read_stdin(what: str) -> str:
+def _read_stdin(what: str, max_chars: int | None = None) -> str:
+    """stdin as text; with `max_chars`, refused at the limit (UTF-8 takes at most 4 bytes a
+    character), not after reading a gigabyte of it."""
     if sys.stdin.isatty():
         print(f"{PROG}: reading {what} from stdin; end it with Ctrl-D", file=sys.stderr)
+    data = sys.stdin.buffer.read() if max_chars is None else sys.stdin.buffer.read(4 * max_chars + 1)
+    if max_chars is not None and len(data) > 4 * max_chars:
+        raise UsageError(f"{what} on stdin is over {4 * max_chars} bytes; MEMORY_MAX_EPISODE_CHARS allows {max_chars}")
     try:
-        return sys.stdin.buffer.read().decode()
+        return data.decode()
     except UnicodeDecodeError as exc:
         raise UsageError(f"{what} on stdin is not UTF-8 text (byte {exc.start})") from None
 
 
 async def cmd_store(args: argparse.Namespace) -> int:
-    content = _read_stdin("the event") if args.content == "-" else args.content
+    content = _read_stdin("the event", settings().max_episode_chars) if args.content == "-" else args.content
     at = None if args.at is None else parse_event_time(args.at, "--at")
     queued = await enqueue_episode(content, args.metadata, at=at)
     if args.wait:
