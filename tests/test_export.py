@@ -626,7 +626,7 @@ def test_two_exports_at_once_both_finish_and_falkordb_keeps_answering(memory, tm
         memory.store(event)
     exports = [memory.popen("export", "--output", str(tmp_path / f"export-{i}.json")) for i in range(2)]
 
-    results = [(p.wait(timeout=120), p.stderr.read() if p.stderr else "") for p in exports]
+    results = [(p.returncode, err) for p in exports for _, err in [p.communicate(timeout=120)]]
 
     assert results == [(0, ""), (0, "")]
     assert json.loads(memory.ok("health", "--json"))["falkordb"]["ok"] is True

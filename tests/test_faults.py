@@ -275,13 +275,24 @@ def run(env: dict[str, str], args: list[str], timeout_s: float) -> tuple[Result,
     return Result(done.returncode, done.stdout, done.stderr), time.monotonic() - started
 
 
+def standin_requests(stack) -> int:
+    with urllib.request.urlopen(stack.standin_url + "/_standin/stats", timeout=5) as reply:
+        stats = json.load(reply)
+    return sum(stats.get(k, 0) for k in ("responses", "embeddings", "chat/completions"))
+
+
 def run_killing(stack, env: dict[str, str], args: list[str], service: str, after_s: float,
-                down_s: float) -> tuple[Result, float]:
-    """Run a command, SIGKILL `service` after `after_s`, start it again `down_s` later."""
+                down_s: float, on_request: bool = False) -> tuple[Result, float]:
+    """Run a command, SIGKILL `service` after `after_s` (with `on_request`: once the command's first
+    OpenAI request is under way, which a loaded machine may delay by seconds), start it again
+    `down_s` later."""
     started = time.monotonic()
+    seen = standin_requests(stack)
     process = subprocess.Popen([sys.executable, str(MODULE), *args], env=env, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     time.sleep(after_s)
+    while on_request and standin_requests(stack) == seen and process.poll() is None:
+        time.sleep(0.02)
     stack.kill(service)
     time.sleep(down_s)
     stack.restart(service)
@@ -338,7 +349,8 @@ def run_cell(stack, memory: Memory, matrix, state: str, command: str, env: dict[
     try:
         if state.endswith("killed mid-operation"):
             standin(stack, "/_standin/faults", {"latency_ms": 1000})
-            result, elapsed = run_killing(stack, env, args, state.split()[0], after_s=0.8, down_s=3)
+            result, elapsed = run_killing(stack, env, args, state.split()[0], after_s=0, down_s=3,
+                                          on_request=True)
         else:
             result, elapsed = run(env, args, outcome.within_s)
     finally:

@@ -3070,9 +3070,9 @@ async def _one_fork_at_a_time() -> AsyncIterator[None]:
     of one FalkorDB take turns through a Valkey lock; without Valkey, the fork check alone guards."""
     lock = _valkey().lock(f"memory:export-fork:{settings().falkordb_address}", timeout=FORK_WAIT_S,
                           blocking_timeout=FORK_WAIT_S, thread_local=False)
-    try:
-        held = await lock.acquire()
-    except _valkey_errors():
+    try:  # a silent Valkey costs the backup one second, not a command timeout per lock attempt
+        held = await asyncio.wait_for(_valkey().ping(), HEALTH_TIMEOUT_S) and await lock.acquire()
+    except _valkey_errors():  # TimeoutError among them
         held = False
     if not held:  # the export still runs: a backup must not depend on the cache's server
         log.info("exporting without the export lock (valkey unavailable, or the lock held for %g s)", FORK_WAIT_S)
