@@ -86,7 +86,7 @@ MATRIX: dict[str, dict[str, Outcome | None]] = {
     "valkey down": {
         "store": Outcome(0, "valkey", after="spooled"), "worker": Outcome(0, after="ingested", within_s=60),
         "query hit": Outcome(0, "valkey"), "query miss": Outcome(0, "valkey"), "entities": OK,
-        "health": Outcome(1, "valkey", within_s=5), "export": OK, "restore": Outcome(0, "valkey")},
+        "health": Outcome(1, "valkey", within_s=5), "export": OK, "restore": Outcome(0, "valkey", within_s=20)},
     "valkey killed mid-operation": {
         "store": NA, "worker": Outcome(0, after="ingested", within_s=90), "query hit": NA,
         "query miss": Outcome(0, "valkey"), "entities": NA, "health": NA, "export": NA, "restore": NA},
