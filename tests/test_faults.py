@@ -329,6 +329,7 @@ def run_cell(stack, memory: Memory, matrix, state: str, command: str, env: dict[
              outcome: Outcome, faults: dict | None) -> Result:
     shared, ensure = matrix
     home = ensure().with_env(MEMORY_AUTO_DRAIN="off")
+    wait_for_no_worker(stack, timeout_s=90)  # a drainer ensure() started would ingest what a cell only queues
     counts_before = home.graph_counts()
     env = {**env, "MEMORY_GROUP_ID": home.group, "MEMORY_SPOOL_DIR": str(memory.spool_dir)}
     queued_before = home.queue()["queued"]
