@@ -1219,9 +1219,10 @@ def count_redactions(found: Redacted, stage: str) -> None:
 # Durable writes. Each group has one Valkey Stream, memory:{<group>}:episodes, read through the
 # consumer group `ingest`; entries are acknowledged and then deleted, never trimmed (MAXLEN would
 # drop unacknowledged ones). Per group beside it: `dead` (dead letters), `attempts` (a hash of
-# failed attempts per job), `last_error`, `lease` (the worker that owns the group), `done:<job>`
-# (the outcome, for `store --wait`). Global: memory:groups (every group that ever queued),
-# memory:heartbeat (refreshed by any live worker) and memory:drainer (the drainer-start lease).
+# failed attempts per job, and of FalkorDB losses per job as `<job>:falkordb`), `last_error`,
+# `lease` (the worker that owns the group), `done:<job>` (the outcome, for `store --wait`).
+# Global: memory:groups (every group that ever queued), memory:heartbeat (refreshed by any live
+# worker) and memory:drainer (the drainer-start lease).
 #
 # When Valkey cannot take an entry, it is appended to a local spool (JSON lines, fsync'd) and moved
 # into the queue by the next `store` or worker on this host. An entry keeps its job id wherever it
@@ -1658,7 +1659,8 @@ async def retry_dead_letters(group: str | None = None) -> int:
                     async with valkey.pipeline(transaction=True) as pipe:
                         pipe.xadd(group_key(name, "episodes"), original)
                         pipe.xdel(group_key(name, "dead"), entry_id)
-                        pipe.hdel(group_key(name, "attempts"), original["job"])
+                        job = original["job"]
+                        pipe.hdel(group_key(name, "attempts"), job, f"{job}:falkordb")
                         await pipe.execute()
                     moved += 1
             heartbeat = await valkey.get(HEARTBEAT_KEY)
@@ -2625,9 +2627,11 @@ class _Worker:
 
     async def _ingest_with_retries(self, group: str, entry_id: str, fields: dict[str, str]) -> None:
         """Ingest until stored or dead-lettered; a stop leaves the entry pending for the next worker.
-        FalkorDB going away while this very episode was in flight, FALKORDB_STRIKES times in a row,
-        sets it aside: an episode whose queries crash the server would otherwise knock a restarted
-        FalkorDB over forever and hold up the group's queue behind it."""
+        FalkorDB going away while this very episode was in flight, FALKORDB_STRIKES times, sets it
+        aside: an episode whose queries crash the server would otherwise knock a restarted FalkorDB
+        over forever and hold up the group's queue behind it. Other failures in between neither
+        count nor clear a strike (they do not show the episode harmless), and the count lives in
+        Valkey, so a worker that takes the entry over goes on counting."""
         failures = strikes = 0
         while not self.stopping.is_set():
             before = await _falkordb_run_id()
@@ -2642,11 +2646,12 @@ class _Worker:
                 _clients.indexed_groups.discard(group)  # a FalkorDB restarted empty lost them: re-check
                 kind = _failure_kind(exc)
                 failures += 1
-                strikes = strikes + 1 if kind == "transient" and await _falkordb_run_id() != before else 0
+                if kind == "transient" and await _falkordb_run_id() != before:
+                    strikes = await self._strike(group, fields["job"], strikes)
                 detail = await self._record_error(group, fields["job"], exc, kind)
             if strikes >= FALKORDB_STRIKES:
                 emit("ingest.falkordb_strikes", 1, "c", group=group)
-                detail = (f"falkordb at {self.s.falkordb_address} stopped answering {strikes} times in a row "
+                detail = (f"falkordb at {self.s.falkordb_address} stopped answering {strikes} times "
                           f"while this episode was being ingested; set aside so the queue flows ({detail})")
                 await self._dead_letter(group, entry_id, fields, failures, detail)
                 return
@@ -2734,7 +2739,7 @@ class _Worker:
                 pipe.xadd(group_key(group, "dead"), dead_letter)
             pipe.xack(episodes, CONSUMER_GROUP, entry_id)
             pipe.xdel(episodes, entry_id)
-            pipe.hdel(group_key(group, "attempts"), job)
+            pipe.hdel(group_key(group, "attempts"), job, f"{job}:falkordb")
             pipe.lpush(done, json.dumps(outcome))
             pipe.expire(done, JOB_OUTCOME_TTL_S)
             await pipe.execute()
@@ -2749,6 +2754,12 @@ class _Worker:
         self.summary.dead_lettered += 1
         log.error("error: %s (job %s) in group %s dead-lettered after %d attempts: %s",
                   fields["name"], fields["job"], group, attempts, detail)
+
+    async def _strike(self, group: str, job: str, strikes: int) -> int:
+        """Count one more FalkorDB loss against the job, beside its attempts."""
+        with contextlib.suppress(*_valkey_errors()):
+            return int(await _valkey().hincrby(group_key(group, "attempts"), f"{job}:falkordb", 1))
+        return strikes + 1
 
     async def _record_error(self, group: str, job: str, exc: BaseException, kind: str) -> str:
         detail = scrub(f"{type(exc).__name__}: {_describe(exc)}")[:500]
