@@ -167,6 +167,34 @@ def corrupt(path, how: str) -> None:
         path.write_text(text.replace('"embedding_dimension": 1024', '"embedding_dimension": 1536', 1))
     elif how == "not-json":
         path.write_text("hello\n")
+    elif how == "nested-arrays":
+        path.write_text(text.replace('"labels": [', '"labels": ' + "[" * 100_000 + "]" * 100_000 + ', "x": [', 1))
+    elif how == "one-huge-line":  # a few KB of zstd that decompress to one line of 80 MiB
+        header = text.split("\n", 1)[0] + "\n"
+        path.write_bytes(zstandard.ZstdCompressor().compress(header.encode() + b" " * (80 << 20) + b"\n"))
+    else:
+        path.write_text(change_first_node(text, BAD_NODES[how]))
+
+
+BAD_NODES = {
+    "labels-as-a-string": lambda node: node.update(labels="Entity"),
+    "no-labels": lambda node: node.update(labels=[]),
+    "label-with-a-newline": lambda node: node.update(labels=["Entity\n"]),
+    "nul-in-a-property-name": lambda node: node["properties"].update({"na\0me": "x"}),
+    "embeddings-as-a-list": lambda node: node.update(embeddings=[]),
+}
+
+
+def change_first_node(text: str, change) -> str:
+    lines = text.split("\n")
+    for number, line in enumerate(lines):
+        body = line.removeprefix(",")
+        if body.startswith("{") and '"labels": ' in body:
+            record = json.loads(body)
+            change(record)
+            lines[number] = line[: len(line) - len(body)] + json.dumps(record)
+            return "\n".join(lines)
+    raise AssertionError("the export holds no node")
 
 
 @pytest.mark.parametrize(("how", "message"), [
@@ -174,6 +202,13 @@ def corrupt(path, how: str) -> None:
     ("wrong-version", "unsupported export version 99 (this version reads 1)"),
     ("other-dimension", "embedding dimension 1536 in the export does not match this installation's 1024"),
     ("not-json", "not a valid export document (line 1): malformed JSON"),
+    ("nested-arrays", "malformed JSON"),
+    ("one-huge-line", "not a valid export document (line 2): a line longer than 64 MiB"),
+    ("labels-as-a-string", "invalid label or relationship type (a list of names is expected)"),
+    ("no-labels", "invalid label or relationship type"),
+    ("label-with-a-newline", "invalid label or relationship type"),
+    ("nul-in-a-property-name", "an invalid property name (letters, digits and _ only)"),
+    ("embeddings-as-a-list", "embeddings must be an object of base64 vectors"),
 ])
 def test_restore_of_a_bad_document_exits_2_and_leaves_the_graph_untouched(memory, empty_falkordb, tmp_path,
                                                                         how, message):
@@ -582,6 +617,44 @@ def test_an_export_while_the_worker_writes_is_one_instant_and_restores_whole(mem
     assert memory.graph_counts() == (mine["counts"]["nodes"], mine["counts"]["edges"])
     assert [name for name in empty_falkordb.execute_command("GRAPH.LIST") if b"snapshot" in name] == []
     assert exported["nodes"] == sum(len(g["nodes"]) for g in groups.values())
+
+
+def test_restore_replace_refuses_a_group_a_worker_is_ingesting_and_leaves_its_graph_whole(
+        memory, empty_falkordb, standin, valkey, tmp_path):
+    wait_for_no_worker(memory.stack, timeout_s=90)
+    memory.store(A_EVENTS[0])
+    document = tmp_path / "export.json"
+    memory.ok("export", "--output", str(document))
+    wait_for_no_worker(memory.stack)
+    standin.faults(latency_ms=1000)  # each episode takes seconds: the worker holds the group meanwhile
+    queued = memory.with_env(MEMORY_AUTO_DRAIN="off")
+    for event in B_EVENTS:
+        queued.ok("store", event)
+    worker = memory.worker()
+    try:
+        lease = f"memory:{{{memory.group}}}:lease"
+        deadline = time.monotonic() + 60
+        while not valkey.exists(lease):
+            assert time.monotonic() < deadline, "the worker never took the group"
+            time.sleep(0.1)
+        before = memory.graph_counts()
+
+        refused = memory.run("restore", str(document), "--replace", "--yes")
+        untouched = memory.graph_counts()
+        standin.faults(latency_ms=0)
+        memory.wait_until_ingested(3)
+    finally:
+        standin.faults(latency_ms=0)
+        stop(worker)
+    restored = memory.run("restore", str(document), "--replace", "--yes")
+
+    assert refused.code == 2
+    assert refused.error_lines == [f"memory-manager: error: group {memory.group!r} is being ingested by a worker; "
+                                   "restore it once `memory-manager queue` shows its queue empty, or after "
+                                   "stopping the worker"]
+    assert untouched >= before and untouched[0] > 0
+    assert restored.code == 0, restored.stderr
+    assert memory.episode_count() == 1
 
 
 # Short episodes that share most of their words: the stand-in's bag-of-words vectors and the

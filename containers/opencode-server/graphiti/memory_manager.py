@@ -2869,6 +2869,7 @@ B2_CONNECT_TIMEOUT_S = 3.0
 B2_SEND_BUFFER_BYTES = 256 * 1024  # the kernel doubles it
 B2_UPLOAD_WORKERS = 4
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+MAX_RECORD_BYTES = 64 << 20    # one line of a document: far above a 10M-character episode's record
 # Pages are ranges of internal node ids (an id seek, no sort): the nodes in a range, or the edges
 # leaving them. Replies are read raw (--compact) and decoded by _value(), which hands a vector's
 # floats to struct.pack as they came: falkordb-py converts each float in Python, 6 of every 10 s.
@@ -3074,6 +3075,14 @@ async def _snapshot(group: str) -> AsyncIterator[str]:
 FORK_WAIT_S = 120.0            # an AOF rewrite or another export's copy may fork for this long
 
 
+async def _valkey_answers() -> bool:
+    """Within HEALTH_TIMEOUT_S: a silent Valkey must not cost a command timeout per call after."""
+    try:
+        return bool(await asyncio.wait_for(_valkey().ping(), HEALTH_TIMEOUT_S))
+    except _valkey_errors():  # TimeoutError among them
+        return False
+
+
 @contextlib.asynccontextmanager
 async def _one_fork_at_a_time() -> AsyncIterator[None]:
     """GRAPH.COPY forks; a second fork while one runs fails inside FalkorDB ("Can't fork for module:
@@ -3082,8 +3091,8 @@ async def _one_fork_at_a_time() -> AsyncIterator[None]:
     lock = _valkey().lock(f"memory:export-fork:{settings().falkordb_address}", timeout=FORK_WAIT_S,
                           blocking_timeout=FORK_WAIT_S, thread_local=False)
     try:  # a silent Valkey costs the backup one second, not a command timeout per lock attempt
-        held = await asyncio.wait_for(_valkey().ping(), HEALTH_TIMEOUT_S) and await lock.acquire()
-    except _valkey_errors():  # TimeoutError among them
+        held = await _valkey_answers() and await lock.acquire()
+    except _valkey_errors():
         held = False
     if not held:  # the export still runs: a backup must not depend on the cache's server
         log.info("exporting without the export lock (valkey unavailable, or the lock held for %g s)", FORK_WAIT_S)
@@ -3564,7 +3573,7 @@ def _read_document(path: str, dimension: int | None) -> Any:
     """Yield ("header", dict), ("group", id), ("node"|"edge", record), ("end", counts) from an
     export document, checking its layout, counts and vectors as it goes (raises _Corrupt)."""
     with _open_document(path) as source:
-        lines = enumerate(source, start=1)
+        lines = _bounded_lines(source)
         number, first = next(lines, (1, b""))
         header = _parse_header(number, first, dimension)
         yield "header", header
@@ -3591,7 +3600,11 @@ def _read_document(path: str, dimension: int | None) -> Any:
 @contextlib.contextmanager
 def _open_document(path: str) -> Iterator[Any]:
     """The document's lines, decompressed as they are read when the file is zstd (B2 exports)."""
-    with open(path, "rb") as raw:
+    try:
+        raw = open(path, "rb")  # noqa: SIM115 - closed by the with below
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or _describe(exc)}") from None
+    with raw:
         if raw.read(4) != ZSTD_MAGIC:
             raw.seek(0)
             yield raw
@@ -3601,6 +3614,18 @@ def _open_document(path: str) -> Iterator[Any]:
         raw.seek(0)
         with zstandard.ZstdDecompressor().stream_reader(raw) as stream:
             yield io.BufferedReader(stream, 1 << 20)
+
+
+def _bounded_lines(source: Any) -> Iterator[tuple[int, bytes]]:
+    """Numbered lines, each refused past MAX_RECORD_BYTES before more of it is read: a few KB of
+    zstd can decompress to one line of gigabytes."""
+    for number in itertools.count(1):
+        line = source.readline(MAX_RECORD_BYTES + 1)
+        if not line:
+            return
+        if len(line) > MAX_RECORD_BYTES:
+            raise _Corrupt(number, f"a line longer than {MAX_RECORD_BYTES >> 20} MiB")
+        yield number, line
 
 
 def _read_group(lines: Any, dimension: int | None, totals: dict) -> Any:
@@ -3626,7 +3651,7 @@ def _read_group(lines: Any, dimension: int | None, totals: dict) -> Any:
 def _parse(number: int, text: str) -> dict:
     try:
         value = json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: arrays nested thousands deep
         raise _Corrupt(number, "malformed JSON") from None
     if not isinstance(value, dict):
         raise _Corrupt(number, "expected a JSON object")
@@ -3646,16 +3671,27 @@ def _parse_header(number: int, raw: bytes, dimension: int | None) -> dict:
 
 
 def _check_record(number: int, record: dict, kind: str, dimension: int | None) -> None:
+    """Everything a write would trip on, refused before the first write: the record's shape, its
+    labels, its property names and values, its vectors."""
     required = ("uuid", "labels", "properties") if kind == "nodes" else (
         "uuid", "type", "source", "target", "source_label", "target_label", "properties")
+    embeddings = record.get("embeddings", {})
     if any(key not in record for key in required) or not isinstance(record["properties"], dict):
         raise _Corrupt(number, f"a {kind[:-1]} record lacks {', '.join(required)}")
+    if not isinstance(embeddings, dict):
+        raise _Corrupt(number, "embeddings must be an object of base64 vectors")
     labels = record["labels"] if kind == "nodes" else [record["type"], record["source_label"], record["target_label"]]
-    if not all(isinstance(label, str) and LABEL_RULE.fullmatch(label) for label in labels):
-        raise _Corrupt(number, "invalid label or relationship type")
-    if not isinstance(record["uuid"], str) or not all(map(_storable, record["properties"].values())):
+    if (not isinstance(labels, list) or not labels
+            or not all(isinstance(label, str) and LABEL_RULE.fullmatch(label) for label in labels)):
+        raise _Corrupt(number, "invalid label or relationship type (a list of names is expected)")
+    ids = [record["uuid"]] if kind == "nodes" else [record["uuid"], record["source"], record["target"]]
+    if not all(isinstance(value, str) and value and "\0" not in value for value in ids):
+        raise _Corrupt(number, "a uuid that is not a non-empty string")
+    if not all(LABEL_RULE.fullmatch(name) for name in [*record["properties"], *embeddings]):
+        raise _Corrupt(number, "an invalid property name (letters, digits and _ only)")
+    if not all(map(_storable, record["properties"].values())):
         raise _Corrupt(number, "a property FalkorDB cannot store (a map, a NUL character or an integer over 64 bits)")
-    for vector in record.get("embeddings", {}).values():
+    for vector in embeddings.values():
         try:
             length = len(decode_vector(vector))
         except (ValueError, TypeError, struct.error):
@@ -3911,6 +3947,43 @@ def _file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+@contextlib.asynccontextmanager
+async def _ingestion_held(groups: list[str]) -> AsyncIterator[None]:
+    """Hold each group's ingestion lease (the one workers take, renewed the same way) while the
+    restore replaces its graph: a worker writing into a graph being dropped and rebuilt would
+    break both. A group a worker is ingesting is refused. Without Valkey no worker can hold a
+    lease (fencing stops it within LEASE_TTL_S / 2), so the restore goes on without them."""
+    valkey, leases, renewer = _valkey(), [], None
+    if not await _valkey_answers():
+        log.info("restoring without the ingestion leases (valkey unavailable)")
+        yield
+        return
+    try:
+        async with _service("valkey", settings().valkey_address):
+            for group in groups:
+                lease = valkey.lock(group_key(group, "lease"), timeout=LEASE_TTL_S, thread_local=False)
+                if not await lease.acquire(blocking=False):
+                    raise UsageError(f"group {group!r} is being ingested by a worker; restore it once `{PROG} queue` "
+                                     "shows its queue empty, or after stopping the worker")
+                leases.append(lease)
+        renewer = asyncio.create_task(_renew_leases(leases))
+        yield
+    finally:
+        if renewer:
+            renewer.cancel()
+        for lease in leases:
+            with contextlib.suppress(Exception):  # it expires by itself
+                await lease.release()
+
+
+async def _renew_leases(leases: list[Any]) -> None:
+    while True:
+        await asyncio.sleep(LEASE_TTL_S / 3)
+        for lease in leases:
+            with contextlib.suppress(*_valkey_errors()):
+                await lease.reacquire()
+
+
 async def restore(source: str, replace: bool = False, dry_run: bool = False,
                   progress: Progress | None = None) -> RestoreResult:
     """Restore an export document (a path or b2://bucket/name) into FalkorDB.
@@ -3940,23 +4013,28 @@ async def _restore(op: _Span, source: str, replace: bool, dry_run: bool,
                 return result
             if refusal:
                 raise UsageError(refusal)
-            for group in plan.groups:  # GRAPH.BULK creates each graph anew
-                if await _graph_exists(group):
-                    await (await _falkordb()).select_graph(group).delete()
-                _clients.indexed_groups.discard(group)
-            async with span("memory.restore.write"):
-                await _write_document(path, dimension, progress)
-            for group, counts in plan.groups.items():
-                actual = await _graph_counts(group)
-                if actual != (counts["nodes"], counts["edges"]):
-                    raise ServiceError("falkordb", s.falkordb_address,
-                                       f"group {group!r} has {actual[0]} nodes and {actual[1]} edges after the "
-                                       f"restore, the document {counts['nodes']} and {counts['edges']} (duplicate "
-                                       "uuids in the document, or an interrupted write: run it again with --replace)")
+            async with _ingestion_held(list(plan.groups)):
+                await _replace_groups(path, plan, dimension, progress)
         for group in plan.groups:
             await _invalidate(group)
     op.set(**{"memory.groups": len(result.groups), "memory.nodes": result.nodes, "memory.edges": result.edges})
     return result
+
+
+async def _replace_groups(path: str, plan: RestorePlan, dimension: int, progress: Progress | None) -> None:
+    for group in plan.groups:  # GRAPH.BULK creates each graph anew
+        if await _graph_exists(group):
+            await (await _falkordb()).select_graph(group).delete()
+        _clients.indexed_groups.discard(group)
+    async with span("memory.restore.write"):
+        await _write_document(path, dimension, progress)
+    for group, counts in plan.groups.items():
+        actual = await _graph_counts(group)
+        if actual != (counts["nodes"], counts["edges"]):
+            raise ServiceError("falkordb", settings().falkordb_address,
+                               f"group {group!r} has {actual[0]} nodes and {actual[1]} edges after the "
+                               f"restore, the document {counts['nodes']} and {counts['edges']} (duplicate "
+                               "uuids in the document, or an interrupted write: run it again with --replace)")
 
 
 def _restore_result(source: str, plan: RestorePlan, existing: dict[str, tuple[int, int]], replace: bool,
