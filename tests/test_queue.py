@@ -541,3 +541,21 @@ def test_store_imports_none_of_graphiti_openai_or_falkordb(memory):
                 if line.startswith("import time:")}
     assert "redis" in imported  # the check sees real imports
     assert imported.isdisjoint({"graphiti_core", "openai", "falkordb", "b2sdk", "ddtrace"})
+
+
+def test_groups_with_nothing_left_to_ingest_leave_the_group_set_and_those_with_dead_letters_stay(memory, valkey):
+    stale = [f"stale_{memory.group[-6:]}_{i}" for i in range(5000)]  # groups that drained long ago
+    with_dead_letter = f"dead_{memory.group[-6:]}"
+    valkey.sadd("memory:groups", *stale, with_dead_letter)
+    valkey.xadd(f"memory:{{{with_dead_letter}}}:dead", {"name": "episode_x", "job": "j", "error": "input"})
+    try:
+        memory.store(EDIT)  # the drainer that ingests it walks the group set
+        wait_for_no_worker(memory.stack)
+        groups = valkey.smembers("memory:groups")
+    finally:
+        valkey.srem("memory:groups", *stale, with_dead_letter)
+        valkey.delete(f"memory:{{{with_dead_letter}}}:dead")
+
+    assert not groups & set(stale)
+    assert with_dead_letter in groups
+    assert memory.group not in groups and memory.episode_count() == 1

@@ -1374,6 +1374,28 @@ async def _append_to_streams(entries: list[dict[str, str]]) -> str | None:
     return (await pipe.execute())[-1]
 
 
+async def _prune_groups(idle: list[str]) -> None:
+    """Drop groups with nothing queued and no dead letters from memory:groups, which every worker
+    poll and `queue` walk (20,000 stale groups cost a core). A store adds its entry and then the
+    group, so a group found queued again after its removal is put back: none is ever lost."""
+    if not idle:
+        return
+    valkey = _valkey()
+    async with valkey.pipeline(transaction=False) as pipe:
+        for group in idle:
+            pipe.xlen(group_key(group, "dead"))
+        empty = [group for group, dead in zip(idle, await pipe.execute(), strict=True) if not dead]
+    if not empty:
+        return
+    await valkey.srem(GROUPS_KEY, *empty)
+    async with valkey.pipeline(transaction=False) as pipe:
+        for group in empty:
+            pipe.xlen(group_key(group, "episodes"))
+        back = [group for group, depth in zip(empty, await pipe.execute(), strict=True) if depth]
+    if back:
+        await valkey.sadd(GROUPS_KEY, *back)
+
+
 def _beating(heartbeat: str | None) -> bool:
     """Whether a heartbeat stands for a live worker. One of a process on this host that is gone (a
     drainer SIGKILLed or OOM-killed mid-episode; a zombie where no init reaps it) is not, though its
@@ -2543,6 +2565,7 @@ class _Worker:
         for group in groups:
             pipe.xlen(group_key(group, "episodes"))
         depths = await pipe.execute()
+        await _prune_groups([g for g, depth in zip(groups, depths, strict=True) if not depth and g not in self.tasks])
         for group, depth in zip(groups, depths, strict=True):
             if not depth or group in self.tasks or len(self.tasks) >= self.s.worker_concurrency:
                 continue
