@@ -98,6 +98,9 @@ class ListeningDogStatsd(DogStatsd):
         return self.received
 
 
+KEY_TOKEN = "ghp_" + "k3yT0k3n" * 4 + "Zq9x"  # a GitHub token pasted as a metadata key
+
+
 @pytest.fixture
 def statsd():
     catcher = ListeningDogStatsd()
@@ -115,10 +118,11 @@ def test_no_credential_reaches_the_llm_the_graph_valkey_the_spool_an_export_or_t
                              _DD_TRACE_WRITER_ADDITIONAL_HEADERS=f"X-Datadog-Test-Session-Token:{token}")
     events = [*CREDENTIAL_EVENTS, (f"Vendor keys in the billing job: {TWILIO_KEY} {MAILCHIMP_KEY}",
                                    [TWILIO_KEY, MAILCHIMP_KEY])]
-    secrets = [secret for _, values in events for secret in values]
+    secrets = [secret for _, values in events for secret in values] + [KEY_TOKEN]
     quick_only = {TWILIO_KEY, MAILCHIMP_KEY}  # reach the queue; the worker stops them before the LLM
     for i, (event, values) in enumerate(events):
-        metadata = json.dumps({"event": "session.error", "env": {"token": values[0]}} if i % 5 == 0 else {})
+        metadata = json.dumps({"event": "session.error", "env": {"token": values[0]}, KEY_TOKEN: "pasted as a key"}
+                              if i % 5 == 0 else {})
         queued.ok("store", "-", metadata, stdin=event)
     spooled = queued.with_env(VALKEY_PORT=str(dead_port)).run("store", "-", stdin=events[0][0])
     assert spooled.code == 0 and spooled.stdout.startswith("spooled")

@@ -1186,7 +1186,7 @@ def _secret_name() -> re.Pattern:
 
 def redact_value(value: Any, found: Redacted, thorough: bool = False) -> Any:
     """A copy of `value` (a JSON-like value: metadata, graph properties) with every string in it
-    redacted, and the whole string under a key that names a secret; counts go to `found`.
+    redacted, keys too, and the whole string under a key that names a secret; counts go to `found`.
     Iterative: metadata may be nested 10,000 deep."""
     holder = [value]
     pending: list[tuple[Any, Any]] = [(holder, 0)]
@@ -1205,9 +1205,18 @@ def redact_value(value: Any, found: Redacted, thorough: bool = False) -> Any:
             container[key] = items = list(item)
             pending.extend((items, index) for index in range(len(items)))
         elif isinstance(item, dict):
-            container[key] = fields = dict(item)
+            container[key] = fields = {_redacted_key(name, found, thorough): inner for name, inner in item.items()}
             pending.extend((fields, name) for name in fields)
     return holder[0]
+
+
+def _redacted_key(name: Any, found: Redacted, thorough: bool) -> Any:
+    """A credential pasted as a key ({"ghp_…": true}) is redacted like a value."""
+    if not isinstance(name, str):
+        return name
+    redacted = redact(name, thorough)
+    found.add(redacted)
+    return redacted.text
 
 
 def count_redactions(found: Redacted, stage: str) -> None:
