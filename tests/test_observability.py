@@ -120,9 +120,12 @@ def test_every_command_produces_one_trace_with_its_structure_and_tags(fixed_grou
     token = f"memory_{case.replace('-', '_')}"
     agent.start(token)
 
-    fixed_group = traced(fixed_group, token)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    fixed_group = traced(fixed_group, token, TMPDIR=str(scratch))
     fixed_group.ok(*args)
 
+    assert list(scratch.iterdir()) == []  # nothing left behind by the tracer either
     [trace] = agent.traces(token, expected=1)
     root, children = span_tree(trace)
     operation = case.split("-")[0]

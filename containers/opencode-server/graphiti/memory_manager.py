@@ -538,8 +538,10 @@ async def _tracer() -> Any:
     if not _telemetry.probed:
         _telemetry.probed = True
         if datadog().tracing and await _agent_answers():
-            # A CLI lives for a second: no instrumentation-telemetry posts unless the user wants them.
+            # A CLI lives for a second: no instrumentation-telemetry posts and no remote configuration
+            # (which leaves an empty file in TMPDIR per process) unless the user wants them.
             os.environ.setdefault("DD_INSTRUMENTATION_TELEMETRY_ENABLED", "false")
+            os.environ.setdefault("DD_REMOTE_CONFIGURATION_ENABLED", "false")
             from ddtrace.trace import tracer
 
             _telemetry.tracer = tracer
