@@ -208,6 +208,37 @@ def test_http_needs_the_bearer_token_and_then_serves_what_stdio_serves(memory):
     assert text_of(found) == memory.ok("query", "graph store").rstrip("\n")
 
 
+def open_session(url: str, session: str | None = None, method: str = "initialize") -> tuple[int, str | None]:
+    """One raw JSON-RPC request: (HTTP status, the session id the server gave or kept)."""
+    params = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "flood", "version": "1"}}
+    body = {"jsonrpc": "2.0", "id": 1, "method": method, **({"params": params} if method == "initialize" else {})}
+    headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+               "Authorization": f"Bearer {TOKEN}", **({"mcp-session-id": session} if session else {})}
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status, answer.headers.get("mcp-session-id")
+    except urllib.error.HTTPError as refused:
+        refused.close()
+        return refused.code, None
+
+
+def test_a_client_opening_sessions_without_end_churns_its_own_and_a_new_client_still_connects(memory):
+    with http_server(memory, MEMORY_MCP_SESSIONS_PER_CLIENT="3") as (url, _server):
+        flood = [open_session(url) for _ in range(60)]
+        oldest, newest = (open_session(url, flood[i][1], "ping")[0] for i in (0, -1))
+
+        async def scenario() -> Any:
+            async with http_client(url) as client:
+                return await call(client, "get_status")
+
+        status = run(scenario())
+
+    assert [code for code, _ in flood] == [200] * 60 and all(session for _, session in flood)
+    assert (oldest, newest) == (404, 200)  # the least recently used session was closed, the newest serves
+    assert text_of(status).startswith("healthy")
+
+
 def test_http_refuses_a_foreign_origin(memory):
     with http_server(memory) as (url, _server):
         request = urllib.request.Request(url, data=b"{}", method="POST", headers={

@@ -4115,6 +4115,51 @@ class _BearerGate:
         await self.app(scope, receive, send)
 
 
+class _SessionBound:
+    """At most MEMORY_MCP_SESSIONS_PER_CLIENT open sessions per client address. A new session
+    beyond that closes the one its client used least recently, through the protocol's own DELETE,
+    so a client that opens sessions without end churns its own and never locks others out (the
+    SDK alone answers 503 to everyone once 10,000 are open, until they idle out)."""
+
+    def __init__(self, app: Any, per_client: int) -> None:
+        self.app, self.per_client = app, per_client
+        self.sessions: dict[str, dict[bytes, None]] = defaultdict(dict)  # client -> its session ids, oldest first
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        mine = self.sessions[(scope.get("client") or ("?",))[0]]
+        session = dict(scope["headers"]).get(b"mcp-session-id")
+        if session is not None:
+            if mine.pop(session, 0) is None and scope["method"] != "DELETE":
+                mine[session] = None  # now the most recently used
+            return await self.app(scope, receive, send)
+
+        async def noting_new_sessions(message: dict) -> None:
+            opened = dict(message.get("headers", [])).get(b"mcp-session-id")
+            if message["type"] == "http.response.start" and opened:
+                mine[opened] = None
+                while len(mine) > self.per_client:
+                    oldest = next(iter(mine))
+                    del mine[oldest]
+                    await self._close(scope, oldest)
+            await send(message)
+
+        await self.app(scope, receive, noting_new_sessions)
+
+    async def _close(self, scope: dict, session: bytes) -> None:
+        host = [(name, value) for name, value in scope["headers"] if name == b"host"]
+        delete = {**scope, "method": "DELETE", "query_string": b"", "headers": [*host, (b"mcp-session-id", session)]}
+
+        async def no_body() -> dict:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def discard(_: dict) -> None:
+            return None
+
+        await self.app(delete, no_body, discard)
+
+
 def _package_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -4260,7 +4305,9 @@ def _mcp_http_app(server: Any, host: str, token: str | None) -> Any:
                                          allowed_origins=["http://127.0.0.1:*", "http://localhost:*",
                                                           "http://[::1]:*"])
     # one JSON reply per request: no tool streams progress, and an SSE stream per call costs more
-    app = server.streamable_http_app(transport_security=security, host=host, json_response=True)
+    app = server.streamable_http_app(transport_security=security, host=host, json_response=True,
+                                     session_idle_timeout=_env_int("MEMORY_MCP_SESSION_IDLE_S", 1800, 10, 86_400))
+    app = _SessionBound(app, _env_int("MEMORY_MCP_SESSIONS_PER_CLIENT", 32, 1, 10_000))
     return _BearerGate(app, token) if token else app
 
 
