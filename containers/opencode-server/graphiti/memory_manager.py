@@ -3940,7 +3940,7 @@ async def _local_copy(source: str) -> AsyncIterator[str]:
         return
     if not source.startswith("b2://"):
         if not os.path.isfile(source):
-            raise UsageError(f"no such file: {source}")
+            raise UsageError(f"not a file: {source}" if os.path.exists(source) else f"no such file: {source}")
         yield source
         return
     bucket, _, name = source[len("b2://"):].partition("/")
