@@ -18,7 +18,7 @@ Control endpoints for tests (not OpenAI's):
   GET  /_standin/stats   request counts per endpoint and per schema name
   GET  /_standin/requests  every OpenAI request body received while recording (a JSON list)
   POST /_standin/reset   zero the counts, clear faults, stop recording and forget recorded bodies
-  POST /_standin/faults  {"latency_ms": int, "fault": "401"|"429"|"500"|"malformed"|"hang"|null,
+  POST /_standin/faults  {"latency_ms": int, "fault": "401"|"429"|"500"|"malformed"|"null"|"hang"|null,
                           "fault_count": int (how many requests get the fault; -1 = all),
                           "fault_for_s": float (the fault ends this many seconds from now; an outage),
                           "record": bool (keep every OpenAI request body for /_standin/requests)}
@@ -540,6 +540,9 @@ def make_handler(state: StandIn) -> type[BaseHTTPRequestHandler]:
                 self.send_json(500, {"error": {"message": "stand-in fault", "type": "server_error"}})
             elif fault == "malformed":
                 self.send_json(200, None, raw=b'{"id": "resp_standin", "output": [')
+            elif fault == "null":  # embeddings only: a well-formed reply whose vector is null (code trusting it trips)
+                self.send_json(200, {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": None}],
+                                     "model": "standin", "usage": {"prompt_tokens": 0, "total_tokens": 0}})
             return fault is not None
 
         def serve_openai(self, path: str, body: dict) -> None:
@@ -551,7 +554,8 @@ def make_handler(state: StandIn) -> type[BaseHTTPRequestHandler]:
                 latency_ms = state.latency_ms
             if latency_ms:
                 time.sleep(latency_ms / 1000)
-            if self.answer_fault(state.take_fault()):
+            fault = state.take_fault()
+            if self.answer_fault(None if fault == "null" and endpoint != "embeddings" else fault):
                 return
             if endpoint == "embeddings":
                 return self.send_json(200, embeddings_reply(body, state.semantic))

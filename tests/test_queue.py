@@ -559,3 +559,20 @@ def test_groups_with_nothing_left_to_ingest_leave_the_group_set_and_those_with_d
     assert not groups & set(stale)
     assert with_dead_letter in groups
     assert memory.group not in groups and memory.episode_count() == 1
+
+
+def test_an_unexpected_exception_is_logged_with_its_traceback_and_set_aside_as_internal_not_as_bad_input(
+        memory, standin):
+    standin.faults(fault="null", fault_count=-1)  # well-formed replies with null payloads: graphiti trips on them
+    attempts = memory.with_env(MEMORY_MAX_ATTEMPTS="2")
+    wait_for_no_worker(memory.stack)
+
+    result = attempts.run("store", "--wait", "--timeout", "120", EDIT)
+    wait_for_no_worker(memory.stack)
+    row = memory.queue()
+    log = (memory.spool_dir / "drainer.log").read_text()
+
+    assert result.code == 1
+    assert "was dead-lettered after 2 attempt(s): internal error (a bug, not this episode's fault" in result.stderr
+    assert (row["dead_letters"], row["last_error"]["kind"]) == (1, "internal")
+    assert "Traceback (most recent call last):" in log and "TypeError" in log

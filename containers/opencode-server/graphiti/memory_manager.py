@@ -2477,10 +2477,14 @@ async def _falkordb_run_id() -> str | None:
 
 
 def _failure_kind(exc: BaseException) -> str:
-    """transient (wait and retry, forever), auth (pause, report loudly) or input (counts toward
-    MEMORY_MAX_ATTEMPTS, then dead letter)."""
+    """transient (wait and retry, forever), auth (pause, report loudly), input (what the model made
+    of this episode, or the episode itself: counts toward MEMORY_MAX_ATTEMPTS, then dead letter) or
+    internal (a bug, ours or a dependency's: logged with its traceback, counted apart, and only
+    then set aside like input, so one episode cannot hold the group up for good)."""
     import openai
-    from graphiti_core.llm_client.errors import RateLimitError
+    import pydantic
+    from graphiti_core.errors import GraphitiError
+    from graphiti_core.llm_client.errors import RateLimitError, RefusalError
 
     if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
         return "auth"
@@ -2489,7 +2493,14 @@ def _failure_kind(exc: BaseException) -> str:
         return "transient"
     if isinstance(exc, openai.APIStatusError) and (exc.status_code in (408, 409, 429) or exc.status_code >= 500):
         return "transient"
-    return "input"
+    # graphiti raises a bare Exception for a reply it cannot use ("Invalid response from LLM", "Output
+    # length exceeded"); the rest are typed
+    if type(exc) is Exception or isinstance(exc, (openai.APIStatusError, openai.LengthFinishReasonError,
+                                                  openai.ContentFilterFinishReasonError, pydantic.ValidationError,
+                                                  json.JSONDecodeError, GraphitiError, RefusalError,
+                                                  MemoryManagerError)):
+        return "input"
+    return "internal"
 
 
 def _backoff_s(failures: int) -> float:
@@ -2703,7 +2714,7 @@ class _Worker:
                 if attempts >= self.s.max_attempts:
                     await self._dead_letter(group, entry_id, fields, attempts, detail)
                     return
-                emit("ingest.retries", 1, "c", group=group, reason="input")
+                emit("ingest.retries", 1, "c", group=group, reason=kind)
                 await self._pause(_backoff_s(attempts))
 
     async def _ingest(self, group: str, entry_id: str, fields: dict[str, str]) -> None:
@@ -2800,6 +2811,13 @@ class _Worker:
         if kind == "auth":
             detail = f"openai at {self.s.llm_address}: authentication failed (check OPENAI_API_KEY)"
             log.error("error: %s; ingestion paused", detail)
+        elif kind == "internal":
+            import traceback
+
+            emit("ingest.internal_errors", 1, "c", group=group, type=type(exc).__name__)
+            detail = f"internal error (a bug, not this episode's fault; traceback in the worker's log): {detail}"
+            log.error("error: group %s, job %s: %s\n%s", group, job, detail,
+                      scrub("".join(traceback.format_exception(exc)))[-8000:].rstrip())
         else:
             log.warning("warning: group %s, job %s: %s failure: %s", group, job, kind, detail)
         record = json.dumps({"at": datetime.now(UTC).isoformat(), "job": job, "kind": kind, "error": detail})
