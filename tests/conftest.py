@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -271,6 +272,92 @@ def valkey(stack: Stack) -> Iterator[redis.Redis]:
     client = redis.Redis(port=stack.ports["valkey"], decode_responses=True)
     yield client
     client.close()
+
+
+class Agent:
+    """ddapm-test-agent's session API: traces the CLI sent under one session token."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=10) as reply:
+                return reply.status, reply.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+
+    def start(self, token: str) -> None:
+        assert self.get(f"/test/session/start?test_session_token={token}")[0] == 200
+
+    def traces(self, token: str, expected: int) -> list[list[dict]]:
+        deadline = time.monotonic() + 5
+        while True:
+            traces = json.loads(self.get(f"/test/session/traces?test_session_token={token}")[1])
+            if len(traces) >= expected or time.monotonic() > deadline:
+                return traces
+            time.sleep(0.1)
+
+    def snapshot(self, token: str, ignores: str) -> tuple[int, str]:
+        return self.get(f"/test/session/snapshot?test_session_token={token}&ignores={ignores}")
+
+
+@pytest.fixture
+def agent(stack: Stack) -> Agent:
+    return Agent(stack.agent_url)
+
+
+class DogStatsd:
+    """A UDP socket the test owns, read all along by a thread: a burst of datagrams read only at the
+    end would overflow the socket's receive buffer and lose the last ones."""
+
+    QUIET_S = 0.5  # no datagram for this long: the sender is done
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.1)
+        self.port = self.sock.getsockname()[1]
+        self.received: list[str] = []
+        self.last_at = time.monotonic()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        while self.sock.fileno() != -1:
+            with contextlib.suppress(OSError):
+                self.received += self.sock.recv(65535).decode(errors="replace").splitlines()
+                self.last_at = time.monotonic()
+
+    def lines(self) -> list[str]:
+        """Every line received so far, once the sender has been quiet for QUIET_S."""
+        while time.monotonic() - self.last_at < self.QUIET_S:
+            time.sleep(0.05)
+        return list(self.received)
+
+    def text(self) -> str:
+        return "\n".join(self.lines())
+
+    def metrics(self) -> list[tuple[str, str, dict[str, str]]]:
+        parsed = []
+        self.values: dict[str, list[float]] = {}
+        for line in self.lines():
+            head, kind, tags = line.split("|")
+            name, value = head.split(":")
+            self.values.setdefault(name, []).append(float(value))
+            parsed.append((name, kind, dict(t.split(":", 1) for t in tags.lstrip("#").split(","))))
+        return parsed
+
+    def close(self) -> None:
+        self.sock.close()
+        self.reader.join(timeout=5)
+
+
+@pytest.fixture
+def dogstatsd() -> Iterator[DogStatsd]:
+    catcher = DogStatsd()
+    yield catcher
+    catcher.close()
 
 
 @pytest.fixture

@@ -39,8 +39,8 @@ def test_invalid_entity_type_exits_2_and_leaves_the_graph_as_it_was(memory, enti
     result = memory.run("entities", entity_type)
 
     assert result.code == 2
-    assert len(result.error_lines) == 1
-    assert "entity type must match" in result.stderr
+    assert result.error_lines == [f"memory-manager: error: entity type must match ^[A-Za-z_][A-Za-z0-9_]{{0,63}}$, "
+                                  f"got {entity_type!r}"]
     assert memory.graph_counts() == before
 
 

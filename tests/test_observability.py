@@ -8,10 +8,7 @@ DogStatsD datagrams are read off a UDP socket the test owns.
 
 import json
 import re
-import socket
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 import redis
@@ -30,37 +27,6 @@ CANARIES = {
     "FALKORDB_PASSWORD": "canary-falkor-pw-9d5c6f",
 }
 CONTENT_CANARY = "canary-content-0b7e55"
-
-
-class Agent:
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-    def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(self.url + path, timeout=10) as reply:
-                return reply.status, reply.read().decode()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read().decode()
-
-    def start(self, token: str) -> None:
-        assert self.get(f"/test/session/start?test_session_token={token}")[0] == 200
-
-    def traces(self, token: str, expected: int) -> list[list[dict]]:
-        deadline = time.monotonic() + 5
-        while True:
-            traces = json.loads(self.get(f"/test/session/traces?test_session_token={token}")[1])
-            if len(traces) >= expected or time.monotonic() > deadline:
-                return traces
-            time.sleep(0.1)
-
-    def snapshot(self, token: str) -> tuple[int, str]:
-        return self.get(f"/test/session/snapshot?test_session_token={token}&ignores={SNAPSHOT_IGNORES}")
-
-
-@pytest.fixture
-def agent(stack) -> Agent:
-    return Agent(stack.agent_url)
 
 
 def traced(memory: Memory, token: str, **changes: str) -> Memory:
@@ -139,7 +105,7 @@ def test_every_command_produces_one_trace_with_its_structure_and_tags(fixed_grou
         assert root["metrics"]["memory.limit"] == 3 and root["metrics"]["memory.results"] == 1
     if operation == "entities":
         assert root["meta"]["memory.entity_type"] == "Technology" and root["metrics"]["memory.results"] == 2
-    status, diff = agent.snapshot(token)
+    status, diff = agent.snapshot(token, SNAPSHOT_IGNORES)
     assert status == 200, diff
 
 
@@ -174,7 +140,7 @@ def test_a_failing_command_produces_an_error_span(fixed_group, agent, dead_port)
     assert root["error"] == 1
     assert root["meta"]["error.type"] == "ServiceError"
     assert f"falkordb at 127.0.0.1:{dead_port}" in root["meta"]["error.message"]
-    status, diff = agent.snapshot(token)
+    status, diff = agent.snapshot(token, SNAPSHOT_IGNORES)
     assert status == 200, diff
 
 
@@ -188,41 +154,6 @@ def test_a_usage_error_is_an_error_span_too(fixed_group, agent):
     [trace] = agent.traces(token, expected=1)
     root, _ = span_tree(trace)
     assert (root["error"], root["meta"]["error.type"]) == (1, "UsageError")
-
-
-class DogStatsd:
-    """A UDP socket owned by the test: what the CLI sends is what we read."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.5)
-        self.port = self.sock.getsockname()[1]
-
-    def lines(self) -> list[str]:
-        received = []
-        while True:
-            try:
-                received += self.sock.recv(65535).decode().splitlines()
-            except TimeoutError:
-                return received
-
-    def metrics(self) -> list[tuple[str, str, dict[str, str]]]:
-        parsed = []
-        self.values: dict[str, list[float]] = {}
-        for line in self.lines():
-            head, kind, tags = line.split("|")
-            name, value = head.split(":")
-            self.values.setdefault(name, []).append(float(value))
-            parsed.append((name, kind, dict(t.split(":", 1) for t in tags.lstrip("#").split(","))))
-        return parsed
-
-
-@pytest.fixture
-def dogstatsd():
-    catcher = DogStatsd()
-    yield catcher
-    catcher.sock.close()
 
 
 def test_a_miss_then_a_hit_emit_one_cache_miss_then_one_cache_hit(memory, dogstatsd):

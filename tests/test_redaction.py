@@ -1,19 +1,15 @@
 """Requirement: Credential redaction (spec: memory-manager / Redact credentials, Private spans,
 Redaction switch). Corpora in redaction_corpus.py."""
 
-import contextlib
 import json
-import threading
 import time
 import uuid
 
-import pytest
 import redis
 
 import memory_manager  # the module's own redaction functions (conftest puts it on sys.path)
-from conftest import wait_for_no_worker
+from conftest import Agent, wait_for_no_worker
 from redaction_corpus import CREDENTIAL_EVENTS, ORDINARY_EVENTS
-from test_observability import Agent, DogStatsd
 
 # Shapes the worker's detect-secrets pass catches and the quick pass (at `store`) leaves alone.
 TWILIO_KEY = "SK" + uuid.UUID(int=0x5EED_1234_ABCD_0000_1111_2222_3333_4444).hex
@@ -76,45 +72,16 @@ def test_the_worker_pass_catches_vendor_keys_the_quick_pass_does_not_know():
     assert set(thorough.kinds) == {"twilio-api-key", "mailchimp-access-key"}
 
 
-class ListeningDogStatsd(DogStatsd):
-    """Reads its socket all along: this test's ~240 datagrams overflow a UDP receive buffer (212 KB
-    here) that is read only at the end, and the ingestion's, sent last, were the ones lost."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.received: list[str] = []
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        while self.sock.fileno() != -1:
-            with contextlib.suppress(OSError):
-                self.received += self.sock.recv(65535).decode().splitlines()
-
-    def close(self) -> list[str]:
-        time.sleep(1)  # the last datagrams
-        self.sock.close()
-        self.reader.join(timeout=5)
-        return self.received
-
-
 KEY_TOKEN = "ghp_" + "k3yT0k3n" * 4 + "Zq9x"  # a GitHub token pasted as a metadata key
 
 
-@pytest.fixture
-def statsd():
-    catcher = ListeningDogStatsd()
-    yield catcher
-    catcher.close()
-
-
-def test_no_credential_reaches_the_llm_the_graph_valkey_the_spool_an_export_or_telemetry(memory, standin, stack, statsd,
-                                                                                           dead_port, tmp_path):
+def test_no_credential_reaches_the_llm_the_graph_valkey_the_spool_an_export_or_telemetry(
+        memory, standin, stack, dogstatsd, dead_port, tmp_path):
     wait_for_no_worker(stack)  # a drainer of an earlier test would ingest (and count) our episodes
     standin.faults(record=True)
     agent, token = Agent(stack.agent_url), uuid.uuid4().hex
     agent.start(token)
-    queued = memory.with_env(MEMORY_AUTO_DRAIN="off", DD_DOGSTATSD_PORT=str(statsd.port), DD_TRACE_ENABLED="true",
+    queued = memory.with_env(MEMORY_AUTO_DRAIN="off", DD_DOGSTATSD_PORT=str(dogstatsd.port), DD_TRACE_ENABLED="true",
                              _DD_TRACE_WRITER_ADDITIONAL_HEADERS=f"X-Datadog-Test-Session-Token:{token}")
     events = [*CREDENTIAL_EVENTS, (f"Vendor keys in the billing job: {TWILIO_KEY} {MAILCHIMP_KEY}",
                                    [TWILIO_KEY, MAILCHIMP_KEY])]
@@ -143,7 +110,7 @@ def test_no_credential_reaches_the_llm_the_graph_valkey_the_spool_an_export_or_t
         "llm requests": "\n".join(standin.recorded()),
         "valkey now": everything_in_valkey(stack, memory.group),
         "export": export.read_text(),
-        "metrics": "\n".join(statsd.close()),
+        "metrics": dogstatsd.text(),
         "spans": json.dumps(agent.traces(token, expected=len(events) + 2)),
         "output": drain.stdout + drain.stderr,
         "valkey aof": aof(stack),
