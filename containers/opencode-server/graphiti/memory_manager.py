@@ -4613,7 +4613,17 @@ async def cmd_mcp(args: argparse.Namespace) -> int:
     return 0
 
 
+REQUIRED_PACKAGES = ("redis", "openai", "graphiti_core", "falkordb")
+
+
 async def cmd_group(args: argparse.Namespace) -> int:
+    """Also the plugin's start-up check: a Python without the dependencies (the system python3)
+    fails here, once and loudly, rather than in every store."""
+    import importlib.util
+
+    missing = next((name for name in REQUIRED_PACKAGES if importlib.util.find_spec(name) is None), None)
+    if missing:
+        raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
     group = project_group(args.directory or working_directory())
     if args.json:
         _print_json({"group": group})

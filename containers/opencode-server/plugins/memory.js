@@ -12,57 +12,81 @@
 // memories and two projects never share them), else the directory; MEMORY_GROUP_ID overrides. The
 // MCP server started in the project directory serves the same group. The group is logged at start.
 //
-// Environment: MEMORY_MANAGER (path of memory_manager.py), MEMORY_PYTHON (default python3),
+// Failures are loud, never fatal: a memory manager that cannot run (a Python without its
+// dependencies, a wrong path) is found once at start and logged as an error in OpenCode's log
+// (service "memory"), and so is every store or recall that fails, with the manager's own one line.
+//
+// Environment: MEMORY_MANAGER (default: the `memory-manager` console script, whose Python has the
+// dependencies; or a path to memory_manager.py, run with MEMORY_PYTHON, default python3),
 // MEMORY_GROUP_ID, MEMORY_RECALL (on/off, default on), MEMORY_RECALL_TIMEOUT_MS (default 3000),
 // MEMORY_RECALL_BUDGET_TOKENS (default 1500),
 // plus the memory manager's own variables, which its processes inherit. No npm dependencies.
 
-import { execFile, execFileSync, spawn } from "node:child_process"
+import { execFile, spawn } from "node:child_process"
 import path from "node:path"
 
-const PYTHON = process.env.MEMORY_PYTHON || "python3"
-const SCRIPT = process.env.MEMORY_MANAGER || "/opt/opencode/graphiti/memory_manager.py"
+const MANAGER = process.env.MEMORY_MANAGER || "memory-manager"
+const COMMAND = MANAGER.endsWith(".py") ? [process.env.MEMORY_PYTHON || "python3", MANAGER] : [MANAGER]
 const RECALL = (process.env.MEMORY_RECALL || "on") !== "off"
 const RECALL_TIMEOUT_MS = Number(process.env.MEMORY_RECALL_TIMEOUT_MS || 3000)
 const RECALL_BUDGET_TOKENS = Number(process.env.MEMORY_RECALL_BUDGET_TOKENS || 1500)
 const MAX_CONTENT = 8000 // characters per stored event: a concise note, not a transcript
 
-// The project's group, by the memory manager's own rule (`memory_manager.py group DIR`: the
-// normalised git remote, else the directory), which its MCP server applies to its working directory
-// too: what the plugin stores there, the agent's search_memory_facts finds.
-function projectGroup(directory) {
-  if (process.env.MEMORY_GROUP_ID) return process.env.MEMORY_GROUP_ID
-  try {
-    return execFileSync(PYTHON, [SCRIPT, "group", directory], {
-      encoding: "utf8", stdio: ["ignore", "pipe", "ignore"], timeout: 10000,
-    }).trim() || "opencode"
-  } catch {
-    return "opencode" // the memory manager cannot run here: its stores fail the same way
-  }
+// Runs the memory manager; resolves to {ok, stdout, why} and never rejects. `why` is the manager's
+// one error line, or what kept it from running.
+function manage(args, options = {}) {
+  return new Promise((resolve) => {
+    try {
+      execFile(COMMAND[0], [...COMMAND.slice(1), ...args], { encoding: "utf8", ...options }, (error, stdout, stderr) => {
+        if (!error) return resolve({ ok: true, stdout })
+        const said = String(stderr || "").trim().split("\n").pop()
+        const why = said || (error.killed ? `no answer within ${options.timeout} ms` : error.code || error.message)
+        resolve({ ok: false, stdout: "", why: `${COMMAND.join(" ")} ${args[0]}: ${why}` })
+      })
+    } catch (error) {
+      resolve({ ok: false, stdout: "", why: `${COMMAND.join(" ")} ${args[0]}: ${error.message}` })
+    }
+  })
 }
 
 // The plugin is the file's only export: OpenCode calls every exported function as a plugin.
 export const MemoryPlugin = async ({ client, directory, worktree }) => {
   const root = worktree || directory
-  const group = projectGroup(root)
-  try {
-    await client?.app?.log?.({ body: { service: "memory", level: "info", message: `memory group ${group}` } })
-  } catch {}
+  const log = async (level, message) => {
+    try {
+      await client?.app?.log?.({ body: { service: "memory", level, message } })
+    } catch {}
+  }
+  // The project's group, by the memory manager's own rule (`memory-manager group DIR`: the
+  // normalised git remote, else the directory), which its MCP server applies to its working
+  // directory too. It is also the start-up check: it fails where the manager cannot run.
+  const checked = await manage(["group", root], { timeout: 10000 })
+  const usable = checked.ok
+  const group = process.env.MEMORY_GROUP_ID || checked.stdout.trim() || "opencode"
+  if (!checked.ok) await log("error", `memory off: ${checked.why}`)
+  else await log("info", `memory group ${group}`)
   const env = { ...process.env, MEMORY_GROUP_ID: group }
   const turns = new Map() // sessionID -> {asked, tools}
   const recalled = new Set()
 
+  // Detached: the agent never waits on a store. Its one error line, if any, goes to the log.
   const store = (content, metadata) => {
+    if (!usable) return
     try {
-      const child = spawn(PYTHON, [SCRIPT, "store", "-", JSON.stringify({ ...metadata, group })], {
-        env, detached: true, stdio: ["pipe", "ignore", "ignore"],
+      const child = spawn(COMMAND[0], [...COMMAND.slice(1), "store", "-", JSON.stringify({ ...metadata, group })], {
+        env, detached: true, stdio: ["pipe", "ignore", "pipe"],
       })
-      child.on("error", () => {})
+      let said = ""
+      child.stderr.on("data", (chunk) => { said = (said + chunk).slice(-2000) })
+      child.on("error", (error) => log("error", `memory store failed: ${COMMAND.join(" ")}: ${error.message}`))
+      child.on("close", (code) => {
+        if (code) log("error", `memory store failed (exit ${code}): ${said.trim().split("\n").pop() || "no message"}`)
+      })
       child.stdin.on("error", () => {})
       child.stdin.end(content.slice(0, MAX_CONTENT))
       child.unref()
-    } catch {
-      // a memory must never cost the agent its turn
+    } catch (error) {
+      log("error", `memory store failed: ${error.message}`) // a memory must never cost the agent its turn
     }
   }
 
@@ -74,12 +98,13 @@ export const MemoryPlugin = async ({ client, directory, worktree }) => {
 
   // One deterministic block within a budget (`context`): the same memories and question give the
   // same bytes, so the provider's prompt cache keeps holding.
-  const recall = (question) => new Promise((resolve) => {
-    execFile(PYTHON, [SCRIPT, "context", "--budget-tokens", String(RECALL_BUDGET_TOKENS), "--",
-      question.slice(0, 2000)], {
-      env, timeout: RECALL_TIMEOUT_MS, encoding: "utf8",
-    }, (error, stdout) => resolve(error ? "" : stdout.trim()))
-  })
+  const recall = async (question) => {
+    if (!usable) return ""
+    const answer = await manage(["context", "--budget-tokens", String(RECALL_BUDGET_TOKENS), "--",
+      question.slice(0, 2000)], { env, timeout: RECALL_TIMEOUT_MS })
+    if (!answer.ok) await log("warn", `memory recall skipped: ${answer.why}`)
+    return answer.stdout.trim()
+  }
 
   return {
     event: async ({ event }) => {
