@@ -28,6 +28,7 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
@@ -53,6 +54,14 @@ def to_json(value: Any) -> bytes:
     return json.dumps(value, default=lambda o: sorted(o) if isinstance(o, (set, frozenset)) else str(o)).encode()
 
 
+def wall_clock_ms() -> Iterator[int]:
+    """Upload timestamps as B2 gives them: milliseconds since the epoch, strictly increasing."""
+    last = 0
+    while True:
+        last = max(last + 1, int(time.time() * 1000))
+        yield last
+
+
 class Endpoint:
     """The simulator plus what the HTTP layer needs: its own URL and a lock (the simulator is not
     thread-safe)."""
@@ -70,6 +79,8 @@ class Endpoint:
         self.key_id, self.key = self.sim.create_account()
         token = self.sim.authorize_account(self.sim.API_URL, self.key_id, self.key)["authorizationToken"]
         self.sim.create_bucket(self.sim.API_URL, token, self.key_id, bucket, "allPrivate")
+        # the simulator counts upload times up from 5 s after 1970; real B2 gives the wall clock
+        self.sim.bucket_name_to_bucket[bucket].upload_timestamp_counter = wall_clock_ms()
         self.bucket = bucket
 
     def info(self) -> dict[str, str]:

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import time
+from datetime import UTC, datetime
 
 import pytest
 import redis
@@ -577,6 +578,51 @@ def test_backups_lists_exports_newest_first_and_latest_restores_the_newest(memor
     assert text[0].endswith(exported["target"]) and f"{exported['nodes']} nodes" in text[0]
     assert restored["source"] == "b2://opencode-memory/latest" and restored["nodes"] == exported["nodes"]
     assert memory.entities() == entities
+    uploaded = datetime.fromisoformat(listed[0]["uploaded_at"])  # the wall clock, as B2 gives it
+    assert abs((datetime.now(UTC) - uploaded).total_seconds()) < 600
+
+
+@pytest.mark.parametrize("args", [["export"], ["restore", "x.json"], ["backups"]])
+def test_commands_that_cover_every_group_refuse_group(memory, args):
+    result = memory.run(*args, "--group", "other")
+
+    assert result.code == 2
+    assert result.error_lines == [f"memory-manager: error: {args[0]} covers every group at once; "
+                                  "--group does not apply to it"]
+
+
+def test_a_malformed_b2_setting_fails_the_b2_commands_only(memory):
+    bad = memory.with_env(B2_KEEP="abc", MEMORY_AUTO_DRAIN="off")
+
+    stored, exported = bad.run("store", "Edited src/app.py"), bad.run("export")
+
+    assert stored.code == 0, stored.stderr
+    assert exported.code == 2
+    assert exported.error_lines == ["memory-manager: error: B2_KEEP must be an integer, got 'abc'"]
+
+
+def test_b2_messages_name_the_command_and_the_bucket_asked_for(memory):
+    keyless = memory.with_env(B2_KEY_ID=None, B2_APP_KEY=None)
+
+    listed, other = keyless.run("backups"), memory.run("restore", "b2://no-such-bucket/latest", "--dry-run")
+
+    assert listed.error_lines == ["memory-manager: error: B2_KEY_ID is not set (needed to list backups with B2)"]
+    assert other.code == 1
+    assert other.error_lines[0].endswith("bucket 'no-such-bucket' does not exist or the key cannot see it")
+
+
+def test_a_pretty_printed_copy_is_refused_as_such(memory, empty_falkordb, tmp_path):
+    memory.store(A_EVENTS[0])
+    document = tmp_path / "export.json"
+    memory.ok("export", "--output", str(document))
+    pretty = tmp_path / "pretty.json"
+    pretty.write_text(json.dumps(json.loads(document.read_text()), indent=2))
+
+    result = memory.run("restore", str(pretty), "--dry-run")
+
+    assert result.code == 2
+    assert result.error_lines == ["memory-manager: error: not a valid export document (line 1): not the layout "
+                                  "`export` writes, one record per line (a re-formatted copy?)"]
 
 
 def test_latest_with_no_export_under_the_prefix_is_a_usage_error(memory):

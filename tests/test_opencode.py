@@ -152,7 +152,7 @@ def test_with_the_plugin_a_turn_that_writes_a_file_is_remembered_in_the_project_
 def test_a_plugin_whose_python_lacks_the_dependencies_says_so_in_opencode_s_log_and_the_run_goes_on(
         opencode, project, stack):
     install_plugin(project)
-    system_python = shutil.which("python3", path="/usr/bin:/bin")
+    system_python = shutil.which("python3", path="/usr/bin:/bin") or "/usr/bin/python3"
     project.env["MEMORY_PYTHON"] = system_python
     script_chat(stack, [{"text": "Nothing to do."}])
 

@@ -200,6 +200,14 @@ class OutputClosed(MemoryManagerError):
 
 # === Configuration ===============================================================================
 
+def _b2_numbers() -> dict[str, Any]:
+    """B2_KEEP and B2_STALL_S. A malformed one fails the commands that use B2, not every `store`."""
+    try:
+        return {"b2_keep": _env_int("B2_KEEP", 28, 0, 1_000_000), "b2_stall_s": _env_int("B2_STALL_S", 60, 1, 3600)}
+    except UsageError as exc:
+        return {"b2_invalid": str(exc)}
+
+
 def _env_int(name: str, default: int, low: int, high: int) -> int:
     raw = os.environ.get(name, "").strip()
     if not raw:
@@ -344,6 +352,7 @@ class Settings:
     b2_realm: str = "production"
     b2_keep: int = 28
     b2_stall_s: int = 60
+    b2_invalid: str | None = None  # a malformed B2_KEEP or B2_STALL_S, reported by require_b2()
     redact: bool = True
 
     @classmethod
@@ -377,8 +386,7 @@ class Settings:
             b2_bucket=_env_str("B2_BUCKET"),
             b2_prefix=(_env_str("B2_PREFIX") or "").strip("/"),
             b2_realm=_env_str("B2_REALM", "production") or "production",  # checked by require_b2()
-            b2_keep=_env_int("B2_KEEP", 28, 0, 1_000_000),
-            b2_stall_s=_env_int("B2_STALL_S", 60, 1, 3600),
+            **_b2_numbers(),
             redact=_env_bool("MEMORY_REDACT", True),
         )
 
@@ -398,16 +406,19 @@ class Settings:
     def b2_address(self) -> str:
         return redact_url(self.b2_realm) if "://" in self.b2_realm else f"B2 {self.b2_realm}"
 
-    def require_b2(self, command: str = "export") -> None:
-        """The B2 variables `export` (key and bucket) or `restore b2://...` (key only) needs."""
+    def require_b2(self, command: str = "export", needs_bucket: bool | None = None) -> None:
+        """The B2 variables a command needs: the key, and B2_BUCKET unless the bucket was named
+        (`export` always; `restore b2://...` never). Only these commands check them."""
+        if self.b2_invalid:
+            raise UsageError(self.b2_invalid)
         needed = [("B2_KEY_ID", self.b2_key_id), ("B2_APP_KEY", self.b2_app_key)]
-        if command == "export":
+        if command == "export" if needs_bucket is None else needs_bucket:
             needed.append(("B2_BUCKET", self.b2_bucket))
-        alternative = ("`export --output PATH` writes a local file instead" if command == "export"
-                       else "`restore PATH` reads a local file instead")
+        alternative = {"export": "; `export --output PATH` writes a local file instead",
+                       "restore": "; `restore PATH` reads a local file instead"}.get(command, "")
         for name, value in needed:
             if not value:
-                raise UsageError(f"{name} is not set (needed to {command} with B2; {alternative})")
+                raise UsageError(f"{name} is not set (needed to {command} with B2{alternative})")
         _check_b2_realm(self.b2_realm)
 
     def require_llm(self) -> str:
@@ -3395,7 +3406,7 @@ async def list_backups(bucket: str | None = None) -> list[Backup]:
 
 async def _list_backups(bucket: str | None) -> list[Backup]:
     s = settings()
-    s.require_b2("restore" if bucket else "export")
+    s.require_b2("list backups", needs_bucket=bucket is None)
     name = bucket or s.b2_bucket or ""
 
     def listing(api: Any) -> list[Backup]:
@@ -3514,9 +3525,9 @@ def _b2_call(s: Settings, work: Callable[[Any], Any], moved: _Moved) -> Any:
         return work(_b2_api(s, moved))
     except (b2.InvalidAuthToken, b2.Unauthorized) as exc:
         raise ServiceError("b2", s.b2_address, "authorization failed (check B2_KEY_ID and B2_APP_KEY)") from exc
-    except b2.NonExistentBucket as exc:
-        raise ServiceError("b2", s.b2_address,
-                           f"bucket {s.b2_bucket!r} does not exist or the key cannot see it") from exc
+    except b2.NonExistentBucket as exc:  # the bucket asked for, which need not be B2_BUCKET
+        raise ServiceError("b2", s.b2_address, f"bucket {exc.bucket_name or s.b2_bucket!r} does not exist or "
+                           "the key cannot see it") from exc
     except b2.FileNotPresent as exc:
         raise ServiceError("b2", s.b2_address, "file not found") from exc
     except b2.B2ConnectionError as exc:
@@ -3711,6 +3722,8 @@ def _parse(number: int, text: str) -> dict:
 
 
 def _parse_header(number: int, raw: bytes, dimension: int | None) -> dict:
+    if raw.strip() == b"{":
+        raise _Corrupt(number, "not the layout `export` writes, one record per line (a re-formatted copy?)")
     header = _parse(number, raw.decode("utf-8", "replace").rstrip("\n") + "]}")
     if header.get("format") != EXPORT_FORMAT:
         raise UsageError(f"not an export document: format is {header.get('format')!r}, expected {EXPORT_FORMAT!r}")
@@ -4836,8 +4849,14 @@ def _use_group(group: str | None) -> None:
         _clients.settings = dataclasses.replace(Settings.from_env(), group_id=group)
 
 
+EVERY_GROUP_HANDLERS = {"cmd_export": "export", "cmd_restore": "restore", "cmd_backups": "backups"}
+
+
 async def _run(args: argparse.Namespace) -> int:
     try:
+        every_group = EVERY_GROUP_HANDLERS.get(args.handler.__name__)
+        if args.group is not None and every_group:
+            raise UsageError(f"{every_group} covers every group at once; --group does not apply to it")
         _use_group(args.group)
         return await args.handler(args)
     finally:
