@@ -247,10 +247,13 @@ def up(run_dir: Path, env_file: Path, embeddings: str = "hashed") -> None:
     state = run_dir / "stack.json"
     if state.exists():
         raise SystemExit(f"stack: already up (see {state}); run `make stack-down` first")
-    stack = Stack(run_dir, ports=dict(DEFAULT_PORTS), embeddings=embeddings)
-    busy = [f"{n}:{p}" for n, p in stack.ports.items() if _listening(p)]
-    if busy:
-        raise SystemExit(f"stack: port(s) already in use: {', '.join(busy)}")
+    # a default port that another checkout's stack (or anything) holds is replaced by a free one;
+    # the env file and stack.json carry the ports actually used
+    ports = {name: free_port() if _listening(port) else port for name, port in DEFAULT_PORTS.items()}
+    moved = [f"{name} {DEFAULT_PORTS[name]} -> {port}" for name, port in ports.items() if port != DEFAULT_PORTS[name]]
+    if moved:
+        print(f"stack: default port(s) in use, taking free ones: {', '.join(moved)}", file=sys.stderr)
+    stack = Stack(run_dir, ports=ports, embeddings=embeddings)
     stack.start(detach=True)
     stack.write_env_file(env_file)
     state.write_text(json.dumps({"pids": {n: p.pid for n, p in stack.processes.items()},

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -375,6 +376,32 @@ def test_stack_down_removes_the_env_file_it_wrote(tmp_path):
                     str(tmp_path / "run"), "--env-file", str(env_file)], check=True, capture_output=True, timeout=30)
 
     assert not env_file.exists()
+
+
+def test_stack_up_takes_free_ports_when_a_default_one_is_busy_and_the_memory_works_on_them(tmp_path):
+    stack_py = MODULE.parents[3] / "local" / "stack.py"
+    run_dir, env_file = tmp_path / "run", tmp_path / ".stack.env"
+    holder = socket.socket()
+    try:
+        holder.bind(("127.0.0.1", 16379))  # FalkorDB's default port, held as another checkout's stack would
+    except OSError:
+        pass  # already held by something else: just as good
+    else:
+        holder.listen(1)
+    try:
+        up = subprocess.run([sys.executable, str(stack_py), "up", "--run-dir", str(run_dir), "--env-file",
+                             str(env_file)], capture_output=True, text=True, timeout=120)
+        env = dict(line.removeprefix("export ").split("=", 1) for line in env_file.read_text().splitlines())
+        health = subprocess.run([sys.executable, str(MODULE), "health"], env={**os.environ, **env},
+                                capture_output=True, text=True, timeout=60)
+    finally:
+        subprocess.run([sys.executable, str(stack_py), "down", "--run-dir", str(run_dir), "--env-file",
+                        str(env_file)], capture_output=True, timeout=60)
+        holder.close()
+
+    assert up.returncode == 0, up.stderr
+    assert env["FALKORDB_PORT"] != "16379" and "falkordb 16379 -> " in up.stderr
+    assert health.stdout.splitlines()[0].split()[:2] == ["falkordb", "ok"], health.stdout
 
 
 @pytest.mark.parametrize("text", ["-foo", "-h1", "--postgres"])
