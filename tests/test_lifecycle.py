@@ -42,3 +42,30 @@ def test_two_asyncio_runs_in_one_process_both_work(memory, monkeypatch):
     assert "We chose FalkorDB over Neo4j" in first
     assert second == first
     assert {e["name"] for e in entities} == {"FalkorDB", "Neo4j"}
+
+
+def test_all_names_exactly_the_documented_api_and_the_types_it_returns():
+    import ast
+    import inspect
+    import re
+    import typing
+
+    import memory_manager
+
+    documented = set(re.findall(r"^    (\w+)\(", memory_manager.__doc__ or "", re.M))
+    errors = set(re.findall(r"(\w+Error|OutputClosed) +exit", memory_manager.__doc__ or ""))
+    exported = set(memory_manager.__all__)
+    functions = {name for name in exported if inspect.isfunction(getattr(memory_manager, name))}
+    returned = set()
+    for name in functions:
+        hints = typing.get_type_hints(getattr(memory_manager, name))
+        returned |= {n for n in re.findall(r"\b[A-Z]\w+", str(hints.get("return", ""))) if hasattr(memory_manager, n)
+                     and inspect.isclass(getattr(memory_manager, n)) and getattr(memory_manager, n).__module__ ==
+                     "memory_manager"}
+    defined = {node.name for node in ast.parse(inspect.getsource(memory_manager)).body
+               if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)}
+
+    assert exported <= defined
+    assert documented - {"main"} == functions - {"main"}
+    assert errors <= exported
+    assert returned <= exported, returned - exported
