@@ -11,9 +11,7 @@ import pytest
     ("MEMORY_CACHE_TTL", "0", "MEMORY_CACHE_TTL must be between 1 and 2592000, got 0"),
     ("MEMORY_MAX_EPISODE_CHARS", "-5", "MEMORY_MAX_EPISODE_CHARS must be between 1 and 10000000, got -5"),
     ("OPENAI_BASE_URL", "ftp://x", "OPENAI_BASE_URL must be an http(s) URL, got 'ftp://x'"),
-    ("B2_STALL_S", "0", "B2_STALL_S must be between 1 and 3600, got 0"),
-], ids=["group-chars", "group-length", "port-not-int", "port-range", "ttl-zero", "max-chars", "base-url",
-        "b2-stall"])
+], ids=["group-chars", "group-length", "port-not-int", "port-range", "ttl-zero", "max-chars", "base-url"])
 @pytest.mark.parametrize("command", [["query", "anything"], ["entities"], ["health"]],
                          ids=["query", "entities", "health"])
 def test_a_malformed_setting_fails_early_with_one_line_naming_it(memory, variable, value, message, command):
@@ -23,6 +21,22 @@ def test_a_malformed_setting_fails_early_with_one_line_naming_it(memory, variabl
     assert len(result.error_lines) == 1
     assert result.error_lines[0].startswith(f"memory-manager: error: {message}")
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize(("variable", "value", "message", "command"), [
+    ("B2_STALL_S", "0", "B2_STALL_S must be between 1 and 3600, got 0", ["export"]),
+    ("B2_KEEP", "-1", "B2_KEEP must be between 0 and 1000000, got -1", ["backups"]),
+    ("MEMORY_MCP_SESSIONS_PER_CLIENT", "0", "MEMORY_MCP_SESSIONS_PER_CLIENT must be between 1 and 10000, got 0",
+     ["mcp", "--http", "127.0.0.1:1"]),
+], ids=["b2-stall", "b2-keep", "mcp-sessions"])
+def test_a_setting_only_some_commands_read_fails_those_early_and_nothing_else(memory, variable, value, message,
+                                                                              command):
+    configured = memory.with_env(**{variable: value})
+
+    used, unused = configured.run(*command), configured.run("query", "anything")
+
+    assert (used.code, used.stdout, used.error_lines) == (2, "", [f"memory-manager: error: {message}"])
+    assert unused.code == 0, unused.stderr
 
 
 def test_a_base_url_with_credentials_is_never_echoed(memory):

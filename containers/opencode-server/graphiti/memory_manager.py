@@ -203,12 +203,13 @@ class OutputClosed(MemoryManagerError):
 
 # === Configuration ===============================================================================
 
-def _b2_numbers() -> dict[str, Any]:
-    """B2_KEEP and B2_STALL_S. A malformed one fails the commands that use B2, not every `store`."""
+def _read_for_some(invalid_field: str, read: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Settings only some commands use (B2's, `mcp --http`'s): a malformed one fails those
+    commands, which check `invalid_field`, not every `store`."""
     try:
-        return {"b2_keep": _env_int("B2_KEEP", 28, 0, 1_000_000), "b2_stall_s": _env_int("B2_STALL_S", 60, 1, 3600)}
+        return read()
     except UsageError as exc:
-        return {"b2_invalid": str(exc)}
+        return {invalid_field: str(exc)}
 
 
 def _env_int(name: str, default: int, low: int, high: int) -> int:
@@ -356,6 +357,11 @@ class Settings:
     b2_keep: int = 28
     b2_stall_s: int = 60
     b2_invalid: str | None = None  # a malformed B2_KEEP or B2_STALL_S, reported by require_b2()
+    mcp_token: str | None = field(default=None, repr=False)
+    mcp_allowed_hosts: tuple[str, ...] = ()
+    mcp_sessions_per_client: int = 32
+    mcp_session_idle_s: int = 1800
+    mcp_invalid: str | None = None  # reported by `mcp` alone
     redact: bool = True
 
     @classmethod
@@ -389,7 +395,14 @@ class Settings:
             b2_bucket=_env_str("B2_BUCKET"),
             b2_prefix=(_env_str("B2_PREFIX") or "").strip("/"),
             b2_realm=_env_str("B2_REALM", "production") or "production",  # checked by require_b2()
-            **_b2_numbers(),
+            **_read_for_some("b2_invalid", lambda: {"b2_keep": _env_int("B2_KEEP", 28, 0, 1_000_000),
+                                                    "b2_stall_s": _env_int("B2_STALL_S", 60, 1, 3600)}),
+            mcp_token=_env_str("MEMORY_MCP_TOKEN"),
+            mcp_allowed_hosts=tuple(name.strip() for name in (_env_str("MEMORY_MCP_ALLOWED_HOSTS") or "").split(",")
+                                    if name.strip()),
+            **_read_for_some("mcp_invalid", lambda: {
+                "mcp_sessions_per_client": _env_int("MEMORY_MCP_SESSIONS_PER_CLIENT", 32, 1, 10_000),
+                "mcp_session_idle_s": _env_int("MEMORY_MCP_SESSION_IDLE_S", 1800, 10, 86_400)}),
             redact=_env_bool("MEMORY_REDACT", True),
         )
 
@@ -4328,30 +4341,32 @@ def parse_bind(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _mcp_http_app(server: Any, host: str, token: str | None) -> Any:
+def _mcp_http_app(server: Any, host: str) -> Any:
     """The SDK's streamable HTTP app with its Host/Origin checks (DNS rebinding), behind the bearer
     gate when a token is set."""
     from mcp.server.transport_security import TransportSecuritySettings
 
+    s = settings()
     hosts = ["127.0.0.1:*", "localhost:*", "[::1]:*", f"{host}:*", f"{socket.gethostname()}:*"]
-    hosts += [f"{name.strip()}:*" for name in (_env_str("MEMORY_MCP_ALLOWED_HOSTS") or "").split(",") if name.strip()]
+    hosts += [f"{name}:*" for name in s.mcp_allowed_hosts]
     security = TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts,
                                          allowed_origins=["http://127.0.0.1:*", "http://localhost:*",
                                                           "http://[::1]:*"])
     # one JSON reply per request: no tool streams progress, and an SSE stream per call costs more
     app = server.streamable_http_app(transport_security=security, host=host, json_response=True,
-                                     session_idle_timeout=_env_int("MEMORY_MCP_SESSION_IDLE_S", 1800, 10, 86_400))
-    app = _SessionBound(app, _env_int("MEMORY_MCP_SESSIONS_PER_CLIENT", 32, 1, 10_000))
-    return _BearerGate(app, token) if token else app
+                                     session_idle_timeout=s.mcp_session_idle_s)
+    app = _SessionBound(app, s.mcp_sessions_per_client)
+    return _BearerGate(app, s.mcp_token) if s.mcp_token else app
 
 
 async def serve_mcp(http: str | None = None, with_worker: bool = False) -> None:
     """Serve until stdin closes (stdio) or SIGTERM/SIGINT; with `with_worker`, run the queue worker
     in the same process and loop. Clients are created on first use and closed on the way out."""
     s = settings()
-    token = _env_str("MEMORY_MCP_TOKEN")
+    if s.mcp_invalid:
+        raise UsageError(s.mcp_invalid)
     bind = parse_bind(http) if http else None
-    if bind and bind[0] not in LOOPBACK_HOSTS and not token:
+    if bind and bind[0] not in LOOPBACK_HOSTS and not s.mcp_token:
         raise UsageError(f"mcp --http {http}: binding beyond loopback needs MEMORY_MCP_TOKEN (every request must "
                          "then carry Authorization: Bearer <token>)")
     if with_worker:
@@ -4363,7 +4378,7 @@ async def serve_mcp(http: str | None = None, with_worker: bool = False) -> None:
         loop.add_signal_handler(signum, stop.set)
     worker = asyncio.create_task(run_worker(stop=stop)) if with_worker else None
     try:
-        await (_serve_http(server, bind, token, stop) if bind else _serve_stdio(server, stop))
+        await (_serve_http(server, bind, stop) if bind else _serve_stdio(server, stop))
     finally:
         stop.set()
         if worker:
@@ -4379,13 +4394,13 @@ async def _serve_stdio(server: Any, stop: asyncio.Event) -> None:
         await serving  # its own failure, if any, is raised here
 
 
-async def _serve_http(server: Any, bind: tuple[str, int], token: str | None, stop: asyncio.Event) -> None:
+async def _serve_http(server: Any, bind: tuple[str, int], stop: asyncio.Event) -> None:
     """uvicorn takes SIGTERM/SIGINT while it serves, finishes gracefully, then raises the signal
     again for serve_mcp's handler; a stop from elsewhere (the worker failing) ends it too."""
     import uvicorn
 
     host, port = bind
-    web = uvicorn.Server(uvicorn.Config(_mcp_http_app(server, host, token), host=host, port=port,
+    web = uvicorn.Server(uvicorn.Config(_mcp_http_app(server, host), host=host, port=port,
                                        log_level="warning", access_log=False, lifespan="on"))
 
     async def exit_when_stopped() -> None:
