@@ -189,8 +189,8 @@ def test_help_shows_examples_the_environment_and_the_exit_codes(memory):
 
 
 def readme_cli_block() -> list[str]:
-    text = (MODULE.parents[3] / "README.md").read_text()
-    block = text.split("## CLI", 1)[1].split("```", 2)[1]
+    text = (MODULE.parents[3] / "docs" / "cli.md").read_text()
+    block = text.split("# CLI", 1)[1].split("```", 2)[1]
     return [line.split("#")[0].strip() for line in block.splitlines() if line.startswith("memory-manager ")]
 
 

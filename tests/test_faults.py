@@ -5,7 +5,7 @@ naming the failed service and its address, a bound on the time taken, nothing lo
 queue counts before and after), and no secret (canaries for every credential) in stdout, stderr,
 the spans the Datadog test agent received, the DogStatsD datagrams, the spool or the dead letters.
 
-MATRIX below is the table; README.md carries the same table, rendered by `render_table()` and
+MATRIX below is the table; docs/faults.md carries the same table, rendered by `render_table()` and
 checked by a test, so the two cannot drift.
 """
 
@@ -59,7 +59,7 @@ class Outcome:
         return f"{self.code}{named}{after}, ≤{self.within_s:g} s"
 
 
-NA = None  # the command never reaches that dependency in that state (see README)
+NA = None  # the command never reaches that dependency in that state (see docs/faults.md)
 OK = Outcome(0)
 DD_BAD = Outcome(2, "DD_TRACE_AGENT_PORT", within_s=5)
 
@@ -135,7 +135,7 @@ MATRIX: dict[str, dict[str, Outcome | None]] = {
 
 
 def render_table() -> str:
-    """The README's table: one row per dependency state, one column per command."""
+    """docs/faults.md's table: one row per dependency state, one column per command."""
     lines = ["| state | " + " | ".join(COMMANDS) + " |", "|---" * (len(COMMANDS) + 1) + "|"]
     for state in STATES:
         cells = [MATRIX[state][command] for command in COMMANDS]
@@ -423,7 +423,7 @@ def assert_no_secret_anywhere(stack, memory: Memory, token: str, statsd: DogStat
 
 
 def test_the_readme_fault_table_is_the_tested_matrix():
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "faults.md").read_text()
 
     assert render_table() in readme
 
