@@ -69,3 +69,30 @@ def test_all_names_exactly_the_documented_api_and_the_types_it_returns():
     assert documented - {"main"} == functions - {"main"}
     assert errors <= exported
     assert returned <= exported, returned - exported
+
+
+def test_each_section_of_the_module_uses_only_what_the_sections_above_it_define():
+    import ast
+    import re
+
+    source = MODULE.read_text()
+    starts = [(number, match.group(1)) for number, line in enumerate(source.splitlines(), start=1)
+              if (match := re.fullmatch(r"# === (.+?) =+", line))]
+
+    def section(line: int) -> int:
+        return max((index for index, (start, _) in enumerate(starts) if start <= line), default=-1)
+
+    tree = ast.parse(source)
+    home: dict[str, int] = {}
+    for node in tree.body:
+        targets = [node] if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) else []
+        names = [n.name for n in targets] + [t.id for t in getattr(node, "targets", [getattr(node, "target", None)])
+                                             if isinstance(t, ast.Name)]
+        home.update((name, section(node.lineno)) for name in names)
+    later = sorted({(starts[section(node.lineno)][1], name.id, starts[home[name.id]][1])
+                    for node in tree.body for name in ast.walk(node)
+                    if isinstance(name, ast.Name) and isinstance(name.ctx, ast.Load) and name.id in home
+                    and home[name.id] > section(node.lineno)})
+
+    assert len(starts) >= 10
+    assert later == []  # (section, name it uses, the later section that defines it)

@@ -141,6 +141,7 @@ log = logging.getLogger("memory_manager")
 
 # === Constants ===================================================================================
 
+PROG = "memory-manager"        # the console script's name, in every message
 EPISODE_SOURCE = "opencode"
 HEALTH_TIMEOUT_S = 1.0
 CONNECT_TIMEOUT_S = 2.0
@@ -496,6 +497,26 @@ class DatadogSettings:
                    env=_env_str("DD_ENV"), version=_env_str("DD_VERSION"))
 
 
+@dataclass
+class _Configured:
+    settings: Settings | None = None
+
+
+_configured = _Configured()
+
+
+def settings() -> Settings:
+    """This process's settings, read from the environment on first use (importing reads nothing)."""
+    if _configured.settings is None:
+        _configured.settings = Settings.from_env()
+    return _configured.settings
+
+
+def _use_settings(chosen: Settings | None) -> None:
+    """Replace the settings (`--group`), or with None forget them: the next use reads the environment."""
+    _configured.settings = chosen
+
+
 # === Observability ===============================================================================
 # Spans through ddtrace, imported only when tracing is on and an agent answers a quick probe:
 # without an agent ddtrace holds a short CLI's exit for seconds. Metrics are DogStatsD datagrams sent
@@ -703,7 +724,6 @@ def shutdown_telemetry() -> None:
 @dataclass
 class _Clients:
     loop: asyncio.AbstractEventLoop | None = None
-    settings: Settings | None = None
     valkey: redis.asyncio.Redis | None = None
     falkordb: FalkorDB | None = None
     openai: Any = None  # one AsyncOpenAI client shared by every group's Graphiti
@@ -715,12 +735,6 @@ class _Clients:
 
 
 _clients = _Clients()
-
-
-def settings() -> Settings:
-    if _clients.settings is None:
-        _clients.settings = Settings.from_env()
-    return _clients.settings
 
 
 def _bound_clients() -> _Clients:
@@ -886,7 +900,8 @@ async def close() -> None:
     _close_statsd()
     _telemetry.settings = None
     clients.cache_down_until = 0.0
-    clients.loop = clients.settings = None
+    clients.loop = None
+    _use_settings(None)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -4423,7 +4438,6 @@ async def _serve_http(server: Any, bind: tuple[str, int], stop: asyncio.Event) -
 
 # === CLI =========================================================================================
 
-PROG = "memory-manager"
 EXAMPLES = """\
 examples:
   echo "Edited src/app.py: retry FalkorDB writes" | memory-manager store - '{"event": "file.edited"}'
@@ -4864,7 +4878,7 @@ def _use_group(group: str | None) -> None:
     if group is not None:
         if not GROUP_ID_RULE.fullmatch(group):
             raise UsageError(f"--group must match {GROUP_ID_RULE.pattern}, got {group!r}")
-        _clients.settings = dataclasses.replace(Settings.from_env(), group_id=group)
+        _use_settings(dataclasses.replace(Settings.from_env(), group_id=group))
 
 
 EVERY_GROUP_HANDLERS = {"cmd_export": "export", "cmd_restore": "restore", "cmd_backups": "backups"}
