@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 OPENSPEC := OPENSPEC_TELEMETRY=0 npx --yes @fission-ai/openspec@1.13.2
 
-.PHONY: install valkey test spec lint demo stack stack-down bench bench-export bench-queue bench-miss bench-redact bench-mcp bench-recall clean
+.PHONY: install valkey browser test spec lint demo stack stack-down bench bench-export bench-queue bench-miss bench-redact bench-mcp bench-recall clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,12 @@ valkey:
 	@command -v valkey-server >/dev/null || { [ "$$(id -u)" = 0 ] && bash local/install-valkey.sh; } \
 	  || echo "WARNING: valkey-server not installed; the stack will use plain redis-server for the cache" >&2
 
-install: $(VENV)/.installed containers/opencode-server/graphiti/__pycache__/.compiled valkey
+# Debian's Chromium, headless, checks the `graph --html` page in tests (skipped without it, never in CI).
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && bash local/install-chromium.sh; } \
+	  || echo "WARNING: chromium not installed; the graph page tests will be skipped" >&2
+
+install: $(VENV)/.installed containers/opencode-server/graphiti/__pycache__/.compiled valkey browser
 
 spec:
 	$(OPENSPEC) validate --all --strict --no-interactive

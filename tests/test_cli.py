@@ -24,11 +24,11 @@ def test_help_lists_every_command(memory):
 
     assert (result.code, result.stderr) == (0, "")
     assert help_commands(result.stdout) == ["store", "query", "context", "entities", "health", "queue", "worker",
-                                            "drain", "export", "backups", "mcp", "restore", "group"]
+                                            "drain", "export", "backups", "mcp", "restore", "graph", "group"]
 
 
 @pytest.mark.parametrize("command", ["store", "query", "context", "entities", "health", "queue", "worker", "drain",
-                                     "export", "backups", "mcp", "restore", "group"])
+                                     "export", "backups", "mcp", "restore", "graph", "group"])
 def test_each_command_has_its_own_help(memory, command):
     result = memory.run(command, "--help")
 

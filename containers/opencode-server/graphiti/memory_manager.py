@@ -18,6 +18,7 @@ cache in Valkey.
     project_group(directory) -> str                  a project's memory group (git remote, else path)
     get_entities(entity_type=None) -> list[dict]     every entity of the group, with its type
     get_episodes(last_n=10) -> list[dict]            the newest episodes, with metadata and reference time
+    get_graph(limit=500) -> dict                     entities and the facts between them, for a picture
     delete_episode(name) -> str                      forget one episode (through graphiti); its uuid
     queue_status() -> dict                           per group: queued, in flight, oldest, dead letters
     retry_dead_letters(group=None) -> int            requeue dead-lettered episodes
@@ -33,7 +34,7 @@ cache in Valkey.
     serve_mcp(http=None, with_worker=False)          the MCP server (stdio, or streamable HTTP)
     close()                                          release every client
 
-CLI: memory-manager store|query|context|entities|health|queue|worker|drain|export|backups|mcp|restore|group
+CLI: memory-manager store|query|context|entities|health|queue|worker|drain|export|backups|mcp|restore|graph|group
 (--help); every command takes --group G, -q and --json.
 
 Writes go through a queue: `store` validates, appends the episode to the group's Valkey Stream
@@ -65,6 +66,7 @@ import fcntl
 import functools
 import hashlib
 import hmac
+import html
 import io
 import itertools
 import json
@@ -120,6 +122,7 @@ __all__ = [
     "export_to_file",
     "get_entities",
     "get_episodes",
+    "get_graph",
     "health",
     "list_backups",
     "main",
@@ -2265,6 +2268,40 @@ async def get_entities(entity_type: str | None = None) -> list[dict]:
             )
         op.set(**{"memory.results": len(result.result_set)})
         return [{"name": redact(name).text, "type": _specific_label(labels)} for name, labels in result.result_set]
+
+
+MAX_GRAPH_FACTS = 2_000  # what one page can draw legibly; the newest facts first
+
+
+async def get_graph(limit: int = 500) -> dict:
+    """The group's entities and the facts between them, for a picture: {"group", "entities":
+    [{"id", "name", "type", "summary"}], "facts": [{"source", "target", "fact", "valid_at",
+    "invalid_at"}]}, the newest `limit` facts (1-2000) and every entity they join, plus entities
+    with no fact when the limit leaves room."""
+    async with operation("graph") as op:
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_GRAPH_FACTS:
+            raise UsageError(f"limit must be an integer from 1 to {MAX_GRAPH_FACTS}, got {limit!r}")
+        s = settings()
+        view: dict = {"group": s.group_id, "entities": [], "facts": []}
+        if not await _graph_exists(s.group_id):
+            return view
+        async with _service("falkordb", s.falkordb_address):
+            graph = (await _falkordb()).select_graph(s.group_id)
+            facts = (await graph.ro_query(
+                "MATCH (a:Entity)-[r:RELATES_TO]->(b:Entity) RETURN a.uuid, b.uuid, r.fact, r.valid_at, "
+                "r.invalid_at ORDER BY r.created_at DESC, r.uuid LIMIT $n", {"n": limit})).result_set
+            joined = sorted({end for row in facts for end in row[:2]})
+            entity = "RETURN n.uuid, n.name, labels(n), n.summary ORDER BY toLower(n.name), n.uuid"
+            nodes = (await graph.ro_query(f"MATCH (n:Entity) WHERE n.uuid IN $ids {entity}",
+                                          {"ids": joined})).result_set
+            nodes += (await graph.ro_query(f"MATCH (n:Entity) WHERE NOT (n)-[:RELATES_TO]-() {entity} LIMIT $n",
+                                           {"n": max(0, limit - len(joined))})).result_set
+        view["entities"] = [{"id": uuid_, "name": redact(name or "").text, "type": _specific_label(labels),
+                             "summary": redact(summary or "").text} for uuid_, name, labels, summary in nodes]
+        view["facts"] = [{"source": a, "target": b, "fact": redact(fact or "").text, "valid_at": _iso_text(valid_at),
+                          "invalid_at": _iso_text(invalid_at)} for a, b, fact, valid_at, invalid_at in facts]
+        op.set(**{"memory.results": len(view["facts"])})
+        return view
 
 
 EPISODE_NAME_RULE = re.compile(r"episode_\d{8}T\d{12}Z")
@@ -4658,6 +4695,104 @@ async def cmd_mcp(args: argparse.Namespace) -> int:
     return 0
 
 
+GRAPH_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy"
+  content="default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
+<title>memory: __GROUP__</title>
+<style>
+body{font:14px system-ui,sans-serif;margin:0;display:grid;grid-template-columns:1fr 26rem;height:100vh}
+svg{width:100%;height:100vh;background:#fafafa} line{stroke:#9ab;stroke-width:1.2} line.old{stroke-dasharray:4 3}
+circle{fill:#4a7bd0;stroke:#fff;stroke-width:1.5} text{font-size:11px;fill:#223}
+.dim{opacity:.12} aside{overflow:auto;padding:12px;border-left:1px solid #ddd}
+input{width:100%;font-size:15px;padding:6px;box-sizing:border-box} li{margin:6px 0} small{color:#667}
+</style></head><body>
+<svg id="graph" viewBox="0 0 1000 1000"></svg>
+<aside><input id="search" placeholder="search entities and facts" autofocus>
+<p id="count"></p><ol id="facts"></ol></aside>
+<script type="application/json" id="memory-data">__DATA__</script>
+<script>
+"use strict";
+const data = JSON.parse(document.getElementById("memory-data").textContent);
+const svg = document.getElementById("graph"), NS = "http://www.w3.org/2000/svg";
+const index = new Map(data.entities.map((e, i) => [e.id, i]));
+const links = data.facts.filter((f) => index.has(f.source) && index.has(f.target));
+const n = data.entities.length;
+const pos = data.entities.map((_, i) => [500 + 400 * Math.cos(2 * Math.PI * i / Math.max(n, 1)),
+                                         500 + 400 * Math.sin(2 * Math.PI * i / Math.max(n, 1))]);
+const k = 0.7 * Math.sqrt(1000 * 1000 / Math.max(n, 1));
+for (let step = 0; step < 300; step++) {  // Fruchterman-Reingold, deterministic: same data, same picture
+  const move = pos.map(() => [0, 0]), heat = 60 * (1 - step / 300) + 1;
+  for (let i = 0; i < n; i++) for (let j = i + 1; j < n; j++) {
+    const dx = pos[i][0] - pos[j][0], dy = pos[i][1] - pos[j][1], d = Math.hypot(dx, dy) + 0.01;
+    const push = k * k / d / d;
+    move[i][0] += dx * push; move[i][1] += dy * push; move[j][0] -= dx * push; move[j][1] -= dy * push;
+  }
+  for (const f of links) {
+    const a = index.get(f.source), b = index.get(f.target);
+    const dx = pos[b][0] - pos[a][0], dy = pos[b][1] - pos[a][1], pull = Math.hypot(dx, dy) / k;
+    move[a][0] += dx * pull; move[a][1] += dy * pull; move[b][0] -= dx * pull; move[b][1] -= dy * pull;
+  }
+  pos.forEach((p, i) => {
+    const dx = move[i][0] + (500 - p[0]) * 0.05, dy = move[i][1] + (500 - p[1]) * 0.05;
+    const d = Math.hypot(dx, dy) + 0.01, step_ = Math.min(d, heat);
+    p[0] = Math.min(970, Math.max(30, p[0] + dx / d * step_));
+    p[1] = Math.min(970, Math.max(30, p[1] + dy / d * step_));
+  });
+}
+const make = (tag, attrs, text) => {
+  const el = document.createElementNS(NS, tag);
+  for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, v);
+  if (text) el.textContent = text;
+  return el;
+};
+const lines = links.map((f) => {
+  const a = pos[index.get(f.source)], b = pos[index.get(f.target)];
+  const line = make("line", {x1: a[0], y1: a[1], x2: b[0], y2: b[1], class: f.invalid_at ? "old" : ""});
+  line.appendChild(make("title", {}, f.fact));
+  return svg.appendChild(line);
+});
+const dots = data.entities.map((e, i) => {
+  const g = make("g", {"data-name": e.name});
+  const dot = make("circle", {cx: pos[i][0], cy: pos[i][1], r: 6});
+  dot.appendChild(make("title", {}, `${e.name} (${e.type})${e.summary ? "\\n" + e.summary : ""}`));
+  g.append(dot, make("text", {x: pos[i][0] + 8, y: pos[i][1] + 4}, e.name));
+  return svg.appendChild(g);
+});
+const list = document.getElementById("facts"), count = document.getElementById("count");
+const search = document.getElementById("search");
+function show(query) {
+  const q = query.trim().toLowerCase(), hit = (t) => !q || (t || "").toLowerCase().includes(q);
+  const names = data.entities.map((e) => hit(e.name) || hit(e.summary));
+  const facts = links.map((f) => hit(f.fact) || names[index.get(f.source)] || names[index.get(f.target)]);
+  dots.forEach((d, i) => d.classList.toggle("dim", !names[i] && !links.some((f, k) => facts[k] &&
+    (index.get(f.source) === i || index.get(f.target) === i))));
+  lines.forEach((l, k) => l.classList.toggle("dim", !facts[k]));
+  list.replaceChildren(...links.filter((_, k) => facts[k]).map((f) => {
+    const li = document.createElement("li"), when = document.createElement("small");
+    li.textContent = f.fact + " ";
+    when.textContent = (f.valid_at || "") + (f.invalid_at ? " until " + f.invalid_at : "");
+    li.appendChild(when);
+    return li;
+  }));
+  count.textContent = `${names.filter(Boolean).length} of ${n} entities, ${facts.filter(Boolean).length} ` +
+    `of ${links.length} facts (group ${data.group})`;
+}
+search.addEventListener("input", () => show(search.value));
+search.value = decodeURIComponent((location.hash.match(/^#q=(.*)$/) || [, ""])[1]);
+show(search.value);
+</script></body></html>
+"""
+
+
+def graph_page(view: dict) -> str:
+    """One self-contained HTML page (no network: data, script and style inline) drawing `view`.
+    The data sits in a JSON script block with <, > and & escaped, and the page writes it only as
+    text nodes, so nothing stored can become markup."""
+    data = json.dumps(view, ensure_ascii=False).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return GRAPH_PAGE.replace("__GROUP__", html.escape(view["group"])).replace("__DATA__", data)
+
+
 REQUIRED_PACKAGES = ("redis", "openai", "graphiti_core", "falkordb")
 
 
@@ -4674,6 +4809,33 @@ async def cmd_group(args: argparse.Namespace) -> int:
         _print_json({"group": group})
     else:
         print(group)
+    return 0
+
+
+def _write_text_file(path: str, text: str, option: str) -> None:
+    """Whole or not at all: written beside the target, then renamed over it."""
+    target = os.path.abspath(path)
+    if os.path.isdir(target):
+        raise UsageError(f"{option} {path}: is a directory; give a file name")
+    try:
+        fd, temporary = tempfile.mkstemp(prefix=".memory_", suffix=".partial", dir=os.path.dirname(target))
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, target)
+    except OSError as exc:
+        with contextlib.suppress(NameError, FileNotFoundError):
+            os.unlink(temporary)
+        raise UsageError(f"{option} {path}: cannot write it ({exc.strerror or _describe(exc)})") from None
+
+
+async def cmd_graph(args: argparse.Namespace) -> int:
+    view = await get_graph(args.limit)
+    if args.html is None:
+        _print_json(view)
+        return 0
+    _write_text_file(args.html, graph_page(view), "--html")
+    print(f"wrote {args.html}: {len(view['entities'])} entities, {len(view['facts'])} facts of group {view['group']}")
     return 0
 
 
@@ -4827,6 +4989,11 @@ def build_parser() -> argparse.ArgumentParser:
     restore_.add_argument("--dry-run", action="store_true", help="check the document and say what would "
                           "change; exits as the real run would")
 
+    graph = command("graph", "the group's entities and facts as JSON, or with --html FILE as a page to look at "
+                    "(self-contained, offline, searchable)", cmd_graph)
+    graph.add_argument("--html", metavar="FILE", help="write the page here")
+    graph.add_argument("--limit", type=int, default=500, metavar="N", help="the newest N facts (default 500, at most "
+                       f"{MAX_GRAPH_FACTS})")
     group = command("group", "print the memory group of a project directory (its git remote, else its path); "
                     "the plugin and mcp use it", cmd_group)
     group.add_argument("directory", nargs="?", help="the project directory (default: the current one)")

@@ -1,0 +1,93 @@
+"""Requirement: A look at the memory (spec: memory-manager / Graph page). `graph` returns the group's
+entities and facts; `graph --html FILE` writes one self-contained page, checked here in Debian's
+Chromium, headless (skipped where it is not installed; under CI its absence fails)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import Memory
+
+CHROMIUM = shutil.which("chromium")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
+                                    reason="needs Debian's chromium (make install adds it as root)")
+EVENTS = ["Alice moved `billing-api` from `MySQL` to `Postgres`.",
+          "Bob put `Valkey` in front of `billing-api` as its cache.",
+          "Carol wrote the runbook <img src=x onerror=alert(1)> for `Postgres` failover."]
+
+
+def rendered(page: Path, query: str = "") -> str:
+    """The DOM after the page's script ran, as Chromium serialises it."""
+    assert CHROMIUM, "chromium is not installed"
+    done = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=3000",
+                           "--dump-dom", f"{page.as_uri()}#q={query}"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def stored(stack, tmp_path_factory) -> Memory:
+    memory = Memory(stack, f"t_graph_{os.getpid()}", tmp_path_factory.mktemp("graph_spool"))
+    for event in EVENTS:
+        memory.store(event)
+    return memory
+
+
+def test_graph_returns_the_entities_and_the_facts_between_them(stored):
+    view = json.loads(stored.ok("graph", "--limit", "50"))
+
+    names = {e["name"] for e in view["entities"]}
+    ids = {e["id"] for e in view["entities"]}
+    assert view["group"] == stored.group
+    assert {"billing-api", "MySQL", "Postgres", "Valkey"} <= names
+    assert view["facts"] and all({f["source"], f["target"]} <= ids for f in view["facts"])
+    assert all(set(f) == {"source", "target", "fact", "valid_at", "invalid_at"} for f in view["facts"])
+
+
+@pytest.mark.parametrize("limit", ["0", "2001", "many"])
+def test_a_bad_limit_is_refused_with_one_line(stored, limit):
+    result = stored.run("graph", "--limit", limit)
+
+    assert result.code == 2 and len(result.error_lines) == 1
+
+
+@needs_chromium
+def test_the_page_draws_every_entity_and_fact_and_its_search_narrows_them(stored, tmp_path):
+    page = tmp_path / "memory.html"
+    written = stored.ok("graph", "--html", str(page))
+    view = json.loads(stored.ok("graph"))
+
+    everything, narrowed = rendered(page), rendered(page, "Valkey")
+
+    assert written == f"wrote {page}: {len(view['entities'])} entities, {len(view['facts'])} facts of group " \
+                      f"{stored.group}\n"
+    assert everything.count("<circle") == len(view["entities"])
+    assert everything.count("<line") == len(view["facts"])
+    total = f"{len(view['entities'])} of {len(view['entities'])} entities, {len(view['facts'])} of " \
+            f"{len(view['facts'])} facts"
+    assert total in everything
+    shown = re.search(r'<p id="count">(\d+) of \d+ entities, (\d+) of', narrowed)
+    assert shown and 0 < int(shown.group(2)) < len(view["facts"])
+    assert all("Valkey" in item or "billing-api" in item
+               for item in re.findall(r"<li>(.*?)</li>", narrowed))
+
+
+@needs_chromium
+def test_the_page_is_offline_and_stored_markup_stays_text(stored, tmp_path):
+    page = tmp_path / "memory.html"
+    stored.ok("graph", "--html", str(page))
+    source = page.read_text()
+
+    dom = rendered(page)
+
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", source)  # nothing fetched
+    assert "default-src 'none'" in source
+    assert "\\u003cimg src=x" in source  # the stored tag is in the page's data, escaped
+    assert "<img" not in dom.split("<body>", 1)[1]  # the stored tag is shown as text, never made an element
