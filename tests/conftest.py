@@ -104,6 +104,19 @@ class Memory:
                               capture_output=True, input=stdin, timeout=timeout_s)
         return Result(done.returncode, done.stdout, done.stderr)
 
+    def run_all(self, commands: list[list[str]], at_once: int = 3) -> list[Result]:
+        """Several independent CLI runs, `at_once` at a time (each is its own process, as the plugin
+        runs them); results in the order given."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(at_once) as pool:
+            return list(pool.map(lambda args: self.run(*args), commands))
+
+    def ok_all(self, commands: list[list[str]]) -> list[str]:
+        results = self.run_all(commands)
+        assert [r.code for r in results] == [0] * len(results), [r.stderr for r in results if r.code]
+        return [r.stdout for r in results]
+
     def ok(self, *args: str, stdin: str | None = None) -> str:
         result = self.run(*args, stdin=stdin)
         assert result.code == 0, f"exit {result.code}: {result.stderr}"

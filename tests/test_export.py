@@ -720,11 +720,15 @@ TIE_QUESTIONS = ["MySQL to Postgres", "billing service", "search service", "who 
 
 
 def test_answers_and_entities_are_byte_identical_after_export_wipe_restore(memory, empty_falkordb, tmp_path):
-    for episode in TIE_EPISODES:
-        memory.store(episode)
+    wait_for_no_worker(memory.stack)
+    queued = memory.with_env(MEMORY_AUTO_DRAIN="off")
+    for episode in TIE_EPISODES:  # queued, then ingested in order by one drainer
+        queued.ok("store", episode)
+    memory.ok("drain")
+    memory.wait_until_ingested(len(TIE_EPISODES))
 
     def answers() -> list[str]:
-        return [memory.ok("query", q, "--limit", "8") for q in TIE_QUESTIONS]
+        return memory.ok_all([["query", q, "--limit", "8"] for q in TIE_QUESTIONS])
 
     before_answers, before_entities = answers(), memory.entities()
     document = tmp_path / "ties.json"

@@ -81,8 +81,7 @@ def assert_answered_or_refused(result, expected: str | None = None) -> None:
 
 def test_hostile_queries_always_answer_through_the_cli(seeded):
     before = snapshot(seeded)
-    for query in QUERIES:
-        result = seeded.run("query", query)
+    for result in seeded.run_all([["query", query] for query in QUERIES]):
         assert_answered_or_refused(result, ANSWER)
     assert "FalkorDB over Neo4j" in seeded.run("query", "graph database").stdout
     assert snapshot(seeded) == before
