@@ -380,10 +380,10 @@ def random_vector_graph(db: redis.Redis, group: str, entities: int) -> None:
                            f"group_id: '{group}', name_embedding: vecf32([x IN range(0, 1023) | rand() - 0.5])}})")
 
 
-def test_an_upload_far_longer_than_45_s_completes_while_bytes_keep_moving(tmpdir_env, empty_falkordb, stack,
-                                                                           b2_faults_cleared):
+def test_an_upload_longer_than_45_s_completes_while_bytes_keep_moving(tmpdir_env, empty_falkordb, stack,
+                                                                      b2_faults_cleared):
     memory, scratch = tmpdir_env
-    random_vector_graph(empty_falkordb, memory.group, entities=5000)  # ~20 MB stored
+    random_vector_graph(empty_falkordb, memory.group, entities=3000)  # ~12 MB stored
     b2_faults_cleared(upload_bytes_per_s=200_000)  # a 1.6 Mbit/s uplink, shared by b2sdk's part uploads
     started = time.monotonic()
 
@@ -392,8 +392,8 @@ def test_an_upload_far_longer_than_45_s_completes_while_bytes_keep_moving(tmpdir
     took = time.monotonic() - started
     assert result.code == 0, result.stderr
     stored = int(result.stdout.split(" bytes (zstd)")[0].rsplit(" ", 1)[1])
-    assert stored > 18_000_000
-    assert took > 90  # twice the old fixed 45 s deadline, three times the stall bound
+    assert stored > 10_000_000
+    assert took > 50  # past the old fixed 45 s deadline and the 30 s stall bound
     assert list(scratch.iterdir()) == []
     version = b2_bucket(stack).get_file_info_by_name(exported_to(result.stdout).removeprefix("b2://opencode-memory/"))
     assert version.size == stored
