@@ -66,7 +66,6 @@ import fcntl
 import functools
 import hashlib
 import hmac
-import html
 import io
 import itertools
 import json
@@ -4789,6 +4788,7 @@ def graph_page(view: dict) -> str:
     """One self-contained HTML page (no network: data, script and style inline) drawing `view`.
     The data sits in a JSON script block with <, > and & escaped, and the page writes it only as
     text nodes, so nothing stored can become markup."""
+    import html  # here, not at the top: a cached `query` has no use for it
     data = json.dumps(view, ensure_ascii=False).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     return GRAPH_PAGE.replace("__GROUP__", html.escape(view["group"])).replace("__DATA__", data)
 
