@@ -11,6 +11,7 @@ measured in the same run: json.dumps of the same text, which `store` does anyway
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -41,15 +42,15 @@ def main() -> None:
     runs = parser.parse_args().runs
     texts = {"ordinary events": "\n".join(ORDINARY_EVENTS),
              "with credentials": "\n".join(ORDINARY_EVENTS + [event for event, _ in CREDENTIAL_EVENTS])}
-    memory_manager.redact_thorough("warm up: imports detect-secrets")
+    memory_manager.redact("warm up: imports detect-secrets", thorough=True)
     print(f"python {sys.version.split()[0]}; 100 KB of text; medians of {runs} runs (thorough: 5)\n")
     print("| text | json.dumps (floor) | quick pass (store) | ratio | thorough pass (worker) | ratio |")
     print("|---|---|---|---|---|---|")
     for name, base in texts.items():
         text = (base * (SIZE // len(base) + 1))[:SIZE]
         floor = median_ms(json.dumps, text, runs)
-        quick = median_ms(memory_manager.redact_quick, text, runs)
-        thorough = median_ms(memory_manager.redact_thorough, text, 5)
+        quick = median_ms(memory_manager.redact, text, runs)
+        thorough = median_ms(functools.partial(memory_manager.redact, thorough=True), text, 5)
         print(f"| {name} | {floor:.2f} ms | {quick:.2f} ms | {quick / floor:.0f}× | {thorough:.0f} ms | "
               f"{thorough / floor:.0f}× |")
 

@@ -1,8 +1,11 @@
 """Requirement: Lazy clients (spec: memory-manager / Lazy, loop-safe clients)."""
 
+import ast
 import asyncio
+import re
 import subprocess
 import sys
+from collections.abc import Callable
 
 from conftest import MODULE
 
@@ -44,10 +47,8 @@ def test_two_asyncio_runs_in_one_process_both_work(memory, monkeypatch):
     assert {e["name"] for e in entities} == {"FalkorDB", "Neo4j"}
 
 
-def test_all_names_exactly_the_documented_api_and_the_types_it_returns():
-    import ast
+def test_all_names_exactly_the_documented_api_and_the_types_it_returns_and_nothing_else_looks_public():
     import inspect
-    import re
     import typing
 
     import memory_manager
@@ -65,34 +66,63 @@ def test_all_names_exactly_the_documented_api_and_the_types_it_returns():
     defined = {node.name for node in ast.parse(inspect.getsource(memory_manager)).body
                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)}
 
+    public = {name for name in defined if not name.startswith("_")}
+
     assert exported <= defined
-    assert documented - {"main"} == functions - {"main"}
+    assert public == exported, public ^ exported
+    assert documented == functions
     assert errors <= exported
     assert returned <= exported, returned - exported
 
 
-def test_each_section_of_the_module_uses_only_what_the_sections_above_it_define():
-    import ast
-    import re
-
+def sections() -> tuple[ast.Module, Callable[[int], str]]:
+    """The module's syntax tree, and the `# === Name ===` section a line is in."""
     source = MODULE.read_text()
     starts = [(number, match.group(1)) for number, line in enumerate(source.splitlines(), start=1)
               if (match := re.fullmatch(r"# === (.+?) =+", line))]
 
-    def section(line: int) -> int:
-        return max((index for index, (start, _) in enumerate(starts) if start <= line), default=-1)
+    def section(line: int) -> str:
+        return max(((start, name) for start, name in starts if start <= line), default=(0, "(top)"))[1]
 
-    tree = ast.parse(source)
+    assert len(starts) >= 10
+    return ast.parse(source), section
+
+
+def test_each_section_of_the_module_uses_only_what_the_sections_above_it_define():
+    tree, section = sections()
+    order = list(dict.fromkeys(section(node.lineno) for node in tree.body))
     home: dict[str, int] = {}
     for node in tree.body:
         targets = [node] if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) else []
         names = [n.name for n in targets] + [t.id for t in getattr(node, "targets", [getattr(node, "target", None)])
                                              if isinstance(t, ast.Name)]
-        home.update((name, section(node.lineno)) for name in names)
-    later = sorted({(starts[section(node.lineno)][1], name.id, starts[home[name.id]][1])
+        home.update((name, order.index(section(node.lineno))) for name in names)
+    later = sorted({(section(node.lineno), name.id, order[home[name.id]])
                     for node in tree.body for name in ast.walk(node)
                     if isinstance(name, ast.Name) and isinstance(name.ctx, ast.Load) and name.id in home
-                    and home[name.id] > section(node.lineno)})
+                    and home[name.id] > order.index(section(node.lineno))})
 
-    assert len(starts) >= 10
     assert later == []  # (section, name it uses, the later section that defines it)
+
+
+MUTATORS = {"add", "discard", "clear", "pop", "update", "setdefault", "append"}
+
+
+def test_only_the_clients_section_writes_the_client_singletons():
+    tree, section = sections()
+
+    def of_clients(node: ast.AST) -> bool:
+        while isinstance(node, ast.Attribute | ast.Subscript):
+            node = node.value
+        return isinstance(node, ast.Name) and node.id == "_clients"
+
+    writers = set()
+    for top in tree.body:
+        for node in ast.walk(top):
+            stored = isinstance(node, ast.Attribute | ast.Subscript) and isinstance(node.ctx, ast.Store)
+            mutated = (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                       and of_clients(node.func.value) and node.func.attr in MUTATORS)
+            if (stored and of_clients(node)) or mutated:
+                writers.add((section(top.lineno), getattr(top, "name", "?")))
+
+    assert writers and {where for where, _ in writers} == {"Clients"}, writers

@@ -46,8 +46,8 @@ def aof(stack) -> str:
 
 
 def test_ordinary_coding_events_come_through_unaltered():
-    quick = [event for event in ORDINARY_EVENTS if memory_manager.redact_quick(event).text != event]
-    thorough = [event for event in ORDINARY_EVENTS if memory_manager.redact_thorough(event).text != event]
+    quick = [event for event in ORDINARY_EVENTS if memory_manager.redact(event).text != event]
+    thorough = [event for event in ORDINARY_EVENTS if memory_manager.redact(event, thorough=True).text != event]
 
     print(f"altered: quick {len(quick)}/{len(ORDINARY_EVENTS)}, thorough {len(thorough)}/{len(ORDINARY_EVENTS)}")
     assert len(ORDINARY_EVENTS) >= 200
@@ -58,7 +58,7 @@ def test_ordinary_coding_events_come_through_unaltered():
 def test_the_quick_pass_at_store_catches_every_credential_of_the_corpus():
     assert len(CREDENTIAL_EVENTS) >= 40
     for event, secrets in CREDENTIAL_EVENTS:
-        redacted = memory_manager.redact_quick(memory_manager.remove_private(event).text).text
+        redacted = memory_manager.redact(event).text
         assert [s for s in secrets if s in redacted] == [], redacted
         assert "[REDACTED:" in redacted
 
@@ -66,8 +66,8 @@ def test_the_quick_pass_at_store_catches_every_credential_of_the_corpus():
 def test_the_worker_pass_catches_vendor_keys_the_quick_pass_does_not_know():
     event = f"twilio client built with {TWILIO_KEY}; mailchimp list sync with {MAILCHIMP_KEY} failed"
 
-    assert memory_manager.redact_quick(event).text == event
-    thorough = memory_manager.redact_thorough(event)
+    assert memory_manager.redact(event).text == event
+    thorough = memory_manager.redact(event, thorough=True)
     assert TWILIO_KEY not in thorough.text and MAILCHIMP_KEY not in thorough.text
     assert set(thorough.kinds) == {"twilio-api-key", "mailchimp-access-key"}
 
