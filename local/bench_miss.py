@@ -7,6 +7,12 @@ every one is a cache miss: embed the question, recall's BM25 and cosine searches
 events, fuse, format, cache the answer. The floor, measured in the same run: the Cypher queries that
 one recall sent to FalkorDB (recorded at the falkordb client), replayed through the same client.
 
+Vector search runs on the group's vector indexes (built by _ensure_indices, as the worker does).
+The same questions are then asked again with those indexes dropped (the exact scan recall falls
+back to), and the answers compared. The synthetic vectors are random, so no question's vector is
+near any fact's (both paths find no vector match); the index's own top-10 against the exact scan's
+is therefore also measured directly, with 100 stored fact vectors plus noise as the questions.
+
   python local/bench_miss.py [--entities 10000] [--questions 200]
 """
 
@@ -20,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -28,6 +35,7 @@ from stack import ROOT, Stack
 
 sys.path.insert(0, str(ROOT / "containers" / "opencode-server" / "graphiti"))
 
+VECTOR_K = 200  # memory_manager.VECTOR_CANDIDATES
 WORDS = ("graph", "database", "worker", "retry", "cache", "billing", "timeout", "deploy")  # in no fact
 
 
@@ -40,7 +48,8 @@ def question(i: int) -> str:
     return f"what does {10 + i * 37 % 9_990} need for the {WORDS[i % len(WORDS)]} {WORDS[(i * 7) % len(WORDS)]}"
 
 
-async def measure(group: str, questions: int) -> tuple[list[float], list[float], list[tuple[str, list[float]]]]:
+async def measure(group: str, questions: int) -> tuple[list[float], list[float], list[tuple[str, list[float]]],
+                                                      list[tuple[float, bool]], tuple[int, float]]:
     from falkordb.asyncio.graph import AsyncGraph
 
     import memory_manager as mm
@@ -84,8 +93,39 @@ async def measure(group: str, questions: int) -> tuple[list[float], list[float],
             await graph.ro_query(cypher, params)
             samples.append((time.perf_counter() - started) * 1000)
         each.append((" ".join(cypher.split())[:60], samples))
+    agreement = await index_agreement(graph)
+    answers = [await mm.query_memory(question(i)) for i in range(questions)]  # cached: the indexed answers
+    for _label, prop, pattern in mm.VECTOR_INDEXES:
+        await graph.query(f"DROP VECTOR INDEX FOR {pattern} ON (x.{prop})")
+    await mm._invalidate(group)  # bench instrumentation: forget the cached answers
+    exact = []
+    for i in range(questions):
+        started = time.perf_counter()
+        same = await mm.query_memory(question(i)) == answers[i]
+        exact.append(((time.perf_counter() - started) * 1000, same))
     await mm.close()
-    return misses, floors, each
+    return misses, floors, each, exact, agreement
+
+
+async def index_agreement(graph: Any, samples: int = 100) -> tuple[int, float]:
+    """(questions whose top-10 the index and the exact scan agree on, mean overlap of the two)."""
+    import random
+
+    rows = (await graph.ro_query("MATCH ()-[x:RELATES_TO]->() RETURN x.fact_embedding LIMIT $n",
+                                 {"n": samples})).result_set
+    rng = random.Random(7)
+    same, overlap = 0, 0.0
+    for (vector,) in rows:
+        probe = [float(v) + rng.gauss(0, 0.1) for v in vector]
+        tops = []
+        for cypher in ("CALL db.idx.vector.queryRelationships('RELATES_TO', 'fact_embedding', $k, vecf32($v)) "
+                       "YIELD relationship AS x, score RETURN x.uuid ORDER BY score, x.uuid LIMIT 10",
+                       "MATCH ()-[x:RELATES_TO]->() RETURN x.uuid "
+                       "ORDER BY vec.cosineDistance(x.fact_embedding, vecf32($v)), x.uuid LIMIT 10"):
+            tops.append([r[0] for r in (await graph.ro_query(cypher, {"v": probe, "k": 200})).result_set])
+        same += tops[0] == tops[1]
+        overlap += len(set(tops[0]) & set(tops[1])) / 10
+    return same, overlap / len(rows)
 
 
 def main() -> None:
@@ -104,7 +144,7 @@ def main() -> None:
             nodes = db.execute_command("GRAPH.RO_QUERY", group, "MATCH (n) RETURN count(n)")[1][0][0]
             edges = db.execute_command("GRAPH.RO_QUERY", group, "MATCH ()-[e]->() RETURN count(e)")[1][0][0]
             os.environ.update({**stack.env(), "MEMORY_GROUP_ID": group, "DD_TRACE_ENABLED": "false"})
-            misses, floors, each = asyncio.run(measure(group, args.questions))
+            misses, floors, each, exact, agreement = asyncio.run(measure(group, args.questions))
         finally:
             stack.stop()
 
@@ -118,6 +158,12 @@ def main() -> None:
     for cypher, samples in each:
         print(f"| floor part: `{cypher}...` | | | {statistics.median(samples):.1f} ms | "
               f"{percentile(samples, 0.99):.1f} ms | |")
+    exact_ms = [ms for ms, _ in exact]
+    print(f"| query_memory(), cache miss, vector indexes dropped (exact scan) | {statistics.median(exact_ms):.1f} ms | "
+          f"{percentile(exact_ms, 0.99):.1f} ms | | | {statistics.median(exact_ms) / statistics.median(floors):.2f}× |")
+    print(f"\nanswers with and without the vector indexes identical for {sum(s for _, s in exact)} of {len(exact)} "
+          f"questions; the index's top-10 (k {VECTOR_K}) equals the exact scan's for {agreement[0]} of 100 "
+          f"probes (mean overlap {agreement[1]:.1%})")
     print(f"\nfloor: the {len(each)} Cypher queries one recall sends (several run concurrently), replayed "
           "one after the other through the same falkordb client")
 

@@ -11,7 +11,9 @@ events is among the first k recalled items: an episode itself, or a fact's sourc
 Baselines over the raw event texts of the same memory: BM25 (bm25s, Lucene variant, k1 1.2,
 b 0.75, English stopwords) and dense retrieval (cosine over the same embeddings endpoint the memory
 uses). Also: in-process miss latency of recall() (every question is asked once per scope, so each is
-a cache miss) and an ingestion summary.
+a cache miss) and an ingestion summary. Every question is then asked again with the groups' vector
+indexes dropped (recall's exact scan), so the indexed search is compared with the exact one in the
+same run; the indexes are built again afterwards.
 
   python local/bench_recall.py [--embeddings semantic|hashed] [--scopes all,facts,episodes]
 """
@@ -113,6 +115,24 @@ async def ask(questions: list[Question], scopes: list[str]) -> tuple[dict, dict[
     return found, latencies, sizes
 
 
+async def set_vector_indexes(groups: list[str], present: bool) -> None:
+    """Drop every group's vector indexes (recall falls back to an exact scan), or build them again
+    as the worker does; either way the cached answers are made stale."""
+    import memory_manager as mm
+
+    for group in groups:
+        os.environ["MEMORY_GROUP_ID"] = group
+        await mm.close()
+        graph = (await mm._falkordb()).select_graph(group)
+        if present:
+            await mm._ensure_indices(group)
+        else:
+            for _label, prop, pattern in mm.VECTOR_INDEXES:
+                await graph.query(f"DROP VECTOR INDEX FOR {pattern} ON (x.{prop})")
+        await mm._invalidate(group)  # bench instrumentation
+    await mm.close()
+
+
 def bm25_rankings(events: list[Event], questions: list[Question]) -> dict[str, list[list[str]]]:
     import bm25s
 
@@ -170,7 +190,7 @@ def running_stack(run_dir: Path) -> Stack:
 
 
 def run(stack: Stack, run_dir: Path, events: list[Event], questions: list[Question],
-        scopes: list[str]) -> tuple[float | None, dict, dict, dict, dict]:
+        scopes: list[str]) -> tuple[float | None, dict, dict, dict, dict, dict]:
     import redis
 
     env = {**stack.env(), "DD_TRACE_ENABLED": "false", "MEMORY_SPOOL_DIR": str(run_dir / "spool")}
@@ -179,9 +199,14 @@ def run(stack: Stack, run_dir: Path, events: list[Event], questions: list[Questi
     ingest_s = None if all(db.exists(f"recall_{m}") for m in ("chat", "agent")) else \
         ingest(stack, events, env, run_dir / "worker.log")
     found, latencies, sizes = asyncio.run(ask(questions, scopes))
+    groups = [f"recall_{m}" for m in sizes]
+    asyncio.run(set_vector_indexes(groups, present=False))
+    exact, exact_latencies, _ = asyncio.run(ask(questions, scopes))
+    asyncio.run(set_vector_indexes(groups, present=True))
     baselines = {"BM25 over raw texts": bm25_rankings(events, questions),
                  "dense over raw texts": dense_rankings(stack.standin_url, events, questions)}
-    return ingest_s, found, latencies, sizes, baselines
+    latencies |= {f"{scope}, exact scan": exact_latencies[scope] for scope in scopes}
+    return ingest_s, found, latencies, sizes, baselines, exact
 
 
 def main() -> None:
@@ -194,18 +219,21 @@ def main() -> None:
     scopes = args.scopes.split(",")
     events, questions = build()
     if args.stack_dir:
-        ingest_s, found, latencies, sizes, baselines = run(
+        ingest_s, found, latencies, sizes, baselines, exact = run(
             running_stack(args.stack_dir), args.stack_dir, events, questions, scopes)
     else:
         with tempfile.TemporaryDirectory(prefix="memory-bench-recall-") as run_dir:
             stack = Stack(Path(run_dir), embeddings=args.embeddings)
             stack.start()
             try:
-                ingest_s, found, latencies, sizes, baselines = run(stack, Path(run_dir), events, questions, scopes)
+                ingest_s, found, latencies, sizes, baselines, exact = run(stack, Path(run_dir), events, questions,
+                                                                          scopes)
             finally:
                 stack.stop()
 
-    rows = {f"memory, scope {s}": {q.id: found[s, q.id] for q in questions} for s in scopes} | baselines
+    rows = ({f"memory, scope {s}": {q.id: found[s, q.id] for q in questions} for s in scopes}
+            | {f"memory, scope {s}, exact scan": {q.id: exact[s, q.id] for q in questions} for s in scopes}
+            | baselines)
     counts = {k: sum(q.kind == k for q in questions) for k in KINDS}
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores; {len(events)} events, {len(questions)} "
           f"questions ({', '.join(f'{n} {k}' for k, n in counts.items())}); stand-in embeddings: "
@@ -222,9 +250,14 @@ def main() -> None:
               + " | ".join(rate(questions, ranking, 10, k) for k in KINDS)
               + f" | {at_10 / bm25_at_10:.2f}× |")
     print()
+    for scope in scopes:
+        same = sum(found[scope, q.id] == exact[scope, q.id] for q in questions)
+        print(f"scope {scope}: the indexed and the exact search return the same top-10 for {same} of "
+              f"{len(questions)} questions ({same / len(questions):.1%})")
+    print()
     print("| in-process recall(), cache miss | p50 | p95 |")
     print("|---|---|---|")
-    for scope in scopes:
+    for scope in latencies:
         print(f"| scope {scope} | {statistics.median(latencies[scope]):.1f} ms | "
               f"{percentile(latencies[scope], 0.95):.1f} ms |")
 

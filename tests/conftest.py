@@ -185,6 +185,19 @@ class Memory:
         finally:
             db.close()
 
+    def vector_indexes(self) -> set[tuple[str, str]]:
+        """(label, property) of every vector index on the group's graph."""
+        rows = self.cypher("CALL db.indexes() YIELD label, types RETURN label, types")  # types: '{p: [VECTOR], ...}'
+        return {(label, kinds.split(":")[0].strip("{ ")) for label, types in rows for kinds in types.split("],")
+                if "VECTOR" in kinds}
+
+    def cypher_write(self, query: str) -> None:
+        db = redis.Redis(port=self.stack.ports["falkordb"])
+        try:
+            db.execute_command("GRAPH.QUERY", self.group, query)
+        finally:
+            db.close()
+
     def cypher_graph_exists(self) -> bool:
         db = redis.Redis(port=self.stack.ports["falkordb"])
         try:

@@ -91,6 +91,7 @@ def test_round_trip_restores_identical_graphs_answers_and_vectors(memory, empty_
         assert m.entities() == entities
         assert dump_graph(empty_falkordb, m.group) == graph
         assert vector_types(empty_falkordb, m.group) == {"Vectorf32"}
+        assert m.vector_indexes() == {("RELATES_TO", "fact_embedding"), ("Episodic", "content_embedding")}
         # Restore invalidates the cache, so this answer comes from a fresh search of the restored graph.
         assert answers(m) == answer
 

