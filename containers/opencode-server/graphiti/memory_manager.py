@@ -155,6 +155,7 @@ EPISODE_SOURCE = "opencode"
 HEALTH_TIMEOUT_S = 1.0
 CONNECT_TIMEOUT_S = 2.0
 COMMAND_TIMEOUT_S = 3.0        # Valkey commands answer in ms: a hung Valkey costs `store` 3 s, then the spool
+INDEX_BUILD_WAIT_S = 600.0     # an index filling over a restored or older graph (a minute at 20,000 facts)
 GRAPH_TIMEOUT_S = 15.0         # per FalkorDB command (a page of an export, one search query), not per operation
 LLM_TIMEOUT_S = 60.0           # per OpenAI request while ingesting; the SDK retries twice on top
 QUERY_LLM_TIMEOUT_S = 10.0     # per request for a query's embedding, retried once: a recall waits at most ~20 s
@@ -905,9 +906,24 @@ async def _ensure_indices(group: str) -> None:
     dimension = await asyncio.to_thread(_embedding_dimension)
     for label, prop, pattern in VECTOR_INDEXES:
         if (label, prop) not in state.vectors:
+            # While an index fills, a write to its graph blocks FalkorDB's main thread (every
+            # client, every graph) until it is done: a minute at 20,000 facts. Wait before the
+            # next write; the caller holds the group's lease, so no other worker writes to it.
+            await _indexes_built(group, graph)
             await graph.query(f"CREATE VECTOR INDEX FOR {pattern} ON (x.{prop}) "
                               f"OPTIONS {{dimension: {dimension}, similarityFunction: 'cosine'}}")
+    await _indexes_built(group, graph)
     _clients.indexed_groups.add(group)
+
+
+async def _indexes_built(group: str, graph: Any) -> None:
+    deadline = time.monotonic() + INDEX_BUILD_WAIT_S
+    while (await graph.ro_query("CALL db.indexes() YIELD status WHERE status <> 'OPERATIONAL' "
+                                "RETURN count(status)")).result_set[0][0]:
+        if time.monotonic() > deadline:
+            raise ServiceError("falkordb", _settings().falkordb_address,
+                               f"group {group!r}: indexes still building after {INDEX_BUILD_WAIT_S:g} s")
+        await asyncio.sleep(0.1)
 
 
 @dataclass(frozen=True)
@@ -3609,7 +3625,6 @@ def _backup(bucket: str, version: Any) -> Backup:
 EXPORT_PAGE_ROWS = 500
 EXPORT_PAGES_AHEAD = 2         # pages FalkorDB formats while one is decoded (2 cores: 2 is best)
 SNAPSHOT_PREFIX = "export-snapshot:"  # + <unix time>:<random>:<group>
-RESTORE_INDEX_WAIT_S = 600.0
 RESTORE_CHUNK_BYTES = 32 << 20  # per GRAPH.BULK call; Redis refuses an argument over 512 MB
 # Pages are ranges of internal node ids (an id seek, no sort): the nodes in a range, or the edges
 # leaving them. Replies are read raw (--compact) and decoded by _value(), which hands a vector's
@@ -4079,17 +4094,10 @@ async def _write_document(path: str, dimension: int, progress: Progress | None) 
 
 
 async def _index_restored(group: str) -> None:
-    """graphiti's indexes, built over the loaded graph; the restore ends when they are all usable."""
+    """graphiti's and recall's indexes, built over the loaded graph; the restore ends when they are
+    all usable."""
     _forget_indices(group)
     await _ensure_indices(group)
-    graph = (await _falkordb()).select_graph(group)
-    deadline = time.monotonic() + RESTORE_INDEX_WAIT_S
-    while (await graph.ro_query("CALL db.indexes() YIELD status WHERE status <> 'OPERATIONAL' "
-                                "RETURN count(status)")).result_set[0][0]:
-        if time.monotonic() > deadline:
-            raise ServiceError("falkordb", _settings().falkordb_address,
-                               f"group {group!r}: indexes still building after {RESTORE_INDEX_WAIT_S:g} s")
-        await asyncio.sleep(0.1)
 
 
 async def _graph_counts(group: str) -> tuple[int, int]:
