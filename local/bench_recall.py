@@ -60,10 +60,35 @@ async def store_all(events: list[Event]) -> None:
     await mm.close()
 
 
-def ingest(stack: Stack, events: list[Event], env: dict[str, str], log: Path) -> float:
-    """Queue every event, then one real worker ingests them all; the wall time of the ingestion."""
+def standin(stack: Stack, path: str, body: dict | None = None) -> object:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(stack.standin_url + path, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        return json.load(reply)
+
+
+def llm_bill(stack: Stack, events: int) -> str:
+    """What ingestion asked of the LLM endpoint, per event: requests by kind, and the size of the
+    prompts sent (graphiti's real prompts; tokens estimated at 4 characters each; the stand-in's
+    answers are short, so completion tokens are not measured here)."""
+    counts: dict = standin(stack, "/_standin/stats")  # type: ignore[assignment]
+    bodies: list = standin(stack, "/_standin/requests")  # type: ignore[assignment]
+    llm = sum(counts.get(k, 0) for k in ("responses", "chat/completions"))
+    prompt_chars = sum(len(body) for body in bodies if "embedding" not in json.loads(body).get("model", ""))
+    stages = ", ".join(f"{k.split(':', 1)[1]} {v / events:.2f}" for k, v in sorted(counts.items())
+                       if k.startswith("responses:"))
+    return (f"LLM requests per event: {llm / events:.2f} ({stages}); embeddings requests per event: "
+            f"{counts.get('embeddings', 0) / events:.2f}; request bodies sent to the LLM per event: "
+            f"{prompt_chars / events / 1000:.1f} KB (~{prompt_chars / events / 4:,.0f} prompt tokens)")
+
+
+def ingest(stack: Stack, events: list[Event], env: dict[str, str], log: Path) -> tuple[float, str]:
+    """Queue every event, then one real worker ingests them all; the wall time of the ingestion and
+    what it asked of the LLM."""
     os.environ.update(env, MEMORY_AUTO_DRAIN="off")
     asyncio.run(store_all(events))
+    standin(stack, "/_standin/reset", {})
+    standin(stack, "/_standin/faults", {"record": True})
     started = time.monotonic()
     with open(log, "w") as out:
         worker = subprocess.Popen([sys.executable, str(MODULE), "worker"], env={**os.environ, **env},
@@ -83,7 +108,10 @@ def ingest(stack: Stack, events: list[Event], env: dict[str, str], log: Path) ->
     finally:
         worker.terminate()
         worker.wait(timeout=30)
-    return time.monotonic() - started
+    spent = time.monotonic() - started
+    bill = llm_bill(stack, len(events))
+    standin(stack, "/_standin/reset", {})
+    return spent, bill
 
 
 async def ask(questions: list[Question], scopes: list[str]) -> tuple[dict, dict[str, list[float]], dict]:
@@ -190,7 +218,7 @@ def running_stack(run_dir: Path) -> Stack:
 
 
 def run(stack: Stack, run_dir: Path, events: list[Event], questions: list[Question],
-        scopes: list[str]) -> tuple[float | None, dict, dict, dict, dict, dict]:
+        scopes: list[str]) -> tuple[tuple[float, str] | None, dict, dict, dict, dict, dict]:
     import redis
 
     env = {**stack.env(), "DD_TRACE_ENABLED": "false", "MEMORY_SPOOL_DIR": str(run_dir / "spool")}
@@ -237,7 +265,9 @@ def main() -> None:
     counts = {k: sum(q.kind == k for q in questions) for k in KINDS}
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores; {len(events)} events, {len(questions)} "
           f"questions ({', '.join(f'{n} {k}' for k, n in counts.items())}); stand-in embeddings: "
-          f"{args.embeddings}; " + (f"ingestion {ingest_s:.0f} s" if ingest_s else "ingested before"))
+          f"{args.embeddings}; " + (f"ingestion {ingest_s[0]:.0f} s" if ingest_s else "ingested before"))
+    if ingest_s:
+        print(ingest_s[1])
     for memory, (episodes, entities, facts) in sizes.items():
         print(f"memory {memory}: {episodes} episodes, {entities} entities, {facts} facts")
     print()
