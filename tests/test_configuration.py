@@ -11,7 +11,9 @@ import pytest
     ("MEMORY_CACHE_TTL", "0", "MEMORY_CACHE_TTL must be between 1 and 2592000, got 0"),
     ("MEMORY_MAX_EPISODE_CHARS", "-5", "MEMORY_MAX_EPISODE_CHARS must be between 1 and 10000000, got -5"),
     ("OPENAI_BASE_URL", "ftp://x", "OPENAI_BASE_URL must be an http(s) URL, got 'ftp://x'"),
-], ids=["group-chars", "group-length", "port-not-int", "port-range", "ttl-zero", "max-chars", "base-url"])
+    ("EMBEDDING_DIM", "wide", "EMBEDDING_DIM must be an integer, got 'wide'"),
+], ids=["group-chars", "group-length", "port-not-int", "port-range", "ttl-zero", "max-chars", "base-url",
+        "embedding-dim"])
 @pytest.mark.parametrize("command", [["query", "anything"], ["entities"], ["health"]],
                          ids=["query", "entities", "health"])
 def test_a_malformed_setting_fails_early_with_one_line_naming_it(memory, variable, value, message, command):
@@ -62,13 +64,25 @@ def test_documented_defaults_apply_when_nothing_is_set(monkeypatch):
     import memory_manager
 
     for name in ("FALKORDB_HOST", "FALKORDB_PORT", "VALKEY_HOST", "VALKEY_PORT", "MEMORY_GROUP_ID",
-                 "MEMORY_CACHE_TTL", "MEMORY_MAX_EPISODE_CHARS"):
+                 "MEMORY_CACHE_TTL", "MEMORY_MAX_EPISODE_CHARS", "MEMORY_EMBEDDING_MODEL", "EMBEDDING_DIM"):
         monkeypatch.delenv(name, raising=False)
 
     s = memory_manager.Settings.from_env()
 
     assert (s.falkordb_address, s.valkey_address, s.group_id) == ("localhost:6379", "localhost:6380", "opencode")
     assert (s.cache_ttl_s, s.max_episode_chars) == (300, 100_000)
+    assert (s.embedding_model, s.embedding_dim) == (None, 1024)
+
+
+def test_the_embedding_defaults_are_graphitis_own():
+    # A query embeds its question without graphiti, an ingestion its events through it: same vectors.
+    from graphiti_core.embedder.client import EmbedderConfig
+    from graphiti_core.embedder.openai import DEFAULT_EMBEDDING_MODEL
+
+    import memory_manager
+
+    assert memory_manager.DEFAULT_EMBEDDING_MODEL == DEFAULT_EMBEDDING_MODEL
+    assert memory_manager.Settings().embedding_dim == EmbedderConfig.model_fields["embedding_dim"].default == 1024
 
 
 @pytest.mark.parametrize(("variable", "value", "message"), [

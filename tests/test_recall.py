@@ -4,10 +4,12 @@ The stand-in's hashed embeddings keep these exact; local/bench_recall.py measure
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 
-from conftest import wait_for_no_worker
+from conftest import MODULE, wait_for_no_worker
 
 T1, T2, T3 = "2026-03-02T09:00:00+00:00", "2026-03-09T09:00:00+00:00", "2026-03-16T09:00:00+00:00"
 RECORD_KEYS = {"kind", "text", "uuid", "score", "valid_at", "invalid_at", "episodes", "facts"}
@@ -27,6 +29,19 @@ def test_an_event_that_produced_no_fact_is_recalled_with_its_time(memory):
     answer = memory.ok("query", "why did the nightly deploy fail")
 
     assert answer == f"- event {T1}: the nightly deploy failed twice because the disk filled up\n"
+
+
+def test_a_cache_miss_query_embeds_the_question_without_importing_graphiti(memory):
+    store_at(memory, T1, "Alice chose Valkey for the query cache.")
+    code = ("import sys, memory_manager\n"
+            "code = memory_manager.main(['query', 'which cache did Alice choose'])\n"
+            "print(code, 'graphiti_core' in sys.modules, file=sys.stderr)\n")
+
+    done = subprocess.run([sys.executable, "-c", code], env={**memory.env, "PYTHONPATH": str(MODULE.parent)},
+                          capture_output=True, text=True, timeout=120)
+
+    assert done.stdout.startswith(f"- event {T1}: Alice chose Valkey for the query cache."), done.stderr
+    assert done.stderr.splitlines()[-1] == "0 False"
 
 
 def test_query_json_returns_events_with_their_facts_in_one_documented_shape(memory):

@@ -157,6 +157,7 @@ CONNECT_TIMEOUT_S = 2.0
 COMMAND_TIMEOUT_S = 3.0        # Valkey commands answer in ms: a hung Valkey costs `store` 3 s, then the spool
 INDEX_BUILD_WAIT_S = 600.0     # an index filling over a restored or older graph (a minute at 20,000 facts)
 GRAPH_TIMEOUT_S = 15.0         # per FalkorDB command (a page of an export, one search query), not per operation
+DEFAULT_EMBEDDING_MODEL = "text-embedding-3-small"  # graphiti-core's; a test keeps them equal
 LLM_TIMEOUT_S = 60.0           # per OpenAI request while ingesting; the SDK retries twice on top
 QUERY_LLM_TIMEOUT_S = 10.0     # per request for a query's embedding, retried once: a recall waits at most ~20 s
 LLM_MAX_COROUTINES = 8
@@ -355,6 +356,7 @@ class Settings:
     llm_model: str | None = None
     llm_small_model: str | None = None
     embedding_model: str | None = None
+    embedding_dim: int = 1024  # graphiti's EMBEDDING_DIM: vectors are cut to it, the vector indexes have it
     group_id: str = "opencode"
     cache_ttl_s: int = 300
     max_episode_chars: int = 100_000
@@ -396,6 +398,7 @@ class Settings:
             llm_model=_env_str("MEMORY_LLM_MODEL"),
             llm_small_model=_env_str("MEMORY_LLM_SMALL_MODEL"),
             embedding_model=_env_str("MEMORY_EMBEDDING_MODEL"),
+            embedding_dim=_env_int("EMBEDDING_DIM", 1024, 1, 16_384),
             group_id=group_id,
             cache_ttl_s=_env_int("MEMORY_CACHE_TTL", 300, 1, 30 * 86_400),
             max_episode_chars=_env_int("MEMORY_MAX_EPISODE_CHARS", 100_000, 1, 10_000_000),
@@ -741,7 +744,7 @@ class _Clients:
     valkey: redis.asyncio.Redis | None = None
     falkordb: FalkorDB | None = None
     openai: Any = None  # one AsyncOpenAI client shared by every group's Graphiti
-    graphiti: dict[tuple[str, bool], Graphiti] = field(default_factory=dict)  # (group, for queries)
+    graphiti: dict[str, Graphiti] = field(default_factory=dict)  # per group
     indexed_groups: set[str] = field(default_factory=set)
     cache_warned: bool = False
     cache_down_until: float = 0.0  # monotonic; the cache is skipped until then
@@ -827,41 +830,58 @@ async def _group_driver(group: str) -> Any:
     return await asyncio.to_thread(lambda: FalkorDriver(falkor_db=falkordb, database=group))
 
 
-async def _graphiti(group: str | None = None, *, for_query: bool = False) -> Graphiti:
+def _openai(s: Settings) -> Any:
+    """The one AsyncOpenAI client every group's Graphiti and every query embedding share."""
+    if _clients.openai is None:
+        from openai import AsyncOpenAI
+
+        _clients.openai = AsyncOpenAI(api_key=s.require_llm(), base_url=s.openai_base_url, timeout=LLM_TIMEOUT_S)
+    return _clients.openai
+
+
+async def _query_embedding(text: str) -> list[float]:
+    """A question's embedding, made as graphiti's OpenAIEmbedder.create() makes an event's (the same
+    client, model and truncation) without importing graphiti: a recall miss in a fresh CLI process
+    would spend most of its time on that import. A short timeout and one retry: a recall must not
+    wait minutes on a hung endpoint the way an ingestion may."""
+    s = _settings()
+    _bound_clients()
+    client = _openai(s).with_options(timeout=QUERY_LLM_TIMEOUT_S, max_retries=1)
+    reply = await client.embeddings.create(input=[text], model=s.embedding_model or DEFAULT_EMBEDDING_MODEL)
+    return reply.data[0].embedding[:s.embedding_dim]
+
+
+async def _graphiti(group: str | None = None) -> Graphiti:
     """The Graphiti client of one group (default: the configured one). Each group gets its own
     instance on a driver bound to its graph, so graphiti never clones or swaps drivers per call;
-    they share the FalkorDB pool and one OpenAI client. A query's instance has a short OpenAI
-    timeout: a recall must not wait minutes on a hung endpoint the way an ingestion may."""
+    they share the FalkorDB pool and one OpenAI client."""
     clients = _bound_clients()
     s = _settings()
-    key = (group or s.group_id, for_query)
+    key = group or s.group_id
     if key not in clients.graphiti:
         s.require_llm()
         falkordb = await _falkordb()
         # Built off the loop: FalkorDriver() inside a running loop schedules an index build on every
         # process start. _ensure_indices() builds them once per graph instead.
-        clients.graphiti[key] = await asyncio.to_thread(_new_graphiti, s, falkordb, *key)
+        clients.graphiti[key] = await asyncio.to_thread(_new_graphiti, s, falkordb, key)
     return clients.graphiti[key]
 
 
-def _new_graphiti(s: Settings, falkordb: FalkorDB, group: str, for_query: bool) -> Graphiti:
-    api_key = s.openai_api_key  # checked by _graphiti() before any connection
+def _new_graphiti(s: Settings, falkordb: FalkorDB, group: str) -> Graphiti:
+    api_key = s.require_llm()
     os.environ.setdefault("GRAPHITI_TELEMETRY_ENABLED", "false")
     from graphiti_core import Graphiti
     from graphiti_core.cross_encoder.openai_reranker_client import OpenAIRerankerClient
     from graphiti_core.driver.falkordb_driver import FalkorDriver
     from graphiti_core.embedder.openai import OpenAIEmbedder, OpenAIEmbedderConfig
     from graphiti_core.llm_client import LLMConfig, OpenAIClient
-    from openai import AsyncOpenAI
 
-    if _clients.openai is None:
-        _clients.openai = AsyncOpenAI(api_key=api_key, base_url=s.openai_base_url, timeout=LLM_TIMEOUT_S)
-    openai = _clients.openai.with_options(timeout=QUERY_LLM_TIMEOUT_S, max_retries=1) if for_query else _clients.openai
+    openai = _openai(s)
     llm_config = LLMConfig(api_key=api_key, base_url=s.openai_base_url,
                            model=s.llm_model, small_model=s.llm_small_model)
-    embedder_config = OpenAIEmbedderConfig(api_key=api_key, base_url=s.openai_base_url)
-    if s.embedding_model:
-        embedder_config.embedding_model = s.embedding_model
+    embedder_config = OpenAIEmbedderConfig(api_key=api_key, base_url=s.openai_base_url,
+                                           embedding_model=s.embedding_model or DEFAULT_EMBEDDING_MODEL,
+                                           embedding_dim=s.embedding_dim)
     driver = FalkorDriver(falkor_db=falkordb, database=group)
     return Graphiti(
         graph_driver=driver,
@@ -877,12 +897,6 @@ async def _graph_exists(group: str) -> bool:
     s = _settings()
     async with _service("falkordb", s.falkordb_address):
         return bool(await (await _falkordb()).connection.exists(group))
-
-
-def _embedding_dimension() -> int:
-    from graphiti_core.embedder.client import EMBEDDING_DIM
-
-    return EMBEDDING_DIM
 
 
 async def _ensure_indices(group: str) -> None:
@@ -903,7 +917,7 @@ async def _ensure_indices(group: str) -> None:
         state = await _index_state(graph)
     for drop in state.shadowed:
         await graph.query(drop)
-    dimension = await asyncio.to_thread(_embedding_dimension)
+    dimension = _settings().embedding_dim
     for label, prop, pattern in VECTOR_INDEXES:
         if (label, prop) not in state.vectors:
             # While an index fills, a write to its graph blocks FalkorDB's main thread (every
@@ -1013,14 +1027,15 @@ async def _service(name: str, address: str) -> AsyncIterator[None]:
 @contextlib.asynccontextmanager
 async def _llm_service() -> AsyncIterator[None]:
     import openai
-    from graphiti_core.llm_client.errors import RateLimitError
 
+    graphiti_errors = sys.modules.get("graphiti_core.llm_client.errors")  # loaded by ingestion, not by a query
+    rate_limited = (openai.RateLimitError, *([graphiti_errors.RateLimitError] if graphiti_errors else []))
     s = _settings()
     try:
         yield
     except openai.AuthenticationError as exc:
         raise ServiceError("openai", s.llm_address, "authentication failed (check OPENAI_API_KEY)") from exc
-    except (openai.RateLimitError, RateLimitError) as exc:
+    except rate_limited as exc:
         raise ServiceError("openai", s.llm_address, "rate limited; retry later") from exc
     except openai.APIStatusError as exc:
         raise ServiceError("openai", s.llm_address, f"HTTP {exc.status_code}") from exc
@@ -2115,9 +2130,8 @@ async def _recall(query: str, limit: int, scope: str, window: _Window) -> list[R
     s = _settings()
     if not await _graph_exists(s.group_id):  # searching would create an empty graph
         return []
-    graphiti = await _graphiti(for_query=True)
     async with _llm_service():
-        vector = await graphiti.embedder.create(input_data=[UNSEARCHABLE.sub(" ", query)])
+        vector = await _query_embedding(UNSEARCHABLE.sub(" ", query))
     graph = (await _falkordb()).select_graph(s.group_id)
     at = window.as_of or _utc_iso(datetime.now(UTC))
     terms = _query_terms(query)
@@ -3802,7 +3816,7 @@ async def _write_export(out: Any, progress: Progress | None) -> ExportSummary:
         "format": EXPORT_FORMAT, "version": EXPORT_VERSION,
         "exported_at": datetime.now(UTC).isoformat(),
         "graphiti_core_version": version("graphiti-core"),
-        "embedding_dimension": await asyncio.to_thread(_embedding_dimension),
+        "embedding_dimension": _settings().embedding_dim,
         "embedding_encoding": "base64-float32-le",
     }
     async with _DocumentWriter(out) as writer:
@@ -4214,7 +4228,7 @@ async def restore(source: str, replace: bool = False, dry_run: bool = False,
 
 async def _restore(op: _Span, source: str, replace: bool, dry_run: bool,
                    progress: Progress | None) -> RestoreResult:
-    dimension = await asyncio.to_thread(_embedding_dimension)
+    dimension = _settings().embedding_dim
     async with _local_copy(source) as path:
         async with _span("memory.restore.validate"):
             plan = await asyncio.to_thread(_validate_document, path, dimension)
