@@ -7,12 +7,14 @@ substitute is the OpenAI stand-in server (test infrastructure in local/openai_st
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -21,6 +23,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -35,6 +38,24 @@ from stack import Stack, free_port  # noqa: E402
 OUR_VARIABLES = (
     "FALKORDB_", "VALKEY_", "OPENAI_", "MEMORY_", "B2_", "DD_", "GRAPHITI_", "EMBEDDING_DIM",
 )
+
+
+SUITE_LOCK = Path(tempfile.gettempdir()) / "memory-manager-suite.lock"
+SUITE_LOCK_KEY = pytest.StashKey[Any]()
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: two test processes (each with its own stack) when this is the only suite on the
+    machine; one beside another suite, whose two would otherwise share the two cores with ours and
+    push the fault matrix's time bounds. The lock is held until this session ends."""
+    lock = open(SUITE_LOCK, "w")  # noqa: SIM115 - held for the whole session
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        return 1
+    config.stash[SUITE_LOCK_KEY] = lock
+    return 2
 
 
 @pytest.fixture(scope="session")

@@ -341,7 +341,7 @@ def run_cell(stack, memory: Memory, matrix, state: str, command: str, env: dict[
     finally:
         b2_faults(stack)
         standin(stack, "/_standin/reset", {})
-    assert elapsed <= outcome.within_s, f"{elapsed:.1f} s"
+    assert elapsed <= outcome.within_s, f"{elapsed:.1f} s: {result}"
     if state.startswith("falkordb killed"):
         return result  # FalkorDB restarted empty: nothing to compare
     if expected_answer is not None and outcome.code == 0 and state != "malformed DD_*":
