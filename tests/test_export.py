@@ -456,7 +456,7 @@ def test_progress_is_shown_on_a_terminal_while_a_long_export_runs(memory, empty_
 
     from conftest import MODULE
 
-    synthetic_graph(empty_falkordb, memory.group, entities=1500)  # a few seconds of vectors to read
+    synthetic_graph(empty_falkordb, memory.group, entities=6000)  # seconds of vectors to read (shown after 1 s)
     primary, secondary = pty.openpty()
     process = subprocess.Popen([sys.executable, str(MODULE), "export", "--output", str(tmp_path / "e.json")],
                                env=memory.env, stdout=subprocess.PIPE, stderr=secondary, text=True)
@@ -475,7 +475,7 @@ def test_progress_is_shown_on_a_terminal_while_a_long_export_runs(memory, empty_
 
     assert process.returncode == 0
     assert b"\rexporting: " in shown and b" nodes, " in shown
-    assert out.startswith("exported 1 group(s), 1500 nodes")
+    assert out.startswith("exported 1 group(s), 6000 nodes")
 
 
 def test_the_library_functions_export_to_b2_and_restore_in_process(memory, empty_falkordb, monkeypatch):

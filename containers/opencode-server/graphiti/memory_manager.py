@@ -2121,6 +2121,17 @@ def _fuse(lists: list[list[tuple[float, str]]]) -> dict[str, float]:
     return fused
 
 
+async def _all_or_first_error(searches: list[Any]) -> list[Any]:
+    """Every search's result, or the first failure once all have ended: a plain gather() would raise
+    while the others still run, and they would meet the clients close() is releasing (a cache
+    lookup then warns of a closed Valkey connection beside the real error)."""
+    results = await asyncio.gather(*searches, return_exceptions=True)
+    failure = next((r for r in results if isinstance(r, BaseException)), None)
+    if failure is not None:
+        raise failure
+    return results
+
+
 async def _recall(query: str, limit: int, scope: str, window: _Window) -> list[Recalled]:
     """Text (BM25) and vector (cosine) search over facts and over episodes, fused by reciprocal
     rank. One embeddings call; no LLM call. Scope `all` ranks events: an event's own two ranks add
@@ -2137,8 +2148,8 @@ async def _recall(query: str, limit: int, scope: str, window: _Window) -> list[R
     terms = _query_terms(query)
     kinds = [k for k in (FACTS, EPISODES) if scope in ("all", k.name + "s")]
     async with _service("falkordb", s.falkordb_address):
-        ranked = await asyncio.gather(*(search for kind in kinds for search in (
-            _bm25(graph, kind, terms, window, at), _nearest(graph, kind, vector, window, at))))
+        ranked = await _all_or_first_error([search for kind in kinds for search in (
+            _bm25(graph, kind, terms, window, at), _nearest(graph, kind, vector, window, at))])
         facts = _fuse(list(ranked[:2])) if FACTS in kinds else {}
         fact_records = await _details(graph, FACTS, list(facts))
         if scope == "facts":
