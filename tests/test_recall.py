@@ -31,17 +31,32 @@ def test_an_event_that_produced_no_fact_is_recalled_with_its_time(memory):
     assert answer == f"- event {T1}: the nightly deploy failed twice because the disk filled up\n"
 
 
-def test_a_cache_miss_query_embeds_the_question_without_importing_graphiti(memory):
+def test_a_cache_miss_query_embeds_the_question_without_importing_graphiti_openai_or_numpy(memory):
     store_at(memory, T1, "Alice chose Valkey for the query cache.")
     code = ("import sys, memory_manager\n"
             "code = memory_manager.main(['query', 'which cache did Alice choose'])\n"
-            "print(code, 'graphiti_core' in sys.modules, file=sys.stderr)\n")
+            "print(code, *(name in sys.modules for name in ('graphiti_core', 'openai', 'numpy')), file=sys.stderr)\n")
 
     done = subprocess.run([sys.executable, "-c", code], env={**memory.env, "PYTHONPATH": str(MODULE.parent)},
                           capture_output=True, text=True, timeout=120)
 
     assert done.stdout.startswith(f"- event {T1}: Alice chose Valkey for the query cache."), done.stderr
-    assert done.stderr.splitlines()[-1] == "0 False"
+    assert done.stderr.splitlines()[-1] == "0 False False False"
+
+
+def test_a_question_is_embedded_bit_for_bit_as_graphiti_embedded_the_same_stored_text(memory):
+    text = "Alice chose Valkey for the query cache."
+    store_at(memory, T1, text)
+    code = ("import asyncio, json, memory_manager\n"
+            f"print(json.dumps(asyncio.run(memory_manager._query_embedding({text!r}))))\n")
+
+    done = subprocess.run([sys.executable, "-c", code], env={**memory.env, "PYTHONPATH": str(MODULE.parent)},
+                          capture_output=True, text=True, timeout=60)
+
+    assert done.returncode == 0, done.stderr
+    vector = json.loads(done.stdout)
+    distance = memory.cypher(f"MATCH (x:Episodic) RETURN vec.euclideanDistance(x.content_embedding, vecf32({vector}))")
+    assert len(vector) == 1024 and distance == [["0"]]
 
 
 def test_query_json_returns_events_with_their_facts_in_one_documented_shape(memory):

@@ -839,18 +839,6 @@ def _openai(s: Settings) -> Any:
     return _clients.openai
 
 
-async def _query_embedding(text: str) -> list[float]:
-    """A question's embedding, made as graphiti's OpenAIEmbedder.create() makes an event's (the same
-    client, model and truncation) without importing graphiti: a recall miss in a fresh CLI process
-    would spend most of its time on that import. A short timeout and one retry: a recall must not
-    wait minutes on a hung endpoint the way an ingestion may."""
-    s = _settings()
-    _bound_clients()
-    client = _openai(s).with_options(timeout=QUERY_LLM_TIMEOUT_S, max_retries=1)
-    reply = await client.embeddings.create(input=[text], model=s.embedding_model or DEFAULT_EMBEDDING_MODEL)
-    return reply.data[0].embedding[:s.embedding_dim]
-
-
 async def _graphiti(group: str | None = None) -> Graphiti:
     """The Graphiti client of one group (default: the configured one). Each group gets its own
     instance on a driver bound to its graph, so graphiti never clones or swaps drivers per call;
@@ -1048,6 +1036,79 @@ async def _llm_service() -> AsyncIterator[None]:
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return text or type(exc).__name__
+
+
+# A recall miss embeds its question with the standard library, not the openai SDK: importing openai
+# (and numpy, which its embeddings parser loads) is about a second of a fresh CLI process. The
+# request is the SDK's own (model, base64 float32 encoding, graphiti's truncation), and so is the
+# retry rule; ingestion keeps the SDK through graphiti.
+QUERY_EMBEDDING_ATTEMPTS = 2   # the SDK's max_retries=1
+RETRY_AFTER_MAX_S = 8.0        # the SDK's cap on a retry's wait
+RETRYABLE_STATUS = {408, 409, 429} | set(range(500, 600))
+
+
+def _openai_request(s: Settings, path: str, body: dict | None = None) -> Any:
+    """A urllib Request to the OpenAI API (or OPENAI_BASE_URL) with the key; POST when there is a body."""
+    import urllib.request
+
+    url = (s.openai_base_url or "https://api.openai.com/v1").rstrip("/") + path
+    headers = {"Authorization": f"Bearer {s.openai_api_key}", "Content-Type": "application/json"}
+    data = None if body is None else json.dumps(body).encode()
+    return urllib.request.Request(url, data=data, headers=headers)
+
+
+def _post_embedding(request: Any) -> list[float]:
+    """One embeddings request (blocking; run in a thread): the vector, or the HTTP/connection error."""
+    import urllib.request
+
+    with urllib.request.urlopen(request, timeout=QUERY_LLM_TIMEOUT_S) as reply:
+        encoded = json.load(reply)["data"][0]["embedding"]
+    raw = base64.b64decode(encoded, validate=True)
+    return list(struct.unpack(f"<{len(raw) // 4}f", raw))
+
+
+def _embedding_failure(exc: BaseException) -> tuple[str, float | None]:
+    """What to say about a failed embeddings request, and how long to wait before the retry (None:
+    do not retry)."""
+    import http.client
+    import urllib.error
+
+    if isinstance(exc, urllib.error.HTTPError):
+        if exc.code in (401, 403):
+            return "authentication failed (check OPENAI_API_KEY)", None
+        detail = "rate limited; retry later" if exc.code == 429 else f"HTTP {exc.code}"
+        if exc.code not in RETRYABLE_STATUS:
+            return detail, None
+        with contextlib.suppress(TypeError, ValueError):
+            return detail, min(max(float(exc.headers.get("Retry-After")), 0.0), RETRY_AFTER_MAX_S)
+        return detail, 0.5
+    if isinstance(exc, urllib.error.URLError):  # connecting failed
+        return _describe(exc.reason) if isinstance(exc.reason, BaseException) else str(exc.reason), 0.5
+    if isinstance(exc, TimeoutError):  # reading the reply
+        return f"no answer within {QUERY_LLM_TIMEOUT_S:g} s", 0.5
+    if isinstance(exc, (OSError, http.client.HTTPException)):  # the connection broke midway
+        return _describe(exc), 0.5
+    return f"malformed reply ({type(exc).__name__})", None  # a 200 whose body is not an embedding
+
+
+async def _query_embedding(text: str) -> list[float]:
+    """A question's embedding, as graphiti's OpenAIEmbedder.create() makes an event's. A short
+    timeout and one retry: a recall must not wait minutes on a hung endpoint the way an ingestion
+    may. Failures are ServiceError("openai", ...)."""
+    s = _settings()
+    s.require_llm()
+    request = _openai_request(s, "/embeddings", {"input": [text], "encoding_format": "base64",
+                                                 "model": s.embedding_model or DEFAULT_EMBEDDING_MODEL})
+    attempt = 1
+    while True:
+        try:
+            return (await asyncio.to_thread(_post_embedding, request))[:s.embedding_dim]
+        except Exception as exc:  # noqa: BLE001 - every failure becomes one ServiceError line
+            detail, retry_in = _embedding_failure(exc)
+            if retry_in is None or attempt == QUERY_EMBEDDING_ATTEMPTS:
+                raise ServiceError("openai", s.llm_address, detail) from exc
+        await asyncio.sleep(retry_in)
+        attempt += 1
 
 
 # === Cache =======================================================================================
@@ -2141,8 +2202,7 @@ async def _recall(query: str, limit: int, scope: str, window: _Window) -> list[R
     s = _settings()
     if not await _graph_exists(s.group_id):  # searching would create an empty graph
         return []
-    async with _llm_service():
-        vector = await _query_embedding(UNSEARCHABLE.sub(" ", query))
+    vector = await _query_embedding(UNSEARCHABLE.sub(" ", query))
     graph = (await _falkordb()).select_graph(s.group_id)
     at = window.as_of or _utc_iso(datetime.now(UTC))
     terms = _query_terms(query)
@@ -2515,8 +2575,7 @@ def _get_models(s: Settings) -> str | None:
     import urllib.error
     import urllib.request
 
-    url = (s.openai_base_url or "https://api.openai.com/v1").rstrip("/") + "/models"
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {s.openai_api_key}"})
+    request = _openai_request(s, "/models")
     try:
         with urllib.request.urlopen(request, timeout=HEALTH_TIMEOUT_S) as reply:
             json.load(reply)
