@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -502,3 +503,34 @@ def valkey_partition(stack: Stack) -> Iterator[PartitionProxy]:
     proxy = PartitionProxy(stack.ports["valkey"])
     yield proxy
     proxy.close()
+
+
+MCP_TOKEN = "test-mcp-token-5f0c2e"
+
+
+@contextmanager
+def mcp_http_server(memory: Memory, *args: str, **env: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`mcp --http` on a free loopback port with MCP_TOKEN, once it answers; stopped by SIGTERM after."""
+    port = free_port()
+    server = memory.with_env(MEMORY_MCP_TOKEN=MCP_TOKEN, **env).popen("mcp", "--http", f"127.0.0.1:{port}", *args)
+    url = f"http://127.0.0.1:{port}/mcp"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="GET"), timeout=1)
+        except urllib.error.HTTPError as answered:
+            answered.close()
+            break  # it answers (401 without a token)
+        except OSError:
+            assert server.poll() is None, server.stderr.read() if server.stderr else ""
+            assert time.monotonic() < deadline, "the MCP server did not listen within 30 s"
+            time.sleep(0.1)
+    try:
+        yield url, server
+    finally:
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=15)
+        for stream in (server.stdin, server.stdout, server.stderr):
+            if stream:
+                stream.close()

@@ -13,8 +13,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -23,9 +23,9 @@ from mcp.client.stdio import StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
-from conftest import MODULE, ROOT, Memory, free_port
+from conftest import MCP_TOKEN as TOKEN
+from conftest import MODULE, ROOT, Memory, free_port, mcp_http_server
 
-TOKEN = "test-mcp-token-5f0c2e"
 NOTE = "Decided to keep FalkorDB as the graph store; Valkey holds the write queue for MemoryWorker."
 
 # The schemas a model sees: pinned, so a change to a tool's arguments is deliberate.
@@ -59,33 +59,6 @@ async def http_client(url: str) -> AsyncIterator[Client]:
     async with create_mcp_http_client(headers={"Authorization": f"Bearer {TOKEN}"}) as http, \
             Client(streamable_http_client(url, http_client=http), cache=None) as client:
         yield client
-
-
-@contextmanager
-def http_server(memory: Memory, *args: str, **env: str) -> Iterator[tuple[str, subprocess.Popen]]:
-    port = free_port()
-    server = memory.with_env(MEMORY_MCP_TOKEN=TOKEN, **env).popen("mcp", "--http", f"127.0.0.1:{port}", *args)
-    url = f"http://127.0.0.1:{port}/mcp"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(urllib.request.Request(url, method="GET"), timeout=1)
-        except urllib.error.HTTPError as answered:
-            answered.close()
-            break  # it answers (401 without a token)
-        except OSError:
-            assert server.poll() is None, server.stderr.read() if server.stderr else ""
-            assert time.monotonic() < deadline, "the MCP server did not listen within 30 s"
-            time.sleep(0.1)
-    try:
-        yield url, server
-    finally:
-        if server.poll() is None:
-            server.send_signal(signal.SIGTERM)
-            server.wait(timeout=15)
-        for stream in (server.stdin, server.stdout, server.stderr):
-            if stream:
-                stream.close()
 
 
 def text_of(result: Any) -> str:
@@ -188,7 +161,7 @@ def test_a_refused_argument_is_a_tool_error_and_the_server_keeps_answering(memor
 
 def test_http_needs_the_bearer_token_and_then_serves_what_stdio_serves(memory):
     memory.store(NOTE)
-    with http_server(memory) as (url, _server):
+    with mcp_http_server(memory) as (url, _server):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
             request = urllib.request.Request(url, data=b"{}", method="POST",
                                              headers={"Content-Type": "application/json", **headers})
@@ -224,7 +197,7 @@ def open_session(url: str, session: str | None = None, method: str = "initialize
 
 
 def test_a_client_opening_sessions_without_end_churns_its_own_and_a_new_client_still_connects(memory):
-    with http_server(memory, MEMORY_MCP_SESSIONS_PER_CLIENT="3") as (url, _server):
+    with mcp_http_server(memory, MEMORY_MCP_SESSIONS_PER_CLIENT="3") as (url, _server):
         flood = [open_session(url) for _ in range(60)]
         oldest, newest = (open_session(url, flood[i][1], "ping")[0] for i in (0, -1))
 
@@ -240,7 +213,7 @@ def test_a_client_opening_sessions_without_end_churns_its_own_and_a_new_client_s
 
 
 def test_http_refuses_a_foreign_origin(memory):
-    with http_server(memory) as (url, _server):
+    with mcp_http_server(memory) as (url, _server):
         request = urllib.request.Request(url, data=b"{}", method="POST", headers={
             "Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}", "Origin": "http://evil.example"})
         with pytest.raises(urllib.error.HTTPError) as refused:
@@ -260,7 +233,7 @@ def test_binding_beyond_loopback_without_a_token_is_refused_at_start(memory):
 
 
 def test_sigterm_ends_the_server_and_its_worker_cleanly(memory):
-    with http_server(memory, "--worker", MEMORY_AUTO_DRAIN="off") as (url, server):
+    with mcp_http_server(memory, "--worker", MEMORY_AUTO_DRAIN="off") as (url, server):
         async def store() -> Any:
             async with http_client(url) as client:
                 return await call(client, "add_memory", content=NOTE)

@@ -5,6 +5,7 @@ OpenAI stand-in as its chat model, whose streamed answers each test scripts. A h
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MODULE, ROOT, Memory
+from conftest import MCP_TOKEN, MODULE, ROOT, Memory, free_port, mcp_http_server
 
 OPENCODE_VERSION = "1.18.33"
 PLUGIN = ROOT / "containers" / "opencode-server" / "plugins" / "memory.js"
@@ -224,3 +225,43 @@ def test_what_the_plugin_stored_in_one_session_the_model_finds_through_mcp_in_th
                 and e.get("part", {}).get("tool") == "memory_search_memory_facts"]
     assert search["status"] == "completed"
     assert "Create NOTES.md with the Zanzibar release checklist" in search["output"]
+
+
+RECALLED = "The Zanzibar release checklist lives in NOTES.md, reviewed by Priya."
+
+
+def system_prompts(standin) -> list[str]:
+    """The system messages of each chat request OpenCode sent (its title request, then the turn's)."""
+    chats = [json.loads(body) for body in standin.recorded() if '"messages"' in body]
+    return ["\n".join(m["content"] if isinstance(m["content"], str) else json.dumps(m["content"])
+                      for m in chat["messages"] if m["role"] == "system") for chat in chats]
+
+
+@pytest.mark.parametrize("path", ["cli", "mcp", "mcp down"])
+def test_every_model_call_of_a_session_gets_the_project_s_memories_by_the_long_lived_path_or_else_the_cli(
+        opencode, project, stack, standin, path):
+    memory = group_memory(project)
+    memory.store(RECALLED)
+    wait_for_episodes(memory, lambda found: len(found) == 1)
+    install_plugin(project)
+    server = contextlib.nullcontext((f"http://127.0.0.1:{free_port()}/mcp", None))  # nothing listens there
+    if path == "mcp":
+        server = mcp_http_server(memory)
+    standin.faults(record=True)
+    script_chat(stack, [{"text": "It is in NOTES.md."}])
+
+    with server as (url, _server):
+        if path != "cli":
+            project.env.update(MEMORY_MCP_URL=url, MEMORY_MCP_TOKEN=MCP_TOKEN)
+        run = project.opencode(opencode, "run", "Where is the Zanzibar release checklist?")
+
+    assert run.returncode == 0, run.stdout + run.stderr
+    prompts = system_prompts(standin)
+    assert len(prompts) == 2  # the title request and the turn
+    assert all("Memories of this project from earlier sessions" in p and RECALLED in p for p in prompts), prompts
+    log = opencode_log(project)
+    assert re.search(rf"memory recall via {'mcp' if path == 'mcp' else 'cli'} in \d+ ms", log), log[-3000:]
+    if path == "mcp down":
+        assert re.search(r"level=WARN .*memory recall through http://127\.0\.0\.1:\d+/mcp failed after \d+ ms "
+                         r"\(.+\); using the CLI", log), log[-3000:]
+    assert MCP_TOKEN not in log

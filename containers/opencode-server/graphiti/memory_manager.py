@@ -1103,7 +1103,7 @@ async def _query_embedding(text: str) -> list[float]:
     while True:
         try:
             return (await asyncio.to_thread(_post_embedding, request))[:s.embedding_dim]
-        except Exception as exc:  # noqa: BLE001 - every failure becomes one ServiceError line
+        except Exception as exc:  # every failure becomes one ServiceError line
             detail, retry_in = _embedding_failure(exc)
             if retry_in is None or attempt == QUERY_EMBEDDING_ATTEMPTS:
                 raise ServiceError("openai", s.llm_address, detail) from exc
@@ -4505,10 +4505,12 @@ def _build_mcp_server() -> Any:
     async def get_context(query, budget_tokens=CONTEXT_BUDGET_TOKENS):  # type: ignore[no-untyped-def]
         """The memories relevant to a question as one block to read, within a token budget (default
         1000): events with their times and facts with their validity, best first, and how many did
-        not fit."""
+        not fit. The OpenCode plugin's session-start recall calls it too."""
         async with _tool_errors():
             block = await context(query, budget_tokens)
-        return _tool_result(block, {"context": block, "estimated_tokens": _estimated_tokens(block)})
+        # the group lets the plugin, which recalls through this tool, check it reached its own project
+        return _tool_result(block, {"context": block, "estimated_tokens": _estimated_tokens(block),
+                                    "group": _settings().group_id})
 
     @tool("search_entities", query=maybe_text, entity_type=maybe_text)
     async def search_entities(query=None, entity_type=None):  # type: ignore[no-untyped-def]

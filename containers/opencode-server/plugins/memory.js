@@ -4,9 +4,9 @@
 //   file.edited     "Edited <path>"
 //   session.error   "Session error: <name>: <message>"
 //   a completed turn (session.idle): what the user asked and which tools ran
-// Recall: the first model call of a session gets the memories relevant to the user's first
-// message added to its system prompt (experimental.chat.system.transform; pinned to OpenCode
-// 1.18.33). The agent can always recall mid-task through the MCP server's search_memory_facts.
+// Recall: every model call of a session gets the memories relevant to the user's first message
+// added to its system prompt (experimental.chat.system.transform; pinned to OpenCode 1.18.33),
+// recalled once per session. The agent can always recall mid-task through the MCP server's search_memory_facts.
 //
 // One memory group per project: the normalised git remote URL (so a fresh clone finds its old
 // memories and two projects never share them), else the directory; MEMORY_GROUP_ID overrides. The
@@ -16,11 +16,17 @@
 // dependencies, a wrong path) is found once at start and logged as an error in OpenCode's log
 // (service "memory"), and so is every store or recall that fails, with the manager's own one line.
 //
+// Recall goes first to a long-lived memory manager when MEMORY_MCP_URL names one (`memory-manager mcp
+// --http`, its get_context tool over one MCP session kept for the plugin's life): a warm process
+// answers in milliseconds where a new Python process spends ~0.5 s starting. Any failure there
+// (down, wrong token, another project's group) is logged and the CLI answers instead.
+//
 // Environment: MEMORY_MANAGER (default: the `memory-manager` console script, whose Python has the
 // dependencies; or a path to memory_manager.py, run with MEMORY_PYTHON, default python3),
 // MEMORY_GROUP_ID, MEMORY_RECALL (on/off, default on), MEMORY_RECALL_TIMEOUT_MS (default 3000),
-// MEMORY_RECALL_BUDGET_TOKENS (default 1500),
-// plus the memory manager's own variables, which its processes inherit. No npm dependencies.
+// MEMORY_RECALL_BUDGET_TOKENS (default 1500), MEMORY_MCP_URL and MEMORY_MCP_TOKEN (the long-lived
+// path; default none), plus the memory manager's own variables, which its processes inherit. No npm
+// dependencies.
 
 import { execFile, spawn } from "node:child_process"
 import path from "node:path"
@@ -31,6 +37,10 @@ const RECALL = (process.env.MEMORY_RECALL || "on") !== "off"
 const RECALL_TIMEOUT_MS = Number(process.env.MEMORY_RECALL_TIMEOUT_MS || 3000)
 const RECALL_BUDGET_TOKENS = Number(process.env.MEMORY_RECALL_BUDGET_TOKENS || 1500)
 const MAX_CONTENT = 8000 // characters per stored event: a concise note, not a transcript
+const MCP_URL = process.env.MEMORY_MCP_URL || ""
+const MCP_TOKEN = process.env.MEMORY_MCP_TOKEN || ""
+const MCP_PROTOCOL = "2025-06-18"
+const MAX_RECALLED_SESSIONS = 200 // a long-lived OpenCode server keeps the blocks of its newest sessions
 
 // Runs the memory manager; resolves to {ok, stdout, why} and never rejects. `why` is the manager's
 // one error line, or what kept it from running.
@@ -47,6 +57,53 @@ function manage(args, options = {}) {
       resolve({ ok: false, stdout: "", why: `${COMMAND.join(" ")} ${args[0]}: ${error.message}` })
     }
   })
+}
+
+// A minimal MCP client over streamable HTTP with JSON replies: one session, opened ahead of the first
+// call (`open`) and again when the server has forgotten it (HTTP 404 after its idle timeout). `call`
+// resolves to the tool's result or rejects with one line.
+function mcpClient(url, token) {
+  let session = null // {id, version}
+  let ready = null // the promise of an open session
+  let nextId = 1
+  const post = async (message, signal) => {
+    const headers = { "content-type": "application/json", accept: "application/json, text/event-stream" }
+    if (token) headers.authorization = `Bearer ${token}`
+    if (session) Object.assign(headers, { "mcp-session-id": session.id, "mcp-protocol-version": session.version })
+    const reply = await fetch(url, { method: "POST", headers, body: JSON.stringify(message), signal })
+    if (!reply.ok) throw Object.assign(new Error(`HTTP ${reply.status}`), { status: reply.status })
+    return reply
+  }
+  const rpc = async (method, params, signal) => {
+    const reply = await post({ jsonrpc: "2.0", id: nextId++, method, params }, signal)
+    const body = await reply.json()
+    if (body.error) throw new Error(body.error.message)
+    return { result: body.result, reply }
+  }
+  const initialize = async (signal) => {
+    session = null
+    const { result, reply } = await rpc("initialize", { protocolVersion: MCP_PROTOCOL, capabilities: {},
+      clientInfo: { name: "opencode-memory-plugin", version: "1" } }, signal)
+    session = { id: reply.headers.get("mcp-session-id") || "", version: result.protocolVersion }
+    await post({ jsonrpc: "2.0", method: "notifications/initialized" }, signal)
+  }
+  const open = (signal) => (ready ||= initialize(signal).catch((error) => { ready = null; throw error }))
+  const callOnce = async (tool, args, signal) => {
+    await open(signal)
+    const { result } = await rpc("tools/call", { name: tool, arguments: args }, signal)
+    if (result.isError) throw new Error((result.content || []).map((c) => c.text).join(" ") || "tool error")
+    return result
+  }
+  const call = async (tool, args, signal) => {
+    try {
+      return await callOnce(tool, args, signal)
+    } catch (error) {
+      if (error.status !== 404 || !session) throw error
+      ready = null // the server dropped an idle session: one new one
+      return await callOnce(tool, args, signal)
+    }
+  }
+  return { open, call }
 }
 
 // The plugin is the file's only export: OpenCode calls every exported function as a plugin.
@@ -67,7 +124,7 @@ export const MemoryPlugin = async ({ client, directory, worktree }) => {
   else await log("info", `memory group ${group}`)
   const env = { ...process.env, MEMORY_GROUP_ID: group }
   const turns = new Map() // sessionID -> {asked, tools}
-  const recalled = new Set()
+  const recalled = new Map() // sessionID -> the promise of its recalled block ("" for none); newest last
 
   // Detached: the agent never waits on a store. Its one error line, if any, goes to the log.
   const store = (content, metadata) => {
@@ -97,12 +154,38 @@ export const MemoryPlugin = async ({ client, directory, worktree }) => {
   }
 
   // One deterministic block within a budget (`context`): the same memories and question give the
-  // same bytes, so the provider's prompt cache keeps holding.
+  // same bytes, so the provider's prompt cache keeps holding. The long-lived path first, then the CLI
+  // within what is left of the timeout; how long it took, and by which path, goes to the log.
+  let mcp = MCP_URL ? mcpClient(MCP_URL, MCP_TOKEN) : null
+  const recallThroughMcp = async (question, started) => {
+    try {
+      const result = await mcp.call("get_context", { query: question, budget_tokens: RECALL_BUDGET_TOKENS },
+        AbortSignal.timeout(RECALL_TIMEOUT_MS))
+      const served = (result.structuredContent || {}).group
+      if (served === group) return (result.structuredContent.context || "").trim()
+      mcp = null // it will not start serving this project: the CLI from now on
+      await log("error", `memory recall through ${MCP_URL}: it serves group ${served}, not ${group}; using the CLI`)
+    } catch (error) {
+      await log("warn", `memory recall through ${MCP_URL} failed after ${Date.now() - started} ms ` +
+        `(${error.message}); using the CLI`)
+    }
+    return null
+  }
+  if (mcp && usable && RECALL) mcp.open(AbortSignal.timeout(RECALL_TIMEOUT_MS)).catch(() => {}) // off the first turn's path
   const recall = async (question) => {
     if (!usable) return ""
-    const answer = await manage(["context", "--budget-tokens", String(RECALL_BUDGET_TOKENS), "--",
-      question.slice(0, 2000)], { env, timeout: RECALL_TIMEOUT_MS })
+    const started = Date.now()
+    question = question.slice(0, 2000)
+    const served = mcp ? await recallThroughMcp(question, started) : null
+    if (served !== null) {
+      await log("info", `memory recall via mcp in ${Date.now() - started} ms`)
+      return served
+    }
+    const left = Math.max(RECALL_TIMEOUT_MS - (Date.now() - started), 500)
+    const answer = await manage(["context", "--budget-tokens", String(RECALL_BUDGET_TOKENS), "--", question],
+      { env, timeout: left })
     if (!answer.ok) await log("warn", `memory recall skipped: ${answer.why}`)
+    else await log("info", `memory recall via cli in ${Date.now() - started} ms`)
     return answer.stdout.trim()
   }
 
@@ -150,15 +233,21 @@ export const MemoryPlugin = async ({ client, directory, worktree }) => {
       } catch {}
     },
 
+    // Every model call of a session gets the block recalled for its first user message: the title
+    // request comes first and the agent's steps after it, and each is a prompt of its own.
     "experimental.chat.system.transform": async (input, output) => {
       try {
         const sessionID = input.sessionID
-        if (!RECALL || !sessionID || recalled.has(sessionID)) return
-        recalled.add(sessionID)
-        const asked = turns.has(sessionID) ? turns.get(sessionID).asked : ""
-        if (!asked) return
-        const memories = await recall(asked)
-        if (memories && !memories.endsWith("No relevant memories found.")) {
+        if (!RECALL || !sessionID) return
+        if (!recalled.has(sessionID)) {
+          const asked = turns.has(sessionID) ? turns.get(sessionID).asked : ""
+          if (!asked) return
+          recalled.set(sessionID, recall(asked).then((found) => (found.endsWith("No relevant memories found.")
+            ? "" : found)).catch(() => ""))
+          if (recalled.size > MAX_RECALLED_SESSIONS) recalled.delete(recalled.keys().next().value)
+        }
+        const memories = await recalled.get(sessionID)
+        if (memories) {
           output.system.push(`Memories of this project from earlier sessions (events with their times, facts ` +
             `with their validity):\n${memories}`)
         }

@@ -1,0 +1,172 @@
+"""`make bench-plugin`: the OpenCode plugin's session-start recall as OpenCode sees it, by path.
+
+OpenCode itself (opencode-ai 1.18.33, headless and offline, the stand-in as its chat model) runs one
+session per question with the plugin (containers/opencode-server/plugins/memory.js) installed; the
+plugin logs how long each recall took and by which path (`memory recall via cli|mcp in N ms`), and
+that figure is what this table reports. Every question is new, so every recall is a cache miss.
+
+Paths: `cli` spawns `memory-manager context` (the default); `mcp` calls a long-lived
+`memory-manager mcp --http` (MEMORY_MCP_URL). Stand-in latency per request: 0 ms and 300 ms (the
+question's embedding pays it once). Floors from the same run: `python -c 'import redis.asyncio'`
+as a whole process, and one embeddings request to the stand-in.
+
+  python local/bench_plugin.py [--sessions 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from stack import ROOT, Stack, free_port
+
+MODULE = ROOT / "containers" / "opencode-server" / "graphiti" / "memory_manager.py"
+PLUGIN = ROOT / "containers" / "opencode-server" / "plugins" / "memory.js"
+OPENCODE_VERSION = "1.18.33"
+GROUP = "bench_plugin"
+TOKEN = "bench-plugin-token"
+EVENTS = ("Decided to keep FalkorDB as the graph store for the billing service.",
+          "The release checklist lives in NOTES.md and Priya reviews it.",
+          "Fixed the flaky deploy: the disk filled up with old container images.")
+TOPICS = ("graph store", "release checklist", "flaky deploy", "billing service", "container images")
+RECALL_LINE = re.compile(r"memory recall via (cli|mcp) in (\d+) ms")
+
+
+def post(url: str, body: dict) -> bytes:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", "Authorization": "Bearer x"})
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        return reply.read()
+
+
+def install_opencode(cache: Path) -> Path:
+    binary = cache / "node_modules" / ".bin" / "opencode"
+    if not binary.exists():
+        subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund", "--prefix", str(cache),
+                        f"opencode-ai@{OPENCODE_VERSION}"], check=True, timeout=600)
+    return binary
+
+
+def project(root: Path, stack: Stack) -> tuple[Path, dict[str, str]]:
+    """A project directory with the plugin and an OpenCode HOME wired to the stand-in (as the tests do)."""
+    directory, home = root / "project", root / "home"
+    for config in (home / ".config" / "opencode", directory / ".opencode"):
+        (config / "node_modules").mkdir(parents=True)  # no start-up npm install of @opencode-ai/plugin
+        (config / "package-lock.json").write_text(json.dumps(
+            {"lockfileVersion": 3, "packages": {"": {"dependencies": {"@opencode-ai/plugin": OPENCODE_VERSION}}}}))
+    (directory / ".opencode" / "plugins").mkdir()
+    shutil.copy(PLUGIN, directory / ".opencode" / "plugins" / "memory.js")
+    (directory / "opencode.json").write_text(json.dumps({
+        "provider": {"fake": {"npm": "@ai-sdk/openai-compatible", "name": "Stand-in",
+                              "options": {"baseURL": stack.env()["OPENAI_BASE_URL"], "apiKey": "x"},
+                              "models": {"fake-model": {"name": "Fake", "tool_call": True}}}},
+        "model": "fake/fake-model", "small_model": "fake/fake-model", "autoupdate": False, "share": "disabled"}))
+    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "HOME": str(home),
+           "XDG_CONFIG_HOME": str(home / ".config"), "XDG_DATA_HOME": str(home / ".local" / "share"),
+           "XDG_CACHE_HOME": str(home / ".cache"), "XDG_STATE_HOME": str(home / ".local" / "state"),
+           **{f"OPENCODE_DISABLE_{name}": "1" for name in ("AUTOUPDATE", "MODELS_FETCH", "LSP_DOWNLOAD", "SHARE",
+                                                          "DEFAULT_PLUGINS", "CLAUDE_CODE", "EXTERNAL_SKILLS")},
+           **stack.env(), "MEMORY_GROUP_ID": GROUP}
+    return directory, env
+
+
+def recall_times(opencode: Path, directory: Path, env: dict[str, str], stack: Stack, path: str,
+                 sessions: int, tag: str) -> list[float]:
+    log_dir = Path(env["XDG_DATA_HOME"]) / "opencode" / "log"
+    times = []
+    for i in range(sessions):
+        shutil.rmtree(log_dir, ignore_errors=True)
+        post(stack.standin_url + "/_standin/chat", {"script": [{"text": "Noted."}]})
+        question = f"What do we know about the {TOPICS[i % len(TOPICS)]}? ({tag} {i})"
+        run = subprocess.run([str(opencode), "run", question], cwd=directory, env=env, capture_output=True,
+                             text=True, timeout=120, stdin=subprocess.DEVNULL)
+        assert run.returncode == 0, run.stdout + run.stderr
+        log = "".join(p.read_text() for p in log_dir.glob("*.log"))
+        [(via, ms)] = RECALL_LINE.findall(log)
+        assert via == path, log[-2000:]
+        times.append(float(ms))
+    return times
+
+
+def floor_times(stack: Stack, runs: int) -> tuple[list[float], list[float]]:
+    imports, embeddings = [], []
+    for _ in range(runs):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import redis.asyncio"], check=True)
+        imports.append((time.perf_counter() - started) * 1000)
+        started = time.perf_counter()
+        post(stack.standin_url + "/v1/embeddings", {"input": ["a question"], "model": "text-embedding-3-small"})
+        embeddings.append((time.perf_counter() - started) * 1000)
+    return imports, embeddings
+
+
+def start_server(env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(MODULE), "mcp", "--http", f"127.0.0.1:{port}"],
+                              env={**env, "MEMORY_MCP_TOKEN": TOKEN}, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/mcp"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+        except urllib.error.HTTPError:
+            return server, url  # it answers (401 without the token)
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit("the MCP server did not listen within 30 s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", type=int, default=5, help="OpenCode sessions per row")
+    args = parser.parse_args()
+    if shutil.which("npm") is None:
+        raise SystemExit("bench-plugin needs node's npm (to install OpenCode)")
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    opencode = install_opencode(cache / "memory-bench-opencode")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-plugin-") as run_dir:
+        stack = Stack(Path(run_dir) / "stack")
+        stack.start()
+        server = None
+        try:
+            directory, env = project(Path(run_dir), stack)
+            for content in EVENTS:
+                subprocess.run([sys.executable, str(MODULE), "store", "--wait", content], env=env, check=True,
+                               capture_output=True, timeout=300)
+            server, url = start_server(env)
+            for latency in (0, 300):
+                post(stack.standin_url + "/_standin/faults", {"latency_ms": latency})
+                imports, embeddings = floor_times(stack, args.sessions)
+                floor = statistics.median(imports) + statistics.median(embeddings)
+                for path in ("cli", "mcp"):
+                    extra = {"MEMORY_MCP_URL": url, "MEMORY_MCP_TOKEN": TOKEN} if path == "mcp" else {}
+                    times = recall_times(opencode, directory, {**env, **extra}, stack, path, args.sessions,
+                                         f"{latency}ms")
+                    rows.append((path, latency, statistics.median(times), max(times), floor))
+        finally:
+            if server is not None:
+                server.terminate()
+                server.wait(timeout=15)
+            stack.stop()
+    print(f"session-start recall as the plugin inside OpenCode logs it; {args.sessions} sessions per row, "
+          "every recall a cache miss")
+    print(f"{'path':<5} {'stand-in latency':>16} {'recall p50':>11} {'max':>7} {'floor*':>8} {'p50 / floor':>12}")
+    for path, latency, p50, worst, floor in rows:
+        print(f"{path:<5} {latency:>13} ms {p50:>8.0f} ms {worst:>4.0f} ms {floor:>5.0f} ms {p50 / floor:>11.2f}x")
+    print("* python -c 'import redis.asyncio' (whole process) + one embeddings request, medians of the same run")
+
+
+if __name__ == "__main__":
+    main()
