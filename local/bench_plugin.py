@@ -2,13 +2,16 @@
 
 OpenCode itself (opencode-ai 1.18.33, headless and offline, the stand-in as its chat model) runs one
 session per question with the plugin (containers/opencode-server/plugins/memory.js) installed; the
-plugin logs how long each recall took and by which path (`memory recall via cli|mcp in N ms`), and
-that figure is what this table reports. Every question is new, so every recall is a cache miss.
+plugin logs how long each recall took and by which path, and how long the first model call waited
+for it (the recall starts when the first user message arrives): `memory recall via cli|mcp in N ms
+(the first model call waited M ms)`. Those two figures are what this table reports. Every question
+is new, so every recall is a cache miss.
 
 Paths: `cli` spawns `memory-manager context` (the default); `mcp` calls a long-lived
 `memory-manager mcp --http` (MEMORY_MCP_URL). Stand-in latency per request: 0 ms and 300 ms (the
 question's embedding pays it once). Floors from the same run: `python -c 'import redis.asyncio'`
-as a whole process, and one embeddings request to the stand-in.
+as a whole process, and one embeddings request to the stand-in. A row more: the same get_context
+call sent to the server from this process, outside OpenCode (what the server itself takes).
 
   python local/bench_plugin.py [--sessions 5]
 """
@@ -40,7 +43,7 @@ EVENTS = ("Decided to keep FalkorDB as the graph store for the billing service."
           "The release checklist lives in NOTES.md and Priya reviews it.",
           "Fixed the flaky deploy: the disk filled up with old container images.")
 TOPICS = ("graph store", "release checklist", "flaky deploy", "billing service", "container images")
-RECALL_LINE = re.compile(r"memory recall via (cli|mcp) in (\d+) ms")
+RECALL_LINE = re.compile(r"memory recall via (cli|mcp) in (\d+) ms \(the first model call waited (\d+) ms\)")
 
 
 def post(url: str, body: dict) -> bytes:
@@ -82,21 +85,22 @@ def project(root: Path, stack: Stack) -> tuple[Path, dict[str, str]]:
 
 
 def recall_times(opencode: Path, directory: Path, env: dict[str, str], stack: Stack, path: str,
-                 sessions: int, tag: str) -> list[float]:
-    log_dir = Path(env["XDG_DATA_HOME"]) / "opencode" / "log"
-    times = []
-    for i in range(sessions):
-        shutil.rmtree(log_dir, ignore_errors=True)
+                 sessions: int, tag: str) -> tuple[list[float], list[float]]:
+    times, waits = [], []
+    for i in range(-1, sessions):  # a first session not counted: OpenCode's first run in a new HOME sets it up
         post(stack.standin_url + "/_standin/chat", {"script": [{"text": "Noted."}]})
-        question = f"What do we know about the {TOPICS[i % len(TOPICS)]}? ({tag} {i})"
-        run = subprocess.run([str(opencode), "run", question], cwd=directory, env=env, capture_output=True,
-                             text=True, timeout=120, stdin=subprocess.DEVNULL)
+        question = f"What do we know about the {TOPICS[i % len(TOPICS)]}? ({tag} {i + 1})"
+        # --print-logs: the log on stderr as it is written (the log file can miss its last lines at exit)
+        run = subprocess.run([str(opencode), "run", "--print-logs", question], cwd=directory, env=env,
+                             capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
         assert run.returncode == 0, run.stdout + run.stderr
-        log = "".join(p.read_text() for p in log_dir.glob("*.log"))
-        [(via, ms)] = RECALL_LINE.findall(log)
-        assert via == path, log[-2000:]
-        times.append(float(ms))
-    return times
+        log = run.stderr
+        found = RECALL_LINE.findall(log)
+        if i >= 0:
+            assert [via for via, *_ in found] == [path], log[-3000:]
+            times.append(float(found[0][1]))
+            waits.append(float(found[0][2]))
+    return times, waits
 
 
 def floor_times(stack: Stack, runs: int) -> tuple[list[float], list[float]]:
@@ -109,6 +113,30 @@ def floor_times(stack: Stack, runs: int) -> tuple[list[float], list[float]]:
         post(stack.standin_url + "/v1/embeddings", {"input": ["a question"], "model": "text-embedding-3-small"})
         embeddings.append((time.perf_counter() - started) * 1000)
     return imports, embeddings
+
+
+def direct_times(url: str, calls: int, tag: str) -> list[float]:
+    """get_context round trips to the server from here, outside OpenCode: one session, new questions."""
+    headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+               "Authorization": f"Bearer {TOKEN}"}
+
+    def rpc(message: dict) -> urllib.request.Request:
+        return urllib.request.Request(url, data=json.dumps(message).encode(), headers=headers)
+
+    with urllib.request.urlopen(rpc({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "bench", "version": "1"}}}),
+            timeout=30) as reply:
+        headers.update({"mcp-session-id": reply.headers["mcp-session-id"], "mcp-protocol-version": "2025-06-18"})
+    urllib.request.urlopen(rpc({"jsonrpc": "2.0", "method": "notifications/initialized"}), timeout=30).close()
+    times = []
+    for i in range(calls):
+        started = time.perf_counter()
+        with urllib.request.urlopen(rpc({"jsonrpc": "2.0", "id": i + 1, "method": "tools/call", "params": {
+                "name": "get_context", "arguments": {"query": f"billing graph store? ({tag} direct {i})"}}}),
+                timeout=30) as reply:
+            assert not json.load(reply)["result"].get("isError")
+        times.append((time.perf_counter() - started) * 1000)
+    return times
 
 
 def start_server(env: dict[str, str]) -> tuple[subprocess.Popen, str]:
@@ -150,11 +178,14 @@ def main() -> None:
                 post(stack.standin_url + "/_standin/faults", {"latency_ms": latency})
                 imports, embeddings = floor_times(stack, args.sessions)
                 floor = statistics.median(imports) + statistics.median(embeddings)
+                times = direct_times(url, 4 * args.sessions, f"{latency}ms")
+                rows.append(("mcp, from outside OpenCode", latency, statistics.median(times), max(times), None, floor))
                 for path in ("cli", "mcp"):
                     extra = {"MEMORY_MCP_URL": url, "MEMORY_MCP_TOKEN": TOKEN} if path == "mcp" else {}
-                    times = recall_times(opencode, directory, {**env, **extra}, stack, path, args.sessions,
-                                         f"{latency}ms")
-                    rows.append((path, latency, statistics.median(times), max(times), floor))
+                    times, waits = recall_times(opencode, directory, {**env, **extra}, stack, path, args.sessions,
+                                                f"{latency}ms")
+                    rows.append((path, latency, statistics.median(times), max(times), statistics.median(waits),
+                                 floor))
         finally:
             if server is not None:
                 server.terminate()
@@ -162,9 +193,12 @@ def main() -> None:
             stack.stop()
     print(f"session-start recall as the plugin inside OpenCode logs it; {args.sessions} sessions per row, "
           "every recall a cache miss")
-    print(f"{'path':<5} {'stand-in latency':>16} {'recall p50':>11} {'max':>7} {'floor*':>8} {'p50 / floor':>12}")
-    for path, latency, p50, worst, floor in rows:
-        print(f"{path:<5} {latency:>13} ms {p50:>8.0f} ms {worst:>4.0f} ms {floor:>5.0f} ms {p50 / floor:>11.2f}x")
+    print(f"{'path':<27} {'stand-in latency':>16} {'recall p50':>11} {'max':>7} {'turn waited p50':>16} "
+          f"{'floor*':>8} {'p50 / floor':>12}")
+    for path, latency, p50, worst, waited, floor in rows:
+        shown = "-" if waited is None else f"{waited:.0f} ms"
+        print(f"{path:<27} {latency:>13} ms {p50:>8.0f} ms {worst:>4.0f} ms {shown:>16} {floor:>5.0f} ms "
+              f"{p50 / floor:>11.2f}x")
     print("* python -c 'import redis.asyncio' (whole process) + one embeddings request, medians of the same run")
 
 

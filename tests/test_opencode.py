@@ -253,13 +253,14 @@ def test_every_model_call_of_a_session_gets_the_project_s_memories_by_the_long_l
     with server as (url, _server):
         if path != "cli":
             project.env.update(MEMORY_MCP_URL=url, MEMORY_MCP_TOKEN=MCP_TOKEN)
-        run = project.opencode(opencode, "run", "Where is the Zanzibar release checklist?")
+        # --print-logs: the log on stderr as it is written (the log file can miss its last lines at exit)
+        run = project.opencode(opencode, "run", "--print-logs", "Where is the Zanzibar release checklist?")
 
     assert run.returncode == 0, run.stdout + run.stderr
     prompts = system_prompts(standin)
     assert len(prompts) == 2  # the title request and the turn
     assert all("Memories of this project from earlier sessions" in p and RECALLED in p for p in prompts), prompts
-    log = opencode_log(project)
+    log = run.stderr
     assert re.search(rf"memory recall via {'mcp' if path == 'mcp' else 'cli'} in \d+ ms", log), log[-3000:]
     if path == "mcp down":
         assert re.search(r"level=WARN .*memory recall through http://127\.0\.0\.1:\d+/mcp failed after \d+ ms "

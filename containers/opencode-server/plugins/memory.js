@@ -124,7 +124,7 @@ export const MemoryPlugin = async ({ client, directory, worktree }) => {
   else await log("info", `memory group ${group}`)
   const env = { ...process.env, MEMORY_GROUP_ID: group }
   const turns = new Map() // sessionID -> {asked, tools}
-  const recalled = new Map() // sessionID -> the promise of its recalled block ("" for none); newest last
+  const recalled = new Map() // sessionID -> the promise of its recall ({text, via, ms}); newest last
 
   // Detached: the agent never waits on a store. Its one error line, if any, goes to the log.
   const store = (content, metadata) => {
@@ -173,20 +173,33 @@ export const MemoryPlugin = async ({ client, directory, worktree }) => {
   }
   if (mcp && usable && RECALL) mcp.open(AbortSignal.timeout(RECALL_TIMEOUT_MS)).catch(() => {}) // off the first turn's path
   const recall = async (question) => {
-    if (!usable) return ""
     const started = Date.now()
     question = question.slice(0, 2000)
     const served = mcp ? await recallThroughMcp(question, started) : null
-    if (served !== null) {
-      await log("info", `memory recall via mcp in ${Date.now() - started} ms`)
-      return served
-    }
+    if (served !== null) return { text: served, via: "mcp", ms: Date.now() - started }
     const left = Math.max(RECALL_TIMEOUT_MS - (Date.now() - started), 500)
     const answer = await manage(["context", "--budget-tokens", String(RECALL_BUDGET_TOKENS), "--", question],
       { env, timeout: left })
     if (!answer.ok) await log("warn", `memory recall skipped: ${answer.why}`)
-    else await log("info", `memory recall via cli in ${Date.now() - started} ms`)
-    return answer.stdout.trim()
+    return { text: answer.stdout.trim(), via: answer.ok ? "cli" : null, ms: Date.now() - started }
+  }
+  // Started as the session's first user message arrives, so it runs while OpenCode prepares the first
+  // model call; that call waits only for what is left.
+  const startRecall = (sessionID, question) => {
+    if (!RECALL || !usable || recalled.has(sessionID) || !question) return
+    recalled.set(sessionID, recall(question).catch(() => ({ text: "", via: null, ms: 0 })))
+    if (recalled.size > MAX_RECALLED_SESSIONS) recalled.delete(recalled.keys().next().value)
+  }
+  const logged = new Set()
+  const recalledBlock = async (sessionID) => {
+    const waitStarted = Date.now()
+    const { text, via, ms } = await recalled.get(sessionID)
+    if (via && !logged.has(sessionID)) {
+      logged.add(sessionID)
+      if (logged.size > MAX_RECALLED_SESSIONS) logged.delete(logged.keys().next().value)
+      await log("info", `memory recall via ${via} in ${ms} ms (the first model call waited ${Date.now() - waitStarted} ms)`)
+    }
+    return text.endsWith("No relevant memories found.") ? "" : text
   }
 
   return {
@@ -221,6 +234,7 @@ export const MemoryPlugin = async ({ client, directory, worktree }) => {
         const text = (output.parts || []).filter((p) => p.type === "text" && !p.synthetic)
           .map((p) => p.text).join("\n").trim()
         if (text) turn(input.sessionID).asked = text.slice(0, 1000)
+        startRecall(input.sessionID, text)
       } catch {}
     },
 
@@ -239,14 +253,9 @@ export const MemoryPlugin = async ({ client, directory, worktree }) => {
       try {
         const sessionID = input.sessionID
         if (!RECALL || !sessionID) return
-        if (!recalled.has(sessionID)) {
-          const asked = turns.has(sessionID) ? turns.get(sessionID).asked : ""
-          if (!asked) return
-          recalled.set(sessionID, recall(asked).then((found) => (found.endsWith("No relevant memories found.")
-            ? "" : found)).catch(() => ""))
-          if (recalled.size > MAX_RECALLED_SESSIONS) recalled.delete(recalled.keys().next().value)
-        }
-        const memories = await recalled.get(sessionID)
+        startRecall(sessionID, turns.has(sessionID) ? turns.get(sessionID).asked : "")
+        if (!recalled.has(sessionID)) return
+        const memories = await recalledBlock(sessionID)
         if (memories) {
           output.system.push(`Memories of this project from earlier sessions (events with their times, facts ` +
             `with their validity):\n${memories}`)
