@@ -163,7 +163,7 @@ def main() -> None:
         raise SystemExit("bench-plugin needs node's npm (to install OpenCode)")
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     opencode = install_opencode(cache / "memory-bench-opencode")
-    rows = []
+    rows: list[tuple[str, int, float, float, float | None, float]] = []
     with tempfile.TemporaryDirectory(prefix="bench-plugin-") as run_dir:
         stack = Stack(Path(run_dir) / "stack")
         stack.start()

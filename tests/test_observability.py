@@ -8,12 +8,14 @@ DogStatsD datagrams are read off a UDP socket the test owns.
 
 import json
 import re
+import subprocess
+import sys
 import time
 
 import pytest
 import redis
 
-from conftest import Memory, stop, wait_for_no_worker
+from conftest import MODULE, Memory, stop, wait_for_no_worker
 
 # Values that legitimately differ between runs and machines; everything else must match.
 SNAPSHOT_IGNORES = ",".join([
@@ -107,6 +109,27 @@ def test_every_command_produces_one_trace_with_its_structure_and_tags(fixed_grou
         assert root["meta"]["memory.entity_type"] == "Technology" and root["metrics"]["memory.results"] == 2
     status, diff = agent.snapshot(token, SNAPSHOT_IGNORES)
     assert status == 200, diff
+
+
+def test_a_traced_query_answers_without_ddtrace_and_its_spans_arrive_later(memory, agent):
+    memory.store("We chose FalkorDB over Neo4j for the graph database.")
+    token = "memory_query_sent_after_exit"
+    agent.start(token)
+    code = ("import sys, memory_manager\n"
+            "code = memory_manager.main(['query', 'graph database'])\n"
+            "print(code, 'ddtrace' in sys.modules, file=sys.stderr)\n")
+
+    done = subprocess.run([sys.executable, "-c", code], env={**traced(memory, token).env,
+                                                             "PYTHONPATH": str(MODULE.parent)},
+                          capture_output=True, text=True, timeout=60)
+
+    assert done.stderr.splitlines() == ["0 False"], done.stderr
+    assert "We chose FalkorDB over Neo4j" in done.stdout
+    [trace] = agent.traces(token, expected=1)
+    root, children = span_tree(trace)
+    assert (root["name"], root["meta"]["cache.hit"], root["error"]) == ("memory.query", "false", 0)
+    assert children and all(span["start"] >= root["start"] and span["duration"] <= root["duration"]
+                            for span in trace if span is not root)
 
 
 def test_ingestion_is_one_trace_tagged_with_the_job(fixed_group, agent):

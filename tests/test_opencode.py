@@ -244,8 +244,8 @@ def test_every_model_call_of_a_session_gets_the_project_s_memories_by_the_long_l
     memory.store(RECALLED)
     wait_for_episodes(memory, lambda found: len(found) == 1)
     install_plugin(project)
-    server = contextlib.nullcontext((f"http://127.0.0.1:{free_port()}/mcp", None))  # nothing listens there
-    if path == "mcp":
+    server: contextlib.AbstractContextManager = contextlib.nullcontext((f"http://127.0.0.1:{free_port()}/mcp", None))
+    if path == "mcp":  # (else nothing listens at that URL)
         server = mcp_http_server(memory)
     standin.faults(record=True)
     script_chat(stack, [{"text": "It is in NOTES.md."}])

@@ -65,6 +65,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import contextvars
 import dataclasses
 import fcntl
 import functools
@@ -549,8 +550,9 @@ SECRET_VARIABLES = ("OPENAI_API_KEY", "B2_APP_KEY", "VALKEY_PASSWORD", "FALKORDB
 class _Telemetry:
     settings: _DatadogSettings | None = None
     probed: bool = False
-    tracer: Any = None
+    tracer: Any = None  # ddtrace's, or a _SpanRecorder when spans are sent after the exit
     statsd: Any = None  # (socket, address) once opened
+    send_after_exit: bool = False  # set by the commands a caller waits on (query, context)
 
 
 def _datadog() -> _DatadogSettings:
@@ -597,20 +599,106 @@ async def _agent_answers() -> bool:
         return False
 
 
+# A query's caller (the plugin at a session's start) waits for the process to exit, and importing
+# ddtrace plus its flush cost a cached query ~110 ms. So query and context keep their spans in
+# memory, and after the answer is written a detached child process imports ddtrace and sends them
+# with their original times. The two classes below are the part of ddtrace's API that _span uses.
+_recording_parent: contextvars.ContextVar[_SpanRecord | None] = contextvars.ContextVar("memory_span_parent",
+                                                                                         default=None)
+
+
+class _SpanRecord:
+    def __init__(self, name: str, service: str | None, parent: _SpanRecord | None) -> None:
+        self.name, self.service, self.parent, self.resource = name, service, parent, name
+        self.error = 0
+        self.tags: dict[str, str] = {}
+        self.metrics: dict[str, float] = {}
+        self.start_ns, self.end_ns = time.time_ns(), 0
+        self.context_token: Any = None
+
+    def set_tag(self, key: str, value: Any) -> None:
+        self.tags[key] = str(value)
+
+    def set_metric(self, key: str, value: float) -> None:
+        self.metrics[key] = value
+
+    def finish(self) -> None:
+        self.end_ns = time.time_ns()
+        _recording_parent.reset(self.context_token)
+
+
+class _SpanRecorder:
+    def __init__(self) -> None:
+        self.records: list[_SpanRecord] = []
+
+    def trace(self, name: str, service: str | None = None) -> _SpanRecord:
+        record = _SpanRecord(name, service, _recording_parent.get())
+        record.context_token = _recording_parent.set(record)
+        self.records.append(record)
+        return record
+
+
+def _ddtrace_tracer() -> Any:
+    # A CLI lives for a second: no instrumentation-telemetry posts and no remote configuration
+    # (which leaves an empty file in TMPDIR per process) unless the user wants them.
+    os.environ.setdefault("DD_INSTRUMENTATION_TELEMETRY_ENABLED", "false")
+    os.environ.setdefault("DD_REMOTE_CONFIGURATION_ENABLED", "false")
+    from ddtrace.trace import tracer
+
+    return tracer
+
+
 async def _tracer() -> Any:
     if _telemetry.statsd is None:
         await _open_statsd()
     if not _telemetry.probed:
         _telemetry.probed = True
         if _datadog().tracing and await _agent_answers():
-            # A CLI lives for a second: no instrumentation-telemetry posts and no remote configuration
-            # (which leaves an empty file in TMPDIR per process) unless the user wants them.
-            os.environ.setdefault("DD_INSTRUMENTATION_TELEMETRY_ENABLED", "false")
-            os.environ.setdefault("DD_REMOTE_CONFIGURATION_ENABLED", "false")
-            from ddtrace.trace import tracer
-
-            _telemetry.tracer = tracer
+            _telemetry.tracer = _SpanRecorder() if _telemetry.send_after_exit else _ddtrace_tracer()
     return _telemetry.tracer
+
+
+def _send_spans_after_exit(records: list[_SpanRecord]) -> None:
+    """Fork a detached child that sends the finished spans; the parent returns at once. The child
+    lets go of stdout and stderr first, so a caller reading them sees them close with the parent."""
+    finished = [r for r in records if r.end_ns]
+    if not finished:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    try:
+        child = os.fork()
+    except OSError:
+        return  # spans are best effort
+    if child:
+        return
+    try:
+        os.setsid()
+        quiet = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(quiet, fd)
+        _replay_spans(finished)
+    finally:
+        os._exit(0)
+
+
+def _replay_spans(records: list[_SpanRecord]) -> None:
+    tracer = _ddtrace_tracer()
+    spans: dict[int, Any] = {}
+    for record in records:  # a parent is recorded before its children
+        span = tracer.start_span(record.name, child_of=spans.get(id(record.parent)), service=record.service,
+                                 resource=record.resource, activate=False)
+        span.start_ns = record.start_ns
+        for key, text in record.tags.items():
+            span.set_tag(key, text)
+        for key, number in record.metrics.items():
+            span.set_metric(key, number)
+        span.error = record.error
+        spans[id(record)] = span
+    for record in reversed(records):  # children first: ddtrace sends a trace once its root finishes
+        spans[id(record)].finish(finish_time=record.end_ns / 1e9)
+    tracer.shutdown(timeout=TRACE_FLUSH_TIMEOUT_S)
 
 
 def _metric_tags(**tags: Any) -> list[str]:
@@ -728,9 +816,12 @@ def _close_statsd() -> None:
 
 
 def _shutdown_telemetry() -> None:
-    """Close the DogStatsD socket and flush spans within TRACE_FLUSH_TIMEOUT_S."""
+    """Close the DogStatsD socket and flush spans within TRACE_FLUSH_TIMEOUT_S (or hand recorded
+    ones to a child that sends them after this process has exited)."""
     _close_statsd()
-    if _telemetry.tracer is not None:
+    if isinstance(_telemetry.tracer, _SpanRecorder):
+        _send_spans_after_exit(_telemetry.tracer.records)
+    elif _telemetry.tracer is not None:
         _telemetry.tracer.shutdown(timeout=TRACE_FLUSH_TIMEOUT_S)
 
 
@@ -1080,7 +1171,7 @@ def _embedding_failure(exc: BaseException) -> tuple[str, float | None]:
         if exc.code not in RETRYABLE_STATUS:
             return detail, None
         with contextlib.suppress(TypeError, ValueError):
-            return detail, min(max(float(exc.headers.get("Retry-After")), 0.0), RETRY_AFTER_MAX_S)
+            return detail, min(max(float(exc.headers.get("Retry-After", "")), 0.0), RETRY_AFTER_MAX_S)
         return detail, 0.5
     if isinstance(exc, urllib.error.URLError):  # connecting failed
         return _describe(exc.reason) if isinstance(exc.reason, BaseException) else str(exc.reason), 0.5
@@ -3488,9 +3579,6 @@ def _storable(value: Any) -> bool:
 B2_CONNECT_TIMEOUT_S = 3.0
 B2_SEND_BUFFER_BYTES = 256 * 1024  # the kernel doubles it
 B2_UPLOAD_WORKERS = 4
-# Set when the stall rule gave up on B2 work: b2sdk's pool threads are still blocked in it, and the
-# interpreter would join them at exit (minutes of retries), so the CLI exits without waiting.
-_b2_work_abandoned = threading.Event()
 
 
 class _Moved:
@@ -3627,7 +3715,7 @@ async def _b2(work: Callable[..., Any], transfer: bool = False) -> Any:
         with contextlib.suppress(TimeoutError):
             return await asyncio.wait_for(asyncio.shield(done), 1.0)
         if time.monotonic() - moved.at > s.b2_stall_s:
-            _b2_work_abandoned.set()
+            # b2sdk's pool threads may stay blocked in it: the CLI's os._exit does not join them
             raise ServiceError("b2", s.b2_address, f"no bytes moved for {s.b2_stall_s} s (B2_STALL_S)")
 
 
@@ -5221,6 +5309,7 @@ def _use_group(group: str | None) -> None:
 
 
 EVERY_GROUP_HANDLERS = {_cmd_export: "export", _cmd_restore: "restore", _cmd_backups: "backups"}
+SPANS_SENT_AFTER_EXIT = (_cmd_query, _cmd_context)  # a caller waits on them (see _SpanRecorder)
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -5229,6 +5318,7 @@ async def _run(args: argparse.Namespace) -> int:
         if args.group is not None and every_group:
             raise UsageError(f"{every_group} covers every group at once; --group does not apply to it")
         _use_group(args.group)
+        _telemetry.send_after_exit = args.handler in SPANS_SENT_AFTER_EXIT
         return await args.handler(args)
     finally:
         await close()
@@ -5288,11 +5378,10 @@ def cli() -> None:
     if code == EXIT_OUTPUT_CLOSED:
         # Python would report the closed pipe again when it flushes stdout at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    if _telemetry.tracer is not None or code == EXIT_OUTPUT_CLOSED or _b2_work_abandoned.is_set():
-        # Spans are flushed and our clients closed; ddtrace's own exit hooks can still block for
-        # seconds retrying an agent that stopped answering, so they are skipped.
-        os._exit(code)
-    sys.exit(code)
+    # Spans are flushed (or handed to their sender), clients closed, output flushed: what is left is
+    # the interpreter's teardown, ~80 ms of freeing objects for a cached query, and ddtrace's exit
+    # hooks, which can block for seconds retrying an agent that stopped answering. Both are skipped.
+    os._exit(code)
 
 
 if __name__ == "__main__":
