@@ -85,22 +85,26 @@ def project(root: Path, stack: Stack) -> tuple[Path, dict[str, str]]:
 
 
 def recall_times(opencode: Path, directory: Path, env: dict[str, str], stack: Stack, path: str,
-                 sessions: int, tag: str) -> tuple[list[float], list[float]]:
-    times, waits = [], []
+                 sessions: int, tag: str) -> tuple[list[float], list[float], list[float]]:
+    times, waits, runs = [], [], []
     for i in range(-1, sessions):  # a first session not counted: OpenCode's first run in a new HOME sets it up
         post(stack.standin_url + "/_standin/chat", {"script": [{"text": "Noted."}]})
         question = f"What do we know about the {TOPICS[i % len(TOPICS)]}? ({tag} {i + 1})"
         # --print-logs: the log on stderr as it is written (the log file can miss its last lines at exit)
+        started = time.perf_counter()
         run = subprocess.run([str(opencode), "run", "--print-logs", question], cwd=directory, env=env,
                              capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
         assert run.returncode == 0, run.stdout + run.stderr
+        wall_ms = (time.perf_counter() - started) * 1000
         log = run.stderr
         found = RECALL_LINE.findall(log)
         if i >= 0:
-            assert [via for via, *_ in found] == [path], log[-3000:]
-            times.append(float(found[0][1]))
-            waits.append(float(found[0][2]))
-    return times, waits
+            runs.append(wall_ms)
+            assert [via for via, *_ in found] == ([path] if path != "off" else []), log[-3000:]
+            if found:
+                times.append(float(found[0][1]))
+                waits.append(float(found[0][2]))
+    return times, waits, runs
 
 
 def floor_times(stack: Stack, runs: int) -> tuple[list[float], list[float]]:
@@ -163,7 +167,7 @@ def main() -> None:
         raise SystemExit("bench-plugin needs node's npm (to install OpenCode)")
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     opencode = install_opencode(cache / "memory-bench-opencode")
-    rows: list[tuple[str, int, float, float, float | None, float]] = []
+    rows: list[tuple[str, int, float | None, float | None, tuple[float, float] | None, float, float | None]] = []
     with tempfile.TemporaryDirectory(prefix="bench-plugin-") as run_dir:
         stack = Stack(Path(run_dir) / "stack")
         stack.start()
@@ -179,13 +183,18 @@ def main() -> None:
                 imports, embeddings = floor_times(stack, args.sessions)
                 floor = statistics.median(imports) + statistics.median(embeddings)
                 times = direct_times(url, 4 * args.sessions, f"{latency}ms")
-                rows.append(("mcp, from outside OpenCode", latency, statistics.median(times), max(times), None, floor))
-                for path in ("cli", "mcp"):
-                    extra = {"MEMORY_MCP_URL": url, "MEMORY_MCP_TOKEN": TOKEN} if path == "mcp" else {}
-                    times, waits = recall_times(opencode, directory, {**env, **extra}, stack, path, args.sessions,
-                                                f"{latency}ms")
-                    rows.append((path, latency, statistics.median(times), max(times), statistics.median(waits),
-                                 floor))
+                rows.append(("mcp, from outside OpenCode", latency, statistics.median(times), max(times), None, floor,
+                             None))
+                for path in ("off", "cli", "mcp"):
+                    extra = {"off": {"MEMORY_RECALL": "off"}, "cli": {},
+                             "mcp": {"MEMORY_MCP_URL": url, "MEMORY_MCP_TOKEN": TOKEN}}[path]
+                    times, waits, runs = recall_times(opencode, directory, {**env, **extra}, stack, path,
+                                                      args.sessions, f"{latency}ms")
+                    if path == "off":
+                        rows.append(("recall off", latency, None, None, None, floor, statistics.median(runs)))
+                    else:
+                        rows.append((path, latency, statistics.median(times), max(times),
+                                     (statistics.median(waits), max(waits)), floor, statistics.median(runs)))
         finally:
             if server is not None:
                 server.terminate()
@@ -193,12 +202,14 @@ def main() -> None:
             stack.stop()
     print(f"session-start recall as the plugin inside OpenCode logs it; {args.sessions} sessions per row, "
           "every recall a cache miss")
-    print(f"{'path':<27} {'stand-in latency':>16} {'recall p50':>11} {'max':>7} {'turn waited p50':>16} "
-          f"{'floor*':>8} {'p50 / floor':>12}")
-    for path, latency, p50, worst, waited, floor in rows:
-        shown = "-" if waited is None else f"{waited:.0f} ms"
-        print(f"{path:<27} {latency:>13} ms {p50:>8.0f} ms {worst:>4.0f} ms {shown:>16} {floor:>5.0f} ms "
-              f"{p50 / floor:>11.2f}x")
+    print(f"{'path':<27} {'stand-in latency':>16} {'recall p50':>11} {'max':>7} {'turn waited p50 / max':>22} "
+          f"{'floor*':>8} {'p50 / floor':>12} {'opencode run p50':>17}")
+    for path, latency, p50, worst, waited, floor, run in rows:
+        recalled = "-" if p50 is None or worst is None else f"{p50:>8.0f} ms {worst:>4.0f} ms"
+        shown = "-" if waited is None else f"{waited[0]:.0f} / {waited[1]:.0f} ms"
+        ratio = "-" if p50 is None else f"{p50 / floor:.2f}x"
+        print(f"{path:<27} {latency:>13} ms {recalled:>19} {shown:>22} {floor:>5.0f} ms {ratio:>12} "
+              f"{'-' if run is None else f'{run:.0f} ms':>17}")
     print("* python -c 'import redis.asyncio' (whole process) + one embeddings request, medians of the same run")
 
 
