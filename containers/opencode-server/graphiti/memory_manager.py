@@ -922,7 +922,7 @@ async def _group_driver(group: str) -> Any:
 
 
 def _openai(s: Settings) -> Any:
-    """The one AsyncOpenAI client every group's Graphiti and every query embedding share."""
+    """The one AsyncOpenAI client every group's Graphiti shares (a query's embedding does not use it)."""
     if _clients.openai is None:
         from openai import AsyncOpenAI
 
