@@ -109,7 +109,7 @@ def test_health_really_calls_the_llm_endpoint_and_keeps_exit_0_when_it_fails(mem
     assert result.code == 0  # an OpenAI outage must not get the pod restarted by its healthcheck
     assert standin.stats()["models"] == before + 1
     assert memory.env["OPENAI_API_KEY"] not in result.stdout + result.stderr
-    assert elapsed < 6, f"health took {elapsed:.1f} s"
+    assert elapsed < 9, f"health took {elapsed:.1f} s"  # not a timing: below the 10 s of any other request bound
 
 
 def test_health_says_the_llm_endpoint_is_unreachable_when_nothing_listens(memory, dead_port):
