@@ -126,6 +126,10 @@ def run(stack: Stack, run_dir: Path, count: int, args: argparse.Namespace) -> No
     print(f"per event: {llm / events:.2f} LLM requests, {counts.get('embeddings', 0) / events:.2f} embeddings "
           f"requests, {prompts / events / 1000:.1f} KB of LLM request bodies (~{prompts / events / 4:,.0f} "
           f"prompt tokens at 4 characters each); worker RSS {rss / 1024:.0f} MB at the end, peak {peak / 1024:.0f} MB")
+    stages = sorted((k.split(":", 1)[1], n) for k, n in counts.items()
+                    if k.startswith(("responses:", "chat/completions:")))
+    print("LLM requests per event by graphiti stage (response schema): "
+          + ", ".join(f"{name} {n / events:.2f}" for name, n in stages))
 
 
 def main() -> None:

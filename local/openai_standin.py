@@ -44,6 +44,7 @@ import struct
 import threading
 import time
 from collections import Counter
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -172,7 +173,9 @@ def fact_between(sentence: str, source: str, target: str, first: bool, last: boo
     return fact if len(fact.split()) > 2 else sentence
 
 
-def extract_edges(text: str, names: list[str]) -> list[dict]:
+def extract_edges(text: str, names: list[str], valid_at: str | None = None) -> list[dict]:
+    """valid_at: what graphiti's prompt asks for an ongoing fact (the episode's time), so that, as
+    with a model that follows it, graphiti asks no per-fact timestamp question afterwards."""
     edges, seen = [], set()
     for sentence in sentences(text):
         lower = sentence.lower()
@@ -186,7 +189,7 @@ def extract_edges(text: str, names: list[str]) -> list[dict]:
             edges.append({
                 "source_entity_name": source, "target_entity_name": target,
                 "relation_type": relation_name(fact, source, target), "fact": fact,
-                "valid_at": None, "invalid_at": None, "episode_indices": [0],
+                "valid_at": valid_at, "invalid_at": None, "episode_indices": [0],
             })
     return edges
 
@@ -204,7 +207,16 @@ def answer_extracted_entities(prompt: str) -> dict:
 
 def answer_extracted_edges(prompt: str) -> dict:
     names = [e.get("name", "") for e in parse_listing(section(prompt, "ENTITIES")) if isinstance(e, dict)]
-    return {"edges": extract_edges(episode_text(prompt), [n for n in names if n])}
+    return {"edges": extract_edges(episode_text(prompt), [n for n in names if n], reference_time(prompt))}
+
+
+def reference_time(prompt: str) -> str | None:
+    """The extraction prompt's REFERENCE_TIME (a datetime, then a `# ...` comment) in ISO 8601."""
+    text = (section(prompt, "REFERENCE_TIME") or "").split("#")[0].strip()
+    try:
+        return datetime.fromisoformat(text).isoformat() if text else None
+    except ValueError:
+        return None
 
 
 def answer_combined(prompt: str) -> dict:
