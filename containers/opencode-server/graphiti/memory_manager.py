@@ -2032,6 +2032,7 @@ async def _guarded(count: Awaitable[int]) -> int:
     except _valkey_errors():
         return 0
 
+
 @contextlib.asynccontextmanager
 async def _mark_held(mine: str, me: str) -> AsyncIterator[None]:
     async def renew() -> None:
