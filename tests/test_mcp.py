@@ -31,13 +31,18 @@ NOTE = "Decided to keep FalkorDB as the graph store; Valkey holds the write queu
 # The schemas a model sees: pinned, so a change to a tool's arguments is deliberate.
 INPUT_SCHEMAS = {
     "add_memory": ({"content"}, {"content": "string", "metadata": "object|null", "at": "string|null"}),
-    "search_memory_facts": ({"query"}, {"query": "string", "limit": "integer"}),
-    "get_context": ({"query"}, {"query": "string", "budget_tokens": "integer"}),
-    "search_entities": (set(), {"query": "string|null", "entity_type": "string|null"}),
-    "get_episodes": (set(), {"last_n": "integer"}),
+    "search_memory_facts": ({"query"}, {"query": "string", "limit": "integer", "group_ids": "array|null"}),
+    "get_context": ({"query"}, {"query": "string", "budget_tokens": "integer", "group_ids": "array|null"}),
+    "search_entities": (set(), {"query": "string|null", "entity_type": "string|null", "max_nodes": "integer|null",
+                                "group_ids": "array|null"}),
+    "get_episodes": (set(), {"last_n": "integer", "group_ids": "array|null"}),
     "delete_episode": ({"name"}, {"name": "string"}),
     "get_status": (set(), {}),
 }
+# What a client may ask before calling (readOnlyHint, destructiveHint).
+ANNOTATIONS = {"add_memory": (False, False), "delete_episode": (False, True), "search_memory_facts": (True, None),
+               "get_context": (True, None), "search_entities": (True, None), "get_episodes": (True, None),
+               "get_status": (True, None)}
 
 
 def schema_types(schema: dict) -> dict[str, str]:
@@ -89,6 +94,9 @@ def test_stdio_server_offers_the_six_tools_with_pinned_input_schemas_and_instruc
         schema = tools[name].input_schema
         assert set(schema.get("required", [])) == required, name
         assert schema_types(schema) == types, name
+        assert schema["additionalProperties"] is False, name
+        hints = tools[name].annotations
+        assert (hints.read_only_hint, hints.destructive_hint) == ANNOTATIONS[name], name
         assert len(tools[name].description) > 60, name  # written for a model deciding when to call it
 
 
@@ -104,23 +112,31 @@ def test_stdio_tools_store_recall_list_and_delete_with_the_cli_s_results(memory)
     cli_text = memory.ok("query", "graph store write queue").rstrip("\n")
     cli_results = json.loads(memory.ok("query", "graph store write queue", "--json"))["results"]
     cli_technologies = memory.entities("Technology")
+    cli_first = json.loads(memory.ok("query", "graph store write queue", "--json", "--limit", "1"))["results"]
+    cli_first_entity = memory.entities()[:1]
 
     async def read_and_delete() -> dict[str, Any]:
         async with stdio_client(memory) as client:
             found = await call(client, "search_memory_facts", query="graph store write queue")
+            as_graphiti = await call(client, "search_memory_facts", query="graph store write queue", max_facts=1,
+                                     group_ids=[memory.group])
+            one_entity = await call(client, "search_entities", max_nodes=1)
             entities = await call(client, "search_entities", query="falkor")
             typed = await call(client, "search_entities", entity_type="Technology")
             episodes = await call(client, "get_episodes", last_n=5)
             status = await call(client, "get_status")
             deleted = await call(client, "delete_episode", name=added.structured_content["episode"])
             after = await call(client, "search_memory_facts", query="graph store write queue")
-            return {"found": found, "entities": entities, "typed": typed, "episodes": episodes,
+            return {"found": found, "as_graphiti": as_graphiti, "one_entity": one_entity,
+                    "entities": entities, "typed": typed, "episodes": episodes,
                     "status": status, "deleted": deleted, "after": after}
 
     results = run(read_and_delete())
 
     assert text_of(results["found"]) == cli_text
     assert results["found"].structured_content["results"] == cli_results and cli_results
+    assert results["as_graphiti"].structured_content["results"] == cli_first and cli_first
+    assert results["one_entity"].structured_content["entities"] == cli_first_entity and cli_first_entity
     assert results["entities"].structured_content["entities"] == [{"name": "FalkorDB", "type": "Technology"}]
     assert results["typed"].structured_content["entities"] == cli_technologies
     [episode] = results["episodes"].structured_content["episodes"]
@@ -143,6 +159,17 @@ def test_stdio_tools_store_recall_list_and_delete_with_the_cli_s_results(memory)
     ("get_episodes", {"last_n": 0}, "last_n must be an integer from 1 to 100"),
     ("delete_episode", {"name": "' OR 1=1"}, "episode name must look like"),
     ("delete_episode", {"name": "episode_20200101T000000000000Z"}, "no episode episode_20200101T000000000000Z"),
+    # Graphiti's argument names mean ours; the SDK alone would drop an unknown one and answer anyway
+    ("delete_episode", {"uuid": "00000000-0000-4000-8000-000000000000"},
+     "no episode 00000000-0000-4000-8000-000000000000"),
+    ("search_memory_facts", {"query": "x", "center_node_uuid": "u"},
+     "search_memory_facts does not take center_node_uuid (it takes group_ids, limit, max_facts, query)"),
+    ("search_memory_facts", {"max_facts": 3}, "search_memory_facts needs query"),
+    ("search_memory_facts", {"query": "x", "limit": 2, "max_facts": 3}, "give max_facts or limit, not both"),
+    ("search_memory_facts", {"query": "x", "group_ids": ["someone-else"]}, "group_ids 'someone-else' refused"),
+    ("get_context", {"query": "x", "group_ids": "mine"}, "group_ids must be a list of group names"),
+    ("search_entities", {"max_nodes": 0}, "max_nodes must be an integer from 1 to 10000"),
+    ("get_status", {"verbose": True}, "get_status does not take verbose (it takes no arguments)"),
 ], ids=lambda value: value if isinstance(value, str) and len(value) < 25 else None)
 def test_a_refused_argument_is_a_tool_error_and_the_server_keeps_answering(memory, tool, arguments, message):
     async def scenario() -> tuple[Any, Any]:

@@ -19,7 +19,7 @@ cache in Valkey.
     get_entities(entity_type=None) -> list[dict]     every entity of the group, with its type
     get_episodes(last_n=10) -> list[dict]            the newest episodes, with metadata and reference time
     get_graph(limit=500) -> dict                     entities and the facts between them, for a picture
-    delete_episode(name) -> str                      forget one episode (through graphiti); its uuid
+    delete_episode(name) -> str                      forget one episode by name or uuid (through graphiti)
     queue_status() -> dict                           per group: queued, in flight, oldest, dead letters
     retry_dead_letters(group=None) -> int            requeue dead-lettered episodes
     run_worker(drain=False) -> WorkerSummary         ingest queued episodes until stopped (or idle)
@@ -2088,11 +2088,12 @@ async def _graph_writes_held_off(group: str) -> AsyncIterator[None]:
 # === Operations ==================================================================================
 
 MAX_RECALL_LIMIT = 50
+MAX_ENTITIES_LISTED = 10_000   # the most search_entities lists at once (its max_nodes)
 
 
-def _validate_limit(limit: Any) -> int:
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_RECALL_LIMIT:
-        raise UsageError(f"limit must be an integer from 1 to {MAX_RECALL_LIMIT}, got {limit!r}")
+def _validate_limit(limit: Any, name: str = "limit", high: int = MAX_RECALL_LIMIT) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= high:
+        raise UsageError(f"{name} must be an integer from 1 to {high}, got {limit!r}")
     return limit
 
 
@@ -2667,19 +2668,24 @@ def _episode(name: str, content: str, valid_at: Any, created_at: Any, metadata: 
             "ingested_at": str(created_at), "metadata": shown}
 
 
+UUID_RULE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 async def delete_episode(name: str) -> str:
-    """Remove one episode, and what only it supported, through graphiti; the group's cached answers
-    are invalidated. Returns the episode's uuid."""
+    """Remove one episode (by its name or its uuid), and what only it supported, through graphiti;
+    the group's cached answers are invalidated. Returns the episode's uuid."""
     async with _operation("delete") as op:
-        if not isinstance(name, str) or not EPISODE_NAME_RULE.fullmatch(name):
-            raise UsageError(f"episode name must look like episode_20261124T101500123456Z, got {str(name)[:80]!r}")
+        if not isinstance(name, str) or not (EPISODE_NAME_RULE.fullmatch(name) or UUID_RULE.fullmatch(name)):
+            raise UsageError("episode name must look like episode_20261124T101500123456Z (or be the episode's "
+                             f"uuid), got {str(name)[:80]!r}")
         s = _settings()
         op.set(**{"memory.episode": name})
         rows = []
         if await _graph_exists(s.group_id):
             async with _service("falkordb", s.falkordb_address):
                 rows = (await (await _falkordb()).select_graph(s.group_id).ro_query(
-                    "MATCH (e:Episodic {name: $name}) RETURN e.uuid", {"name": name})).result_set
+                    "MATCH (e:Episodic) WHERE e.name = $name OR e.uuid = $name RETURN e.uuid",
+                    {"name": name})).result_set
         if not rows:
             raise UsageError(f"no episode {name} in group {s.group_id} (a queued one is not in the graph yet)")
         async with _service("falkordb", s.falkordb_address), _llm_service(), _graph_writes(s.group_id):
@@ -4642,32 +4648,100 @@ async def _tool_errors() -> AsyncIterator[None]:
         raise ToolError(_scrub(str(exc))) from None
 
 
+@dataclass(frozen=True)
+class _ToolArguments:
+    """What one tool takes: its argument names, those it needs, and Graphiti's names for some of
+    them (so a prompt written for Graphiti's MCP server scopes and limits what it asks for)."""
+
+    names: frozenset[str]
+    required: frozenset[str]
+    aliases: dict[str, str]
+
+    def checked(self, tool_name: str, given: dict[str, Any]) -> dict[str, Any]:
+        """The arguments under our names; an unknown, doubled or missing one is one line."""
+        unknown = sorted(set(given) - self.names - set(self.aliases))
+        if unknown:
+            takes = ", ".join(sorted(self.names | set(self.aliases))) or "no arguments"
+            raise UsageError(f"{tool_name} does not take {', '.join(unknown)} (it takes {takes})")
+        renamed = {self.aliases.get(name, name): value for name, value in given.items()}
+        if len(renamed) < len(given):
+            doubled = sorted(name for name in given if name in self.aliases)
+            raise UsageError(f"{tool_name}: give {doubled[0]} or {self.aliases[doubled[0]]}, not both")
+        missing = sorted(self.required - set(renamed))
+        if missing:
+            raise UsageError(f"{tool_name} needs {', '.join(missing)}")
+        return renamed
+
+
+def _served_group_only(group_ids: Any) -> None:
+    """Graphiti's `group_ids`: this server serves one group, so naming another is refused rather
+    than silently answered from this one."""
+    if group_ids is None:
+        return
+    if not isinstance(group_ids, list) or not all(isinstance(g, str) for g in group_ids):
+        raise UsageError("group_ids must be a list of group names")
+    served = _settings().group_id
+    others = sorted(set(group_ids) - {served})
+    if others:
+        raise UsageError(f"this server serves group {served!r} only; group_ids {', '.join(map(repr, others))} refused")
+
+
 def _build_mcp_server() -> Any:
     """The MCP server with its seven tools (import mcp only here). Arguments are declared to the model
     with their JSON types but checked by our own validation, so a wrong one is our one-line error
-    (the SDK's would be pydantic's multi-line report, quoting the value)."""
+    (the SDK's would be pydantic's multi-line report, quoting the value, and it drops unknown ones)."""
+    import inspect
     from typing import Annotated
 
     from mcp.server.mcpserver import MCPServer
+    from mcp.server.mcpserver.exceptions import ToolError
+    from mcp.types import ToolAnnotations
     from pydantic.json_schema import WithJsonSchema
 
     text = Annotated[Any, WithJsonSchema({"type": "string"})]
     integer = Annotated[Any, WithJsonSchema({"type": "integer"})]
+    maybe_integer = Annotated[Any, WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "null"}]})]
     maybe_text = Annotated[Any, WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "null"}]})]
     maybe_object = Annotated[Any, WithJsonSchema({"anyOf": [{"type": "object"}, {"type": "null"}]})]
+    maybe_texts = Annotated[Any, WithJsonSchema({"anyOf": [{"type": "array", "items": {"type": "string"}},
+                                                            {"type": "null"}]})]
+    accepted: dict[str, _ToolArguments] = {}
 
-    def tool(tool_name: str, /, **arguments: Any) -> Callable[[Callable], Callable]:
+    class StrictServer(MCPServer):
+        """Arguments are checked against the tool's own before the SDK sees them, and every schema
+        says so (additionalProperties: false)."""
+
+        async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
+            if name in accepted:
+                try:
+                    arguments = accepted[name].checked(name, arguments)
+                except UsageError as exc:
+                    raise ToolError(str(exc)) from None
+            return await super().call_tool(name, arguments, context)
+
+        async def list_tools(self) -> list[Any]:
+            tools = await super().list_tools()
+            for listed in tools:
+                listed.input_schema = {**listed.input_schema, "additionalProperties": False}
+            return tools
+
+    def tool(tool_name: str, /, *, aliases: dict[str, str] | None = None, read_only: bool = True,
+             destructive: bool = False, **arguments: Any) -> Callable[[Callable], Callable]:
         """Register a tool; its arguments' types are given here as objects, since this module's
         annotations are strings (postponed) that the SDK could not resolve to these local types."""
         def register(function: Callable) -> Callable:
             function.__annotations__ = {**arguments, "return": Any}
-            server.add_tool(function, name=tool_name, structured_output=False)
+            needed = [p.name for p in inspect.signature(function).parameters.values() if p.default is p.empty]
+            accepted[tool_name] = _ToolArguments(frozenset(arguments), frozenset(needed), aliases or {})
+            hints = ToolAnnotations(read_only_hint=read_only, destructive_hint=destructive if not read_only else None,
+                                    open_world_hint=False)
+            server.add_tool(function, name=tool_name, structured_output=False, annotations=hints)
             return function
         return register
 
-    server = MCPServer("memory", instructions=MCP_INSTRUCTIONS, version=_package_version(), log_level="WARNING")
+    server = StrictServer("memory", instructions=MCP_INSTRUCTIONS, version=_package_version(), log_level="WARNING")
 
-    @tool("add_memory", content=text, metadata=maybe_object, at=maybe_text)
+    @tool("add_memory", read_only=False, content=text, metadata=maybe_object, at=maybe_text)
     async def add_memory(content, metadata=None, at=None):  # type: ignore[no-untyped-def]
         """Remember something for later sessions: a decision, a fix and its cause, a convention, a
         preference, what a file is for. One concise, self-contained note per call; it is queued and
@@ -4679,53 +4753,60 @@ def _build_mcp_server() -> Any:
                 "job_id": queued.job_id, "group": queued.group}
         return _tool_result(f"{data['state']} {queued.name} {queued.job_id}", data)
 
-    @tool("search_memory_facts", query=text, limit=integer)
-    async def search_memory_facts(query, limit=5):  # type: ignore[no-untyped-def]
+    @tool("search_memory_facts", aliases={"max_facts": "limit"}, query=text, limit=integer, group_ids=maybe_texts)
+    async def search_memory_facts(query, limit=5, group_ids=None):  # type: ignore[no-untyped-def]
         """Recall what earlier sessions remembered about a question or keywords, best first: facts
         (with when each became true or stopped being true) and the stored events themselves (with
         when they happened). Use before answering questions about the project's history,
-        decisions, conventions or past errors."""
+        decisions, conventions or past errors. `max_facts` is another name for `limit`."""
         async with _tool_errors(), _operation("query") as op:
+            _served_group_only(group_ids)
             answer = await _cached_answer(op, query, limit)
         return _tool_result(answer.text, {"results": [dataclasses.asdict(i) for i in answer.items()]})
 
-    @tool("get_context", query=text, budget_tokens=integer)
-    async def get_context(query, budget_tokens=CONTEXT_BUDGET_TOKENS):  # type: ignore[no-untyped-def]
+    @tool("get_context", query=text, budget_tokens=integer, group_ids=maybe_texts)
+    async def get_context(query, budget_tokens=CONTEXT_BUDGET_TOKENS, group_ids=None):  # type: ignore[no-untyped-def]
         """The memories relevant to a question as one block to read, within a token budget (default
         1000): events with their times and facts with their validity, best first, and how many did
         not fit. The OpenCode plugin's session-start recall calls it too."""
         async with _tool_errors():
+            _served_group_only(group_ids)
             block = await context(query, budget_tokens)
         # the group lets the plugin, which recalls through this tool, check it reached its own project
         return _tool_result(block, {"context": block, "estimated_tokens": _estimated_tokens(block),
                                     "group": _settings().group_id})
 
-    @tool("search_entities", query=maybe_text, entity_type=maybe_text)
-    async def search_entities(query=None, entity_type=None):  # type: ignore[no-untyped-def]
+    @tool("search_entities", query=maybe_text, entity_type=maybe_text, max_nodes=maybe_integer,
+          group_ids=maybe_texts)
+    async def search_entities(query=None, entity_type=None, max_nodes=None, group_ids=None):  # type: ignore[no-untyped-def]
         """List the remembered entities (files, code symbols, technologies, people, ...), optionally
-        only those whose name contains every word of `query`, or only one type (e.g. File)."""
+        only those whose name contains every word of `query`, or only one type (e.g. File), at
+        most `max_nodes` of them."""
         async with _tool_errors():
+            _served_group_only(group_ids)
+            shown = None if max_nodes is None else _validate_limit(max_nodes, "max_nodes", MAX_ENTITIES_LISTED)
             entities = await get_entities(entity_type)
             if query is not None and not isinstance(query, str):
                 raise UsageError("query must be text")
             words = _check_text(query, "query").lower().split() if query else []
-        chosen = [e for e in entities if all(word in e["name"].lower() for word in words)]
+        chosen = [e for e in entities if all(word in e["name"].lower() for word in words)][:shown]
         return _tool_result("\n".join(f"{e['name']} ({e['type']})" for e in chosen) or "No entities found.",
                             {"entities": chosen})
 
-    @tool("get_episodes", last_n=integer)
-    async def recent_episodes(last_n=10):  # type: ignore[no-untyped-def]
+    @tool("get_episodes", aliases={"max_episodes": "last_n"}, last_n=integer, group_ids=maybe_texts)
+    async def recent_episodes(last_n=10, group_ids=None):  # type: ignore[no-untyped-def]
         """The most recent stored events (newest first) with their metadata and reference time; use
         to see what was remembered lately or to find an episode name for delete_episode."""
         async with _tool_errors():
+            _served_group_only(group_ids)
             episodes = await get_episodes(last_n)
         text = "\n".join(f"{e['name']} {e['reference_time']}: {e['content'][:200]}" for e in episodes)
         return _tool_result(text or "No episodes yet.", {"episodes": episodes})
 
-    @tool("delete_episode", name=text)
+    @tool("delete_episode", aliases={"uuid": "name"}, read_only=False, destructive=True, name=text)
     async def forget_episode(name):  # type: ignore[no-untyped-def]
-        """Forget one stored event (and the facts only it supported) by its episode name, e.g. when it
-        was wrong or should not have been stored."""
+        """Forget one stored event (and the facts only it supported) by its episode name or its uuid
+        (Graphiti's `uuid`), e.g. when it was wrong or should not have been stored."""
         async with _tool_errors():
             removed = await delete_episode(name)
         return _tool_result(f"deleted {name}", {"deleted": name, "uuid": removed})
