@@ -42,6 +42,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_ports(names: list[str]) -> dict[str, int]:
+    """One free port per name, all different: each socket is held until every port is chosen (the
+    kernel may hand a just-closed port out again: the test agent once got its APM and OTLP ports equal)."""
+    with contextlib.ExitStack() as held:
+        sockets = {name: held.enter_context(socket.socket()) for name in names}
+        for sock in sockets.values():
+            sock.bind(("127.0.0.1", 0))
+        return {name: sock.getsockname()[1] for name, sock in sockets.items()}
+
+
 def resp_ping(port: int, timeout_s: float = 0.5) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
@@ -117,7 +127,7 @@ def b2_command(port: int, info_file: Path) -> list[str]:
 @dataclass
 class Stack:
     run_dir: Path
-    ports: dict[str, int] = field(default_factory=lambda: {name: free_port() for name in DEFAULT_PORTS})
+    ports: dict[str, int] = field(default_factory=lambda: free_ports(list(DEFAULT_PORTS)))
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     cache_flavour: str = "valkey"
     embeddings: str = "hashed"  # the stand-in's: hashed (tests) or semantic (the recall benchmark, the demo)
@@ -249,7 +259,8 @@ def up(run_dir: Path, env_file: Path, embeddings: str = "hashed") -> None:
         raise SystemExit(f"stack: already up (see {state}); run `make stack-down` first")
     # a default port that another checkout's stack (or anything) holds is replaced by a free one;
     # the env file and stack.json carry the ports actually used
-    ports = {name: free_port() if _listening(port) else port for name, port in DEFAULT_PORTS.items()}
+    taken = [name for name, port in DEFAULT_PORTS.items() if _listening(port)]
+    ports = {**DEFAULT_PORTS, **free_ports(taken)}
     moved = [f"{name} {DEFAULT_PORTS[name]} -> {port}" for name, port in ports.items() if port != DEFAULT_PORTS[name]]
     if moved:
         print(f"stack: default port(s) in use, taking free ones: {', '.join(moved)}", file=sys.stderr)
