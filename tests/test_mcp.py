@@ -113,7 +113,7 @@ def test_stdio_tools_store_recall_list_and_delete_with_the_cli_s_results(memory)
     cli_results = json.loads(memory.ok("query", "graph store write queue", "--json"))["results"]
     cli_technologies = memory.entities("Technology")
     cli_first = json.loads(memory.ok("query", "graph store write queue", "--json", "--limit", "1"))["results"]
-    cli_first_entity = memory.entities()[:1]
+    cli_entities = memory.entities()
 
     async def read_and_delete() -> dict[str, Any]:
         async with stdio_client(memory) as client:
@@ -136,7 +136,7 @@ def test_stdio_tools_store_recall_list_and_delete_with_the_cli_s_results(memory)
     assert text_of(results["found"]) == cli_text
     assert results["found"].structured_content["results"] == cli_results and cli_results
     assert results["as_graphiti"].structured_content["results"] == cli_first and cli_first
-    assert results["one_entity"].structured_content["entities"] == cli_first_entity and cli_first_entity
+    assert results["one_entity"].structured_content["entities"] == cli_entities[:1] and len(cli_entities) > 1
     assert results["entities"].structured_content["entities"] == [{"name": "FalkorDB", "type": "Technology"}]
     assert results["typed"].structured_content["entities"] == cli_technologies
     [episode] = results["episodes"].structured_content["episodes"]
@@ -164,6 +164,8 @@ def test_stdio_tools_store_recall_list_and_delete_with_the_cli_s_results(memory)
      "no episode 00000000-0000-4000-8000-000000000000"),
     ("search_memory_facts", {"query": "x", "center_node_uuid": "u"},
      "search_memory_facts does not take center_node_uuid (it takes group_ids, limit, max_facts, query)"),
+    ("search_memory_facts", {"query": "x", "max_facts": 0}, "limit must be an integer from 1 to 50, got 0"),
+    ("get_episodes", {"max_episodes": 0}, "last_n must be an integer from 1 to 100"),
     ("search_memory_facts", {"max_facts": 3}, "search_memory_facts needs query"),
     ("search_memory_facts", {"query": "x", "limit": 2, "max_facts": 3}, "give max_facts or limit, not both"),
     ("search_memory_facts", {"query": "x", "group_ids": ["someone-else"]}, "group_ids 'someone-else' refused"),
