@@ -7,7 +7,7 @@ its HTTP layer, retries and SHA-1 checks run unchanged; the CLI reaches it throu
   JSON API      POST /b2api/v3/b2_<call>   -> RawSimulator.<call>(api_url, token, **snake_case(body))
   authorize     GET  /b2api/v3/b2_authorize_account (Basic auth); URLs rewritten to this server
   upload        POST /upload?u=<simulator upload URL>, /upload_part?u=...
-  download      GET|HEAD /file/<bucket>/<name> (Range supported)
+  download      GET|HEAD /file/<bucket>/<name>, /b2api/v3/b2_download_file_by_id?fileId=<id> (Range supported)
   test control  POST /_b2/faults {"upload_errors": n}   n transient 503s on the next uploads (0: none)
                                  {"upload_bytes_per_s": r} upload bodies read at r bytes/s in all (a slow uplink)
                                  {"upload_stall_after": b} upload bodies stop being read after b bytes (a stall)
@@ -155,6 +155,8 @@ def make_handler(endpoint: Endpoint) -> type[BaseHTTPRequestHandler]:
                 return self.authorize()
             if path.startswith("/file/"):
                 return self.download(path)
+            if re.fullmatch(r"/b2api/v\d+/b2_download_file_by_id", path):
+                return self.download(f"{path}?{urlsplit(self.path).query}")
             self.reply(404, to_json({"status": 404, "code": "not_found", "message": path}))
 
         do_HEAD = do_GET

@@ -518,21 +518,39 @@ class _DatadogSettings:
 @dataclass
 class _Configured:
     settings: Settings | None = None
+    per_group: dict[str, Settings] = field(default_factory=dict)
 
 
 _configured = _Configured()
+# The group an MCP call acts on when its token may use several (see _acting_for); None: the configured one.
+_group_in_use: contextvars.ContextVar[str | None] = contextvars.ContextVar("memory_group", default=None)
 
 
 def _settings() -> Settings:
     """This process's settings, read from the environment on first use (importing reads nothing)."""
     if _configured.settings is None:
         _configured.settings = Settings.from_env()
-    return _configured.settings
+    group = _group_in_use.get()
+    if group is None or group == _configured.settings.group_id:
+        return _configured.settings
+    if group not in _configured.per_group:
+        _configured.per_group[group] = dataclasses.replace(_configured.settings, group_id=group)
+    return _configured.per_group[group]
 
 
 def _use_settings(chosen: Settings | None) -> None:
     """Replace the settings (`--group`), or with None forget them: the next use reads the environment."""
-    _configured.settings = chosen
+    _configured.settings, _configured.per_group = chosen, {}
+
+
+@contextlib.contextmanager
+def _acting_for(group: str) -> Iterator[None]:
+    """Within this context (this task's own), every operation acts on `group`."""
+    token = _group_in_use.set(group)
+    try:
+        yield
+    finally:
+        _group_in_use.reset(token)
 
 
 # === Observability ===============================================================================
@@ -2205,6 +2223,11 @@ def _utc_iso(when: datetime) -> str:
     return when.astimezone(UTC).isoformat()
 
 
+def _snippet(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= EVENT_SNIPPET_CHARS else text[:EVENT_SNIPPET_CHARS - 1] + "…"
+
+
 def _format_recall(items: list[Recalled]) -> str:
     """The text `query` prints: a line per distinct fact (with its validity) or event (with its time)."""
     if not items:
@@ -2214,8 +2237,7 @@ def _format_recall(items: list[Recalled]) -> str:
         if item.kind == "fact":
             lines[f"- {item.text} (valid {item.valid_at or '?'} → {item.invalid_at or 'present'})"] = None
         else:
-            text = " ".join(item.text.split())
-            text = text if len(text) <= EVENT_SNIPPET_CHARS else text[:EVENT_SNIPPET_CHARS - 1] + "…"
+            text = _snippet(item.text)
             facts = "".join(f"\n  fact: {f.text} (valid {f.valid_at or '?'} → {f.invalid_at or 'present'})"
                             for f in _new_facts(item))
             lines[f"- event {item.valid_at or '?'}: {text}{facts}"] = None
@@ -2639,59 +2661,168 @@ async def get_graph(limit: int = 500) -> dict:
 
 
 EPISODE_NAME_RULE = re.compile(r"episode_\d{8}T\d{12}Z")
+UUID_RULE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 MAX_EPISODES_LISTED = 100
+EPISODE_FIELDS = "e.uuid, e.name, e.content, e.valid_at, e.created_at, e.metadata, e.metadata_raw"
 
 
-async def get_episodes(last_n: int = 10) -> list[dict]:
-    """The group's newest `last_n` episodes (1-100), newest first: name, content, reference time,
-    when it was ingested, and its metadata (an object, raw text, or None)."""
+async def get_episodes(last_n: int = 10, since: str | datetime | None = None) -> list[dict]:
+    """The group's newest `last_n` episodes (1-100), newest first, only those that happened at or
+    after `since` if given: uuid, name, content, reference time, when it was ingested, and its
+    metadata (an object, raw text, or None)."""
     async with _operation("episodes") as op:
-        if isinstance(last_n, bool) or not isinstance(last_n, int) or not 1 <= last_n <= MAX_EPISODES_LISTED:
-            raise UsageError(f"last_n must be an integer from 1 to {MAX_EPISODES_LISTED}, got {last_n!r}")
+        last_n = _validate_limit(last_n, "last_n", MAX_EPISODES_LISTED)
+        after = None if since is None else _utc_iso(_parse_event_time(since, "since"))
         s = _settings()
         if not await _graph_exists(s.group_id):
             return []
         async with _service("falkordb", s.falkordb_address):
             result = await (await _falkordb()).select_graph(s.group_id).ro_query(
-                "MATCH (e:Episodic) RETURN e.name, e.content, e.valid_at, e.created_at, e.metadata, e.metadata_raw "
-                "ORDER BY e.valid_at DESC, e.name DESC LIMIT $n", {"n": last_n})
+                f"MATCH (e:Episodic) WHERE $since IS NULL OR toString(e.valid_at) >= $since RETURN {EPISODE_FIELDS} "
+                "ORDER BY e.valid_at DESC, e.name DESC LIMIT $n", {"n": last_n, "since": after})
         op.set(**{"memory.results": len(result.result_set)})
         return [_episode(*row) for row in result.result_set]
 
 
-def _episode(name: str, content: str, valid_at: Any, created_at: Any, metadata: str | None,
+def _episode(uuid_: str, name: str, content: str, valid_at: Any, created_at: Any, metadata: str | None,
              metadata_raw: str | None) -> dict:
     found = Redacted("")
     shown = _redact_value(json.loads(metadata), found) if metadata else (redact(metadata_raw).text if metadata_raw
                                                                         else None)
-    return {"name": name, "content": redact(content or "").text, "reference_time": str(valid_at),
+    return {"uuid": uuid_, "name": name, "content": redact(content or "").text, "reference_time": str(valid_at),
             "ingested_at": str(created_at), "metadata": shown}
 
 
-UUID_RULE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+def _check_episode_id(name: Any) -> str:
+    if not isinstance(name, str) or not (EPISODE_NAME_RULE.fullmatch(name) or UUID_RULE.fullmatch(name)):
+        raise UsageError("an episode is named like episode_20261124T101500123456Z or by its uuid, got "
+                         f"{str(name)[:80]!r}")
+    return name
+
+
+def _check_fact_id(fact: Any) -> str:
+    if not isinstance(fact, str) or not UUID_RULE.fullmatch(fact):
+        raise UsageError(f"a fact is named by its uuid (as query --json shows it), got {str(fact)[:80]!r}")
+    return fact
+
+
+async def _read_graph(query: str, params: dict) -> list[list]:
+    """Rows of a read-only query on the group's graph; none when the group has no graph."""
+    s = _settings()
+    if not await _graph_exists(s.group_id):
+        return []
+    async with _service("falkordb", s.falkordb_address):
+        return (await (await _falkordb()).select_graph(s.group_id).ro_query(query, params)).result_set
+
+
+async def _episode_row(name: str) -> list:
+    rows = await _read_graph(f"MATCH (e:Episodic) WHERE e.name = $name OR e.uuid = $name RETURN {EPISODE_FIELDS}",
+                             {"name": _check_episode_id(name)})
+    if not rows:
+        raise UsageError(f"no episode {name} in group {_settings().group_id} (a queued one is not in the graph yet)")
+    return rows[0]
+
+
+def _fact_record(uuid_: str, fact: str, valid_at: Any, invalid_at: Any, expired_at: Any, episodes: Any) -> dict:
+    return {"uuid": uuid_, "fact": redact(fact or "").text, "valid_at": _iso_text(valid_at),
+            "invalid_at": _iso_text(invalid_at), "expired_at": _iso_text(expired_at), "episodes": list(episodes or [])}
+
+
+FACT_FIELDS = "r.uuid, r.fact, r.valid_at, r.invalid_at, r.expired_at, r.episodes"
+
+
+async def get_episode(name: str) -> dict:
+    """One episode by name or uuid: what get_episodes shows of it, the facts that name it among their
+    sources ("facts", each with its validity) and the entities it mentions ("entities")."""
+    async with _operation("episode") as op:
+        episode = _episode(*await _episode_row(name))
+        op.set(**{"memory.episode": episode["uuid"]})
+        facts = await _read_graph(f"MATCH ()-[r:RELATES_TO]->() WHERE $uuid IN r.episodes RETURN {FACT_FIELDS} "
+                                  "ORDER BY r.created_at, r.uuid", {"uuid": episode["uuid"]})
+        entities = await _read_graph("MATCH (:Episodic {uuid: $uuid})-[:MENTIONS]->(n:Entity) "
+                                     "RETURN n.uuid, n.name, labels(n) ORDER BY toLower(n.name), n.uuid",
+                                     {"uuid": episode["uuid"]})
+        return {**episode, "facts": [_fact_record(*row) for row in facts],
+                "entities": [{"uuid": u, "name": redact(n or "").text, "type": _specific_label(labels)}
+                             for u, n, labels in entities]}
+
+
+async def get_fact(uuid_: str) -> dict:
+    """One fact by uuid: its text, validity, when it stopped being current (expired_at) and its
+    source episodes."""
+    async with _operation("fact"):
+        return await _fact(uuid_)
+
+
+async def _fact(uuid_: str) -> dict:
+    rows = await _read_graph(f"MATCH ()-[r:RELATES_TO {{uuid: $uuid}}]->() RETURN {FACT_FIELDS}",
+                             {"uuid": _check_fact_id(uuid_)})
+    if not rows:
+        raise UsageError(f"no fact {uuid_} in group {_settings().group_id}")
+    return _fact_record(*rows[0])
 
 
 async def delete_episode(name: str) -> str:
     """Remove one episode (by its name or its uuid), and what only it supported, through graphiti;
     the group's cached answers are invalidated. Returns the episode's uuid."""
     async with _operation("delete") as op:
-        if not isinstance(name, str) or not (EPISODE_NAME_RULE.fullmatch(name) or UUID_RULE.fullmatch(name)):
-            raise UsageError("episode name must look like episode_20261124T101500123456Z (or be the episode's "
-                             f"uuid), got {str(name)[:80]!r}")
         s = _settings()
         op.set(**{"memory.episode": name})
-        rows = []
-        if await _graph_exists(s.group_id):
-            async with _service("falkordb", s.falkordb_address):
-                rows = (await (await _falkordb()).select_graph(s.group_id).ro_query(
-                    "MATCH (e:Episodic) WHERE e.name = $name OR e.uuid = $name RETURN e.uuid",
-                    {"name": name})).result_set
-        if not rows:
-            raise UsageError(f"no episode {name} in group {s.group_id} (a queued one is not in the graph yet)")
+        episode_uuid = (await _episode_row(name))[0]
         async with _service("falkordb", s.falkordb_address), _llm_service(), _graph_writes(s.group_id):
-            await (await _graphiti(s.group_id)).remove_episode(rows[0][0])
+            await (await _graphiti(s.group_id)).remove_episode(episode_uuid)
         await _invalidate(s.group_id)
-        return rows[0][0]
+        return episode_uuid
+
+
+async def forget_fact(uuid_: str) -> dict:
+    """Remove one fact (graphiti's own edge removal; the entities it joined stay, other facts and
+    episodes name them); the group's cached answers are invalidated. Returns what was removed."""
+    async with _operation("forget") as op:
+        s = _settings()
+        op.set(**{"memory.fact": uuid_})
+        removed = await _fact(uuid_)
+        graphiti = await _graphiti(s.group_id)
+        async with _service("falkordb", s.falkordb_address), _graph_writes(s.group_id):
+            from graphiti_core.edges import EntityEdge
+
+            await (await EntityEdge.get_by_uuid(graphiti.driver, uuid_)).delete(graphiti.driver)
+        await _invalidate(s.group_id)
+        return removed
+
+
+async def correct_fact(uuid_: str, text: str) -> dict:
+    """Replace a current fact by `text` (redacted like a stored event): the old one is invalidated
+    now (kept, and recalled with --history), a new one between the same entities, with the same
+    source episodes, is valid from now. Returns {"invalidated": old fact, "fact": the new one}."""
+    async with _operation("correct") as op:
+        s = _settings()
+        op.set(**{"memory.fact": uuid_})
+        if not isinstance(text, str) or not text.strip():
+            raise UsageError("the corrected fact is empty")
+        text = _check_text(" ".join(text.split()), "the corrected fact")[:MAX_QUERY_CHARS]
+        text = redact(text).text if s.redact else text
+        old = await _fact(uuid_)
+        if old["invalid_at"] or old["expired_at"]:
+            ended = old["invalid_at"] or old["expired_at"]
+            raise UsageError(f"fact {uuid_} is no longer current (ended {ended}); correct the fact that replaced it")
+        graphiti = await _graphiti(s.group_id)
+        from graphiti_core.edges import EntityEdge
+
+        async with _service("falkordb", s.falkordb_address), _llm_service():
+            previous = await EntityEdge.get_by_uuid(graphiti.driver, uuid_)
+            await previous.load_fact_embedding(graphiti.driver)
+            now = datetime.now(UTC)
+            corrected = EntityEdge(group_id=s.group_id, source_node_uuid=previous.source_node_uuid,
+                                   target_node_uuid=previous.target_node_uuid, name=previous.name, fact=text,
+                                   episodes=list(previous.episodes or []), created_at=now, valid_at=now)
+            await corrected.generate_embedding(graphiti.embedder)
+            previous.invalid_at = previous.expired_at = now
+            async with _graph_writes(s.group_id):
+                await previous.save(graphiti.driver)
+                await corrected.save(graphiti.driver)
+        await _invalidate(s.group_id)
+        return {"invalidated": await _fact(uuid_), "fact": await _fact(corrected.uuid)}
 
 
 def _specific_label(labels: list[str]) -> str:
@@ -3378,6 +3509,26 @@ def _split_embeddings(props: dict) -> tuple[dict, dict]:
     return props, {k: _encode_vector(props.pop(k)) for k in EMBEDDING_KEYS if props.get(k) is not None}
 
 
+def _header_line(header: dict) -> str:
+    return json.dumps(header)[:-1] + ', "groups": ['
+
+
+def _group_line(group: str, first: bool) -> str:
+    return ("" if first else ",") + json.dumps({"group_id": group})[:-1] + ', "nodes": ['
+
+
+EDGES_LINE = '], "edges": ['
+
+
+def _counts_line(counts: dict) -> str:
+    return f'], "counts": {json.dumps(counts)}}}'
+
+
+def _record_lines(records: list[str], earlier: int) -> list[str]:
+    """A page of records following `earlier` ones of the same list."""
+    return [("," if earlier or i else "") + record for i, record in enumerate(records)]
+
+
 @dataclass
 class ExportSummary:
     """What an export wrote, and where (a path, "stdout" or b2://bucket/name)."""
@@ -3832,14 +3983,15 @@ class Backup:
     edges: int | None
 
 
-def _exports_in(bucket: Any, prefix: str) -> list[Any]:
-    """Our exports directly under the prefix, newest first; nothing else in the bucket."""
+def _exports_in(bucket: Any, prefix: str, latest_only: bool = True) -> list[Any]:
+    """Our exports directly under the prefix, newest first (with every older version of each file
+    when not `latest_only`); nothing else in the bucket."""
     def ours(name: str) -> bool:  # ls also yields one file per subfolder: keep this level's only
         folder, _, base = name.rpartition("/")
         return folder == prefix and bool(EXPORT_NAME.fullmatch(base))
 
-    found = [version for version, _ in bucket.ls(folder_to_list=prefix, latest_only=True, recursive=False)
-             if ours(version.file_name)]
+    found = [version for version, _ in bucket.ls(folder_to_list=prefix, latest_only=latest_only, recursive=False)
+             if ours(version.file_name) and version.action == "upload"]
     return sorted(found, key=lambda v: (v.file_name, v.upload_timestamp), reverse=True)
 
 
@@ -4039,21 +4191,20 @@ async def _export_group(reader: Any, group: str, writer: _DocumentWriter, first:
 
 async def _export_copy(reader: Any, group: str, copy: str, writer: _DocumentWriter, first: bool,
                        summary: ExportSummary, progress: Progress | None) -> None:
-    opening = json.dumps({"group_id": group})[:-1] + ', "nodes": ['
-    await writer.lines([("" if first else ",") + opening])
+    await writer.lines([_group_line(group, first)])
     counts = {"nodes": 0, "edges": 0}
     found = Redacted("")  # memories stored before redaction existed never leave the pod as they were
     for kind, query, to_record in (("nodes", NODE_PAGE, _node_record), ("edges", EDGE_PAGE, _edge_record)):
         if kind == "edges":
-            await writer.lines(['], "edges": ['])
+            await writer.lines([EDGES_LINE])
         async for rows in _pages(reader, copy, query):
             records = [json.dumps(to_record(row, found)) for row in rows]
-            await writer.lines([("," if counts[kind] or i else "") + r for i, r in enumerate(records)])
+            await writer.lines(_record_lines(records, counts[kind]))
             counts[kind] += len(records)
             setattr(summary, kind, getattr(summary, kind) + len(records))
             if progress:
                 progress(summary.nodes, summary.edges)
-    await writer.lines([f'], "counts": {json.dumps(counts)}}}'])
+    await writer.lines([_counts_line(counts)])
     _count_redactions(found, "export")
 
 
@@ -4080,14 +4231,14 @@ async def _write_export(out: Any, progress: Progress | None) -> ExportSummary:
         "embedding_encoding": "base64-float32-le",
     }
     async with _DocumentWriter(out) as writer:
-        await writer.lines([json.dumps(header)[:-1] + ', "groups": ['])
+        await writer.lines([_header_line(header)])
         async with _service("falkordb", s.falkordb_address), _export_reader() as reader:
             await _drop_stale_snapshots()
             for i, group in enumerate(groups):
                 await _export_group(reader, group, writer, i == 0, summary, progress)
         summary.groups = len(groups)
         totals = {"groups": summary.groups, "nodes": summary.nodes, "edges": summary.edges}
-        await writer.lines([f'], "counts": {json.dumps(totals)}}}'])
+        await writer.lines([_counts_line(totals)])
     summary.bytes, summary.sha256 = writer.bytes, writer.digest.hexdigest()
     return summary
 
@@ -4157,6 +4308,12 @@ def _record_export(op: _Span, summary: ExportSummary) -> None:
     _emit("export.bytes", summary.bytes, "d", operation="export")
 
 
+def _export_file_info(summary: ExportSummary) -> dict[str, str]:
+    return {"sha256": summary.sha256, "format": EXPORT_FORMAT, "encoding": "zstd",
+            "format_version": str(EXPORT_VERSION), "groups": str(summary.groups),
+            "nodes": str(summary.nodes), "edges": str(summary.edges)}
+
+
 async def export_to_b2(progress: Progress | None = None) -> ExportSummary:
     """Export every memory group to B2 as graphiti_export_<UTC timestamp>.json."""
     async with _operation("export", **{"export.target": "b2"}) as op:
@@ -4167,9 +4324,7 @@ async def export_to_b2(progress: Progress | None = None) -> ExportSummary:
         try:
             with os.fdopen(fd, "wb") as out:
                 summary = await _write_compressed(out, progress)
-            file_info = {"sha256": summary.sha256, "format": EXPORT_FORMAT, "encoding": "zstd",
-                         "format_version": str(EXPORT_VERSION), "groups": str(summary.groups),
-                         "nodes": str(summary.nodes), "edges": str(summary.edges)}
+            file_info = _export_file_info(summary)
             async with _span("memory.b2.upload", **{"memory.bytes": summary.bytes}):
                 await _b2(lambda api: api.get_bucket_by_name(s.b2_bucket).upload_local_file(
                     temporary, name, content_type="application/zstd", file_info=file_info))
@@ -4440,12 +4595,12 @@ def _file_sha256(path: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def _ingestion_held(groups: list[str]) -> AsyncIterator[None]:
+async def _ingestion_held(groups: list[str], doing: str = "restore", wait_s: float = 0.0) -> AsyncIterator[None]:
     """Hold each group's ingestion lease (the one workers take, renewed the same way) and a write
-    mark (see the graph write gate) while the restore replaces its graph: a worker writing into a
-    graph being dropped and rebuilt would break both, and so would an export copying it. A group
-    a worker is ingesting is refused. Without Valkey no worker can hold a lease (fencing stops it
-    within LEASE_TTL_S / 2), so the restore goes on without them."""
+    mark (see the graph write gate) while a restore replaces (or an erase drops) its graph: a worker
+    writing into a graph being dropped and rebuilt would break both, and so would an export copying
+    it. A group a worker is ingesting is refused, after waiting up to `wait_s` for it. Without Valkey
+    no worker can hold a lease (fencing stops it within LEASE_TTL_S / 2), so it goes on without them."""
     valkey, leases, renewer = _valkey(), [], None
     if not await _valkey_answers():
         log.info("restoring without the ingestion leases (valkey unavailable)")
@@ -4455,8 +4610,8 @@ async def _ingestion_held(groups: list[str]) -> AsyncIterator[None]:
         async with _service("valkey", _settings().valkey_address):
             for group in groups:
                 lease = valkey.lock(_group_key(group, "lease"), timeout=LEASE_TTL_S, thread_local=False)
-                if not await lease.acquire(blocking=False):
-                    raise UsageError(f"group {group!r} is being ingested by a worker; restore it once `{PROG} queue` "
+                if not await lease.acquire(blocking=wait_s > 0, blocking_timeout=wait_s or None):
+                    raise UsageError(f"group {group!r} is being ingested by a worker; {doing} it once `{PROG} queue` "
                                      "shows its queue empty, or after stopping the worker")
                 leases.append(lease)
         renewer = asyncio.create_task(_renew_leases(leases))
@@ -4541,6 +4696,257 @@ def _restore_result(source: str, plan: _RestorePlan, existing: dict[str, tuple[i
     groups = [GroupRestore(group, counts["nodes"], counts["edges"], *existing[group], action(existing[group][0]))
               for group, counts in plan.groups.items()]
     return RestoreResult(source, plan.header.get("exported_at"), dry_run, groups)
+
+
+# --- erase ---------------------------------------------------------------------------------------
+# A group erased is gone from every place it lives here: its graph (and an export's copy of it), its
+# Valkey keys (queue, dead letters, cache, generation, leases, marks), memory:groups, this host's
+# spool, and, on request, the B2 exports that hold it (rewritten without it, older versions deleted).
+
+ERASE_WAIT_S = 120.0           # for a worker to end the group's episode in flight (~30 s at 1 s a request)
+SPOOL_GROUP = re.compile(rb'"group": "([A-Za-z0-9_-]{1,64})"')  # in a torn line, which JSON cannot read
+
+
+@dataclass
+class EraseReport:
+    """What an erase removed of one group, and what still holds it or could not be reached."""
+
+    group: str
+    nodes: int = 0
+    edges: int = 0
+    queued: int = 0            # queue entries and dead letters
+    valkey_keys: int = 0
+    spooled: int = 0
+    backups_holding: list[str] = field(default_factory=list)    # exports in B2 that still hold the group
+    backups_rewritten: list[str] = field(default_factory=list)
+    unreachable: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"erased group {self.group}: {self.nodes} nodes, {self.edges} edges, {self.queued} queued or "
+                 f"dead-lettered episode(s), {self.valkey_keys} Valkey key(s), {self.spooled} spooled line(s)"]
+        lines += [f"rewrote {location} without it" for location in self.backups_rewritten]
+        lines += [f"still holds it: {location} (erase --backups rewrites it)" for location in self.backups_holding]
+        lines += [f"not reachable from here: {what}" for what in self.unreachable]
+        return "\n".join(lines)
+
+
+async def _empty_queue(group: str) -> int:
+    """Trim the group's stream and dead letters to nothing. The consumer group stays, so a worker
+    serving the group finds no more work, ends its episode in flight and lets the lease go."""
+    episodes, dead = _group_key(group, "episodes"), _group_key(group, "dead")
+    async with _valkey().pipeline(transaction=True) as pipe:
+        pipe.xlen(episodes).xlen(dead).xtrim(episodes, maxlen=0, approximate=False).delete(dead)
+        queued, dead_letters, *_ = await pipe.execute()
+    return queued + dead_letters
+
+
+async def _drop_graph(group: str) -> tuple[int, int]:
+    """Delete the group's graph and any export's copy of it (that export then fails, rather than
+    backing up what was erased)."""
+    counts = await _graph_counts(group)
+    connection = (await _falkordb()).connection
+    for name in await connection.execute_command("GRAPH.LIST"):
+        name = name.decode() if isinstance(name, bytes) else name
+        if name == group or (name.startswith(SNAPSHOT_PREFIX) and name.endswith(f":{group}")):
+            await connection.execute_command("GRAPH.DELETE", name)
+    _forget_indices(group)
+    return counts
+
+
+async def _drop_group_keys(group: str) -> int:
+    valkey = _valkey()
+    keys = [key async for key in valkey.scan_iter(match=_group_key(group, "*"), count=1000)]
+    for start in range(0, len(keys), 1000):  # one slot (the hash tag): fine on a cluster too
+        await valkey.delete(*keys[start:start + 1000])
+    await valkey.srem(GROUPS_KEY, group)
+    return len(keys)
+
+
+def _spooled_group(line: bytes) -> str | None:
+    try:
+        return str(json.loads(line).get("group"))
+    except (ValueError, AttributeError):
+        found = SPOOL_GROUP.search(line)
+        return found.group(1).decode() if found else None
+
+
+def _spool_without(path: str, unwanted: Callable[[bytes], bool]) -> int:
+    """Remove the unwanted lines from a spool file in place, under the lock every appender takes
+    (a renamed copy would lose the lines of an appender waiting on the old file). A crash midway
+    can leave a line twice, which its job id makes harmless."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return 0
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with os.fdopen(os.dup(fd), "rb") as spool:
+            lines = spool.read().splitlines(keepends=True)
+        kept = b"".join(line for line in lines if not unwanted(line))
+        removed = len(lines) - len(kept.splitlines())
+        if removed:
+            os.pwrite(fd, kept, 0)
+            os.ftruncate(fd, len(kept))
+            os.fsync(fd)
+        return removed
+    finally:
+        os.close(fd)
+
+
+def _document_without(path: str, group: str) -> Iterator[str]:
+    """The lines of the export document at `path` without `group` (checked as restore checks it)."""
+    totals = {"groups": 0, "nodes": 0, "edges": 0}
+    counts: dict[str, int] = {}
+    skipping = edges_open = False
+    for kind, value in _read_document(path, None):
+        if kind == "header":
+            yield _header_line(value)
+        elif kind == "group":
+            skipping, edges_open, counts = value == group, False, {"nodes": 0, "edges": 0}
+            if not skipping:
+                yield _group_line(value, totals["groups"] == 0)
+                totals["groups"] += 1
+        elif kind == "end":
+            yield _counts_line(totals)
+        elif skipping:
+            continue
+        elif kind == "group_end":
+            yield from [] if edges_open else [EDGES_LINE]
+            yield _counts_line(counts)
+        else:
+            if kind == "edge" and not edges_open:
+                edges_open = True
+                yield EDGES_LINE
+            yield from _record_lines([json.dumps(value)], counts[kind + "s"])
+            counts[kind + "s"] += 1
+            totals[kind + "s"] += 1
+
+
+def _groups_in(path: str) -> list[str]:
+    return [value for kind, value in _read_document(path, None) if kind == "group"]
+
+
+def _compress_without(path: str, group: str, target: str) -> ExportSummary:
+    import zstandard
+
+    summary, totals = ExportSummary(compressed=True), {}
+    with open(target, "wb") as out:
+        sink = _HashingSink(out)
+        with zstandard.ZstdCompressor().stream_writer(sink, closefd=False) as compressed:  # type: ignore[arg-type]
+            for line in _document_without(path, group):
+                compressed.write(line.encode() + b"\n")
+                if line.startswith('], "counts": '):
+                    totals = json.loads("{" + line[3:])["counts"]
+    summary.groups, summary.nodes, summary.edges = totals["groups"], totals["nodes"], totals["edges"]
+    summary.bytes, summary.sha256 = sink.bytes, sink.digest.hexdigest()
+    return summary
+
+
+@contextlib.asynccontextmanager
+async def _downloaded(version: Any) -> AsyncIterator[str]:
+    fd, temporary = tempfile.mkstemp(prefix="graphiti_erase_", suffix=".json")
+    os.close(fd)
+    try:
+        def download(api: Any, listener: Any) -> None:
+            api.download_file_by_id(version.id_, progress_listener=listener).save_to(temporary)
+
+        await _b2(download, transfer=True)
+        yield temporary
+    finally:
+        os.unlink(temporary)
+
+
+async def _backups_of(group: str, report: EraseReport, rewrite: bool) -> None:
+    """Every version of every export under B2_PREFIX that holds the group: reported, or with
+    `rewrite` uploaded again under its name without the group and its old versions deleted."""
+    s = _settings()
+    if not (s.b2_key_id and s.b2_app_key and s.b2_bucket):
+        report.unreachable.append("B2 exports (B2_KEY_ID, B2_APP_KEY and B2_BUCKET are not all set)")
+        return
+    bucket = s.b2_bucket
+    versions = await _b2(lambda api: _exports_in(api.get_bucket_by_name(bucket), s.b2_prefix, latest_only=False))
+    holding: list[Any] = []
+    for version in versions:
+        async with _downloaded(version) as local:
+            try:
+                groups = await asyncio.to_thread(_groups_in, local)
+            except UsageError as exc:
+                report.unreachable.append(f"b2://{bucket}/{version.file_name} (version {version.id_}): {exc}")
+                continue
+            if group in groups:
+                if not rewrite:
+                    report.backups_holding.append(f"b2://{bucket}/{version.file_name} (version {version.id_})")
+                elif version.file_name not in {v.file_name for v in holding}:
+                    await _upload_without(local, group, version.file_name)
+                holding.append(version)
+    if rewrite:
+        await _delete_versions(group, holding, report)
+
+
+async def _upload_without(local: str, group: str, name: str) -> None:
+    s = _settings()
+    fd, temporary = tempfile.mkstemp(prefix="graphiti_erase_", suffix=".json.zst")
+    os.close(fd)
+    try:
+        summary = await asyncio.to_thread(_compress_without, local, group, temporary)
+        await _b2(lambda api: api.get_bucket_by_name(s.b2_bucket).upload_local_file(
+            temporary, name, content_type="application/zstd", file_info=_export_file_info(summary)))
+    finally:
+        os.unlink(temporary)
+
+
+async def _delete_versions(group: str, versions: list[Any], report: EraseReport) -> None:
+    """Delete the versions that hold the group; one B2 refuses (an object lock, a key without
+    deleteFiles) stays listed as holding it and unreachable, with B2's reason."""
+    from b2sdk.v2 import exception as b2
+
+    s = _settings()
+
+    def delete(api: Any) -> list[tuple[Any, str | None]]:
+        bucket, outcomes = api.get_bucket_by_name(s.b2_bucket), list[tuple[Any, str | None]]()
+        for version in versions:
+            try:
+                bucket.delete_file_version(version.id_, version.file_name)
+                outcomes.append((version, None))
+            except b2.B2Error as exc:
+                outcomes.append((version, f"{type(exc).__name__}: {_describe(exc)}"))
+        return outcomes
+
+    for version, refused in await _b2(delete):
+        location = f"b2://{s.b2_bucket}/{version.file_name} (version {version.id_})"
+        if refused:
+            report.backups_holding.append(location)
+            report.unreachable.append(f"{location}: B2 refused to delete it ({refused})")
+        else:
+            report.backups_rewritten.append(location)
+
+
+async def erase_group(group: str, backups: bool = False) -> EraseReport:
+    """Erase one group everywhere this host reaches (see above); with `backups`, rewrite the B2
+    exports that hold it. What cannot be reached is listed in the report, never skipped silently:
+    other hosts' spools always, and B2 when it is not configured."""
+    if not isinstance(group, str) or not GROUP_ID_RULE.fullmatch(group):
+        raise UsageError(f"the group to erase must match {GROUP_ID_RULE.pattern}, got {str(group)[:80]!r}")
+    async with _operation("erase", group=group) as op:
+        s, report = _settings(), EraseReport(group)
+        async with _service("valkey", s.valkey_address):
+            report.queued = await _empty_queue(group)
+        async with _ingestion_held([group], "erase", ERASE_WAIT_S), _service("falkordb", s.falkordb_address):
+            report.nodes, report.edges = await _drop_graph(group)
+        try:
+            report.spooled = sum([await asyncio.to_thread(_spool_without, _spool_path(s, name),
+                                                          lambda line: _spooled_group(line) == group)
+                                  for name in (SPOOL_FILE, SPOOL_REJECTS_FILE)])
+            await asyncio.to_thread(_spool_without, _spool_path(s, DRAINER_LOG_FILE),
+                                    lambda line: group.encode() in line)  # its errors name the group
+        except OSError as exc:
+            report.unreachable.append(f"this host's spool {s.spool_dir} ({exc.strerror or _describe(exc)})")
+        async with _service("valkey", s.valkey_address):  # last: the lease, marks, an answer cached meanwhile
+            report.valkey_keys = await _drop_group_keys(group)
+        report.unreachable.append("the spools of other hosts (run erase there too, or empty their MEMORY_SPOOL_DIR)")
+        await _backups_of(group, report, backups)
+        op.set(**{"memory.nodes": report.nodes, "memory.backups_holding": len(report.backups_holding)})
+        return report
 
 
 # === MCP server ==================================================================================
@@ -5225,6 +5631,69 @@ show(search.value);
 """
 
 
+async def _cmd_episodes(args: argparse.Namespace) -> int:
+    episodes = await get_episodes(args.limit, since=args.since)
+    if args.json:
+        _print_json(episodes)
+        return 0
+    for e in episodes:
+        print(f"{e['uuid']}  {e['reference_time']}  {_snippet(e['content'])}")
+    if not episodes:
+        print("no episodes", file=sys.stderr)
+    return 0
+
+
+def _fact_line(fact: dict) -> str:
+    return f"{fact['uuid']}  {fact['fact']} (valid {fact['valid_at'] or '?'} → {fact['invalid_at'] or 'present'})"
+
+
+async def _cmd_episode(args: argparse.Namespace) -> int:
+    episode = await get_episode(args.episode)
+    if args.json:
+        _print_json(episode)
+        return 0
+    print(f"episode {episode['uuid']} ({episode['name']})\nhappened {episode['reference_time']}, ingested "
+          f"{episode['ingested_at']}\nmetadata {json.dumps(episode['metadata'], ensure_ascii=False)}\n\n"
+          f"{episode['content']}\n")
+    print("\n".join(["facts:", *map(_fact_line, episode["facts"])]) if episode["facts"] else "no facts")
+    return 0
+
+
+async def _cmd_forget(args: argparse.Namespace) -> int:
+    if args.episode:
+        removed: dict[str, Any] = {"episode": await delete_episode(args.episode)}
+        line = f"forgot episode {removed['episode']}"
+    else:
+        fact = await forget_fact(args.fact)
+        removed, line = {"fact": fact}, f"forgot fact {_fact_line(fact)}"
+    _print_json(removed) if args.json else print(line)
+    return 0
+
+
+async def _cmd_correct(args: argparse.Namespace) -> int:
+    text = _read_stdin("the corrected fact", MAX_QUERY_CHARS) if args.text == "-" else args.text
+    changed = await correct_fact(args.fact, text)
+    if args.json:
+        _print_json(changed)
+    else:
+        print(f"invalidated {_fact_line(changed['invalidated'])}\nnew fact    {_fact_line(changed['fact'])}")
+    return 0
+
+
+async def _cmd_erase(args: argparse.Namespace) -> int:
+    if args.group is None:
+        raise UsageError("erase: name the group to erase with --group G (it is not taken from MEMORY_GROUP_ID)")
+    if not args.yes:
+        raise UsageError(f"erase: this deletes every memory of group {args.group!r} (graph, queue, cache, spool"
+                         f"{', backups' if args.backups else ''}) for good; pass --yes to confirm")
+    report = await erase_group(args.group, backups=args.backups)
+    _print_json(dataclasses.asdict(report)) if args.json else print(report)
+    if args.backups and report.backups_holding:
+        raise ServiceError("b2", _settings().b2_address, f"{len(report.backups_holding)} export version(s) still "
+                           f"hold group {args.group!r} (listed above)")
+    return 0
+
+
 def _graph_page(view: dict) -> str:
     """One self-contained HTML page (no network: data, script and style inline) drawing `view`.
     The data sits in a JSON script block with <, > and & escaped, and the page writes it only as
@@ -5435,6 +5904,30 @@ def _build_parser() -> argparse.ArgumentParser:
     graph.add_argument("--html", metavar="FILE", help="write the page here")
     graph.add_argument("--limit", type=int, default=500, metavar="N", help="the newest N facts (default 500, at most "
                        f"{MAX_GRAPH_FACTS})")
+    episodes = command("episodes", "list the group's newest episodes: uuid, when it happened, the text", _cmd_episodes)
+    episodes.add_argument("--limit", type=int, default=10, metavar="N", help="at most N (default 10, at most "
+                          f"{MAX_EPISODES_LISTED})")
+    episodes.add_argument("--since", metavar="TIME", help="only those that happened at TIME (ISO 8601) or later")
+
+    episode = command("episode", "show one episode: its text, time, metadata and the facts it produced", _cmd_episode)
+    episode.add_argument("episode", metavar="UUID", help="the episode's uuid (or its name, episode_...)")
+
+    forget = command("forget", "remove one episode (and what only it supported) or one fact", _cmd_forget)
+    which = forget.add_mutually_exclusive_group(required=True)
+    which.add_argument("--episode", metavar="UUID", help="the episode's uuid (or name)")
+    which.add_argument("--fact", metavar="UUID", help="the fact's uuid (query --json shows it)")
+
+    correct = command("correct", "replace a fact: the old one is invalidated now (kept as history), the new "
+                      "one is valid from now", _cmd_correct)
+    correct.add_argument("--fact", metavar="UUID", required=True, help="the fact to correct")
+    correct.add_argument("text", help="the corrected fact; - reads it from stdin")
+
+    erase = command("erase", "erase a group everywhere: graph, queue, dead letters, cache, this host's spool; "
+                    "reports the backups that hold it", _cmd_erase)
+    erase.add_argument("--yes", action="store_true", help="confirm (required)")
+    erase.add_argument("--backups", action="store_true", help="also rewrite the B2 exports that hold the group "
+                       "without it and delete their old versions")
+
     group = command("group", "print the memory group of a project directory (its git remote, else its path); "
                     "the plugin and mcp use it", _cmd_group)
     group.add_argument("directory", nargs="?", help="the project directory (default: the current one)")
