@@ -30,19 +30,26 @@ NOTE = "Decided to keep FalkorDB as the graph store; Valkey holds the write queu
 
 # The schemas a model sees: pinned, so a change to a tool's arguments is deliberate.
 INPUT_SCHEMAS = {
-    "add_memory": ({"content"}, {"content": "string", "metadata": "object|null", "at": "string|null"}),
+    "add_memory": ({"content"}, {"content": "string", "metadata": "object|null", "at": "string|null",
+                                 "group_id": "string|null"}),
     "search_memory_facts": ({"query"}, {"query": "string", "limit": "integer", "group_ids": "array|null"}),
     "get_context": ({"query"}, {"query": "string", "budget_tokens": "integer", "group_ids": "array|null"}),
     "search_entities": (set(), {"query": "string|null", "entity_type": "string|null", "max_nodes": "integer|null",
                                 "group_ids": "array|null"}),
-    "get_episodes": (set(), {"last_n": "integer", "group_ids": "array|null"}),
-    "delete_episode": ({"name"}, {"name": "string"}),
+    "get_episodes": (set(), {"last_n": "integer", "since": "string|null", "group_ids": "array|null"}),
+    "get_episode": ({"uuid"}, {"uuid": "string", "group_ids": "array|null"}),
+    "get_entity_edge": ({"uuid"}, {"uuid": "string", "group_ids": "array|null"}),
+    "delete_episode": ({"name"}, {"name": "string", "group_ids": "array|null"}),
+    "delete_entity_edge": ({"uuid"}, {"uuid": "string", "group_ids": "array|null"}),
+    "correct_fact": ({"uuid", "fact"}, {"uuid": "string", "fact": "string", "group_ids": "array|null"}),
+    "clear_graph": (set(), {"group_ids": "array|null"}),
     "get_status": (set(), {}),
 }
 # What a client may ask before calling (readOnlyHint, destructiveHint).
 ANNOTATIONS = {"add_memory": (False, False), "delete_episode": (False, True), "search_memory_facts": (True, None),
                "get_context": (True, None), "search_entities": (True, None), "get_episodes": (True, None),
-               "get_status": (True, None)}
+               "get_episode": (True, None), "get_entity_edge": (True, None), "delete_entity_edge": (False, True),
+               "correct_fact": (False, False), "clear_graph": (False, True), "get_status": (True, None)}
 
 
 def schema_types(schema: dict) -> dict[str, str]:
@@ -60,8 +67,8 @@ def stdio_client(memory: Memory) -> Client:
 
 
 @asynccontextmanager
-async def http_client(url: str) -> AsyncIterator[Client]:
-    async with create_mcp_http_client(headers={"Authorization": f"Bearer {TOKEN}"}) as http, \
+async def http_client(url: str, token: str = TOKEN) -> AsyncIterator[Client]:
+    async with create_mcp_http_client(headers={"Authorization": f"Bearer {token}"}) as http, \
             Client(streamable_http_client(url, http_client=http), cache=None) as client:
         yield client
 
@@ -80,7 +87,7 @@ def run(coroutine: Any) -> Any:
     return asyncio.run(coroutine)
 
 
-def test_stdio_server_offers_the_six_tools_with_pinned_input_schemas_and_instructions(memory):
+def test_stdio_server_offers_its_tools_with_pinned_input_schemas_and_instructions(memory):
     async def scenario() -> tuple[Any, Any]:
         async with stdio_client(memory) as client:
             return client.instructions, await client.list_tools()
@@ -157,7 +164,7 @@ def test_stdio_tools_store_recall_list_and_delete_with_the_cli_s_results(memory)
     ("search_memory_facts", {"query": "x", "limit": "many"}, "limit"),
     ("search_entities", {"entity_type": "File) DETACH DELETE n //"}, "entity type"),
     ("get_episodes", {"last_n": 0}, "last_n must be an integer from 1 to 100"),
-    ("delete_episode", {"name": "' OR 1=1"}, "episode name must look like"),
+    ("delete_episode", {"name": "' OR 1=1"}, "an episode is named like episode_20261124T101500123456Z or by its"),
     ("delete_episode", {"name": "episode_20200101T000000000000Z"}, "no episode episode_20200101T000000000000Z"),
     # Graphiti's argument names mean ours; the SDK alone would drop an unknown one and answer anyway
     ("delete_episode", {"uuid": "00000000-0000-4000-8000-000000000000"},
@@ -172,6 +179,11 @@ def test_stdio_tools_store_recall_list_and_delete_with_the_cli_s_results(memory)
     ("get_context", {"query": "x", "group_ids": "mine"}, "group_ids must be a list of group names"),
     ("search_entities", {"max_nodes": 0}, "max_nodes must be an integer from 1 to 10000"),
     ("get_status", {"verbose": True}, "get_status does not take verbose (it takes no arguments)"),
+    ("get_episode", {}, "get_episode needs uuid"),
+    ("get_entity_edge", {"uuid": "00000000-0000-4000-8000-000000000000"}, "no fact 00000000-0000-4000-8000-"),
+    ("correct_fact", {"uuid": "00000000-0000-4000-8000-000000000000", "fact": ""}, "the corrected fact is empty"),
+    ("delete_entity_edge", {"uuid": "x"}, "a fact is named by its uuid"),
+    ("clear_graph", {"group_ids": ["someone-else"]}, "group_ids 'someone-else' refused"),
 ], ids=lambda value: value if isinstance(value, str) and len(value) < 25 else None)
 def test_a_refused_argument_is_a_tool_error_and_the_server_keeps_answering(memory, tool, arguments, message):
     async def scenario() -> tuple[Any, Any]:
@@ -186,6 +198,118 @@ def test_a_refused_argument_is_a_tool_error_and_the_server_keeps_answering(memor
     assert "\n" not in text_of(refused) and "Traceback" not in text_of(refused)
     assert status.structured_content["health"]["healthy"] is True
     assert memory.queue()["queued"] == 0
+
+
+def test_stdio_tools_show_correct_and_forget_a_fact_as_the_cli_does(memory):
+    memory.store(NOTE)
+    [listed] = json.loads(memory.ok("episodes", "--json"))
+    cli_episode = json.loads(memory.ok("episode", listed["uuid"], "--json"))
+    fact = cli_episode["facts"][0]
+
+    async def scenario() -> dict[str, Any]:
+        async with stdio_client(memory) as client:
+            episodes = await call(client, "get_episodes", since="2020-01-01T00:00:00Z")
+            episode = await call(client, "get_episode", uuid=listed["uuid"])
+            edge = await call(client, "get_entity_edge", uuid=fact["uuid"])
+            corrected = await call(client, "correct_fact", uuid=fact["uuid"], fact="FalkorDB stays the graph store.")
+            new = corrected.structured_content["fact"]["uuid"]
+            after = await call(client, "search_memory_facts", query="graph store", limit=10)
+            deleted = await call(client, "delete_entity_edge", uuid=new)
+            gone = await client.call_tool("get_entity_edge", {"uuid": new})
+            return {"episodes": episodes, "episode": episode, "edge": edge, "corrected": corrected, "after": after,
+                    "deleted": deleted, "gone": gone, "new": new}
+
+    got = run(scenario())
+
+    assert got["episodes"].structured_content["episodes"] == [listed]
+    assert got["episode"].structured_content == cli_episode
+    assert got["edge"].structured_content == fact and text_of(got["edge"]) == fact["fact"]
+    assert got["corrected"].structured_content["invalidated"]["invalid_at"] is not None
+    recalled = [u for r in got["after"].structured_content["results"] for u in [r["uuid"]] + [
+        f["uuid"] for f in r["facts"]]]  # an event carries the facts recalled with it
+    assert got["new"] in recalled and fact["uuid"] not in recalled
+    assert got["deleted"].structured_content["deleted"]["uuid"] == got["new"]
+    assert got["gone"].is_error and text_of(got["gone"]).endswith(f": no fact {got['new']} in group {memory.group}")
+    history = json.loads(memory.ok("query", "graph store", "--history", "--scope", "facts", "--json"))["results"]
+    assert fact["uuid"] in [r["uuid"] for r in history]  # the corrected fact is kept as history
+
+
+def test_one_http_server_serves_two_tokens_each_only_within_its_groups(memory):
+    other = Memory(memory.stack, f"b_{memory.group[-20:]}", memory.spool_dir)
+    spare = f"c_{memory.group[-20:]}"
+    memory.store(NOTE)
+    other.store("Bob moved the CI to GitHub Actions runners.")
+    [theirs] = json.loads(other.ok("episodes", "--json"))
+    first, second = "token-for-alpha-0c1d2e", "token-for-beta-9f8e7d"
+    scopes = f"{first}={memory.group};{second}={other.group},{spare}"
+    before = (memory.graph_counts(), other.graph_counts())
+
+    with mcp_http_server(memory, MEMORY_MCP_TOKENS=scopes) as (url, server):
+        async def scenario() -> dict[str, Any]:
+            async with http_client(url, first) as alpha, http_client(url, second) as beta:
+                return {
+                    "alpha": await call(alpha, "search_memory_facts", query="graph store"),
+                    "alpha_asks_beta": await alpha.call_tool("search_memory_facts", {
+                        "query": "CI", "group_ids": [other.group]}),
+                    "alpha_reads_beta_uuid": await alpha.call_tool("get_episode", {"uuid": theirs["uuid"]}),
+                    "alpha_deletes_beta_uuid": await alpha.call_tool("delete_episode", {"uuid": theirs["uuid"]}),
+                    "beta": await call(beta, "search_memory_facts", query="CI runners"),
+                    "beta_spare": await call(beta, "get_context", query="CI runners", group_ids=[spare]),
+                    "beta_reads_own_uuid": await call(beta, "get_episode", uuid=theirs["uuid"]),
+                    "beta_adds_to_spare": await call(beta, "add_memory", content="Spare note.", group_id=spare),
+                    "beta_two_groups": await beta.call_tool("search_memory_facts", {
+                        "query": "CI", "group_ids": [other.group, spare]}),
+                }
+
+        got = run(scenario())
+        server.send_signal(signal.SIGTERM)
+        _, log = server.communicate(timeout=15)
+
+    assert "graph store" in text_of(got["alpha"]).lower()
+    assert text_of(got["alpha_asks_beta"]).endswith(f": this token may use group(s) {memory.group!r} only; group_ids "
+                                                      f"{other.group!r} refused")
+    assert text_of(got["alpha_reads_beta_uuid"]).endswith(f": {theirs['uuid']} is not in a group this token may use")
+    assert text_of(got["alpha_deletes_beta_uuid"]).endswith(f": {theirs['uuid']} is not in a group this token may use")
+    assert all(got[k].is_error for k in ("alpha_asks_beta", "alpha_reads_beta_uuid", "alpha_deletes_beta_uuid"))
+    assert "GitHub Actions" in text_of(got["beta"])
+    assert got["beta_spare"].structured_content["group"] == spare
+    assert got["beta_reads_own_uuid"].structured_content["content"] == theirs["content"]
+    assert got["beta_adds_to_spare"].structured_content["group"] == spare
+    assert text_of(got["beta_two_groups"]).endswith(": give one group per call (group_ids names 2)")
+    assert (memory.graph_counts(), other.graph_counts()) == before
+    refusals = [line for line in log.splitlines() if "outside its scope" in line]
+    assert len(refusals) == 3, log
+    assert not any(secret in log for secret in (first, second, NOTE, theirs["content"], "CI"))
+    Memory(memory.stack, spare, memory.spool_dir).forget_queue()
+    other.forget_queue()
+
+
+@pytest.mark.parametrize(("scopes", "message"), [
+    ("just-a-token", "MEMORY_MCP_TOKENS: entry 1 must be TOKEN=GROUP[,GROUP...] (the token shown nowhere)"),
+    ("t1=alpha;t2=no way", "MEMORY_MCP_TOKENS: entry 2: group 'no way' must match"),
+    ("t1=alpha;t1=beta", "MEMORY_MCP_TOKENS: a token is listed twice"),
+    ("@/nonexistent/tokens", "MEMORY_MCP_TOKENS: cannot read /nonexistent/tokens (No such file or directory)"),
+], ids=["no-groups", "bad-group", "twice", "missing-file"])
+def test_a_malformed_token_map_is_refused_at_start_without_showing_a_token(memory, scopes, message):
+    result = memory.with_env(MEMORY_MCP_TOKENS=scopes).run("mcp", "--http", f"127.0.0.1:{free_port()}", timeout_s=30)
+
+    assert result.code == 2
+    assert len(result.error_lines) == 1 and message in result.error_lines[0], result.stderr
+    assert "t1" not in result.stderr.replace(message, "") and "just-a-token" not in result.stderr
+
+
+def test_a_token_map_file_scopes_the_server_like_the_variable(memory, tmp_path):
+    listed = tmp_path / "tokens"
+    listed.write_text(f"# who may use what\nfile-token-1a2b3c = {memory.group}  # alpha\n")
+    memory.store(NOTE)
+    with mcp_http_server(memory, MEMORY_MCP_TOKENS=f"@{listed}") as (url, _server):
+        async def scenario() -> Any:
+            async with http_client(url, "file-token-1a2b3c") as client:
+                return await call(client, "get_context", query="graph store")
+
+        found = run(scenario())
+
+    assert found.structured_content["group"] == memory.group and "FalkorDB" in text_of(found)
 
 
 def test_http_needs_the_bearer_token_and_then_serves_what_stdio_serves(memory):
@@ -257,8 +381,8 @@ def test_binding_beyond_loopback_without_a_token_is_refused_at_start(memory):
 
     assert result.code == 2
     assert result.error_lines == [f"memory-manager: error: mcp --http {bind}: binding "
-                                  "beyond loopback needs MEMORY_MCP_TOKEN (every request must then carry "
-                                  "Authorization: Bearer <token>)"]
+                                  "beyond loopback needs MEMORY_MCP_TOKEN or MEMORY_MCP_TOKENS (every request "
+                                  "must then carry Authorization: Bearer <token>)"]
 
 
 def test_sigterm_ends_the_server_and_its_worker_cleanly(memory):

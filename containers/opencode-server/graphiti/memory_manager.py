@@ -322,6 +322,36 @@ def _env_url(name: str) -> str | None:
     return url
 
 
+def _token_scope_lines(name: str) -> list[str]:
+    """MEMORY_MCP_TOKENS' entries: `TOKEN=GROUP[,GROUP...]` separated by `;` or newlines, or
+    `@/path` to a file of them (one a line, # comments), so tokens need not sit in the environment."""
+    value = _env_str(name) or ""
+    if value.startswith("@"):
+        try:
+            with open(value[1:], encoding="utf-8") as listed:
+                value = listed.read()
+        except OSError as exc:
+            raise UsageError(f"{name}: cannot read {value[1:]} ({exc.strerror or _describe(exc)})") from None
+    entries = (line.split("#", 1)[0].strip() for line in re.split(r"[;\n]", value))
+    return [entry for entry in entries if entry]
+
+
+def _env_token_scopes(name: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    scopes = []
+    for number, entry in enumerate(_token_scope_lines(name), 1):
+        token, _, groups = entry.partition("=")
+        chosen = tuple(dict.fromkeys(g.strip() for g in groups.split(",") if g.strip()))
+        if not token.strip() or any(c.isspace() for c in token.strip()) or not chosen:
+            raise UsageError(f"{name}: entry {number} must be TOKEN=GROUP[,GROUP...] (the token shown nowhere)")
+        bad = next((g for g in chosen if not GROUP_ID_RULE.fullmatch(g)), None)
+        if bad is not None:
+            raise UsageError(f"{name}: entry {number}: group {bad[:80]!r} must match {GROUP_ID_RULE.pattern}")
+        scopes.append((token.strip(), chosen))
+    if len({token for token, _ in scopes}) < len(scopes):
+        raise UsageError(f"{name}: a token is listed twice")
+    return tuple(scopes)
+
+
 def _check_b2_realm(realm: str) -> None:
     """A realm name b2sdk knows (production, staging, dev) or the URL of a B2-native endpoint."""
     if "://" in realm:
@@ -375,6 +405,7 @@ class Settings:
     b2_stall_s: int = 60
     b2_invalid: str | None = None  # a malformed B2_KEEP or B2_STALL_S, reported by require_b2()
     mcp_token: str | None = field(default=None, repr=False)
+    mcp_tokens: tuple[tuple[str, tuple[str, ...]], ...] = field(default=(), repr=False)  # token -> its groups
     mcp_allowed_hosts: tuple[str, ...] = ()
     mcp_sessions_per_client: int = 32
     mcp_session_idle_s: int = 1800
@@ -419,6 +450,7 @@ class Settings:
             mcp_allowed_hosts=tuple(name.strip() for name in (_env_str("MEMORY_MCP_ALLOWED_HOSTS") or "").split(",")
                                     if name.strip()),
             **_read_for_some("mcp_invalid", lambda: {
+                "mcp_tokens": _env_token_scopes("MEMORY_MCP_TOKENS"),
                 "mcp_sessions_per_client": _env_int("MEMORY_MCP_SESSIONS_PER_CLIENT", 32, 1, 10_000),
                 "mcp_session_idle_s": _env_int("MEMORY_MCP_SESSION_IDLE_S", 1800, 10, 86_400)}),
             redact=_env_bool("MEMORY_REDACT", True),
@@ -561,7 +593,7 @@ def _acting_for(group: str) -> Iterator[None]:
 METRIC_PREFIX = "opencode.memory."
 AGENT_PROBE_TIMEOUT_S = 0.1
 TRACE_FLUSH_TIMEOUT_S = 0.5
-SECRET_VARIABLES = ("OPENAI_API_KEY", "B2_APP_KEY", "VALKEY_PASSWORD", "FALKORDB_PASSWORD")
+SECRET_VARIABLES = ("OPENAI_API_KEY", "B2_APP_KEY", "VALKEY_PASSWORD", "FALKORDB_PASSWORD", "MEMORY_MCP_TOKEN")
 
 
 @dataclass
@@ -584,7 +616,10 @@ _telemetry = _Telemetry()
 
 def _secret_values() -> list[str]:
     """Secrets straight from the environment, so scrubbing works even when Settings fails."""
-    return [v for v in (os.environ.get(name, "").strip() for name in SECRET_VARIABLES) if v]
+    values = [os.environ.get(name, "").strip() for name in SECRET_VARIABLES]
+    with contextlib.suppress(UsageError):
+        values += [entry.partition("=")[0].strip() for entry in _token_scope_lines("MEMORY_MCP_TOKENS")]
+    return [v for v in values if v]
 
 
 def _scrub(text: str) -> str:
@@ -4965,22 +5000,45 @@ MCP_INSTRUCTIONS = (
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
-class _BearerGate:
-    """Every HTTP request needs `Authorization: Bearer <MEMORY_MCP_TOKEN>` (compared in constant
-    time), or it is answered 401 before any tool runs."""
+@dataclass(frozen=True)
+class _Caller:
+    """Whom an MCP call comes from: the groups it may read and write (the first is its default),
+    and, for a token of MEMORY_MCP_TOKENS, a fingerprint of the token for the log."""
 
-    def __init__(self, app: Any, token: str) -> None:
-        self.app, self.expected = app, f"Bearer {token}".encode()
+    groups: tuple[str, ...]
+    token: str | None = None
+
+
+_caller: contextvars.ContextVar[_Caller | None] = contextvars.ContextVar("mcp_caller", default=None)
+
+
+class _BearerGate:
+    """Every HTTP request needs `Authorization: Bearer <token>` of MEMORY_MCP_TOKEN (the served
+    group) or of MEMORY_MCP_TOKENS (its own groups), compared in constant time against each, or it
+    is answered 401 before any tool runs. The caller's groups travel in the ASGI scope."""
+
+    def __init__(self, app: Any, callers: dict[str, _Caller]) -> None:
+        self.app = app
+        self.expected = [(f"Bearer {token}".encode(), caller) for token, caller in callers.items()]
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
+            matched = [caller for expected, caller in self.expected if hmac.compare_digest(given, expected)]
+            if not matched:
                 await send({"type": "http.response.start", "status": 401,
                             "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
                 await send({"type": "http.response.body", "body": b'{"error": "missing or wrong bearer token"}'})
                 return
+            scope["memory.caller"] = matched[0]
         await self.app(scope, receive, send)
+
+
+def _callers(s: Settings) -> dict[str, _Caller]:
+    callers = {token: _Caller(groups, _short_hash(token)) for token, groups in s.mcp_tokens}
+    if s.mcp_token:
+        callers.setdefault(s.mcp_token, _Caller((s.group_id,)))
+    return callers
 
 
 class _SessionBound:
@@ -5079,21 +5137,76 @@ class _ToolArguments:
         return renamed
 
 
-def _served_group_only(group_ids: Any) -> None:
-    """Graphiti's `group_ids`: this server serves one group, so naming another is refused rather
-    than silently answered from this one."""
-    if group_ids is None:
-        return
+def _this_caller() -> _Caller:
+    return _caller.get() or _Caller((_settings().group_id,))
+
+
+def _refuse_out_of_scope(groups: list[str]) -> None:
+    """Refused and logged (which token, which groups; never what was asked)."""
+    caller = _this_caller()
+    log.warning("warning: mcp: token %s asked for group(s) %s outside its scope; refused", caller.token,
+                ", ".join(groups))
+    raise UsageError(f"this token may use group(s) {', '.join(map(repr, caller.groups))} only; group_ids "
+                     f"{', '.join(map(repr, groups))} refused")
+
+
+def _tool_group(group_ids: Any) -> str:
+    """The one group a call acts on: the caller's first, or the one `group_ids` (Graphiti's
+    argument) names; a group outside the caller's scope is refused rather than silently answered
+    from another."""
+    caller = _this_caller()
+    if group_ids is None or group_ids == []:
+        return caller.groups[0]
     if not isinstance(group_ids, list) or not all(isinstance(g, str) for g in group_ids):
         raise UsageError("group_ids must be a list of group names")
-    served = _settings().group_id
-    others = sorted(set(group_ids) - {served})
+    others = sorted(set(group_ids) - set(caller.groups))
+    if others and caller.token is None:
+        raise UsageError(f"this server serves group {caller.groups[0]!r} only; group_ids "
+                         f"{', '.join(map(repr, others))} refused")
     if others:
-        raise UsageError(f"this server serves group {served!r} only; group_ids {', '.join(map(repr, others))} refused")
+        _refuse_out_of_scope(others)
+    if len(set(group_ids)) > 1:
+        raise UsageError(f"give one group per call (group_ids names {len(set(group_ids))})")
+    return group_ids[0]
+
+
+async def _holds(uuid_: str) -> bool:
+    """Whether the group in use has an episode, entity or fact with this uuid."""
+    return bool(await _read_graph("MATCH (e:Episodic {uuid: $uuid}) RETURN 1", {"uuid": uuid_})
+                or await _read_graph("MATCH ()-[r:RELATES_TO {uuid: $uuid}]->() RETURN 1", {"uuid": uuid_}))
+
+
+async def _group_holding(uuid_: Any, group_ids: Any) -> str:
+    """The caller's group that holds the uuid (named by group_ids, else searched among them). One
+    held only by a group outside the caller's scope is refused and logged."""
+    chosen = _tool_group(group_ids)
+    if not isinstance(uuid_, str) or not UUID_RULE.fullmatch(uuid_):
+        return chosen  # the operation itself refuses it, and names by name are per group
+    candidates = [chosen] if group_ids else list(_this_caller().groups)
+    for group in candidates:
+        with _acting_for(group):
+            if await _holds(uuid_):
+                return group
+    for group in sorted(set(await _memory_groups()) - set(_this_caller().groups)):
+        with _acting_for(group):
+            if await _holds(uuid_):
+                log.warning("warning: mcp: token %s asked for a uuid of a group outside its scope; refused",
+                            _this_caller().token or "(MEMORY_MCP_TOKEN)")
+                raise UsageError(f"{uuid_} is not in a group this token may use")
+    return chosen
+
+
+@contextlib.asynccontextmanager
+async def _in_scope(group_ids: Any = None, uuid_: Any = None) -> AsyncIterator[str]:
+    """A tool's body: on the group the call may act on (see _tool_group), its failures one line."""
+    async with _tool_errors():
+        group = await _group_holding(uuid_, group_ids) if uuid_ is not None else _tool_group(group_ids)
+        with _acting_for(group):
+            yield group
 
 
 def _build_mcp_server() -> Any:
-    """The MCP server with its seven tools (import mcp only here). Arguments are declared to the model
+    """The MCP server with its twelve tools (import mcp only here). Arguments are declared to the model
     with their JSON types but checked by our own validation, so a wrong one is our one-line error
     (the SDK's would be pydantic's multi-line report, quoting the value, and it drops unknown ones)."""
     import inspect
@@ -5123,7 +5236,12 @@ def _build_mcp_server() -> Any:
                     arguments = accepted[name].checked(name, arguments)
                 except UsageError as exc:
                     raise ToolError(str(exc)) from None
-            return await super().call_tool(name, arguments, context)
+            request = getattr(getattr(context, "_request_context", None), "request", None)
+            scoped = _caller.set(getattr(request, "scope", {}).get("memory.caller"))  # None: stdio, one group
+            try:
+                return await super().call_tool(name, arguments, context)
+            finally:
+                _caller.reset(scoped)
 
         async def list_tools(self) -> list[Any]:
             tools = await super().list_tools()
@@ -5147,13 +5265,13 @@ def _build_mcp_server() -> Any:
 
     server = StrictServer("memory", instructions=MCP_INSTRUCTIONS, version=_package_version(), log_level="WARNING")
 
-    @tool("add_memory", read_only=False, content=text, metadata=maybe_object, at=maybe_text)
-    async def add_memory(content, metadata=None, at=None):  # type: ignore[no-untyped-def]
+    @tool("add_memory", read_only=False, content=text, metadata=maybe_object, at=maybe_text, group_id=maybe_text)
+    async def add_memory(content, metadata=None, at=None, group_id=None):  # type: ignore[no-untyped-def]
         """Remember something for later sessions: a decision, a fix and its cause, a convention, a
         preference, what a file is for. One concise, self-contained note per call; it is queued and
         ingested in the background. `at`: when it happened (ISO 8601), if not now. Returns the
         episode name and job id."""
-        async with _tool_errors():
+        async with _in_scope(None if group_id is None else [group_id]):
             queued = await enqueue_episode(content, metadata, at=at)
         data = {"state": "spooled" if queued.spooled else "queued", "episode": queued.name,
                 "job_id": queued.job_id, "group": queued.group}
@@ -5162,11 +5280,10 @@ def _build_mcp_server() -> Any:
     @tool("search_memory_facts", aliases={"max_facts": "limit"}, query=text, limit=integer, group_ids=maybe_texts)
     async def search_memory_facts(query, limit=5, group_ids=None):  # type: ignore[no-untyped-def]
         """Recall what earlier sessions remembered about a question or keywords, best first: facts
-        (with when each became true or stopped being true) and the stored events themselves (with
-        when they happened). Use before answering questions about the project's history,
-        decisions, conventions or past errors. `max_facts` is another name for `limit`."""
-        async with _tool_errors(), _operation("query") as op:
-            _served_group_only(group_ids)
+        (with when each became true or stopped being true, and their uuid) and the stored events
+        themselves (with when they happened). Use before answering questions about the project's
+        history, decisions, conventions or past errors. `max_facts` is another name for `limit`."""
+        async with _in_scope(group_ids), _operation("query") as op:
             answer = await _cached_answer(op, query, limit)
         return _tool_result(answer.text, {"results": [dataclasses.asdict(i) for i in answer.items()]})
 
@@ -5175,12 +5292,10 @@ def _build_mcp_server() -> Any:
         """The memories relevant to a question as one block to read, within a token budget (default
         1000): events with their times and facts with their validity, best first, and how many did
         not fit. The OpenCode plugin's session-start recall calls it too."""
-        async with _tool_errors():
-            _served_group_only(group_ids)
+        async with _in_scope(group_ids) as group:
             block = await context(query, budget_tokens)
         # the group lets the plugin, which recalls through this tool, check it reached its own project
-        return _tool_result(block, {"context": block, "estimated_tokens": _estimated_tokens(block),
-                                    "group": _settings().group_id})
+        return _tool_result(block, {"context": block, "estimated_tokens": _estimated_tokens(block), "group": group})
 
     @tool("search_entities", query=maybe_text, entity_type=maybe_text, max_nodes=maybe_integer,
           group_ids=maybe_texts)
@@ -5188,8 +5303,7 @@ def _build_mcp_server() -> Any:
         """List the remembered entities (files, code symbols, technologies, people, ...), optionally
         only those whose name contains every word of `query`, or only one type (e.g. File), at
         most `max_nodes` of them."""
-        async with _tool_errors():
-            _served_group_only(group_ids)
+        async with _in_scope(group_ids):
             shown = None if max_nodes is None else _validate_limit(max_nodes, "max_nodes", MAX_ENTITIES_LISTED)
             entities = await get_entities(entity_type)
             if query is not None and not isinstance(query, str):
@@ -5199,23 +5313,66 @@ def _build_mcp_server() -> Any:
         return _tool_result("\n".join(f"{e['name']} ({e['type']})" for e in chosen) or "No entities found.",
                             {"entities": chosen})
 
-    @tool("get_episodes", aliases={"max_episodes": "last_n"}, last_n=integer, group_ids=maybe_texts)
-    async def recent_episodes(last_n=10, group_ids=None):  # type: ignore[no-untyped-def]
-        """The most recent stored events (newest first) with their metadata and reference time; use
-        to see what was remembered lately or to find an episode name for delete_episode."""
-        async with _tool_errors():
-            _served_group_only(group_ids)
-            episodes = await get_episodes(last_n)
-        text = "\n".join(f"{e['name']} {e['reference_time']}: {e['content'][:200]}" for e in episodes)
+    @tool("get_episodes", aliases={"max_episodes": "last_n"}, last_n=integer, since=maybe_text, group_ids=maybe_texts)
+    async def recent_episodes(last_n=10, since=None, group_ids=None):  # type: ignore[no-untyped-def]
+        """The most recent stored events (newest first) with their uuid, metadata and reference
+        time, only those since a time (ISO 8601) if given; use to see what was remembered lately
+        or to find an episode for get_episode or delete_episode."""
+        async with _in_scope(group_ids):
+            episodes = await get_episodes(last_n, since=since)
+        text = "\n".join(f"{e['uuid']} {e['reference_time']}: {e['content'][:200]}" for e in episodes)
         return _tool_result(text or "No episodes yet.", {"episodes": episodes})
 
-    @tool("delete_episode", aliases={"uuid": "name"}, read_only=False, destructive=True, name=text)
-    async def forget_episode(name):  # type: ignore[no-untyped-def]
+    @tool("get_episode", aliases={"name": "uuid"}, uuid=text, group_ids=maybe_texts)
+    async def one_episode(uuid, group_ids=None):  # type: ignore[no-untyped-def]
+        """One stored event by its uuid (or episode name): its text, time and metadata, the facts
+        it produced (with their uuid and validity) and the entities it mentions."""
+        async with _in_scope(group_ids, uuid):
+            episode = await get_episode(uuid)
+        facts = "".join(f"\n  fact {f['uuid']}: {f['fact']}" for f in episode["facts"])
+        return _tool_result(f"{episode['uuid']} {episode['reference_time']}: {episode['content']}{facts}", episode)
+
+    @tool("get_entity_edge", uuid=text, group_ids=maybe_texts)
+    async def one_fact(uuid, group_ids=None):  # type: ignore[no-untyped-def]
+        """One fact (an edge between two entities) by its uuid: its text, validity and source episodes."""
+        async with _in_scope(group_ids, uuid):
+            fact = await get_fact(uuid)
+        return _tool_result(fact["fact"], fact)
+
+    @tool("delete_episode", aliases={"uuid": "name"}, read_only=False, destructive=True, name=text,
+          group_ids=maybe_texts)
+    async def forget_episode(name, group_ids=None):  # type: ignore[no-untyped-def]
         """Forget one stored event (and the facts only it supported) by its episode name or its uuid
         (Graphiti's `uuid`), e.g. when it was wrong or should not have been stored."""
-        async with _tool_errors():
+        async with _in_scope(group_ids, name):
             removed = await delete_episode(name)
         return _tool_result(f"deleted {name}", {"deleted": name, "uuid": removed})
+
+    @tool("delete_entity_edge", read_only=False, destructive=True, uuid=text, group_ids=maybe_texts)
+    async def forget_one_fact(uuid, group_ids=None):  # type: ignore[no-untyped-def]
+        """Forget one fact by its uuid (the entities it joined stay); for a fact that is wrong now
+        but was true once, prefer correct_fact, which keeps the history."""
+        async with _in_scope(group_ids, uuid):
+            removed = await forget_fact(uuid)
+        return _tool_result(f"deleted fact {uuid}", {"deleted": removed})
+
+    @tool("correct_fact", read_only=False, uuid=text, fact=text, group_ids=maybe_texts)
+    async def correct_one_fact(uuid, fact, group_ids=None):  # type: ignore[no-untyped-def]
+        """Replace a fact that is no longer right: the old one (by uuid) is marked invalid from now
+        and kept as history, the new text is a fact valid from now between the same entities."""
+        async with _in_scope(group_ids, uuid):
+            changed = await correct_fact(uuid, fact)
+        return _tool_result(f"invalidated {uuid}; new fact {changed['fact']['uuid']}: {changed['fact']['fact']}",
+                            changed)
+
+    @tool("clear_graph", read_only=False, destructive=True, group_ids=maybe_texts)
+    async def clear(group_ids=None):  # type: ignore[no-untyped-def]
+        """Erase everything remembered in a group (default: this server's or token's first group):
+        its events, facts, entities, queue and cache. Irreversible; backups are reported, not
+        touched (`memory-manager erase --backups` rewrites them). Only when the user asks for it."""
+        async with _in_scope(group_ids) as group:
+            report = await erase_group(group)
+        return _tool_result(str(report), dataclasses.asdict(report))
 
     @tool("get_status")
     async def get_status():  # type: ignore[no-untyped-def]
@@ -5254,7 +5411,8 @@ def _mcp_http_app(server: Any, host: str) -> Any:
     app = server.streamable_http_app(transport_security=security, host=host, json_response=True,
                                      session_idle_timeout=s.mcp_session_idle_s)
     app = _SessionBound(app, s.mcp_sessions_per_client)
-    return _BearerGate(app, s.mcp_token) if s.mcp_token else app
+    callers = _callers(s)
+    return _BearerGate(app, callers) if callers else app
 
 
 async def serve_mcp(http: str | None = None, with_worker: bool = False) -> None:
@@ -5264,9 +5422,9 @@ async def serve_mcp(http: str | None = None, with_worker: bool = False) -> None:
     if s.mcp_invalid:
         raise UsageError(s.mcp_invalid)
     bind = _parse_bind(http) if http else None
-    if bind and bind[0] not in LOOPBACK_HOSTS and not s.mcp_token:
-        raise UsageError(f"mcp --http {http}: binding beyond loopback needs MEMORY_MCP_TOKEN (every request must "
-                         "then carry Authorization: Bearer <token>)")
+    if bind and bind[0] not in LOOPBACK_HOSTS and not (s.mcp_token or s.mcp_tokens):
+        raise UsageError(f"mcp --http {http}: binding beyond loopback needs MEMORY_MCP_TOKEN or MEMORY_MCP_TOKENS "
+                         "(every request must then carry Authorization: Bearer <token>)")
     if with_worker:
         s.require_llm()
     server = _build_mcp_server()
