@@ -247,7 +247,7 @@ def test_erase_leaves_nothing_of_the_group_anywhere_and_another_group_untouched(
     assert (shown["queued"], shown["spooled"], len(shown["backups_rewritten"])) == (2, 1, 2)
     assert shown["nodes"] > 0 and shown["backups_holding"] == []
     assert shown["unreachable"] == ["the spools of other hosts (run erase there too, or empty their "
-                                    "MEMORY_SPOOL_DIR)"]
+                                    "MEMORY_SPOOL_DIR)", "files written by export --output (not tracked)"]
     assert everything_of(memory, memory.group, prefix) == {"graphs": [], "keys": [], "spool": [], "backups": []}
     assert (kept.graph_counts(), kept.ok("query", "which test framework")) == kept_before
     exports = stored_exports(memory.stack, prefix)
@@ -274,7 +274,8 @@ def test_erase_without_backups_reports_the_exports_that_still_hold_the_group(mem
     assert re.fullmatch(rf"still holds it: {re.escape(location)} \(version \S+\) \(erase --backups rewrites it\)",
                         lines[1]), lines[1]
     assert lines[2:] == ["not reachable from here: the spools of other hosts (run erase there too, or empty "
-                         "their MEMORY_SPOOL_DIR)"]
+                         "their MEMORY_SPOOL_DIR)", "not reachable from here: files written by export --output "
+                         "(not tracked)"]
     assert memory.graph_counts() == (0, 0)
     assert any(memory.group.encode() in text for text in stored_exports(memory.stack, prefix).values())
     again = erased.run("erase", "--group", memory.group, "--yes", "--backups")

@@ -4978,7 +4978,8 @@ async def erase_group(group: str, backups: bool = False) -> EraseReport:
             report.unreachable.append(f"this host's spool {s.spool_dir} ({exc.strerror or _describe(exc)})")
         async with _service("valkey", s.valkey_address):  # last: the lease, marks, an answer cached meanwhile
             report.valkey_keys = await _drop_group_keys(group)
-        report.unreachable.append("the spools of other hosts (run erase there too, or empty their MEMORY_SPOOL_DIR)")
+        report.unreachable += ["the spools of other hosts (run erase there too, or empty their MEMORY_SPOOL_DIR)",
+                               "files written by export --output (not tracked)"]
         await _backups_of(group, report, backups)
         op.set(**{"memory.nodes": report.nodes, "memory.backups_holding": len(report.backups_holding)})
         return report
