@@ -24,11 +24,13 @@ def test_help_lists_every_command(memory):
 
     assert (result.code, result.stderr) == (0, "")
     assert help_commands(result.stdout) == ["store", "query", "context", "entities", "health", "queue", "worker",
-                                            "drain", "export", "backups", "mcp", "restore", "graph", "group"]
+                                            "drain", "export", "backups", "mcp", "restore", "graph", "episodes",
+                                            "episode", "forget", "correct", "erase", "group"]
 
 
 @pytest.mark.parametrize("command", ["store", "query", "context", "entities", "health", "queue", "worker", "drain",
-                                     "export", "backups", "mcp", "restore", "graph", "group"])
+                                     "export", "backups", "mcp", "restore", "graph", "episodes", "episode",
+                                     "forget", "correct", "erase", "group"])
 def test_each_command_has_its_own_help(memory, command):
     result = memory.run(command, "--help")
 
@@ -38,7 +40,7 @@ def test_each_command_has_its_own_help(memory, command):
 
 @pytest.mark.parametrize(("args", "line"), [
     (["qurey", "x"], "unknown command 'qurey' (did you mean 'query'? see memory-manager --help)"),
-    (["forget", "x"], "unknown command 'forget' (see memory-manager --help)"),
+    (["remember", "x"], "unknown command 'remember' (see memory-manager --help)"),
     (["entities", "File", "extra"], "unrecognized arguments: extra"),
     (["query"], "query: the following arguments are required: search_query"),
     (["query", "x", "4", "--limit", "3"], "query: give the limit once (--limit N or a second argument)"),
@@ -472,5 +474,6 @@ def test_the_module_docstring_lists_every_public_operation_and_command(memory):
                   and name != "main"]
     assert [name for name in operations if f"{name}(" not in doc] == []
     commands = help_commands(memory.ok("--help"))
-    cli_line = next(line for line in doc.splitlines() if line.startswith("CLI:"))
-    assert cli_line.split()[2].split("|") == commands
+    cli_block = re.search(r"^CLI: memory-manager (\S+(?:\n {5}\S+)*)", doc, re.M)
+    assert cli_block, "no CLI: line"
+    assert re.sub(r"\n {5}", "", cli_block.group(1)).split("|") == commands

@@ -282,3 +282,18 @@ def test_erase_without_backups_reports_the_exports_that_still_hold_the_group(mem
     assert again.code == 0, again.stderr
     assert "rewrote b2://" in again.stdout
     assert not any(memory.group.encode() in text for text in stored_exports(memory.stack, prefix).values())
+
+
+@pytest.mark.parametrize("service", ["falkordb", "valkey"])
+def test_erase_with_a_service_down_is_exit_1_naming_it_and_removes_nothing(memory, dead_port, service):
+    memory.store(EDIT)
+    answer = memory.ok("query", "who edited retry.py")
+    before = memory.graph_counts()
+    down = memory.with_env(**{f"{service.upper()}_PORT": str(dead_port)})
+
+    result = down.run("erase", "--group", memory.group, "--yes")
+
+    assert result.code == 1
+    assert len(result.error_lines) == 1 and result.error_lines[0].startswith(
+        f"memory-manager: error: {service} at 127.0.0.1:{dead_port}: "), result.stderr
+    assert memory.graph_counts() == before and memory.ok("query", "who edited retry.py") == answer

@@ -17,9 +17,15 @@ cache in Valkey.
     context(search_query, budget_tokens=1000) -> str one block for a prompt, within the budget
     project_group(directory) -> str                  a project's memory group (git remote, else path)
     get_entities(entity_type=None) -> list[dict]     every entity of the group, with its type
-    get_episodes(last_n=10) -> list[dict]            the newest episodes, with metadata and reference time
+    get_episodes(last_n=10, since=None) -> list[dict]
+                                                     the newest episodes, with metadata and reference time
+    get_episode(name) -> dict                        one episode with the facts and entities it produced
+    get_fact(uuid) -> dict                           one fact with its validity and source episodes
     get_graph(limit=500) -> dict                     entities and the facts between them, for a picture
     delete_episode(name) -> str                      forget one episode by name or uuid (through graphiti)
+    forget_fact(uuid) -> dict                        forget one fact (graphiti's own removal)
+    correct_fact(uuid, text) -> dict                 invalidate a fact with a time and add its correction
+    erase_group(group, backups=False) -> EraseReport the group out of graph, queue, cache, spool (and backups)
     queue_status() -> dict                           per group: queued, in flight, oldest, dead letters
     retry_dead_letters(group=None) -> int            requeue dead-lettered episodes
     run_worker(drain=False) -> WorkerSummary         ingest queued episodes until stopped (or idle)
@@ -38,7 +44,8 @@ cache in Valkey.
     main(argv=None) -> int                           the CLI in this process: its exit code
     cli()                                            the console script: main(), then exit with its code
 
-CLI: memory-manager store|query|context|entities|health|queue|worker|drain|export|backups|mcp|restore|graph|group
+CLI: memory-manager store|query|context|entities|health|queue|worker|drain|export|backups|mcp|restore|graph|
+     episodes|episode|forget|correct|erase|group
 (--help); every command takes --group G, -q and --json.
 
 Writes go through a queue: `store` validates, appends the episode to the group's Valkey Stream
@@ -103,6 +110,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Backup",
+    "EraseReport",
     "ExportSummary",
     "Fact",
     "GroupRestore",
@@ -122,12 +130,17 @@ __all__ = [
     "cli",
     "close",
     "context",
+    "correct_fact",
     "delete_episode",
     "enqueue_episode",
+    "erase_group",
     "export_to_b2",
     "export_to_file",
+    "forget_fact",
     "get_entities",
+    "get_episode",
     "get_episodes",
+    "get_fact",
     "get_graph",
     "health",
     "list_backups",
@@ -331,7 +344,7 @@ def _token_scope_lines(name: str) -> list[str]:
             with open(value[1:], encoding="utf-8") as listed:
                 value = listed.read()
         except OSError as exc:
-            raise UsageError(f"{name}: cannot read {value[1:]} ({exc.strerror or _describe(exc)})") from None
+            raise UsageError(f"{name}: cannot read {value[1:]} ({exc.strerror or type(exc).__name__})") from None
     entries = (line.split("#", 1)[0].strip() for line in re.split(r"[;\n]", value))
     return [entry for entry in entries if entry]
 
@@ -4964,6 +4977,7 @@ async def erase_group(group: str, backups: bool = False) -> EraseReport:
         raise UsageError(f"the group to erase must match {GROUP_ID_RULE.pattern}, got {str(group)[:80]!r}")
     async with _operation("erase", group=group) as op:
         s, report = _settings(), EraseReport(group)
+        await _graph_exists(group)  # FalkorDB answers before anything is removed; an erase cut short is rerun
         async with _service("valkey", s.valkey_address):
             report.queued = await _empty_queue(group)
         async with _ingestion_held([group], "erase", ERASE_WAIT_S), _service("falkordb", s.falkordb_address):
