@@ -111,3 +111,29 @@ def test_b2_realm_is_checked_only_by_the_commands_that_use_b2(memory):
     export = bad.run("export")
     assert (export.code, export.error_lines) == (
         2, ["memory-manager: error: B2_REALM must be a realm name or an http(s) URL, got 'bad realm'"])
+
+
+def test_every_variable_the_settings_read_is_in_env_example_with_a_comment_above_it(monkeypatch):
+    import os
+    import re
+
+    import memory_manager
+    from conftest import ROOT
+
+    read: set[str] = set()
+
+    class Recording(dict):
+        def get(self, key, default=None):
+            read.add(key)
+            return super().get(key, default)
+
+    monkeypatch.setattr(os, "environ", Recording())
+    memory_manager.Settings.from_env()
+    ours = {name for name in read if name not in ("PWD", "XDG_STATE_HOME")}
+    lines = (ROOT / ".env.example").read_text().splitlines()
+    documented = {match.group(1): number for number, line in enumerate(lines)
+                  if (match := re.match(r"^([A-Z][A-Z0-9_]*)=", line))}
+
+    assert {"FALKORDB_URL", "VALKEY_TLS_KEY_FILE", "MEMORY_MCP_TOKENS"} <= ours  # the recording saw the reads
+    assert sorted(ours - documented.keys()) == []
+    assert [name for name in ours if not lines[documented[name] - 1].startswith("# ")] == []
