@@ -378,6 +378,107 @@ class SecuredServices:
         stop_processes(self.processes)
 
 
+@dataclass
+class ValkeyCluster:
+    """Valkey Cluster on loopback: three masters, each with a replica that takes over when its
+    master dies (node timeout 1 s), as a managed cluster (ElastiCache Serverless) behaves."""
+
+    run_dir: Path
+    ports: list[int] = field(default_factory=list)
+    bus_ports: list[int] = field(default_factory=list)  # chosen too: the default, port + 10000, may be taken
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        chosen = list(free_ports([f"node{i}" for i in range(12)]).values())
+        self.ports, self.bus_ports = chosen[:6], chosen[6:]
+
+    def start(self) -> None:
+        server, cli = shutil.which("valkey-server"), shutil.which("valkey-cli")
+        if server is None or cli is None:
+            raise RuntimeError("stack: a cluster needs Debian's valkey-server and valkey-cli (local/install-valkey.sh)")
+        for port, bus in zip(self.ports, self.bus_ports, strict=True):
+            directory = self.run_dir / str(port)
+            directory.mkdir(parents=True, exist_ok=True)
+            with open(directory / "valkey.log", "ab") as log:
+                self.processes[str(port)] = subprocess.Popen(
+                    [server, "--bind", "127.0.0.1", "--port", str(port), "--cluster-enabled", "yes",
+                     "--cluster-port", str(bus), "--cluster-config-file", "nodes.conf",
+                     "--cluster-node-timeout", "1000", "--cluster-replica-validity-factor", "0",
+                     "--dir", str(directory), "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+                     "--maxmemory-policy", "volatile-lru"],
+                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not all(resp_ping(port) for port in self.ports):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"stack: cluster nodes did not start; see {self.run_dir}")
+            time.sleep(0.05)
+        subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{port}" for port in self.ports),
+                        "--cluster-replicas", "1", "--cluster-yes"], check=True, capture_output=True)
+        self.wait_healthy()
+
+    def wait_healthy(self, timeout_s: float = 30) -> None:
+        """Every live node says cluster_state:ok and three live masters serve all slots (after a
+        kill: once a replica has taken over)."""
+        import redis
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            live = [port for port in self.ports if self.processes[str(port)].poll() is None]
+            states = []
+            for port in live:
+                with contextlib.suppress(redis.RedisError), redis.Redis(port=port, socket_timeout=1) as node:
+                    states.append(node.cluster("info")["cluster_state"] == "ok")
+            masters = self.masters()
+            if (len(states) == len(live) and all(states) and len(masters) == 3 and set(masters) <= set(live)
+                    and self._replicas_in_sync(live, set(masters))):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"stack: the cluster did not become healthy within {timeout_s:.0f} s")
+            time.sleep(0.2)
+
+    @staticmethod
+    def _replicas_in_sync(live: list[int], masters: set[int]) -> bool:
+        """A replica that never synced would not take over from its master."""
+        import redis
+
+        for port in set(live) - masters:
+            with contextlib.suppress(redis.RedisError), redis.Redis(port=port, socket_timeout=1) as node:
+                if node.info("replication").get("master_link_status") != "up":
+                    return False
+        return True
+
+    def masters(self) -> dict[int, tuple[int, int]]:
+        """{port: (first slot, last slot)} of each live master, as a live node sees the cluster."""
+        import redis
+
+        for port in self.ports:
+            if self.processes[str(port)].poll() is None:
+                with contextlib.suppress(redis.RedisError), redis.Redis(port=port, socket_timeout=1) as node:
+                    return {int(master[2][1]): (int(master[0]), int(master[1])) for master in
+                            node.execute_command("CLUSTER", "SLOTS")}
+        return {}
+
+    def master_of(self, key: str) -> int:
+        import redis
+
+        live = next(port for port in self.ports if self.processes[str(port)].poll() is None)
+        with redis.Redis(port=live) as node:
+            slot = node.cluster("keyslot", key)
+        return next(port for port, (low, high) in self.masters().items() if low <= slot <= high)
+
+    def kill(self, port: int) -> None:
+        """SIGKILL one node, as a crash would."""
+        process = self.processes[str(port)]
+        process.kill()
+        process.wait(timeout=10)
+
+    def env(self) -> dict[str, str]:
+        return {"VALKEY_HOST": "127.0.0.1", "VALKEY_PORT": str(self.ports[0]), "VALKEY_CLUSTER": "on"}
+
+    def stop(self) -> None:
+        stop_processes(self.processes)
+
+
 def up(run_dir: Path, env_file: Path, embeddings: str = "hashed") -> None:
     state = run_dir / "stack.json"
     if state.exists():

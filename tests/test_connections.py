@@ -119,8 +119,10 @@ def test_valkey_by_unix_socket_with_its_acl_user_queues_and_reports(memory, secu
      "VALKEY_TLS_CA_FILE needs TLS: set VALKEY_URL to a rediss:// or valkeys:// URL"),
     ({"VALKEY_URL": "valkeys://cache:6380", "VALKEY_TLS_CERT_FILE": __file__},
      "VALKEY_TLS_CERT_FILE and VALKEY_TLS_KEY_FILE go together (a client certificate)"),
+    ({"VALKEY_URL": "unix:///run/valkey.sock", "VALKEY_CLUSTER": "on"},
+     "VALKEY_CLUSTER=on needs a host and port, not a unix socket (a cluster's nodes are found by address)"),
 ], ids=["falkordb-scheme", "valkey-scheme", "port", "host", "unix-path", "missing-file", "tls-file-plain-url",
-        "cert-without-key"])
+        "cert-without-key", "cluster-on-a-socket"])
 def test_a_malformed_connection_setting_is_exit_2_naming_it_and_never_its_password(memory, changes, message):
     result = memory.with_env(**changes).run("query", "anything")
 

@@ -446,6 +446,14 @@ def _env_endpoint(service: str, default_port: int, schemes: dict[str, bool]) -> 
                     cert_file=files["cert"], key_file=files["key"])
 
 
+def _env_cluster(name: str, endpoint: Endpoint) -> bool:
+    """Cluster mode: the endpoint is one node (or a configuration endpoint) the client learns the rest from."""
+    on = _env_bool(name, False)
+    if on and endpoint.socket:
+        raise UsageError(f"{name}=on needs a host and port, not a unix socket (a cluster's nodes are found by address)")
+    return on
+
+
 def _parse_service_url(name: str, url: str, default_port: int,
                        schemes: dict[str, bool]) -> tuple[dict[str, Any], bool, str | None, str | None]:
     parts = urlsplit(url)
@@ -473,6 +481,7 @@ class Settings:
 
     falkordb: Endpoint = Endpoint()
     valkey: Endpoint = Endpoint(port=6380)
+    valkey_cluster: bool = False
     openai_api_key: str | None = field(default=None, repr=False)
     openai_base_url: str | None = None
     llm_model: str | None = None
@@ -510,7 +519,8 @@ class Settings:
             raise UsageError(f"MEMORY_GROUP_ID must match {GROUP_ID_RULE.pattern}, got {group_id!r}")
         return cls(
             falkordb=_env_endpoint("falkordb", 6379, FALKORDB_SCHEMES),
-            valkey=_env_endpoint("valkey", 6380, VALKEY_SCHEMES),
+            valkey=(valkey := _env_endpoint("valkey", 6380, VALKEY_SCHEMES)),
+            valkey_cluster=_env_cluster("VALKEY_CLUSTER", valkey),
             openai_api_key=_env_str("OPENAI_API_KEY"),
             openai_base_url=_env_url("OPENAI_BASE_URL"),
             llm_model=_env_str("MEMORY_LLM_MODEL"),
@@ -975,7 +985,7 @@ def _shutdown_telemetry() -> None:
 @dataclass
 class _Clients:
     loop: asyncio.AbstractEventLoop | None = None
-    valkey: redis.asyncio.Redis | None = None
+    valkey: redis.asyncio.Redis | redis.asyncio.RedisCluster | None = None
     falkordb: FalkorDB | None = None
     openai: Any = None  # one AsyncOpenAI client shared by every group's Graphiti
     graphiti: dict[str, Graphiti] = field(default_factory=dict)  # per group
@@ -1028,11 +1038,13 @@ def _valkey() -> Any:
 
         s = _settings()
         # RESP2 and no CLIENT SETINFO: the first command on a fresh client is then one round trip.
-        clients.valkey = redis.asyncio.Redis(
-            **s.valkey.client_options(), socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=COMMAND_TIMEOUT_S,
-            retry=Retry(NoBackoff(), 0),  # callers recover on their own: spool, answer uncached, worker retry
-            protocol=2, driver_info=DriverInfo(name=None, lib_version=None), decode_responses=True,
-        )
+        options = dict(**s.valkey.client_options(), socket_connect_timeout=CONNECT_TIMEOUT_S,
+                       socket_timeout=COMMAND_TIMEOUT_S, protocol=2, decode_responses=True,
+                       driver_info=DriverInfo(name=None, lib_version=None))
+        if s.valkey_cluster:  # redis-py follows MOVED / ASK and a failover with its own retries
+            clients.valkey = redis.asyncio.RedisCluster(**options)
+        else:  # callers recover on their own: spool, answer uncached, worker retry
+            clients.valkey = redis.asyncio.Redis(**options, retry=Retry(NoBackoff(), 0))
     return clients.valkey
 
 
