@@ -67,6 +67,19 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     local.stop()
 
 
+def valkey_services(kind: type, run_dir: Path, what: str) -> Iterator[Any]:
+    """A module's own Valkey-based services beside the session stack (TLS, a cluster): they need
+    Debian's valkey-server and valkey-cli; without them the module is skipped, never in CI."""
+    import shutil
+
+    if not (shutil.which("valkey-server") and shutil.which("valkey-cli")) and not os.environ.get("CI"):
+        pytest.skip(f"{what} needs Debian's valkey-server and valkey-cli (local/install-valkey.sh); CI has them")
+    services = kind(run_dir)
+    services.start()
+    yield services
+    services.stop()
+
+
 def pytest_report_header() -> list[str]:
     import shutil
 

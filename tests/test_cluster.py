@@ -6,24 +6,17 @@ stand-in and the local B2 endpoint are the session's.
 """
 
 import itertools
-import os
-import shutil
 
 import pytest
 import redis
 
-from conftest import Memory, stop
+from conftest import Memory, stop, valkey_services
 from stack import ValkeyCluster
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    if shutil.which("valkey-cli") is None and not os.environ.get("CI"):
-        pytest.skip("a cluster needs Debian's valkey-server and valkey-cli (local/install-valkey.sh); CI has them")
-    nodes = ValkeyCluster(tmp_path_factory.mktemp("cluster"))
-    nodes.start()
-    yield nodes
-    nodes.stop()
+    yield from valkey_services(ValkeyCluster, tmp_path_factory.mktemp("cluster"), "a cluster")
 
 
 def on_cluster(memory: Memory, cluster: ValkeyCluster, group: str) -> Memory:

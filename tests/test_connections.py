@@ -6,13 +6,12 @@ certificates made by the stack). The CLI runs against them for real; the OpenAI 
 local B2 endpoint are the session's.
 """
 
-import os
-import shutil
 from urllib.parse import quote
 
 import pytest
 import redis
 
+from conftest import valkey_services
 from stack import SecuredServices
 
 EDIT = "Edited src/server/routes.py to add retry logic around FalkorDB connections in connect_graph()."
@@ -21,12 +20,7 @@ PLAIN = dict.fromkeys(("FALKORDB_HOST", "FALKORDB_PORT", "VALKEY_HOST", "VALKEY_
 
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory):
-    if shutil.which("valkey-server") is None and not os.environ.get("CI"):
-        pytest.skip("TLS needs Debian's valkey-server (local/install-valkey.sh); CI always has it")
-    services = SecuredServices(tmp_path_factory.mktemp("secured"))
-    services.start()
-    yield services
-    services.stop()
+    yield from valkey_services(SecuredServices, tmp_path_factory.mktemp("secured"), "TLS")
 
 
 def over_tls(memory, secured, **changes):
