@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 OPENSPEC := OPENSPEC_TELEMETRY=0 npx --yes @fission-ai/openspec@1.13.2
 
-.PHONY: install valkey browser test spec lint demo stack stack-down bench bench-export bench-queue bench-miss bench-redact bench-mcp bench-recall bench-ingest bench-plugin clean
+.PHONY: install valkey browser test spec lint demo stack stack-down bench bench-export bench-queue bench-miss bench-redact bench-mcp bench-recall bench-ingest bench-plugin bench-bulk clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -76,6 +76,9 @@ bench-recall: install
 
 bench-ingest: install
 	$(PY) local/bench_ingest.py
+
+bench-bulk: install
+	$(PY) local/bench_bulk.py
 
 clean: stack-down
 	rm -rf $(VENV) .stack .stack.env

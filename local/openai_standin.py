@@ -271,8 +271,11 @@ def answer_edge_timestamps(prompt: str) -> dict:
 
 
 def answer_batch_timestamps(prompt: str) -> dict:
-    facts = parse_listing(section(prompt, "FACTS"))
-    return {"timestamps": [{"valid_at": None, "invalid_at": None} for _ in facts]}
+    """As the prompt asks for an ongoing fact: valid from its own reference time (answering null,
+    as before, made graphiti ask again per fact: requests a model that follows the prompt does not cause)."""
+    facts = [f for f in parse_listing(section(prompt, "FACTS")) if isinstance(f, dict)]
+    return {"timestamps": [{"valid_at": None if f.get("reference_time") in (None, "unknown") else f["reference_time"],
+                            "invalid_at": None} for f in facts]}
 
 
 def answer_summaries(prompt: str) -> dict:
