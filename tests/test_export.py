@@ -766,8 +766,8 @@ def test_answers_and_entities_are_byte_identical_after_export_wipe_restore(memor
     memory.ok("restore", str(document))
 
     after_answers = answers()  # restore invalidated the cache: these are fresh searches
-    differing = [q for q, a, b in zip(TIE_QUESTIONS, before_answers, after_answers, strict=True) if a != b]
-    assert differing == []
+    differing = [(q, a, b) for q, a, b in zip(TIE_QUESTIONS, before_answers, after_answers, strict=True) if a != b]
+    assert differing == [], "\n\n".join(f"{q!r}\nbefore:\n{a}after:\n{b}" for q, a, b in differing)
     assert memory.entities() == before_entities
     assert sum(a.count("\n- ") >= 2 for a in before_answers) >= 20  # most answers rank three facts or more
 
