@@ -2462,6 +2462,11 @@ EPISODES = _Kind("episode", "MATCH (x:Episodic)", "MATCH (x:Episodic)", "x.conte
                  "x.content AS text, x.valid_at AS valid_at, NULL AS invalid_at, [x.uuid] AS episodes")
 
 
+def _window_where(kind: _Kind, window: _Window) -> str:
+    where = kind.filters(window).removeprefix(" AND ")
+    return f" WHERE {where}" if where else ""
+
+
 async def _corpus_statistics(graph: Any, kind: _Kind, where: str, window: _Window, at: str) -> tuple[int, float]:
     """(texts, their average length) of one kind in the window: a scan of every text (20 ms at
     20,000 facts), so cached under the group's generation, which every change of the graph bumps."""
@@ -2483,8 +2488,7 @@ async def _bm25(graph: Any, kind: _Kind, terms: list[str], window: _Window, at: 
     index finds which texts hold a term (stemmed); a term counts once per text."""
     if not terms:
         return []
-    where = kind.filters(window).removeprefix(" AND ")
-    where = f" WHERE {where}" if where else ""
+    where = _window_where(kind, window)
     documents, average_length = await _corpus_statistics(graph, kind, where, window, at)
     if not documents:
         return []
@@ -2508,19 +2512,23 @@ async def _bm25(graph: Any, kind: _Kind, terms: list[str], window: _Window, at: 
 
 async def _nearest(graph: Any, kind: _Kind, vector: list[float], window: _Window, at: str) -> list[tuple[float, str]]:
     """(similarity, uuid) of the best RECALL_CANDIDATES at MIN_SIMILARITY or more, equal scores
-    ordered by text. Candidates come from the group's vector index, VECTOR_CANDIDATES of them (its
-    distances are exact; only which items it finds is approximate, and with fewer items than that
-    it finds them all); a graph without the index (older, or written by other means) is scanned."""
+    ordered by text. Up to VECTOR_CANDIDATES items in the window are scanned (exact, and the same
+    after a restore); beyond that the candidates come from the group's vector index, VECTOR_CANDIDATES
+    of them (its distances are exact; which items it finds is approximate: FalkorDB's HNSW can miss
+    items, FalkorDB issue 1710, so an index built anew by a restore may find others). A graph without
+    the index (older, or written by other means) is scanned."""
     rank = f"WHERE score >= $floor{kind.filters(window)} RETURN score, x.uuid ORDER BY score DESC, {kind.text}, x.uuid "
     params = {"vector": vector, "at": at, "limit": RECALL_CANDIDATES, "floor": MIN_SIMILARITY, "k": VECTOR_CANDIDATES}
+    scan = (f"{kind.match} WHERE {kind.vector} IS NOT NULL "
+            f"WITH x, (2 - vec.cosineDistance({kind.vector}, vecf32($vector))) / 2 AS score {rank}LIMIT $limit")
+    documents, _ = await _corpus_statistics(graph, kind, _window_where(kind, window), window, at)
+    if documents <= VECTOR_CANDIDATES:
+        return [(score, uid) for score, uid in (await graph.ro_query(scan, params)).result_set]
     try:
         rows = (await graph.ro_query(f"{kind.vector_call} WITH x, (2 - distance) / 2 AS score {rank}LIMIT $limit",
                                      params)).result_set
     except _response_error():  # no vector index on this graph
-        rows = (await graph.ro_query(
-            f"{kind.match} WHERE {kind.vector} IS NOT NULL "
-            f"WITH x, (2 - vec.cosineDistance({kind.vector}, vecf32($vector))) / 2 AS score {rank}LIMIT $limit",
-            params)).result_set
+        rows = (await graph.ro_query(scan, params)).result_set
     return [(score, uid) for score, uid in rows]
 
 
