@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 OPENSPEC := OPENSPEC_TELEMETRY=0 npx --yes @fission-ai/openspec@1.13.2
 
-.PHONY: install valkey browser test spec lint demo stack stack-down bench bench-export bench-queue bench-miss bench-redact bench-mcp bench-recall bench-ingest bench-plugin bench-bulk clean
+.PHONY: install valkey browser test spec lint demo demo-tls demo-cluster stack stack-down bench bench-export bench-queue bench-miss bench-redact bench-mcp bench-recall bench-ingest bench-plugin bench-bulk clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,13 @@ test: install spec lint
 
 demo: install
 	$(PY) local/demo.py
+
+# The same demo with FalkorDB and Valkey on TLS only with ACL users, or as 3-master clusters.
+demo-tls: install
+	$(PY) local/demo.py --services tls
+
+demo-cluster: install
+	$(PY) local/demo.py --services cluster
 
 stack: install
 	$(PY) local/stack.py up

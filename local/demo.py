@@ -7,10 +7,18 @@ store starts a drainer), shows the queue, waits until the drainer has ingested t
 runs `health`, exports the memory to B2 (the stack's local B2-native endpoint unless B2 credentials
 are set), summarises the spans and metrics that Datadog's test agent and the DogStatsD catcher
 received, and stops everything it started.
+
+  python local/demo.py [--services plain|tls|cluster]
+
+tls: FalkorDB and Valkey on TLS only with ACL users (certificates made by the stack), as managed
+services are; cluster: Valkey Cluster and a FalkorDB cluster, three masters each. Both need
+Debian's valkey-server.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -22,7 +30,7 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
-from stack import ROOT, Stack
+from stack import ROOT, SecuredServices, Stack, ValkeyCluster
 
 MODULE = ROOT / "containers" / "opencode-server" / "graphiti" / "memory_manager.py"
 
@@ -100,39 +108,58 @@ def wait_until_ingested(env: dict[str, str], timeout_s: float = 600) -> float:
         time.sleep(0.5)
 
 
+def graph_and_cache(services: str, run_dir: Path, stack: Stack, started: contextlib.ExitStack) -> tuple[str, dict]:
+    """Where FalkorDB and Valkey are: the stack's own, or TLS-only / clustered ones started here."""
+    if services == "tls":
+        secured = SecuredServices(run_dir / "secured")
+        secured.start()
+        started.callback(secured.stop)
+        return (f"FalkorDB TLS :{secured.ports['falkordb']} (user falkordb), Valkey TLS :{secured.ports['valkey']} "
+                "(user memory, client certificate)"), secured.env()
+    if services == "cluster":
+        cache, graphs = ValkeyCluster(run_dir / "valkey-cluster"), ValkeyCluster(run_dir / "falkordb-cluster", True)
+        for cluster in (cache, graphs):
+            cluster.start()
+            started.callback(cluster.stop)
+        return (f"FalkorDB cluster :{graphs.ports[0]} (3 shards), Valkey Cluster :{cache.ports[0]} (3 masters)",
+                {**cache.env(), "FALKORDB_HOST": "127.0.0.1", "FALKORDB_PORT": str(graphs.ports[0])})
+    return f"FalkorDB :{stack.ports['falkordb']}, {stack.cache_flavour} :{stack.ports['valkey']}", {}
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--services", choices=["plain", "tls", "cluster"], default="plain")
+    args = parser.parse_args()
     mode, openai_env = llm_mode()
     print(f"LLM: {mode}")
-    with tempfile.TemporaryDirectory(prefix="memory-demo-") as run_dir:
+    with tempfile.TemporaryDirectory(prefix="memory-demo-") as run_dir, contextlib.ExitStack() as started:
         stack = Stack(Path(run_dir))
         stack.start()
-        try:
-            b2_target, b2_env = b2_mode(stack)
-            keep_b2 = b2_env or {k: v for k, v in os.environ.items() if k.startswith("B2_")}
-            env = {**os.environ, **stack.env(), "MEMORY_GROUP_ID": "demo", **openai_env, **keep_b2,
-                   "MEMORY_SPOOL_DIR": str(Path(run_dir) / "spool"), "MEMORY_DRAIN_IDLE": "5"}
-            if openai_env:
-                env.pop("OPENAI_BASE_URL", None)
-                for name in ("MEMORY_LLM_MODEL", "MEMORY_LLM_SMALL_MODEL", "MEMORY_EMBEDDING_MODEL"):
-                    env.pop(name, None)
-            print(f"Stack: FalkorDB :{stack.ports['falkordb']}, {stack.cache_flavour} :{stack.ports['valkey']}"
-                  + ("" if openai_env else f", stand-in :{stack.ports['standin']}"))
-            for content, metadata in EVENTS:
-                _, ms = run(env, "store", "-", metadata, stdin=content)
-                print(f"  ({ms:.0f} ms: queued; the drainer ingests in the background)")
-            run(env, "queue")
-            ingest_s = wait_until_ingested(env)
-            print(f"\nAll {len(EVENTS)} episodes ingested {ingest_s:.1f} s after the last store returned.")
-            _, miss_ms = run(env, "query", QUESTION)
-            _, hit_ms = run(env, "query", QUESTION)
-            run(env, "entities")
-            run(env, "health")
-            print(f"\nExport goes to {b2_target}.")
-            run(env, "export")
-            datadog_summary(stack)
-            print(f"\nquery: cache miss {miss_ms:.0f} ms, cache hit {hit_ms:.0f} ms (whole process)")
-        finally:
-            stack.stop()
+        started.callback(stack.stop)
+        where, services_env = graph_and_cache(args.services, Path(run_dir), stack, started)
+        b2_target, b2_env = b2_mode(stack)
+        keep_b2 = b2_env or {k: v for k, v in os.environ.items() if k.startswith("B2_")}
+        env = {**os.environ, **stack.env(), **services_env, "MEMORY_GROUP_ID": "demo", **openai_env, **keep_b2,
+               "MEMORY_SPOOL_DIR": str(Path(run_dir) / "spool"), "MEMORY_DRAIN_IDLE": "5"}
+        if openai_env:
+            env.pop("OPENAI_BASE_URL", None)
+            for name in ("MEMORY_LLM_MODEL", "MEMORY_LLM_SMALL_MODEL", "MEMORY_EMBEDDING_MODEL"):
+                env.pop(name, None)
+        print(f"Stack: {where}" + ("" if openai_env else f", stand-in :{stack.ports['standin']}"))
+        for content, metadata in EVENTS:
+            _, ms = run(env, "store", "-", metadata, stdin=content)
+            print(f"  ({ms:.0f} ms: queued; the drainer ingests in the background)")
+        run(env, "queue")
+        ingest_s = wait_until_ingested(env)
+        print(f"\nAll {len(EVENTS)} episodes ingested {ingest_s:.1f} s after the last store returned.")
+        _, miss_ms = run(env, "query", QUESTION)
+        _, hit_ms = run(env, "query", QUESTION)
+        run(env, "entities")
+        run(env, "health")
+        print(f"\nExport goes to {b2_target}.")
+        run(env, "export")
+        datadog_summary(stack)
+        print(f"\nquery: cache miss {miss_ms:.0f} ms, cache hit {hit_ms:.0f} ms (whole process)")
 
 
 if __name__ == "__main__":
