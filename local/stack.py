@@ -388,7 +388,7 @@ class SecuredServices:
 @dataclass
 class ValkeyCluster:
     """Valkey Cluster on loopback: three masters, each with a replica that takes over when its
-    master dies (node timeout 1 s), as a managed cluster (ElastiCache Serverless) behaves."""
+    master dies (node timeout 2 s, a margin for a loaded machine), as a managed cluster behaves."""
 
     run_dir: Path
     graphs: bool = False  # with FalkorDB's module: a FalkorDB cluster (a graph is one key: each group on one shard)
@@ -418,7 +418,7 @@ class ValkeyCluster:
                 self.processes[str(port)] = subprocess.Popen(
                     [server, "--bind", "127.0.0.1", "--port", str(port), "--cluster-enabled", "yes",
                      "--cluster-port", str(bus), "--cluster-config-file", "nodes.conf",
-                     "--cluster-node-timeout", "1000", "--cluster-replica-validity-factor", "0",
+                     "--cluster-node-timeout", "2000", "--cluster-replica-validity-factor", "0",
                      "--dir", str(directory), "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
                      "--maxmemory-policy", "volatile-lru", *self._graph_module()],
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
