@@ -279,6 +279,9 @@ def main() -> None:
         print(f"| {name} | {rate(questions, ranking, 5)} | {rate(questions, ranking, 10)} | "
               + " | ".join(rate(questions, ranking, 10, k) for k in KINDS)
               + f" | {at_10 / bm25_at_10:.2f}× |")
+    for scope in scopes:
+        missed = [q.id for q in questions if not hit(found[scope, q.id], q.answers, 10)]
+        print(f"scope {scope}: missed at 10: {', '.join(missed) or 'none'}")
     print()
     for scope in scopes:
         same = sum(found[scope, q.id] == exact[scope, q.id] for q in questions)

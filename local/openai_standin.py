@@ -21,6 +21,7 @@ Control endpoints for tests (not OpenAI's):
   POST /_standin/faults  {"latency_ms": int, "fault": "401"|"429"|"500"|"malformed"|"null"|"hang"|null,
                           "fault_count": int (how many requests get the fault; -1 = all),
                           "fault_for_s": float (the fault ends this many seconds from now; an outage),
+                          "fault_match": str (only requests whose body holds this text get the fault),
                           "record": bool (keep every OpenAI request body for /_standin/requests)}
   POST /_standin/chat    {"script": [{"text": str} | {"tool": name, "arguments": {...}}, ...]}: what
                          the next streamed chat turns answer, in order (a request without tools, such
@@ -153,6 +154,24 @@ def episode_text(prompt: str) -> str:
     return ""
 
 
+EPISODE_HEADER = re.compile(r"^\[Episode (\d+)\] \(timestamp: ([^)\n]*)\)\n", re.M)
+
+
+def episode_sections(text: str) -> list[tuple[int, str | None, str]]:
+    """(index, timestamp, body) of each `[Episode N] (timestamp: ...)` section of a prompt that
+    carries several episodes at once (graphiti's multi-episode extraction), else one (0, None, text)."""
+    heads = list(EPISODE_HEADER.finditer(text))
+    if not heads:
+        return [(0, None, text)]
+    ends = [head.start() for head in heads[1:]] + [len(text)]
+    return [(int(head.group(1)), None if head.group(2) in ("", "unknown") else head.group(2),
+             text[head.end():end].strip()) for head, end in zip(heads, ends, strict=True)]
+
+
+def without_headers(text: str) -> str:
+    return "\n".join(body for _, _, body in episode_sections(text))
+
+
 def sentences(text: str) -> list[str]:
     return [s.strip() for s in SENTENCE_END.split(text) if s.strip()]
 
@@ -173,7 +192,7 @@ def fact_between(sentence: str, source: str, target: str, first: bool, last: boo
     return fact if len(fact.split()) > 2 else sentence
 
 
-def extract_edges(text: str, names: list[str], valid_at: str | None = None) -> list[dict]:
+def extract_edges(text: str, names: list[str], valid_at: str | None = None, index: int = 0) -> list[dict]:
     """valid_at: what graphiti's prompt asks for an ongoing fact (the episode's time), so that, as
     with a model that follows it, graphiti asks no per-fact timestamp question afterwards."""
     edges, seen = [], set()
@@ -189,25 +208,41 @@ def extract_edges(text: str, names: list[str], valid_at: str | None = None) -> l
             edges.append({
                 "source_entity_name": source, "target_entity_name": target,
                 "relation_type": relation_name(fact, source, target), "fact": fact,
-                "valid_at": valid_at, "invalid_at": None, "episode_indices": [0],
+                "valid_at": valid_at, "invalid_at": None, "episode_indices": [index],
             })
     return edges
+
+
+def extract_episode_edges(text: str, names: list[str], reference: str | None) -> list[dict]:
+    """Facts of each episode section, dated by its own timestamp and attributed to it, as the
+    multi-episode prompt asks; the same fact stated in two episodes is given once, with both."""
+    merged: dict[tuple[str, str, str], dict] = {}
+    for index, stamp, body in episode_sections(text):
+        for edge in extract_edges(body, names, stamp or reference, index):
+            key = (edge["source_entity_name"], edge["target_entity_name"], edge["fact"].lower())
+            if key in merged:
+                merged[key]["episode_indices"].append(index)
+            else:
+                merged[key] = edge
+    return list(merged.values())
 
 
 # --- responses by schema name ------------------------------------------------------------------
 
 def answer_extracted_entities(prompt: str) -> dict:
-    text = episode_text(prompt)
     types = parse_listing(section(prompt, "ENTITY TYPES"))
-    return {"extracted_entities": [
-        {"name": name, "entity_type_id": entity_type_id(name, kind, text, types), "episode_indices": [0]}
-        for name, kind in find_entities(text)
-    ]}
+    entities: dict[str, dict] = {}
+    for index, _, body in episode_sections(episode_text(prompt)):
+        for name, kind in find_entities(body):
+            entity = entities.setdefault(name.lower(), {
+                "name": name, "entity_type_id": entity_type_id(name, kind, body, types), "episode_indices": []})
+            entity["episode_indices"].append(index)
+    return {"extracted_entities": list(entities.values())}
 
 
 def answer_extracted_edges(prompt: str) -> dict:
     names = [e.get("name", "") for e in parse_listing(section(prompt, "ENTITIES")) if isinstance(e, dict)]
-    return {"edges": extract_edges(episode_text(prompt), [n for n in names if n], reference_time(prompt))}
+    return {"edges": extract_episode_edges(episode_text(prompt), [n for n in names if n], reference_time(prompt))}
 
 
 def reference_time(prompt: str) -> str | None:
@@ -279,7 +314,7 @@ def answer_batch_timestamps(prompt: str) -> dict:
 
 
 def answer_summaries(prompt: str) -> dict:
-    text = episode_text(prompt) or (section(prompt, "MESSAGES") or "")
+    text = without_headers(episode_text(prompt) or (section(prompt, "MESSAGES") or ""))
     summaries = []
     for entity in parse_listing(section(prompt, "ENTITIES")):
         name = entity.get("name") if isinstance(entity, dict) else None
@@ -446,15 +481,19 @@ class StandIn:
         self.fault: str | None = None
         self.fault_count = 0
         self.fault_until: float | None = None  # monotonic end of a timed outage
+        self.fault_match: str | None = None  # only requests whose body holds this text get the fault
         self.recording = False
         self.recorded: list[str] = []
         self.chat_script: list[dict] = []
 
-    def take_fault(self) -> str | None:
+    def take_fault(self, body: dict) -> str | None:
+        """The fault this request gets, if any (body: the request's, for fault_match)."""
         with self.lock:
             if self.fault_until is not None and time.monotonic() >= self.fault_until:
                 self.fault, self.fault_until = None, None
             if not self.fault or self.fault_count == 0:
+                return None
+            if self.fault_match is not None and self.fault_match not in json.dumps(body):
                 return None
             if self.fault_count > 0:
                 self.fault_count -= 1
@@ -500,7 +539,7 @@ def make_handler(state: StandIn) -> type[BaseHTTPRequestHandler]:
             elif self.path.rstrip("/") in ("/v1/models", "/models"):  # what `health` calls
                 with state.lock:
                     state.counts["models"] += 1
-                if not self.answer_fault(state.take_fault()):
+                if not self.answer_fault(state.take_fault({})):
                     self.send_json(200, {"object": "list", "data": [{"id": "stand-in", "object": "model"}]})
             else:
                 self.send_json(404, {"error": {"message": "not found"}})
@@ -511,7 +550,7 @@ def make_handler(state: StandIn) -> type[BaseHTTPRequestHandler]:
             if path == "/_standin/reset":
                 with state.lock:
                     state.counts.clear()
-                    state.fault, state.fault_count, state.fault_until = None, 0, None
+                    state.fault, state.fault_count, state.fault_until, state.fault_match = None, 0, None, None
                     state.latency_ms = state.default_latency_ms
                     state.recording, state.recorded, state.chat_script = False, [], []
                 return self.send_json(200, {"ok": True})
@@ -526,6 +565,7 @@ def make_handler(state: StandIn) -> type[BaseHTTPRequestHandler]:
                     state.fault_count = int(body.get("fault_count", -1))
                     duration = body.get("fault_for_s")
                     state.fault_until = time.monotonic() + float(duration) if duration else None
+                    state.fault_match = body.get("fault_match")
                     state.recording = bool(body.get("record", state.recording))
                 return self.send_json(200, {"ok": True})
             self.serve_openai(path, body)
@@ -572,7 +612,7 @@ def make_handler(state: StandIn) -> type[BaseHTTPRequestHandler]:
                 latency_ms = state.latency_ms
             if latency_ms:
                 time.sleep(latency_ms / 1000)
-            fault = state.take_fault()
+            fault = state.take_fault(body)
             if self.answer_fault(None if fault == "null" and endpoint != "embeddings" else fault):
                 return
             if endpoint == "embeddings":

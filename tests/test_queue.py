@@ -99,6 +99,86 @@ def test_the_reference_time_is_the_time_of_the_event_not_of_its_ingestion(memory
         assert (created_at - valid_at).total_seconds() > 1.5
 
 
+def drain_all(memory, episodes: int) -> None:
+    worker = memory.worker("drain")
+    try:
+        memory.wait_until_ingested(episodes)
+    finally:
+        stop(worker)
+
+
+def test_a_backlog_is_ingested_in_one_pass_yet_each_event_keeps_its_episode_time_and_facts(memory, standin):
+    queued_only = no_drain(memory)
+    names = [queued_name(queued_only.ok("store", f"Step {i}: Alice edited src/step_{i}.py."))
+             for i in range(4)]
+
+    drain_all(memory, 4)
+
+    stats = standin.stats()  # one extraction of each kind for the four, one embeddings request for their texts
+    assert (stats["responses:ExtractedEntities"], stats["responses:ExtractedEdges"]) == (1, 1), stats
+    episodes = memory.episodes()
+    assert [e["name"] for e in episodes] == names
+    assert len({e["job_id"] for e in episodes}) == 4
+    for i, episode in enumerate(episodes):
+        assert episode["content"] == f"Step {i}: Alice edited src/step_{i}.py."
+        assert datetime.fromisoformat(episode["valid_at"]).replace(tzinfo=None) == name_time(episode["name"])
+        assert memory.cypher(f"MATCH (e:Episodic)-[:MENTIONS]->(:Entity {{name: 'src/step_{i}.py'}}) "
+                             "RETURN e.name") == [[episode["name"]]]
+        [[facts_episodes, valid_at]] = memory.cypher(
+            f"MATCH (e:Episodic {{name: '{episode['name']}'}}), ()-[r:RELATES_TO]->() "
+            f"WHERE r.fact CONTAINS 'src/step_{i}.py' RETURN collect(r.episodes = [e.uuid]), min(r.valid_at)")
+        assert all(facts_episodes) and facts_episodes, facts_episodes
+        assert valid_at.startswith(episode["valid_at"][:19])
+    recalled = memory.ok("query", "--scope", "episodes", "--limit", "4", "Alice edited")
+    assert all(f"Step {i}: Alice edited src/step_{i}.py." in recalled for i in range(4)), recalled
+    names_found = [e["name"] for e in memory.entities()]
+    assert sorted(names_found) == sorted(set(names_found))  # Alice and the like once, not once per event
+
+
+def test_a_later_event_of_a_pass_supersedes_an_earlier_events_fact_as_when_ingested_one_at_a_time(
+        memory, standin):
+    queued_only = no_drain(memory)
+    old = "The Ledger service uses PostgreSQL for accounts."
+    queued_only.ok("store", "--at", "2026-03-01T09:00:00Z", old)
+    new = "The team switched the Ledger service from PostgreSQL to SQLite."
+    queued_only.ok("store", "--at", "2026-03-09T09:00:00Z", new)
+
+    drain_all(memory, 2)
+
+    assert standin.stats()["responses:ExtractedEntities"] == 1
+    current = memory.ok("query", "--scope", "facts", "Ledger PostgreSQL accounts")
+    history = memory.ok("query", "--scope", "facts", "--history", "Ledger PostgreSQL accounts")
+    assert old not in current and "switched the Ledger service from PostgreSQL" in current
+    assert f"- {old} (valid 2026-03-01T09:00:00+00:00 → 2026-03-09T09:00:00+00:00)" in history.splitlines()
+
+
+def test_with_coalescing_off_every_event_is_a_pass_of_its_own(memory, standin):
+    queued_only = no_drain(memory)
+    for i in range(3):
+        queued_only.ok("store", f"Step {i}: Alice edited src/step_{i}.py.")
+
+    drain_all(memory.with_env(MEMORY_COALESCE_EVENTS="1"), 3)
+
+    assert standin.stats()["responses:ExtractedEntities"] == 3
+
+
+def test_one_event_the_model_cannot_handle_is_dead_lettered_alone_and_the_rest_of_its_pass_is_stored_in_order(
+        memory, standin, valkey):
+    queued_only = no_drain(memory)
+    texts = ["Step 0: Alice edited src/step_0.py.", "Step 1: Alice broke src/poison_7f3a.py.",
+             "Step 2: Alice edited src/step_2.py."]
+    names = [queued_name(queued_only.ok("store", text)) for text in texts]
+    standin.faults(fault="malformed", fault_count=-1, fault_match="poison_7f3a")
+
+    drain_all(memory.with_env(MEMORY_MAX_ATTEMPTS="2"), 2)
+
+    assert [e["name"] for e in memory.episodes()] == [names[0], names[2]]
+    row = memory.queue()
+    assert (row["queued"], row["dead_letters"]) == (0, 1)
+    [(_, dead)] = valkey.xrange(f"memory:{{{memory.group}}}:dead")
+    assert (dead["name"], dead["attempts"]) == (names[1], "2")
+
+
 def test_store_wait_times_out_with_one_line_and_the_episode_stays_queued(memory):
     queued_only = no_drain(memory)
 

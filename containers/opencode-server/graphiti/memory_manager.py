@@ -99,7 +99,7 @@ import uuid
 from collections import defaultdict, deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
@@ -494,6 +494,8 @@ class Settings:
     spool_dir: str = ""
     worker_concurrency: int = 4
     max_attempts: int = 5
+    coalesce_events: int = 8
+    coalesce_chars: int = 8_000
     auto_drain: bool = True
     drain_idle_s: int = 60
     b2_key_id: str | None = None
@@ -533,6 +535,8 @@ class Settings:
             spool_dir=_env_dir("MEMORY_SPOOL_DIR", _default_spool_dir()),
             worker_concurrency=_env_int("MEMORY_WORKER_CONCURRENCY", 4, 1, 64),
             max_attempts=_env_int("MEMORY_MAX_ATTEMPTS", 5, 1, 100),
+            coalesce_events=_env_int("MEMORY_COALESCE_EVENTS", 8, 1, 64),
+            coalesce_chars=_env_int("MEMORY_COALESCE_CHARS", 8_000, 1, 1_000_000),
             auto_drain=_env_bool("MEMORY_AUTO_DRAIN", True),
             drain_idle_s=_env_int("MEMORY_DRAIN_IDLE", 60, 1, 86_400),
             b2_key_id=_env_str("B2_KEY_ID"),
@@ -3162,12 +3166,15 @@ async def _valkey_probe() -> str:
 # === Worker ======================================================================================
 # `worker` (long-running) and `drain` (started by `store` when no worker is alive; exits when idle)
 # run the same loop. A group is served by whoever holds its lease (a Valkey lock renewed while
-# held), one episode at a time, so each group's episodes are ingested in queue order; up to
+# held), one pass at a time, so each group's episodes are ingested in queue order; up to
 # MEMORY_WORKER_CONCURRENCY groups run at once. The lease holder first re-claims the group's oldest
-# pending entry (XAUTOCLAIM: a dead worker's episode), then reads new ones. Before add_episode it
-# looks the job up in the graph: a job id on an Episodic node means stored, so a re-delivered
-# episode is acknowledged, not stored again; an episode of that name without the job id is what a
-# crash in the middle of graphiti's (non-transactional) write leaves, and is removed and redone.
+# pending entries (XAUTOCLAIM: a dead worker's episodes), then reads new ones. A backlog of small
+# events is ingested in one pass (MEMORY_COALESCE_EVENTS): graphiti extracts from all of them in
+# one set of LLM requests, yet each stays its own episode with its own job id, time and facts.
+# Before writing, each job is looked up in the graph: a job id on an Episodic node means stored,
+# so a re-delivered episode is acknowledged, not stored again; an episode of that name without the
+# job id is what a crash in the middle of graphiti's (non-transactional) write leaves, and is
+# removed and redone.
 
 def _entity_types() -> dict[str, type]:
     """Entity types for coding-agent memory. The docstrings are the LLM's classification guide;
@@ -3201,10 +3208,12 @@ RETRY_CAP_S = 15.0             # during a long outage a group retries this often
 AUTH_PAUSE_S = 60.0
 FALKORDB_STRIKES = 3           # FalkorDB lost this many times in a row during one episode: dead letter
 SHUTDOWN_GRACE_S = 8.0         # within Docker's default 10 s stop timeout
+NO_EDGE_TYPES: dict[tuple[str, str], list[str]] = {("Entity", "Entity"): []}  # graphiti's default edge type map
 FIND_EPISODE = ("MATCH (e:Episodic) WHERE e.job_id = $job OR (e.name = $name AND e.job_id IS NULL) "
                 "RETURN e.uuid, e.job_id ORDER BY e.job_id IS NULL LIMIT 1")
-MARK_EPISODE = ("MATCH (e:Episodic {uuid: $uuid}) SET e.job_id = $job, e.queue_id = $queue_id, "
-                "e.metadata = $metadata, e.metadata_raw = $metadata_raw, e.content_embedding = vecf32($embedding)")
+MARK_EPISODES = ("UNWIND $marks AS m MATCH (e:Episodic {uuid: m.uuid}) SET e.job_id = m.job, "
+                 "e.queue_id = m.queue_id, e.metadata = m.metadata, e.metadata_raw = m.metadata_raw, "
+                 "e.content_embedding = vecf32(m.embedding)")
 EMBEDDED_CHARS = 24_000        # of an episode's text, for its own embedding (~6k tokens; the API takes 8k)
 
 
@@ -3252,6 +3261,79 @@ def _backoff_s(failures: int) -> float:
     import random
 
     return random.uniform(0.5, 1.0) * min(RETRY_CAP_S, RETRY_BASE_S * 2 ** max(0, failures - 1))
+
+
+async def _add_episodes(graphiti: Graphiti, group: str, episodes: list[Any]) -> tuple[list, list]:
+    """graphiti's add_episode for several episodes in one pass, returning (entities, facts).
+    graphiti 0.31's stages take a list of episodes (one extraction prompt with an [Episode N]
+    header each, every mention and fact attributed to its own episode and dated by its own time);
+    only add_episode's signature takes one. This is its body, on that list."""
+    from graphiti_core.search.search_utils import RELEVANT_SCHEMA_LIMIT
+    from graphiti_core.utils.datetime_utils import utc_now
+    from graphiti_core.utils.maintenance.node_operations import (
+        extract_attributes_from_nodes,
+        extract_nodes,
+        resolve_extracted_nodes,
+    )
+
+    group, driver, clients = graphiti._resolve_request_scope(group)
+    first, types = episodes[0], _entity_types()
+    previous = await graphiti.retrieve_episodes(first.valid_at, last_n=RELEVANT_SCHEMA_LIMIT, group_ids=[group],
+                                                source=first.source, driver=driver)
+    extracted, mentions = await extract_nodes(clients, episodes, previous, types)
+    nodes, uuid_map, _ = await resolve_extracted_nodes(clients, extracted, first, previous, types)
+    if len(episodes) == 1:
+        facts, new = await _facts_of_one(graphiti, clients, first, extracted, previous, nodes, uuid_map, types)
+    else:
+        facts, new = await _facts_in_order(graphiti, clients, episodes, extracted, previous, nodes, uuid_map, types)
+    entities = await extract_attributes_from_nodes(clients, nodes, episodes, previous, types, edges=new)
+    await graphiti._process_episode_data(episodes, entities, facts, utc_now(), group,
+                                         node_episode_index_map=mentions, clients=clients)
+    return entities, facts
+
+
+async def _facts_of_one(graphiti: Graphiti, clients: Any, episode: Any, extracted: list, previous: list,
+                        nodes: list, uuid_map: dict, types: dict) -> tuple[list, list]:
+    resolved, invalidated, new = await graphiti._extract_and_resolve_edges(
+        episode, extracted, previous, NO_EDGE_TYPES, episode.group_id, None, nodes, uuid_map,
+        entity_types=types, clients=clients)
+    return resolved + invalidated, new
+
+
+async def _facts_in_order(graphiti: Graphiti, clients: Any, episodes: list, extracted: list, previous: list,
+                          nodes: list, uuid_map: dict, types: dict) -> tuple[list, list]:
+    """A pass's facts, extracted at once, then resolved event by event in queue order, each
+    event's saved before the next event's are resolved: graphiti finds a fact's duplicates and
+    the facts it contradicts in the graph, so a later event of the pass can still supersede an
+    earlier one's fact, as when they were ingested one at a time."""
+    from graphiti_core.nodes import create_entity_node_embeddings
+    from graphiti_core.utils.bulk_utils import add_nodes_and_edges_bulk, resolve_edge_pointers
+    from graphiti_core.utils.maintenance.edge_operations import extract_edges, resolve_extracted_edges
+
+    group = episodes[0].group_id
+    extracted_facts, materialized = await extract_edges(clients, episodes, extracted, previous, NO_EDGE_TYPES, group)
+    if materialized:
+        await graphiti._merge_materialized_endpoint_nodes(materialized, episodes[0], previous, types, nodes,
+                                                          uuid_map, clients=clients)
+    facts = resolve_edge_pointers(extracted_facts, uuid_map)
+    # the facts' ends, embedded in one request (the bulk write would ask once per node, in turn)
+    await create_entity_node_embeddings(clients.embedder, [node for node in nodes if node.name_embedding is None])
+    await add_nodes_and_edges_bulk(clients.driver, [], [], nodes, [], clients.embedder)
+    position = {episode.uuid: i for i, episode in enumerate(episodes)}
+    latest: dict[str, Any] = {}  # uuid -> the fact as last resolved (a later event may invalidate it)
+    new: list[str] = []
+    for i, episode in enumerate(episodes):
+        own = [fact for fact in facts if min((position[u] for u in fact.episodes if u in position), default=0) == i]
+        if not own:
+            continue
+        resolved, invalidated, created = await resolve_extracted_edges(clients, own, episode, nodes, {}, NO_EDGE_TYPES)
+        await add_nodes_and_edges_bulk(clients.driver, [], [], [], resolved + invalidated, clients.embedder)
+        latest |= {fact.uuid: fact for fact in resolved + invalidated}
+        new += [fact.uuid for fact in created]
+    return list(latest.values()), [latest[uid] for uid in new]
+
+
+_Entry = tuple[str, dict[str, str]]  # a stream entry: its id and fields
 
 
 @dataclass
@@ -3353,10 +3435,10 @@ class _Worker:
         try:
             await self._ensure_consumer_group(group)
             while not self.stopping.is_set():
-                entry = await self._next_entry(group)
-                if entry is None:
+                entries = await self._next_entries(group)
+                if not entries:
                     return
-                await self._ingest_with_retries(group, *entry)
+                await self._ingest_with_retries(group, entries)
         except _valkey_errors() as exc:
             self._valkey_trouble(exc)
         finally:
@@ -3408,23 +3490,38 @@ class _Worker:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def _next_entry(self, group: str) -> tuple[str, dict[str, str]] | None:
-        """The group's oldest pending entry (left by a dead or stopped worker), else the next new one."""
-        valkey, episodes = _valkey(), _group_key(group, "episodes")
+    async def _next_entries(self, group: str) -> list[_Entry]:
+        """The group's next entries in queue order, as many as one pass takes: pending ones first
+        (left by a dead or stopped worker, or by the last pass), then new ones. Those read but not
+        taken stay pending, for the next pass."""
+        valkey, episodes, most = _valkey(), _group_key(group, "episodes"), self.s.coalesce_events
         _, claimed, *_ = await valkey.xautoclaim(episodes, CONSUMER_GROUP, self.id, min_idle_time=0,
-                                                 start_id="0-0", count=1)
-        if claimed:
-            return claimed[0]
-        fresh = await valkey.xreadgroup(CONSUMER_GROUP, self.id, {episodes: ">"}, count=1)
-        return fresh[0][1][0] if fresh and fresh[0][1] else None
+                                                 start_id="0-0", count=most)
+        entries = list(claimed)
+        if len(entries) < most:
+            fresh = await valkey.xreadgroup(CONSUMER_GROUP, self.id, {episodes: ">"}, count=most - len(entries))
+            entries += fresh[0][1] if fresh and fresh[0][1] else []
+        return self._one_pass(entries)
 
-    async def _ingest_with_retries(self, group: str, entry_id: str, fields: dict[str, str]) -> None:
-        """Ingest until stored or dead-lettered; a stop leaves the entry pending for the next worker.
+    def _one_pass(self, entries: list[_Entry]) -> list[_Entry]:
+        """The leading entries whose text fits MEMORY_COALESCE_CHARS together (at least one)."""
+        taken, chars = entries[:1], len(entries[0][1]["content"]) if entries else 0
+        for entry in entries[1:]:
+            chars += len(entry[1]["content"])
+            if chars > self.s.coalesce_chars:
+                break
+            taken.append(entry)
+        return taken
+
+    async def _ingest_with_retries(self, group: str, entries: list[_Entry]) -> None:
+        """Ingest until stored or dead-lettered; a stop leaves the entries pending for the next worker.
         FalkorDB going away while this very episode was in flight, FALKORDB_STRIKES times, sets it
         aside: an episode whose queries crash the server would otherwise knock a restarted FalkorDB
         over forever and hold up the group's queue behind it. Other failures in between neither
         count nor clear a strike (they do not show the episode harmless), and the count lives in
-        Valkey, so a worker that takes the entry over goes on counting."""
+        Valkey, so a worker that takes the entry over goes on counting. A pass of several events
+        that fails for what is in it (not an outage) goes on with its first event alone, the rest
+        left pending: whichever event is at fault is then set aside alone."""
         failures = strikes = 0
         while not self.stopping.is_set():
             before = await _falkordb_run_id(group)
@@ -3433,15 +3530,21 @@ class _Worker:
                 await self._pause(_backoff_s(failures))
                 continue
             try:
-                await self._ingest(group, entry_id, fields)
+                await self._ingest(group, entries)
                 return
             except Exception as exc:  # noqa: BLE001 - every failure is classified below, none escapes
                 _forget_indices(group)
                 kind = _failure_kind(exc)
                 failures += 1
-                if kind == "transient" and await _falkordb_run_id(group) != before:
-                    strikes = await self._strike(group, fields["job"], strikes)
-                detail = await self._record_error(group, fields["job"], exc, kind)
+                struck = kind == "transient" and await _falkordb_run_id(group) != before
+                if struck:  # against every job in flight: any of them may be what knocked it over
+                    counts = [await self._strike(group, fields["job"], strikes) for _, fields in entries]
+                    strikes = counts[0]
+                detail = await self._record_error(group, entries[0][1]["job"], exc, kind)
+            together = len(entries) > 1
+            if together and (struck or kind in ("input", "internal")):
+                entries = entries[:1]
+            entry_id, fields = entries[0]
             if strikes >= FALKORDB_STRIKES:
                 _emit("ingest.falkordb_strikes", 1, "c", group=group)
                 detail = (f"falkordb at {self.s.falkordb_address} stopped answering {strikes} times "
@@ -3457,6 +3560,8 @@ class _Worker:
             elif kind == "transient":
                 _emit("ingest.retries", 1, "c", group=group, reason="transient")
                 await self._pause(_backoff_s(failures))
+            elif together:  # which event is at fault is not known: no attempt counted; at once, alone
+                _emit("ingest.retries", 1, "c", group=group, reason=kind)
             else:
                 attempts = await _valkey().hincrby(_group_key(group, "attempts"), fields["job"], 1)
                 if attempts >= self.s.max_attempts:
@@ -3465,22 +3570,26 @@ class _Worker:
                 _emit("ingest.retries", 1, "c", group=group, reason=kind)
                 await self._pause(_backoff_s(attempts))
 
-    async def _ingest(self, group: str, entry_id: str, fields: dict[str, str]) -> None:
-        async with _operation("ingest", group=group, **{"memory.job": fields["job"],
-                                                      "memory.episode": fields["name"]}) as op:
-            fields = await self._redacted(fields)
+    async def _ingest(self, group: str, entries: list[_Entry]) -> None:
+        first = entries[0][1]
+        async with _operation("ingest", group=group, **{"memory.job": first["job"], "memory.episode": first["name"],
+                                                      "memory.events": len(entries)}) as op:
+            entries = [(entry_id, await self._redacted(fields)) for entry_id, fields in entries]
             graphiti = await _graphiti(group)
             async with _graph_writes(group):
                 await _ensure_indices(group)
-                stored = await self._stored_episode(group, fields)
-                if stored is None:
-                    await self._add_episode(graphiti, group, entry_id, fields)
-                else:
+                new = [(entry_id, fields) for entry_id, fields in entries
+                       if await self._stored_episode(group, fields) is None]
+                if new:
+                    await self._add_episodes(graphiti, group, new)
+                if len(new) < len(entries):
                     op.set(**{"ingest.duplicate": True})
-            await _valkey().incr(_group_key(group, "gen"))  # the cache sees it only once it is in the graph
-            await self._finish(group, entry_id, fields["job"], {"status": "stored", "episode": fields["name"]})
-        self.summary.stored += 1
-        log.info("stored %s (job %s) in group %s", fields["name"], fields["job"], group)
+            await _valkey().incr(_group_key(group, "gen"))  # the cache sees them only once they are in the graph
+            for entry_id, fields in entries:
+                await self._finish(group, entry_id, fields["job"], {"status": "stored", "episode": fields["name"]})
+        self.summary.stored += len(entries)
+        for _, fields in entries:
+            log.info("stored %s (job %s) in group %s", fields["name"], fields["job"], group)
 
     @staticmethod
     async def _redacted(fields: dict[str, str]) -> dict[str, str]:
@@ -3507,28 +3616,31 @@ class _Worker:
         await (await _graphiti(group)).remove_episode(episode_uuid)
         return None
 
-    async def _add_episode(self, graphiti: Graphiti, group: str, entry_id: str, fields: dict[str, str]) -> None:
-        from graphiti_core.nodes import EpisodeType
+    async def _add_episodes(self, graphiti: Graphiti, group: str, entries: list[_Entry]) -> None:
+        from graphiti_core.nodes import EpisodeType, EpisodicNode
 
+        now = datetime.now(UTC)  # a microsecond apart: created_at still orders episodes as they were queued
+        episodes = [EpisodicNode(name=fields["name"], group_id=group, labels=[], source=EpisodeType.text,
+                                 content=fields["content"], source_description=EPISODE_SOURCE,
+                                 created_at=now + timedelta(microseconds=i),
+                                 valid_at=datetime.fromisoformat(fields["ref"]))
+                    for i, (_, fields) in enumerate(entries)]
         async with _span("memory.graph.add_episode") as add:
-            # The event's own vector, so recall can find an episode by meaning, not by its facts
-            # alone; asked for beside graphiti's stages, so the episode waits for one request less.
-            embedding = asyncio.ensure_future(graphiti.embedder.create(input_data=[fields["content"][:EMBEDDED_CHARS]]))
+            # Each event's own vector, so recall can find an episode by meaning, not by its facts
+            # alone; asked for beside graphiti's stages, so the pass waits for one request less.
+            texts = [fields["content"][:EMBEDDED_CHARS] for _, fields in entries]
+            embeddings = asyncio.ensure_future(graphiti.embedder.create_batch(texts))
             try:
-                result = await graphiti.add_episode(
-                    name=fields["name"], episode_body=fields["content"], source_description=EPISODE_SOURCE,
-                    reference_time=datetime.fromisoformat(fields["ref"]), source=EpisodeType.text,
-                    group_id=group, entity_types=_entity_types(),
-                )
+                entities, facts = await _add_episodes(graphiti, group, episodes)
             except BaseException:
-                embedding.cancel()
+                embeddings.cancel()
                 raise
-            add.set(**{"memory.entities": len(result.nodes), "memory.facts": len(result.edges)})
-            vector = await embedding
-        await graphiti.driver.execute_query(MARK_EPISODE, uuid=result.episode.uuid, job=fields["job"],
-                                            queue_id=entry_id, embedding=vector,
-                                            metadata=fields.get("metadata") or None,
-                                            metadata_raw=fields.get("metadata_raw") or None)
+            add.set(**{"memory.entities": len(entities), "memory.facts": len(facts)})
+            vectors = await embeddings
+        marks = [{"uuid": episode.uuid, "job": fields["job"], "queue_id": entry_id, "embedding": vector,
+                  "metadata": fields.get("metadata") or None, "metadata_raw": fields.get("metadata_raw") or None}
+                 for episode, (entry_id, fields), vector in zip(episodes, entries, vectors, strict=True)]
+        await graphiti.driver.execute_query(MARK_EPISODES, marks=marks)
 
     async def _finish(self, group: str, entry_id: str, job: str, outcome: dict,
                       dead_letter: dict[str, str] | None = None) -> None:
