@@ -673,3 +673,49 @@ def test_an_unexpected_exception_is_logged_with_its_traceback_and_set_aside_as_i
     assert "was dead-lettered after 2 attempt(s): internal error (a bug, not this episode's fault" in result.stderr
     assert (row["dead_letters"], row["last_error"]["kind"]) == (1, "internal")
     assert "Traceback (most recent call last):" in log and "TypeError" in log
+
+
+def test_an_event_that_once_stalled_the_event_loop_no_longer_holds_up_another_groups_events(memory, standin):
+    """Attack round three, item 1: 156 KB of `--user` with no colon made redaction quadratic (holding the
+    GIL); the lease keeper, starved, abandoned every group's episode in flight, for ever."""
+    from conftest import Memory
+
+    fence = no_drain(memory).with_env(MEMORY_MAX_EPISODE_CHARS="200000")
+    other = Memory(memory.stack, memory.group + "_other", memory.spool_dir).with_env(MEMORY_AUTO_DRAIN="off")
+    try:
+        fence.ok("store", "-", stdin="--user" * 26000)
+        for n in range(3):
+            other.ok("store", f"{EDIT} Run {n}.")
+        log = memory.spool_dir / "stall-worker.log"
+        worker = memory.worker(log=log)
+        try:
+            other.wait_until_ingested(3, timeout_s=120)
+            memory.wait_until_ingested(1, timeout_s=120)
+        finally:
+            stop(worker)
+        assert "abandoning" not in log.read_text()
+    finally:
+        other.forget_queue()
+
+
+def test_an_event_whose_worker_keeps_losing_its_lease_ends_as_a_dead_letter_and_the_queue_flows(
+        memory, standin, valkey):
+    """Abandoning an episode (its lease lost) counts as an attempt, so it cannot be retried for ever."""
+    standin.faults(latency_ms=2000)  # one episode outlasts a lease renewal (every 5 s)
+    attempts = no_drain(memory).with_env(MEMORY_MAX_ATTEMPTS="2")
+    attempts.ok("store", EDIT)
+    lease = f"memory:{{{memory.group}}}:lease"
+    log = memory.spool_dir / "abandon-worker.log"
+    worker = attempts.worker(log=log)
+    try:
+        deadline = time.monotonic() + 150
+        while memory.queue()["dead_letters"] == 0:
+            assert time.monotonic() < deadline, log.read_text()
+            valkey.delete(lease)  # as if the lease had expired and another worker had taken the group
+            time.sleep(0.5)
+    finally:
+        stop(worker)
+
+    [dead] = valkey.xrange(f"memory:{{{memory.group}}}:dead")
+    assert "abandoned while being ingested" in dead[1]["error"]
+    assert log.read_text().count("lost its lease") >= 2

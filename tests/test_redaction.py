@@ -185,7 +185,12 @@ WORST_CASES = {  # shapes that made the quick pass backtrack quadratically (32k 
     "bearer and spaces": "bearer" + " " * 100_000, "authorization": "authorization:" + " " * 100_000,
     "a long flag": "--" + "a" * 100_000, "a long query parameter": "?" + "a" * 100_000,
     "assignments": "a=" * 50_000, "url schemes": "://a" * 25_000, "quoted": "password='" + "a" * 100_000,
+    "user flags without a colon": "--user" * 16_666, "url schemes after a letter": "a://" * 25_000,
+    "jwt prefixes": "eyj" * 33_333,
 }
+# Each shape's own trigger repeated to 100 KB: the shape a pattern is most likely to re-try at every position.
+WORST_CASES.update({f"{kind} trigger {trigger!r} repeated": (trigger * (100_000 // len(trigger)))
+                    for kind, _, triggers, *_ in memory_manager._CREDENTIAL_SHAPES for trigger in triggers})
 
 
 def test_the_quick_pass_is_linear_on_worst_case_shapes_of_100_kb():
@@ -201,3 +206,15 @@ def test_the_quick_pass_is_linear_on_worst_case_shapes_of_100_kb():
 
     # linear: ~5-20 ms each here; quadratic: minutes. The budget leaves room for a loaded machine.
     assert {name: s for name, s in spent.items() if s > 0.5} == {}
+
+
+def test_the_worker_pass_is_linear_on_worst_case_shapes_of_100_kb():
+    """detect-secrets' own patterns are quadratic on a long line of one shape (`a://`: 5 s per 96 KB,
+    holding the GIL, so every group's worker stalled); ~0.3 s each here now."""
+    spent = {}
+    for name, text in WORST_CASES.items():
+        started = time.process_time()
+        memory_manager.redact(text, thorough=True)
+        spent[name] = time.process_time() - started
+
+    assert {name: s for name, s in spent.items() if s > 3.0} == {}

@@ -1491,9 +1491,10 @@ _KEYWORDS = ("pass", "secret", "token", "key", "cred", "pwd", "auth")
 # A pattern runs only when one of its triggers is in the text. Its group `keep` stays in front
 # of the placeholder (a variable's name, a URL's user). Where letter case is part of the shape
 # (AKIA..., an upper-case NAME=), `cased` must also match the original text where the match starts.
-# Repetitions in front of a required word are bounded ({0,8}, {0,100}) and a flag starts only
-# where no dash precedes it: an unbounded \s* or [\w-]* re-tried at every position of a long run
-# is quadratic (32k dashes took 28 s); bounded, 100 KB of any shape takes milliseconds.
+# Every run in front of a required character is bounded ({0,8}, {0,100}, {1,256}) and a flag starts
+# only where no dash precedes it: an unbounded \s*, [\w-]* or [^:]+ re-tried at every position of a
+# long run is quadratic (32k dashes took 28 s; 96 KB of `--user` with no colon 5 s, holding the GIL
+# and so every group's worker); bounded, 100 KB of any shape takes milliseconds.
 _CREDENTIAL_SHAPES = (
     ("private-key", r"(?s)-----begin[a-z0-9 ]{0,30}private key(?: block)?-----.*?"
                     r"(?:-----end[a-z0-9 ]{0,30}private key(?: block)?-----|\Z)", ("private key",)),
@@ -1517,10 +1518,10 @@ _CREDENTIAL_SHAPES = (
     ("sendgrid-key", r"sg\.[a-z0-9_-]{22}\.[a-z0-9_-]{43}(?![a-z0-9_-])", ("sg.",)),
     ("azure-storage-key", r"(?P<keep>accountkey=)[a-z0-9+/]{40,}={0,2}", ("accountkey=",)),
     ("azure-client-secret", r"q~(?<=[a-z0-9_~.-]{3}\dq~)[a-z0-9_~.-]{31,34}", ("q~",)),  # + _LEADS
-    ("jwt", r"eyj[a-z0-9_-]{8,}\.eyj[a-z0-9_-]{8,}\.[a-z0-9_-]{8,}", ("eyj",), r"eyJ[^.]*\.eyJ"),
+    ("jwt", r"eyj(?<![a-z0-9_-]eyj)[a-z0-9_-]{8,}\.eyj[a-z0-9_-]{8,}\.[a-z0-9_-]{8,}", ("eyj",), r"eyJ[^.]*\.eyJ"),
     ("url-password", r"(?P<keep>://(?<=[a-z0-9]://)[^\s:/?#@'\"<>]{1,128}:)" + _NOT_PLACEHOLDER
                      + r"[^\s/?#@'\"<>]{1,256}(?=@[a-z0-9\[])", ("://",)),
-    ("basic-auth", r"(?P<keep>(?:-u(?<=\s-u)|--user)[ =]?[\"']?[^\s:\"'/]+:)" + _NOT_PLACEHOLDER
+    ("basic-auth", r"(?P<keep>(?:-u(?<=\s-u)|--user)[ =]?[\"']?[^\s:\"'/]{1,256}:)" + _NOT_PLACEHOLDER
                    + r"[^\s\"'@]{3,}", (" -u", "--user")),
     ("authorization", r"(?P<keep>authorization[\"']?\s{0,8}[:=]\s{0,8}[\"']?"
                       r"(?:bearer|basic|token|bot|digest|apikey)\s{1,8})"
@@ -1617,38 +1618,71 @@ def _detect_secrets_kind(name: str) -> str:
 
 
 @functools.cache
-def _detect_secrets_plugins() -> dict:
+def _detect_secrets_plugins(keyword: bool) -> dict:
     """detect-secrets' detectors without its two entropy ones: line by line they flag git SHAs,
     hex colours, digests and base64 literals (all 240 events of tests/redaction_corpus.py's
-    ordinary corpus), where a redaction would cost the memory its meaning."""
+    ordinary corpus), where a redaction would cost the memory its meaning. Nor its basic-auth one:
+    its unbounded `://[^{}\\s]+:` is quadratic on a run of `a://` (96 KB: 5 s, holding the GIL), and
+    the quick pass's url-password shape finds the same passwords on bounded runs. Its keyword
+    detector alone (`keyword`), or every other one."""
     from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_class
 
-    entropy = ("Base64HighEntropyString", "HexHighEntropyString")
+    left_out = ("Base64HighEntropyString", "HexHighEntropyString", "BasicAuthDetector")
     plugins: list[type] = list(get_mapping_from_secret_type_to_class().values())
-    names = [plugin.__name__ for plugin in plugins]
-    return {"plugins_used": [{"name": name} for name in names if name not in entropy]}
+    names = [plugin.__name__ for plugin in plugins if plugin.__name__ not in left_out]
+    return {"plugins_used": [{"name": name} for name in names if (name == "KeywordDetector") == keyword]}
 
 
 _DETECT_SECRETS_LOCK = threading.Lock()  # its settings are process-global; the worker scans in threads
+# detect-secrets' own patterns have unbounded runs (`\w*`, `[^\s]+`): quadratic on a long line of one
+# repeated shape (20 KB of `sk-` 1.3 s), so a long line is scanned in overlapping windows: each
+# secret up to the overlap long is whole in one of them. Its keyword detector is worse, quadratic
+# in the window (1 KB of `secret`: 285 ms), so it reads only windows with few of its words; the
+# quick pass's assignment shapes still read them all. Its assignment patterns hold three runs of
+# spaces (`(?: *)(?:=| +)(?: *)`: cubic, 7 s for 1 KB of spaces), so what it reads has every run of
+# white space cut to eight; no secret holds such a run, and values are replaced in the line itself.
+SCAN_WINDOW, SCAN_OVERLAP, KEYWORDS_PER_WINDOW = 1000, 200, 6
+_DETECTOR_KEYWORDS = re.compile(r"(?i)key|pass|pwd|secret|contrase")
+_LONG_SPACE = re.compile(r"\s{9,}")
+
+
+def _scan_windows(line: str) -> list[str]:
+    line = _LONG_SPACE.sub(" " * 8, line)
+    if len(line) <= SCAN_WINDOW:
+        return [line]
+    step = SCAN_WINDOW - SCAN_OVERLAP
+    return [line[start:start + SCAN_WINDOW] for start in range(0, len(line) - SCAN_OVERLAP, step)]
+
+
+def _detected(lines: list[str], keyword: bool) -> list[tuple[int, Any]]:
+    """(line number, detect-secrets' finding) for every window of every line."""
+    from detect_secrets.core.scan import scan_line
+    from detect_secrets.settings import transient_settings
+
+    found = []
+    with transient_settings(_detect_secrets_plugins(keyword)):
+        for number, line in enumerate(lines):
+            for window in _scan_windows(line):
+                if keyword and len(_DETECTOR_KEYWORDS.findall(window)) > KEYWORDS_PER_WINDOW:
+                    continue
+                found.extend((number, secret) for secret in scan_line(window))
+    return found
 
 
 def _redact_thorough(text: str) -> Redacted:
     """The quick pass, then detect-secrets' detectors line by line (vendor tokens the quick pass
     does not know, keyword assignments in more languages). Imports detect-secrets (~120 ms)."""
-    from detect_secrets.core.scan import scan_line
-    from detect_secrets.settings import transient_settings
-
     result = _redact_quick(text)
     lines = result.text.split("\n")
-    with _DETECT_SECRETS_LOCK, transient_settings(_detect_secrets_plugins()):
-        for number, line in enumerate(lines):
-            for secret in scan_line(line):
-                value = secret.secret_value
-                if not value or len(value) < 4 or "REDACTED:" in value or value not in lines[number]:
-                    continue
-                kind = _detect_secrets_kind(secret.type)
-                lines[number] = lines[number].replace(value, _placeholder(kind))
-                result.kinds[kind] = result.kinds.get(kind, 0) + 1
+    with _DETECT_SECRETS_LOCK:
+        found = _detected(lines, keyword=False) + _detected(lines, keyword=True)
+    for number, secret in found:
+        value = secret.secret_value
+        if not value or len(value) < 4 or "REDACTED:" in value or value not in lines[number]:
+            continue
+        kind = _detect_secrets_kind(secret.type)
+        lines[number] = lines[number].replace(value, _placeholder(kind))
+        result.kinds[kind] = result.kinds.get(kind, 0) + 1
     result.text = "\n".join(lines)
     return result
 
@@ -1711,7 +1745,8 @@ def _count_redactions(found: Redacted, stage: str) -> None:
 # Durable writes. Each group has one Valkey Stream, memory:{<group>}:episodes, read through the
 # consumer group `ingest`; entries are acknowledged and then deleted, never trimmed (MAXLEN would
 # drop unacknowledged ones). Per group beside it: `dead` (dead letters), `attempts` (a hash of
-# failed attempts per job, and of FalkorDB losses per job as `<job>:falkordb`), `last_error`,
+# failed attempts per job, of FalkorDB losses per job as `<job>:falkordb`, why it was last abandoned
+# as `<job>:abandoned`), `last_error`,
 # `lease` (the worker that owns the group), `done:<job>` (the outcome, for `store --wait`).
 # Global: memory:groups (every group that ever queued), memory:heartbeat (refreshed by any live
 # worker) and memory:drainer (the drainer-start lease).
@@ -2174,7 +2209,7 @@ async def retry_dead_letters(group: str | None = None) -> int:
                         pipe.xadd(_group_key(name, "episodes"), original)
                         pipe.xdel(_group_key(name, "dead"), entry_id)
                         job = original["job"]
-                        pipe.hdel(_group_key(name, "attempts"), job, f"{job}:falkordb")
+                        pipe.hdel(_group_key(name, "attempts"), job, f"{job}:falkordb", f"{job}:abandoned")
                         await pipe.execute()
                     moved += 1
             heartbeat = await valkey.get(HEARTBEAT_KEY)
@@ -3200,6 +3235,7 @@ def _entity_types() -> dict[str, type]:
 
 
 LEASE_TTL_S = 15               # a killed worker's groups are taken over this fast
+LOOP_LATE_S = 1.0              # the lease keeper woke this late: the event loop was held up, not Valkey
 DRAINER_OUTAGE_S = 120.0       # a drainer waits this long for an unreachable Valkey, then exits
 POLL_S = 0.25
 HEARTBEAT_EVERY_S = 5.0
@@ -3360,6 +3396,7 @@ class _Worker:
         self.auth_failed = False
         self.valkey_warned = False  # warn once per outage
         self.summary = WorkerSummary(self.mode, self.id)
+        self.in_flight: dict[str, list[_Entry]] = {}  # the pass each group is ingesting
 
     async def run(self) -> WorkerSummary:
         loop = asyncio.get_running_loop()
@@ -3448,28 +3485,57 @@ class _Worker:
     async def _keep(self, group: str, lease: Any, server: asyncio.Task | None) -> None:
         """Renew the lease every LEASE_TTL_S / 3. Fencing: a worker that cannot renew it (Valkey
         gone, FalkorDB still there) abandons its episode before the lease can expire, since the
-        worker that takes the group over would otherwise ingest the same job beside it."""
+        worker that takes the group over would otherwise ingest the same job beside it. Staleness
+        is judged by the renewals' own round trips: when the event loop itself was held up (CPU-bound
+        work holding the GIL), the renewal is tried first, and the lock's token check says whether
+        the lease is still ours; only a renewal that fails ends the episode."""
         from redis.exceptions import LockError
 
         renewed = time.monotonic()
         pause = LEASE_TTL_S / 3
         while True:
+            asleep = time.monotonic()
             await asyncio.sleep(pause)
-            if time.monotonic() - renewed > LEASE_TTL_S / 2:
+            blocked = time.monotonic() - asleep - pause  # how long the loop ran late
+            if time.monotonic() - renewed > LEASE_TTL_S / 2 and blocked < LOOP_LATE_S:
                 return self._abandon(group, server, "cannot renew its lease (valkey unreachable)")
             try:
                 await lease.reacquire()
                 renewed, pause = time.monotonic(), LEASE_TTL_S / 3
+                if blocked >= LOOP_LATE_S:
+                    log.warning("warning: %s: event loop blocked %.1f s on group %r; lease renewed in time",
+                                self.id, blocked, group)
             except LockError:  # another worker may be ingesting this group now: stop at once
-                return self._abandon(group, server, "lost its lease")
+                why = f"event loop blocked {blocked:.1f} s and lost its lease" if blocked >= LOOP_LATE_S \
+                    else "lost its lease"
+                return self._abandon(group, server, why)
             except _connection_errors():
                 pause = 1.0  # Valkey blinked, perhaps: the lease outlives a few seconds of it
 
     def _abandon(self, group: str, server: asyncio.Task | None, why: str) -> None:
         log.error("error: %s %s on group %r; abandoning the episode in flight", self.id, why, group)
         _emit("worker.lease_lost", 1, "c", group=group)
+        if self.in_flight.get(group):  # an attempt, so an event that always gets abandoned ends dead-lettered
+            asyncio.ensure_future(self._count_abandoned(group, self.in_flight.pop(group), why))
         if server is not None:
             server.cancel()
+
+    async def _count_abandoned(self, group: str, entries: list[_Entry], why: str) -> None:
+        with contextlib.suppress(*_valkey_errors()):
+            for _, fields in entries:
+                await _valkey().hincrby(_group_key(group, "attempts"), fields["job"], 1)
+                await _valkey().hset(_group_key(group, "attempts"), f"{fields['job']}:abandoned", why)
+
+    async def _abandoned_too_often(self, group: str, entries: list[_Entry]) -> bool:
+        """Dead-letter the pass's first event if abandoning it used up its attempts."""
+        entry_id, fields = entries[0]
+        key = _group_key(group, "attempts")
+        attempts, why = await _valkey().hmget(key, [fields["job"], f"{fields['job']}:abandoned"])
+        if why is None or int(attempts or 0) < self.s.max_attempts:
+            return False
+        await self._dead_letter(group, entry_id, fields, int(attempts),
+                                f"abandoned while being ingested, each time because the worker {why}")
+        return True
 
     async def _release(self, group: str, lease: Any) -> None:
         from redis.exceptions import LockError
@@ -3523,6 +3589,8 @@ class _Worker:
         that fails for what is in it (not an outage) goes on with its first event alone, the rest
         left pending: whichever event is at fault is then set aside alone."""
         failures = strikes = 0
+        if await self._abandoned_too_often(group, entries):
+            return
         while not self.stopping.is_set():
             before = await _falkordb_run_id(group)
             if before is None:  # an outage that began before this attempt: wait, no strike
@@ -3530,9 +3598,11 @@ class _Worker:
                 await self._pause(_backoff_s(failures))
                 continue
             try:
+                self.in_flight[group] = entries
                 await self._ingest(group, entries)
                 return
             except Exception as exc:  # noqa: BLE001 - every failure is classified below, none escapes
+                self.in_flight.pop(group, None)
                 _forget_indices(group)
                 kind = _failure_kind(exc)
                 failures += 1
@@ -3651,7 +3721,7 @@ class _Worker:
                 pipe.xadd(_group_key(group, "dead"), dead_letter)
             pipe.xack(episodes, CONSUMER_GROUP, entry_id)
             pipe.xdel(episodes, entry_id)
-            pipe.hdel(_group_key(group, "attempts"), job, f"{job}:falkordb")
+            pipe.hdel(_group_key(group, "attempts"), job, f"{job}:falkordb", f"{job}:abandoned")
             pipe.lpush(done, json.dumps(outcome))
             pipe.expire(done, JOB_OUTCOME_TTL_S)
             await pipe.execute()
