@@ -1,5 +1,7 @@
 """Requirement: Configuration from the environment (spec: memory-manager / Configuration)."""
 
+from urllib.parse import quote
+
 import pytest
 
 
@@ -46,6 +48,38 @@ def test_a_base_url_with_credentials_is_never_echoed(memory):
 
     assert result.code == 2
     assert "hunter2" not in result.stderr
+
+
+RESERVED_PASSWORD = "Ab/Cnry+q=?x#y"  # generated passwords often hold / and +
+
+
+@pytest.mark.parametrize("variable, value", [
+    ("VALKEY_URL", f"redis://default:{RESERVED_PASSWORD}@127.0.0.1:1"),
+    ("FALKORDB_URL", f"falkor://default:{RESERVED_PASSWORD}@127.0.0.1:1"),
+    ("VALKEY_URL", f"redis://default:{RESERVED_PASSWORD}@127.0.0.1:notaport"),
+    ("OPENAI_BASE_URL", f"http://user:{RESERVED_PASSWORD}@127.0.0.1:1/v1"),
+])
+def test_a_url_password_with_reserved_characters_is_refused_and_never_printed(memory, variable, value):
+    """Attack round three, item 2: `/` ended urlsplit's netloc early and the message printed the rest."""
+    configured = memory.with_env(**{variable: value})
+
+    for command in (["store", "x"], ["query", "anything"], ["health"], ["context", "anything"]):
+        result = configured.run(*command)
+        assert result.code == 2, (command, result.stderr)
+        [line] = result.error_lines
+        assert "percent-encode" in line, line
+        for fragment in ("Cnry", "Ab/", "q=?x", "#y"):
+            assert fragment not in result.stderr + result.stdout, (command, line)
+
+
+def test_a_percent_encoded_url_password_works(memory):
+    valkey = f"redis://default:{quote(RESERVED_PASSWORD, safe='')}@127.0.0.1:{memory.stack.ports['valkey']}"
+    configured = memory.with_env(VALKEY_URL=valkey, VALKEY_PORT=None)
+
+    result = configured.run("query", "anything")
+
+    assert result.code == 0, result.stderr
+    assert "Cnry" not in result.stderr
 
 
 def test_settings_hide_secrets_in_their_repr(monkeypatch):

@@ -330,6 +330,7 @@ def _default_spool_dir() -> str:
 def _env_url(name: str) -> str | None:
     url = _env_str(name)
     if url is not None:
+        _check_userinfo(name, url)
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UsageError(f"{name} must be an http(s) URL, got {_redact_url(url)!r}")
@@ -375,11 +376,22 @@ def _check_b2_realm(realm: str) -> None:
 
 
 def _redact_url(url: str) -> str:
-    """The URL without any user:password part."""
-    parts = urlsplit(url)
-    if "@" in parts.netloc:  # the text after it, as written: a malformed port must not raise here
-        return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    """The URL without anything between `://` and its last `@`. Cut as text, before any parsing: a
+    password holding `/`, `?` or `#` (generated ones often do) ends urlsplit's netloc early, and the
+    rest of the password would be printed as the URL's path."""
+    scheme, separator, rest = url.partition("://")
+    if separator and "@" in rest:
+        return f"{scheme}://{rest.rpartition('@')[2]}"
     return url
+
+
+def _check_userinfo(name: str, url: str) -> None:
+    """A user or password must be percent-encoded: unencoded, `/`, `?` or `#` make the rest of it
+    read as the URL's path, so the client would log in wrong and the message name a wrong port."""
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    if any(reserved in userinfo for reserved in "/?#"):
+        raise UsageError(f"{name}: its user or password holds /, ? or #: percent-encode them (%2F, %3F, %23) "
+                         f"in {_redact_url(url)[:80]!r}")
 
 
 # URL scheme -> TLS on; `unix` is a socket path. The forms each service's clients and hosts hand out.
@@ -456,6 +468,7 @@ def _env_cluster(name: str, endpoint: Endpoint) -> bool:
 
 def _parse_service_url(name: str, url: str, default_port: int,
                        schemes: dict[str, bool]) -> tuple[dict[str, Any], bool, str | None, str | None]:
+    _check_userinfo(name, url)
     parts = urlsplit(url)
     if parts.scheme not in schemes:
         forms = ", ".join(f"{scheme}://" for scheme in schemes)
