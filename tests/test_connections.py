@@ -123,3 +123,20 @@ def test_a_malformed_connection_setting_is_exit_2_naming_it_and_never_its_passwo
     assert (result.code, result.stdout) == (2, "")
     assert result.error_lines == [f"memory-manager: error: {message}"]
     assert "hunter2" not in result.stderr
+
+
+def test_cluster_mode_against_a_plain_valkey_spools_the_event_answers_from_falkordb_and_names_the_address(memory):
+    """Attack round three, item 8: the store exited 1 without spooling, and the line named no address."""
+    clustered = memory.with_env(VALKEY_CLUSTER="on")
+    address = f"127.0.0.1:{memory.stack.ports['valkey']}"
+
+    stored, answered, health = (clustered.run("store", EDIT), clustered.run("query", "anything"),
+                                clustered.run("health"))
+
+    assert stored.code == 0 and stored.stdout.startswith("spooled "), stored.stderr
+    assert f"valkey at {address}: not a cluster node" in stored.stderr
+    assert answered.code == 0 and f"valkey at {address}: not a cluster node" in answered.stderr
+    assert health.code == 1 and "not a cluster node" in health.stdout
+    name = stored.stdout.split()[1]
+    memory.store("Then the cluster setting was fixed.")  # a plain store moves the spool into the queue
+    assert name in [e["name"] for e in memory.episodes()]

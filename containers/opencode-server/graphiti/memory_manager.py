@@ -1288,9 +1288,11 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
 
 
 def _connection_errors() -> tuple[type[BaseException], ...]:
-    from redis.exceptions import ConnectionError, TimeoutError
+    """A service that cannot be used from here. RedisClusterException (not a RedisError) is what a
+    cluster client raises when no node answers as a cluster: a server not in cluster mode included."""
+    from redis.exceptions import ConnectionError, RedisClusterException, TimeoutError
 
-    return (ConnectionError, TimeoutError, OSError, asyncio.TimeoutError)
+    return (ConnectionError, TimeoutError, RedisClusterException, OSError, asyncio.TimeoutError)
 
 
 @contextlib.asynccontextmanager
@@ -1324,6 +1326,8 @@ async def _llm_service() -> AsyncIterator[None]:
 
 
 def _describe(exc: BaseException) -> str:
+    if "Cluster mode is not enabled" in str(exc):
+        return "not a cluster node (cluster mode is not enabled on it): check the *_CLUSTER setting"
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return text or type(exc).__name__
 
