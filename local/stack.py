@@ -3,7 +3,7 @@
 One launcher for the tests, the demo and the benchmarks. `Stack` starts each service as a child
 process, waits until it answers, and stops exactly what it started.
 
-  python local/stack.py up [--env-file .stack.env] [--embeddings hashed|semantic]
+  python local/stack.py up [--env-file .stack.env] [--embeddings hashed|semantic|minilm]
                                                      start in the background, write the env file
   python local/stack.py down                         stop what `up` started
 
@@ -143,7 +143,7 @@ class Stack:
     ports: dict[str, int] = field(default_factory=lambda: free_ports(list(DEFAULT_PORTS)))
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     cache_flavour: str = "valkey"
-    embeddings: str = "hashed"  # the stand-in's: hashed (tests) or semantic (the recall benchmark, the demo)
+    embeddings: str = "hashed"  # the stand-in's: hashed (tests), semantic or minilm (the recall benchmark, the demo)
 
     @property
     def standin_url(self) -> str:
@@ -549,8 +549,9 @@ def main() -> None:
     parser.add_argument("action", choices=["up", "down"])
     parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
     parser.add_argument("--env-file", type=Path, default=ROOT / ".stack.env")
-    parser.add_argument("--embeddings", choices=["hashed", "semantic"], default="hashed",
-                        help="the OpenAI stand-in's embeddings (semantic: wordllama's static word vectors)")
+    parser.add_argument("--embeddings", choices=["hashed", "semantic", "minilm"], default="hashed",
+                        help="the OpenAI stand-in's embeddings (semantic: wordllama's static word vectors; "
+                             "minilm: all-MiniLM-L6-v2, a real sentence-embedding model)")
     args = parser.parse_args()
     if args.action == "up":
         up(args.run_dir, args.env_file, args.embeddings)

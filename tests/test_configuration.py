@@ -53,7 +53,7 @@ def test_a_base_url_with_credentials_is_never_echoed(memory):
 RESERVED_PASSWORD = "Ab/Cnry+q=?x#y"  # generated passwords often hold / and +
 
 
-@pytest.mark.parametrize("variable, value", [
+@pytest.mark.parametrize(("variable", "value"), [
     ("VALKEY_URL", f"redis://default:{RESERVED_PASSWORD}@127.0.0.1:1"),
     ("FALKORDB_URL", f"falkor://default:{RESERVED_PASSWORD}@127.0.0.1:1"),
     ("VALKEY_URL", f"redis://default:{RESERVED_PASSWORD}@127.0.0.1:notaport"),

@@ -196,10 +196,11 @@ def test_the_context_block_is_byte_identical_and_never_exceeds_its_budget(memory
 
     assert block == again == document["context"] + "\n"
     assert -(-len(document["context"].encode()) // 3) == document["estimated_tokens"] <= 100
-    assert block.startswith("Memories relevant to: Billing deploys to Kubernetes\n- event at 2026-03-")
+    assert block.startswith("Memories relevant to: Billing deploys to Kubernetes\n- event 2026-03-")
+    assert re.search(r"^- event 2026-03-\d\d 09:00 UTC: Deploy \d+ of the Billing service", block, re.M)
     assert re.search(r"^\(\d+ more left out: budget of 100 tokens\)$", block, re.M)
     roomy = memory.ok("context", "--budget-tokens", "5000", "Billing deploys to Kubernetes")
-    assert "left out" not in roomy and roomy.count("- event at") == 10
+    assert "left out" not in roomy and roomy.count("- event 2026-03-") == 10
 
 
 def test_a_budget_out_of_range_exits_2(memory):
@@ -226,3 +227,46 @@ def test_the_library_takes_an_event_time_and_recalls_records(memory, monkeypatch
 
     [item] = asyncio.run(run())
     assert (item.kind, item.valid_at, item.text) == ("episode", T1, "Carol moved the Billing cron to 02:00 UTC.")
+
+
+def test_with_the_embeddings_endpoint_down_recall_answers_by_text_with_one_warning(memory, dead_port, monkeypatch):
+    """The stand-in stopped (nothing listens at OPENAI_BASE_URL): BM25 needs no embedding. CLI, MCP
+    and the library answer, exit 0, one warning; that answer is not cached (the next asks again)."""
+    import asyncio
+
+    from mcp import Client
+    from mcp.client.stdio import StdioServerParameters
+
+    import memory_manager
+
+    store_at(memory, T1, "the nightly deploy failed twice because the disk filled up")
+    store_at(memory, T2, "Carol moved the Billing cron to 02:00 UTC")
+    down = memory.with_env(OPENAI_BASE_URL=f"http://127.0.0.1:{dead_port}/v1")
+
+    first, again = (down.run("query", "why did the nightly deploy fail") for _ in range(2))
+
+    for result in (first, again):
+        assert result.code == 0, result.stderr
+        assert result.stdout.startswith(f"- event {T1}: the nightly deploy failed"), result.stdout
+        [warning] = result.error_lines
+        assert re.fullmatch(r"memory-manager: warning: openai at http://127\.0\.0\.1:\d+/v1: .+; "
+                            r"recalling by text alone", warning), warning
+
+    async def over_mcp() -> str:
+        params = StdioServerParameters(command=sys.executable, args=[str(MODULE), "mcp"], env=down.env)
+        async with Client(params, cache=None) as client:
+            result = await client.call_tool("get_context", {"query": "Billing cron"})
+            assert not result.is_error
+            return "".join(getattr(block, "text", "") for block in result.content)
+
+    assert "Carol moved the Billing cron" in asyncio.run(over_mcp())
+
+    for key, value in down.env.items():
+        monkeypatch.setenv(key, value)
+
+    async def in_process() -> list:
+        items = await memory_manager.recall("Billing cron", 3)
+        await memory_manager.close()
+        return items
+
+    assert asyncio.run(in_process())[0].text == "Carol moved the Billing cron to 02:00 UTC"

@@ -1676,7 +1676,7 @@ def _detected(lines: list[str], keyword: bool) -> list[tuple[int, Any]]:
     from detect_secrets.core.scan import scan_line
     from detect_secrets.settings import transient_settings
 
-    found = []
+    found: list[tuple[int, Any]] = []
     with transient_settings(_detect_secrets_plugins(keyword)):
         for number, line in enumerate(lines):
             for window in _scan_windows(line):
@@ -2358,7 +2358,18 @@ async def store_episode(content: str, metadata: dict | str | None = None, *, wai
 RECALL_SCOPES = ("all", "facts", "episodes")
 RECALL_CANDIDATES = 50         # per ranked list (text and vector, facts and episodes) before fusion
 VECTOR_CANDIDATES = 200        # asked of a vector index, re-ranked with the window's filters (bench-miss)
-RRF_K = 60                     # reciprocal rank fusion's constant (Cormack et al. 2009)
+# How the lists are weighed (tuned on the LoCoMo dev set and the project's own corpus, each under
+# wordllama's and all-MiniLM-L6-v2's embeddings; docs/recall.md). A text match counts as the share
+# of the question's words it holds (BM25 over a text holding every word), so a list that matched
+# little says little; a vector match adds at most MEANING_WEIGHT, spread over its list's own range.
+# An equal reciprocal-rank vote for each list drowned the text list (dev set: 55 % found, 66 % for
+# the text list alone): over short memories the nearest vectors are close whatever the question.
+MEANING_WEIGHT = 0.15
+FACT_TEXT_SHARE = 1.5          # of what a fact's text match holds beyond its event's own
+FACT_MEANING_SHARE = 0.75      # of what a fact's vector match holds beyond its event's own
+NEIGHBOUR_SHARE = 0.5          # of an event's score its neighbours in time gain: a reply answers the turn before it
+NEIGHBOUR_SOURCES = 5          # the best events whose neighbours gain
+NEIGHBOUR_WINDOW_S = 3600      # an event's neighbours: the closest before and after it within this
 FACTS_PER_EVENT = 3            # matched facts shown under a recalled event
 MIN_SIMILARITY = 0.6           # (1 + cosine) / 2, graphiti's own floor: below it a vector match is noise
 BM25_K1, BM25_B = 1.2, 0.75
@@ -2384,7 +2395,7 @@ TERM = re.compile(r"[a-z0-9]+")
 @dataclass(frozen=True)
 class Fact:
     """One remembered fact: its text, validity window (ISO 8601; None: unknown / still true), the
-    graph edge's uuid and its search score (reciprocal rank fusion of text and vector search)."""
+    graph edge's uuid and its search score (its text and vector matches weighed together)."""
 
     text: str
     valid_at: str | None
@@ -2399,7 +2410,8 @@ class Recalled:
     event, as it was stored). `valid_at` is when a fact became true, or when the event happened;
     `invalid_at` when a fact stopped being true (None: still true; always None for an episode);
     `episodes` the uuids of the episodes it comes from (an episode: its own); `score` the fused
-    reciprocal-rank score (higher is better; equal scores are ordered by text); `facts` (an event
+    score of its text and vector matches, its facts and its neighbours (higher is better; equal
+    scores are ordered by text); `facts` (an event
     recalled in scope all) the matched facts extracted from it, with their validity."""
 
     kind: str
@@ -2538,9 +2550,10 @@ async def _corpus_statistics(graph: Any, kind: _Kind, where: str, window: _Windo
 
 
 async def _bm25(graph: Any, kind: _Kind, terms: list[str], window: _Window, at: str) -> list[tuple[float, str]]:
-    """(score, uuid) of the best RECALL_CANDIDATES by Okapi BM25 over the group's own texts: IDF
-    and the average length come from the memories themselves, so the ranking is a function of what
-    is stored (identical after a restore), unlike FalkorDB's own fulltext score (issue 1208). The
+    """(score, uuid) of the best RECALL_CANDIDATES by Okapi BM25 over the group's own texts, each
+    score the share of a perfect match's (every word of the question, average length). IDF and the
+    average length come from the memories themselves, so the ranking is a function of what is
+    stored (identical after a restore), unlike FalkorDB's own fulltext score (issue 1208). The
     index finds which texts hold a term (stemmed); a term counts once per text."""
     if not terms:
         return []
@@ -2563,7 +2576,9 @@ async def _bm25(graph: Any, kind: _Kind, terms: list[str], window: _Window, at: 
         scores[uid] += idf * (BM25_K1 + 1) / (1 + BM25_K1 * (1 - BM25_B + BM25_B * length / average_length))
         order[uid] = (opening, valid_at, uid)
     best = sorted(scores, key=lambda uid: (-round(scores[uid], 9), *order[uid]))[:RECALL_CANDIDATES]
-    return [(scores[uid], uid) for uid in best]
+    # As a share of a perfect match: a text of average length holding every word of the question.
+    perfect = sum(math.log(1 + (documents - frequency[term] + 0.5) / (frequency[term] + 0.5)) for term in terms)
+    return [(scores[uid] / perfect, uid) for uid in best]
 
 
 async def _nearest(graph: Any, kind: _Kind, vector: list[float], window: _Window, at: str) -> list[tuple[float, str]]:
@@ -2603,13 +2618,69 @@ async def _details(graph: Any, kind: _Kind, uuids: list[str], fields: str | None
     return {row[0]: dict(zip(names, row, strict=True)) for row in result.result_set}
 
 
-def _fuse(lists: list[list[tuple[float, str]]]) -> dict[str, float]:
-    """Reciprocal rank fusion: each list adds 1 / (RRF_K + rank) to the items it ranks."""
-    fused: dict[str, float] = defaultdict(float)
-    for hits in lists:
-        for rank, (_, uid) in enumerate(hits, start=1):
-            fused[uid] += 1 / (RRF_K + rank)
-    return fused
+def _scaled_meaning(hits: dict[str, float]) -> dict[str, float]:
+    """Similarities of the best RECALL_CANDIDATES spread over their own range: the best 1, the last
+    0, so a list whose scores are flat (every memory about as near) separates nothing for much."""
+    hits = dict(sorted(hits.items(), key=lambda hit: (-hit[1], hit[0]))[:RECALL_CANDIDATES])
+    if not hits:
+        return {}
+    top, bottom = max(hits.values()), min(hits.values())
+    return {uid: (score - bottom) / (top - bottom) if top > bottom else 1.0 for uid, score in hits.items()}
+
+
+def _combined(text: dict[str, float], meaning: dict[str, float]) -> dict[str, float]:
+    combined: dict[str, float] = defaultdict(float, text)
+    for uid, score in _scaled_meaning(meaning).items():
+        combined[uid] += MEANING_WEIGHT * score
+    return combined
+
+
+def _with_fact_evidence(own: dict[str, float], facts: list[tuple[float, str]], records: dict[str, dict],
+                        share: float) -> dict[str, float]:
+    """Each event's own score, raised by what its best fact matched beyond it: a fact that restates
+    the event adds nothing, one that names what the event left implicit (an entity resolved across
+    events) adds `share` of the difference, divided among the events it came from (a greeting that
+    dozens of turns share is weak evidence for each). A fact never lowers an event, and a fact that
+    matches no better than the event's own text cannot move it."""
+    raised = dict(own)
+    for score, uid in facts:
+        sources = (records.get(uid) or {}).get("episodes") or []
+        for episode in sources:
+            base = own.get(episode, 0.0)
+            raised[episode] = max(raised.get(episode, base), base + share * max(0.0, score - base) / len(sources))
+    return raised
+
+
+async def _with_neighbours(graph: Any, scores: dict[str, float]) -> dict[str, float]:
+    """The best events lend part of their score to the event just before and just after each (within
+    NEIGHBOUR_WINDOW_S): in a conversation the answer is often the reply to the turn that matches
+    the question, and an agent's next step follows from the one before."""
+    sources = sorted(scores, key=lambda uid: (-round(scores[uid], 12), uid))[:NEIGHBOUR_SOURCES]
+    times = {uid: at for uid, at in (await graph.ro_query(
+        "MATCH (x:Episodic) WHERE x.uuid IN $uuids RETURN x.uuid, toString(x.valid_at)",
+        {"uuids": sources})).result_set if at}
+    windows = [{"uuid": uid, "lo": _shifted(at, -NEIGHBOUR_WINDOW_S), "hi": _shifted(at, NEIGHBOUR_WINDOW_S)}
+               for uid, at in times.items()]
+    rows = (await graph.ro_query(
+        "UNWIND $windows AS w MATCH (x:Episodic) WHERE x.uuid <> w.uuid AND toString(x.valid_at) >= w.lo "
+        "AND toString(x.valid_at) <= w.hi RETURN w.uuid, x.uuid, toString(x.valid_at)",
+        {"windows": windows})).result_set if windows else []
+    around: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for source, uid, at in rows:
+        around[source].append((at, uid))
+    lifted = defaultdict(float, scores)
+    for source, at in times.items():
+        before = max(((t, u) for t, u in around[source] if (t, u) < (at, source)), default=None)
+        after = min(((t, u) for t, u in around[source] if (t, u) > (at, source)), default=None)
+        for neighbour in (before, after):
+            if neighbour:
+                lifted[neighbour[1]] += NEIGHBOUR_SHARE * scores[source]
+    return lifted
+
+
+def _shifted(iso: str, seconds: float) -> str:
+    """An ISO time moved by `seconds`, written as the stored times are (UTC, isoformat)."""
+    return _utc_iso(datetime.fromisoformat(iso) + timedelta(seconds=seconds))
 
 
 async def _all_or_first_error(searches: list[Any]) -> list[Any]:
@@ -2624,30 +2695,35 @@ async def _all_or_first_error(searches: list[Any]) -> list[Any]:
 
 
 async def _recall(query: str, limit: int, scope: str, window: _Window) -> list[Recalled]:
-    """Text (BM25) and vector (cosine) search over facts and over episodes, fused by reciprocal
-    rank. One embeddings call; no LLM call. Scope `all` ranks events: an event's own two ranks add
-    to its score, and so does the fused score of its best matching fact, divided among the events
-    that fact came from (a fact that dozens of small talk turns share, such as a greeting with two
-    names, is weak evidence for any one of them). Each event then shows its matching facts."""
+    """Text (BM25) and vector (cosine) search over facts and over episodes, weighed together (a text
+    match as the share of the question it holds, a vector match at most MEANING_WEIGHT). One
+    embeddings call; no LLM call; with the embeddings endpoint failing, text alone (one warning).
+    Scope `all` ranks events: a fact raises its events only by what it matched beyond their own
+    text. The best events then lend part of their score to their neighbours in time, and each
+    event shows its matching facts."""
     s = _settings()
     if not await _graph_exists(s.group_id):  # searching would create an empty graph
         return []
-    vector = await _query_embedding(UNSEARCHABLE.sub(" ", query))
+    vector = await _question_vector(query)
     graph = (await _falkordb()).select_graph(s.group_id)
     at = window.as_of or _utc_iso(datetime.now(UTC))
     terms = _query_terms(query)
     kinds = [k for k in (FACTS, EPISODES) if scope in ("all", k.name + "s")]
     async with _service("falkordb", s.falkordb_address):
         ranked = await _all_or_first_error([search for kind in kinds for search in (
-            _bm25(graph, kind, terms, window, at), _nearest(graph, kind, vector, window, at))])
-        facts = _fuse(list(ranked[:2])) if FACTS in kinds else {}
+            _bm25(graph, kind, terms, window, at),
+            _nearest(graph, kind, vector, window, at) if vector is not None else _no_hits())])
+        fact_text, fact_meaning = ranked[:2] if FACTS in kinds else ([], [])
+        facts = _combined({u: x for x, u in fact_text}, {u: x for x, u in fact_meaning})
         fact_records = await _details(graph, FACTS, list(facts))
         if scope == "facts":
             return _ranked_items("fact", fact_records, facts, limit)
-        events = _fuse(list(ranked[-2:]))
-        if scope == "all":
-            for episode, evidence in _fact_evidence(facts, fact_records).items():
-                events[episode] += evidence
+        with_facts = scope == "all"
+        text = _with_fact_evidence({u: x for x, u in ranked[-2]}, fact_text, fact_records,
+                                   FACT_TEXT_SHARE * with_facts)
+        meaning = _with_fact_evidence({u: x for x, u in ranked[-1]}, fact_meaning, fact_records,
+                                      FACT_MEANING_SHARE * with_facts)
+        events = await _with_neighbours(graph, _combined(text, meaning))
         keys = await _details(graph, EPISODES, list(events), "coalesce(x.valid_at, '') AS at, "
                               "left(x.content, 200) AS opening")
         best = sorted(keys, key=lambda u: (-round(events[u], 12), keys[u]["opening"], keys[u]["at"], u))[:limit]
@@ -2659,19 +2735,30 @@ async def _recall(query: str, limit: int, scope: str, window: _Window) -> list[R
     return sorted(items + _ranked_items("fact", orphans, facts, limit), key=_rank_order)[:limit]
 
 
+async def _no_hits() -> list[tuple[float, str]]:
+    return []
+
+
+# Set when a recall answered by text alone: that answer is not cached, so the next question after
+# the endpoint is back gets the full recall.
+_TEXT_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("memory_text_only", default=False)
+
+
+async def _question_vector(query: str) -> list[float] | None:
+    """The question's embedding, or None (recall by text alone, one warning) when the embeddings
+    endpoint fails: BM25 needs no embedding, and an answer from it beats none."""
+    try:
+        return await _query_embedding(UNSEARCHABLE.sub(" ", query))
+    except ServiceError as exc:
+        if exc.service != "openai":
+            raise
+        log.warning("warning: %s; recalling by text alone", exc)
+        _TEXT_ONLY.set(True)
+        return None
+
+
 def _rank_order(item: Recalled) -> tuple:
     return (-round(item.score, 12), item.text, item.valid_at or "", item.uuid)
-
-
-def _fact_evidence(facts: dict[str, float], records: dict[str, dict]) -> dict[str, float]:
-    """Per event, the fused score of its best matching fact, shared among that fact's events: the
-    best, not the sum, or an event would gain rank for producing many facts."""
-    evidence: dict[str, float] = defaultdict(float)
-    for uid, score in facts.items():
-        sources = (records.get(uid) or {}).get("episodes") or []
-        for episode in sources:
-            evidence[episode] = max(evidence[episode], score / len(sources))
-    return evidence
 
 
 def _ranked_items(kind: str, records: dict[str, dict], scores: dict[str, float], limit: int) -> list[Recalled]:
@@ -2773,9 +2860,10 @@ async def _cached_answer(op: _Span, search_query: str, limit: int, scope: str = 
         if slot is not None:
             _emit("cache_miss", 1, "c", operation="query", group=group)
         async with _span("memory.graph.search") as search:
+            _TEXT_ONLY.set(False)
             answer = _Answer.of(await _recall(search_query, limit, scope, window))
-            search.set(**{"memory.results": answer.count()})
-        if slot is not None:
+            search.set(**{"memory.results": answer.count(), "memory.text_only": _TEXT_ONLY.get()})
+        if slot is not None and not _TEXT_ONLY.get():
             async with _span("memory.cache.write"):
                 await _cache_store(slot, answer.encode())
     op.set(**{"memory.results": answer.count()})
@@ -2819,7 +2907,15 @@ def _context_line(item: Recalled) -> str:
     text = text if len(text) <= CONTEXT_EVENT_CHARS else text[:CONTEXT_EVENT_CHARS - 1] + "…"
     facts = "".join(f"\n  fact: {f.text} (true from {f.valid_at or '?'} until {f.invalid_at or 'now'})"
                     for f in _new_facts(item))
-    return f"- event at {item.valid_at or '?'}: {text}{facts}"
+    return f"- event {_short_time(item.valid_at)}: {text}{facts}"
+
+
+def _short_time(valid_at: str | None) -> str:
+    """When an event happened, to the minute, in UTC: a prompt needs the date, not the offset's
+    bytes (each line of the block is budgeted)."""
+    if not valid_at:
+        return "at an unknown time"
+    return datetime.fromisoformat(valid_at).astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 async def context(search_query: str, budget_tokens: int = CONTEXT_BUDGET_TOKENS, *, scope: str = "all",
@@ -3414,6 +3510,7 @@ class _Worker:
         self.valkey_warned = False  # warn once per outage
         self.summary = WorkerSummary(self.mode, self.id)
         self.in_flight: dict[str, list[_Entry]] = {}  # the pass each group is ingesting
+        self.counting: set[asyncio.Future] = set()  # abandoned passes' attempts being written
 
     async def run(self) -> WorkerSummary:
         loop = asyncio.get_running_loop()
@@ -3533,7 +3630,9 @@ class _Worker:
         log.error("error: %s %s on group %r; abandoning the episode in flight", self.id, why, group)
         _emit("worker.lease_lost", 1, "c", group=group)
         if self.in_flight.get(group):  # an attempt, so an event that always gets abandoned ends dead-lettered
-            asyncio.ensure_future(self._count_abandoned(group, self.in_flight.pop(group), why))
+            counting = asyncio.ensure_future(self._count_abandoned(group, self.in_flight.pop(group), why))
+            self.counting.add(counting)
+            counting.add_done_callback(self.counting.discard)
         if server is not None:
             server.cancel()
 
