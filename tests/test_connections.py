@@ -106,7 +106,7 @@ def test_valkey_by_unix_socket_with_its_acl_user_queues_and_reports(memory, secu
     ({"VALKEY_URL": "memcached://cache:11211"},
      "VALKEY_URL must start with redis://, rediss://, valkey://, valkeys://, unix://, got 'memcached://cache:11211'"),
     ({"VALKEY_URL": "valkeys://user:hunter2@cache:port"}, "VALKEY_URL has a malformed port: 'valkeys://cache:port'"),
-    ({"FALKORDB_URL": "falkors://:hunter2@"}, "FALKORDB_URL needs a host: 'falkors:'"),
+    ({"FALKORDB_URL": "falkors://:hunter2@"}, "FALKORDB_URL needs a host: 'falkors://'"),
     ({"VALKEY_URL": "unix://"}, "VALKEY_URL: a unix:// URL needs the socket's path (unix:///run/valkey.sock)"),
     ({"FALKORDB_TLS_CA_FILE": "/nonexistent/ca.crt"}, "FALKORDB_TLS_CA_FILE: no such file /nonexistent/ca.crt"),
     ({"VALKEY_TLS_CA_FILE": __file__},

@@ -184,6 +184,10 @@ BAD_NODES = {
     "label-with-a-newline": lambda node: node.update(labels=["Entity\n"]),
     "nul-in-a-property-name": lambda node: node["properties"].update({"na\0me": "x"}),
     "embeddings-as-a-list": lambda node: node.update(embeddings=[]),
+    # attack round three, item 10: restored, the next export wrote invalid JSON / another group's node
+    "nan-property": lambda node: node["properties"].update(weight=float("nan")),
+    "infinity-property": lambda node: node["properties"].update(weight=float("-inf")),
+    "another-groups-node": lambda node: node["properties"].update(group_id="someone_else"),
 }
 
 
@@ -211,6 +215,9 @@ def change_first_node(text: str, change) -> str:
     ("label-with-a-newline", "invalid label or relationship type"),
     ("nul-in-a-property-name", "an invalid property name (letters, digits and _ only)"),
     ("embeddings-as-a-list", "embeddings must be an object of base64 vectors"),
+    ("nan-property", "a non-finite number (NaN or Infinity)"),
+    ("infinity-property", "a non-finite number (NaN or Infinity)"),
+    ("another-groups-node", "a node whose group_id is not its group's"),
 ])
 def test_restore_of_a_bad_document_exits_2_and_leaves_the_graph_untouched(memory, empty_falkordb, tmp_path,
                                                                         how, message):

@@ -297,3 +297,19 @@ def test_erase_with_a_service_down_is_exit_1_naming_it_and_removes_nothing(memor
     assert len(result.error_lines) == 1 and result.error_lines[0].startswith(
         f"memory-manager: error: {service} at 127.0.0.1:{dead_port}: "), result.stderr
     assert memory.graph_counts() == before and memory.ok("query", "who edited retry.py") == answer
+
+
+def test_erase_removes_only_the_drainer_log_lines_of_that_group(memory):
+    """Attack round three, item 9: `erase --group proj` removed proj2's lines; `--group e` emptied the log."""
+    log = memory.spool_dir / "drainer.log"
+    other = f"{memory.group}2"
+    lines = [f"memory-manager: stored episode_1 (job 1) in group {memory.group}\n",
+             f"memory-manager: error: w1 lost its lease on group '{memory.group}'; abandoning the episode in flight\n",
+             f"memory-manager: stored episode_2 (job 2) in group {other}\n",
+             "memory-manager: drain w1 started: concurrency 4, max attempts 5, redaction on\n"]
+    log.write_text("".join(lines))
+    log.chmod(0o600)
+
+    memory.ok("erase", "--group", memory.group, "--yes")
+
+    assert log.read_text() == "".join(lines[2:])

@@ -91,3 +91,12 @@ def test_the_page_is_offline_and_stored_markup_stays_text(stored, tmp_path):
     assert "default-src 'none'" in source
     assert "\\u003cimg src=x" in source  # the stored tag is in the page's data, escaped
     assert "<img" not in dom.split("<body>", 1)[1]  # the stored tag is shown as text, never made an element
+
+
+def test_the_page_is_readable_by_its_owner_only_as_an_export_is(stored, tmp_path):
+    """Attack round three, item 11: the page holds the memories' text and was written 0644."""
+    page = tmp_path / "memory.html"
+
+    stored.ok("graph", "--html", str(page))
+
+    assert page.stat().st_mode & 0o777 == 0o600

@@ -184,6 +184,9 @@ def test_stdio_tools_store_recall_list_and_delete_with_the_cli_s_results(memory)
     ("correct_fact", {"uuid": "00000000-0000-4000-8000-000000000000", "fact": ""}, "the corrected fact is empty"),
     ("delete_entity_edge", {"uuid": "x"}, "a fact is named by its uuid"),
     ("clear_graph", {"group_ids": ["someone-else"]}, "group_ids 'someone-else' refused"),
+    # attack round three, item 7: a name with a newline forged log lines; a 3 MB one filled the log
+    ("get_context", {"query": "x", "group_ids": ["a\nwarning: forged"]}, "is not a group name"),
+    ("get_context", {"query": "x", "group_ids": ["g" * 3_000_000]}, f"{'g' * 64!r} is not a group name"),
 ], ids=lambda value: value if isinstance(value, str) and len(value) < 25 else None)
 def test_a_refused_argument_is_a_tool_error_and_the_server_keeps_answering(memory, tool, arguments, message):
     async def scenario() -> tuple[Any, Any]:
@@ -259,6 +262,7 @@ def test_one_http_server_serves_two_tokens_each_only_within_its_groups(memory):
                     "beta_adds_to_spare": await call(beta, "add_memory", content="Spare note.", group_id=spare),
                     "beta_two_groups": await beta.call_tool("search_memory_facts", {
                         "query": "CI", "group_ids": [other.group, spare]}),
+                    "alpha_status": await call(alpha, "get_status"),
                 }
 
         got = run(scenario())
@@ -276,6 +280,10 @@ def test_one_http_server_serves_two_tokens_each_only_within_its_groups(memory):
     assert got["beta_reads_own_uuid"].structured_content["content"] == theirs["content"]
     assert got["beta_adds_to_spare"].structured_content["group"] == spare
     assert text_of(got["beta_two_groups"]).endswith(": give one group per call (group_ids names 2)")
+    # attack round three, item 4: a token's status named every group with work, dead letters and errors
+    status = json.dumps(got["alpha_status"].structured_content)
+    assert other.group not in status and spare not in status and "graph(s)" not in status
+    assert {row["group"] for row in got["alpha_status"].structured_content["queue"]["groups"]} <= {memory.group}
     assert (memory.graph_counts(), other.graph_counts()) == before
     refusals = [line for line in log.splitlines() if "outside its scope" in line]
     assert len(refusals) == 3, log
@@ -334,8 +342,12 @@ def test_http_needs_the_bearer_token_and_then_serves_what_stdio_serves(memory):
     assert text_of(found) == memory.ok("query", "graph store").rstrip("\n")
 
 
-def open_session(url: str, session: str | None = None, method: str = "initialize") -> tuple[int, str | None]:
-    """One raw JSON-RPC request: (HTTP status, the session id the server gave or kept)."""
+def open_session(url: str, session: str | None = None, method: str = "initialize",
+                 source: str | None = None) -> tuple[int, str | None]:
+    """One raw JSON-RPC request, from `source` (a loopback address) if given: (HTTP status, the
+    session id the server gave or kept)."""
+    if source is not None:
+        return open_session_from(source, url, session, method)
     params = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "flood", "version": "1"}}
     body = {"jsonrpc": "2.0", "id": 1, "method": method, **({"params": params} if method == "initialize" else {})}
     headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
@@ -347,6 +359,36 @@ def open_session(url: str, session: str | None = None, method: str = "initialize
     except urllib.error.HTTPError as refused:
         refused.close()
         return refused.code, None
+
+
+def open_session_from(source: str, url: str, session: str | None, method: str) -> tuple[int, str | None]:
+    import http.client
+    from urllib.parse import urlsplit
+
+    params = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "flood", "version": "1"}}
+    body = {"jsonrpc": "2.0", "id": 1, "method": method, **({"params": params} if method == "initialize" else {})}
+    headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+               "Authorization": f"Bearer {TOKEN}", **({"mcp-session-id": session} if session else {})}
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10, source_address=(source, 0))
+    try:
+        connection.request("POST", parts.path, json.dumps(body), headers)
+        answer = connection.getresponse()
+        answer.read()
+        return answer.status, answer.getheader("mcp-session-id") if answer.status == 200 else None
+    finally:
+        connection.close()
+
+
+def test_sessions_from_many_loopback_addresses_count_as_one_client(memory):
+    """Attack round three, item 3: 400 loopback addresses x 30 sessions reached the SDK's 10,000 and then
+    every new client got 503; all of 127/8 is one client now."""
+    with mcp_http_server(memory, MEMORY_MCP_SESSIONS_PER_CLIENT="3") as (url, _server):
+        flood = [open_session(url, source=f"127.0.0.{2 + n % 20}") for n in range(40)]
+        oldest, newest = (open_session(url, flood[i][1], "ping", source="127.0.0.2")[0] for i in (0, -1))
+
+    assert [code for code, _ in flood] == [200] * 40
+    assert (oldest, newest) == (404, 200)
 
 
 def test_a_client_opening_sessions_without_end_churns_its_own_and_a_new_client_still_connects(memory):

@@ -2862,7 +2862,9 @@ async def _cached_answer(op: _Span, search_query: str, limit: int, scope: str = 
         async with _span("memory.graph.search") as search:
             _TEXT_ONLY.set(False)
             answer = _Answer.of(await _recall(search_query, limit, scope, window))
-            search.set(**{"memory.results": answer.count(), "memory.text_only": _TEXT_ONLY.get()})
+            search.set(**{"memory.results": answer.count()})
+            if _TEXT_ONLY.get():
+                search.set(**{"memory.text_only": True})
         if slot is not None and not _TEXT_ONLY.get():
             async with _span("memory.cache.write"):
                 await _cache_store(slot, answer.encode())
@@ -4157,7 +4159,7 @@ def _read_document(path: str, dimension: int | None) -> Any:
                 raise _Corrupt(number, "expected a group with a valid group_id")
             totals["groups"] += 1
             yield "group", group["group_id"]
-            counts = yield from _read_group(lines, dimension, totals)
+            counts = yield from _read_group(lines, dimension, totals, group["group_id"])
             yield "group_end", counts
     raise _Corrupt(number, "the document ends early (truncated)")
 
@@ -4193,7 +4195,7 @@ def _bounded_lines(source: Any) -> Iterator[tuple[int, bytes]]:
         yield number, line
 
 
-def _read_group(lines: Any, dimension: int | None, totals: dict) -> Any:
+def _read_group(lines: Any, dimension: int | None, totals: dict, group: str) -> Any:
     counts = {"nodes": 0, "edges": 0}
     kind = "nodes"
     for number, raw in lines:
@@ -4207,6 +4209,8 @@ def _read_group(lines: Any, dimension: int | None, totals: dict) -> Any:
             return counts
         record = _parse(number, line.removeprefix(","))
         _check_record(number, record, kind, dimension)
+        if record["properties"].get("group_id", group) != group:  # it would be served as that other group's
+            raise _Corrupt(number, f"a {kind[:-1]} whose group_id is not its group's ({group!r})")
         counts[kind] += 1
         totals[kind] += 1
         yield kind[:-1], record
@@ -4215,12 +4219,19 @@ def _read_group(lines: Any, dimension: int | None, totals: dict) -> Any:
 
 def _parse(number: int, text: str) -> dict:
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_non_finite)
     except (json.JSONDecodeError, RecursionError):  # RecursionError: arrays nested thousands deep
         raise _Corrupt(number, "malformed JSON") from None
+    except ValueError:
+        raise _Corrupt(number, "a non-finite number (NaN or Infinity), which JSON does not have") from None
     if not isinstance(value, dict):
         raise _Corrupt(number, "expected a JSON object")
     return value
+
+
+def _non_finite(name: str) -> Any:
+    """Python's json reads NaN and Infinity; restored, the next export would write invalid JSON."""
+    raise ValueError(name)
 
 
 def _parse_header(number: int, raw: bytes, dimension: int | None) -> dict:
@@ -4673,7 +4684,7 @@ async def _export_copy(reader: Any, group: str, copy: str, writer: _DocumentWrit
         if kind == "edges":
             await writer.lines([EDGES_LINE])
         async for rows in _pages(reader, copy, query):
-            records = [json.dumps(to_record(row, found)) for row in rows]
+            records = [json.dumps(to_record(row, found), allow_nan=False) for row in rows]
             await writer.lines(_record_lines(records, counts[kind]))
             counts[kind] += len(records)
             setattr(summary, kind, getattr(summary, kind) + len(records))
@@ -5244,6 +5255,13 @@ def _spooled_group(line: bytes) -> str | None:
         return found.group(1).decode() if found else None
 
 
+def _log_names_group(group: str) -> re.Pattern[bytes]:
+    """A drainer.log line about this group, as the worker writes them (`group proj`, `group 'proj'`,
+    `memory:{proj}`): the name whole, so erasing `proj` keeps `proj2`'s lines, and `e` not every line."""
+    name = re.escape(group.encode())
+    return re.compile(rb"(?:group '?|\{)" + name + rb"(?![\w-])")
+
+
 def _spool_without(path: str, unwanted: Callable[[bytes], bool]) -> int:
     """Remove the unwanted lines from a spool file in place, under the lock every appender takes
     (a renamed copy would lose the lines of an appender waiting on the old file). A crash midway
@@ -5412,8 +5430,9 @@ async def erase_group(group: str, backups: bool = False) -> EraseReport:
             report.spooled = sum([await asyncio.to_thread(_spool_without, _spool_path(s, name),
                                                           lambda line: _spooled_group(line) == group)
                                   for name in (SPOOL_FILE, SPOOL_REJECTS_FILE)])
+            names_group = _log_names_group(group)
             await asyncio.to_thread(_spool_without, _spool_path(s, DRAINER_LOG_FILE),
-                                    lambda line: group.encode() in line)  # its errors name the group
+                                    lambda line: names_group.search(line) is not None)
         except OSError as exc:
             report.unreachable.append(f"this host's spool {s.spool_dir} ({exc.strerror or _describe(exc)})")
         async with _service("valkey", s.valkey_address):  # last: the lease, marks, an answer cached meanwhile
@@ -5483,36 +5502,48 @@ def _callers(s: Settings) -> dict[str, _Caller]:
 
 
 class _SessionBound:
-    """At most MEMORY_MCP_SESSIONS_PER_CLIENT open sessions per client address. A new session
-    beyond that closes the one its client used least recently, through the protocol's own DELETE,
-    so a client that opens sessions without end churns its own and never locks others out (the
-    SDK alone answers 503 to everyone once 10,000 are open, until they idle out)."""
+    """At most MEMORY_MCP_SESSIONS_PER_CLIENT open sessions per client address, and MCP_MAX_SESSIONS
+    in all. A new session beyond either closes the least recently used one (its client's, or any),
+    through the protocol's own DELETE, so a client that opens sessions without end churns its own and
+    never locks others out (the SDK alone answers 503 to everyone once 10,000 are open, until they
+    idle out). Every loopback address is one client: all of 127.0.0.0/8 reaches the host alike."""
 
     def __init__(self, app: Any, per_client: int) -> None:
         self.app, self.per_client = app, per_client
         self.sessions: dict[str, dict[bytes, None]] = defaultdict(dict)  # client -> its session ids, oldest first
+        self.recent: dict[bytes, str] = {}  # every open session -> its client, least recently used first
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        mine = self.sessions[(scope.get("client") or ("?",))[0]]
+        client = _client_key((scope.get("client") or ("?",))[0])
+        mine = self.sessions[client]
         session = dict(scope["headers"]).get(b"mcp-session-id")
         if session is not None:
-            if mine.pop(session, 0) is None and scope["method"] != "DELETE":
+            known = mine.pop(session, 0) is None
+            self.recent.pop(session, None)
+            if known and scope["method"] != "DELETE":
                 mine[session] = None  # now the most recently used
+                self.recent[session] = client
             return await self.app(scope, receive, send)
 
         async def noting_new_sessions(message: dict) -> None:
             opened = dict(message.get("headers", [])).get(b"mcp-session-id")
             if message["type"] == "http.response.start" and opened:
-                mine[opened] = None
+                mine[opened], self.recent[opened] = None, client
                 while len(mine) > self.per_client:
-                    oldest = next(iter(mine))
-                    del mine[oldest]
-                    await self._close(scope, oldest)
+                    await self._evict(scope, next(iter(mine)))
+                while len(self.recent) > MCP_MAX_SESSIONS:
+                    await self._evict(scope, next(iter(self.recent)))
             await send(message)
 
         await self.app(scope, receive, noting_new_sessions)
+
+    async def _evict(self, scope: dict, session: bytes) -> None:
+        client = self.recent.pop(session, None)
+        if client is not None:
+            self.sessions[client].pop(session, None)
+        await self._close(scope, session)
 
     async def _close(self, scope: dict, session: bytes) -> None:
         host = [(name, value) for name, value in scope["headers"] if name == b"host"]
@@ -5525,6 +5556,20 @@ class _SessionBound:
             return None
 
         await self.app(delete, no_body, discard)
+
+
+MCP_MAX_SESSIONS = 1_000       # open MCP sessions in all, well below the SDK's 10,000 (then 503 for everyone)
+
+
+def _client_key(address: str) -> str:
+    """The client a session counts against: its address, every loopback address as one."""
+    import ipaddress
+
+    try:
+        return "loopback" if ipaddress.ip_address(address).is_loopback or address.startswith("::ffff:127.") \
+            else address
+    except ValueError:
+        return address
 
 
 def _package_version() -> str:
@@ -5582,13 +5627,19 @@ def _this_caller() -> _Caller:
     return _caller.get() or _Caller((_settings().group_id,))
 
 
+REFUSED_NAMES_LOGGED = 3      # of a refused call's group names, each a valid name (so one line, ≤ 64 chars)
+
+
 def _refuse_out_of_scope(groups: list[str]) -> None:
-    """Refused and logged (which token, which groups; never what was asked)."""
+    """Refused and logged (which token, which groups; never what was asked). Only valid names get
+    here (`_tool_group` refuses the others first), and only a few are logged: a caller's input must
+    not forge log lines or fill the log."""
     caller = _this_caller()
-    log.warning("warning: mcp: token %s asked for group(s) %s outside its scope; refused", caller.token,
-                ", ".join(groups))
+    shown = ", ".join(map(repr, groups[:REFUSED_NAMES_LOGGED])) + (f" and {len(groups) - REFUSED_NAMES_LOGGED} more"
+                                                         if len(groups) > REFUSED_NAMES_LOGGED else "")
+    log.warning("warning: mcp: token %s asked for group(s) %s outside its scope; refused", caller.token, shown)
     raise UsageError(f"this token may use group(s) {', '.join(map(repr, caller.groups))} only; group_ids "
-                     f"{', '.join(map(repr, groups))} refused")
+                     f"{shown} refused")
 
 
 def _tool_group(group_ids: Any) -> str:
@@ -5600,6 +5651,9 @@ def _tool_group(group_ids: Any) -> str:
         return caller.groups[0]
     if not isinstance(group_ids, list) or not all(isinstance(g, str) for g in group_ids):
         raise UsageError("group_ids must be a list of group names")
+    invalid = next((g for g in group_ids if not GROUP_ID_RULE.fullmatch(g)), None)
+    if invalid is not None:
+        raise UsageError(f"group_ids: {invalid[:64]!r} is not a group name (it must match {GROUP_ID_RULE.pattern})")
     others = sorted(set(group_ids) - set(caller.groups))
     if others and caller.token is None:
         raise UsageError(f"this server serves group {caller.groups[0]!r} only; group_ids "
@@ -5820,13 +5874,26 @@ def _build_mcp_server() -> Any:
         """Whether the memory's services answer, and the write queue's state (queued, in flight,
         dead letters, the worker)."""
         async with _tool_errors():
-            report, queue = await health(), await queue_status()
+            report, queue = _scoped_status(await health(), await queue_status(), _this_caller())
         state = "healthy" if report["healthy"] else "unhealthy"
         return _tool_result(f"{state}; queued {sum(g['queued'] for g in queue['groups'])}",
                             {"health": report, "queue": queue})
 
     return server
 
+
+
+def _scoped_status(report: dict, queue: dict, caller: _Caller) -> tuple[dict, dict]:
+    """What get_status shows a caller: the queue rows of its own groups only, the queue summary and
+    the group line recomputed from them, and no count of the graphs (other tenants' groups)."""
+    mine = [row for row in queue["groups"] if row["group"] in caller.groups]
+    queued, dead = sum(g["queued"] for g in mine), sum(g["dead_letters"] for g in mine)
+    report = {**report, "group": {**report["group"], "detail": ", ".join(caller.groups)}}
+    if report["falkordb"]["ok"]:
+        report["falkordb"] = {**report["falkordb"], "detail": "answers"}
+    if "unknown" not in report["queue"]["detail"]:
+        report["queue"] = {**report["queue"], "ok": dead == 0, "detail": f"{queued} queued, {dead} dead letter(s)"}
+    return report, {**queue, "groups": mine}
 
 
 def _parse_bind(text: str) -> tuple[str, int]:
@@ -6322,7 +6389,8 @@ async def _cmd_group(args: argparse.Namespace) -> int:
 
 
 def _write_text_file(path: str, text: str, option: str) -> None:
-    """Whole or not at all: written beside the target, then renamed over it."""
+    """Whole or not at all: written beside the target, then renamed over it. Mode 0600 (mkstemp's), as
+    an export: the page holds the memories' text."""
     target = os.path.abspath(path)
     if os.path.isdir(target):
         raise UsageError(f"{option} {path}: is a directory; give a file name")
@@ -6330,7 +6398,6 @@ def _write_text_file(path: str, text: str, option: str) -> None:
         fd, temporary = tempfile.mkstemp(prefix=".memory_", suffix=".partial", dir=os.path.dirname(target))
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(text)
-        os.chmod(temporary, 0o644)
         os.replace(temporary, target)
     except OSError as exc:
         with contextlib.suppress(NameError, FileNotFoundError):
