@@ -370,7 +370,8 @@ def open_session_from(source: str, url: str, session: str | None, method: str) -
     headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
                "Authorization": f"Bearer {TOKEN}", **({"mcp-session-id": session} if session else {})}
     parts = urlsplit(url)
-    connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=10, source_address=(source, 0))
+    connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=10,
+                                            source_address=(source, 0))
     try:
         connection.request("POST", parts.path, json.dumps(body), headers)
         answer = connection.getresponse()
