@@ -41,6 +41,20 @@ def test_a_repeated_query_is_served_from_the_cache(memory, standin, valkey):
     assert 0 < valkey.ttl(keys[0]) <= 300
 
 
+def test_an_answer_over_the_byte_bound_is_answered_but_not_cached(memory, valkey):
+    """Attack round three, item 6: each question about a group with a large event cached its whole
+    answer (10 questions added 143 MB beside the queue's leases and job outcomes)."""
+    large = "The FalkorDB benchmark log follows. " + "Another benchmark line. " * 3_000
+    memory.store(large)
+    memory.store(DECISION)
+
+    big, small = memory.ok("query", "--json", "FalkorDB benchmark log"), memory.ok("query", "Neo4j choice", "1")
+
+    assert "Another benchmark line." in big and "Neo4j" in small
+    keys = valkey.keys(f"memory:{{{memory.group}}}:answer:*")
+    assert len(keys) == 1 and all(len(valkey.get(key)) < 64 * 1024 for key in keys)
+
+
 def test_the_cache_ttl_follows_memory_cache_ttl(memory, valkey):
     memory.store(DECISION)
     memory.with_env(MEMORY_CACHE_TTL="7").ok("query", "graph database")

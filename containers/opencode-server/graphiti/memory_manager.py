@@ -1454,11 +1454,16 @@ async def _cached(group: str, key: str) -> tuple[str | None, _CacheSlot | None]:
     return (answer if stored and computed_under == generation else None), _CacheSlot(key, generation)
 
 
+MAX_CACHED_ANSWER_BYTES = 64 * 1024  # a larger answer (events of ~100 KB) is recomputed, not cached
+
+
 async def _cache_store(slot: _CacheSlot, answer: str) -> None:
     # Stored under the generation read before the search: an episode ingested meanwhile bumped it,
-    # so this answer is already stale for the next lookup, as it should be.
+    # so this answer is already stale for the next lookup, as it should be. Bounded per answer: the
+    # cache shares Valkey (volatile-lru) with leases, heartbeats and job outcomes, and ten questions
+    # about a group holding a 4.6 MB event once added 143 MB.
     s = _settings()
-    if _skip_cache():
+    if _skip_cache() or len(answer) > MAX_CACHED_ANSWER_BYTES:  # characters: at least that many bytes
         return
     try:
         async with _service("valkey", s.valkey_address):
