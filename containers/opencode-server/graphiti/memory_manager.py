@@ -2717,7 +2717,7 @@ async def _recall(query: str, limit: int, scope: str, window: _Window) -> list[R
     async with _service("falkordb", s.falkordb_address):
         ranked = await _all_or_first_error([search for kind in kinds for search in (
             _bm25(graph, kind, terms, window, at),
-            _nearest(graph, kind, vector, window, at) if vector is not None else _no_hits())])
+            _nearest(graph, kind, vector, window, at) if vector is not None else asyncio.sleep(0, result=[]))])
         fact_text, fact_meaning = ranked[:2] if FACTS in kinds else ([], [])
         facts = _combined({u: x for x, u in fact_text}, {u: x for x, u in fact_meaning})
         fact_records = await _details(graph, FACTS, list(facts))
@@ -2738,10 +2738,6 @@ async def _recall(query: str, limit: int, scope: str, window: _Window) -> list[R
     # stands on its own in the ranking.
     orphans = {uid: r for uid, r in fact_records.items() if not any(e in keys for e in r["episodes"] or [])}
     return sorted(items + _ranked_items("fact", orphans, facts, limit), key=_rank_order)[:limit]
-
-
-async def _no_hits() -> list[tuple[float, str]]:
-    return []
 
 
 # Set when a recall answered by text alone: that answer is not cached, so the next question after
@@ -3721,11 +3717,9 @@ class _Worker:
                 await self._pause(_backoff_s(failures))
                 continue
             try:
-                self.in_flight[group] = entries
-                await self._ingest(group, entries)
+                await self._ingest_in_flight(group, entries)
                 return
             except Exception as exc:  # noqa: BLE001 - every failure is classified below, none escapes
-                self.in_flight.pop(group, None)
                 _forget_indices(group)
                 kind = _failure_kind(exc)
                 failures += 1
@@ -3762,6 +3756,15 @@ class _Worker:
                     return
                 _emit("ingest.retries", 1, "c", group=group, reason=kind)
                 await self._pause(_backoff_s(attempts))
+
+    async def _ingest_in_flight(self, group: str, entries: list[_Entry]) -> None:
+        """_ingest, with the pass known to the lease keeper while (and only while) it runs: a lease
+        lost then counts an attempt against these jobs, never against a pass already done."""
+        self.in_flight[group] = entries
+        try:
+            await self._ingest(group, entries)
+        finally:
+            self.in_flight.pop(group, None)
 
     async def _ingest(self, group: str, entries: list[_Entry]) -> None:
         first = entries[0][1]
