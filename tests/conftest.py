@@ -129,7 +129,7 @@ class Memory:
 
     def worker(self, command: str = "worker", log: Path | None = None) -> subprocess.Popen:
         """A `worker` (or `drain`) process; its log goes to a file so a full pipe never blocks it."""
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         with open(log or self.spool_dir / f"{command}-{time.monotonic_ns()}.log", "w") as out:
             return subprocess.Popen([sys.executable, str(MODULE), command], env=self.env, text=True,
                                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -254,7 +254,7 @@ def memory(stack: Stack, request: pytest.FixtureRequest, tmp_path: Path) -> Iter
     queue keys are removed afterwards so that no worker of a later test spends time on them."""
     group = f"t_{request.node.name[:40]}_{uuid.uuid4().hex[:6]}".replace("[", "_").replace("]", "").replace("-", "_")
     spool = tmp_path / "spool"
-    spool.mkdir()
+    spool.mkdir(mode=0o700)  # the module refuses a spool directory others can write to
     memory = Memory(stack, group, spool)
     yield memory
     memory.forget_queue()

@@ -11,11 +11,12 @@ import pytest
     ("FALKORDB_PORT", "sixty", "FALKORDB_PORT must be an integer, got 'sixty'"),
     ("VALKEY_PORT", "70000", "VALKEY_PORT must be between 1 and 65535, got 70000"),
     ("MEMORY_CACHE_TTL", "0", "MEMORY_CACHE_TTL must be between 1 and 2592000, got 0"),
+    ("MEMORY_CACHE_GROUP_BYTES", "4MB", "MEMORY_CACHE_GROUP_BYTES must be an integer, got '4MB'"),
     ("MEMORY_MAX_EPISODE_CHARS", "-5", "MEMORY_MAX_EPISODE_CHARS must be between 1 and 10000000, got -5"),
     ("OPENAI_BASE_URL", "ftp://x", "OPENAI_BASE_URL must be an http(s) URL, got 'ftp://x'"),
     ("EMBEDDING_DIM", "wide", "EMBEDDING_DIM must be an integer, got 'wide'"),
-], ids=["group-chars", "group-length", "port-not-int", "port-range", "ttl-zero", "max-chars", "base-url",
-        "embedding-dim"])
+], ids=["group-chars", "group-length", "port-not-int", "port-range", "ttl-zero", "cache-bytes", "max-chars",
+        "base-url", "embedding-dim"])
 @pytest.mark.parametrize("command", [["query", "anything"], ["entities"], ["health"]],
                          ids=["query", "entities", "health"])
 def test_a_malformed_setting_fails_early_with_one_line_naming_it(memory, variable, value, message, command):
@@ -98,13 +99,14 @@ def test_documented_defaults_apply_when_nothing_is_set(monkeypatch):
     import memory_manager
 
     for name in ("FALKORDB_HOST", "FALKORDB_PORT", "VALKEY_HOST", "VALKEY_PORT", "MEMORY_GROUP_ID",
-                 "MEMORY_CACHE_TTL", "MEMORY_MAX_EPISODE_CHARS", "MEMORY_EMBEDDING_MODEL", "EMBEDDING_DIM"):
+                 "MEMORY_CACHE_TTL", "MEMORY_MAX_EPISODE_CHARS", "MEMORY_EMBEDDING_MODEL", "EMBEDDING_DIM",
+                 "MEMORY_CACHE_GROUP_BYTES"):
         monkeypatch.delenv(name, raising=False)
 
     s = memory_manager.Settings.from_env()
 
     assert (s.falkordb_address, s.valkey_address, s.group_id) == ("localhost:6379", "localhost:6380", "opencode")
-    assert (s.cache_ttl_s, s.max_episode_chars) == (300, 100_000)
+    assert (s.cache_ttl_s, s.cache_group_bytes, s.max_episode_chars) == (300, 4 << 20, 100_000)
     assert (s.embedding_model, s.embedding_dim) == (None, 1024)
 
 

@@ -590,13 +590,50 @@ def test_backups_lists_exports_newest_first_and_latest_restores_the_newest(memor
     assert abs((datetime.now(UTC) - uploaded).total_seconds()) < 600
 
 
-@pytest.mark.parametrize("args", [["export"], ["restore", "x.json"], ["backups"]])
-def test_commands_that_cover_every_group_refuse_group(memory, args):
-    result = memory.run(*args, "--group", "other")
+@pytest.mark.parametrize("command", ["export", "backups", "worker", "drain", "queue"])
+def test_commands_that_cover_every_group_refuse_group_and_do_not_list_it(memory, command):
+    result = memory.run(command, "--group", "other")
+    usage = memory.ok(command, "--help")
 
     assert result.code == 2
-    assert result.error_lines == [f"memory-manager: error: {args[0]} covers every group at once; "
+    assert result.error_lines == [f"memory-manager: error: {command} covers every group at once; "
                                   "--group does not apply to it"]
+    assert "--group" not in usage
+
+
+def test_restore_of_one_erased_group_brings_it_back_and_leaves_the_other_byte_identical(memory, empty_falkordb):
+    """Issue 33: restore was all groups or none. Last night's backup holds two projects; one is
+    erased today while the other keeps growing; restoring the first alone must not touch the second."""
+    other = Memory(memory.stack, f"{memory.group}_b", memory.spool_dir)
+    memory.store(A_EVENTS[0])
+    other.store(B_EVENTS[0])
+    entities = memory.entities()
+    backup = exported_to(memory.ok("export"))
+    other.store(B_EVENTS[1])  # newer than the backup
+    memory.ok("erase", "--group", memory.group, "--yes")
+    others_graph = dump_graph(empty_falkordb, other.group)
+
+    whole = memory.run("restore", backup)
+    absent = memory.run("restore", backup, "--group", "nobody_here")
+    dry_run = memory.ok("restore", backup, "--group", memory.group, "--dry-run")
+    restored = memory.ok("restore", backup, "--group", memory.group)
+    answers_after = memory.ok("query", "FalkorDB Neo4j graph database")
+    memory.store(A_EVENTS[1])
+    replaced = memory.ok("restore", backup, "--group", memory.group, "--replace", "--yes")
+
+    assert whole.code == 2 and whole.error_lines == [f"memory-manager: error: group(s) {other.group} already hold "
+                                                     "memories; pass --replace to overwrite them"]
+    refusal = f"memory-manager: error: group 'nobody_here' is not in {backup}; it holds "
+    assert absent.code == 2 and len(absent.error_lines) == 1 and absent.error_lines[0].startswith(refusal)
+    assert set(absent.error_lines[0].removeprefix(refusal).split(", ")) == {memory.group, other.group}
+    assert f"group {memory.group}: " in dry_run and f"group {other.group}" not in dry_run
+    assert "(1 other group(s) in it left alone)" in dry_run and "nothing written" in dry_run
+    assert restored.startswith("restored 1 group(s)") and "(1 other group(s) in it left alone)" in restored
+    assert memory.entities() == entities and "FalkorDB" in answers_after
+    assert replaced.startswith("restored 1 group(s)")
+    assert "sync_worker" not in memory.ok("query", "sync_worker Valkey restarts")  # rolled back to the backup
+    assert dump_graph(empty_falkordb, other.group) == others_graph  # byte for byte, the newer event included
+    assert "cache.py" in other.ok("query", "Edited src/app/cache.py Valkey")
 
 
 def test_a_malformed_b2_setting_fails_the_b2_commands_only(memory):

@@ -30,12 +30,14 @@ def episode_uuids(memory: Memory) -> list[str]:
     return [e["uuid"] for e in json.loads(memory.ok("episodes", "--json"))]
 
 
-def test_forget_a_fact_removes_it_from_a_cached_recall_at_once(memory):
+def test_forget_a_fact_removes_it_from_a_cached_recall_at_once(memory, valkey):
     memory.store(EDIT)
     [fact, *_] = facts(memory, "who edited retry.py")  # the answer is cached now
     assert "retry" in fact["text"].lower()
 
     out = memory.ok("forget", "--fact", fact["uuid"])
+    # risk of attack round three: the stale answer kept the forgotten text in Valkey until its TTL
+    assert valkey.keys(f"memory:{{{memory.group}}}:answer:*") == []
 
     assert out.startswith(f"forgot fact {fact['uuid']}  {fact['text']} (valid ")
     assert fact["uuid"] not in [f["uuid"] for f in facts(memory, "who edited retry.py")]
@@ -147,6 +149,14 @@ def test_bad_forget_correct_and_erase_input_is_one_line_and_exit_2(memory, args,
     assert len(result.error_lines) == 1
     assert message.format(group=memory.group) in result.error_lines[0], result.error_lines[0]
     assert memory.graph_counts() == before
+
+
+def test_a_corrected_fact_too_long_on_stdin_names_the_fact_limit_not_the_episode_one(memory):
+    """Attack round three, item 12: `correct` blamed MEMORY_MAX_EPISODE_CHARS for its own 8,000 cap."""
+    result = memory.run("correct", "--fact", "00000000-0000-4000-8000-000000000000", "-", stdin="x" * 40_000)
+
+    assert (result.code, result.error_lines) == (2, [
+        "memory-manager: error: the corrected fact on stdin is over 32000 bytes; a fact may hold 8000 characters"])
 
 
 def test_the_library_forgets_and_corrects_in_process(memory, monkeypatch):

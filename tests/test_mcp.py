@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
 import signal
@@ -237,6 +238,9 @@ def test_stdio_tools_show_correct_and_forget_a_fact_as_the_cli_does(memory):
     assert fact["uuid"] in [r["uuid"] for r in history]  # the corrected fact is kept as history
 
 
+NO_SUCH_UUID = "00000000-0000-4000-8000-000000000000"
+
+
 def test_one_http_server_serves_two_tokens_each_only_within_its_groups(memory):
     other = Memory(memory.stack, f"b_{memory.group[-20:]}", memory.spool_dir)
     spare = f"c_{memory.group[-20:]}"
@@ -256,6 +260,8 @@ def test_one_http_server_serves_two_tokens_each_only_within_its_groups(memory):
                         "query": "CI", "group_ids": [other.group]}),
                     "alpha_reads_beta_uuid": await alpha.call_tool("get_episode", {"uuid": theirs["uuid"]}),
                     "alpha_deletes_beta_uuid": await alpha.call_tool("delete_episode", {"uuid": theirs["uuid"]}),
+                    "alpha_reads_no_uuid": await alpha.call_tool("get_episode", {"uuid": NO_SUCH_UUID}),
+                    "alpha_deletes_no_uuid": await alpha.call_tool("delete_episode", {"uuid": NO_SUCH_UUID}),
                     "beta": await call(beta, "search_memory_facts", query="CI runners"),
                     "beta_spare": await call(beta, "get_context", query="CI runners", group_ids=[spare]),
                     "beta_reads_own_uuid": await call(beta, "get_episode", uuid=theirs["uuid"]),
@@ -272,8 +278,10 @@ def test_one_http_server_serves_two_tokens_each_only_within_its_groups(memory):
     assert "graph store" in text_of(got["alpha"]).lower()
     assert text_of(got["alpha_asks_beta"]).endswith(f": this token may use group(s) {memory.group!r} only; group_ids "
                                                       f"{other.group!r} refused")
-    assert text_of(got["alpha_reads_beta_uuid"]).endswith(f": {theirs['uuid']} is not in a group this token may use")
-    assert text_of(got["alpha_deletes_beta_uuid"]).endswith(f": {theirs['uuid']} is not in a group this token may use")
+    # risk of attack round three: the refusal told a token that the uuid exists in another group
+    for action in ("reads", "deletes"):
+        refused, missing = text_of(got[f"alpha_{action}_beta_uuid"]), text_of(got[f"alpha_{action}_no_uuid"])
+        assert refused.replace(theirs["uuid"], NO_SUCH_UUID) == missing and f"in group {memory.group}" in missing
     assert all(got[k].is_error for k in ("alpha_asks_beta", "alpha_reads_beta_uuid", "alpha_deletes_beta_uuid"))
     assert "GitHub Actions" in text_of(got["beta"])
     assert got["beta_spare"].structured_content["group"] == spare
@@ -309,15 +317,33 @@ def test_a_malformed_token_map_is_refused_at_start_without_showing_a_token(memor
 def test_a_token_map_file_scopes_the_server_like_the_variable(memory, tmp_path):
     listed = tmp_path / "tokens"
     listed.write_text(f"# who may use what\nfile-token-1a2b3c = {memory.group}  # alpha\n")
+    listed.chmod(0o644)  # readable by others (as Docker secrets are): served, with a warning
     memory.store(NOTE)
-    with mcp_http_server(memory, MEMORY_MCP_TOKENS=f"@{listed}") as (url, _server):
+    with mcp_http_server(memory, MEMORY_MCP_TOKENS=f"@{listed}") as (url, server):
         async def scenario() -> Any:
             async with http_client(url, "file-token-1a2b3c") as client:
                 return await call(client, "get_context", query="graph store")
 
         found = run(scenario())
+        server.send_signal(signal.SIGTERM)
+        _, log = server.communicate(timeout=15)
 
     assert found.structured_content["group"] == memory.group and "FalkorDB" in text_of(found)
+    assert f"warning: MEMORY_MCP_TOKENS: other users can read {listed} (chmod 600 it)" in log
+
+
+def test_a_token_map_file_others_can_write_is_refused_at_start(memory, tmp_path):
+    """Risk of attack round three: anyone who can write the file can add a token for any group."""
+    listed = tmp_path / "tokens"
+    listed.write_text(f"file-token-1a2b3c = {memory.group}\n")
+    listed.chmod(0o666)
+
+    result = memory.with_env(MEMORY_MCP_TOKENS=f"@{listed}").run("mcp", "--http", f"127.0.0.1:{free_port()}",
+                                                                 timeout_s=30)
+
+    assert (result.code, result.error_lines) == (2, [f"memory-manager: error: MEMORY_MCP_TOKENS: {listed} may be "
+                                                     "changed by another user (mode 0666, owner uid "
+                                                     f"{os.geteuid()}); make it 0600 and yours"])
 
 
 def test_http_needs_the_bearer_token_and_then_serves_what_stdio_serves(memory):
@@ -441,6 +467,35 @@ def test_sigterm_ends_the_server_and_its_worker_cleanly(memory):
         assert server.wait(timeout=15) == 0
         assert time.monotonic() - started < 10
         assert server.stderr is not None and "Traceback" not in server.stderr.read()
+
+
+def open_stream(url: str, session: str) -> Any:
+    """A client's standing GET /mcp (server-to-client messages), left open as a client leaves it."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=10)
+    connection.request("GET", parts.path, headers={"Accept": "text/event-stream", "Authorization": f"Bearer {TOKEN}",
+                                                   "mcp-session-id": session})
+    assert connection.getresponse().status == 200
+    return connection
+
+
+def test_sigterm_with_many_open_streams_ends_the_server_before_docker_kills_it(memory):
+    """Risk of attack round three: after a session flood the server took 6-21 s to exit on SIGTERM,
+    and Docker sends SIGKILL after 10 s."""
+    with mcp_http_server(memory, MEMORY_MCP_SESSIONS_PER_CLIENT="1000") as (url, server):
+        sessions = [session for _, session in (open_session(url) for _ in range(1000))]
+        streams = [open_stream(url, session) for session in sessions[-100:]]
+        started = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(timeout=30)
+        took = time.monotonic() - started
+    for stream in streams:
+        stream.close()
+
+    assert code == 0 and took < 8, f"exit {code} after {took:.1f} s"
 
 
 def test_a_falkordb_outage_is_a_tool_error_and_the_server_serves_again(memory, stack):

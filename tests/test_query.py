@@ -55,6 +55,24 @@ def test_an_answer_over_the_byte_bound_is_answered_but_not_cached(memory, valkey
     assert len(keys) == 1 and all(len(valkey.get(key)) < 64 * 1024 for key in keys)
 
 
+def test_a_group_caches_at_most_its_byte_budget_of_answers(memory, valkey):
+    """Attack round three, item 6 (per group): distinct questions each cached their answer, so a
+    flood of them filled Valkey, whose volatile-lru then evicts leases and job outcomes first."""
+    memory.store(DECISION)
+    questions = [f"graph database choice {word}" for word in
+                 ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve")]
+
+    answers = memory.with_env(MEMORY_CACHE_GROUP_BYTES="5000").ok_all([["query", q] for q in questions])
+
+    cached = [valkey.get(key).split("\n", 1)[1] for key in valkey.keys(f"memory:{{{memory.group}}}:answer:*")]
+    assert all("Neo4j" in answer for answer in answers)
+    assert 0 < len(cached) < len(questions)
+    assert sum(len(answer.encode()) for answer in cached) <= 5000
+    assert 0 < valkey.ttl(f"memory:{{{memory.group}}}:cache_bytes") <= 300
+    memory.with_env(MEMORY_CACHE_GROUP_BYTES="0").ok("query", "graph database choice thirteen")
+    assert len(valkey.keys(f"memory:{{{memory.group}}}:answer:*")) == len(cached)
+
+
 def test_the_cache_ttl_follows_memory_cache_ttl(memory, valkey):
     memory.store(DECISION)
     memory.with_env(MEMORY_CACHE_TTL="7").ok("query", "graph database")

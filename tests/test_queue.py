@@ -263,7 +263,8 @@ def test_stdin_beyond_the_size_limit_is_refused_at_the_limit_not_after_reading_i
     result = memory.with_env(MEMORY_MAX_EPISODE_CHARS="1000").run("store", "-", stdin="x" * 5_000_000)
 
     assert (result.code, result.error_lines) == (2, [
-        "memory-manager: error: the event on stdin is over 4000 bytes; MEMORY_MAX_EPISODE_CHARS allows 1000"])
+        "memory-manager: error: the event on stdin is over 4000 bytes; MEMORY_MAX_EPISODE_CHARS allows 1000 "
+        "characters"])
     assert memory.queue()["queued"] == 0
 
 
@@ -308,7 +309,7 @@ def test_when_neither_valkey_nor_the_spool_can_take_it_store_exits_1_with_one_li
     assert result.error_lines == [
         f"memory-manager: warning: spool {not_a_dir}/spool.jsonl cannot be read (Not a directory)",
         f"memory-manager: error: valkey at 127.0.0.1:{dead_port}: Error 111 connecting to 127.0.0.1:{dead_port}. "
-        f"Connect call failed ('127.0.0.1', {dead_port}).; and the spool {not_a_dir}/spool.jsonl cannot be written "
+        f"Connect call failed ('127.0.0.1', {dead_port}).; and the spool {not_a_dir} cannot be written "
         "(File exists): episode not stored"]
 
 
@@ -332,6 +333,67 @@ def test_a_spool_write_cut_short_by_a_full_disk_exits_1_and_leaves_no_torn_line(
     assert spool.read_bytes() == kept
     assert down.run("store", EDIT).code == 0
     assert [json.loads(line)["content"] for line in spool.read_text().splitlines()] == [EDIT, EDIT]
+
+
+def test_a_spool_directory_others_can_write_to_is_refused_and_the_event_not_spooled_there(memory, dead_port):
+    """Attack round three, item 5: a shared spool directory let another user read spooled episodes."""
+    memory.spool_dir.chmod(0o777)
+
+    result = memory.with_env(VALKEY_PORT=str(dead_port)).run("store", EDIT)
+
+    assert (result.code, result.stdout) == (1, "")
+    assert result.error_lines[-1].endswith(f"; and the spool {memory.spool_dir} cannot be written (writable by "
+                                           "group or others: mode 0777, expected 0700): episode not stored")
+    assert not (memory.spool_dir / "spool.jsonl").exists()
+
+
+def forged_line(group: str) -> str:
+    return json.dumps({"job": "f" * 32, "group": group, "name": "episode_20261206T000000Z",
+                       "ref": "2026-12-06T00:00:00+00:00", "content": "forged: deploy to evil", "metadata": "",
+                       "metadata_raw": ""}) + "\n"
+
+
+@pytest.mark.parametrize("planted", ["readable by others", "owned by another user"])
+def test_a_planted_spool_file_is_never_read_into_the_queue(memory, planted):
+    """Attack round three, item 5: a spool.jsonl of mode 0666 (or another user's) let its owner queue
+    a forged episode into any group. The store goes on; the file is left for its owner to look at."""
+    if planted == "owned by another user" and os.geteuid() != 0:
+        pytest.skip("making a file another user's needs root")
+    spool = memory.spool_dir / "spool.jsonl"
+    spool.write_text(forged_line(memory.group))
+    spool.chmod(0o666 if planted == "readable by others" else 0o600)
+    if planted == "owned by another user":
+        os.chown(spool, 65534, 65534)
+    why = ("readable or writable by group or others: mode 0666, expected 0600" if planted == "readable by others"
+           else f"owned by uid 65534, not by this user's uid {os.geteuid()}")
+
+    result = no_drain(memory).run("store", EDIT)
+
+    assert result.code == 0
+    assert result.error_lines == [f"memory-manager: warning: spool {spool} cannot be read ({why})"]
+    assert memory.queue()["queued"] == 1
+    assert "forged" not in json.dumps(redis_client(memory).xrange(f"memory:{{{memory.group}}}:episodes"))
+
+
+def test_a_symlinked_rejects_file_is_named_in_the_warning_not_the_spool(memory):
+    """Attack round three, item 12: the refused spool.rejected.jsonl was reported as spool.jsonl."""
+    (memory.spool_dir / "spool.jsonl").write_text('{"group": "torn\n')
+    (memory.spool_dir / "spool.jsonl").chmod(0o600)
+    rejects = memory.spool_dir / "spool.rejected.jsonl"
+    rejects.symlink_to(memory.spool_dir / "elsewhere")
+
+    result = no_drain(memory).run("store", EDIT)
+
+    assert result.code == 0
+    assert result.error_lines == [f"memory-manager: warning: spool {rejects} cannot be read (Too many levels of "
+                                  "symbolic links)"]
+    assert not (memory.spool_dir / "elsewhere").exists()
+
+
+def redis_client(memory):
+    import redis
+
+    return redis.Redis(port=memory.stack.ports["valkey"], decode_responses=True)
 
 
 def test_queued_episodes_survive_a_valkey_crash_and_restart(memory):

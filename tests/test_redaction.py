@@ -138,6 +138,20 @@ def test_private_spans_are_removed_before_the_queue_and_an_all_private_event_is_
                                    "nothing stored"]
 
 
+def test_two_secret_metadata_keys_that_redact_alike_keep_both_values(memory, valkey):
+    """Attack round three, item 12: two tokens pasted as keys both became [REDACTED:github-token],
+    and one value was silently lost."""
+    other_token = KEY_TOKEN[:-4] + "Wq7y"
+    metadata = {KEY_TOKEN: "first value", other_token: "second value", "tool": "bash"}
+
+    memory.with_env(MEMORY_AUTO_DRAIN="off").ok("store", "Pasted two tokens into the config.", json.dumps(metadata))
+
+    [(_, entry)] = valkey.xrange(f"memory:{{{memory.group}}}:episodes")
+    kept = json.loads(entry["metadata"])
+    assert sorted(kept.values()) == ["bash", "first value", "second value"]
+    assert KEY_TOKEN not in entry["metadata"] and other_token not in entry["metadata"]
+
+
 def test_a_redacted_event_is_still_recalled_by_its_question(memory):
     token = CREDENTIAL_EVENTS[9][1][0]  # a ghp_ token in a git remote URL
     memory.store(f"PaymentGateway retries timed out against BillingService; git remote used "

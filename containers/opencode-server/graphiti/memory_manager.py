@@ -35,8 +35,9 @@ cache in Valkey.
     list_backups(bucket=None) -> list[Backup]        the exports in B2 under B2_PREFIX, newest first
     export_to_file(path) -> ExportSummary            ... to a file ("-": stdout)
     write_export(out) -> ExportSummary               ... to an open binary file
-    restore(source, replace=False, dry_run=False) -> RestoreResult
-                                                     a document (path, "-", b2://) back into FalkorDB
+    restore(source, replace=False, dry_run=False, groups=None) -> RestoreResult
+                                                     a document (path, "-", b2://), or its `groups`, back
+                                                     into FalkorDB
     serve_mcp(http=None, with_worker=False)          the MCP server (stdio, or streamable HTTP)
     redact(text, thorough=False) -> Redacted         <private> spans and credentials out of a text, as
                                                      store (thorough: as the worker) does
@@ -46,7 +47,8 @@ cache in Valkey.
 
 CLI: memory-manager store|query|context|entities|health|queue|worker|drain|export|backups|mcp|restore|graph|
      episodes|episode|forget|correct|erase|group
-(--help); every command takes --group G, -q and --json.
+(--help); every command takes -q and --json, and --group G unless it covers every group (export, backups,
+queue, worker, drain); restore's --group G chooses groups of the document.
 
 Writes go through a queue: `store` validates, appends the episode to the group's Valkey Stream
 (or, with Valkey down, to a local fsync'd spool) and exits; a worker (`worker`, or a `drain`
@@ -74,6 +76,7 @@ import base64
 import contextlib
 import contextvars
 import dataclasses
+import errno
 import fcntl
 import functools
 import hashlib
@@ -97,7 +100,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict, deque
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -344,11 +347,28 @@ def _token_scope_lines(name: str) -> list[str]:
     if value.startswith("@"):
         try:
             with open(value[1:], encoding="utf-8") as listed:
+                _check_token_file(name, value[1:], os.fstat(listed.fileno()))
                 value = listed.read()
         except OSError as exc:
             raise UsageError(f"{name}: cannot read {value[1:]} ({exc.strerror or type(exc).__name__})") from None
     entries = (line.split("#", 1)[0].strip() for line in re.split(r"[;\n]", value))
     return [entry for entry in entries if entry]
+
+
+def _check_token_file(name: str, path: str, status: os.stat_result) -> None:
+    """A token file someone else can write lets them add a token of their own for any group. One
+    only readable by others is accepted (Docker secrets are 0444), with a warning when mcp starts."""
+    if status.st_mode & 0o022 or status.st_uid not in (os.geteuid(), 0):
+        raise UsageError(f"{name}: {path} may be changed by another user (mode {status.st_mode & 0o777:04o}, "
+                         f"owner uid {status.st_uid}); make it 0600 and yours")
+
+
+def _token_file_readable_by_others(name: str) -> str | None:
+    value = _env_str(name) or ""
+    with contextlib.suppress(OSError):
+        if value.startswith("@") and os.stat(value[1:]).st_mode & 0o044:
+            return value[1:]
+    return None
 
 
 def _env_token_scopes(name: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -503,6 +523,7 @@ class Settings:
     embedding_dim: int = 1024  # graphiti's EMBEDDING_DIM: vectors are cut to it, the vector indexes have it
     group_id: str = "opencode"
     cache_ttl_s: int = 300
+    cache_group_bytes: int = 4 << 20
     max_episode_chars: int = 100_000
     spool_dir: str = ""
     worker_concurrency: int = 4
@@ -544,6 +565,7 @@ class Settings:
             embedding_dim=_env_int("EMBEDDING_DIM", 1024, 1, 16_384),
             group_id=group_id,
             cache_ttl_s=_env_int("MEMORY_CACHE_TTL", 300, 1, 30 * 86_400),
+            cache_group_bytes=_env_int("MEMORY_CACHE_GROUP_BYTES", 4 << 20, 0, 1 << 30),
             max_episode_chars=_env_int("MEMORY_MAX_EPISODE_CHARS", 100_000, 1, 10_000_000),
             spool_dir=_env_dir("MEMORY_SPOOL_DIR", _default_spool_dir()),
             worker_concurrency=_env_int("MEMORY_WORKER_CONCURRENCY", 4, 1, 64),
@@ -1429,6 +1451,7 @@ def _cache_key(group: str, query: str, limit: int, variant: str = "") -> str:
 class _CacheSlot:
     """Where a fresh answer goes, and the generation it will be valid for."""
 
+    group: str
     key: str
     generation: str
 
@@ -1451,7 +1474,7 @@ async def _cached(group: str, key: str) -> tuple[str | None, _CacheSlot | None]:
         return None, None
     generation = generation or "0"
     computed_under, _, answer = (stored or "").partition("\n")
-    return (answer if stored and computed_under == generation else None), _CacheSlot(key, generation)
+    return (answer if stored and computed_under == generation else None), _CacheSlot(group, key, generation)
 
 
 MAX_CACHED_ANSWER_BYTES = 64 * 1024  # a larger answer (events of ~100 KB) is recomputed, not cached
@@ -1463,20 +1486,40 @@ async def _cache_store(slot: _CacheSlot, answer: str) -> None:
     # cache shares Valkey (volatile-lru) with leases, heartbeats and job outcomes, and ten questions
     # about a group holding a 4.6 MB event once added 143 MB.
     s = _settings()
-    if _skip_cache() or len(answer) > MAX_CACHED_ANSWER_BYTES:  # characters: at least that many bytes
+    size = len(answer.encode())
+    if _skip_cache() or size > MAX_CACHED_ANSWER_BYTES:
         return
     try:
         async with _service("valkey", s.valkey_address):
-            await _valkey().set(slot.key, f"{slot.generation}\n{answer}", ex=s.cache_ttl_s)
+            if await _within_group_budget(slot.group, size):
+                await _valkey().set(slot.key, f"{slot.generation}\n{answer}", ex=s.cache_ttl_s)
     except ServiceError as exc:
         _warn_cache_down(exc)
 
 
-async def _invalidate(group: str) -> None:
+async def _within_group_budget(group: str, size: int) -> bool:
+    """Whether the group may cache `size` more bytes: each window of MEMORY_CACHE_TTL seconds (from
+    its first answer) may add MEMORY_CACHE_GROUP_BYTES, so the answers alive at once hold at most
+    twice that, whatever number of distinct questions is asked."""
+    s = _settings()
+    async with _valkey().pipeline(transaction=False) as budget:  # one round trip; one slot (the hash tag)
+        budget.incrby(_group_key(group, "cache_bytes"), size)
+        budget.expire(_group_key(group, "cache_bytes"), s.cache_ttl_s, nx=True)
+        spent, _ = await budget.execute()
+    return bool(spent <= s.cache_group_bytes)
+
+
+async def _invalidate(group: str, drop_answers: bool = False) -> None:
+    """Make the group's cached answers stale. `drop_answers` deletes them too: after a forget a stale
+    answer is never served, but it would hold the forgotten text in Valkey until its TTL."""
     s = _settings()
     try:
         async with _service("valkey", s.valkey_address):
             await _valkey().incr(_group_key(group, "gen"))
+            if drop_answers:
+                answers = [key async for key in _valkey().scan_iter(match=_group_key(group, "answer:*"), count=1000)]
+                for start in range(0, len(answers), 1000):  # one slot (the hash tag): fine on a cluster too
+                    await _valkey().delete(*answers[start:start + 1000])
     except ServiceError as exc:
         _warn_cache_down(exc)
 
@@ -1744,7 +1787,9 @@ def _redact_value(value: Any, found: Redacted, thorough: bool = False) -> Any:
             container[key] = items = list(item)
             pending.extend((items, index) for index in range(len(items)))
         elif isinstance(item, dict):
-            container[key] = fields = {_redacted_key(name, found, thorough): inner for name, inner in item.items()}
+            container[key] = fields = dict[Any, Any]()
+            for name, inner in item.items():
+                fields[_unused_key(_redacted_key(name, found, thorough), fields)] = inner
             pending.extend((fields, name) for name in fields)
     return holder[0]
 
@@ -1756,6 +1801,14 @@ def _redacted_key(name: Any, found: Redacted, thorough: bool) -> Any:
     redacted = redact(name, thorough)
     found.add(redacted)
     return redacted.text
+
+
+def _unused_key(key: Any, taken: dict) -> Any:
+    """Two keys that redact alike (two tokens pasted as keys) keep both values: the second is
+    `[REDACTED:github-token] (2)`."""
+    if key not in taken:
+        return key
+    return next(f"{key} ({n})" for n in itertools.count(2) if f"{key} ({n})" not in taken)
 
 
 def _count_redactions(found: Redacted, stage: str) -> None:
@@ -1978,9 +2031,36 @@ def _spool_path(s: Settings, name: str = SPOOL_FILE) -> str:
     return os.path.join(s.spool_dir, name)
 
 
+APPEND = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+
+
+def _open_private(path: str, flags: int) -> int:
+    """Open (or create, 0600) a file of the spool directory, refusing what another user could have
+    written or could read: a shared directory, or a file planted in it, let anyone on the host read
+    spooled episodes and queue forged ones into any group. The file is checked after opening (fstat),
+    so nothing can be swapped in between; a symlink is never followed."""
+    directory = os.path.dirname(path)
+    _check_private(os.stat(directory), directory, 0o022, "writable by group or others", 0o700)
+    fd = os.open(path, flags | os.O_NOFOLLOW, 0o600)
+    try:
+        _check_private(os.fstat(fd), path, 0o077, "readable or writable by group or others", 0o600)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_private(status: os.stat_result, path: str, forbidden: int, why: str, expected: int) -> None:
+    if status.st_uid != os.geteuid():
+        raise PermissionError(errno.EPERM, f"owned by uid {status.st_uid}, not by this user's uid {os.geteuid()}",
+                              path)
+    if status.st_mode & forbidden:
+        raise PermissionError(errno.EPERM, f"{why}: mode {status.st_mode & 0o777:04o}, expected {expected:04o}", path)
+
+
 def _spool_append(s: Settings, entry: dict[str, str]) -> None:
     os.makedirs(s.spool_dir, mode=0o700, exist_ok=True)
-    fd = os.open(_spool_path(s), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    fd = _open_private(_spool_path(s), APPEND)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         line = (json.dumps(entry) + "\n").encode()
@@ -2007,7 +2087,7 @@ def _spool_waiting(s: Settings) -> bool:
 def _spool_take(s: Settings) -> tuple[int, list[dict[str, str]]] | None:
     """Lock the spool and read its entries; None when it is empty. The caller truncates and closes."""
     try:
-        fd = os.open(_spool_path(s), os.O_RDWR | os.O_NOFOLLOW)
+        fd = _open_private(_spool_path(s), os.O_RDWR)
     except FileNotFoundError:
         return None
     fcntl.flock(fd, fcntl.LOCK_EX)
@@ -2023,8 +2103,11 @@ def _spool_take(s: Settings) -> tuple[int, list[dict[str, str]]] | None:
         except ValueError:  # a torn last line from a crash mid-append
             rejects.append(line)
     if rejects:
-        kept = os.open(_spool_path(s, SPOOL_REJECTS_FILE), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
-                       0o600)
+        try:
+            kept = _open_private(_spool_path(s, SPOOL_REJECTS_FILE), APPEND)
+        except OSError:
+            os.close(fd)
+            raise
         try:
             os.write(kept, b"\n".join(rejects) + b"\n")
         finally:
@@ -2045,7 +2128,8 @@ async def _move_spool() -> int:
     try:
         taken = await asyncio.to_thread(_spool_take, s) if _spool_waiting(s) else None
     except OSError as exc:  # an unreadable spool must not block new writes
-        log.warning("warning: spool %s cannot be read (%s)", _spool_path(s), exc.strerror or _describe(exc))
+        log.warning("warning: spool %s cannot be read (%s)", exc.filename or _spool_path(s),
+                    exc.strerror or _describe(exc))
         return 0
     if taken is None:
         return 0
@@ -2112,7 +2196,7 @@ async def _spool(s: Settings, entry: dict[str, str], cause: BaseException) -> No
     try:
         await asyncio.to_thread(_spool_append, s, entry)
     except OSError as exc:
-        raise ServiceError("valkey", s.valkey_address, f"{reason}; and the spool {_spool_path(s)} "
+        raise ServiceError("valkey", s.valkey_address, f"{reason}; and the spool {exc.filename or _spool_path(s)} "
                            f"cannot be written ({exc.strerror or _describe(exc)}): episode not stored") from exc
     log.warning("warning: valkey at %s: %s; episode spooled to %s, queued when Valkey is back",
                 s.valkey_address, reason, _spool_path(s))
@@ -2136,8 +2220,7 @@ def _spawn_drainer(s: Settings) -> None:
     with contextlib.ExitStack() as files:
         try:
             os.makedirs(s.spool_dir, mode=0o700, exist_ok=True)
-            log_fd = os.open(_spool_path(s, DRAINER_LOG_FILE), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
-                             0o600)
+            log_fd = _open_private(_spool_path(s, DRAINER_LOG_FILE), APPEND)
             errors: Any = files.enter_context(open(log_fd, "ab"))
         except OSError:
             errors = subprocess.DEVNULL
@@ -3098,7 +3181,7 @@ async def delete_episode(name: str) -> str:
         episode_uuid = (await _episode_row(name))[0]
         async with _service("falkordb", s.falkordb_address), _llm_service(), _graph_writes(s.group_id):
             await (await _graphiti(s.group_id)).remove_episode(episode_uuid)
-        await _invalidate(s.group_id)
+        await _invalidate(s.group_id, drop_answers=True)
         return episode_uuid
 
 
@@ -3114,7 +3197,7 @@ async def forget_fact(uuid_: str) -> dict:
             from graphiti_core.edges import EntityEdge
 
             await (await EntityEdge.get_by_uuid(graphiti.driver, uuid_)).delete(graphiti.driver)
-        await _invalidate(s.group_id)
+        await _invalidate(s.group_id, drop_answers=True)
         return removed
 
 
@@ -3148,7 +3231,7 @@ async def correct_fact(uuid_: str, text: str) -> dict:
             async with _graph_writes(s.group_id):
                 await previous.save(graphiti.driver)
                 await corrected.save(graphiti.driver)
-        await _invalidate(s.group_id)
+        await _invalidate(s.group_id, drop_answers=True)
         return {"invalidated": await _fact(uuid_), "fact": await _fact(corrected.uuid)}
 
 
@@ -4833,6 +4916,8 @@ async def export_to_b2(progress: Progress | None = None) -> ExportSummary:
 
 # --- restore -------------------------------------------------------------------------------------
 
+GROUPS_NAMED = 5  # of a document's groups, in the line refusing a group it does not hold
+
 @dataclass(frozen=True)
 class GroupRestore:
     group: str
@@ -4851,6 +4936,7 @@ class RestoreResult:
     exported_at: str | None
     dry_run: bool
     groups: list[GroupRestore]
+    left_alone: int = 0        # the document's other groups, with `groups=[...]`: neither read nor touched
 
     @property
     def nodes(self) -> int:
@@ -4861,9 +4947,11 @@ class RestoreResult:
         return sum(g.edges for g in self.groups)
 
     def __str__(self) -> str:
+        others = f" ({self.left_alone} other group(s) in it left alone)" if self.left_alone else ""
         if not self.dry_run:
-            return f"restored {len(self.groups)} group(s), {self.nodes} nodes, {self.edges} edges from {self.source}"
-        lines = [f"dry run: export of {self.exported_at} ({len(self.groups)} group(s)); nothing written"]
+            return (f"restored {len(self.groups)} group(s), {self.nodes} nodes, {self.edges} edges from "
+                    f"{self.source}{others}")
+        lines = [f"dry run: export of {self.exported_at} ({len(self.groups)} group(s){others}); nothing written"]
         for g in self.groups:
             action = {"create": "would create it",
                       "replace": f"would replace {g.existing_nodes} nodes and {g.existing_edges} edges",
@@ -5000,13 +5088,19 @@ class _BulkWriter:
         self.written += count
 
 
-async def _write_document(path: str, dimension: int, progress: Progress | None) -> None:
+async def _write_document(path: str, dimension: int, progress: Progress | None, groups: Collection[str]) -> None:
+    """Write the document's `groups`; its other groups' records are read past."""
     events = _read_document(path, dimension)
     writer = _BulkWriter(progress)
+    chosen = False
     while chunk := await asyncio.to_thread(lambda: list(itertools.islice(events, 1000))):
         for event, value in chunk:
             if event == "group":
-                writer.start(value)
+                chosen = value in groups
+                if chosen:
+                    writer.start(value)
+            elif not chosen:
+                continue
             elif event == "node":
                 await writer.add_node(value)
             elif event == "edge":
@@ -5130,25 +5224,53 @@ async def _renew_leases(leases: list[Any]) -> None:
 
 
 async def restore(source: str, replace: bool = False, dry_run: bool = False,
-                  progress: Progress | None = None) -> RestoreResult:
-    """Restore an export document (a path or b2://bucket/name) into FalkorDB.
+                  progress: Progress | None = None, groups: Sequence[str] | None = None) -> RestoreResult:
+    """Restore an export document (a path or b2://bucket/name) into FalkorDB: every group it holds,
+    or only `groups` (the others, in FalkorDB or in the document, are not touched).
 
     The whole document is validated first; groups that already hold memories are refused unless
     `replace`, which drops them first. Embeddings come back as vectors, so search works at once."""
+    chosen = _chosen_groups(groups)
     async with _operation("restore", None, **{"restore.replace": replace, "restore.dry_run": dry_run}) as op:
-        return await _restore(op, source, replace, dry_run, progress)
+        return await _restore(op, source, replace, dry_run, progress, chosen)
+
+
+def _chosen_groups(groups: Sequence[str] | None) -> list[str] | None:
+    if groups is None:
+        return None
+    groups = [groups] if isinstance(groups, str) else groups  # one name, not its letters
+    invalid = [group for group in groups if not (isinstance(group, str) and GROUP_ID_RULE.fullmatch(group))]
+    if invalid or not groups:
+        raise UsageError(f"restore: a group must match {GROUP_ID_RULE.pattern}, got {str(invalid[:1])[:80]}"
+                         if invalid else "restore: groups=[] names no group to restore")
+    return list(dict.fromkeys(groups))
+
+
+def _only(plan: _RestorePlan, groups: list[str] | None, source: str) -> _RestorePlan:
+    """The plan cut to the chosen groups; one the document does not hold is refused, naming a few
+    that it does."""
+    if groups is None:
+        return plan
+    missing = [group for group in groups if group not in plan.groups]
+    if missing:
+        held = list(plan.groups)
+        listed = ", ".join(held[:GROUPS_NAMED]) + (f" and {len(held) - GROUPS_NAMED} more"
+                                                   if len(held) > GROUPS_NAMED else "")
+        raise UsageError(f"group {missing[0]!r} is not in {source}; it holds {listed or 'no group'}")
+    return _RestorePlan(plan.header, {group: plan.groups[group] for group in groups})
 
 
 async def _restore(op: _Span, source: str, replace: bool, dry_run: bool,
-                   progress: Progress | None) -> RestoreResult:
+                   progress: Progress | None, groups: list[str] | None) -> RestoreResult:
     dimension = _settings().embedding_dim
     async with _local_copy(source) as path:
         async with _span("memory.restore.validate"):
-            plan = await asyncio.to_thread(_validate_document, path, dimension)
+            whole = await asyncio.to_thread(_validate_document, path, dimension)
+        plan = _only(whole, groups, source)
         s = _settings()
         async with _service("falkordb", s.falkordb_address):
             existing = {group: await _graph_counts(group) for group in plan.groups}
-            result = _restore_result(source, plan, existing, replace, dry_run)
+            result = _restore_result(source, plan, existing, replace, dry_run, len(whole.groups) - len(plan.groups))
             occupied = [g.group for g in result.groups if g.action == "refuse"]
             refusal = (f"group(s) {', '.join(occupied)} already hold memories; pass --replace to overwrite them"
                        if occupied else None)
@@ -5172,7 +5294,7 @@ async def _replace_groups(path: str, plan: _RestorePlan, dimension: int, progres
             await (await _falkordb()).select_graph(group).delete()
         _forget_indices(group)
     async with _span("memory.restore.write"):
-        await _write_document(path, dimension, progress)
+        await _write_document(path, dimension, progress, plan.groups)
     for group, counts in plan.groups.items():
         actual = await _graph_counts(group)
         if actual != (counts["nodes"], counts["edges"]):
@@ -5183,13 +5305,13 @@ async def _replace_groups(path: str, plan: _RestorePlan, dimension: int, progres
 
 
 def _restore_result(source: str, plan: _RestorePlan, existing: dict[str, tuple[int, int]], replace: bool,
-                    dry_run: bool) -> RestoreResult:
+                    dry_run: bool, left_alone: int) -> RestoreResult:
     def action(existing_nodes: int) -> str:
         return "create" if not existing_nodes else ("replace" if replace else "refuse")
 
     groups = [GroupRestore(group, counts["nodes"], counts["edges"], *existing[group], action(existing[group][0]))
               for group, counts in plan.groups.items()]
-    return RestoreResult(source, plan.header.get("exported_at"), dry_run, groups)
+    return RestoreResult(source, plan.header.get("exported_at"), dry_run, groups, left_alone)
 
 
 # --- erase ---------------------------------------------------------------------------------------
@@ -5275,7 +5397,7 @@ def _spool_without(path: str, unwanted: Callable[[bytes], bool]) -> int:
     (a renamed copy would lose the lines of an appender waiting on the old file). A crash midway
     can leave a line twice, which its job id makes harmless."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        fd = _open_private(path, os.O_RDWR)
     except FileNotFoundError:
         return 0
     try:
@@ -5681,7 +5803,9 @@ async def _holds(uuid_: str) -> bool:
 
 async def _group_holding(uuid_: Any, group_ids: Any) -> str:
     """The caller's group that holds the uuid (named by group_ids, else searched among them). One
-    held only by a group outside the caller's scope is refused and logged."""
+    held only by a group outside the caller's scope is logged and answered as a uuid held nowhere
+    (the operation's own "no episode/fact ... in group G"), so a token learns nothing of the
+    other groups, not even that the uuid exists."""
     chosen = _tool_group(group_ids)
     if not isinstance(uuid_, str) or not UUID_RULE.fullmatch(uuid_):
         return chosen  # the operation itself refuses it, and names by name are per group
@@ -5695,7 +5819,7 @@ async def _group_holding(uuid_: Any, group_ids: Any) -> str:
             if await _holds(uuid_):
                 log.warning("warning: mcp: token %s asked for a uuid of a group outside its scope; refused",
                             _this_caller().token or "(MEMORY_MCP_TOKEN)")
-                raise UsageError(f"{uuid_} is not in a group this token may use")
+                break
     return chosen
 
 
@@ -5943,6 +6067,8 @@ async def serve_mcp(http: str | None = None, with_worker: bool = False) -> None:
                          "(every request must then carry Authorization: Bearer <token>)")
     if with_worker:
         s.require_llm()
+    if exposed := _token_file_readable_by_others("MEMORY_MCP_TOKENS"):
+        log.warning("warning: MEMORY_MCP_TOKENS: other users can read %s (chmod 600 it)", exposed)
     server = _build_mcp_server()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -5966,6 +6092,11 @@ async def _serve_stdio(server: Any, stop: asyncio.Event) -> None:
         await serving  # its own failure, if any, is raised here
 
 
+# Open streams (a client's GET /mcp) never end by themselves: after a session flood uvicorn waited on
+# them 6-21 s, and Docker kills at 10 s. Past this, they are cut.
+MCP_SHUTDOWN_GRACE_S = 4
+
+
 async def _serve_http(server: Any, bind: tuple[str, int], stop: asyncio.Event) -> None:
     """uvicorn takes SIGTERM/SIGINT while it serves, finishes gracefully, then raises the signal
     again for serve_mcp's handler; a stop from elsewhere (the worker failing) ends it too."""
@@ -5973,7 +6104,8 @@ async def _serve_http(server: Any, bind: tuple[str, int], stop: asyncio.Event) -
 
     host, port = bind
     web = uvicorn.Server(uvicorn.Config(_mcp_http_app(server, host), host=host, port=port,
-                                       log_level="warning", access_log=False, lifespan="on"))
+                                       log_level="warning", access_log=False, lifespan="on",
+                                       timeout_graceful_shutdown=MCP_SHUTDOWN_GRACE_S))
 
     async def exit_when_stopped() -> None:
         await stop.wait()
@@ -6042,7 +6174,6 @@ def _unknown_command(typed: str, parser: argparse.ArgumentParser) -> str:
 
 def _common_options() -> _Parser:
     common = _Parser(add_help=False)
-    common.add_argument("--group", metavar="G", help="memory group (overrides MEMORY_GROUP_ID)")
     common.add_argument("-q", "--quiet", action="store_true", help="no warnings or progress on stderr")
     common.add_argument("--json", action="store_true", help="print one JSON document on stdout (errors stay "
                         "one line on stderr)")
@@ -6053,14 +6184,14 @@ def _print_json(document: Any) -> None:
     print(json.dumps(document, ensure_ascii=False))
 
 
-def _read_stdin(what: str, max_chars: int | None = None) -> str:
+def _read_stdin(what: str, max_chars: int | None = None, limit: str = "MEMORY_MAX_EPISODE_CHARS allows") -> str:
     """stdin as text; with `max_chars`, refused at the limit (UTF-8 takes at most 4 bytes a
     character), not after reading a gigabyte of it."""
     if sys.stdin.isatty():
         print(f"{PROG}: reading {what} from stdin; end it with Ctrl-D", file=sys.stderr)
     data = sys.stdin.buffer.read() if max_chars is None else sys.stdin.buffer.read(4 * max_chars + 1)
     if max_chars is not None and len(data) > 4 * max_chars:
-        raise UsageError(f"{what} on stdin is over {4 * max_chars} bytes; MEMORY_MAX_EPISODE_CHARS allows {max_chars}")
+        raise UsageError(f"{what} on stdin is over {4 * max_chars} bytes; {limit} {max_chars} characters")
     try:
         return data.decode()
     except UnicodeDecodeError as exc:
@@ -6345,7 +6476,8 @@ async def _cmd_forget(args: argparse.Namespace) -> int:
 
 
 async def _cmd_correct(args: argparse.Namespace) -> int:
-    text = _read_stdin("the corrected fact", MAX_QUERY_CHARS) if args.text == "-" else args.text
+    text = (_read_stdin("the corrected fact", MAX_QUERY_CHARS, "a fact may hold") if args.text == "-"
+            else args.text)
     changed = await correct_fact(args.fact, text)
     if args.json:
         _print_json(changed)
@@ -6438,11 +6570,11 @@ async def _cmd_backups(args: argparse.Namespace) -> int:
 
 async def _cmd_restore(args: argparse.Namespace) -> int:
     if args.replace and not args.dry_run and not args.yes:
-        _confirm_replace(args.source)
+        _confirm_replace(args.source, args.group)
     progress = _TerminalProgress("restoring", args.quiet)
     try:
         _print_restore(args, await restore(args.source, replace=args.replace, dry_run=args.dry_run,
-                                           progress=progress))
+                                           progress=progress, groups=args.group))
     except RefusedRestore as refused:
         _print_restore(args, refused.plan)  # the dry run's plan, then the reason it would be refused
         raise
@@ -6458,12 +6590,14 @@ def _print_restore(args: argparse.Namespace, result: RestoreResult) -> None:
         print(result)
 
 
-def _confirm_replace(source: str) -> None:
+def _confirm_replace(source: str, groups: list[str] | None) -> None:
     """--replace drops groups: on a terminal ask; elsewhere demand --yes rather than guess."""
+    which = f"group(s) {', '.join(groups)}" if groups else "the groups the document holds"
     if not (sys.stdin.isatty() and source != "-"):
-        raise UsageError("restore: --replace drops the groups the document holds; pass --yes to confirm "
+        raise UsageError(f"restore: --replace drops {which}; pass --yes to confirm "
                          "(or run it from a terminal to be asked)")
-    print(f"{PROG}: restore --replace drops every group in {source} that already holds memories, "
+    which = f"group(s) {', '.join(groups)}" if groups else f"every group in {source}"
+    print(f"{PROG}: restore --replace drops {which} that already holds memories, "
           "then restores it. Continue? [y/N] ", end="", file=sys.stderr, flush=True)
     if sys.stdin.readline().strip().lower() not in ("y", "yes"):
         raise UsageError("restore: not confirmed; nothing changed")
@@ -6509,10 +6643,15 @@ def _build_parser() -> argparse.ArgumentParser:
 
     common = _common_options()
 
-    def command(name: str, help_text: str, handler: Callable[[argparse.Namespace], Any]) -> argparse.ArgumentParser:
+    def command(name: str, help_text: str, handler: Callable[[argparse.Namespace], Any],
+                group: str | None = "memory group (overrides MEMORY_GROUP_ID)", many: bool = False
+                ) -> argparse.ArgumentParser:
+        """`group` is the help of --group; None for a command that takes none (help does not list
+        it, and passing it gets one line saying why rather than argparse's "unrecognized")."""
         sub = commands.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
                                   parents=[common])
-        sub.set_defaults(handler=handler)
+        sub.add_argument("--group", metavar="G", help=group or argparse.SUPPRESS, action="append" if many else "store")
+        sub.set_defaults(handler=handler, takes_group=group is not None)
         return sub
 
     store = command("store", "queue one event; prints 'queued <episode> <job id>'", _cmd_store)
@@ -6546,18 +6685,18 @@ def _build_parser() -> argparse.ArgumentParser:
     command("health", "check FalkorDB and Valkey (exit 0 only if both answer); show the LLM, queue and worker",
             _cmd_health)
 
-    queue = command("queue", "show the write queue per group, or requeue dead letters", _cmd_queue)
+    queue = command("queue", "show the write queue per group, or requeue dead letters", _cmd_queue, group=None)
     queue.add_argument("action", nargs="?", choices=["status", "retry"], default="status",
                        help="status (default) or retry: move dead letters back into the queue")
     queue.add_argument("retry_group", nargs="?", metavar="GROUP", help="with retry: only this group")
 
-    command("worker", "ingest queued episodes until SIGTERM (a container process)", _cmd_worker)
-    command("drain", "ingest queued episodes; exit after MEMORY_DRAIN_IDLE idle seconds", _cmd_drain)
+    command("worker", "ingest queued episodes until SIGTERM (a container process)", _cmd_worker, group=None)
+    command("drain", "ingest queued episodes; exit after MEMORY_DRAIN_IDLE idle seconds", _cmd_drain, group=None)
 
-    export = command("export", "export every memory group to B2 (or to a file)", _cmd_export)
+    export = command("export", "export every memory group to B2 (or to a file)", _cmd_export, group=None)
     export.add_argument("--output", metavar="PATH", help="write the document to PATH (- for stdout) instead of B2")
 
-    backups = command("backups", "list the exports in B2 under B2_PREFIX, newest first", _cmd_backups)
+    backups = command("backups", "list the exports in B2 under B2_PREFIX, newest first", _cmd_backups, group=None)
     backups.add_argument("--bucket", metavar="B", help="another bucket than B2_BUCKET")
 
     mcp = command("mcp", "serve the memory to OpenCode over MCP (stdio, or --http HOST:PORT)", _cmd_mcp)
@@ -6565,7 +6704,9 @@ def _build_parser() -> argparse.ArgumentParser:
                      "MEMORY_MCP_TOKEN is required")
     mcp.add_argument("--worker", action="store_true", help="also run the queue worker in this process")
 
-    restore_ = command("restore", "restore an export from a file, stdin or b2://bucket/name", _cmd_restore)
+    restore_ = command("restore", "restore an export from a file, stdin or b2://bucket/name", _cmd_restore,
+                       group="restore only group G of the document (repeat it for several); no other group, in "
+                       "the document or in FalkorDB, is touched", many=True)
     restore_.add_argument("source", help="a path, - for stdin, b2://<bucket>/<file name>, or b2://<bucket>/latest "
                           "(the newest export under B2_PREFIX)")
     restore_.add_argument("--replace", action="store_true", help="overwrite groups that already hold memories")
@@ -6656,16 +6797,15 @@ def _use_group(group: str | None) -> None:
         _use_settings(dataclasses.replace(Settings.from_env(), group_id=group))
 
 
-EVERY_GROUP_HANDLERS = {_cmd_export: "export", _cmd_restore: "restore", _cmd_backups: "backups"}
 SPANS_SENT_AFTER_EXIT = (_cmd_query, _cmd_context)  # a caller waits on them (see _SpanRecorder)
 
 
 async def _run(args: argparse.Namespace) -> int:
     try:
-        every_group = EVERY_GROUP_HANDLERS.get(args.handler)
-        if args.group is not None and every_group:
-            raise UsageError(f"{every_group} covers every group at once; --group does not apply to it")
-        _use_group(args.group)
+        if args.group is not None and not args.takes_group:
+            raise UsageError(f"{args.command} covers every group at once; --group does not apply to it")
+        if args.handler is not _cmd_restore:  # restore's --group chooses groups of the document
+            _use_group(args.group)
         _telemetry.send_after_exit = args.handler in SPANS_SENT_AFTER_EXIT
         return await args.handler(args)
     finally:
