@@ -469,7 +469,7 @@ def test_sigterm_ends_the_server_and_its_worker_cleanly(memory):
         assert server.stderr is not None and "Traceback" not in server.stderr.read()
 
 
-def open_stream(url: str, session: str) -> Any:
+def open_stream(url: str, session: str | None) -> Any:
     """A client's standing GET /mcp (server-to-client messages), left open as a client leaves it."""
     import http.client
     from urllib.parse import urlsplit
@@ -477,7 +477,7 @@ def open_stream(url: str, session: str) -> Any:
     parts = urlsplit(url)
     connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=10)
     connection.request("GET", parts.path, headers={"Accept": "text/event-stream", "Authorization": f"Bearer {TOKEN}",
-                                                   "mcp-session-id": session})
+                                                   "mcp-session-id": session or ""})
     assert connection.getresponse().status == 200
     return connection
 
