@@ -112,7 +112,7 @@ MATRIX: dict[str, dict[str, Outcome | None]] = {
         "restore": OK},
     "openai hang": {
         "store": Outcome(0, after="queued"), "worker": Outcome(0, after="ingested", within_s=120),
-        "query hit": OK, "query miss": Outcome(0, "openai", within_s=30), "entities": OK,
+        "query hit": OK, "query miss": Outcome(0, "openai", within_s=15), "entities": OK,
         "health": Outcome(0, within_s=5), "export": OK, "restore": OK},
     "b2 bad key": {
         "store": NA, "worker": NA, "query hit": OK, "query miss": NA, "entities": NA, "health": NA,

@@ -177,7 +177,7 @@ INDEX_BUILD_WAIT_S = 600.0     # an index filling over a restored or older graph
 GRAPH_TIMEOUT_S = 15.0         # per FalkorDB command (a page of an export, one search query), not per operation
 DEFAULT_EMBEDDING_MODEL = "text-embedding-3-small"  # graphiti-core's; a test keeps them equal
 LLM_TIMEOUT_S = 60.0           # per OpenAI request while ingesting; the SDK retries twice on top
-QUERY_LLM_TIMEOUT_S = 10.0     # per request for a query's embedding, retried once: a recall waits at most ~20 s
+QUERY_LLM_TIMEOUT_S = 10.0     # for a query's embedding, not retried on a timeout: a recall waits at most ~10 s
 LLM_MAX_COROUTINES = 8
 CACHE_DOWN_RETRY_S = 30.0      # after a failed cache call, skip the cache this long (one connect, not one per call)
 NO_RESULTS = "No relevant memories found."
@@ -1398,10 +1398,12 @@ def _embedding_failure(exc: BaseException) -> tuple[str, float | None]:
         with contextlib.suppress(TypeError, ValueError):
             return detail, min(max(float(exc.headers.get("Retry-After", "")), 0.0), RETRY_AFTER_MAX_S)
         return detail, 0.5
-    if isinstance(exc, urllib.error.URLError):  # connecting failed
-        return _describe(exc.reason) if isinstance(exc.reason, BaseException) else str(exc.reason), 0.5
-    if isinstance(exc, TimeoutError):  # reading the reply
-        return f"no answer within {QUERY_LLM_TIMEOUT_S:g} s", 0.5
+    if isinstance(exc, urllib.error.URLError):  # connecting failed (a connect timeout: not worth another)
+        reason = exc.reason
+        return (_describe(reason) if isinstance(reason, BaseException) else str(reason),
+                None if isinstance(reason, TimeoutError) else 0.5)
+    if isinstance(exc, TimeoutError):  # reading the reply: a hung endpoint hangs again; recall by text now
+        return f"no answer within {QUERY_LLM_TIMEOUT_S:g} s", None
     if isinstance(exc, (OSError, http.client.HTTPException)):  # the connection broke midway
         return _describe(exc), 0.5
     return f"malformed reply ({type(exc).__name__})", None  # a 200 whose body is not an embedding
@@ -1409,8 +1411,8 @@ def _embedding_failure(exc: BaseException) -> tuple[str, float | None]:
 
 async def _query_embedding(text: str) -> list[float]:
     """A question's embedding, as graphiti's OpenAIEmbedder.create() makes an event's. A short
-    timeout and one retry: a recall must not wait minutes on a hung endpoint the way an ingestion
-    may. Failures are ServiceError("openai", ...)."""
+    timeout, and one retry unless that timeout passed: a recall must not wait minutes on a hung
+    endpoint the way an ingestion may. Failures are ServiceError("openai", ...)."""
     s = _settings()
     s.require_llm()
     request = _openai_request(s, "/embeddings", {"input": [text], "encoding_format": "base64",
