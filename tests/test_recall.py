@@ -203,6 +203,40 @@ def test_the_context_block_is_byte_identical_and_never_exceeds_its_budget(memory
     assert "left out" not in roomy and roomy.count("- event 2026-03-") == 10
 
 
+@pytest.mark.parametrize(("question", "day"), [
+    ("what did we deploy to Kubernetes on March 9, 2026", "2026-03-09"),
+    ("what did we deploy to Kubernetes on 16 March 2026", "2026-03-16"),
+    ("what did we deploy to Kubernetes on 2026-03-02", "2026-03-02"),
+], ids=["month-day-year", "day-month-year", "iso"])
+def test_a_question_that_names_a_day_ranks_that_days_event_first(memory, question, day):
+    """Issue 34 item 4: the events' times were shown but not used. Three deploys that share their
+    words; the question's day decides."""
+    for at in (T1, T2, T3):
+        store_at(memory, at, f"Deployed the Billing service to Kubernetes, release {at[8:10]}.")
+
+    first = memory.ok("query", "--scope", "episodes", question).splitlines()[0]
+
+    assert first.startswith(f"- event {day}T09:00:00+00:00: Deployed the Billing service")
+
+
+def test_the_context_block_shows_a_fact_only_when_it_says_more_than_its_event(memory):
+    """Issue 34 item 6: a fact restating its event took a line of the block another event could use."""
+    store_at(memory, T1, "Alice chose Valkey for the query cache because Redis changed its license.")
+
+    block = memory.ok("context", "Alice Valkey query cache")
+    facts = json.loads(memory.ok("query", "--json", "Alice Valkey query cache"))["results"][0]["facts"]
+
+    assert facts, "the stand-in extracts facts from this event"
+    shown = [line for line in block.splitlines() if line.startswith("  fact: ")]
+    event_words = set(re.findall(r"[a-z0-9]+", "alice chose valkey for the query cache because redis changed its "
+                                                "license"))
+    for line in shown:  # what is shown adds words, and dates it by day
+        words = set(re.findall(r"[a-z0-9]+", line.split(" (")[0].lower())) - {"fact"}
+        assert len(words - event_words) >= len(words) / 2, line
+        assert re.search(r"\((since \d{4}-\d\d-\d\d|\d{4}-\d\d-\d\d to \d{4}-\d\d-\d\d)\)$", line), line
+    assert len(shown) < len(facts) or not facts
+
+
 def test_a_budget_out_of_range_exits_2(memory):
     result = memory.run("context", "--budget-tokens", "10", "anything")
 

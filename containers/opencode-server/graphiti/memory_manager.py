@@ -2463,6 +2463,12 @@ NEIGHBOUR_WINDOW_S = 3600      # an event's neighbours: the closest before and a
 FACTS_PER_EVENT = 3            # matched facts shown under a recalled event
 MIN_SIMILARITY = 0.6           # (1 + cosine) / 2, graphiti's own floor: below it a vector match is noise
 BM25_K1, BM25_B = 1.2, 0.75
+NEW_FACT_SHARE = 0.5           # of a fact's words its event lacks, for the fact to be shown under it
+# A word held by most texts weighs almost nothing (IDF <= log 2 past half of them), yet reading every
+# text that holds it was the whole cost of a recall at 20,000 facts (~200 ms for "fact"). Past both
+# bounds below a word is counted (FalkorDB counts without sending the texts) but scores no text.
+COMMON_WORD_SHARE = 0.5        # of the window's texts
+COMMON_WORD_MIN_TEXTS = 1_000  # so a small project's frequent words still score (1,000 rows: ~10 ms)
 MAX_QUERY_TERMS = 32
 EVENT_SNIPPET_CHARS = 400      # an event's text in `query`'s plain output; --json has all of it
 # English function words: they carry no evidence of relevance (graphiti's fulltext index drops its
@@ -2567,9 +2573,90 @@ def _format_recall(items: list[Recalled]) -> str:
 
 
 def _new_facts(event: Recalled) -> list[Fact]:
-    """An event's facts worth a line of their own: not those that repeat the event's words."""
-    said = _normalise_query(event.text)
-    return [f for f in event.facts if _normalise_query(f.text).rstrip(".") not in said]
+    """An event's facts worth a line of their own: those that say something the event's text does
+    not (at least NEW_FACT_SHARE of their words are not its words). Most facts restate their event
+    ("Caroline went to a support group" under "I went to a LGBTQ support group yesterday"), and
+    each line costs a prompt's budget that another event could use."""
+    said = _words(event.text)
+    return [f for f in event.facts if len(_words(f.text) - said) >= NEW_FACT_SHARE * max(1, len(_words(f.text)))]
+
+
+def _words(text: str) -> set[str]:
+    return {word for word in TERM.findall(text.lower()) if word not in QUERY_STOPWORDS}
+
+
+# --- a time the question names ----------------------------------------------------------------
+# "What did Melanie paint on October 13, 2023?", "what broke yesterday": events of that day, month or
+# year are raised by NAMED_TIME_BOOST (a multiple, so a question naming a time all events share
+# changes nothing). Times are compared as the UTC dates of the events' valid_at.
+
+MONTHS = ("january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
+          "november", "december")
+MONTH = r"(jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?|sep(?:t(?:ember)?)?|" \
+        r"oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)"
+ORDINAL = r"(\d{1,2})(?:st|nd|rd|th)?"
+NAMED_DAY = re.compile(rf"\b(?:{ORDINAL}\s+(?:of\s+)?{MONTH}|{MONTH}\.?\s+{ORDINAL}),?\s+(\d{{4}})\b", re.I)
+ISO_DAY = re.compile(r"\b(\d{4})-(\d{2})-(\d{2})\b")
+NAMED_MONTH = re.compile(rf"\b{MONTH}\.?,?\s+(\d{{4}})\b", re.I)
+MONTH_ALONE = re.compile(rf"\b(?:in|during|of|since|early|late|mid)\s+{MONTH}\b(?!\s+\d)", re.I)
+NAMED_YEAR = re.compile(r"\b(?:in|during|of|since)\s+((?:19|20)\d\d)\b", re.I)
+RELATIVE_DAYS = {"today": (0, 0), "yesterday": (1, 1), "this week": (6, 0), "last week": (13, 7),
+                 "past week": (7, 0), "this month": (30, 0), "last month": (61, 30)}  # days back: (from, to)
+NAMED_TIME_BOOST = 1.0
+
+
+def _month_number(name: str) -> int:
+    return next(n for n, month in enumerate(MONTHS, 1) if month.startswith(name.lower()[:3]))
+
+
+def _named_time(question: str, now: str) -> tuple[Callable[[str], bool] | None, str]:
+    """Whether an event's date (YYYY-MM-DD) lies in the time the question names (None if it names
+    none), and the question without the words that named it: they are a time, not words to find
+    (as words they matched nothing and only thinned every text match's share). The most precise
+    time named wins (a day over a month over a year)."""
+    if found := ISO_DAY.search(question):
+        day = "-".join(found.groups())
+        return (lambda date: date == day), _cut(question, found)
+    if found := NAMED_DAY.search(question):
+        number, month_a, month_b, number_b, year = found.groups()
+        day = f"{year}-{_month_number(month_a or month_b):02d}-{int(number or number_b):02d}"
+        return (lambda date: date == day), _cut(question, found)
+    if found := NAMED_MONTH.search(question):
+        prefix = f"{found.group(2)}-{_month_number(found.group(1)):02d}-"
+        return (lambda date: date.startswith(prefix)), _cut(question, found)
+    if found := MONTH_ALONE.search(question):
+        middle = f"-{_month_number(found.group(1)):02d}-"
+        return (lambda date: date[4:8] == middle), _cut(question, found)
+    if found := NAMED_YEAR.search(question):
+        year = found.group(1) + "-"
+        return (lambda date: date.startswith(year)), _cut(question, found)
+    for phrase, (back_from, back_to) in RELATIVE_DAYS.items():
+        if found := re.search(r"\b" + phrase.replace(" ", r"\s+") + r"\b", question, re.I):
+            today = datetime.fromisoformat(now).astimezone(UTC).date()
+            first, last = (str(today - timedelta(days=back)) for back in (back_from, back_to))
+            return (lambda date, first=first, last=last: first <= date <= last), _cut(question, found)
+    return None, question
+
+
+def _cut(question: str, found: re.Match[str]) -> str:
+    return question[:found.start()] + " " + question[found.end():]
+
+
+def _in_named_time(scores: dict[str, float], dates: dict[str, str], named: Callable[[str], bool] | None
+                   ) -> dict[str, float]:
+    """Scores of the items dated in the named time raised by NAMED_TIME_BOOST."""
+    if named is None:
+        return scores
+    return {uid: score * (1 + NAMED_TIME_BOOST) if named(_utc_date(dates.get(uid))) else score
+            for uid, score in scores.items()}
+
+
+def _utc_date(valid_at: Any) -> str:
+    """YYYY-MM-DD of a stored time in UTC ('' when it has none or it cannot be read)."""
+    try:
+        return datetime.fromisoformat(str(valid_at).replace("Z", "+00:00")).astimezone(UTC).date().isoformat()
+    except ValueError:
+        return ""
 
 
 def _query_terms(text: str) -> list[str]:
@@ -2644,30 +2731,33 @@ async def _bm25(graph: Any, kind: _Kind, terms: list[str], window: _Window, at: 
     score the share of a perfect match's (every word of the question, average length). IDF and the
     average length come from the memories themselves, so the ranking is a function of what is
     stored (identical after a restore), unlike FalkorDB's own fulltext score (issue 1208). The
-    index finds which texts hold a term (stemmed); a term counts once per text."""
+    index finds which texts hold a term (stemmed); a term counts once per text. A common word (see
+    COMMON_WORD_SHARE) adds its weight to the perfect match but to no text."""
     if not terms:
         return []
     where = _window_where(kind, window)
     documents, average_length = await _corpus_statistics(graph, kind, where, window, at)
     if not documents:
         return []
-    rows = (await graph.ro_query(
-        f"UNWIND $terms AS term {kind.index_call}{where} "
-        f"RETURN term, x.uuid, size({kind.text}), coalesce(x.valid_at, ''), left({kind.text}, 200)",
-        {"terms": terms, "at": at})).result_set
-    frequency: dict[str, int] = defaultdict(int)
-    for term, *_ in rows:
-        frequency[term] += 1
+    common = max(COMMON_WORD_MIN_TEXTS, int(COMMON_WORD_SHARE * documents))
+    rows = (await graph.ro_query(  # a common word: one row, its count, and no text (x is NULL)
+        f"UNWIND $terms AS term {kind.index_call}{where} WITH term, collect(x) AS found "
+        "UNWIND CASE WHEN size(found) > $common THEN [NULL] ELSE found END AS x "
+        f"RETURN term, size(found), x.uuid, size({kind.text}), coalesce(x.valid_at, ''), left({kind.text}, 200)",
+        {"terms": terms, "at": at, "common": common})).result_set
+    frequency = {term: df for term, df, *_ in rows}
     scores: dict[str, float] = defaultdict(float)
     order: dict[str, tuple] = {}
-    for term, uid, length, valid_at, opening in rows:
-        df = frequency[term]
+    for _term, df, uid, length, valid_at, opening in rows:
+        if uid is None:
+            continue
         idf = math.log(1 + (documents - df + 0.5) / (df + 0.5))
         scores[uid] += idf * (BM25_K1 + 1) / (1 + BM25_K1 * (1 - BM25_B + BM25_B * length / average_length))
         order[uid] = (opening, valid_at, uid)
     best = sorted(scores, key=lambda uid: (-round(scores[uid], 9), *order[uid]))[:RECALL_CANDIDATES]
     # As a share of a perfect match: a text of average length holding every word of the question.
-    perfect = sum(math.log(1 + (documents - frequency[term] + 0.5) / (frequency[term] + 0.5)) for term in terms)
+    perfect = sum(math.log(1 + (documents - frequency.get(term, 0) + 0.5) / (frequency.get(term, 0) + 0.5))
+                  for term in terms)
     return [(scores[uid] / perfect, uid) for uid in best]
 
 
@@ -2797,7 +2887,8 @@ async def _recall(query: str, limit: int, scope: str, window: _Window) -> list[R
     vector = await _question_vector(query)
     graph = (await _falkordb()).select_graph(s.group_id)
     at = window.as_of or _utc_iso(datetime.now(UTC))
-    terms = _query_terms(query)
+    named, undated = _named_time(query, at)
+    terms = _query_terms(undated)
     kinds = [k for k in (FACTS, EPISODES) if scope in ("all", k.name + "s")]
     async with _service("falkordb", s.falkordb_address):
         ranked = await _all_or_first_error([search for kind in kinds for search in (
@@ -2807,7 +2898,8 @@ async def _recall(query: str, limit: int, scope: str, window: _Window) -> list[R
         facts = _combined({u: x for x, u in fact_text}, {u: x for x, u in fact_meaning})
         fact_records = await _details(graph, FACTS, list(facts))
         if scope == "facts":
-            return _ranked_items("fact", fact_records, facts, limit)
+            named_facts = _in_named_time(facts, {u: r["valid_at"] for u, r in fact_records.items()}, named)
+            return _ranked_items("fact", fact_records, named_facts, limit)
         with_facts = scope == "all"
         text = _with_fact_evidence({u: x for x, u in ranked[-2]}, fact_text, fact_records,
                                    FACT_TEXT_SHARE * with_facts)
@@ -2816,6 +2908,7 @@ async def _recall(query: str, limit: int, scope: str, window: _Window) -> list[R
         events = await _with_neighbours(graph, _combined(text, meaning))
         keys = await _details(graph, EPISODES, list(events), "coalesce(x.valid_at, '') AS at, "
                               "left(x.content, 200) AS opening")
+        events = _in_named_time(events, {u: k["at"] for u, k in keys.items()}, named)
         best = sorted(keys, key=lambda u: (-round(events[u], 12), keys[u]["opening"], keys[u]["at"], u))[:limit]
         items = [dataclasses.replace(item, facts=_supporting(item.uuid, fact_records, facts))
                  for item in _ranked_items("episode", await _details(graph, EPISODES, best), events, limit)]
@@ -2990,12 +3083,17 @@ def _format_context(question: str, items: list[Recalled], budget_tokens: int) ->
 
 def _context_line(item: Recalled) -> str:
     if item.kind == "fact":
-        return f"- fact: {item.text} (true from {item.valid_at or '?'} until {item.invalid_at or 'now'})"
+        return f"- fact: {item.text} ({_fact_span(item.valid_at, item.invalid_at)})"
     text = " ".join(item.text.split())
     text = text if len(text) <= CONTEXT_EVENT_CHARS else text[:CONTEXT_EVENT_CHARS - 1] + "…"
-    facts = "".join(f"\n  fact: {f.text} (true from {f.valid_at or '?'} until {f.invalid_at or 'now'})"
-                    for f in _new_facts(item))
+    facts = "".join(f"\n  fact: {f.text} ({_fact_span(f.valid_at, f.invalid_at)})" for f in _new_facts(item))
     return f"- event {_short_time(item.valid_at)}: {text}{facts}"
+
+
+def _fact_span(valid_at: str | None, invalid_at: str | None) -> str:
+    """When a fact held, by UTC dates: `since 2023-05-08`, `2023-05-08 to 2023-06-01`."""
+    since = _utc_date(valid_at) or "an unknown date"
+    return f"{since} to {_utc_date(invalid_at) or 'an unknown date'}" if invalid_at else f"since {since}"
 
 
 def _short_time(valid_at: str | None) -> str:
