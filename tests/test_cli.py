@@ -270,6 +270,15 @@ def test_store_dash_on_a_terminal_says_what_it_is_waiting_for(memory):
     assert err.splitlines()[0] == "memory-manager: reading the event from stdin; end it with Ctrl-D"
 
 
+def test_mcp_started_on_a_terminal_says_what_it_waits_for(memory):
+    """Issue 36: `memory-manager mcp` on a terminal waited silently."""
+    code, err = run_on_a_terminal(memory, ["mcp"], b"\x04")
+
+    assert code == 0, err
+    assert err.splitlines()[0] == ("memory-manager: serving MCP on stdin/stdout for an MCP client (OpenCode starts "
+                                   "it: docs/opencode.md); Ctrl-D ends it")
+
+
 def test_restore_replace_asks_on_a_terminal_and_needs_yes_in_a_script(memory, tmp_path):
     memory.store("Alice prefers pytest for the OpenCode repo.")
     path = tmp_path / "export.json"

@@ -6442,6 +6442,9 @@ async def _cmd_mcp(args: argparse.Namespace) -> int:
     if args.group is None and _env_str("MEMORY_GROUP_ID") is None:
         _use_group(project_group(_working_directory()))  # the group the plugin stores this project under
     log.info("mcp: serving memory group %s", _settings().group_id)
+    if not args.http and sys.stdin.isatty() and not args.quiet:  # a person, not an MCP client, started it
+        print(f"{PROG}: serving MCP on stdin/stdout for an MCP client (OpenCode starts it: docs/opencode.md); "
+              "Ctrl-D ends it", file=sys.stderr)
     await serve_mcp(args.http, args.worker)
     return 0
 
