@@ -1,8 +1,27 @@
 """Requirement: Configuration from the environment (spec: memory-manager / Configuration)."""
 
+import re
 from urllib.parse import quote
 
 import pytest
+
+from conftest import MODULE, ROOT
+
+SYSTEM_VARIABLES = {"PWD"}  # the shell's, read for the working directory
+
+
+def test_every_variable_the_module_and_the_plugin_read_is_documented_and_in_env_example():
+    """Issue 36: the plugin's six variables were in no configuration page."""
+    module = MODULE.read_text()
+    plugin = (ROOT / "containers" / "opencode-server" / "plugins" / "memory.js").read_text()
+    read = {*re.findall(r'_env_\w+\(\s*"([A-Z][A-Z0-9_]+)"', module),
+            *re.findall(r'environ(?:\.get)?[\[(]\s*"([A-Z][A-Z0-9_]+)"', module),
+            *re.findall(r"process\.env\.([A-Z][A-Z0-9_]+)", plugin)} - SYSTEM_VARIABLES
+    documented, example = (ROOT / "docs" / "configuration.md").read_text(), (ROOT / ".env.example").read_text()
+
+    assert len(read) > 40
+    assert sorted(name for name in read if f"`{name}`" not in documented and name not in documented) == []
+    assert sorted(name for name in read if name not in example and name != "XDG_STATE_HOME") == []
 
 
 @pytest.mark.parametrize(("variable", "value", "message"), [
