@@ -256,11 +256,15 @@ def run_on_a_terminal(memory, args: list[str], typed: bytes) -> tuple[int, str]:
     process = subprocess.Popen([sys.executable, str(MODULE), *args], env=memory.env, stdin=terminal,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     os.close(terminal)
-    time.sleep(1.5)  # let it start and prompt
+    import select
+
+    assert process.stderr is not None
+    ready, _, _ = select.select([process.stderr], [], [], 60)  # its prompt (or hint): it is waiting for us
+    prompted = os.read(process.stderr.fileno(), 65536).decode() if ready else ""
     os.write(controller, typed)
     _, err = process.communicate(timeout=120)
     os.close(controller)
-    return process.returncode, err
+    return process.returncode, prompted + err
 
 
 def test_store_dash_on_a_terminal_says_what_it_is_waiting_for(memory):

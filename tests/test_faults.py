@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import pytest
 import redis
 
-from conftest import MODULE, ROOT, DogStatsd, Memory, Result, b2_faults, wait_for_no_worker
+from conftest import MODULE, ROOT, DogStatsd, Memory, Result, b2_faults, free_port, wait_for_no_worker
 
 COMMANDS = ("store", "worker", "query hit", "query miss", "entities", "health", "export", "restore")
 STATES = (
@@ -162,19 +162,13 @@ class Blackhole:
         self.server.close()
 
 
-def dead_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def agent_traces(stack, token: str) -> str:
     url = f"{stack.agent_url}/test/session/traces?test_session_token={token}"
     with urllib.request.urlopen(url, timeout=10) as reply:
         return reply.read().decode()
 
 
-def standin(stack, path: str, body: dict) -> None:
+def post_to_standin(stack, path: str, body: dict) -> None:
     request = urllib.request.Request(stack.standin_url + path, data=json.dumps(body).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
     urllib.request.urlopen(request, timeout=5).close()
@@ -220,14 +214,14 @@ def cell_env(memory: Memory, state: str, command: str, statsd: DogStatsd, token:
         return str(holes[-1].port)
 
     changes = {
-        "falkordb down": {"FALKORDB_PORT": str(dead_port()), "FALKORDB_PASSWORD": SECRETS["FALKORDB_PASSWORD"]},
+        "falkordb down": {"FALKORDB_PORT": str(free_port()), "FALKORDB_PASSWORD": SECRETS["FALKORDB_PASSWORD"]},
         "falkordb black-holed": {"FALKORDB_PORT": hole(), "FALKORDB_PASSWORD": SECRETS["FALKORDB_PASSWORD"]},
-        "valkey down": {"VALKEY_PORT": str(dead_port()), "VALKEY_PASSWORD": SECRETS["VALKEY_PASSWORD"]},
+        "valkey down": {"VALKEY_PORT": str(free_port()), "VALKEY_PASSWORD": SECRETS["VALKEY_PASSWORD"]},
         "valkey black-holed": {"VALKEY_PORT": hole(), "VALKEY_PASSWORD": SECRETS["VALKEY_PASSWORD"]},
         "b2 bad key": {"B2_APP_KEY": SECRETS["B2_APP_KEY"]},
         "b2 missing bucket": {"B2_BUCKET": "no-such-bucket"},
         "b2 stall": {"B2_REALM": f"http://127.0.0.1:{hole()}", "B2_STALL_S": "20"},
-        "datadog agent absent": {"DD_TRACE_AGENT_PORT": str(dead_port())},
+        "datadog agent absent": {"DD_TRACE_AGENT_PORT": str(free_port())},
         "datadog agent black-holed": {"DD_TRACE_AGENT_PORT": hole()},
         "malformed DD_*": {"DD_TRACE_AGENT_PORT": "abc"},
     }.get(state, {})
@@ -296,12 +290,12 @@ def run_worker_cell(stack, memory: Memory, state: str, env: dict[str, str], outc
         service = state.split()[0]
         result, elapsed = run_killing(stack, env, ["drain"], service, after_s=0, down_s=4)
     elif state.endswith("killed mid-operation"):
-        standin(stack, "/_standin/faults", {"latency_ms": 1000})
+        post_to_standin(stack, "/_standin/faults", {"latency_ms": 1000})
         result, elapsed = run_killing(stack, env, ["drain"], state.split()[0], after_s=3, down_s=1)
     else:
         result, elapsed = run(env, ["drain"], outcome.within_s)
     assert elapsed <= outcome.within_s, f"{elapsed:.1f} s"
-    standin(stack, "/_standin/reset", {})
+    post_to_standin(stack, "/_standin/reset", {})
     row = memory.queue()
     expected = {"ingested": (1, 0, 0), "still queued": (0, 1, 0), "kept": (0, 1, 0),
                 "dead letter": (0, 0, 1)}[outcome.after]
@@ -330,17 +324,17 @@ def run_cell(stack, memory: Memory, matrix, state: str, command: str, env: dict[
     if state == "b2 5xx storm":
         b2_faults(stack, upload_errors=1000)
     if faults:
-        standin(stack, "/_standin/faults", faults)
+        post_to_standin(stack, "/_standin/faults", faults)
     try:
         if state.endswith("killed mid-operation"):
-            standin(stack, "/_standin/faults", {"latency_ms": 1000})
+            post_to_standin(stack, "/_standin/faults", {"latency_ms": 1000})
             result, elapsed = run_killing(stack, env, args, state.split()[0], after_s=0, down_s=3,
                                           on_request=True)
         else:
             result, elapsed = run(env, args, outcome.within_s)
     finally:
         b2_faults(stack)
-        standin(stack, "/_standin/reset", {})
+        post_to_standin(stack, "/_standin/reset", {})
     assert elapsed <= outcome.within_s, f"{elapsed:.1f} s: {result}"
     if state.startswith("falkordb killed"):
         return result  # FalkorDB restarted empty: nothing to compare
@@ -370,7 +364,7 @@ def test_fault_matrix(stack, memory, matrix, state, command):
             faults = {"fault": faults["fault"], "fault_count": -1}
         if command == "worker":
             if faults:
-                standin(stack, "/_standin/faults", faults)
+                post_to_standin(stack, "/_standin/faults", faults)
             env = {**env, "MEMORY_GROUP_ID": memory.group, "MEMORY_SPOOL_DIR": str(memory.spool_dir)}
             result = run_worker_cell(stack, memory, state, env, outcome)
         else:
@@ -378,7 +372,7 @@ def test_fault_matrix(stack, memory, matrix, state, command):
         assert_outcome(stack, env, command, outcome, result)
         assert_no_secret_anywhere(stack, memory, token, statsd, result)
     finally:
-        standin(stack, "/_standin/reset", {})
+        post_to_standin(stack, "/_standin/reset", {})
         statsd.close()
         for hole in holes:
             hole.close()
