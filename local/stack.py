@@ -61,6 +61,30 @@ def resp_ping(port: int, timeout_s: float = 0.5) -> bool:
         return False
 
 
+UDP_SERVICES = {"dogstatsd"}
+
+
+def _port_taken(name: str, port: int) -> bool:
+    """Whether another process holds the port, as this service would use it: DogStatsD's is UDP,
+    which a TCP connect does not see (beside another stack its catcher died while this one said up)."""
+    kind = socket.SOCK_DGRAM if name in UDP_SERVICES else socket.SOCK_STREAM
+    with socket.socket(socket.AF_INET, kind) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return kind == socket.SOCK_STREAM and _listening(port)
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22): with the pid it
+    names one process, so a pid the kernel handed to another program is never signalled."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
 def _listening(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5):
@@ -508,7 +532,7 @@ def up(run_dir: Path, env_file: Path, embeddings: str = "hashed") -> None:
         raise SystemExit(f"stack: already up (see {state}); run `make stack-down` first")
     # a default port that another checkout's stack (or anything) holds is replaced by a free one;
     # the env file and stack.json carry the ports actually used
-    taken = [name for name, port in DEFAULT_PORTS.items() if _listening(port)]
+    taken = [name for name, port in DEFAULT_PORTS.items() if _port_taken(name, port)]
     ports = {**DEFAULT_PORTS, **free_ports(taken)}
     moved = [f"{name} {DEFAULT_PORTS[name]} -> {port}" for name, port in ports.items() if port != DEFAULT_PORTS[name]]
     if moved:
@@ -517,6 +541,7 @@ def up(run_dir: Path, env_file: Path, embeddings: str = "hashed") -> None:
     stack.start(detach=True)
     stack.write_env_file(env_file)
     state.write_text(json.dumps({"pids": {n: p.pid for n, p in stack.processes.items()},
+                                 "started": {n: _start_time(p.pid) for n, p in stack.processes.items()},
                                  "ports": stack.ports, "cache": stack.cache_flavour}))
     print(f"stack: up (FalkorDB :{stack.ports['falkordb']}, {stack.cache_flavour} :{stack.ports['valkey']}, "
           f"OpenAI stand-in :{stack.ports['standin']}); env in {env_file}", file=sys.stderr)
@@ -528,7 +553,11 @@ def down(run_dir: Path, env_file: Path) -> None:
     if not state.exists():
         print("stack: nothing to stop", file=sys.stderr)
         return
-    pids = json.loads(state.read_text())["pids"]
+    saved = json.loads(state.read_text())
+    started = saved.get("started", {})
+    # only the processes this stack started: after a reboot or a long while the pids are others'
+    pids = {name: pid for name, pid in saved["pids"].items()
+            if "started" not in saved or _start_time(pid) == started.get(name)}  # (older files: all)
     for pid in pids.values():
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
