@@ -196,7 +196,7 @@ class Stack:
             "VALKEY_HOST": "127.0.0.1", "VALKEY_PORT": str(self.ports["valkey"]),
             "OPENAI_API_KEY": "sk-standin-not-a-real-key", "OPENAI_BASE_URL": f"{self.standin_url}/v1",
             "MEMORY_LLM_MODEL": "gpt-4.1-mini", "MEMORY_LLM_SMALL_MODEL": "gpt-4.1-nano",
-            "MEMORY_EMBEDDING_MODEL": "text-embedding-3-small", "MEMORY_GROUP_ID": "opencode",
+            "MEMORY_EMBEDDING_MODEL": "text-embedding-3-small",
             "GRAPHITI_TELEMETRY_ENABLED": "false",
             **self.b2_env(),
             "DD_AGENT_HOST": "127.0.0.1", "DD_TRACE_AGENT_PORT": str(self.ports["ddagent"]),

@@ -226,6 +226,39 @@ def test_group_option_overrides_memory_group_id_on_every_command(memory):
         memory.with_env(MEMORY_GROUP_ID=other).forget_queue()
 
 
+def test_in_a_project_every_command_uses_the_project_group_with_no_variable_set(memory, tmp_path):
+    """Issue 37 item 2: the plugin stored under the project's group while `query` in the same
+    directory read MEMORY_GROUP_ID=opencode from .env.example and found nothing."""
+    project = tmp_path / "widget"
+    project.mkdir()
+    subprocess.run(["git", "init", "-q", str(project)], check=True)
+    repository = f"widget-{memory.group[-6:]}"
+    subprocess.run(["git", "-C", str(project), "remote", "add", "origin", f"git@github.com:Acme/{repository}.git"],
+                   check=True)
+    expected = f"github-com-acme-{repository}"
+    unset = {**memory.with_env(MEMORY_GROUP_ID=None).env, "PWD": str(project)}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(MODULE), *args], env=unset, cwd=project, text=True,
+                              capture_output=True, timeout=120)
+
+    group = run("group")
+    stored = run("store", "--wait", "Alice moved the widget's CI to GitHub Actions runners.")
+    answer = run("query", "widget CI runners")
+    health = json.loads(run("health", "--json").stdout)
+    try:
+        assert (group.stdout, group.stderr) == (f"{expected}\n", "memory-manager: from the git remote origin of "
+                                                f"{project} (github.com/acme/{repository})\n")
+        assert stored.returncode == 0, stored.stderr
+        assert "GitHub Actions" in answer.stdout
+        assert health["group"]["address"] == "project" and health["group"]["detail"].startswith(expected)
+        with_variable = subprocess.run([sys.executable, str(MODULE), "group", "--json"], text=True,
+                                       capture_output=True, cwd=project, env={**unset, "MEMORY_GROUP_ID": "pinned"})
+        assert json.loads(with_variable.stdout) == {"group": "pinned", "rule": "MEMORY_GROUP_ID"}
+    finally:
+        memory.with_env(MEMORY_GROUP_ID=expected).forget_queue()
+
+
 def test_quiet_silences_warnings_but_not_errors(memory, dead_port):
     warned = memory.run("store", "--wait", "Completed: lint for the OpenCode repo", "[1]")
     quiet = memory.run("store", "--wait", "-q", "Completed: lint for the OpenCode repo", "[1]")

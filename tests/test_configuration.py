@@ -114,9 +114,11 @@ def test_settings_hide_secrets_in_their_repr(monkeypatch):
     assert "canary" not in text
 
 
-def test_documented_defaults_apply_when_nothing_is_set(monkeypatch):
+def test_documented_defaults_apply_when_nothing_is_set(monkeypatch, tmp_path):
     import memory_manager
 
+    monkeypatch.chdir(tmp_path)  # not a repository: the group comes from the directory
+    monkeypatch.setenv("PWD", str(tmp_path))
     for name in ("FALKORDB_HOST", "FALKORDB_PORT", "VALKEY_HOST", "VALKEY_PORT", "MEMORY_GROUP_ID",
                  "MEMORY_CACHE_TTL", "MEMORY_MAX_EPISODE_CHARS", "MEMORY_EMBEDDING_MODEL", "EMBEDDING_DIM",
                  "MEMORY_CACHE_GROUP_BYTES"):
@@ -124,7 +126,9 @@ def test_documented_defaults_apply_when_nothing_is_set(monkeypatch):
 
     s = memory_manager.Settings.from_env()
 
-    assert (s.falkordb_address, s.valkey_address, s.group_id) == ("localhost:6379", "localhost:6380", "opencode")
+    assert (s.falkordb_address, s.valkey_address) == ("localhost:6379", "localhost:6380")
+    assert s.group_id == memory_manager.project_group(str(tmp_path))
+    assert s.group_id.startswith(tmp_path.name.replace("_", "-")[:40])
     assert (s.cache_ttl_s, s.cache_group_bytes, s.max_episode_chars) == (300, 4 << 20, 100_000)
     assert (s.embedding_model, s.embedding_dim) == (None, 1024)
 
@@ -187,7 +191,7 @@ def test_every_variable_the_settings_read_is_in_env_example_with_a_comment_above
     ours = {name for name in read if name not in ("PWD", "XDG_STATE_HOME")}
     lines = (ROOT / ".env.example").read_text().splitlines()
     documented = {match.group(1): number for number, line in enumerate(lines)
-                  if (match := re.match(r"^([A-Z][A-Z0-9_]*)=", line))}
+                  if (match := re.match(r"^(?:# )?([A-Z][A-Z0-9_]*)=", line))}  # `# NAME=`: best left unset
 
     assert {"FALKORDB_URL", "VALKEY_TLS_KEY_FILE", "MEMORY_MCP_TOKENS"} <= ours  # the recording saw the reads
     assert sorted(ours - documented.keys()) == []

@@ -259,19 +259,28 @@ def _env_int(name: str, default: int, low: int, high: int) -> int:
 
 
 def project_group(directory: str) -> str:
-    """The memory group of a project directory, the rule the OpenCode plugin and `mcp` share: its git
-    remote `origin`, normalised (git@github.com:Acme/api.git and https://github.com/acme/api are both
+    """The memory group of a project directory, the rule every caller shares (the CLI, the library,
+    `mcp` and the OpenCode plugin) unless --group or MEMORY_GROUP_ID names one: its git remote
+    `origin`, normalised (git@github.com:Acme/api.git and https://github.com/acme/api are both
     github-com-acme-api, so a fresh clone finds its old memories), else the directory's name and a
     hash of its path; capped at 64 characters with a hash of the whole."""
+    return _project_group_and_rule(directory)[0]
+
+
+@functools.lru_cache(maxsize=8)
+def _project_group_and_rule(directory: str) -> tuple[str, str]:
+    """(group, the rule that chose it, as `group` prints it); one `git` run per directory and process."""
     try:
         remote = subprocess.run(["git", "-C", directory, "config", "--get", "remote.origin.url"], text=True,
                                 capture_output=True, timeout=2).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         remote = ""
     if remote:
-        return _group_slug(_normalised_remote(remote))
+        normalised = _normalised_remote(remote)
+        return _group_slug(normalised), f"the git remote origin of {directory} ({normalised})"
     resolved = os.path.realpath(directory)
-    return _group_slug(f"{os.path.basename(resolved)}-{hashlib.sha256(resolved.encode()).hexdigest()[:8]}")
+    slug = _group_slug(f"{os.path.basename(resolved)}-{hashlib.sha256(resolved.encode()).hexdigest()[:8]}")
+    return slug, f"the directory {resolved} (no git remote origin)"
 
 
 def _normalised_remote(url: str) -> str:
@@ -550,7 +559,7 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
-        group_id = _env_str("MEMORY_GROUP_ID", "opencode") or "opencode"
+        group_id = _env_str("MEMORY_GROUP_ID") or project_group(_working_directory())
         if not GROUP_ID_RULE.fullmatch(group_id):
             raise UsageError(f"MEMORY_GROUP_ID must match {GROUP_ID_RULE.pattern}, got {group_id!r}")
         return cls(
@@ -3355,7 +3364,7 @@ async def health() -> dict:
                      else "credentials are KEPT: they reach OpenAI, the graph, the queue's disk and B2"}
         op.set(**{"health.falkordb": falkordb["ok"], "health.valkey": valkey["ok"],
                   "health.llm": llm["ok"]})
-        group = {"ok": True, "address": "MEMORY_GROUP_ID",
+        group = {"ok": True, "address": "MEMORY_GROUP_ID" if _env_str("MEMORY_GROUP_ID") else "project",
                  "detail": f"{s.group_id} (the memory group this process stores to and recalls from)"}
         return {
             "falkordb": falkordb,
@@ -6439,8 +6448,6 @@ async def _cmd_export(args: argparse.Namespace) -> int:
 
 
 async def _cmd_mcp(args: argparse.Namespace) -> int:
-    if args.group is None and _env_str("MEMORY_GROUP_ID") is None:
-        _use_group(project_group(_working_directory()))  # the group the plugin stores this project under
     log.info("mcp: serving memory group %s", _settings().group_id)
     if not args.http and sys.stdin.isatty() and not args.quiet:  # a person, not an MCP client, started it
         print(f"{PROG}: serving MCP on stdin/stdout for an MCP client (OpenCode starts it: docs/opencode.md); "
@@ -6623,12 +6630,24 @@ async def _cmd_group(args: argparse.Namespace) -> int:
     missing = next((name for name in REQUIRED_PACKAGES if importlib.util.find_spec(name) is None), None)
     if missing:
         raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
-    group = project_group(args.directory or _working_directory())
+    group, rule = _chosen_group(args)
     if args.json:
-        _print_json({"group": group})
+        _print_json({"group": group, "rule": rule})
     else:
         print(group)
+        if not args.quiet:
+            print(f"{PROG}: from {rule}", file=sys.stderr)
     return 0
+
+
+def _chosen_group(args: argparse.Namespace) -> tuple[str, str]:
+    """The group a command run there would use, and why: --group, then MEMORY_GROUP_ID (for the
+    current directory only: one named is asked about its own rule), then the project rule."""
+    if args.group is not None:
+        return args.group, "--group"
+    if args.directory is None and _env_str("MEMORY_GROUP_ID"):
+        return _settings().group_id, "MEMORY_GROUP_ID"
+    return _project_group_and_rule(os.path.abspath(args.directory or _working_directory()))
 
 
 def _write_text_file(path: str, text: str, option: str) -> None:
