@@ -1488,6 +1488,24 @@ async def _cached(group: str, key: str) -> tuple[str | None, _CacheSlot | None]:
     return (answer if stored and computed_under == generation else None), _CacheSlot(group, key, generation)
 
 
+async def _cached_many(group: str, keys: list[str]) -> tuple[list[str | None], str | None]:
+    """Values cached under the group's current generation (None where missing or stale) in one
+    MGET, and that generation (None: the cache is down, store nothing)."""
+    s = _settings()
+    if _skip_cache() or not keys:
+        return [None] * len(keys), None
+    try:
+        async with _service("valkey", s.valkey_address):
+            generation, *stored = await _valkey().mget(_group_key(group, "gen"), *keys)
+    except ServiceError as exc:
+        _warn_cache_down(exc)
+        return [None] * len(keys), None
+    generation = generation or "0"
+    values = [value.partition("\n")[2] if value and value.partition("\n")[0] == generation else None
+              for value in stored]
+    return values, generation
+
+
 MAX_CACHED_ANSWER_BYTES = 64 * 1024  # a larger answer (events of ~100 KB) is recomputed, not cached
 
 
@@ -2749,12 +2767,19 @@ async def _bm25(graph: Any, kind: _Kind, terms: list[str], window: _Window, at: 
     if not documents:
         return []
     common = max(COMMON_WORD_MIN_TEXTS, int(COMMON_WORD_SHARE * documents))
-    rows = (await graph.ro_query(  # a common word: one row, its count, and no text (x is NULL)
+    keys = {term: _group_key(graph.name, f"common:{kind.name}:{window.key()}:{term}") for term in terms}
+    counted, generation = await _cached_many(graph.name, list(keys.values()))
+    known = {term: int(df) for term, df in zip(terms, counted, strict=True) if df is not None}
+    asked = [term for term in terms if term not in known]  # a word known to be common costs nothing
+    rows = [] if not asked else (await graph.ro_query(  # a common word: one row, its count, no text (x NULL)
         f"UNWIND $terms AS term {kind.index_call}{where} WITH term, collect(x) AS found "
         "UNWIND CASE WHEN size(found) > $common THEN [NULL] ELSE found END AS x "
         f"RETURN term, size(found), x.uuid, size({kind.text}), coalesce(x.valid_at, ''), left({kind.text}, 200)",
-        {"terms": terms, "at": at, "common": common})).result_set
-    frequency = {term: df for term, df, *_ in rows}
+        {"terms": asked, "at": at, "common": common})).result_set
+    frequency = {**known, **{term: df for term, df, *_ in rows}}
+    for term, df, uid, *_ in rows:
+        if uid is None and generation is not None:  # counted once per generation (every write bumps it)
+            await _cache_store(_CacheSlot(graph.name, keys[term], generation), str(df))
     scores: dict[str, float] = defaultdict(float)
     order: dict[str, tuple] = {}
     for _term, df, uid, length, valid_at, opening in rows:
