@@ -219,22 +219,22 @@ def test_a_question_that_names_a_day_ranks_that_days_event_first(memory, questio
     assert first.startswith(f"- event {day}T09:00:00+00:00: Deployed the Billing service")
 
 
-def test_the_context_block_shows_a_fact_only_when_it_says_more_than_its_event(memory):
-    """Issue 34 item 6: a fact restating its event took a line of the block another event could use."""
-    store_at(memory, T1, "Alice chose Valkey for the query cache because Redis changed its license.")
+def test_the_context_block_shows_a_fact_only_when_it_says_more_than_its_event():
+    """Issue 34 item 6: a fact restating its event took a line of the block another event could use
+    (the stand-in's facts are cut from their event's own text, so the block is built in process from
+    the facts a real model writes)."""
+    import memory_manager as mm
 
-    block = memory.ok("context", "Alice Valkey query cache")
-    facts = json.loads(memory.ok("query", "--json", "Alice Valkey query cache"))["results"][0]["facts"]
+    restates = mm.Fact("Caroline went to a LGBTQ support group", "2023-05-07T00:00:00+00:00", None, "f1", 0.5)
+    adds = mm.Fact("Caroline is a transgender woman", "2023-05-08T13:56:00+00:00", "2023-06-01T09:00:00Z", "f2", 0.4)
+    event = mm.Recalled("episode", "Caroline: I went to a LGBTQ support group yesterday and it was powerful.",
+                        "e1", 0.9, "2023-05-08T13:56:00+00:00", None, ["e1"], [restates, adds])
 
-    assert facts, "the stand-in extracts facts from this event"
-    shown = [line for line in block.splitlines() if line.startswith("  fact: ")]
-    event_words = set(re.findall(r"[a-z0-9]+", "alice chose valkey for the query cache because redis changed its "
-                                                "license"))
-    for line in shown:  # what is shown adds words, and dates it by day
-        words = set(re.findall(r"[a-z0-9]+", line.split(" (")[0].lower())) - {"fact"}
-        assert len(words - event_words) >= len(words) / 2, line
-        assert re.search(r"\((since \d{4}-\d\d-\d\d|\d{4}-\d\d-\d\d to \d{4}-\d\d-\d\d)\)$", line), line
-    assert len(shown) < len(facts) or not facts
+    block = mm._format_context("what did Caroline do", [event], 1000)
+
+    assert block == ("Memories relevant to: what did Caroline do\n"
+                     "- event 2023-05-08 13:56 UTC: Caroline: I went to a LGBTQ support group yesterday and it was "
+                     "powerful.\n  fact: Caroline is a transgender woman (2023-05-08 to 2023-06-01)")
 
 
 def test_a_budget_out_of_range_exits_2(memory):

@@ -1474,25 +1474,15 @@ async def _cache_lookup(group: str, query: str, limit: int, variant: str) -> tup
 
 async def _cached(group: str, key: str) -> tuple[str | None, _CacheSlot | None]:
     """A value cached under the group's current generation, as _cache_lookup() returns it."""
-    s = _settings()
-    if _skip_cache():
-        return None, None
-    try:
-        async with _service("valkey", s.valkey_address):
-            generation, stored = await _valkey().mget(_group_key(group, "gen"), key)
-    except ServiceError as exc:
-        _warn_cache_down(exc)
-        return None, None
-    generation = generation or "0"
-    computed_under, _, answer = (stored or "").partition("\n")
-    return (answer if stored and computed_under == generation else None), _CacheSlot(group, key, generation)
+    [value], generation = await _cached_many(group, [key])
+    return value, None if generation is None else _CacheSlot(group, key, generation)
 
 
 async def _cached_many(group: str, keys: list[str]) -> tuple[list[str | None], str | None]:
     """Values cached under the group's current generation (None where missing or stale) in one
     MGET, and that generation (None: the cache is down, store nothing)."""
     s = _settings()
-    if _skip_cache() or not keys:
+    if _skip_cache():
         return [None] * len(keys), None
     try:
         async with _service("valkey", s.valkey_address):
@@ -1501,9 +1491,9 @@ async def _cached_many(group: str, keys: list[str]) -> tuple[list[str | None], s
         _warn_cache_down(exc)
         return [None] * len(keys), None
     generation = generation or "0"
-    values = [value.partition("\n")[2] if value and value.partition("\n")[0] == generation else None
-              for value in stored]
-    return values, generation
+    split = [(value or "").partition("\n") for value in stored]
+    return [answer if value and computed_under == generation else None
+            for value, (computed_under, _, answer) in zip(stored, split, strict=True)], generation
 
 
 MAX_CACHED_ANSWER_BYTES = 64 * 1024  # a larger answer (events of ~100 KB) is recomputed, not cached
