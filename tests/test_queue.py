@@ -15,6 +15,7 @@ import time
 from datetime import datetime
 
 import pytest
+import redis
 
 from conftest import MODULE, stop, wait_for_no_worker
 
@@ -32,6 +33,15 @@ def no_drain(memory):
     """Stores that only queue: no drainer is started, so the test decides when a worker runs."""
     wait_for_no_worker(memory.stack)
     return memory.with_env(MEMORY_AUTO_DRAIN="off")
+
+
+def pending_consumers(valkey, group: str) -> list[str]:
+    """The workers (host:pid:tag) holding an unacknowledged entry of the group's stream."""
+    try:
+        pending = valkey.xpending(f"memory:{{{group}}}:episodes", "ingest")
+    except redis.ResponseError:  # no consumer group yet: no worker has looked at the stream
+        return []
+    return [consumer["name"] for consumer in pending["consumers"]]
 
 
 def name_time(name: str) -> datetime:
@@ -549,11 +559,14 @@ def test_a_drainer_killed_mid_episode_is_replaced_by_the_next_store_alone(memory
     standin.faults(latency_ms=1000)
     memory.ok("store", EDIT)  # starts a drainer
     deadline = time.monotonic() + 60
-    while standin.requests() < 2:  # the drainer is ingesting
+    # The drainer holding the episode is its stream's pending consumer, not whichever process last
+    # wrote the heartbeat: a drainer of an earlier test, leaving just as this store queued, may have
+    # taken the job while the new one beat and left idle.
+    while standin.requests() < 2 or not (holders := pending_consumers(valkey, memory.group)):
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    drainer = int(json.loads(valkey.get("memory:heartbeat"))["id"].split(":")[1])
-    os.kill(drainer, signal.SIGKILL)
+    [drainer] = holders
+    os.kill(int(drainer.split(":")[1]), signal.SIGKILL)
     standin.faults(latency_ms=0)
 
     memory.ok("store", "Bob chose Valkey for the query cache.")  # its heartbeat is still there, 15 s
