@@ -3111,21 +3111,15 @@ def _context_line(item: Recalled) -> str:
     text = " ".join(item.text.split())
     text = text if len(text) <= CONTEXT_EVENT_CHARS else text[:CONTEXT_EVENT_CHARS - 1] + "…"
     facts = "".join(f"\n  fact: {f.text} ({_fact_span(f.valid_at, f.invalid_at)})" for f in _new_facts(item))
-    return f"- event {_short_time(item.valid_at)}: {text}{facts}"
+    # The day, not the minute: a prompt asks when by day, and the 16 bytes of "hh:mm UTC" and
+    # "event" on every line were a tenth of the budget (dev set: block 84.4 -> 85.7 % under MiniLM).
+    return f"- {_utc_date(item.valid_at) or 'undated'}: {text}{facts}"
 
 
 def _fact_span(valid_at: str | None, invalid_at: str | None) -> str:
     """When a fact held, by UTC dates: `since 2023-05-08`, `2023-05-08 to 2023-06-01`."""
     since = _utc_date(valid_at) or "an unknown date"
     return f"{since} to {_utc_date(invalid_at) or 'an unknown date'}" if invalid_at else f"since {since}"
-
-
-def _short_time(valid_at: str | None) -> str:
-    """When an event happened, to the minute, in UTC: a prompt needs the date, not the offset's
-    bytes (each line of the block is budgeted)."""
-    if not valid_at:
-        return "at an unknown time"
-    return datetime.fromisoformat(valid_at).astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 async def context(search_query: str, budget_tokens: int = CONTEXT_BUDGET_TOKENS, *, scope: str = "all",
