@@ -23,7 +23,9 @@ Control endpoints for tests (not OpenAI's):
                           "fault_count": int (how many requests get the fault; -1 = all),
                           "fault_for_s": float (the fault ends this many seconds from now; an outage),
                           "fault_match": str (only requests whose body holds this text get the fault),
-                          "record": bool (keep every OpenAI request body for /_standin/requests)}
+                          "record": bool (keep every OpenAI request body for /_standin/requests),
+                          "garble_batches": bool (a reply to numbered questions loses its first
+                          answer and numbers its second "second")}
   POST /_standin/chat    {"script": [{"text": str} | {"tool": name, "arguments": {...}}, ...]}: what
                          the next streamed chat turns answer, in order (a request without tools, such
                          as OpenCode's title request, is answered "Stand-in session" and takes none;
@@ -338,6 +340,15 @@ ANSWERS = {
 }
 
 
+QUESTION = re.compile(r"<QUESTION (\d+)>\n(.*?)\n</QUESTION \1>", re.S)
+
+
+def answer_batch(answer_one: Any, prompt: str) -> dict:
+    """The memory's numbered questions (several of one prompt in one request): each answered as
+    if it were asked alone."""
+    return {"answers": [{"question": int(n), **answer_one(text)} for n, text in QUESTION.findall(prompt)]}
+
+
 def value_for_schema(schema: dict, defs: dict) -> Any:
     """A minimal value valid under an OpenAI-strict JSON schema (for names we do not know)."""
     if "$ref" in schema:
@@ -366,6 +377,8 @@ def structured_answer(body: dict) -> tuple[str, Any]:
     )
     if name in ANSWERS:
         return name, ANSWERS[name](prompt)
+    if name.endswith("Batch") and name.removesuffix("Batch") in ANSWERS:
+        return name, answer_batch(ANSWERS[name.removesuffix("Batch")], prompt)
     schema = fmt.get("schema", {})
     return name or "unknown", value_for_schema(schema, schema.get("$defs", {}))
 
@@ -578,6 +591,7 @@ class StandIn:
         self.recording = False
         self.recorded: list[str] = []
         self.chat_script: list[dict] = []
+        self.garble_batches = False  # a batched reply loses its first answer and garbles its second
 
     def take_fault(self, body: dict) -> str | None:
         """The fault this request gets, if any (body: the request's, for fault_match)."""
@@ -646,6 +660,7 @@ def make_handler(state: StandIn) -> type[BaseHTTPRequestHandler]:
                     state.fault, state.fault_count, state.fault_until, state.fault_match = None, 0, None, None
                     state.latency_ms = state.default_latency_ms
                     state.recording, state.recorded, state.chat_script = False, [], []
+                    state.garble_batches = False
                 return self.send_json(200, {"ok": True})
             if path == "/_standin/chat":
                 with state.lock:
@@ -660,6 +675,7 @@ def make_handler(state: StandIn) -> type[BaseHTTPRequestHandler]:
                     state.fault_until = time.monotonic() + float(duration) if duration else None
                     state.fault_match = body.get("fault_match")
                     state.recording = bool(body.get("record", state.recording))
+                    state.garble_batches = bool(body.get("garble_batches", state.garble_batches))
                 return self.send_json(200, {"ok": True})
             self.serve_openai(path, body)
 
@@ -715,6 +731,8 @@ def make_handler(state: StandIn) -> type[BaseHTTPRequestHandler]:
             if endpoint == "chat/completions":
                 return self.send_json(200, chat_reply(body))
             name, answer = structured_answer(body)
+            if state.garble_batches and name.endswith("Batch") and len(answer["answers"]) > 1:
+                answer["answers"] = [{**answer["answers"][1], "question": "second"}, *answer["answers"][2:]]
             with state.lock:
                 state.counts[f"responses:{name}"] += 1
             self.send_json(200, response_envelope(body.get("model", "stand-in"), json.dumps(answer)))

@@ -794,3 +794,32 @@ def test_an_event_whose_worker_keeps_losing_its_lease_ends_as_a_dead_letter_and_
     [dead] = valkey.xrange(f"memory:{{{memory.group}}}:dead")
     assert "abandoned while being ingested" in dead[1]["error"]
     assert log.read_text().count("lost its lease") >= 2
+
+
+KNOWN = ["Alice reviewed src/billing.py with Bob.", "Bob deployed the Ledger service with Carol."]
+CURRENT_FACTS = ["Alice fixed src/billing.py", "Alice reviewed src/billing.py", "Bob deployed the Ledger",
+                 "Bob tested the Ledger", "Carol documented src/billing.py", "Ledger service with Carol.",
+                 "src/billing.py for Alice.", "src/billing.py with Bob."]  # the stand-in's, cut from the events
+NEW = ("Alice fixed src/billing.py for the Ledger service. Bob tested the Ledger service with Carol. "
+       "Carol documented src/billing.py for Alice.")
+
+
+@pytest.mark.parametrize("reply", ["whole", "garbled"])
+def test_an_events_fact_questions_go_out_as_one_request_and_a_garbled_answer_is_asked_again_alone(
+        memory, standin, reply):
+    """Issue 35 item 1: graphiti asked whether each new fact repeats or contradicts a known one in a
+    request of its own. A reply that loses or garbles one numbered answer costs that fact one more
+    request, never the event."""
+    for text in KNOWN:
+        memory.ok("store", "--wait", text)
+    standin.reset()
+    standin.faults(garble_batches=reply == "garbled")
+
+    memory.ok("store", "--wait", NEW)
+
+    stats = standin.stats()
+    assert stats.get("responses:EdgeDuplicateBatch") == 1, stats
+    assert stats.get("responses:EdgeDuplicate", 0) == (2 if reply == "garbled" else 0), stats
+    facts = json.loads(memory.ok("query", "--scope", "facts", "--json", "--limit", "50", "Alice Bob Carol"))
+    texts = sorted(f["text"] for f in facts["results"] if f["valid_at"] and f["invalid_at"] is None)
+    assert texts == CURRENT_FACTS

@@ -154,6 +154,24 @@ def test_an_invalidated_fact_is_left_out_unless_history_or_as_of_asks_for_it(mem
     assert f"- event {T1}: The Ledger service uses PostgreSQL for accounts." in events.splitlines()
 
 
+def test_a_change_retires_the_fact_it_replaces_and_not_an_unrelated_fact_that_shares_an_entity(memory, standin):
+    """Issue 35 item 3: graphiti asks about contradicted facts group-wide, and the stand-in, like the
+    models of graphiti issue 1728, calls every candidate naming one of the new fact's entities
+    contradicted. Only a fact the new one could replace (same two entities, or one in the same role
+    with the same relation) may be retired."""
+    unrelated = "Alice reads PostgreSQL release notes every Friday."
+    store_at(memory, T1, unrelated)
+    store_at(memory, T1, "The Ledger service uses PostgreSQL for accounts.")
+    standin.faults(record=True)
+    store_at(memory, T2, "The team switched the Ledger service from PostgreSQL to SQLite.")
+
+    asked = "".join(standin.recorded())
+    current = memory.ok("query", "--scope", "facts", "--limit", "20", "PostgreSQL")
+    assert "Alice reads PostgreSQL release notes" in asked  # it was a candidate, and called contradicted
+    assert "Alice reads PostgreSQL" in current
+    assert "The Ledger service uses PostgreSQL for accounts." not in current
+
+
 @pytest.mark.parametrize(("at", "message"), [
     ("yesterday", "--at must be an ISO 8601 time such as 2026-11-24T10:15:00Z, got 'yesterday'"),
     ("2026-13-01", "--at must be an ISO 8601 time such as 2026-11-24T10:15:00Z, got '2026-13-01'"),

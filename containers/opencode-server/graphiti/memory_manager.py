@@ -1165,12 +1165,144 @@ def _new_graphiti(s: Settings, falkordb: FalkorDB, group: str) -> Graphiti:
     driver = FalkorDriver(falkor_db=falkordb, database=group)
     return Graphiti(
         graph_driver=driver,
-        llm_client=OpenAIClient(config=llm_config, client=openai),
+        llm_client=_batching_llm_client_class(OpenAIClient)(config=llm_config, client=openai),
         embedder=OpenAIEmbedder(config=embedder_config, client=openai),
         # Never called: RRF search makes no reranker calls. Passed so Graphiti builds no default.
         cross_encoder=OpenAIRerankerClient(config=llm_config, client=openai),
         max_coroutines=LLM_MAX_COROUTINES,
     )
+
+
+# graphiti asks some questions once per item, all at once (semaphore_gather): whether each new fact
+# repeats or contradicts a known one, and when each fact held. The LLM client is ours to give it, so
+# questions of one prompt that arrive together go out as one request with numbered questions, and
+# the reply is split; graphiti sees one answer per call, as before.
+BATCHED_PROMPTS = frozenset({"dedupe_edges.resolve_edge", "extract_edges.extract_timestamps"})
+BATCH_GATHER_S = 0.02          # how long the first question of a batch waits for the rest
+MAX_BATCH_QUESTIONS = 64       # per request: a pass's facts, bounded so one reply stays short
+BATCH_INSTRUCTIONS = (
+    "\n\nThis request holds several independent questions, each between <QUESTION n> and </QUESTION n>. "
+    "Answer every one on its own, exactly as you would if it were asked alone, and return the answers in "
+    "`answers`, each with `question` set to the number of the question it answers.")
+
+
+@functools.cache
+def _batch_models(response_model: type) -> tuple[type, type]:
+    """(one numbered answer, the list of them) for a graphiti response model. The list's schema is
+    the strict one the model is asked for; reading it drops an unreadable answer instead of failing
+    the reply (the OpenAI SDK validates a reply against it), so that question alone is asked again."""
+    from typing import Annotated
+
+    import pydantic
+
+    answer = pydantic.create_model(f"{response_model.__name__}Answer", __base__=response_model,
+                                   question=(int, pydantic.Field(description="the number of the question")))
+
+    def readable(items: Any, read: Callable[[Any], list]) -> list:
+        kept: list = []
+        for item in items if isinstance(items, list) else []:
+            with contextlib.suppress(pydantic.ValidationError):
+                kept += read([item])
+        return kept
+
+    answers = Annotated[list[answer], pydantic.WrapValidator(readable)]  # type: ignore[valid-type]
+    return answer, pydantic.create_model(f"{response_model.__name__}Batch", answers=(answers, ...))
+
+
+@dataclass
+class _Question:
+    messages: list[Any]
+    future: asyncio.Future
+
+
+class _PromptBatcher:
+    """Gathers the questions of one prompt asked within BATCH_GATHER_S into numbered requests.
+    A missing or unreadable answer is asked again alone; a failed request fails its questions,
+    as each would have failed alone."""
+
+    def __init__(self, ask: Callable[..., Awaitable[dict]]) -> None:
+        self.ask = ask  # the client's own generate_response
+        self.waiting: dict[tuple, list[_Question]] = {}
+        self.flushing: set[asyncio.Task] = set()
+
+    async def question(self, messages: list[Any], response_model: type, **options: Any) -> dict:
+        key = (response_model, messages[0].content, tuple(sorted(options.items())))
+        asked = _Question(messages, asyncio.get_running_loop().create_future())
+        batch = self.waiting.setdefault(key, [])
+        batch.append(asked)
+        if len(batch) == 1:
+            task = asyncio.create_task(self._flush(key, response_model, options))
+            self.flushing.add(task)
+            task.add_done_callback(self.flushing.discard)
+        return await asked.future
+
+    async def _flush(self, key: tuple, response_model: type, options: dict) -> None:
+        await asyncio.sleep(BATCH_GATHER_S)
+        batch = [q for q in self.waiting.pop(key) if not q.future.done()]  # (a cancelled caller's is done)
+        for start in range(0, len(batch), MAX_BATCH_QUESTIONS):
+            await self._ask_together(batch[start:start + MAX_BATCH_QUESTIONS], response_model, options)
+
+    async def _ask_together(self, batch: list[_Question], response_model: type, options: dict) -> None:
+        answers: dict[int, dict] = {}
+        if len(batch) > 1:
+            try:
+                answers = await self._numbered(batch, response_model, options)
+            except BaseException as exc:  # noqa: BLE001 - each caller gets what its own request raised
+                for q in batch:
+                    if not q.future.done():
+                        q.future.set_exception(exc)
+                return
+        await asyncio.gather(*(self._settle(q, answers.get(i), response_model, options)
+                               for i, q in enumerate(batch, 1)))
+
+    async def _numbered(self, batch: list[_Question], response_model: type, options: dict) -> dict[int, dict]:
+        from graphiti_core.prompts.models import Message
+
+        answer_model, batch_model = _batch_models(response_model)
+        system = batch[0].messages[0].content + BATCH_INSTRUCTIONS
+        body = "\n".join(f"<QUESTION {i}>\n{q.messages[-1].content}\n</QUESTION {i}>" for i, q in enumerate(batch, 1))
+        reply = await self.ask([Message(role="system", content=system), Message(role="user", content=body)],
+                               response_model=batch_model, **options)
+        answers: dict[int, dict] = {}
+        for item in reply.get("answers", []) if isinstance(reply, dict) else []:
+            with contextlib.suppress(Exception):
+                answer = answer_model.model_validate(item).model_dump()
+                answers.setdefault(answer.pop("question"), answer)  # a number answered twice: the first
+        return answers
+
+    async def _settle(self, q: _Question, answer: dict | None, response_model: type, options: dict) -> None:
+        if q.future.done():
+            return
+        try:
+            answer = answer if answer is not None else await self.ask(q.messages, response_model=response_model,
+                                                                       **options)
+        except BaseException as exc:  # noqa: BLE001 - the caller's own failure, as if asked alone
+            if not q.future.done():
+                q.future.set_exception(exc)
+            return
+        if not q.future.done():
+            q.future.set_result(answer)
+
+
+@functools.cache
+def _batching_llm_client_class(base: type) -> type:
+    """graphiti's OpenAI client whose per-item questions (BATCHED_PROMPTS) are batched."""
+
+    class BatchingLLMClient(base):  # type: ignore[misc, valid-type]
+        async def generate_response(self, messages: list, response_model: type | None = None,
+                                    max_tokens: int | None = None, model_size: Any = None,
+                                    group_id: str | None = None, prompt_name: str | None = None,
+                                    **options: Any) -> dict:
+            options |= {k: v for k, v in (("max_tokens", max_tokens), ("model_size", model_size),
+                                          ("group_id", group_id)) if v is not None}
+            if prompt_name not in BATCHED_PROMPTS or response_model is None or len(messages) != 2:
+                return await super().generate_response(messages, response_model, prompt_name=prompt_name,
+                                                       **options)
+            if getattr(self, "_batcher", None) is None:
+                self._batcher = _PromptBatcher(super().generate_response)
+            return await self._batcher.question(messages, response_model, prompt_name=prompt_name, **options)
+
+    return BatchingLLMClient
 
 
 async def _graph_exists(group: str) -> bool:
@@ -3645,12 +3777,33 @@ async def _add_episodes(graphiti: Graphiti, group: str, episodes: list[Any]) -> 
     return entities, facts
 
 
+def _replaceable(invalidated: list, resolved: list) -> list:
+    """The invalidations to keep: of old facts that one of the new facts could replace, because it
+    joins the same two entities, or shares one in the same role with the same relation. graphiti
+    looks for contradicted facts group-wide, and a model asked about unrelated candidates retires
+    some (graphiti issue 1728: 3 of 4 audited invalidations wrong). An invalidation left out is
+    never written: the old fact stays as it is in the graph."""
+    def could_replace(old: Any, new: Any) -> bool:
+        if {old.source_node_uuid, old.target_node_uuid} == {new.source_node_uuid, new.target_node_uuid}:
+            return True
+        return old.name == new.name and (old.source_node_uuid == new.source_node_uuid
+                                         or old.target_node_uuid == new.target_node_uuid)
+
+    return [old for old in invalidated if any(could_replace(old, new) for new in resolved if new.uuid != old.uuid)]
+
+
+def _asking_together(clients: Any) -> Any:
+    """graphiti's clients with room for every fact's question at once: it gathers them under
+    max_coroutines (LLM_MAX_COROUTINES), and questions held back by that bound would miss the batch."""
+    return clients.model_copy(update={"max_coroutines": MAX_BATCH_QUESTIONS})
+
+
 async def _facts_of_one(graphiti: Graphiti, clients: Any, episode: Any, extracted: list, previous: list,
                         nodes: list, uuid_map: dict, types: dict) -> tuple[list, list]:
     resolved, invalidated, new = await graphiti._extract_and_resolve_edges(
         episode, extracted, previous, NO_EDGE_TYPES, episode.group_id, None, nodes, uuid_map,
-        entity_types=types, clients=clients)
-    return resolved + invalidated, new
+        entity_types=types, clients=_asking_together(clients))
+    return resolved + _replaceable(invalidated, resolved), new
 
 
 async def _facts_in_order(graphiti: Graphiti, clients: Any, episodes: list, extracted: list, previous: list,
@@ -3679,7 +3832,9 @@ async def _facts_in_order(graphiti: Graphiti, clients: Any, episodes: list, extr
         own = [fact for fact in facts if min((position[u] for u in fact.episodes if u in position), default=0) == i]
         if not own:
             continue
-        resolved, invalidated, created = await resolve_extracted_edges(clients, own, episode, nodes, {}, NO_EDGE_TYPES)
+        resolved, invalidated, created = await resolve_extracted_edges(_asking_together(clients), own, episode, nodes,
+                                                                       {}, NO_EDGE_TYPES)
+        invalidated = _replaceable(invalidated, resolved)
         await add_nodes_and_edges_bulk(clients.driver, [], [], [], resolved + invalidated, clients.embedder)
         latest |= {fact.uuid: fact for fact in resolved + invalidated}
         new += [fact.uuid for fact in created]
