@@ -29,7 +29,7 @@ import redis
 
 from bench import MODULE, percentile
 from bench_queue import event, set_latency, wait_heartbeat
-from bench_recall import standin
+from bench_recall import print_bill, standin
 from stack import Stack
 
 sys.path.insert(0, str(MODULE.parent))
@@ -126,10 +126,8 @@ def run(stack: Stack, run_dir: Path, count: int, args: argparse.Namespace) -> No
     print(f"per event: {llm / events:.2f} LLM requests, {counts.get('embeddings', 0) / events:.2f} embeddings "
           f"requests, {prompts / events / 1000:.1f} KB of LLM request bodies (~{prompts / events / 4:,.0f} "
           f"prompt tokens at 4 characters each); worker RSS {rss / 1024:.0f} MB at the end, peak {peak / 1024:.0f} MB")
-    stages = sorted((k.split(":", 1)[1], n) for k, n in counts.items()
-                    if k.startswith(("responses:", "chat/completions:")))
-    print("LLM requests per event by graphiti stage (response schema): "
-          + ", ".join(f"{name} {n / events:.2f}" for name, n in stages))
+    print()
+    print_bill(counts, events)
 
 
 def main() -> None:

@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import io
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -77,19 +80,49 @@ def standin(stack: Stack, path: str, body: dict | None = None) -> object:
         return json.load(reply)
 
 
+# The default models' prices in US$ per million tokens (input, output), as OpenAI published them
+# with the GPT-4.1 family on 2025-04-14 (openai.com/api/pricing); docs/benchmarks.md dates them.
+PRICES_PER_M = {"gpt-4.1-mini": (0.40, 1.60), "gpt-4.1-nano": (0.10, 0.40), "text-embedding-3-small": (0.02, 0.0)}
+CHARS_PER_TOKEN = 4  # tokens estimated from characters (English and code average about four)
+
+
+def bill_rows(counts: dict, events: int) -> list[tuple[str, str, float, float, float, float]]:
+    """(stage, model, requests, prompt tokens, completion tokens, US$ per 1,000 events) per event,
+    from the stand-in's bill counters; the last row is the total."""
+    stages: dict[tuple[str, str], dict[str, int]] = defaultdict(dict)
+    for key, n in counts.items():
+        if key.startswith("bill:"):
+            stage_model, measure = key.removeprefix("bill:").rsplit(":", 1)
+            stage, model = stage_model.rsplit("@", 1)
+            stages[(stage, model)][measure] = n
+    rows = []
+    for (stage, model), m in sorted(stages.items()):
+        prompt, completion = (m.get(k, 0) / CHARS_PER_TOKEN / events for k in ("prompt_chars", "completion_chars"))
+        price_in, price_out = PRICES_PER_M.get(model, (math.nan, math.nan))
+        rows.append((stage, model, m.get("requests", 0) / events, prompt, completion,
+                     (prompt * price_in + completion * price_out) / 1000))
+    llm = tuple(sum(row[i] for row in rows if row[0] != "embeddings") for i in range(2, 6))
+    every = tuple(sum(row[i] for row in rows) for i in range(2, 6))
+    return [*rows, ("LLM, all stages", "", *llm), ("LLM and embeddings", "", *every)]  # type: ignore[list-item]
+
+
+def print_bill(counts: dict, events: int) -> None:
+    print("| per stored event: stage (response schema) | model | requests | prompt tokens | completion tokens "
+          "| US$ per 1,000 events |")
+    print("|---|---|---|---|---|---|")
+    for stage, model, requests, prompt, completion, cost in bill_rows(counts, events):
+        print(f"| {stage} | {model} | {requests:.2f} | {prompt:,.0f} | {completion:,.0f} | {cost:.3f} |")
+
+
 def llm_bill(stack: Stack, events: int) -> str:
-    """What ingestion asked of the LLM endpoint, per event: requests by kind, and the size of the
-    prompts sent (graphiti's real prompts; tokens estimated at 4 characters each; the stand-in's
-    answers are short, so completion tokens are not measured here)."""
+    """What ingestion asked of the LLM endpoint, per event: requests by kind and the bill table."""
     counts: dict = standin(stack, "/_standin/stats")  # type: ignore[assignment]
-    bodies: list = standin(stack, "/_standin/requests")  # type: ignore[assignment]
     llm = sum(counts.get(k, 0) for k in ("responses", "chat/completions"))
-    prompt_chars = sum(len(body) for body in bodies if "embedding" not in json.loads(body).get("model", ""))
-    stages = ", ".join(f"{k.split(':', 1)[1]} {v / events:.2f}" for k, v in sorted(counts.items())
-                       if k.startswith("responses:"))
-    return (f"LLM requests per event: {llm / events:.2f} ({stages}); embeddings requests per event: "
-            f"{counts.get('embeddings', 0) / events:.2f}; request bodies sent to the LLM per event: "
-            f"{prompt_chars / events / 1000:.1f} KB (~{prompt_chars / events / 4:,.0f} prompt tokens)")
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        print_bill(counts, events)
+    return (f"LLM requests per event: {llm / events:.2f}; embeddings requests per event: "
+            f"{counts.get('embeddings', 0) / events:.2f}\n\n{buffer.getvalue()}")
 
 
 def ingest(stack: Stack, events: list[Event], env: dict[str, str], log: Path) -> tuple[float, str]:

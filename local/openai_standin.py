@@ -16,7 +16,10 @@ entities, and entities that share a sentence become facts carrying that sentence
 text can be found again by a query that shares its words.
 
 Control endpoints for tests (not OpenAI's):
-  GET  /_standin/stats   request counts per endpoint and per schema name
+  GET  /_standin/stats   request counts per endpoint and per schema name; and the bill,
+                         "bill:{schema}@{model}:requests|prompt_chars|completion_chars" (the
+                         prompt's text and the answer's JSON, in characters) and
+                         "bill:embeddings@{model}:requests|prompt_chars"
   GET  /_standin/requests  every OpenAI request body received while recording (a JSON list)
   POST /_standin/reset   zero the counts, clear faults, stop recording and forget recorded bodies
   POST /_standin/faults  {"latency_ms": int, "fault": "401"|"429"|"500"|"malformed"|"null"|"hang"|null,
@@ -368,13 +371,17 @@ def value_for_schema(schema: dict, defs: dict) -> Any:
     return {"array": [], "string": "", "integer": 0, "number": 0, "boolean": False}.get(str(kind))
 
 
-def structured_answer(body: dict) -> tuple[str, Any]:
-    fmt = body.get("text", {}).get("format", {})
-    name = fmt.get("name", "")
-    prompt = "\n".join(
+def prompt_text(body: dict) -> str:
+    return "\n".join(
         m["content"] if isinstance(m.get("content"), str) else json.dumps(m.get("content"))
         for m in body.get("input", []) if isinstance(m, dict)
     )
+
+
+def structured_answer(body: dict) -> tuple[str, Any]:
+    fmt = body.get("text", {}).get("format", {})
+    name = fmt.get("name", "")
+    prompt = prompt_text(body)
     if name in ANSWERS:
         return name, ANSWERS[name](prompt)
     if name.endswith("Batch") and name.removesuffix("Batch") in ANSWERS:
@@ -725,16 +732,25 @@ def make_handler(state: StandIn) -> type[BaseHTTPRequestHandler]:
             if self.answer_fault(None if fault == "null" and endpoint != "embeddings" else fault):
                 return
             if endpoint == "embeddings":
+                texts = body.get("input") if isinstance(body.get("input"), list) else [body.get("input")]
+                with state.lock:
+                    state.counts[f"bill:embeddings@{body.get('model', '?')}:requests"] += 1
+                    state.counts[f"bill:embeddings@{body.get('model', '?')}:prompt_chars"] += sum(
+                        len(t) for t in texts if isinstance(t, str))
                 return self.send_json(200, embeddings_reply(body, state.semantic))
             if endpoint == "chat/completions" and body.get("stream"):
                 return self.send_stream(chat_stream(body, self.next_answer(body)))
             if endpoint == "chat/completions":
                 return self.send_json(200, chat_reply(body))
             name, answer = structured_answer(body)
+            bill = f"bill:{name}@{body.get('model', '?')}"
             if state.garble_batches and name.endswith("Batch") and len(answer["answers"]) > 1:
                 answer["answers"] = [{**answer["answers"][1], "question": "second"}, *answer["answers"][2:]]
             with state.lock:
                 state.counts[f"responses:{name}"] += 1
+                state.counts[f"{bill}:requests"] += 1
+                state.counts[f"{bill}:prompt_chars"] += len(prompt_text(body))
+                state.counts[f"{bill}:completion_chars"] += len(json.dumps(answer))
             self.send_json(200, response_envelope(body.get("model", "stand-in"), json.dumps(answer)))
 
     return Handler

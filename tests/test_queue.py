@@ -126,6 +126,11 @@ def test_a_backlog_is_ingested_in_one_pass_yet_each_event_keeps_its_episode_time
 
     stats = standin.stats()  # one extraction of each kind for the four, one embeddings request for their texts
     assert (stats["responses:ExtractedEntities"], stats["responses:ExtractedEdges"]) == (1, 1), stats
+    # each later event's fact asked about the earlier events' (same person, same relation), all in one
+    # request; the graph held nothing to ask about before the pass
+    assert (stats.get("responses:EdgeDuplicateBatch"), stats.get("responses:EdgeDuplicate")) == (1, None), stats
+    # three LLM requests and three embeddings requests for the four (entity names, events, facts)
+    assert (stats["responses"], stats["embeddings"]) == (3, 3), stats
     episodes = memory.episodes()
     assert [e["name"] for e in episodes] == names
     assert len({e["job_id"] for e in episodes}) == 4
@@ -823,3 +828,41 @@ def test_an_events_fact_questions_go_out_as_one_request_and_a_garbled_answer_is_
     facts = json.loads(memory.ok("query", "--scope", "facts", "--json", "--limit", "50", "Alice Bob Carol"))
     texts = sorted(f["text"] for f in facts["results"] if f["valid_at"] and f["invalid_at"] is None)
     assert texts == CURRENT_FACTS
+
+
+@pytest.mark.parametrize("coalesce", ["8", "1"], ids=["one-pass", "one-at-a-time"])
+def test_a_pass_retires_an_earlier_events_fact_by_a_new_one_on_another_pair_as_one_at_a_time_does(
+        memory, standin, coalesce):
+    """Issue 35 item 1: a pass's facts are asked about in two requests, against the graph and then
+    against each other; the second finds what the graph could not show yet: an earlier event's
+    fact that a later one replaces (same entity, same role, same relation, another pair)."""
+    queued_only = no_drain(memory)
+    old = "The Ledger service uses PostgreSQL."
+    queued_only.ok("store", "--at", "2026-03-01T09:00:00Z", old)
+    queued_only.ok("store", "--at", "2026-03-09T09:00:00Z", "The Ledger service uses SQLite, switched this week.")
+
+    drain_all(memory.with_env(MEMORY_COALESCE_EVENTS=coalesce), 2)
+
+    current = memory.ok("query", "--scope", "facts", "Ledger service uses")
+    history = memory.ok("query", "--scope", "facts", "--history", "Ledger service uses")
+    assert "SQLite" in current and "PostgreSQL" not in current, current
+    assert any(line.startswith(f"- {old} (valid 2026-03-01T09:00:00+00:00 → 2026-03-09T09:00:00+00:00)")
+               for line in history.splitlines()), history
+    if coalesce == "8":
+        assert standin.stats().get("responses:EdgeDuplicateBatch", 0) + standin.stats().get(
+            "responses:EdgeDuplicate", 0) == 1
+
+
+def test_extraction_asks_the_large_model_and_every_comparing_or_dating_question_the_small_one(memory, standin):
+    """Issue 35 item 2: graphiti asks for entity resolution and summaries at the large model's size;
+    only extraction needs it."""
+    for i in range(3):  # names alike (module_0.py, module_1.py): graphiti asks whether they are one entity
+        if i == 2:
+            standin.reset()
+        memory.ok("store", "--wait", f"Run {i}: Erin edited src/app/module_{i}.py to call Valkey through fetch_{i}().")
+
+    asked = {key.removeprefix("bill:").removesuffix(":requests") for key in standin.stats()
+             if key.startswith("bill:") and key.endswith(":requests") and "embeddings" not in key}
+    # (summaries are asked once an entity's facts pass 2,000 characters: bench-ingest shows them)
+    assert asked == {"ExtractedEntities@gpt-4.1-mini", "ExtractedEdges@gpt-4.1-mini", "NodeResolutions@gpt-4.1-nano",
+                     "EdgeDuplicateBatch@gpt-4.1-nano"}, asked

@@ -99,7 +99,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import defaultdict, deque
+from collections import OrderedDict, defaultdict, deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -1166,7 +1166,7 @@ def _new_graphiti(s: Settings, falkordb: FalkorDB, group: str) -> Graphiti:
     return Graphiti(
         graph_driver=driver,
         llm_client=_batching_llm_client_class(OpenAIClient)(config=llm_config, client=openai),
-        embedder=OpenAIEmbedder(config=embedder_config, client=openai),
+        embedder=_gathering_embedder_class(OpenAIEmbedder)(config=embedder_config, client=openai),
         # Never called: RRF search makes no reranker calls. Passed so Graphiti builds no default.
         cross_encoder=OpenAIRerankerClient(config=llm_config, client=openai),
         max_coroutines=LLM_MAX_COROUTINES,
@@ -1178,6 +1178,12 @@ def _new_graphiti(s: Settings, falkordb: FalkorDB, group: str) -> Graphiti:
 # questions of one prompt that arrive together go out as one request with numbered questions, and
 # the reply is split; graphiti sees one answer per call, as before.
 BATCHED_PROMPTS = frozenset({"dedupe_edges.resolve_edge", "extract_edges.extract_timestamps"})
+# Questions that compare or date what was already extracted go to MEMORY_LLM_SMALL_MODEL, whatever
+# size graphiti asks for: only extraction (entities, facts) needs MEMORY_LLM_MODEL.
+SMALL_MODEL_PROMPTS = frozenset({
+    "dedupe_edges.resolve_edge", "dedupe_nodes.nodes", "dedupe_nodes.node", "extract_edges.extract_timestamps",
+    "extract_edges.extract_timestamps_batch", "extract_nodes.extract_summaries_batch",
+    "extract_nodes.extract_entity_summaries_from_episodes", "extract_nodes.extract_summary"})
 BATCH_GATHER_S = 0.02          # how long the first question of a batch waits for the rest
 MAX_BATCH_QUESTIONS = 64       # per request: a pass's facts, bounded so one reply stays short
 BATCH_INSTRUCTIONS = (
@@ -1286,13 +1292,18 @@ class _PromptBatcher:
 
 @functools.cache
 def _batching_llm_client_class(base: type) -> type:
-    """graphiti's OpenAI client whose per-item questions (BATCHED_PROMPTS) are batched."""
+    """graphiti's OpenAI client whose per-item questions (BATCHED_PROMPTS) are batched and whose
+    comparing and dating questions (SMALL_MODEL_PROMPTS) go to the small model."""
 
     class BatchingLLMClient(base):  # type: ignore[misc, valid-type]
         async def generate_response(self, messages: list, response_model: type | None = None,
                                     max_tokens: int | None = None, model_size: Any = None,
                                     group_id: str | None = None, prompt_name: str | None = None,
                                     **options: Any) -> dict:
+            if prompt_name in SMALL_MODEL_PROMPTS:
+                from graphiti_core.llm_client.config import ModelSize
+
+                model_size = ModelSize.small
             options |= {k: v for k, v in (("max_tokens", max_tokens), ("model_size", model_size),
                                           ("group_id", group_id)) if v is not None}
             if prompt_name not in BATCHED_PROMPTS or response_model is None or len(messages) != 2:
@@ -1303,6 +1314,71 @@ def _batching_llm_client_class(base: type) -> type:
             return await self._batcher.question(messages, response_model, prompt_name=prompt_name, **options)
 
     return BatchingLLMClient
+
+
+EMBEDDING_MEMO_TEXTS = 256     # the vectors a worker keeps (~8 MB): a pass embeds each new fact twice
+
+
+class _EmbeddingGatherer:
+    """Embeddings requests made together (graphiti embeds each event's facts, and again once they
+    are resolved) go out as one request; a text embedded lately is not sent again."""
+
+    def __init__(self, embed: Callable[[list[str]], Awaitable[list[list[float]]]]) -> None:
+        self.embed = embed  # the embedder's own create_batch
+        self.waiting: list[tuple[list[str], asyncio.Future]] = []
+        self.memo: OrderedDict[str, list[float]] = OrderedDict()
+        self.flushing: set[asyncio.Task] = set()
+
+    async def vectors(self, texts: list[str]) -> list[list[float]]:
+        known = {text: self.memo[text] for text in texts if text in self.memo}
+        missing = list(dict.fromkeys(text for text in texts if text not in known))
+        if missing:
+            future = asyncio.get_running_loop().create_future()
+            self.waiting.append((missing, future))
+            if len(self.waiting) == 1:
+                task = asyncio.create_task(self._flush())
+                self.flushing.add(task)
+                task.add_done_callback(self.flushing.discard)
+            known |= await future
+        return [known[text] for text in texts]
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(BATCH_GATHER_S)
+        batch, self.waiting = self.waiting, []
+        texts = list(dict.fromkeys(text for missing, _ in batch for text in missing))
+        try:
+            vectors = dict(zip(texts, await self.embed(texts), strict=True))
+        except BaseException as exc:  # noqa: BLE001 - each caller gets what its own request raised
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for text, vector in vectors.items():
+            self.memo[text] = vector
+            self.memo.move_to_end(text)
+        while len(self.memo) > EMBEDDING_MEMO_TEXTS:
+            self.memo.popitem(last=False)
+        for missing, future in batch:
+            if not future.done():
+                future.set_result({text: vectors[text] for text in missing})
+
+
+@functools.cache
+def _gathering_embedder_class(base: type) -> type:
+    """graphiti's OpenAI embedder whose requests made together are gathered (_EmbeddingGatherer)."""
+
+    class GatheringEmbedder(base):  # type: ignore[misc, valid-type]
+        async def create_batch(self, input_data_list: list[str]) -> list[list[float]]:
+            if getattr(self, "_gatherer", None) is None:
+                self._gatherer = _EmbeddingGatherer(super().create_batch)
+            return await self._gatherer.vectors(list(input_data_list))
+
+        async def create(self, input_data: Any) -> list[float]:
+            if isinstance(input_data, list) and len(input_data) == 1 and isinstance(input_data[0], str):
+                return (await self.create_batch(input_data))[0]
+            return await super().create(input_data)
+
+    return GatheringEmbedder
 
 
 async def _graph_exists(group: str) -> bool:
@@ -3783,13 +3859,16 @@ def _replaceable(invalidated: list, resolved: list) -> list:
     looks for contradicted facts group-wide, and a model asked about unrelated candidates retires
     some (graphiti issue 1728: 3 of 4 audited invalidations wrong). An invalidation left out is
     never written: the old fact stays as it is in the graph."""
-    def could_replace(old: Any, new: Any) -> bool:
-        if {old.source_node_uuid, old.target_node_uuid} == {new.source_node_uuid, new.target_node_uuid}:
-            return True
-        return old.name == new.name and (old.source_node_uuid == new.source_node_uuid
-                                         or old.target_node_uuid == new.target_node_uuid)
+    return [old for old in invalidated if any(_could_replace(old, new) for new in resolved if new.uuid != old.uuid)]
 
-    return [old for old in invalidated if any(could_replace(old, new) for new in resolved if new.uuid != old.uuid)]
+
+def _could_replace(old: Any, new: Any) -> bool:
+    """Whether one fact can repeat or replace another: the same two entities, or one entity in the
+    same role with the same relation."""
+    if {old.source_node_uuid, old.target_node_uuid} == {new.source_node_uuid, new.target_node_uuid}:
+        return True
+    return old.name == new.name and (old.source_node_uuid == new.source_node_uuid
+                                     or old.target_node_uuid == new.target_node_uuid)
 
 
 def _asking_together(clients: Any) -> Any:
@@ -3808,10 +3887,11 @@ async def _facts_of_one(graphiti: Graphiti, clients: Any, episode: Any, extracte
 
 async def _facts_in_order(graphiti: Graphiti, clients: Any, episodes: list, extracted: list, previous: list,
                           nodes: list, uuid_map: dict, types: dict) -> tuple[list, list]:
-    """A pass's facts, extracted at once, then resolved event by event in queue order, each
-    event's saved before the next event's are resolved: graphiti finds a fact's duplicates and
-    the facts it contradicts in the graph, so a later event of the pass can still supersede an
-    earlier one's fact, as when they were ingested one at a time."""
+    """A pass's facts, extracted at once, then resolved in two rounds of questions, however many
+    events the pass holds: every event's facts against the graph as it was before the pass, then
+    each new fact against the new facts of the pass's earlier events it could repeat or replace.
+    So a later event of the pass still supersedes an earlier one's fact, as when they were
+    ingested one at a time."""
     from graphiti_core.nodes import create_entity_node_embeddings
     from graphiti_core.utils.bulk_utils import add_nodes_and_edges_bulk, resolve_edge_pointers
     from graphiti_core.utils.maintenance.edge_operations import extract_edges, resolve_extracted_edges
@@ -3826,19 +3906,77 @@ async def _facts_in_order(graphiti: Graphiti, clients: Any, episodes: list, extr
     await create_entity_node_embeddings(clients.embedder, [node for node in nodes if node.name_embedding is None])
     await add_nodes_and_edges_bulk(clients.driver, [], [], nodes, [], clients.embedder)
     position = {episode.uuid: i for i, episode in enumerate(episodes)}
-    latest: dict[str, Any] = {}  # uuid -> the fact as last resolved (a later event may invalidate it)
-    new: list[str] = []
-    for i, episode in enumerate(episodes):
-        own = [fact for fact in facts if min((position[u] for u in fact.episodes if u in position), default=0) == i]
-        if not own:
-            continue
-        resolved, invalidated, created = await resolve_extracted_edges(_asking_together(clients), own, episode, nodes,
-                                                                       {}, NO_EDGE_TYPES)
-        invalidated = _replaceable(invalidated, resolved)
-        await add_nodes_and_edges_bulk(clients.driver, [], [], [], resolved + invalidated, clients.embedder)
-        latest |= {fact.uuid: fact for fact in resolved + invalidated}
-        new += [fact.uuid for fact in created]
-    return list(latest.values()), [latest[uid] for uid in new]
+    own = [[fact for fact in facts if min((position[u] for u in fact.episodes if u in position), default=0) == i]
+           for i in range(len(episodes))]
+
+    async def against_the_graph(i: int) -> tuple[list, list, list]:
+        if not own[i]:
+            return [], [], []
+        resolved, invalidated, created = await resolve_extracted_edges(_asking_together(clients), own[i],
+                                                                       episodes[i], nodes, {}, NO_EDGE_TYPES)
+        return resolved, _replaceable(invalidated, resolved), created
+
+    rounds = await asyncio.gather(*(against_the_graph(i) for i in range(len(episodes))))
+    touched: dict[str, Any] = {}  # uuid -> the fact as the pass leaves it
+    for resolved, invalidated, _ in rounds:
+        touched |= {fact.uuid: _merged(touched.get(fact.uuid), fact) for fact in resolved + invalidated}
+    created = [[touched[fact.uuid] for fact in new] for _, _, new in rounds]
+    repeated = await _within_the_pass(clients, episodes, created)
+    written = [fact for uid, fact in touched.items() if uid not in repeated]
+    await add_nodes_and_edges_bulk(clients.driver, [], [], [], written, clients.embedder)
+    return written, [fact for new in created for fact in new if fact.uuid not in repeated]
+
+
+async def _within_the_pass(clients: Any, episodes: list, created: list[list]) -> set[str]:
+    """The second round: each event's new facts against the new facts of the pass's earlier events
+    that they could repeat or replace, asked together (graphiti's own question, through its private
+    `_dedupe_extracted_edge`: its public resolution searches the graph, where these are not yet).
+    Applies what the answers say; returns the new facts found to repeat an earlier one (not written:
+    the earlier fact gains their event)."""
+    from graphiti_core.utils.maintenance.edge_operations import _apply_temporal_invalidation, _dedupe_extracted_edge
+
+    asks = []
+    for j, facts in enumerate(created):
+        earlier = [fact for new in created[:j] for fact in new]
+        for fact in facts:
+            pair = {fact.source_node_uuid, fact.target_node_uuid}
+            same_pair = [e for e in earlier if {e.source_node_uuid, e.target_node_uuid} == pair]
+            others = [e for e in earlier if e not in same_pair and _could_replace(e, fact)]
+            if same_pair or others:
+                asks.append((fact, same_pair, others, episodes[j]))
+    answers = await asyncio.gather(*(_dedupe_extracted_edge(_asking_together(clients).llm_client, fact, same_pair,
+                                                            others, episode)
+                                     for fact, same_pair, others, episode in asks))
+    replaced: dict[str, Any] = {}
+
+    def final(fact: Any) -> Any:
+        while fact.uuid in replaced:
+            fact = replaced[fact.uuid]
+        return fact
+
+    for (fact, *_), (resolved, _, contradicted) in zip(asks, answers, strict=True):
+        if resolved is not fact:  # a repeat: the earlier fact gains this event
+            kept = final(resolved)
+            kept.episodes = list(dict.fromkeys([*kept.episodes, *resolved.episodes, *fact.episodes]))
+            replaced[fact.uuid] = kept
+        _apply_temporal_invalidation(final(fact), list({final(c).uuid: final(c) for c in contradicted or []}.values()))
+    return set(replaced)
+
+
+def _merged(earlier: Any, fact: Any) -> Any:
+    """A known fact as two events of one pass left it (each resolved it from the graph as it was
+    before the pass): the episodes of both, and the earliest end either gave it, which is what the
+    later event would have kept had it seen the earlier one's write."""
+    from graphiti_core.utils.datetime_utils import ensure_utc
+
+    if earlier is None:
+        return fact
+    fact.episodes = list(dict.fromkeys([*earlier.episodes, *fact.episodes]))
+    ends = [f for f in (earlier, fact) if f.invalid_at is not None]
+    if ends:
+        first = min(ends, key=lambda f: ensure_utc(f.invalid_at))
+        fact.invalid_at, fact.expired_at = first.invalid_at, first.expired_at
+    return fact
 
 
 _Entry = tuple[str, dict[str, str]]  # a stream entry: its id and fields
