@@ -3887,11 +3887,10 @@ async def _facts_of_one(graphiti: Graphiti, clients: Any, episode: Any, extracte
 
 async def _facts_in_order(graphiti: Graphiti, clients: Any, episodes: list, extracted: list, previous: list,
                           nodes: list, uuid_map: dict, types: dict) -> tuple[list, list]:
-    """A pass's facts, extracted at once, then resolved in two rounds of questions, however many
-    events the pass holds: every event's facts against the graph as it was before the pass, then
-    each new fact against the new facts of the pass's earlier events it could repeat or replace.
-    So a later event of the pass still supersedes an earlier one's fact, as when they were
-    ingested one at a time."""
+    """A pass's facts, extracted at once, then resolved by one request of numbered questions,
+    however many events the pass holds: each fact against the graph as it was before the pass, and
+    against the facts of the pass's earlier events it could repeat or replace. So a later event of
+    the pass still supersedes an earlier one's fact, as when they were ingested one at a time."""
     from graphiti_core.nodes import create_entity_node_embeddings
     from graphiti_core.utils.bulk_utils import add_nodes_and_edges_bulk, resolve_edge_pointers
     from graphiti_core.utils.maintenance.edge_operations import extract_edges, resolve_extracted_edges
@@ -3916,50 +3915,67 @@ async def _facts_in_order(graphiti: Graphiti, clients: Any, episodes: list, extr
                                                                        episodes[i], nodes, {}, NO_EDGE_TYPES)
         return resolved, _replaceable(invalidated, resolved), created
 
-    rounds = await asyncio.gather(*(against_the_graph(i) for i in range(len(episodes))))
+    # both kinds of question at once, so the batcher sends them together
+    within, *rounds = await asyncio.gather(_ask_within_the_pass(clients, episodes, own),
+                                           *(against_the_graph(i) for i in range(len(episodes))))
     touched: dict[str, Any] = {}  # uuid -> the fact as the pass leaves it
     for resolved, invalidated, _ in rounds:
         touched |= {fact.uuid: _merged(touched.get(fact.uuid), fact) for fact in resolved + invalidated}
-    created = [[touched[fact.uuid] for fact in new] for _, _, new in rounds]
-    repeated = await _within_the_pass(clients, episodes, created)
+    created = {fact.uuid: touched[fact.uuid] for _, _, new in rounds for fact in new}
+    repeated = _apply_within_the_pass(within, created)
     written = [fact for uid, fact in touched.items() if uid not in repeated]
     await add_nodes_and_edges_bulk(clients.driver, [], [], [], written, clients.embedder)
-    return written, [fact for new in created for fact in new if fact.uuid not in repeated]
+    return written, [fact for uid, fact in created.items() if uid not in repeated]
 
 
-async def _within_the_pass(clients: Any, episodes: list, created: list[list]) -> set[str]:
-    """The second round: each event's new facts against the new facts of the pass's earlier events
-    that they could repeat or replace, asked together (graphiti's own question, through its private
-    `_dedupe_extracted_edge`: its public resolution searches the graph, where these are not yet).
-    Applies what the answers say; returns the new facts found to repeat an earlier one (not written:
-    the earlier fact gains their event)."""
-    from graphiti_core.utils.maintenance.edge_operations import _apply_temporal_invalidation, _dedupe_extracted_edge
+async def _ask_within_the_pass(clients: Any, episodes: list, own: list[list]) -> list[tuple[str, str | None, list]]:
+    """Each fact of the pass against the facts of its earlier events that it could repeat or replace
+    (graphiti's own question, through its private `_dedupe_extracted_edge`: its public resolution
+    searches the graph, where these are not yet). Asked on copies, before the graph round says which
+    facts are new: (fact, the earlier fact it repeats or None, the earlier facts it contradicts), by uuid."""
+    from graphiti_core.utils.maintenance.edge_operations import _dedupe_extracted_edge
+
+    def copy(fact: Any) -> Any:
+        return fact.model_copy(update={"episodes": list(fact.episodes)})
 
     asks = []
-    for j, facts in enumerate(created):
-        earlier = [fact for new in created[:j] for fact in new]
+    for j, facts in enumerate(own):
+        earlier = [fact for new in own[:j] for fact in new]
         for fact in facts:
             pair = {fact.source_node_uuid, fact.target_node_uuid}
             same_pair = [e for e in earlier if {e.source_node_uuid, e.target_node_uuid} == pair]
             others = [e for e in earlier if e not in same_pair and _could_replace(e, fact)]
             if same_pair or others:
-                asks.append((fact, same_pair, others, episodes[j]))
-    answers = await asyncio.gather(*(_dedupe_extracted_edge(_asking_together(clients).llm_client, fact, same_pair,
-                                                            others, episode)
+                asks.append((fact, [copy(e) for e in same_pair], [copy(e) for e in others], episodes[j]))
+    llm = _asking_together(clients).llm_client
+    answers = await asyncio.gather(*(_dedupe_extracted_edge(llm, copy(fact), same_pair, others, episode)
                                      for fact, same_pair, others, episode in asks))
+    return [(fact.uuid, None if resolved.uuid == fact.uuid else resolved.uuid, [c.uuid for c in contradicted or []])
+            for (fact, *_), (resolved, _, contradicted) in zip(asks, answers, strict=True)]
+
+
+def _apply_within_the_pass(answers: list[tuple[str, str | None, list]], created: dict[str, Any]) -> set[str]:
+    """What the answers about the pass's own facts say, for the facts the graph round left new: a
+    repeat is not written (the earlier fact gains its event); a contradicted earlier fact ends when
+    the later one starts. Returns the repeats' uuids."""
+    from graphiti_core.utils.maintenance.edge_operations import _apply_temporal_invalidation
+
     replaced: dict[str, Any] = {}
 
-    def final(fact: Any) -> Any:
-        while fact.uuid in replaced:
-            fact = replaced[fact.uuid]
-        return fact
+    def final(uid: str) -> Any:
+        while uid in replaced:
+            uid = replaced[uid].uuid
+        return created[uid]
 
-    for (fact, *_), (resolved, _, contradicted) in zip(asks, answers, strict=True):
-        if resolved is not fact:  # a repeat: the earlier fact gains this event
-            kept = final(resolved)
-            kept.episodes = list(dict.fromkeys([*kept.episodes, *resolved.episodes, *fact.episodes]))
-            replaced[fact.uuid] = kept
-        _apply_temporal_invalidation(final(fact), list({final(c).uuid: final(c) for c in contradicted or []}.values()))
+    for uid, repeats, contradicted in answers:
+        if uid not in created:
+            continue  # the graph round found it a known fact: that answer stands
+        if repeats in created:
+            kept = final(repeats)
+            kept.episodes = list(dict.fromkeys([*kept.episodes, *created[uid].episodes]))
+            replaced[uid] = kept
+        olds = {final(old).uuid: final(old) for old in contradicted if old in created}
+        _apply_temporal_invalidation(final(uid), list(olds.values()))
     return set(replaced)
 
 
