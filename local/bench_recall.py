@@ -172,7 +172,9 @@ async def ask(questions: list[Question], scopes: list[str], texts: dict[str, str
         event_of = {uid: json.loads(meta)["event"] for uid, meta in rows}
         facts = (await graph.ro_query("MATCH ()-[e:RELATES_TO]->() RETURN count(e)")).result_set[0][0]
         entities = (await graph.ro_query("MATCH (n:Entity) RETURN count(n)")).result_set[0][0]
-        asked.sizes[memory] = (len(rows), entities, facts)
+        invalidated = (await graph.ro_query("MATCH ()-[e:RELATES_TO]->() WHERE e.invalid_at IS NOT NULL "
+                                            "RETURN count(e)")).result_set[0][0]
+        asked.sizes[memory] = (len(rows), entities, facts, invalidated)
         await mm._invalidate(group)  # every question a cache miss, whatever an earlier run cached
         await mm.recall("warm up the clients", 10)
         mine = [q for q in questions if q.memory == memory]
@@ -197,7 +199,7 @@ async def ask(questions: list[Question], scopes: list[str], texts: dict[str, str
 class Asked:
     found: dict[str, dict[str, list[list[str]]]] = field(default_factory=lambda: defaultdict(dict))
     latencies: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
-    sizes: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    sizes: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
     context_hits: dict[str, bool] = field(default_factory=dict)
 
 
@@ -356,8 +358,9 @@ def report(m: Measured) -> None:
     qs = m.questions
     counts = ", ".join(f"{sum(q.kind == k for q in qs)} {k}" for k in m.kinds)
     print(f"### corpus {m.corpus}, embeddings {m.regime}: {len(qs)} questions ({counts})")
-    for memory, (episodes, entities, facts) in m.asked.sizes.items():
-        print(f"memory {memory}: {episodes} episodes, {entities} entities, {facts} facts")
+    for memory, (episodes, entities, facts, invalidated) in m.asked.sizes.items():
+        print(f"memory {memory}: {episodes} episodes, {entities} entities, {facts} facts, {invalidated} of them "
+              f"invalidated ({100 * invalidated / max(1, episodes):.1f} per 100 events)")
     if m.ingestion:
         print(f"ingestion {m.ingestion[0]:.0f} s; {m.ingestion[1]}")
     baselines = ("BM25 over raw texts", "dense over raw texts", "hybrid over raw texts (RRF)")

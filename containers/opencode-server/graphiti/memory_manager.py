@@ -1767,6 +1767,12 @@ def _warn_cache_down(exc: ServiceError) -> None:
 
 PRIVATE_SPAN = re.compile(r"<private>.*?(?:</private>|\Z)", re.S | re.I)
 PRIVATE_PLACEHOLDER = "[REDACTED:private]"
+# The plugin fences the memories it injects in <memory-context>; an agent that echoes the block would
+# store recalled memories again as new events, and a stored fence tag could close or forge the fence
+# of a later block. So a fenced block goes as a private span does, and a stray fence tag with it.
+RECALLED_SPAN = re.compile(r"<memory-context>.*?(?:</memory-context>|\Z)", re.S | re.I)
+RECALLED_PLACEHOLDER = "[recalled memories left out]"
+FENCE_TAG = re.compile(r"</?\s*memory-context\s*>", re.I)
 # password, passphrase, pwd, private_key, secret, signing_key, session_key, token, api_key, apikey,
 # access_key, auth_key, credential(s), encryption_key; as a trie: half the time of a flat alternation.
 _SECRET_WORD = (r"(?:p(?:ass(?:w(?:or)?d|phrase)|rivate[_-]?key|wd)|s(?:ecret|igning[_-]?key|ession[_-]?key)|token"
@@ -1871,10 +1877,12 @@ def _placeholder(kind: str) -> str:
 
 
 def _remove_private(text: str) -> Redacted:
-    if "<private>" not in text.lower():
+    lowered = text.lower()
+    if "<private>" not in lowered and "memory-context" not in lowered:
         return Redacted(text)
-    found = len(PRIVATE_SPAN.findall(text))
-    return Redacted(PRIVATE_SPAN.sub(PRIVATE_PLACEHOLDER, text), {"private": found} if found else {})
+    found = {"private": len(PRIVATE_SPAN.findall(text)), "recalled": len(RECALLED_SPAN.findall(text))}
+    text = FENCE_TAG.sub("", RECALLED_SPAN.sub(RECALLED_PLACEHOLDER, PRIVATE_SPAN.sub(PRIVATE_PLACEHOLDER, text)))
+    return Redacted(text, {kind: n for kind, n in found.items() if n})
 
 
 def _redact_quick(text: str) -> Redacted:
@@ -2165,8 +2173,9 @@ def _redact_event(content: str, metadata: dict | None, raw_metadata: str | None,
     """One event's content and metadata as they may be kept: <private> spans removed, credentials
     replaced (see Redaction); and what was found."""
     found = redact(content, thorough)
-    if not found.text.replace(PRIVATE_PLACEHOLDER, "").strip():
-        raise UsageError("content is empty once its <private> spans are removed; nothing stored")
+    if not found.text.replace(PRIVATE_PLACEHOLDER, "").replace(RECALLED_PLACEHOLDER, "").strip():
+        raise UsageError("content is empty once its <private> spans and recalled memories are removed; "
+                         "nothing stored")
     if metadata is not None:
         metadata = _redact_value(metadata, found, thorough)
     if raw_metadata:
