@@ -255,6 +255,29 @@ def test_the_context_block_shows_a_fact_only_when_it_says_more_than_its_event():
                      "powerful.\n  fact: Caroline is a transgender woman (2023-05-08 to 2023-06-01)")
 
 
+def test_a_session_that_starts_with_continue_gets_the_newest_events_first_within_a_third_of_the_budget(memory):
+    """Issue 37 item 3: session-start recall searched only the first message, and "continue" matches
+    nothing that was done."""
+    for day, text in ((2, "Alice chose Valkey for the query cache."), (5, "Bob fixed the flaky export test."),
+                      (9, "Carol started moving the Billing service to Kubernetes; the Helm chart is half done.")):
+        store_at(memory, f"2026-03-{day:02d}T09:00:00+00:00", text)
+
+    block = memory.ok("context", "--recent", "2", "--budget-tokens", "300", "continue with the Valkey cache")
+    only_newest = memory.ok("context", "--recent", "2", "continue where we left off")
+    small = memory.ok("context", "--recent", "3", "--budget-tokens", "60", "continue where we left off")
+    bad = memory.run("context", "--recent", "51", "continue")
+
+    newest = ("Most recent events, newest first:\n- 2026-03-09: Carol started moving the Billing service to "
+              "Kubernetes; the Helm chart is half done.\n- 2026-03-05: Bob fixed the flaky export test.\n")
+    assert block.startswith(newest + "Memories relevant to: continue with the Valkey cache\n"
+                            "- 2026-03-02: Alice chose Valkey for the query cache.\n"), block
+    assert block.count("Carol started moving") == 1 and block.count("Bob fixed") == 1  # once, among the newest
+    assert only_newest == newest  # what the question matched is among them already
+    assert not small.startswith("Most recent") and -(-len(small.rstrip("\n").encode()) // 3) <= 60
+    assert (bad.code, bad.error_lines) == (2, ["memory-manager: error: recent must be an integer from 0 to 50, "
+                                               "got 51"])
+
+
 def test_a_budget_out_of_range_exits_2(memory):
     result = memory.run("context", "--budget-tokens", "10", "anything")
 

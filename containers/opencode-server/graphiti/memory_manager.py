@@ -3295,6 +3295,9 @@ async def _cached_answer(op: _Span, search_query: str, limit: int, scope: str = 
 CONTEXT_BUDGET_TOKENS = 1000
 MAX_CONTEXT_BUDGET_TOKENS = 100_000
 CONTEXT_EVENT_CHARS = 1_200    # of one event in a context block; the rest is in `query --json`
+MAX_RECENT_EVENTS = 50
+RECENT_BUDGET_SHARE = 3        # the newest events take at most a third of a block's budget
+RECENT_HEAD = "Most recent events, newest first:\n"
 
 
 def _estimated_tokens(text: str) -> int:
@@ -3304,22 +3307,43 @@ def _estimated_tokens(text: str) -> int:
     return -(-len(text.encode()) // 3)
 
 
-def _format_context(question: str, items: list[Recalled], budget_tokens: int) -> str:
-    """One block for a prompt: the question, then the memories in rank order while they fit the
-    budget, then a line saying how many did not. The same memories and question give the same bytes
-    (prompt caches hold); an item either fits whole or is left out, and the block never exceeds
-    the budget by the estimate above."""
+def _format_context(question: str, items: list[Recalled], budget_tokens: int, newest: Sequence[Recalled] = ()) -> str:
+    """One block for a prompt: the newest events first when asked for (at most a third of the
+    budget), then the question and the memories in rank order while they fit, then a line saying
+    how many did not. The same memories and question give the same bytes (prompt caches hold); an
+    item either fits whole or is left out, and the block never exceeds the budget by the estimate
+    above."""
+    recent, shown = _recent_section(newest, budget_tokens // RECENT_BUDGET_SHARE)
+    relevant = [item for item in items if item.uuid not in shown]
+    if recent and not relevant:
+        return recent.rstrip("\n")  # what the question matched is among the newest already
+    return recent + _relevant_section(question, relevant, budget_tokens - _estimated_tokens(recent), budget_tokens)
+
+
+def _recent_section(newest: Sequence[Recalled], budget_tokens: int) -> tuple[str, set[str]]:
+    """The newest events that fit the budget, newest first, and their uuids: what a session that
+    starts with "continue" needs, whatever its first message matches."""
+    lines: list[str] = []
+    for item in newest:
+        if _estimated_tokens(RECENT_HEAD + "\n".join([*lines, _context_line(item)]) + "\n") > budget_tokens:
+            break
+        lines.append(_context_line(item))
+    shown = {item.uuid for item in newest[:len(lines)]}
+    return (RECENT_HEAD + "\n".join(lines) + "\n" if lines else ""), shown
+
+
+def _relevant_section(question: str, items: list[Recalled], budget_tokens: int, stated_budget: int) -> str:
     head = f"Memories relevant to: {' '.join(question.split())[:120]}\n"
     lines = list(dict.fromkeys(_context_line(item) for item in items))
     if not lines:
         return head + NO_RESULTS
     for kept in range(len(lines), -1, -1):
         cut = len(lines) - kept
-        note = [f"({cut} more left out: budget of {budget_tokens} tokens)"] if cut else []
+        note = [f"({cut} more left out: budget of {stated_budget} tokens)"] if cut else []
         block = head + "\n".join(lines[:kept] + note)
         if _estimated_tokens(block) <= budget_tokens:
             return block
-    return block.encode()[:budget_tokens * 3].decode(errors="ignore")  # not even the head fits
+    return block.encode()[:max(0, budget_tokens) * 3].decode(errors="ignore")  # not even the head fits
 
 
 def _context_line(item: Recalled) -> str:
@@ -3339,16 +3363,28 @@ def _fact_span(valid_at: str | None, invalid_at: str | None) -> str:
     return f"{since} to {_utc_date(invalid_at) or 'an unknown date'}" if invalid_at else f"since {since}"
 
 
-async def context(search_query: str, budget_tokens: int = CONTEXT_BUDGET_TOKENS, *, scope: str = "all",
-                  as_of: str | datetime | None = None, history: bool = False) -> str:
+async def context(search_query: str, budget_tokens: int = CONTEXT_BUDGET_TOKENS, *, recent: int = 0,
+                  scope: str = "all", as_of: str | datetime | None = None, history: bool = False) -> str:
     """A block of memories for a prompt that never exceeds `budget_tokens` (estimated) and says when
-    it cut; byte-identical for the same memories and question."""
+    it cut; byte-identical for the same memories and question. `recent` (0-50): the newest events
+    first, within a third of the budget (the plugin's session start)."""
     if isinstance(budget_tokens, bool) or not isinstance(budget_tokens, int) \
             or not 50 <= budget_tokens <= MAX_CONTEXT_BUDGET_TOKENS:
         raise UsageError(f"budget must be an integer number of tokens from 50 to {MAX_CONTEXT_BUDGET_TOKENS}, "
                          f"got {budget_tokens!r}")
+    if isinstance(recent, bool) or not isinstance(recent, int) or not 0 <= recent <= MAX_RECENT_EVENTS:
+        raise UsageError(f"recent must be an integer from 0 to {MAX_RECENT_EVENTS}, got {recent!r}")
     items = await recall(search_query, MAX_RECALL_LIMIT, scope=scope, as_of=as_of, history=history)
-    return _format_context(search_query, items, budget_tokens)
+    newest = await _newest_events(recent, as_of) if recent else []
+    return _format_context(search_query, items, budget_tokens, newest)
+
+
+async def _newest_events(count: int, as_of: str | datetime | None) -> list[Recalled]:
+    until = None if as_of is None else _utc_iso(_parse_event_time(as_of, "as-of"))
+    episodes = await get_episodes(MAX_EPISODES_LISTED if until else count)
+    kept = [e for e in episodes if until is None or _utc_iso(_parse_event_time(e["reference_time"])) <= until]
+    return [Recalled("episode", e["content"], e["uuid"], 0.0, e["reference_time"], None, [e["uuid"]], [])
+            for e in kept[:count]]
 
 
 async def get_entities(entity_type: str | None = None) -> list[dict]:
@@ -6350,13 +6386,14 @@ def _build_mcp_server() -> Any:
             answer = await _cached_answer(op, query, limit)
         return _tool_result(answer.text, {"results": [dataclasses.asdict(i) for i in answer.items()]})
 
-    @tool("get_context", query=text, budget_tokens=integer, group_ids=maybe_texts)
-    async def get_context(query, budget_tokens=CONTEXT_BUDGET_TOKENS, group_ids=None):  # type: ignore[no-untyped-def]
+    @tool("get_context", query=text, budget_tokens=integer, recent=maybe_integer, group_ids=maybe_texts)
+    async def get_context(query, budget_tokens=CONTEXT_BUDGET_TOKENS, recent=None, group_ids=None):  # type: ignore[no-untyped-def]
         """The memories relevant to a question as one block to read, within a token budget (default
-        1000): events with their times and facts with their validity, best first, and how many did
-        not fit. The OpenCode plugin's session-start recall calls it too."""
+        1000): events with their dates and facts with their validity, best first, and how many did
+        not fit; with `recent` (0-50), the newest events first. The OpenCode plugin's session-start
+        recall calls it too."""
         async with _in_scope(group_ids) as group:
-            block = await context(query, budget_tokens)
+            block = await context(query, budget_tokens, recent=recent or 0)
         # the group lets the plugin, which recalls through this tool, check it reached its own project
         return _tool_result(block, {"context": block, "estimated_tokens": _estimated_tokens(block), "group": group})
 
@@ -6665,8 +6702,8 @@ async def _cmd_query(args: argparse.Namespace) -> int:
 
 
 async def _cmd_context(args: argparse.Namespace) -> int:
-    block = await context(args.search_query, args.budget_tokens, scope=args.scope, as_of=args.as_of,
-                          history=args.history)
+    block = await context(args.search_query, args.budget_tokens, recent=args.recent, scope=args.scope,
+                          as_of=args.as_of, history=args.history)
     if args.json:
         _print_json({"group": _settings().group_id, "budget_tokens": args.budget_tokens,
                      "estimated_tokens": _estimated_tokens(block), "context": block})
@@ -7126,6 +7163,8 @@ def _build_parser() -> argparse.ArgumentParser:
     context_.add_argument("--budget-tokens", type=int, default=CONTEXT_BUDGET_TOKENS, metavar="N",
                           help=f"the most the block may take, estimated as UTF-8 bytes / 3 (default "
                           f"{CONTEXT_BUDGET_TOKENS})")
+    context_.add_argument("--recent", type=int, default=0, metavar="N",
+                          help=f"the newest N events first (0-{MAX_RECENT_EVENTS}), within a third of the budget")
     _recall_options(context_)
 
     entities = command("entities", "print the group's entities as a JSON array", _cmd_entities)
@@ -7210,7 +7249,7 @@ def _positive_seconds(text: str) -> float:
 
 QUERY_OPTIONS = {"--limit": True, "--group": True, "-q": False, "--quiet": False, "--json": False,
                  "-h": False, "--help": False, "--scope": True, "--as-of": True, "--history": False,
-                 "--budget-tokens": True}  # option -> takes a value
+                 "--budget-tokens": True, "--recent": True}  # option -> takes a value
 QUESTION_COMMANDS = ("query", "context")
 
 

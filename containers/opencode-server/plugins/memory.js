@@ -4,8 +4,8 @@
 //   file.edited     "Edited <path>"
 //   session.error   "Session error: <name>: <message>"
 //   a completed turn (session.idle): what the user asked and which tools ran
-// Recall: every model call of a session gets the memories relevant to the user's first message
-// added to its system prompt (experimental.chat.system.transform; pinned to OpenCode 1.18.33),
+// Recall: every model call of a session gets the project's newest events and the memories relevant
+// to the user's first message added to its system prompt (experimental.chat.system.transform; pinned to OpenCode 1.18.33),
 // recalled once per session, fenced in <memory-context> as reference data. The agent can always recall mid-task through the MCP server's search_memory_facts.
 //
 // One memory group per project: the normalised git remote URL (so a fresh clone finds its old
@@ -24,7 +24,8 @@
 // Environment: MEMORY_MANAGER (default: the `memory-manager` console script, whose Python has the
 // dependencies; or a path to memory_manager.py, run with MEMORY_PYTHON, default python3),
 // MEMORY_GROUP_ID, MEMORY_RECALL (on/off, default on), MEMORY_RECALL_TIMEOUT_MS (default 3000),
-// MEMORY_RECALL_BUDGET_TOKENS (default 1500), MEMORY_MCP_URL and MEMORY_MCP_TOKEN (the long-lived
+// MEMORY_RECALL_BUDGET_TOKENS (default 1500), MEMORY_RECALL_RECENT (the newest events shown first,
+// default 5, 0: none), MEMORY_MCP_URL and MEMORY_MCP_TOKEN (the long-lived
 // path; default none), plus the memory manager's own variables, which its processes inherit. No npm
 // dependencies.
 
@@ -36,6 +37,7 @@ const COMMAND = MANAGER.endsWith(".py") ? [process.env.MEMORY_PYTHON || "python3
 const RECALL = (process.env.MEMORY_RECALL || "on") !== "off"
 const RECALL_TIMEOUT_MS = Number(process.env.MEMORY_RECALL_TIMEOUT_MS || 3000)
 const RECALL_BUDGET_TOKENS = Number(process.env.MEMORY_RECALL_BUDGET_TOKENS || 1500)
+const RECALL_RECENT = Number(process.env.MEMORY_RECALL_RECENT || 5) // the newest events, whatever the first message says
 const MAX_CONTENT = 8000 // characters per stored event: a concise note, not a transcript
 const MCP_URL = process.env.MEMORY_MCP_URL || ""
 const MCP_TOKEN = process.env.MEMORY_MCP_TOKEN || ""
@@ -169,7 +171,8 @@ export const MemoryPlugin = async ({ client, directory, worktree }) => {
   let mcp = MCP_URL ? mcpClient(MCP_URL, MCP_TOKEN) : null
   const recallThroughMcp = async (question, started) => {
     try {
-      const result = await mcp.call("get_context", { query: question, budget_tokens: RECALL_BUDGET_TOKENS },
+      const result = await mcp.call("get_context", { query: question, budget_tokens: RECALL_BUDGET_TOKENS,
+        recent: RECALL_RECENT },
         AbortSignal.timeout(RECALL_TIMEOUT_MS))
       const served = (result.structuredContent || {}).group
       if (served === group) return (result.structuredContent.context || "").trim()
@@ -188,7 +191,8 @@ export const MemoryPlugin = async ({ client, directory, worktree }) => {
     const served = mcp ? await recallThroughMcp(question, started) : null
     if (served !== null) return { text: served, via: "mcp", ms: Date.now() - started }
     const left = Math.max(RECALL_TIMEOUT_MS - (Date.now() - started), 500)
-    const answer = await manage(["context", "--budget-tokens", String(RECALL_BUDGET_TOKENS), "--", question],
+    const answer = await manage(["context", "--budget-tokens", String(RECALL_BUDGET_TOKENS),
+      "--recent", String(RECALL_RECENT), "--", question],
       { env, timeout: left })
     if (!answer.ok) await log("warn", `memory recall skipped: ${answer.why}`)
     return { text: answer.stdout.trim(), via: answer.ok ? "cli" : null, ms: Date.now() - started }
