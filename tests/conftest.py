@@ -109,9 +109,11 @@ class Memory:
         self.group = group
         self.spool_dir = spool_dir or stack.run_dir / "spool"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(OUR_VARIABLES)}
-        # Tracing is on only in test_observability.py; elsewhere it would just slow every command.
+        # Tracing is on only in test_observability.py; elsewhere it would just slow every command. A
+        # pass starts at once (MEMORY_COALESCE_WAIT=0) but where a test says otherwise (test_queue.py).
         self.env.update(stack.env(), MEMORY_GROUP_ID=group, DD_TRACE_ENABLED="false",
-                        MEMORY_SPOOL_DIR=str(self.spool_dir), MEMORY_DRAIN_IDLE=str(DRAIN_IDLE_S))
+                        MEMORY_SPOOL_DIR=str(self.spool_dir), MEMORY_DRAIN_IDLE=str(DRAIN_IDLE_S),
+                        MEMORY_COALESCE_WAIT="0")
 
     def with_env(self, **changes: str | None) -> Memory:
         other = Memory(self.stack, self.group, self.spool_dir)

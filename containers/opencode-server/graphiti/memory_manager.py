@@ -539,6 +539,7 @@ class Settings:
     max_attempts: int = 5
     coalesce_events: int = 8
     coalesce_chars: int = 8_000
+    coalesce_wait_s: int = 15
     auto_drain: bool = True
     drain_idle_s: int = 60
     b2_key_id: str | None = None
@@ -581,6 +582,7 @@ class Settings:
             max_attempts=_env_int("MEMORY_MAX_ATTEMPTS", 5, 1, 100),
             coalesce_events=_env_int("MEMORY_COALESCE_EVENTS", 8, 1, 64),
             coalesce_chars=_env_int("MEMORY_COALESCE_CHARS", 8_000, 1, 1_000_000),
+            coalesce_wait_s=_env_int("MEMORY_COALESCE_WAIT", 15, 0, 600),
             auto_drain=_env_bool("MEMORY_AUTO_DRAIN", True),
             drain_idle_s=_env_int("MEMORY_DRAIN_IDLE", 60, 1, 86_400),
             b2_key_id=_env_str("B2_KEY_ID"),
@@ -2186,12 +2188,13 @@ def _redact_event(content: str, metadata: dict | None, raw_metadata: str | None,
 
 
 def _new_entry(group: str, content: str, metadata: dict | None, raw_metadata: str | None,
-               at: datetime | None = None) -> dict[str, str]:
+               at: datetime | None = None, awaited: bool = False) -> dict[str, str]:
     now = datetime.now(UTC)
-    return {"job": uuid.uuid4().hex, "group": group, "name": _episode_name(now), "ref": (at or now).isoformat(),
-            "content": content,
-            "metadata": json.dumps(metadata, sort_keys=True, default=str) if metadata is not None else "",
-            "metadata_raw": raw_metadata or ""}
+    entry = {"job": uuid.uuid4().hex, "group": group, "name": _episode_name(now), "ref": (at or now).isoformat(),
+             "content": content,
+             "metadata": json.dumps(metadata, sort_keys=True, default=str) if metadata is not None else "",
+             "metadata_raw": raw_metadata or ""}
+    return entry | ({"awaited": "1"} if awaited else {})  # someone blocks on it: its pass does not wait
 
 
 def _episode_name(now: datetime) -> str:
@@ -2390,10 +2393,11 @@ def _valkey_errors() -> tuple[type[BaseException], ...]:
 
 
 async def enqueue_episode(content: str, metadata: dict | str | None = None, *,
-                          at: str | datetime | None = None) -> QueuedEpisode:
+                          at: str | datetime | None = None, awaited: bool = False) -> QueuedEpisode:
     """Validate one OpenCode event and queue it for ingestion; returns once it is durable (in Valkey,
     or in the local spool when Valkey cannot take it). `at` is when the event happened (ISO 8601;
-    default: now), graphiti's reference time. Imports nothing of graphiti."""
+    default: now), graphiti's reference time; `awaited`: the caller will wait for it, so the worker
+    starts its pass at once instead of gathering (MEMORY_COALESCE_WAIT). Imports nothing of graphiti."""
     async with _operation("store") as op:
         s = _settings()
         content = _validate_content(content, s.max_episode_chars)
@@ -2404,7 +2408,7 @@ async def enqueue_episode(content: str, metadata: dict | str | None = None, *,
                      else _redacted_now(content, metadata, raw_metadata))
         content, metadata, raw_metadata, found = await redacting
         _count_redactions(found, "store")
-        entry = _new_entry(s.group_id, content, metadata, raw_metadata, when)
+        entry = _new_entry(s.group_id, content, metadata, raw_metadata, when, awaited)
         op.set(**{"memory.content.length": len(content), "memory.content.hash": _short_hash(content),
                   "memory.metadata.keys": len(metadata or {}), "memory.job": entry["job"],
                   "memory.episode": entry["name"]})
@@ -2673,7 +2677,7 @@ async def store_episode(content: str, metadata: dict | str | None = None, *, wai
     queued first; with `wait` (the default) this returns once a worker has written it into the
     group's graph (IngestError if it was dead-lettered or took longer than `timeout_s`), without
     `wait` as soon as it is durable."""
-    queued = await enqueue_episode(content, metadata, at=at)
+    queued = await enqueue_episode(content, metadata, at=at, awaited=wait)
     if wait:
         await wait_for_episode(queued, timeout_s)
     return queued.name
@@ -4144,6 +4148,7 @@ class _Worker:
         try:
             await self._ensure_consumer_group(group)
             while not self.stopping.is_set():
+                await self._let_a_pass_gather(group)
                 entries = await self._next_entries(group)
                 if not entries:
                     return
@@ -4229,6 +4234,20 @@ class _Worker:
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+
+    async def _let_a_pass_gather(self, group: str) -> None:
+        """Wait until the group's oldest queued event is MEMORY_COALESCE_WAIT seconds old, unless a
+        pass is full already or someone waits for an event: a pass costs about four requests
+        whatever it holds, and an agent's events come a few seconds apart (bench-ingest)."""
+        valkey, episodes, most = _valkey(), _group_key(group, "episodes"), self.s.coalesce_events
+        while not self.stopping.is_set():
+            queued = await valkey.xrange(episodes, count=most)
+            if not queued or len(queued) >= most or any(fields.get("awaited") for _, fields in queued):
+                return
+            age_s = time.time() - int(queued[0][0].split("-")[0]) / 1000  # a stream id is its queue time
+            if age_s >= self.s.coalesce_wait_s:
+                return
+            await self._pause(min(self.s.coalesce_wait_s - age_s, 1.0))
 
     async def _next_entries(self, group: str) -> list[_Entry]:
         """The group's next entries in queue order, as many as one pass takes: pending ones first
@@ -6674,7 +6693,7 @@ def _read_stdin(what: str, max_chars: int | None = None, limit: str = "MEMORY_MA
 async def _cmd_store(args: argparse.Namespace) -> int:
     content = _read_stdin("the event", _settings().max_episode_chars) if args.content == "-" else args.content
     at = None if args.at is None else _parse_event_time(args.at, "--at")
-    queued = await enqueue_episode(content, args.metadata, at=at)
+    queued = await enqueue_episode(content, args.metadata, at=at, awaited=args.wait)
     if args.wait:
         await wait_for_episode(queued, args.timeout)
     state = "stored" if args.wait else ("spooled" if queued.spooled else "queued")
