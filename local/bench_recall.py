@@ -95,15 +95,17 @@ def bill_rows(counts: dict, events: int) -> list[tuple[str, str, float, float, f
             stage_model, measure = key.removeprefix("bill:").rsplit(":", 1)
             stage, model = stage_model.rsplit("@", 1)
             stages[(stage, model)][measure] = n
-    rows = []
+    rows: list[tuple[str, str, float, float, float, float]] = []
     for (stage, model), m in sorted(stages.items()):
         prompt, completion = (m.get(k, 0) / CHARS_PER_TOKEN / events for k in ("prompt_chars", "completion_chars"))
         price_in, price_out = PRICES_PER_M.get(model, (math.nan, math.nan))
         rows.append((stage, model, m.get("requests", 0) / events, prompt, completion,
                      (prompt * price_in + completion * price_out) / 1000))
-    llm = tuple(sum(row[i] for row in rows if row[0] != "embeddings") for i in range(2, 6))
-    every = tuple(sum(row[i] for row in rows) for i in range(2, 6))
-    return [*rows, ("LLM, all stages", "", *llm), ("LLM and embeddings", "", *every)]  # type: ignore[list-item]
+    def total(name: str, kept: list) -> tuple[str, str, float, float, float, float]:
+        return (name, "", *(sum(float(row[i]) for row in kept) for i in range(2, 6)))  # type: ignore[return-value]
+
+    llm = [row for row in rows if row[0] != "embeddings"]
+    return [*rows, total("LLM, all stages", llm), total("LLM and embeddings", rows)]
 
 
 def print_bill(counts: dict, events: int) -> None:

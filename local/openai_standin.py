@@ -732,11 +732,12 @@ def make_handler(state: StandIn) -> type[BaseHTTPRequestHandler]:
             if self.answer_fault(None if fault == "null" and endpoint != "embeddings" else fault):
                 return
             if endpoint == "embeddings":
-                texts = body.get("input") if isinstance(body.get("input"), list) else [body.get("input")]
+                given = body.get("input")
+                texts: list = given if isinstance(given, list) else [given]
+                chars = sum(len(t) for t in texts if isinstance(t, str))
                 with state.lock:
                     state.counts[f"bill:embeddings@{body.get('model', '?')}:requests"] += 1
-                    state.counts[f"bill:embeddings@{body.get('model', '?')}:prompt_chars"] += sum(
-                        len(t) for t in texts if isinstance(t, str))
+                    state.counts[f"bill:embeddings@{body.get('model', '?')}:prompt_chars"] += chars
                 return self.send_json(200, embeddings_reply(body, state.semantic))
             if endpoint == "chat/completions" and body.get("stream"):
                 return self.send_stream(chat_stream(body, self.next_answer(body)))

@@ -1195,7 +1195,7 @@ BATCH_INSTRUCTIONS = (
 
 
 @functools.cache
-def _batch_models(response_model: type) -> tuple[type, type]:
+def _batch_models(response_model: type) -> tuple[Any, Any]:
     """(one numbered answer, the list of them) for a graphiti response model. The list's schema is
     the strict one the model is asked for; reading it drops an unreadable answer instead of failing
     the reply (the OpenAI SDK validates a reply against it), so that question alone is asked again."""
@@ -1203,8 +1203,8 @@ def _batch_models(response_model: type) -> tuple[type, type]:
 
     import pydantic
 
-    answer = pydantic.create_model(f"{response_model.__name__}Answer", __base__=response_model,
-                                   question=(int, pydantic.Field(description="the number of the question")))
+    answer: Any = pydantic.create_model(f"{response_model.__name__}Answer", __base__=response_model,
+                                        question=(int, pydantic.Field(description="the number of the question")))
 
     def readable(items: Any, read: Callable[[Any], list]) -> list:
         kept: list = []
@@ -1213,7 +1213,7 @@ def _batch_models(response_model: type) -> tuple[type, type]:
                 kept += read([item])
         return kept
 
-    answers = Annotated[list[answer], pydantic.WrapValidator(readable)]  # type: ignore[valid-type]
+    answers = Annotated[list[answer], pydantic.WrapValidator(readable)]
     return answer, pydantic.create_model(f"{response_model.__name__}Batch", answers=(answers, ...))
 
 
@@ -1266,7 +1266,7 @@ class _PromptBatcher:
     async def _numbered(self, batch: list[_Question], response_model: type, options: dict) -> dict[int, dict]:
         from graphiti_core.prompts.models import Message
 
-        answer_model, batch_model = _batch_models(response_model)
+        answer_model, batch_model = _batch_models(response_model)  # (pydantic models)
         system = batch[0].messages[0].content + BATCH_INSTRUCTIONS
         body = "\n".join(f"<QUESTION {i}>\n{q.messages[-1].content}\n</QUESTION {i}>" for i, q in enumerate(batch, 1))
         reply = await self.ask([Message(role="system", content=system), Message(role="user", content=body)],
@@ -1297,7 +1297,7 @@ def _batching_llm_client_class(base: type) -> type:
     """graphiti's OpenAI client whose per-item questions (BATCHED_PROMPTS) are batched and whose
     comparing and dating questions (SMALL_MODEL_PROMPTS) go to the small model."""
 
-    class BatchingLLMClient(base):  # type: ignore[misc, valid-type]
+    class BatchingLLMClient(base):
         async def generate_response(self, messages: list, response_model: type | None = None,
                                     max_tokens: int | None = None, model_size: Any = None,
                                     group_id: str | None = None, prompt_name: str | None = None,
@@ -1369,7 +1369,7 @@ class _EmbeddingGatherer:
 def _gathering_embedder_class(base: type) -> type:
     """graphiti's OpenAI embedder whose requests made together are gathered (_EmbeddingGatherer)."""
 
-    class GatheringEmbedder(base):  # type: ignore[misc, valid-type]
+    class GatheringEmbedder(base):
         async def create_batch(self, input_data_list: list[str]) -> list[list[float]]:
             if getattr(self, "_gatherer", None) is None:
                 self._gatherer = _EmbeddingGatherer(super().create_batch)
@@ -4039,7 +4039,7 @@ def _merged(earlier: Any, fact: Any) -> Any:
     fact.episodes = list(dict.fromkeys([*earlier.episodes, *fact.episodes]))
     ends = [f for f in (earlier, fact) if f.invalid_at is not None]
     if ends:
-        first = min(ends, key=lambda f: ensure_utc(f.invalid_at))
+        first = min(ends, key=lambda f: ensure_utc(f.invalid_at) or datetime.max.replace(tzinfo=UTC))
         fact.invalid_at, fact.expired_at = first.invalid_at, first.expired_at
     return fact
 
