@@ -1186,12 +1186,33 @@ SMALL_MODEL_PROMPTS = frozenset({
     "dedupe_edges.resolve_edge", "dedupe_nodes.nodes", "dedupe_nodes.node", "extract_edges.extract_timestamps",
     "extract_edges.extract_timestamps_batch", "extract_nodes.extract_summaries_batch",
     "extract_nodes.extract_entity_summaries_from_episodes", "extract_nodes.extract_summary"})
-BATCH_GATHER_S = 0.02          # how long the first question of a batch waits for the rest
+BATCH_GATHER_S = 0.15          # a batch goes once no question joined it for this long...
+BATCH_MAX_WAIT_S = 2.0         # ...or this long after its first (a pass's searches end at different times)
 MAX_BATCH_QUESTIONS = 64       # per request: a pass's facts, bounded so one reply stays short
 BATCH_INSTRUCTIONS = (
-    "\n\nThis request holds several independent questions, each between <QUESTION n> and </QUESTION n>. "
-    "Answer every one on its own, exactly as you would if it were asked alone, and return the answers in "
-    "`answers`, each with `question` set to the number of the question it answers.")
+    "\n\nThis request holds several independent questions, each between <QUESTION n> and </QUESTION n>, "
+    "after the instructions that apply to every one of them. Answer every one on its own, exactly as you "
+    "would if it were asked alone, and return the answers in `answers`, each with `question` set to the "
+    "number of the question it answers.")
+
+
+def _shared_paragraphs(texts: list[str]) -> tuple[str, list[str], str]:
+    """The leading and trailing paragraphs (whole lines, up to a blank one) that every text shares,
+    and what is left of each: a prompt's instructions once, each question's own data apart."""
+    lines = [text.split("\n") for text in texts]
+    shortest = min(len(each) for each in lines)
+    head = 0
+    while head < shortest and len({each[head] for each in lines}) == 1:
+        head += 1
+    while head and lines[0][head - 1].strip():
+        head -= 1
+    tail = 0
+    while tail < shortest - head and len({each[-1 - tail] for each in lines}) == 1:
+        tail += 1
+    while tail and lines[0][-tail].strip():
+        tail -= 1
+    own = ["\n".join(each[head:len(each) - tail]) for each in lines]
+    return "\n".join(lines[0][:head]), own, "\n".join(lines[0][len(lines[0]) - tail:])
 
 
 @functools.cache
@@ -1245,7 +1266,11 @@ class _PromptBatcher:
         return await asked.future
 
     async def _flush(self, key: tuple, response_model: type, options: dict) -> None:
-        await asyncio.sleep(BATCH_GATHER_S)
+        loop = asyncio.get_running_loop()
+        first, seen = loop.time(), 0
+        while len(self.waiting[key]) > seen and loop.time() - first < BATCH_MAX_WAIT_S:
+            seen = len(self.waiting[key])
+            await asyncio.sleep(BATCH_GATHER_S)
         batch = [q for q in self.waiting.pop(key) if not q.future.done()]  # (a cancelled caller's is done)
         for start in range(0, len(batch), MAX_BATCH_QUESTIONS):
             await self._ask_together(batch[start:start + MAX_BATCH_QUESTIONS], response_model, options)
@@ -1268,7 +1293,8 @@ class _PromptBatcher:
 
         answer_model, batch_model = _batch_models(response_model)  # (pydantic models)
         system = batch[0].messages[0].content + BATCH_INSTRUCTIONS
-        body = "\n".join(f"<QUESTION {i}>\n{q.messages[-1].content}\n</QUESTION {i}>" for i, q in enumerate(batch, 1))
+        head, questions, tail = _shared_paragraphs([q.messages[-1].content for q in batch])
+        body = "\n".join([head, tail, *(f"<QUESTION {i}>\n{text}\n</QUESTION {i}>" for i, text in enumerate(questions, 1))])
         reply = await self.ask([Message(role="system", content=system), Message(role="user", content=body)],
                                response_model=batch_model, **options)
         answers: dict[int, dict] = {}
@@ -3964,9 +3990,14 @@ async def _facts_in_order(graphiti: Graphiti, clients: Any, episodes: list, extr
                                                                        episodes[i], nodes, {}, NO_EDGE_TYPES)
         return resolved, _replaceable(invalidated, resolved), created
 
-    # both kinds of question at once, so the batcher sends them together
-    within, *rounds = await asyncio.gather(_ask_within_the_pass(clients, episodes, own),
-                                           *(against_the_graph(i) for i in range(len(episodes))))
+    # The graph round's questions come after its embeddings and searches; the pass's own are asked as
+    # the first of those arrives, so the batcher sends both kinds in one request.
+    graph_round = asyncio.ensure_future(asyncio.gather(*(against_the_graph(i) for i in range(len(episodes)))))
+    try:
+        await _until_asking(clients.llm_client, graph_round)
+        within, rounds = await asyncio.gather(_ask_within_the_pass(clients, episodes, own), graph_round)
+    finally:
+        graph_round.cancel()  # (done already, unless the pass was cancelled or failed)
     touched: dict[str, Any] = {}  # uuid -> the fact as the pass leaves it
     for resolved, invalidated, _ in rounds:
         touched |= {fact.uuid: _merged(touched.get(fact.uuid), fact) for fact in resolved + invalidated}
@@ -3975,6 +4006,12 @@ async def _facts_in_order(graphiti: Graphiti, clients: Any, episodes: list, extr
     written = [fact for uid, fact in touched.items() if uid not in repeated]
     await add_nodes_and_edges_bulk(clients.driver, [], [], [], written, clients.embedder)
     return written, [fact for uid, fact in created.items() if uid not in repeated]
+
+
+async def _until_asking(llm: Any, work: asyncio.Future) -> None:
+    """Until a question waits in the LLM client's batcher, or `work` is done."""
+    while not work.done() and not any(getattr(getattr(llm, "_batcher", None), "waiting", {}).values()):
+        await asyncio.sleep(BATCH_GATHER_S / 5)
 
 
 async def _ask_within_the_pass(clients: Any, episodes: list, own: list[list]) -> list[tuple[str, str | None, list]]:
