@@ -132,7 +132,8 @@ def test_with_the_plugin_a_turn_that_writes_a_file_is_remembered_in_the_project_
     project.env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{project.env['PATH']}"
     script_chat(stack, [{"tool": "write", "arguments": {"filePath": str(project.dir / "NOTES.md"),
                                                         "content": "Release checklist\n"}},
-                        {"text": "Wrote NOTES.md."}])
+                        {"tool": "bash", "arguments": {"command": "test -s NOTES.md", "description": "check"}},
+                        {"text": "Wrote NOTES.md; decided to keep the checklist in the repository root."}])
 
     started = time.monotonic()
     run = project.opencode(opencode, "run", "Create NOTES.md with a release checklist")
@@ -146,7 +147,15 @@ def test_with_the_plugin_a_turn_that_writes_a_file_is_remembered_in_the_project_
     edited = next(e for e in episodes if e["content"] == "Edited NOTES.md")
     assert json.loads(edited["metadata"]) == {"event": "file.edited", "file": "NOTES.md", "group": project.group}
     turn = next(e for e in episodes if e["content"].startswith("Completed a turn."))
-    assert "Create NOTES.md with a release checklist" in turn["content"] and "write(NOTES.md)" in turn["content"]
+    # issue 37 item 1: what came of the turn, not only what was asked
+    assert turn["content"].splitlines() == [
+        'Completed a turn. The user asked: "Create NOTES.md with a release checklist"',
+        "Answer: Wrote NOTES.md; decided to keep the checklist in the repository root.",
+        "Files changed: NOTES.md.", "Commands run: test -s NOTES.md (exit 0).",
+        "Tools used: write(NOTES.md), bash(test -s NOTES.md)."], turn["content"]
+    meta = json.loads(turn["metadata"])
+    assert meta["event"] == "turn.completed" and meta["session"].startswith("ses_") and meta["message"]
+    assert len(meta["calls"]) == 2
     print(f"OpenCode run with the plugin: {took:.1f} s")
 
 

@@ -3,7 +3,9 @@
 // Stores (queued, detached, never blocking the agent, never throwing into OpenCode):
 //   file.edited     "Edited <path>"
 //   session.error   "Session error: <name>: <message>"
-//   a completed turn (session.idle): what the user asked and which tools ran
+//   a completed turn (session.idle): what the user asked and what came of it: the final answer,
+//     files changed, commands run with their exit status, tools used (a turn that only used the
+//     memory's own tools stores nothing); metadata: session, message and tool-call ids
 // Recall: every model call of a session gets the project's newest events and the memories relevant
 // to the user's first message added to its system prompt (experimental.chat.system.transform; pinned to OpenCode 1.18.33),
 // recalled once per session, fenced in <memory-context> as reference data. The agent can always recall mid-task through the MCP server's search_memory_facts.
@@ -39,6 +41,8 @@ const RECALL_TIMEOUT_MS = Number(process.env.MEMORY_RECALL_TIMEOUT_MS || 3000)
 const RECALL_BUDGET_TOKENS = Number(process.env.MEMORY_RECALL_BUDGET_TOKENS || 1500)
 const RECALL_RECENT = Number(process.env.MEMORY_RECALL_RECENT || 5) // the newest events, whatever the first message says
 const MAX_CONTENT = 8000 // characters per stored event: a concise note, not a transcript
+const MAX_ANSWER = 2000 // characters of the assistant's final answer kept with its turn
+const EDITING_TOOLS = new Set(["edit", "write", "patch", "multiedit"])
 const MCP_URL = process.env.MEMORY_MCP_URL || ""
 const MCP_TOKEN = process.env.MEMORY_MCP_TOKEN || ""
 const MCP_PROTOCOL = "2025-06-18"
@@ -161,8 +165,36 @@ export const MemoryPlugin = async ({ client, directory, worktree }) => {
 
   const relative = (file) => (file && path.isAbsolute(file) ? path.relative(root, file) || file : file)
   const turn = (sessionID) => {
-    if (!turns.has(sessionID)) turns.set(sessionID, { asked: "", tools: [] })
+    if (!turns.has(sessionID)) {
+      turns.set(sessionID, { asked: "", tools: [], calls: [], files: [], commands: [], answer: null })
+    }
     return turns.get(sessionID)
+  }
+  // The assistant's words, as OpenCode streams them: the latest text of each part of each message.
+  const roles = new Map() // messageID -> role
+  const noteText = (part) => {
+    if (part.type !== "text" || part.synthetic || !part.sessionID || !part.messageID) return
+    if (roles.get(part.messageID) === "user") return
+    const current = turn(part.sessionID)
+    if (!current.answer || current.answer.message !== part.messageID) {
+      current.answer = { message: part.messageID, parts: new Map() }
+    }
+    current.answer.parts.set(part.id, part.text || "")
+  }
+  // What a completed turn stores: what was asked, and what came of it (the final answer, files
+  // changed, commands with their exit status). A turn that only used the memory's own tools
+  // stores nothing: it would fill the graph with entities named after the tools.
+  const outcome = (done) => {
+    const own = done.tools.filter((tool) => !tool.startsWith("memory_"))
+    if (done.tools.length && !own.length) return null
+    const answer = done.answer ? [...done.answer.parts.values()].join("\n").trim().slice(0, MAX_ANSWER) : ""
+    return [
+      `Completed a turn. The user asked: ${done.asked}`,
+      answer && `Answer: ${answer}`,
+      done.files.length && `Files changed: ${[...new Set(done.files)].join(", ")}.`,
+      done.commands.length && `Commands run: ${done.commands.join("; ")}.`,
+      own.length && `Tools used: ${own.join(", ")}.`,
+    ].filter(Boolean).join("\n")
   }
 
   // One deterministic block within a budget (`context`): the same memories and question give the
@@ -228,14 +260,18 @@ export const MemoryPlugin = async ({ client, directory, worktree }) => {
           store(`Session error: ${error.name || "error"}: ${message}`.trim(), {
             event: "session.error", session: props.sessionID || null,
           })
+        } else if (event.type === "message.updated" && props.info && props.info.id) {
+          roles.set(props.info.id, props.info.role)
+          if (roles.size > 1000) roles.delete(roles.keys().next().value)
+        } else if (event.type === "message.part.updated" && props.part) {
+          noteText(props.part)
         } else if (event.type === "session.idle" && props.sessionID) {
           const done = turns.get(props.sessionID)
           turns.delete(props.sessionID)
-          if (done && done.asked) {
-            const tools = done.tools.length ? ` Tools used: ${done.tools.join(", ")}.` : ""
-            store(`Completed a turn. The user asked: ${done.asked}${tools}`, {
-              event: "turn.completed", session: props.sessionID,
-            })
+          const content = done && done.asked ? outcome(done) : null
+          if (content) {
+            store(content, { event: "turn.completed", session: props.sessionID,
+              message: done.answer ? done.answer.message : null, calls: done.calls.slice(0, 20) })
           }
         }
       } catch {
@@ -252,12 +288,20 @@ export const MemoryPlugin = async ({ client, directory, worktree }) => {
       } catch {}
     },
 
-    "tool.execute.after": async (input) => {
+    "tool.execute.after": async (input, output) => {
       try {
         const args = input.args || {}
         const target = args.filePath || args.path || args.command || ""
         const described = target ? `${input.tool}(${relative(String(target)).slice(0, 120)})` : input.tool
-        turn(input.sessionID).tools.push(described)
+        const current = turn(input.sessionID)
+        current.tools.push(described)
+        if (input.callID) current.calls.push(input.callID)
+        if (EDITING_TOOLS.has(input.tool) && args.filePath) current.files.push(relative(String(args.filePath)))
+        if (input.tool === "bash" && args.command) {
+          const meta = (output && output.metadata) || {}
+          const exit = meta.exit ?? meta.exitCode ?? meta.code
+          current.commands.push(`${String(args.command).slice(0, 200)}${exit === undefined ? "" : ` (exit ${exit})`}`)
+        }
       } catch {}
     },
 
