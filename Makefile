@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 OPENSPEC := OPENSPEC_TELEMETRY=0 npx --yes @fission-ai/openspec@1.13.2
 
-.PHONY: install valkey browser test spec lint demo demo-tls demo-cluster stack stack-down bench bench-export bench-queue bench-miss bench-redact bench-mcp bench-recall bench-ingest bench-plugin bench-bulk clean
+.PHONY: install valkey browser test spec lint demo demo-tls demo-cluster stack stack-down bench bench-export bench-queue bench-miss bench-redact bench-mcp bench-recall bench-ingest bench-plugin bench-bulk bench-capture clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -87,6 +87,9 @@ bench-recall: install
 
 bench-ingest: install
 	$(PY) local/bench_ingest.py
+
+bench-capture: install
+	$(PY) local/bench_capture.py
 
 bench-bulk: install
 	$(PY) local/bench_bulk.py

@@ -539,7 +539,7 @@ class Settings:
     max_attempts: int = 5
     coalesce_events: int = 8
     coalesce_chars: int = 8_000
-    coalesce_wait_s: int = 15
+    coalesce_wait_s: int = 20
     auto_drain: bool = True
     drain_idle_s: int = 60
     b2_key_id: str | None = None
@@ -582,7 +582,7 @@ class Settings:
             max_attempts=_env_int("MEMORY_MAX_ATTEMPTS", 5, 1, 100),
             coalesce_events=_env_int("MEMORY_COALESCE_EVENTS", 8, 1, 64),
             coalesce_chars=_env_int("MEMORY_COALESCE_CHARS", 8_000, 1, 1_000_000),
-            coalesce_wait_s=_env_int("MEMORY_COALESCE_WAIT", 15, 0, 600),
+            coalesce_wait_s=_env_int("MEMORY_COALESCE_WAIT", 20, 0, 600),
             auto_drain=_env_bool("MEMORY_AUTO_DRAIN", True),
             drain_idle_s=_env_int("MEMORY_DRAIN_IDLE", 60, 1, 86_400),
             b2_key_id=_env_str("B2_KEY_ID"),
