@@ -159,11 +159,12 @@ def test_with_the_plugin_a_turn_that_writes_a_file_is_remembered_in_the_project_
     print(f"OpenCode run with the plugin: {took:.1f} s")
 
 
-def test_a_plugin_whose_python_lacks_the_dependencies_says_so_in_opencode_s_log_and_the_run_goes_on(
-        opencode, project, stack):
+def test_a_plugin_whose_python_lacks_the_dependencies_says_so_in_opencode_s_log_and_the_session_and_the_run_goes_on(
+        opencode, project, stack, standin):
     install_plugin(project)
     system_python = shutil.which("python3", path="/usr/bin:/bin") or "/usr/bin/python3"
     project.env["MEMORY_PYTHON"] = system_python
+    standin.faults(record=True)
     script_chat(stack, [{"text": "Nothing to do."}])
 
     run = project.opencode(opencode, "run", "Say hello")
@@ -172,6 +173,9 @@ def test_a_plugin_whose_python_lacks_the_dependencies_says_so_in_opencode_s_log_
     [line] = [line for line in opencode_log(project).splitlines() if "memory off:" in line]
     assert "level=ERROR" in line, line
     assert "lacks the package 'redis'" in line and system_python in line, line
+    # issue 37 item 9: the model is told, so the user hears it in the session
+    turn = system_prompts(standin)[-1]
+    assert "The project memory is off: " in turn and "lacks the package 'redis'" in turn, turn[-2000:]
 
 
 def test_with_the_mcp_server_opencode_connects_and_its_model_stores_and_recalls(opencode, project, stack):

@@ -15,8 +15,9 @@
 // MCP server started in the project directory serves the same group. The group is logged at start.
 //
 // Failures are loud, never fatal: a memory manager that cannot run (a Python without its
-// dependencies, a wrong path) is found once at start and logged as an error in OpenCode's log
-// (service "memory"), and so is every store or recall that fails, with the manager's own one line.
+// dependencies, a wrong path) is found once at start, logged as an error in OpenCode's log
+// (service "memory") and told to the model in every system prompt, so the user hears it in the
+// session; every store or recall that fails is logged with the manager's own one line.
 //
 // Recall goes first to a long-lived memory manager when MEMORY_MCP_URL names one (`memory-manager mcp
 // --http`, its get_context tool over one MCP session kept for the plugin's life): a warm process
@@ -309,6 +310,11 @@ export const MemoryPlugin = async ({ client, directory, worktree }) => {
     // request comes first and the agent's steps after it, and each is a prompt of its own.
     "experimental.chat.system.transform": async (input, output) => {
       try {
+        if (!usable) { // said in the session too, not only in a log file nobody reads
+          output.system.push(`The project memory is off: ${checked.why}. Nothing of this session will be ` +
+            "remembered. Tell the user this once, in one sentence, then carry on with their request.")
+          return
+        }
         const sessionID = input.sessionID
         if (!RECALL || !sessionID) return
         startRecall(sessionID, turns.has(sessionID) ? turns.get(sessionID).asked : "")
