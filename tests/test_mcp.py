@@ -32,9 +32,14 @@ NOTE = "Decided to keep FalkorDB as the graph store; Valkey holds the write queu
 # The schemas a model sees: pinned, so a change to a tool's arguments is deliberate.
 INPUT_SCHEMAS = {
     "add_memory": ({"content"}, {"content": "string", "metadata": "object|null", "at": "string|null",
-                                 "group_id": "string|null"}),
-    "search_memory_facts": ({"query"}, {"query": "string", "limit": "integer", "group_ids": "array|null"}),
-    "get_context": ({"query"}, {"query": "string", "budget_tokens": "integer", "group_ids": "array|null"}),
+                                 "group_id": "string|null", "name": "string|null", "source": "string|null",
+                                 "source_description": "string|null"}),
+    "search_memory_facts": ({"query"}, {"query": "string", "limit": "integer", "group_ids": "array|null",
+                                        "center_node_uuid": "string|null"}),
+    "get_context": ({"query"}, {"query": "string", "budget_tokens": "integer", "recent": "integer|null",
+                                "group_ids": "array|null"}),
+    "search_nodes": ({"query"}, {"query": "string", "max_nodes": "integer|null", "group_ids": "array|null",
+                                 "entity_types": "array|null", "center_node_uuid": "string|null"}),
     "search_entities": (set(), {"query": "string|null", "entity_type": "string|null", "max_nodes": "integer|null",
                                 "group_ids": "array|null"}),
     "get_episodes": (set(), {"last_n": "integer", "since": "string|null", "group_ids": "array|null"}),
@@ -48,7 +53,8 @@ INPUT_SCHEMAS = {
 }
 # What a client may ask before calling (readOnlyHint, destructiveHint).
 ANNOTATIONS = {"add_memory": (False, False), "delete_episode": (False, True), "search_memory_facts": (True, None),
-               "get_context": (True, None), "search_entities": (True, None), "get_episodes": (True, None),
+               "get_context": (True, None), "search_entities": (True, None), "search_nodes": (True, None),
+               "get_episodes": (True, None),
                "get_episode": (True, None), "get_entity_edge": (True, None), "delete_entity_edge": (False, True),
                "correct_fact": (False, False), "clear_graph": (False, True), "get_status": (True, None)}
 
@@ -171,7 +177,10 @@ def test_stdio_tools_store_recall_list_and_delete_with_the_cli_s_results(memory)
     ("delete_episode", {"uuid": "00000000-0000-4000-8000-000000000000"},
      "no episode 00000000-0000-4000-8000-000000000000"),
     ("search_memory_facts", {"query": "x", "center_node_uuid": "u"},
-     "search_memory_facts does not take center_node_uuid (it takes group_ids, limit, max_facts, query)"),
+     "search_memory_facts does not rank by distance to an entity (center_node_uuid): put the entity's name in"),
+    ("search_memory_facts", {"query": "x", "centre": "u"},
+     "search_memory_facts does not take centre (it takes center_node_uuid, group_ids, limit, max_facts, query)"),
+    ("search_nodes", {"query": "x", "entity_types": ["File", "Person"]}, "search_nodes takes one entity type"),
     ("search_memory_facts", {"query": "x", "max_facts": 0}, "limit must be an integer from 1 to 50, got 0"),
     ("get_episodes", {"max_episodes": 0}, "last_n must be an integer from 1 to 100"),
     ("search_memory_facts", {"max_facts": 3}, "search_memory_facts needs query"),
@@ -202,6 +211,31 @@ def test_a_refused_argument_is_a_tool_error_and_the_server_keeps_answering(memor
     assert "\n" not in text_of(refused) and "Traceback" not in text_of(refused)
     assert status.structured_content["health"]["healthy"] is True
     assert memory.queue()["queued"] == 0
+
+
+def test_calls_written_for_graphiti_s_own_mcp_server_store_and_search_with_its_meaning(memory):
+    """Issue 37 item 7: prompts written for Graphiti's MCP server call add_memory with name,
+    episode_body, source and source_description, and search_nodes; as Graphiti documents them."""
+    async def scenario() -> dict[str, Any]:
+        async with stdio_client(memory) as client:
+            added = await call(client, "add_memory", name="Graph store decision", episode_body=NOTE, source="text",
+                               source_description="architecture review", group_id=memory.group)
+            memory.wait_until_ingested(1)
+            return {"added": added,
+                    "nodes": await call(client, "search_nodes", query="FalkorDB", max_nodes=5,
+                                        group_ids=[memory.group]),
+                    "facts": await call(client, "search_memory_facts", query="graph store", max_facts=3,
+                                        group_ids=[memory.group]),
+                    "episodes": await call(client, "get_episodes", max_episodes=1)}
+
+    results = run(scenario())
+
+    [episode] = results["episodes"].structured_content["episodes"]
+    assert episode["content"] == NOTE
+    assert episode["metadata"] == {"name": "Graph store decision", "source": "text",
+                                   "source_description": "architecture review"}
+    assert "FalkorDB" in [e["name"] for e in results["nodes"].structured_content["entities"]]
+    assert "FalkorDB" in text_of(results["facts"])
 
 
 def test_stdio_tools_show_correct_and_forget_a_fact_as_the_cli_does(memory):

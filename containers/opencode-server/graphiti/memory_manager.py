@@ -6361,7 +6361,7 @@ async def _in_scope(group_ids: Any = None, uuid_: Any = None) -> AsyncIterator[s
 
 
 def _build_mcp_server() -> Any:
-    """The MCP server with its twelve tools (import mcp only here). Arguments are declared to the model
+    """The MCP server with its thirteen tools (import mcp only here). Arguments are declared to the model
     with their JSON types but checked by our own validation, so a wrong one is our one-line error
     (the SDK's would be pydantic's multi-line report, quoting the value, and it drops unknown ones)."""
     import inspect
@@ -6420,25 +6420,38 @@ def _build_mcp_server() -> Any:
 
     server = StrictServer("memory", instructions=MCP_INSTRUCTIONS, version=_package_version(), log_level="WARNING")
 
-    @tool("add_memory", read_only=False, content=text, metadata=maybe_object, at=maybe_text, group_id=maybe_text)
-    async def add_memory(content, metadata=None, at=None, group_id=None):  # type: ignore[no-untyped-def]
+    @tool("add_memory", aliases={"episode_body": "content"}, read_only=False, content=text, metadata=maybe_object,
+          at=maybe_text, group_id=maybe_text, name=maybe_text, source=maybe_text, source_description=maybe_text)
+    async def add_memory(content, metadata=None, at=None, group_id=None, name=None, source=None,  # type: ignore[no-untyped-def]
+                         source_description=None):
         """Remember something for later sessions: a decision, a fix and its cause, a convention, a
         preference, what a file is for. One concise, self-contained note per call; it is queued and
         ingested in the background. `at`: when it happened (ISO 8601), if not now. Returns the
-        episode name and job id."""
+        episode name and job id. Graphiti's arguments work too: `episode_body` (the content), and
+        `name`, `source`, `source_description`, kept in the metadata."""
+        graphiti_names = {k: v for k, v in (("name", name), ("source", source),
+                                            ("source_description", source_description)) if v is not None}
+        if graphiti_names:
+            if metadata is not None and not isinstance(metadata, dict):
+                raise UsageError("metadata must be an object when name, source or source_description is given")
+            metadata = {**(metadata or {}), **graphiti_names}
         async with _in_scope(None if group_id is None else [group_id]):
             queued = await enqueue_episode(content, metadata, at=at)
         data = {"state": "spooled" if queued.spooled else "queued", "episode": queued.name,
                 "job_id": queued.job_id, "group": queued.group}
         return _tool_result(f"{data['state']} {queued.name} {queued.job_id}", data)
 
-    @tool("search_memory_facts", aliases={"max_facts": "limit"}, query=text, limit=integer, group_ids=maybe_texts)
-    async def search_memory_facts(query, limit=5, group_ids=None):  # type: ignore[no-untyped-def]
+    @tool("search_memory_facts", aliases={"max_facts": "limit"}, query=text, limit=integer, group_ids=maybe_texts,
+          center_node_uuid=maybe_text)
+    async def search_memory_facts(query, limit=5, group_ids=None, center_node_uuid=None):  # type: ignore[no-untyped-def]
         """Recall what earlier sessions remembered about a question or keywords, best first: facts
         (with when each became true or stopped being true, and their uuid) and the stored events
         themselves (with when they happened). Use before answering questions about the project's
         history, decisions, conventions or past errors. `max_facts` is another name for `limit`."""
         async with _in_scope(group_ids), _operation("query") as op:
+            if center_node_uuid is not None:
+                raise UsageError("search_memory_facts does not rank by distance to an entity (center_node_uuid): "
+                                 "put the entity's name in the query instead")
             answer = await _cached_answer(op, query, limit)
         return _tool_result(answer.text, {"results": [dataclasses.asdict(i) for i in answer.items()]})
 
@@ -6468,6 +6481,20 @@ def _build_mcp_server() -> Any:
         chosen = [e for e in entities if all(word in e["name"].lower() for word in words)][:shown]
         return _tool_result("\n".join(f"{e['name']} ({e['type']})" for e in chosen) or "No entities found.",
                             {"entities": chosen})
+
+    @tool("search_nodes", query=text, max_nodes=maybe_integer, group_ids=maybe_texts, entity_types=maybe_texts,
+          center_node_uuid=maybe_text)
+    async def search_nodes(query, max_nodes=None, group_ids=None, entity_types=None, center_node_uuid=None):  # type: ignore[no-untyped-def]
+        """Graphiti's name for search_entities: the remembered entities whose name holds every word
+        of `query`, of one type if `entity_types` names one, at most `max_nodes` (default 10)."""
+        async with _tool_errors():
+            if center_node_uuid is not None:
+                raise UsageError("search_nodes does not rank by distance to an entity (center_node_uuid): "
+                                 "put the entity's name in the query instead")
+            if entity_types is not None and (not isinstance(entity_types, list) or len(entity_types) > 1):
+                raise UsageError("search_nodes takes one entity type here, in a list; call it once per type")
+        return await search_entities(query, (entity_types or [None])[0], 10 if max_nodes is None else max_nodes,
+                                     group_ids)
 
     @tool("get_episodes", aliases={"max_episodes": "last_n"}, last_n=integer, since=maybe_text, group_ids=maybe_texts)
     async def recent_episodes(last_n=10, since=None, group_ids=None):  # type: ignore[no-untyped-def]
