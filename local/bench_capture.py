@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -30,7 +29,7 @@ MODULE = ROOT / "containers" / "opencode-server" / "graphiti" / "memory_manager.
 sys.path.insert(0, str(MODULE.parent))
 
 # (what the user asks, what the scripted model does: tool calls, then its answer)
-WORK = [
+WORK: list[tuple[str, list[dict], str]] = [
     ("Add a retry to connect_graph in src/db.py",
      [{"tool": "write", "arguments": {"filePath": "src/db.py", "content": "def connect_graph():\n    ...\n"}}],
      "Added a retry with exponential backoff, 3 attempts, to connect_graph in src/db.py."),

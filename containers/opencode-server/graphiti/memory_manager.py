@@ -1253,10 +1253,12 @@ class _PromptBatcher:
         self.ask = ask  # the client's own generate_response
         self.waiting: dict[tuple, list[_Question]] = {}
         self.flushing: set[asyncio.Task] = set()
+        self.arrival = asyncio.Event()  # set by every question (a pass clears it before it asks)
 
     async def question(self, messages: list[Any], response_model: type, **options: Any) -> dict:
         key = (response_model, messages[0].content, tuple(sorted(options.items())))
         asked = _Question(messages, asyncio.get_running_loop().create_future())
+        self.arrival.set()
         batch = self.waiting.setdefault(key, [])
         batch.append(asked)
         if len(batch) == 1:
@@ -1294,7 +1296,8 @@ class _PromptBatcher:
         answer_model, batch_model = _batch_models(response_model)  # (pydantic models)
         system = batch[0].messages[0].content + BATCH_INSTRUCTIONS
         head, questions, tail = _shared_paragraphs([q.messages[-1].content for q in batch])
-        body = "\n".join([head, tail, *(f"<QUESTION {i}>\n{text}\n</QUESTION {i}>" for i, text in enumerate(questions, 1))])
+        numbered = (f"<QUESTION {i}>\n{text}\n</QUESTION {i}>" for i, text in enumerate(questions, 1))
+        body = "\n".join([head, tail, *numbered])
         reply = await self.ask([Message(role="system", content=system), Message(role="user", content=body)],
                                response_model=batch_model, **options)
         answers: dict[int, dict] = {}
@@ -1337,9 +1340,12 @@ def _batching_llm_client_class(base: type) -> type:
             if prompt_name not in BATCHED_PROMPTS or response_model is None or len(messages) != 2:
                 return await super().generate_response(messages, response_model, prompt_name=prompt_name,
                                                        **options)
+            return await self.batcher().question(messages, response_model, prompt_name=prompt_name, **options)
+
+        def batcher(self) -> _PromptBatcher:
             if getattr(self, "_batcher", None) is None:
                 self._batcher = _PromptBatcher(super().generate_response)
-            return await self._batcher.question(messages, response_model, prompt_name=prompt_name, **options)
+            return self._batcher
 
     return BatchingLLMClient
 
@@ -4009,9 +4015,14 @@ async def _facts_in_order(graphiti: Graphiti, clients: Any, episodes: list, extr
 
 
 async def _until_asking(llm: Any, work: asyncio.Future) -> None:
-    """Until a question waits in the LLM client's batcher, or `work` is done."""
-    while not work.done() and not any(getattr(getattr(llm, "_batcher", None), "waiting", {}).values()):
-        await asyncio.sleep(BATCH_GATHER_S / 5)
+    """Until `work` asks the LLM client's batcher a question, or is done (called before it runs)."""
+    arrival = llm.batcher().arrival
+    arrival.clear()
+    asked = asyncio.ensure_future(arrival.wait())
+    try:
+        await asyncio.wait([work, asked], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        asked.cancel()
 
 
 async def _ask_within_the_pass(clients: Any, episodes: list, own: list[list]) -> list[tuple[str, str | None, list]]:
