@@ -6,6 +6,7 @@ if [ "$(id -u)" != 0 ]; then
   echo "install-chromium: not root; install Debian's chromium yourself" >&2
   exit 1
 fi
-install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
-install || { apt-get update -qq && install; }
+# (-o DPkg::Lock::Timeout: a package manager busy after boot is waited for, not failed on)
+install() { DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends chromium >/dev/null; }
+install || { apt-get -o DPkg::Lock::Timeout=600 update -qq && install; }
 chromium --version

@@ -14,7 +14,10 @@ if [ ! -f "$list" ]; then
   [ -n "$uri" ] || uri=$(awk '$1=="deb"{print $2; exit}' /etc/apt/sources.list)
   echo "deb $uri bookworm-backports main" > "$list"
 fi
-apt-get update -qq
-DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+# A package manager busy after boot (unattended upgrades hold the dpkg lock) is waited for, up to
+# 10 minutes, instead of failing with "Could not get lock".
+wait_for_lock=(-o DPkg::Lock::Timeout=600)
+apt-get "${wait_for_lock[@]}" update -qq
+DEBIAN_FRONTEND=noninteractive apt-get "${wait_for_lock[@]}" install -y -qq --no-install-recommends \
   -t bookworm-backports valkey-server >/dev/null
 valkey-server --version
