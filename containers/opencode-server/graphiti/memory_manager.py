@@ -14,7 +14,8 @@ cache in Valkey.
     query_memory(search_query, limit=5, ...) -> str  the same as the text `query` prints
     search_facts(search_query, limit=5) -> list[Fact]
                                                      the facts alone as records: text, validity, uuid, score
-    context(search_query, budget_tokens=1000) -> str one block for a prompt, within the budget
+    context(search_query, budget_tokens=1000, recent=0) -> str
+                                                     one block for a prompt, within the budget
     project_group(directory) -> str                  a project's memory group (git remote, else path)
     get_entities(entity_type=None) -> list[dict]     every entity of the group, with its type
     get_episodes(last_n=10, since=None) -> list[dict]
