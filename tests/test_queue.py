@@ -871,11 +871,11 @@ def test_extraction_asks_the_large_model_and_every_comparing_or_dating_question_
 def test_events_a_few_seconds_apart_wait_to_share_a_pass_and_an_awaited_store_does_not_wait(memory, standin):
     """Issue 35: a pass costs about four requests whatever it holds, and at 12 events a minute the
     worker took them nearly one at a time (bench-ingest: 3.4 requests per event)."""
-    gathering = memory.with_env(MEMORY_COALESCE_WAIT="6")
-    for i in range(3):
+    wait_for_no_worker(memory.stack)  # an earlier test's drainer gathers nothing (its wait is 0)
+    gathering = memory.with_env(MEMORY_COALESCE_WAIT="20")
+    for i in range(3):  # stored one after another: seconds apart on a loaded machine
         gathering.ok("store", f"Step {i}: Alice edited src/step_{i}.py.")
-        time.sleep(1)
-    gathering.wait_until_ingested(3, timeout_s=60)
+    gathering.wait_until_ingested(3, timeout_s=90)
     one_pass = standin.stats()["responses:ExtractedEntities"]
 
     started = time.monotonic()
@@ -883,4 +883,4 @@ def test_events_a_few_seconds_apart_wait_to_share_a_pass_and_an_awaited_store_do
     awaited_s = time.monotonic() - started
 
     assert one_pass == 1
-    assert awaited_s < 6, awaited_s  # its pass started at once
+    assert awaited_s < 20, awaited_s  # its pass started at once
