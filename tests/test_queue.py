@@ -853,7 +853,7 @@ def test_a_pass_retires_an_earlier_events_fact_by_a_new_one_on_another_pair_as_o
             "responses:EdgeDuplicate", 0) == 1
 
 
-def test_extraction_asks_the_large_model_and_every_comparing_or_dating_question_the_small_one(memory, standin):
+def test_extraction_asks_the_large_model_and_entity_resolution_and_the_fact_questions_the_small_one(memory, standin):
     """Issue 35 item 2: graphiti asks for entity resolution and summaries at the large model's size;
     only extraction needs it."""
     for i in range(3):  # names alike (module_0.py, module_1.py): graphiti asks whether they are one entity

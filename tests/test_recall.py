@@ -265,6 +265,7 @@ def test_a_session_that_starts_with_continue_gets_the_newest_events_first_within
     block = memory.ok("context", "--recent", "2", "--budget-tokens", "300", "continue with the Valkey cache")
     only_newest = memory.ok("context", "--recent", "2", "continue where we left off")
     small = memory.ok("context", "--recent", "3", "--budget-tokens", "60", "continue where we left off")
+    then = memory.ok("context", "--recent", "1", "--as-of", "2026-03-06T00:00:00Z", "continue where we left off")
     bad = memory.run("context", "--recent", "51", "continue")
 
     newest = ("Most recent events, newest first:\n- 2026-03-09: Carol started moving the Billing service to "
@@ -273,6 +274,7 @@ def test_a_session_that_starts_with_continue_gets_the_newest_events_first_within
                             "- 2026-03-02: Alice chose Valkey for the query cache.\n"), block
     assert block.count("Carol started moving") == 1 and block.count("Bob fixed") == 1  # once, among the newest
     assert only_newest == newest  # what the question matched is among them already
+    assert then == "Most recent events, newest first:\n- 2026-03-05: Bob fixed the flaky export test.\n"
     assert not small.startswith("Most recent") and -(-len(small.rstrip("\n").encode()) // 3) <= 60
     assert (bad.code, bad.error_lines) == (2, ["memory-manager: error: recent must be an integer from 0 to 50, "
                                                "got 51"])

@@ -18,7 +18,7 @@ cache in Valkey.
                                                      one block for a prompt, within the budget
     project_group(directory) -> str                  a project's memory group (git remote, else path)
     get_entities(entity_type=None) -> list[dict]     every entity of the group, with its type
-    get_episodes(last_n=10, since=None) -> list[dict]
+    get_episodes(last_n=10, since=None, until=None) -> list[dict]
                                                      the newest episodes, with metadata and reference time
     get_episode(name) -> dict                        one episode with the facts and entities it produced
     get_fact(uuid) -> dict                           one fact with its validity and source episodes
@@ -1245,15 +1245,28 @@ class _Question:
     future: asyncio.Future
 
 
-class _PromptBatcher:
+class _Gathering:
+    """What the batcher and the embeddings gatherer share: a flush that runs as its own task (held
+    here: the loop keeps only a weak reference), started by the first request of a batch."""
+
+    def __init__(self) -> None:
+        self.flushing: set[asyncio.Task] = set()
+
+    def _start(self, flush: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(flush)
+        self.flushing.add(task)
+        task.add_done_callback(self.flushing.discard)
+
+
+class _PromptBatcher(_Gathering):
     """Gathers the questions of one prompt asked within BATCH_GATHER_S into numbered requests.
     A missing or unreadable answer is asked again alone; a failed request fails its questions,
     as each would have failed alone."""
 
     def __init__(self, ask: Callable[..., Awaitable[dict]]) -> None:
+        super().__init__()
         self.ask = ask  # the client's own generate_response
         self.waiting: dict[tuple, list[_Question]] = {}
-        self.flushing: set[asyncio.Task] = set()
         self.arrival = asyncio.Event()  # set by every question (a pass clears it before it asks)
 
     async def question(self, messages: list[Any], response_model: type, **options: Any) -> dict:
@@ -1263,9 +1276,7 @@ class _PromptBatcher:
         batch = self.waiting.setdefault(key, [])
         batch.append(asked)
         if len(batch) == 1:
-            task = asyncio.create_task(self._flush(key, response_model, options))
-            self.flushing.add(task)
-            task.add_done_callback(self.flushing.discard)
+            self._start(self._flush(key, response_model, options))
         return await asked.future
 
     async def _flush(self, key: tuple, response_model: type, options: dict) -> None:
@@ -1354,15 +1365,15 @@ def _batching_llm_client_class(base: type) -> type:
 EMBEDDING_MEMO_TEXTS = 256     # the vectors a worker keeps (~8 MB): a pass embeds each new fact twice
 
 
-class _EmbeddingGatherer:
+class _EmbeddingGatherer(_Gathering):
     """Embeddings requests made together (graphiti embeds each event's facts, and again once they
     are resolved) go out as one request; a text embedded lately is not sent again."""
 
     def __init__(self, embed: Callable[[list[str]], Awaitable[list[list[float]]]]) -> None:
+        super().__init__()
         self.embed = embed  # the embedder's own create_batch
         self.waiting: list[tuple[list[str], asyncio.Future]] = []
         self.memo: OrderedDict[str, list[float]] = OrderedDict()
-        self.flushing: set[asyncio.Task] = set()
 
     async def vectors(self, texts: list[str]) -> list[list[float]]:
         known = {text: self.memo[text] for text in texts if text in self.memo}
@@ -1371,9 +1382,7 @@ class _EmbeddingGatherer:
             future = asyncio.get_running_loop().create_future()
             self.waiting.append((missing, future))
             if len(self.waiting) == 1:
-                task = asyncio.create_task(self._flush())
-                self.flushing.add(task)
-                task.add_done_callback(self.flushing.discard)
+                self._start(self._flush())
             known |= await future
         return [known[text] for text in texts]
 
@@ -3417,11 +3426,8 @@ async def context(search_query: str, budget_tokens: int = CONTEXT_BUDGET_TOKENS,
 
 
 async def _newest_events(count: int, as_of: str | datetime | None) -> list[Recalled]:
-    until = None if as_of is None else _utc_iso(_parse_event_time(as_of, "as-of"))
-    episodes = await get_episodes(MAX_EPISODES_LISTED if until else count)
-    kept = [e for e in episodes if until is None or _utc_iso(_parse_event_time(e["reference_time"])) <= until]
     return [Recalled("episode", e["content"], e["uuid"], 0.0, e["reference_time"], None, [e["uuid"]], [])
-            for e in kept[:count]]
+            for e in await get_episodes(count, until=as_of)]
 
 
 async def get_entities(entity_type: str | None = None) -> list[dict]:
@@ -3484,20 +3490,23 @@ MAX_EPISODES_LISTED = 100
 EPISODE_FIELDS = "e.uuid, e.name, e.content, e.valid_at, e.created_at, e.metadata, e.metadata_raw"
 
 
-async def get_episodes(last_n: int = 10, since: str | datetime | None = None) -> list[dict]:
+async def get_episodes(last_n: int = 10, since: str | datetime | None = None,
+                       until: str | datetime | None = None) -> list[dict]:
     """The group's newest `last_n` episodes (1-100), newest first, only those that happened at or
-    after `since` if given: uuid, name, content, reference time, when it was ingested, and its
-    metadata (an object, raw text, or None)."""
+    after `since` and at or before `until` if given: uuid, name, content, reference time, when it
+    was ingested, and its metadata (an object, raw text, or None)."""
     async with _operation("episodes") as op:
         last_n = _validate_limit(last_n, "last_n", MAX_EPISODES_LISTED)
         after = None if since is None else _utc_iso(_parse_event_time(since, "since"))
+        before = None if until is None else _utc_iso(_parse_event_time(until, "until"))
         s = _settings()
         if not await _graph_exists(s.group_id):
             return []
         async with _service("falkordb", s.falkordb_address):
             result = await (await _falkordb()).select_graph(s.group_id).ro_query(
-                f"MATCH (e:Episodic) WHERE $since IS NULL OR toString(e.valid_at) >= $since RETURN {EPISODE_FIELDS} "
-                "ORDER BY e.valid_at DESC, e.name DESC LIMIT $n", {"n": last_n, "since": after})
+                "MATCH (e:Episodic) WHERE ($since IS NULL OR toString(e.valid_at) >= $since) "
+                f"AND ($until IS NULL OR toString(e.valid_at) <= $until) RETURN {EPISODE_FIELDS} "
+                "ORDER BY e.valid_at DESC, e.name DESC LIMIT $n", {"n": last_n, "since": after, "until": before})
         op.set(**{"memory.results": len(result.result_set)})
         return [_episode(*row) for row in result.result_set]
 
