@@ -213,7 +213,7 @@ def test_the_context_block_is_byte_identical_and_never_exceeds_its_budget(memory
     document = json.loads(memory.ok("context", "--json", "--budget-tokens", "100", "Billing deploys to Kubernetes"))
 
     assert block == again == document["context"] + "\n"
-    assert -(-len(document["context"].encode()) // 3) == document["estimated_tokens"] <= 100
+    assert document["estimated_tokens"] <= 100 and real_tokens(document["context"]) <= 100
     assert block.startswith("Memories relevant to: Billing deploys to Kubernetes\n- 2026-03-")
     assert re.search(r"^- 2026-03-\d\d: Deploy \d+ of the Billing service", block, re.M)
     assert re.search(r"^\(\d+ more left out: budget of 100 tokens\)$", block, re.M)
@@ -255,6 +255,37 @@ def test_the_context_block_shows_a_fact_only_when_it_says_more_than_its_event():
                      "powerful.\n  fact: Caroline is a transgender woman (2023-05-08 to 2023-06-01)")
 
 
+def real_tokens(text: str) -> int:
+    """What OpenAI's tokenizers count, the larger of cl100k (GPT-4) and o200k (GPT-4o and later)."""
+    import bpe_openai
+
+    return max(len(bpe_openai.get_encoding(name).encode(text)) for name in ("cl100k_base", "o200k_base"))
+
+
+CODE_EVENT = ("Edited ledger/transfers.py:212: `rows = await conn.fetch(\"SELECT id, amount_cents FROM transfers "
+              "WHERE state = $1 FOR UPDATE SKIP LOCKED\", 'pending')`; ran `pytest -x tests/test_api.py::"
+              "test_transfer_deadlock -q` -> exit 1 (asyncpg.exceptions.DeadlockDetectedError at 0x7f3a9c2e1d40).")
+CHAT_EVENT = "Maya: I finally adopted a dog on Saturday! A beagle puppy, I named him Pixel, he is very sweet."
+CJK_EVENT = "我们决定把账本服务的数据库从PostgreSQL迁移到MySQL，因为团队更熟悉它；今天的测试全部通过了。"
+
+
+@pytest.mark.parametrize("text", [CODE_EVENT, CHAT_EVENT, CJK_EVENT], ids=["code", "chat", "chinese"])
+@pytest.mark.parametrize("budget", [300, 1000])
+def test_a_context_block_never_holds_more_real_tokens_than_its_budget(text, budget):
+    """The budget is what the prompt's tokenizer counts: a third of the UTF-8 bytes let a block of
+    code run a quarter over it (and Chinese an eighth under cl100k), while it wasted a quarter of a
+    conversation's budget. In process: the block is a function of the recalled items."""
+    import memory_manager as mm
+
+    items = [mm.Recalled("episode", f"{text} ({n})", f"e{n}", 1.0 - n / 100, f"2026-03-{n % 28 + 1:02d}T09:00:00Z",
+                         None, [f"e{n}"], []) for n in range(60)]
+
+    block = mm._format_context("what did we change in the ledger", items, budget)
+
+    assert "more left out" in block
+    assert budget * 0.6 <= real_tokens(block) <= budget  # within the budget, and most of it used
+
+
 def test_a_session_that_starts_with_continue_gets_the_newest_events_first_within_a_third_of_the_budget(memory):
     """Issue 37 item 3: session-start recall searched only the first message, and "continue" matches
     nothing that was done."""
@@ -275,7 +306,7 @@ def test_a_session_that_starts_with_continue_gets_the_newest_events_first_within
     assert block.count("Carol started moving") == 1 and block.count("Bob fixed") == 1  # once, among the newest
     assert only_newest == newest  # what the question matched is among them already
     assert then == "Most recent events, newest first:\n- 2026-03-05: Bob fixed the flaky export test.\n"
-    assert not small.startswith("Most recent") and -(-len(small.rstrip("\n").encode()) // 3) <= 60
+    assert not small.startswith("Most recent") and real_tokens(small) <= 60
     assert (bad.code, bad.error_lines) == (2, ["memory-manager: error: recent must be an integer from 0 to 50, "
                                                "got 51"])
 
