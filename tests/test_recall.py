@@ -272,9 +272,9 @@ CJK_EVENT = "我们决定把账本服务的数据库从PostgreSQL迁移到MySQL�
 @pytest.mark.parametrize("text", [CODE_EVENT, CHAT_EVENT, CJK_EVENT], ids=["code", "chat", "chinese"])
 @pytest.mark.parametrize("budget", [300, 1000])
 def test_a_context_block_never_holds_more_real_tokens_than_its_budget(text, budget):
-    """The budget is what the prompt's tokenizer counts: a third of the UTF-8 bytes let a block of
-    code run a quarter over it (and Chinese an eighth under cl100k), while it wasted a quarter of a
-    conversation's budget. In process: the block is a function of the recalled items."""
+    """The budget is what the prompt's tokenizer counts: a third of the UTF-8 bytes let this block of
+    Chinese run 9 % over it under cl100k (dense source code: a quarter), while it left a quarter of a
+    conversation's budget unused. In process: the block is a function of the recalled items."""
     import memory_manager as mm
 
     items = [mm.Recalled("episode", f"{text} ({n})", f"e{n}", 1.0 - n / 100, f"2026-03-{n % 28 + 1:02d}T09:00:00Z",
