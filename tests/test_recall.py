@@ -237,6 +237,23 @@ def test_a_question_that_names_a_day_ranks_that_days_event_first(memory, questio
     assert first.startswith(f"- event {day}T09:00:00+00:00: Deployed the Billing service")
 
 
+def test_the_answer_two_turns_after_the_matching_question_is_recalled_beside_it(memory):
+    """Issue 34: in a conversation the answer often comes two turns after the turn a question
+    matches ("Guess where I went?" / "Where?" / the answer), sharing none of the question's words;
+    the two events after (and before) a well-matched one gain from it, the second half as much."""
+    for second, text in enumerate(("Caroline: Guess where I went last weekend with the kids?",
+                                   "Melanie: No idea, where?",
+                                   "Caroline: The Grand Canyon, the view from the rim was unreal.")):
+        store_at(memory, f"2026-03-02T18:00:0{second}+00:00", text)
+    for day, text in ((5, "Caroline: I am baking bread."), (6, "Caroline: My car needs tyres."),
+                      (7, "Caroline: That match was fun."), (8, "Caroline: Busy week here.")):
+        store_at(memory, f"2026-03-0{day}T09:00:00+00:00", text)
+
+    top = memory.ok("query", "--scope", "episodes", "--limit", "3", "Where did Caroline go last weekend?")
+
+    assert "Grand Canyon" in top, top
+
+
 def test_the_context_block_shows_a_fact_only_when_it_says_more_than_its_event():
     """Issue 34 item 6: a fact restating its event took a line of the block another event could use
     (the stand-in's facts are cut from their event's own text, so the block is built in process from
