@@ -129,8 +129,9 @@ def test_a_backlog_is_ingested_in_one_pass_yet_each_event_keeps_its_episode_time
     # each later event's fact asked about the earlier events' (same person, same relation), all in one
     # request; the graph held nothing to ask about before the pass
     assert (stats.get("responses:EdgeDuplicateBatch"), stats.get("responses:EdgeDuplicate")) == (1, None), stats
-    # three LLM requests and three embeddings requests for the four (entity names, events, facts)
-    assert (stats["responses"], stats["embeddings"]) == (3, 3), stats
+    # three LLM requests and two embeddings requests for the four (entity names with the events' own
+    # texts, then the facts)
+    assert (stats["responses"], stats["embeddings"]) == (3, 2), stats
     episodes = memory.episodes()
     assert [e["name"] for e in episodes] == names
     assert len({e["job_id"] for e in episodes}) == 4
@@ -174,7 +175,9 @@ def test_with_coalescing_off_every_event_is_a_pass_of_its_own(memory, standin):
 
     drain_all(memory.with_env(MEMORY_COALESCE_EVENTS="1"), 3)
 
-    assert standin.stats()["responses:ExtractedEntities"] == 3
+    stats = standin.stats()
+    assert stats["responses:ExtractedEntities"] == 3
+    assert stats["embeddings"] == 6  # each event's own text rides with its entities' names; then its facts
 
 
 def test_one_event_the_model_cannot_handle_is_dead_lettered_alone_and_the_rest_of_its_pass_is_stored_in_order(

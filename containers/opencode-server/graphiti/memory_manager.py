@@ -1367,28 +1367,39 @@ EMBEDDING_MEMO_TEXTS = 256     # the vectors a worker keeps (~8 MB): a pass embe
 
 class _EmbeddingGatherer(_Gathering):
     """Embeddings requests made together (graphiti embeds each event's facts, and again once they
-    are resolved) go out as one request; a text embedded lately is not sent again."""
+    are resolved) go out as one request; a text embedded lately is not sent again. A request that
+    can wait (`riding`: the events' own vectors) goes with the next one that cannot, or when
+    `send_riders()` says none will come."""
 
     def __init__(self, embed: Callable[[list[str]], Awaitable[list[list[float]]]]) -> None:
         super().__init__()
         self.embed = embed  # the embedder's own create_batch
         self.waiting: list[tuple[list[str], asyncio.Future]] = []
+        self.scheduled = False
         self.memo: OrderedDict[str, list[float]] = OrderedDict()
 
-    async def vectors(self, texts: list[str]) -> list[list[float]]:
+    async def vectors(self, texts: list[str], *, riding: bool = False) -> list[list[float]]:
         known = {text: self.memo[text] for text in texts if text in self.memo}
         missing = list(dict.fromkeys(text for text in texts if text not in known))
         if missing:
             future = asyncio.get_running_loop().create_future()
             self.waiting.append((missing, future))
-            if len(self.waiting) == 1:
-                self._start(self._flush())
+            if not riding:
+                self.send_riders()
             known |= await future
         return [known[text] for text in texts]
 
+    def send_riders(self) -> None:
+        """Flush what waits (within BATCH_GATHER_S, so requests made together still go as one)."""
+        if self.waiting and not self.scheduled:
+            self.scheduled = True
+            self._start(self._flush())
+
     async def _flush(self) -> None:
         await asyncio.sleep(BATCH_GATHER_S)
-        batch, self.waiting = self.waiting, []
+        batch, self.waiting, self.scheduled = [(m, f) for m, f in self.waiting if not f.done()], [], False
+        if not batch:
+            return
         texts = list(dict.fromkeys(text for missing, _ in batch for text in missing))
         try:
             vectors = dict(zip(texts, await self.embed(texts), strict=True))
@@ -1412,10 +1423,14 @@ def _gathering_embedder_class(base: type) -> type:
     """graphiti's OpenAI embedder whose requests made together are gathered (_EmbeddingGatherer)."""
 
     class GatheringEmbedder(base):
-        async def create_batch(self, input_data_list: list[str]) -> list[list[float]]:
+        @property
+        def gatherer(self) -> _EmbeddingGatherer:
             if getattr(self, "_gatherer", None) is None:
                 self._gatherer = _EmbeddingGatherer(super().create_batch)
-            return await self._gatherer.vectors(list(input_data_list))
+            return self._gatherer
+
+        async def create_batch(self, input_data_list: list[str]) -> list[list[float]]:
+            return await self.gatherer.vectors(list(input_data_list))
 
         async def create(self, input_data: Any) -> list[float]:
             if isinstance(input_data, list) and len(input_data) == 1 and isinstance(input_data[0], str):
@@ -4491,14 +4506,18 @@ class _Worker:
                     for i, (_, fields) in enumerate(entries)]
         async with _span("memory.graph.add_episode") as add:
             # Each event's own vector, so recall can find an episode by meaning, not by its facts
-            # alone; asked for beside graphiti's stages, so the pass waits for one request less.
+            # alone; it rides with graphiti's first embeddings request (the entities' names), one
+            # request less for every pass (one event alone: three embeddings requests were two).
             texts = [fields["content"][:EMBEDDED_CHARS] for _, fields in entries]
-            embeddings = asyncio.ensure_future(graphiti.embedder.create_batch(texts))
+            gatherer: _EmbeddingGatherer = graphiti.embedder.gatherer  # type: ignore[attr-defined]  # ours
+            embeddings = asyncio.ensure_future(gatherer.vectors(texts, riding=True))
             try:
                 entities, facts = await _add_episodes(graphiti, group, episodes)
             except BaseException:
                 embeddings.cancel()
                 raise
+            finally:
+                gatherer.send_riders()  # graphiti asked for none (no entity), or a failed pass's are dropped
             add.set(**{"memory.entities": len(entities), "memory.facts": len(facts)})
             vectors = await embeddings
         marks = [{"uuid": episode.uuid, "job": fields["job"], "queue_id": entry_id, "embedding": vector,
