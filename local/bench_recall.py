@@ -51,6 +51,7 @@ from stack import ROOT, Stack
 sys.path.insert(0, str(ROOT / "containers" / "opencode-server" / "graphiti"))
 MODULE = ROOT / "containers" / "opencode-server" / "graphiti" / "memory_manager.py"
 KS = (5, 10)
+RAW_DEPTH = 50  # the raw baselines rank this deep, so that collapsing repeated texts still leaves ten
 Corpus = Callable[[], tuple[list[Event], list[Question]]]
 CORPORA: dict[str, tuple[Corpus, tuple[str, ...]]] = {
     "project": (recall_corpus.build, ("single", "multihop", "temporal", "changed")),
@@ -253,7 +254,7 @@ def bm25_rankings(events: list[Event], questions: list[Question]) -> dict[str, l
                         show_progress=False)
         for q in (q for q in questions if q.memory == memory):
             docs, _ = retriever.retrieve(bm25s.tokenize([q.text], stopwords="en", show_progress=False),
-                                         k=max(KS), show_progress=False)
+                                         k=min(RAW_DEPTH, len(mine)), show_progress=False)
             ranked[q.id] = [[mine[int(i)].id] for i in docs[0]]
     return ranked
 
@@ -278,20 +279,29 @@ def dense_rankings(url: str, events: list[Event], questions: list[Question]) -> 
         asked = [q for q in questions if q.memory == memory]
         scores = embed(url, [q.text for q in asked]) @ matrix.T
         for q, row in zip(asked, scores, strict=True):
-            ranked[q.id] = [[mine[int(i)].id] for i in np.argsort(-row, kind="stable")[:max(KS)]]
+            ranked[q.id] = [[mine[int(i)].id] for i in np.argsort(-row, kind="stable")[:RAW_DEPTH]]
     return ranked
 
 
 def hybrid_rankings(*rankings: dict[str, list[list[str]]]) -> dict[str, list[list[str]]]:
-    """Reciprocal-rank fusion (k 60) of rankings over the raw texts, equal votes."""
+    """Reciprocal-rank fusion (k 60) of the first ten of rankings over the raw texts, equal votes."""
     fused = {}
     for qid in rankings[0]:
         scores: dict[str, float] = defaultdict(float)
         for ranking in rankings:
-            for rank, item in enumerate(ranking[qid], start=1):
+            for rank, item in enumerate(ranking[qid][:max(KS)], start=1):
                 scores[item[0]] += 1 / (60 + rank)
         fused[qid] = [[event] for event in sorted(scores, key=lambda e: (-scores[e], e))[:max(KS)]]
     return fused
+
+
+def collapsed(ranking: dict[str, list[list[str]]], texts: dict[str, str]) -> dict[str, list[list[str]]]:
+    """Each text once, where it first ranks: recall's own collapse of repeated events, on a baseline."""
+    def once(items: list[list[str]]) -> list[list[str]]:
+        first = {texts[item[0]]: item for item in reversed(items)}  # reversed: the first of each text wins
+        return [item for item in items if first[texts[item[0]]] is item]
+
+    return {qid: once(items) for qid, items in ranking.items()}
 
 
 def hit(ranking: list[list[str]], answers: tuple[str, ...], k: int) -> bool:
@@ -360,6 +370,10 @@ def measure(stack: Stack, run_dir: Path, corpus: str, regime: str, scopes: list[
             **{k: v for k, v in asked.found.items() if k.startswith("its ")},
             "BM25 over raw texts": bm25, "dense over raw texts": dense,
             "hybrid over raw texts (RRF)": hybrid_rankings(bm25, dense)}
+    spoken = {e.id: f"{e.memory} {' '.join(e.text.split())}" for e in events}
+    bm25_once, dense_once = collapsed(bm25, spoken), collapsed(dense, spoken)
+    rows |= {"BM25 over raw texts, repeats collapsed": bm25_once, "dense over raw texts, repeats collapsed": dense_once,
+             "hybrid over raw texts, repeats collapsed": hybrid_rankings(bm25_once, dense_once)}
     own = [ranking for name, ranking in rows.items() if name.startswith("its ")]
     if own:
         rows[CEILING] = best_per_question(questions, own)

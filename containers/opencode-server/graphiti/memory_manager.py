@@ -3163,6 +3163,21 @@ async def _with_neighbours(graph: Any, scores: dict[str, float]) -> dict[str, fl
     return lifted
 
 
+def _without_repeats(ranked: list[str], keys: dict[str, dict], scores: dict[str, float]) -> list[str]:
+    """One event for each text said again and again ("run the tests again", "Work is fine"): the
+    newest of those that rank best stands for the rest, which would fill the slots of ten different
+    memories with one. Texts are the same when their first 200 characters and length are."""
+    def text(uid: str) -> tuple[str, int]:
+        return keys[uid]["opening"], keys[uid]["length"]
+
+    best: dict[tuple[str, int], str] = {}
+    for uid in ranked:
+        kept = best.setdefault(text(uid), uid)
+        if round(scores[uid], 12) == round(scores[kept], 12) and keys[uid]["at"] > keys[kept]["at"]:
+            best[text(uid)] = uid
+    return [uid for uid in ranked if best[text(uid)] == uid]
+
+
 def _shifted(iso: str, seconds: float) -> str:
     """An ISO time moved by `seconds`, written as the stored times are (UTC, isoformat)."""
     return _utc_iso(datetime.fromisoformat(iso) + timedelta(seconds=seconds))
@@ -3212,9 +3227,10 @@ async def _recall(query: str, limit: int, scope: str, window: _Window) -> list[R
                                       FACT_MEANING_SHARE * with_facts)
         events = await _with_neighbours(graph, _combined(text, meaning))
         keys = await _details(graph, EPISODES, list(events), "coalesce(x.valid_at, '') AS at, "
-                              "left(x.content, 200) AS opening")
+                              "left(x.content, 200) AS opening, size(x.content) AS length")
         events = _in_named_time(events, {u: k["at"] for u, k in keys.items()}, named)
-        best = sorted(keys, key=lambda u: (-round(events[u], 12), keys[u]["opening"], keys[u]["at"], u))[:limit]
+        best = _without_repeats(sorted(keys, key=lambda u: (-round(events[u], 12), keys[u]["opening"],
+                                                            keys[u]["at"], u)), keys, events)[:limit]
         items = [dataclasses.replace(item, facts=_supporting(item.uuid, fact_records, facts))
                  for item in _ranked_items("episode", await _details(graph, EPISODES, best), events, limit)]
     # A fact that no stored event backs (its episodes removed, or a graph written by other means)
