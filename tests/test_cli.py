@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -523,3 +524,24 @@ def test_the_module_docstring_lists_every_public_operation_and_command(memory):
     cli_block = re.search(r"^CLI: memory-manager (\S+(?:\n {5}\S+)*)", doc, re.M)
     assert cli_block, "no CLI: line"
     assert re.sub(r"\n {5}", "", cli_block.group(1)).split("|") == commands
+
+
+def test_the_readmes_tour_runs_as_written_in_a_fresh_shell(memory, tmp_path):
+    """Issue 36: the tour's first command once failed for a new user (`memory-manager: command not
+    found`). Its block runs verbatim in bash -e with a bare PATH, beside the `.venv` and the
+    `.stack.env` that `make install` and `make stack` leave (here: this test's stack and group)."""
+    from conftest import ROOT
+
+    tour = re.search(r"## A tour\n\n```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    (tmp_path / ".venv").symlink_to(ROOT / ".venv")
+    (tmp_path / ".stack.env").write_text("".join(f"export {name}={shlex.quote(value)}\n" for name, value
+                                                 in memory.env.items() if name not in ("PATH", "HOME")))
+    shell = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8"}
+
+    done = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", tour.group(1)], cwd=tmp_path, env=shell,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=240)
+
+    assert done.returncode == 0, done.stderr
+    assert "Chose FalkorDB over Neo4j" in done.stdout and "Fixed the Valkey timeout in sync_worker" in done.stdout
+    assert "Memories relevant to: what changed in sync_worker" in done.stdout
+    assert (tmp_path / "memory.json.zst").stat().st_size > 0 and "<html" in (tmp_path / "memory.html").read_text()
