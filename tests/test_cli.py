@@ -26,7 +26,7 @@ def test_help_lists_every_command(memory):
     assert (result.code, result.stderr) == (0, "")
     assert help_commands(result.stdout) == ["store", "query", "context", "entities", "health", "queue", "worker",
                                             "drain", "export", "backups", "mcp", "restore", "graph", "episodes",
-                                            "episode", "forget", "correct", "erase", "group"]
+                                            "episode", "forget", "correct", "erase", "import", "group"]
 
 
 @pytest.mark.parametrize("command", ["store", "query", "context", "entities", "health", "queue", "worker", "drain",
@@ -533,6 +533,7 @@ def test_the_readmes_tour_runs_as_written_in_a_fresh_shell(memory, tmp_path):
     from conftest import ROOT
 
     tour = re.search(r"## A tour\n\n```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert tour, "README.md has no tour"
     (tmp_path / ".venv").symlink_to(ROOT / ".venv")
     (tmp_path / ".stack.env").write_text("".join(f"export {name}={shlex.quote(value)}\n" for name, value
                                                  in memory.env.items() if name not in ("PATH", "HOME")))

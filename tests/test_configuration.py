@@ -21,7 +21,8 @@ def test_every_variable_the_module_and_the_plugin_read_is_documented_and_in_env_
 
     assert len(read) > 40
     assert sorted(name for name in read if f"`{name}`" not in documented and name not in documented) == []
-    assert sorted(name for name in read if name not in example and name != "XDG_STATE_HOME") == []
+    the_systems = ("XDG_STATE_HOME", "XDG_DATA_HOME")  # documented, but not ours to set in .env
+    assert sorted(name for name in read if name not in example and name not in the_systems) == []
 
 
 @pytest.mark.parametrize(("variable", "value", "message"), [

@@ -40,6 +40,9 @@ cache in Valkey.
                                                      a document (path, "-", b2://), or its `groups`, back
                                                      into FalkorDB
     serve_mcp(http=None, with_worker=False)          the MCP server (stdio, or streamable HTTP)
+    import_opencode(directory=None, *, since=None, db=None, dry_run=False) -> Imported
+                                                     the turns of OpenCode's past sessions in a project,
+                                                     each stored once, at its time
     redact(text, thorough=False) -> Redacted         <private> spans and credentials out of a text, as
                                                      store (thorough: as the worker) does
     close()                                          release every client
@@ -47,7 +50,7 @@ cache in Valkey.
     cli()                                            the console script: main(), then exit with its code
 
 CLI: memory-manager store|query|context|entities|health|queue|worker|drain|export|backups|mcp|restore|graph|
-     episodes|episode|forget|correct|erase|group
+     episodes|episode|forget|correct|erase|import|group
 (--help); every command takes -q and --json, and --group G unless it covers every group (export, backups,
 queue, worker, drain); restore's --group G chooses groups of the document.
 
@@ -119,6 +122,7 @@ __all__ = [
     "ExportSummary",
     "Fact",
     "GroupRestore",
+    "Imported",
     "IngestError",
     "MemoryManagerError",
     "OutputClosed",
@@ -148,6 +152,7 @@ __all__ = [
     "get_fact",
     "get_graph",
     "health",
+    "import_opencode",
     "list_backups",
     "main",
     "project_group",
@@ -2450,11 +2455,14 @@ def _valkey_errors() -> tuple[type[BaseException], ...]:
 
 
 async def enqueue_episode(content: str, metadata: dict | str | None = None, *,
-                          at: str | datetime | None = None, awaited: bool = False) -> QueuedEpisode:
+                          at: str | datetime | None = None, awaited: bool = False,
+                          job: str | None = None) -> QueuedEpisode:
     """Validate one OpenCode event and queue it for ingestion; returns once it is durable (in Valkey,
     or in the local spool when Valkey cannot take it). `at` is when the event happened (ISO 8601;
     default: now), graphiti's reference time; `awaited`: the caller will wait for it, so the worker
-    starts its pass at once instead of gathering (MEMORY_COALESCE_WAIT). Imports nothing of graphiti."""
+    starts its pass at once instead of gathering (MEMORY_COALESCE_WAIT); `job`: the event's own id
+    (an import's, so that storing it again stores nothing), default a new one. Imports nothing of
+    graphiti."""
     async with _operation("store") as op:
         s = _settings()
         content = _validate_content(content, s.max_episode_chars)
@@ -2465,7 +2473,7 @@ async def enqueue_episode(content: str, metadata: dict | str | None = None, *,
                      else _redacted_now(content, metadata, raw_metadata))
         content, metadata, raw_metadata, found = await redacting
         _count_redactions(found, "store")
-        entry = _new_entry(s.group_id, content, metadata, raw_metadata, when, awaited)
+        entry = _new_entry(s.group_id, content, metadata, raw_metadata, when, awaited) | ({"job": job} if job else {})
         op.set(**{"memory.content.length": len(content), "memory.content.hash": _short_hash(content),
                   "memory.metadata.keys": len(metadata or {}), "memory.job": entry["job"],
                   "memory.episode": entry["name"]})
@@ -4473,8 +4481,10 @@ class _Worker:
             graphiti = await _graphiti(group)
             async with _graph_writes(group):
                 await _ensure_indices(group)
+                # Each job once: an import run twice before the worker came queues its events twice.
+                firsts = {fields["job"]: entry_id for entry_id, fields in reversed(entries)}
                 new = [(entry_id, fields) for entry_id, fields in entries
-                       if await self._stored_episode(group, fields) is None]
+                       if firsts[fields["job"]] == entry_id and await self._stored_episode(group, fields) is None]
                 if new:
                     await self._add_episodes(graphiti, group, new)
                 if len(new) < len(entries):
@@ -6194,6 +6204,165 @@ async def erase_group(group: str, backups: bool = False) -> EraseReport:
         return report
 
 
+# === Import ======================================================================================
+# `import opencode`: the turns OpenCode already had with a project, from its own session store, so a
+# new user does not start with an empty memory. Each stored as the plugin stores a live turn, at the
+# time it was asked, with a job id made from its message id: importing again stores nothing.
+
+OPENCODE_DB = os.path.join("opencode", "opencode.db")  # under $XDG_DATA_HOME, as OpenCode 1.18 writes it
+OPENCODE_EDITING_TOOLS = frozenset({"edit", "write", "patch", "multiedit"})  # the plugin's list
+MAX_IMPORTED_QUESTION = 1_000  # characters of the user's message, as the plugin keeps
+MAX_IMPORTED_ANSWER = 2_000    # characters of the assistant's final answer, as the plugin keeps
+IMPORT_JOBS = uuid.UUID("5c0f7d0e-2f4b-4f7e-9a53-0b6f1c3e8d21")  # the namespace of imported job ids
+
+
+@dataclass(frozen=True)
+class _PastTurn:
+    """One user message of an OpenCode session and what came of it, as the plugin would store it."""
+
+    session: str
+    message: str
+    at: datetime
+    content: str
+
+
+@dataclass
+class Imported:
+    """What `import_opencode` found and stored (with `dry_run`: would store)."""
+
+    sessions: int = 0
+    turns: int = 0
+    stored: int = 0
+    already: int = 0   # stored by an earlier import
+    skipped: int = 0   # nothing to store: only memory tools, or no question
+
+
+def _opencode_db(path: str | None) -> str:
+    data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    found = path or os.path.join(data, OPENCODE_DB)
+    if not os.path.isfile(found):
+        raise UsageError(f"no OpenCode history at {found} (give its opencode.db with --db)")
+    return found
+
+
+def _read_opencode_turns(db: str, directory: str, since: datetime | None) -> tuple[int, list[_PastTurn | None]]:
+    """The sessions OpenCode held in `directory` (or below it) and their turns, oldest first; None
+    for a turn with nothing to store. Read-only, and only the session, message and part tables:
+    the same file holds OpenCode's credentials."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn:
+            sessions = conn.execute(
+                "SELECT id FROM session WHERE (directory = ? OR directory LIKE ? ESCAPE '\\') AND time_created >= ? "
+                "ORDER BY time_created, id", (directory, _like_prefix(directory), _epoch_ms(since))).fetchall()
+            ids = [row[0] for row in sessions]
+            marks = ",".join("?" * len(ids))
+            messages = conn.execute(f"SELECT id, session_id, time_created, data FROM message WHERE session_id IN "
+                                    f"({marks}) ORDER BY time_created, id", ids).fetchall()
+            parts = conn.execute(f"SELECT message_id, data FROM part WHERE session_id IN ({marks}) "
+                                 f"ORDER BY time_created, id", ids).fetchall()
+    except sqlite3.Error as exc:
+        raise UsageError(f"{db}: not an OpenCode history this version can read ({exc})") from None
+    return len(ids), _turns(messages, parts, directory)
+
+
+def _like_prefix(directory: str) -> str:
+    return re.sub(r"([\\%_])", r"\\\1", directory.rstrip("/")) + "/%"
+
+
+def _epoch_ms(since: datetime | None) -> int:
+    return int(since.timestamp() * 1000) if since else 0
+
+
+def _turns(messages: list[tuple], parts: list[tuple], root: str) -> list[_PastTurn | None]:
+    by_message: dict[str, list[dict]] = defaultdict(list)
+    for message_id, data in parts:
+        by_message[message_id].append(json.loads(data))
+    replies: dict[str, list[str]] = defaultdict(list)  # a user message -> its assistant messages
+    asked = []
+    for message_id, session, created, data in messages:
+        fields = json.loads(data)
+        if fields.get("role") == "user":
+            asked.append((message_id, session, created))
+        elif fields.get("parentID"):
+            replies[fields["parentID"]].append(message_id)
+    return [_past_turn(session, message_id, created, by_message[message_id],
+                       [by_message[reply] for reply in replies[message_id]], root)
+            for message_id, session, created in asked]
+
+
+def _past_turn(session: str, message: str, created: int, question: list[dict], answers: list[list[dict]],
+               root: str) -> _PastTurn | None:
+    """The plugin's outcome of a turn: what was asked, the final answer, files changed, commands
+    with their exit status, tools used; nothing for a turn that only used the memory's own tools."""
+    asked = "\n".join(p.get("text", "") for p in question if p.get("type") == "text" and not p.get("synthetic"))
+    tools, files, commands = [], [], []
+    for part in (p for parts in answers for p in parts if p.get("type") == "tool"):
+        args = (part.get("state") or {}).get("input") or {}
+        target = str(args.get("filePath") or args.get("path") or args.get("command") or "")
+        if target and os.path.isabs(target):
+            target = os.path.relpath(target, root) if target.startswith(root.rstrip("/") + "/") else target
+        tools.append(f"{part.get('tool')}({target[:120]})" if target else str(part.get("tool")))
+        if part.get("tool") in OPENCODE_EDITING_TOOLS and args.get("filePath"):
+            files.append(target)
+        if part.get("tool") == "bash" and args.get("command"):
+            exit_code = ((part.get("state") or {}).get("metadata") or {}).get("exit")
+            commands.append(str(args["command"])[:200] + ("" if exit_code is None else f" (exit {exit_code})"))
+    own = [tool for tool in tools if not tool.startswith("memory_")]
+    said = [[p.get("text", "") for p in parts if p.get("type") == "text" and not p.get("synthetic")]
+            for parts in answers]
+    answer = "\n".join(next((texts for texts in reversed(said) if any(texts)), [])).strip()[:MAX_IMPORTED_ANSWER]
+    if not asked.strip() or (tools and not own):
+        return None
+    lines = [f"Completed a turn. The user asked: {asked.strip()[:MAX_IMPORTED_QUESTION]}",
+             answer and f"Answer: {answer}",
+             files and f"Files changed: {', '.join(dict.fromkeys(files))}.",
+             commands and f"Commands run: {'; '.join(commands)}.",
+             own and f"Tools used: {', '.join(own)}."]
+    return _PastTurn(session, message, datetime.fromtimestamp(created / 1000, UTC),
+                    "\n".join(line for line in lines if line))
+
+
+async def import_opencode(directory: str | None = None, *, since: str | datetime | None = None,
+                          db: str | None = None, dry_run: bool = False,
+                          progress: Callable[[int, int], None] | None = None) -> Imported:
+    """Store the turns of OpenCode's sessions in `directory` (default: the current one) that no
+    import stored before, each at the time it was asked; `dry_run`: count them, store nothing."""
+    root = os.path.realpath(directory or _working_directory())
+    when = _parse_event_time(since, "since") if since is not None else None
+    count, turns = await asyncio.to_thread(_read_opencode_turns, _opencode_db(db), root, when)
+    report = Imported(sessions=count, turns=len(turns), skipped=sum(t is None for t in turns))
+    wanted = {_import_job(t): t for t in turns if t is not None}
+    stored = await _stored_jobs(list(wanted))
+    report.already = len(stored)
+    for done, (job, turn) in enumerate((j, t) for j, t in wanted.items() if j not in stored):
+        if not dry_run:
+            await enqueue_episode(turn.content, {"event": "turn.completed", "session": turn.session,
+                                                 "message": turn.message, "source": "opencode import"},
+                                  at=turn.at, job=job)
+        report.stored += 1
+        if progress:
+            progress(done + 1, len(wanted) - len(stored))
+    return report
+
+
+def _import_job(turn: _PastTurn) -> str:
+    return uuid.uuid5(IMPORT_JOBS, f"{_settings().group_id}/{turn.message}").hex
+
+
+async def _stored_jobs(jobs: list[str]) -> set[str]:
+    """Those of `jobs` whose episode is in the group's graph already."""
+    s = _settings()
+    if not jobs or not await _graph_exists(s.group_id):
+        return set()
+    async with _service("falkordb", s.falkordb_address):
+        graph = (await _falkordb()).select_graph(s.group_id)
+        rows = (await graph.ro_query("MATCH (e:Episodic) WHERE e.job_id IN $jobs RETURN e.job_id",
+                                     {"jobs": jobs})).result_set
+    return {row[0] for row in rows}
+
+
 # === MCP server ==================================================================================
 # `mcp` serves the operations above to OpenCode (or any MCP client) from one long-lived process:
 # stdio for `"type": "local"`, streamable HTTP for `"type": "remote"`. The official SDK is imported
@@ -7113,6 +7282,26 @@ async def _cmd_episode(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _cmd_import(args: argparse.Namespace) -> int:
+    args.directory = args.project
+    if args.group is None:  # the project's group, as `group DIR` prints it, unless MEMORY_GROUP_ID says
+        _use_group(_chosen_group(args)[0])
+    on_terminal = sys.stderr.isatty() and not args.quiet
+
+    def progress(done: int, total: int) -> None:
+        print(f"\rimporting {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+    report = await import_opencode(args.project, since=args.since, db=args.db, dry_run=args.dry_run,
+                                   progress=progress if on_terminal else None)
+    if args.json:
+        _print_json({"group": _settings().group_id, "dry_run": args.dry_run, **dataclasses.asdict(report)})
+        return 0
+    verb = "would store" if args.dry_run else "stored"
+    print(f"{verb} {report.stored} turn(s) of {report.sessions} OpenCode session(s) in group "
+          f"{_settings().group_id}; {report.already} already stored, {report.skipped} with nothing to store")
+    return 0
+
+
 async def _cmd_forget(args: argparse.Namespace) -> int:
     if args.episode:
         removed: dict[str, Any] = {"episode": await delete_episode(args.episode)}
@@ -7336,8 +7525,8 @@ def _build_parser() -> argparse.ArgumentParser:
     context_ = command("context", "print one block of memories for a prompt, within a token budget", _cmd_context)
     context_.add_argument("search_query", help="the question (as for query)")
     context_.add_argument("--budget-tokens", type=int, default=CONTEXT_BUDGET_TOKENS, metavar="N",
-                          help=f"the most the block may take, estimated as UTF-8 bytes / 3 (default "
-                          f"{CONTEXT_BUDGET_TOKENS})")
+                          help=f"the most the block may take, in tokens as OpenAI's tokenizers count them, "
+                          f"estimated from above (default {CONTEXT_BUDGET_TOKENS})")
     context_.add_argument("--recent", type=int, default=0, metavar="N",
                           help=f"the newest N events first (0-{MAX_RECENT_EVENTS}), within a third of the budget")
     _recall_options(context_)
@@ -7405,6 +7594,16 @@ def _build_parser() -> argparse.ArgumentParser:
     erase.add_argument("--yes", action="store_true", help="confirm (required)")
     erase.add_argument("--backups", action="store_true", help="also rewrite the B2 exports that hold the group "
                        "without it and delete their old versions")
+
+    import_ = command("import", "store the turns of OpenCode's past sessions in a project (its own history); "
+                      "importing again stores nothing", _cmd_import)
+    import_.add_argument("source", choices=["opencode"], help="whose history: opencode")
+    import_.add_argument("--project", metavar="DIR", help="the project directory (default: the current one); "
+                         "its group as for `group`")
+    import_.add_argument("--since", metavar="TIME", help="only sessions started at TIME (ISO 8601) or later")
+    import_.add_argument("--db", metavar="PATH", help="OpenCode's opencode.db (default: "
+                         "$XDG_DATA_HOME/opencode/opencode.db)")
+    import_.add_argument("--dry-run", action="store_true", help="say what would be stored; store nothing")
 
     group = command("group", "print the memory group of a project directory (its git remote, else its path); "
                     "the plugin and mcp use it", _cmd_group)
