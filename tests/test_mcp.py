@@ -38,6 +38,8 @@ INPUT_SCHEMAS = {
                                         "center_node_uuid": "string|null"}),
     "get_context": ({"query"}, {"query": "string", "budget_tokens": "integer", "recent": "integer|null",
                                 "group_ids": "array|null"}),
+    "search_memory_index": ({"query"}, {"query": "string", "limit": "integer", "group_ids": "array|null"}),
+    "get_memories": ({"ids"}, {"ids": "array", "group_ids": "array|null"}),
     "search_nodes": ({"query"}, {"query": "string", "max_nodes": "integer|null", "group_ids": "array|null",
                                  "entity_types": "array|null", "center_node_uuid": "string|null"}),
     "search_entities": (set(), {"query": "string|null", "entity_type": "string|null", "max_nodes": "integer|null",
@@ -54,6 +56,7 @@ INPUT_SCHEMAS = {
 # What a client may ask before calling (readOnlyHint, destructiveHint).
 ANNOTATIONS = {"add_memory": (False, False), "delete_episode": (False, True), "search_memory_facts": (True, None),
                "get_context": (True, None), "search_entities": (True, None), "search_nodes": (True, None),
+               "search_memory_index": (True, None), "get_memories": (True, None),
                "get_episodes": (True, None),
                "get_episode": (True, None), "get_entity_edge": (True, None), "delete_entity_edge": (False, True),
                "correct_fact": (False, False), "clear_graph": (False, True), "get_status": (True, None)}
@@ -162,6 +165,28 @@ def test_stdio_tools_store_recall_list_and_delete_with_the_cli_s_results(memory)
     assert memory.episode_count() == 0
 
 
+def test_the_compact_index_gives_a_line_per_memory_and_get_memories_opens_them_by_short_id(memory):
+    """Issue 37 item 8: an agent reads a line per memory and opens only what it needs."""
+    memory.store("Chose FalkorDB over Neo4j for the graph store: it runs as a Redis module we already operate.")
+    memory.store("The nightly export to Backblaze B2 failed twice because the application key had expired.")
+
+    async def browse() -> tuple[Any, Any]:
+        async with stdio_client(memory) as client:
+            index = await call(client, "search_memory_index", query="graph store choice Neo4j", limit=5)
+            first = text_of(index).splitlines()[0].split()[0]
+            return index, await call(client, "get_memories", ids=[first])
+
+    index, opened = run(browse())
+
+    lines = text_of(index).splitlines()
+    assert all(re.fullmatch(r"[0-9a-f]{8} \d{4}-\d\d-\d\d (episode|fact): .{1,100}", line) for line in lines), lines
+    assert "Chose FalkorDB over Neo4j" in lines[0]
+    [chosen] = opened.structured_content["memories"]
+    assert chosen["kind"] == "episode" and chosen["uuid"].startswith(lines[0][:8])
+    assert re.match(rf"{lines[0][:8]} \d{{4}}-\d\d-\d\d \d\d:\d\d UTC: Chose FalkorDB over Neo4j for the graph store: "
+                    "it runs as a Redis module we already operate.", text_of(opened)), text_of(opened)
+
+
 @pytest.mark.parametrize(("tool", "arguments", "message"), [
     ("add_memory", {"content": "   "}, "content must be non-empty text"),
     ("add_memory", {"content": "<private>all of it</private>"}, "content is empty once its <private> spans"),
@@ -194,6 +219,10 @@ def test_stdio_tools_store_recall_list_and_delete_with_the_cli_s_results(memory)
     ("correct_fact", {"uuid": "00000000-0000-4000-8000-000000000000", "fact": ""}, "the corrected fact is empty"),
     ("delete_entity_edge", {"uuid": "x"}, "a fact is named by its uuid"),
     ("clear_graph", {"group_ids": ["someone-else"]}, "group_ids 'someone-else' refused"),
+    ("get_memories", {"ids": []}, "ids must be a list of 1 to 20 memory ids"),
+    ("get_memories", {"ids": ["zz' OR 1=1"]}, "a memory id is a uuid or its first 8 characters"),
+    ("get_memories", {"ids": ["0000abcd"]}, "no memory 0000abcd in group"),
+    ("search_memory_index", {"query": "x", "limit": 51}, "limit must be an integer from 1 to 50"),
     # attack round three, item 7: a name with a newline forged log lines; a 3 MB one filled the log
     ("get_context", {"query": "x", "group_ids": ["a\nwarning: forged"]}, "is not a group name"),
     ("get_context", {"query": "x", "group_ids": ["g" * 3_000_000]}, f"{'g' * 64!r} is not a group name"),

@@ -22,6 +22,7 @@ cache in Valkey.
                                                      the newest episodes, with metadata and reference time
     get_episode(name) -> dict                        one episode with the facts and entities it produced
     get_fact(uuid) -> dict                           one fact with its validity and source episodes
+    get_memories(ids) -> list[dict]                  events and facts by uuid or its first 8 characters
     get_graph(limit=500) -> dict                     entities and the facts between them, for a picture
     delete_episode(name) -> str                      forget one episode by name or uuid (through graphiti)
     forget_fact(uuid) -> dict                        forget one fact (graphiti's own removal)
@@ -151,6 +152,7 @@ __all__ = [
     "get_episodes",
     "get_fact",
     "get_graph",
+    "get_memories",
     "health",
     "import_opencode",
     "list_backups",
@@ -2964,6 +2966,15 @@ def _utc_date(valid_at: Any) -> str:
         return ""
 
 
+def _utc_minute(valid_at: Any) -> str:
+    """YYYY-MM-DD hh:mm UTC of a stored time (the text as given when it cannot be read)."""
+    try:
+        when = datetime.fromisoformat(str(valid_at).replace("Z", "+00:00"))
+        return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    except ValueError:
+        return str(valid_at)
+
+
 def _query_terms(text: str) -> list[str]:
     """The distinct words of a query that can be evidence, in order: lower-cased letters and digits,
     no function words. Only these reach the fulltext index, so nothing needs escaping."""
@@ -3478,6 +3489,16 @@ def _context_line(item: Recalled) -> str:
     return f"- {_utc_date(item.valid_at) or 'undated'}: {text}{facts}"
 
 
+INDEX_LINE_CHARS = 100  # of a memory's text in the compact index: enough to tell whether to open it
+
+
+def _index_line(item: Recalled) -> str:
+    """One line of the compact index: short id, day, kind, the start of the text."""
+    text = " ".join(item.text.split())
+    text = text if len(text) <= INDEX_LINE_CHARS else text[:INDEX_LINE_CHARS - 1] + "…"
+    return f"{item.uuid[:SHORT_ID_CHARS]} {_utc_date(item.valid_at) or 'undated'} {item.kind}: {text}"
+
+
 def _fact_span(valid_at: str | None, invalid_at: str | None) -> str:
     """When a fact held, by UTC dates: `since 2023-05-08`, `2023-05-08 to 2023-06-01`."""
     since = _utc_date(valid_at) or "an unknown date"
@@ -3662,6 +3683,32 @@ async def _fact(uuid_: str) -> dict:
     if not rows:
         raise UsageError(f"no fact {uuid_} in group {_settings().group_id}")
     return _fact_record(*rows[0])
+
+
+SHORT_ID_CHARS = 8    # of a uuid in the compact index (search_memory_index); get_memories takes it
+MAX_MEMORIES_ASKED = 20
+SHORT_ID_RULE = re.compile(r"[0-9a-f][0-9a-f-]{7,35}")
+
+
+async def get_memories(ids: list[str]) -> list[dict]:
+    """Memories by uuid or its first SHORT_ID_CHARS characters (as the compact index shows them):
+    each event as get_episode gives it ("kind": "episode"), each fact as get_fact ("kind": "fact");
+    a short id two memories share gives both. An id that names nothing is an error."""
+    if not isinstance(ids, list) or not 1 <= len(ids) <= MAX_MEMORIES_ASKED:
+        raise UsageError(f"ids must be a list of 1 to {MAX_MEMORIES_ASKED} memory ids")
+    found: list[dict] = []
+    for short in ids:
+        if not isinstance(short, str) or not SHORT_ID_RULE.fullmatch(short):
+            raise UsageError(f"a memory id is a uuid or its first {SHORT_ID_CHARS} characters, got {str(short)[:60]!r}")
+        episodes = await _read_graph("MATCH (e:Episodic) WHERE e.uuid STARTS WITH $id RETURN e.uuid ORDER BY e.uuid",
+                                     {"id": short})
+        facts = await _read_graph("MATCH ()-[r:RELATES_TO]->() WHERE r.uuid STARTS WITH $id RETURN r.uuid "
+                                  "ORDER BY r.uuid", {"id": short})
+        if not episodes and not facts:
+            raise UsageError(f"no memory {short} in group {_settings().group_id}")
+        found += [{"kind": "episode", **await get_episode(uuid_)} for (uuid_,) in episodes]
+        found += [{"kind": "fact", **await get_fact(uuid_)} for (uuid_,) in facts]
+    return found
 
 
 async def delete_episode(name: str) -> str:
@@ -6372,7 +6419,8 @@ async def _stored_jobs(jobs: list[str]) -> set[str]:
 MCP_INSTRUCTIONS = (
     "Long-term memory of this project, shared by every session: what was edited, decided, fixed and "
     "learned: the events themselves with their times, and facts between entities (files, code symbols, "
-    "technologies, people) with their validity. Search it (search_memory_facts, or get_context for one "
+    "technologies, people) with their validity. Search it (search_memory_facts; search_memory_index for "
+    "a line per memory, then get_memories for the ones you need; or get_context for one "
     "block within a token budget) before answering a question about the project's history or conventions, and "
     "store (add_memory) a concise note of anything worth remembering: a decision, a fix and its cause, "
     "a preference. Credentials in stored text are replaced by [REDACTED:<kind>].")
@@ -6621,8 +6669,18 @@ async def _in_scope(group_ids: Any = None, uuid_: Any = None) -> AsyncIterator[s
             yield group
 
 
+def _memory_text(memory: dict) -> str:
+    """One memory of get_memories as text: an event (to the minute) with its facts, or a fact with
+    its validity, under the short id the index showed (the whole uuid is in the structured result)."""
+    short = memory["uuid"][:SHORT_ID_CHARS]
+    if memory["kind"] == "fact":
+        return f"{short} fact: {memory['fact']} ({_fact_span(memory['valid_at'], memory['invalid_at'])})"
+    facts = "".join(f"\n  fact: {f['fact']} ({_fact_span(f['valid_at'], f['invalid_at'])})" for f in memory["facts"])
+    return f"{short} {_utc_minute(memory['reference_time'])}: {memory['content']}{facts}"
+
+
 def _build_mcp_server() -> Any:
-    """The MCP server with its thirteen tools (import mcp only here). Arguments are declared to the model
+    """The MCP server with its fifteen tools (import mcp only here). Arguments are declared to the model
     with their JSON types but checked by our own validation, so a wrong one is our one-line error
     (the SDK's would be pydantic's multi-line report, quoting the value, and it drops unknown ones)."""
     import inspect
@@ -6715,6 +6773,25 @@ def _build_mcp_server() -> Any:
                                  "put the entity's name in the query instead")
             answer = await _cached_answer(op, query, limit)
         return _tool_result(answer.text, {"results": [dataclasses.asdict(i) for i in answer.items()]})
+
+    @tool("search_memory_index", query=text, limit=integer, group_ids=maybe_texts)
+    async def search_memory_index(query, limit=10, group_ids=None):  # type: ignore[no-untyped-def]
+        """A compact index of what earlier sessions remembered about a question, best first: one line
+        per memory (a short id, its day, event or fact, its first 100 characters), about two thirds
+        of the tokens of search_memory_facts. Open only the memories you need with get_memories."""
+        async with _in_scope(group_ids):
+            items = await recall(query, _validate_limit(limit, "limit", MAX_RECALL_LIMIT))
+        return _tool_result("\n".join(map(_index_line, items)) or NO_RESULTS,
+                            {"results": [{"id": i.uuid, "kind": i.kind, "valid_at": i.valid_at} for i in items]})
+
+    @tool("get_memories", ids=Annotated[Any, WithJsonSchema({"type": "array", "items": {"type": "string"}})],
+          group_ids=maybe_texts)
+    async def memories(ids, group_ids=None):  # type: ignore[no-untyped-def]
+        """The whole of memories by id (as search_memory_index shows them, or full uuids): each event's
+        text, time, metadata and facts; each fact's text, validity and source events."""
+        async with _in_scope(group_ids):
+            found = await get_memories(ids)
+        return _tool_result("\n\n".join(map(_memory_text, found)), {"memories": found})
 
     @tool("get_context", query=text, budget_tokens=integer, recent=maybe_integer, group_ids=maybe_texts)
     async def get_context(query, budget_tokens=CONTEXT_BUDGET_TOKENS, recent=None, group_ids=None):  # type: ignore[no-untyped-def]
