@@ -187,6 +187,22 @@ def test_the_compact_index_gives_a_line_per_memory_and_get_memories_opens_them_b
                     "it runs as a Redis module we already operate.", text_of(opened)), text_of(opened)
 
 
+def test_private_text_given_to_add_memory_never_reaches_the_queue(memory, valkey):
+    """Issue 37 item 4: <private> spans are cut before anything is queued, on the MCP path too."""
+    canary = f"private-canary-{time.monotonic_ns()}"
+    queued_only = memory.with_env(MEMORY_AUTO_DRAIN="off")
+
+    async def add() -> Any:
+        async with stdio_client(queued_only) as client:
+            return await call(client, "add_memory", content=f"Paired with Dana on the export. <private>{canary}"
+                              "</private> Shipped it.", metadata={"note": f"<private>{canary}</private> kept out"})
+
+    assert run(add()).structured_content["state"] == "queued"
+    [(_, entry)] = valkey.xrange(f"memory:{{{memory.group}}}:episodes")
+    assert entry["content"] == "Paired with Dana on the export. [REDACTED:private] Shipped it."
+    assert canary not in json.dumps(entry)
+
+
 @pytest.mark.parametrize(("tool", "arguments", "message"), [
     ("add_memory", {"content": "   "}, "content must be non-empty text"),
     ("add_memory", {"content": "<private>all of it</private>"}, "content is empty once its <private> spans"),

@@ -83,8 +83,10 @@ def test_no_credential_reaches_the_llm_the_graph_valkey_the_spool_an_export_or_t
     agent.start(token)
     queued = memory.with_env(MEMORY_AUTO_DRAIN="off", DD_DOGSTATSD_PORT=str(dogstatsd.port), DD_TRACE_ENABLED="true",
                              _DD_TRACE_WRITER_ADDITIONAL_HEADERS=f"X-Datadog-Test-Session-Token:{token}")
+    private_canary = f"private-canary-{uuid.uuid4().hex[:12]}"  # issue 37 item 4: <private> text, through every place
     events = [*CREDENTIAL_EVENTS, (f"Vendor keys in the billing job: {TWILIO_KEY} {MAILCHIMP_KEY}",
-                                   [TWILIO_KEY, MAILCHIMP_KEY])]
+                                   [TWILIO_KEY, MAILCHIMP_KEY]),
+              (f"Rotated the staging database. <private>{private_canary}</private> Done.", [private_canary])]
     secrets = [secret for _, values in events for secret in values] + [KEY_TOKEN]
     quick_only = {TWILIO_KEY, MAILCHIMP_KEY}  # reach the queue; the worker stops them before the LLM
     for i, (event, values) in enumerate(events):
