@@ -107,9 +107,11 @@ def group_memory(project: Project) -> Memory:
 
 
 def wait_for_episodes(memory: Memory, predicate, timeout_s: float = 90) -> list[dict]:
+    """The group's episodes once `predicate` holds of them, each whole: the worker marks an episode
+    (job id, metadata) just after graphiti writes it, and a read between the two sees it unmarked."""
     deadline = time.monotonic() + timeout_s
     while True:
-        episodes = memory.episodes() if memory.cypher_graph_exists() else []
+        episodes = [e for e in memory.episodes() if e["job_id"]] if memory.cypher_graph_exists() else []
         if predicate(episodes):
             return episodes
         assert time.monotonic() < deadline, f"episodes after {timeout_s} s: {[e['content'] for e in episodes]}"
@@ -336,8 +338,8 @@ def test_importing_opencode_s_history_stores_each_past_turn_once_at_its_time_wit
     first = json.loads(queued_only.ok("import", "opencode", "--project", str(project.dir), "--json"))
     twice = json.loads(queued_only.ok("import", "opencode", "--project", str(project.dir), "--json"))  # no worker yet
     worker = memory.worker("drain")
-    try:  # the worker marks an episode (job id, metadata) just after graphiti writes it
-        episodes = wait_for_episodes(memory, lambda found: len(found) == 2 and all(e["job_id"] for e in found))
+    try:
+        episodes = wait_for_episodes(memory, lambda found: len(found) == 2)
     finally:
         stop(worker)
     again = json.loads(importer.ok("import", "opencode", "--project", str(project.dir), "--json"))
