@@ -15,25 +15,16 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import redis
 
 import bench_recall
+from bench_plugin import OPENCODE_VERSION as VERSION
+from bench_plugin import install_opencode, post
 from stack import ROOT
 
-VERSION = "1.18.33"
 MODULE = ROOT / "containers" / "opencode-server" / "graphiti" / "memory_manager.py"
-
-
-def opencode_binary(run_dir: Path) -> Path:
-    prefix = run_dir / "opencode"
-    binary = prefix / "node_modules" / ".bin" / "opencode"
-    if not binary.exists():
-        subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund", "--prefix", str(prefix),
-                        f"opencode-ai@{VERSION}"], check=True, timeout=600)
-    return binary
 
 
 def project(root: Path, base_url: str) -> tuple[Path, dict[str, str]]:
@@ -65,15 +56,13 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=100)
     args = parser.parse_args()
     stack = bench_recall.running_stack(args.stack_dir)
-    binary = opencode_binary(args.stack_dir)
+    binary = install_opencode(args.stack_dir / "opencode")
     with tempfile.TemporaryDirectory() as tmp:
         directory, env = project(Path(tmp), stack.env()["OPENAI_BASE_URL"])
         started = time.monotonic()
         for i in range(args.sessions):
-            urllib.request.urlopen(urllib.request.Request(
-                stack.standin_url + "/_standin/chat", method="POST", headers={"Content-Type": "application/json"},
-                data=json.dumps({"script": [{"text": f"Noted decision {i}: the ledger keeps {i} shards."}]}).encode()
-            ), timeout=5).close()
+            post(stack.standin_url + "/_standin/chat", {"script": [{"text": f"Noted decision {i}: the ledger keeps "
+                                                                    f"{i} shards."}]})
             subprocess.run([str(binary), "run", f"Decision {i}: how many shards does the ledger keep?"], cwd=directory,
                            env=env, check=True, capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
         wrote = time.monotonic() - started
