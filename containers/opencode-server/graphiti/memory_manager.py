@@ -2252,9 +2252,9 @@ def _redact_event(content: str, metadata: dict | None, raw_metadata: str | None,
 
 
 def _new_entry(group: str, content: str, metadata: dict | None, raw_metadata: str | None,
-               at: datetime | None = None, awaited: bool = False) -> dict[str, str]:
+               at: datetime | None = None, awaited: bool = False, job: str | None = None) -> dict[str, str]:
     now = datetime.now(UTC)
-    entry = {"job": uuid.uuid4().hex, "group": group, "name": _episode_name(now), "ref": (at or now).isoformat(),
+    entry = {"job": job or uuid.uuid4().hex, "group": group, "name": _episode_name(now), "ref": (at or now).isoformat(),
              "content": content,
              "metadata": json.dumps(metadata, sort_keys=True, default=str) if metadata is not None else "",
              "metadata_raw": raw_metadata or ""}
@@ -2475,7 +2475,7 @@ async def enqueue_episode(content: str, metadata: dict | str | None = None, *,
                      else _redacted_now(content, metadata, raw_metadata))
         content, metadata, raw_metadata, found = await redacting
         _count_redactions(found, "store")
-        entry = _new_entry(s.group_id, content, metadata, raw_metadata, when, awaited) | ({"job": job} if job else {})
+        entry = _new_entry(s.group_id, content, metadata, raw_metadata, when, awaited, job)
         op.set(**{"memory.content.length": len(content), "memory.content.hash": _short_hash(content),
                   "memory.metadata.keys": len(metadata or {}), "memory.job": entry["job"],
                   "memory.episode": entry["name"]})
@@ -2958,21 +2958,12 @@ def _in_named_time(scores: dict[str, float], dates: dict[str, str], named: Calla
             for uid, score in scores.items()}
 
 
-def _utc_date(valid_at: Any) -> str:
-    """YYYY-MM-DD of a stored time in UTC ('' when it has none or it cannot be read)."""
+def _utc_date(valid_at: Any, layout: str = "%Y-%m-%d") -> str:
+    """A stored time in UTC, by day (or `layout`); '' when it has none or it cannot be read."""
     try:
-        return datetime.fromisoformat(str(valid_at).replace("Z", "+00:00")).astimezone(UTC).date().isoformat()
+        return datetime.fromisoformat(str(valid_at).replace("Z", "+00:00")).astimezone(UTC).strftime(layout)
     except ValueError:
         return ""
-
-
-def _utc_minute(valid_at: Any) -> str:
-    """YYYY-MM-DD hh:mm UTC of a stored time (the text as given when it cannot be read)."""
-    try:
-        when = datetime.fromisoformat(str(valid_at).replace("Z", "+00:00"))
-        return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    except ValueError:
-        return str(valid_at)
 
 
 def _query_terms(text: str) -> list[str]:
@@ -3458,11 +3449,11 @@ def _relevant_section(question: str, items: list[Recalled], budget_tokens: int, 
     lines = list(dict.fromkeys(_context_line(item) for item in items))
     if not lines:
         return head + NO_RESULTS
-    costs = [_estimated_tokens(line) + 1 for line in lines]  # each with its line break
+    head_cost, costs = _estimated_tokens(head), [_estimated_tokens(line) + 1 for line in lines]  # + its break
     for kept in range(len(lines), -1, -1):
         cut = len(lines) - kept
         note = [f"({cut} more left out: budget of {stated_budget} tokens)"] if cut else []
-        if _estimated_tokens(head) + sum(costs[:kept]) + sum(map(_estimated_tokens, note)) <= budget_tokens:
+        if head_cost + sum(costs[:kept]) + sum(map(_estimated_tokens, note)) <= budget_tokens:
             return head + "\n".join(lines[:kept] + note)
     return _within_tokens(head, budget_tokens)  # not even the head fits
 
@@ -6400,13 +6391,7 @@ def _import_job(turn: _PastTurn) -> str:
 
 async def _stored_jobs(jobs: list[str]) -> set[str]:
     """Those of `jobs` whose episode is in the group's graph already."""
-    s = _settings()
-    if not jobs or not await _graph_exists(s.group_id):
-        return set()
-    async with _service("falkordb", s.falkordb_address):
-        graph = (await _falkordb()).select_graph(s.group_id)
-        rows = (await graph.ro_query("MATCH (e:Episodic) WHERE e.job_id IN $jobs RETURN e.job_id",
-                                     {"jobs": jobs})).result_set
+    rows = await _read_graph("MATCH (e:Episodic) WHERE e.job_id IN $jobs RETURN e.job_id", {"jobs": jobs})
     return {row[0] for row in rows}
 
 
@@ -6676,7 +6661,8 @@ def _memory_text(memory: dict) -> str:
     if memory["kind"] == "fact":
         return f"{short} fact: {memory['fact']} ({_fact_span(memory['valid_at'], memory['invalid_at'])})"
     facts = "".join(f"\n  fact: {f['fact']} ({_fact_span(f['valid_at'], f['invalid_at'])})" for f in memory["facts"])
-    return f"{short} {_utc_minute(memory['reference_time'])}: {memory['content']}{facts}"
+    when = _utc_date(memory["reference_time"], "%Y-%m-%d %H:%M UTC") or memory["reference_time"]
+    return f"{short} {when}: {memory['content']}{facts}"
 
 
 def _build_mcp_server() -> Any:
@@ -7360,9 +7346,8 @@ async def _cmd_episode(args: argparse.Namespace) -> int:
 
 
 async def _cmd_import(args: argparse.Namespace) -> int:
-    args.directory = args.project
     if args.group is None:  # the project's group, as `group DIR` prints it, unless MEMORY_GROUP_ID says
-        _use_group(_chosen_group(args)[0])
+        _use_group(_chosen_group(argparse.Namespace(group=None, directory=args.project))[0])
     on_terminal = sys.stderr.isatty() and not args.quiet
 
     def progress(done: int, total: int) -> None:
