@@ -29,7 +29,8 @@ Control endpoints for tests (not OpenAI's):
                           "record": bool (keep every OpenAI request body for /_standin/requests),
                           "garble_batches": bool (a reply to numbered questions loses its first
                           answer and numbers its second "second")}
-  POST /_standin/chat    {"script": [{"text": str} | {"tool": name, "arguments": {...}}, ...]}: what
+  POST /_standin/chat    {"script": [{"text": str} | {"tool": name, "arguments": {...}} |
+                          {"calls": [{"tool": name, "arguments": {...}}, ...]}, ...]}: what
                          the next streamed chat turns answer, in order (a request without tools, such
                          as OpenCode's title request, is answered "Stand-in session" and takes none;
                          an empty script answers "Done.")
@@ -562,7 +563,7 @@ def chat_reply(body: dict) -> dict:
 
 def chat_stream(body: dict, answer: dict) -> bytes:
     """OpenAI's streamed chat completion (SSE) for one scripted answer: a role chunk, the text or
-    one tool call, a finish chunk with usage, then [DONE]."""
+    its tool calls (several at once: parallel tool calls), a finish chunk with usage, then [DONE]."""
     base = {"id": f"chatcmpl_standin_{int(time.time() * 1000)}", "object": "chat.completion.chunk",
             "created": int(time.time()), "model": body.get("model", "stand-in")}
 
@@ -572,10 +573,14 @@ def chat_stream(body: dict, answer: dict) -> bytes:
 
     usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
     events = [chunk({"role": "assistant", "content": ""})]
-    if "tool" in answer:
-        call = {"index": 0, "id": f"call_{int(time.time() * 1000)}", "type": "function",
-                "function": {"name": answer["tool"], "arguments": json.dumps(answer.get("arguments", {}))}}
-        events += [chunk({"tool_calls": [call]}), chunk({}, "tool_calls", usage=usage)]
+    calls = answer.get("calls") or ([answer] if "tool" in answer else [])
+    if calls:
+        stamp = int(time.time() * 1000)
+        for i, call in enumerate(calls):
+            function = {"name": call["tool"], "arguments": json.dumps(call.get("arguments", {}))}
+            events.append(chunk({"tool_calls": [{"index": i, "id": f"call_{stamp}_{i}", "type": "function",
+                                                 "function": function}]}))
+        events.append(chunk({}, "tool_calls", usage=usage))
     else:
         events += [chunk({"content": answer.get("text", "Done.")}), chunk({}, "stop", usage=usage)]
     return ("".join(events) + "data: [DONE]\n\n").encode()

@@ -162,6 +162,52 @@ def test_with_the_plugin_a_turn_that_writes_a_file_is_remembered_in_the_project_
     print(f"OpenCode run with the plugin: {took:.1f} s")
 
 
+def most_alive_at_once(launches: Path, command: str) -> tuple[int, int]:
+    """(processes started, the most alive at once) of the memory manager's `command`, from the
+    start and end lines a wrapper around its Python wrote."""
+    alive: set[str] = set()
+    started = most = 0
+    ours: set[str] = set()
+    for kind, pid, *args in (line.split() for line in launches.read_text().splitlines()):
+        if kind == "start" and command in args:
+            ours.add(pid)
+            alive.add(pid)
+            started += 1
+        elif kind == "end" and pid in ours:
+            alive.discard(pid)
+        most = max(most, len(alive))
+    return started, most
+
+
+def test_a_burst_of_a_hundred_file_edits_runs_a_few_store_processes_and_stores_each_edit_once(
+        opencode, project, stack, tmp_path):
+    install_plugin(project)
+    launches = tmp_path / "launches.log"
+    python = tmp_path / "python-watched"  # the plugin's MEMORY_PYTHON: the real one, each run logged
+    python.write_text(f'#!/bin/sh\necho "start $$ $*" >> {launches}\n"{sys.executable}" "$@"\nstatus=$?\n'
+                      f'echo "end $$" >> {launches}\nexit $status\n')
+    python.chmod(0o755)
+    project.env["MEMORY_PYTHON"] = str(python)
+    files = [f"module_{i:03d}.py" for i in range(100)]
+    script_chat(stack, [{"calls": [{"tool": "write", "arguments": {"filePath": str(project.dir / name),
+                                                                   "content": f"# {name}\n"}} for name in files]},
+                        {"text": "Wrote a hundred modules."}])
+
+    run = project.opencode(opencode, "run", "Create a hundred modules")
+
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert all((project.dir / name).exists() for name in files)
+    episodes = wait_for_episodes(group_memory(project), lambda found: sum(
+        e["content"].startswith("Edited module_") for e in found) >= len(files), timeout_s=240)
+    assert sorted(e["content"] for e in episodes if e["content"].startswith("Edited ")) == \
+        [f"Edited {name}" for name in files]  # each edit once
+    started, most = most_alive_at_once(launches, "store")
+    assert most <= 2, f"{most} store processes alive at once ({started} started)"
+    assert started < 20, started
+    assert "memory store failed" not in opencode_log(project)
+    print(f"a burst of {len(files)} edits: {started} store processes, at most {most} alive at once")
+
+
 def test_a_plugin_whose_python_lacks_the_dependencies_says_so_in_opencode_s_log_and_the_session_and_the_run_goes_on(
         opencode, project, stack, standin):
     install_plugin(project)

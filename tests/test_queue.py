@@ -268,6 +268,38 @@ def test_bad_store_input_exits_2_and_queues_nothing(memory, args, message):
     assert memory.queue()["queued"] == 0
 
 
+def test_store_jsonl_queues_each_event_as_its_line_arrives_and_refuses_a_bad_line_alone(memory):
+    queued_only = no_drain(memory)
+    store = subprocess.Popen([sys.executable, str(MODULE), "store", "--jsonl", "-"], env=queued_only.env, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert store.stdin and store.stdout
+    store.stdin.write(json.dumps({"content": EDIT, "metadata": {"event": "file.edited"}}) + "\n")
+    store.stdin.flush()
+
+    first = store.stdout.readline()  # while its input is still open: the plugin's process between events
+
+    assert QUEUED.fullmatch(first), first
+    later = [json.dumps({"content": "Bob fixed the login bug.", "at": "2026-03-02T09:00:00Z"}), "not json", "",
+             json.dumps({"content": ""}), json.dumps({"content": "Carol chose Valkey.", "at": "yesterday"})]
+    out, err = store.communicate("\n".join(later) + "\n", timeout=60)
+    assert store.returncode == 2
+    assert [QUEUED.fullmatch(line + "\n") is not None for line in out.splitlines()] == [True]
+    assert err.splitlines() == [
+        "memory-manager: error: line 3: not a JSON object (Expecting value: line 1 column 1 (char 0))",
+        "memory-manager: error: line 5: content must be non-empty text",
+        "memory-manager: error: line 6: at must be an ISO 8601 time such as 2026-11-24T10:15:00Z, got 'yesterday'"]
+    assert queued_only.queue()["queued"] == 2
+
+
+def test_store_jsonl_takes_its_events_from_stdin_alone(memory):
+    result = memory.run("store", "--jsonl", EDIT)
+
+    assert (result.code, result.stdout) == (2, "")
+    assert result.error_lines == ["memory-manager: error: store --jsonl reads events from stdin: give - and "
+                                  "nothing else (each line has its own content, metadata and at)"]
+    assert memory.queue()["queued"] == 0
+
+
 def test_content_over_the_size_limit_is_refused_and_nothing_is_queued(memory):
     result = memory.with_env(MEMORY_MAX_EPISODE_CHARS="20").run("store", "x" * 21)
 

@@ -7079,6 +7079,8 @@ def _read_stdin(what: str, max_chars: int | None = None, limit: str = "MEMORY_MA
 
 
 async def _cmd_store(args: argparse.Namespace) -> int:
+    if args.jsonl:
+        return await _store_lines(args)
     content = _read_stdin("the event", _settings().max_episode_chars) if args.content == "-" else args.content
     at = None if args.at is None else _parse_event_time(args.at, "--at")
     queued = await enqueue_episode(content, args.metadata, at=at, awaited=args.wait)
@@ -7091,6 +7093,54 @@ async def _cmd_store(args: argparse.Namespace) -> int:
     else:
         print(f"{state} {queued.name} {queued.job_id}")
     return 0
+
+
+async def _store_lines(args: argparse.Namespace) -> int:
+    """`store --jsonl -`: one event a line ({"content", "metadata"?, "at"?}), each queued as it
+    arrives, until stdin ends. The plugin keeps one such process for a burst of events instead of
+    starting a Python per event; what it wrote before OpenCode exits is still read and stored. A
+    line that cannot be stored is refused alone (one line on stderr), and the exit is then 2."""
+    if args.content != "-" or args.metadata is not None or args.wait or args.at is not None:
+        raise UsageError("store --jsonl reads events from stdin: give - and nothing else (each line has its own "
+                         "content, metadata and at)")
+    limit = 6 * _settings().max_episode_chars + 4096  # a JSON string escapes a character in at most 6 bytes
+    if sys.stdin.isatty():
+        print(f"{PROG}: reading events from stdin, one JSON object a line; end with Ctrl-D", file=sys.stderr)
+    number = refused = 0
+    while line := await asyncio.to_thread(sys.stdin.buffer.readline, limit + 1):
+        number += 1
+        if not line.strip():
+            continue
+        try:
+            queued = await enqueue_episode(**_event_line(line, limit))
+        except UsageError as exc:
+            refused += 1
+            _skip_rest_of_line(line, limit)
+            print(f"{PROG}: error: line {number}: {_scrub(str(exc))}", file=sys.stderr, flush=True)
+            continue
+        state = "spooled" if queued.spooled else "queued"
+        print(json.dumps({"state": state, "episode": queued.name, "job_id": queued.job_id}) if args.json
+              else f"{state} {queued.name} {queued.job_id}", flush=True)
+    return 2 if refused else 0
+
+
+def _event_line(line: bytes, limit: int) -> dict[str, Any]:
+    if len(line) > limit:
+        raise UsageError(f"over {limit} bytes; MEMORY_MAX_EPISODE_CHARS allows {_settings().max_episode_chars} "
+                         "characters of content")
+    try:
+        event = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"not a JSON object ({exc})") from None
+    if not isinstance(event, dict) or set(event) - {"content", "metadata", "at"}:
+        raise UsageError('an event is a JSON object of "content", and optionally "metadata" and "at"')
+    return {"content": event.get("content"), "metadata": event.get("metadata"), "at": event.get("at")}
+
+
+def _skip_rest_of_line(line: bytes, limit: int) -> None:
+    """After a line cut at the limit, read on to its end so that its tail is not taken for events."""
+    while len(line) > limit and not line.endswith(b"\n"):
+        line = sys.stdin.buffer.readline(limit + 1)
 
 
 async def _cmd_query(args: argparse.Namespace) -> int:
@@ -7576,6 +7626,8 @@ def _build_parser() -> argparse.ArgumentParser:
                        help=f"with --wait: give up after S seconds (default {WAIT_TIMEOUT_S:g}); it stays queued")
     store.add_argument("--at", metavar="TIME", help="when the event happened, ISO 8601 (default: now; "
                        "no offset means UTC); for imported history and backfills")
+    store.add_argument("--jsonl", action="store_true", help="with -: one event a line, "
+                       '{"content": ..., "metadata": {...}, "at": ...}, each queued as it arrives until stdin ends')
 
     query = command("query", "print the events and facts relevant to a question", _cmd_query)
     query.add_argument("search_query", help="the question or keywords (a text starting with - is a question too, "

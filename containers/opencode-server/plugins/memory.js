@@ -1,6 +1,7 @@
 // OpenCode plugin: remembers what happens in a project through memory_manager.py.
 //
-// Stores (queued, detached, never blocking the agent, never throwing into OpenCode):
+// Stores (queued through one detached `store --jsonl -` process at a time, never blocking the agent,
+// never throwing into OpenCode):
 //   file.edited     "Edited <path>"
 //   session.error   "Session error: <name>: <message>"
 //   a completed turn (session.idle): what the user asked and what came of it: the final answer,
@@ -47,6 +48,7 @@ const EDITING_TOOLS = new Set(["edit", "write", "patch", "multiedit"])
 const MCP_URL = process.env.MEMORY_MCP_URL || ""
 const MCP_TOKEN = process.env.MEMORY_MCP_TOKEN || ""
 const MCP_PROTOCOL = "2025-06-18"
+const STORE_IDLE_MS = 300 // a store process ends this long after the last event it was given
 const MAX_RECALLED_SESSIONS = 200 // a long-lived OpenCode server keeps the blocks of its newest sessions
 const FENCE_TAG = /<\/?\s*memory-context\s*>/gi
 
@@ -143,22 +145,46 @@ export const MemoryPlugin = async ({ client, directory, worktree }) => {
   const turns = new Map() // sessionID -> {asked, tools}
   const recalled = new Map() // sessionID -> the promise of its recall ({text, via, ms}); newest last
 
-  // Detached: the agent never waits on a store. Its one error line, if any, goes to the log.
+  // Detached: the agent never waits on a store. One store process at a time takes the events as JSON
+  // lines (`store --jsonl -`) and ends STORE_IDLE_MS after the last, so a burst (a refactor editing a
+  // hundred files) is one or two Pythons, not a hundred starting at once. A line written to it is its
+  // to store even if OpenCode exits first: its stdin then ends and it finishes what it read. Its
+  // error lines, if any, go to the log.
+  let storing = null // {child, idle}: the store process taking lines, until it is told the input ended
+  const startStoring = () => {
+    const child = spawn(COMMAND[0], [...COMMAND.slice(1), "store", "--jsonl", "-"], {
+      env, detached: true, stdio: ["pipe", "ignore", "pipe"],
+    })
+    const current = { child, idle: null }
+    let said = ""
+    child.stderr.on("data", (chunk) => {
+      said += chunk
+      const lines = said.split("\n")
+      said = lines.pop().slice(-2000)
+      for (const line of lines.filter(Boolean)) log("error", `memory store failed: ${line}`)
+    })
+    child.on("error", (error) => log("error", `memory store failed: ${COMMAND.join(" ")}: ${error.message}`))
+    child.on("close", (code) => {
+      if (storing === current) storing = null
+      if (code && said.trim()) log("error", `memory store failed (exit ${code}): ${said.trim()}`)
+    })
+    child.stdin.on("error", () => {})
+    child.unref()
+    return current
+  }
   const store = (content, metadata) => {
     if (!usable) return
     try {
-      const child = spawn(COMMAND[0], [...COMMAND.slice(1), "store", "-", JSON.stringify({ ...metadata, group })], {
-        env, detached: true, stdio: ["pipe", "ignore", "pipe"],
-      })
-      let said = ""
-      child.stderr.on("data", (chunk) => { said = (said + chunk).slice(-2000) })
-      child.on("error", (error) => log("error", `memory store failed: ${COMMAND.join(" ")}: ${error.message}`))
-      child.on("close", (code) => {
-        if (code) log("error", `memory store failed (exit ${code}): ${said.trim().split("\n").pop() || "no message"}`)
-      })
-      child.stdin.on("error", () => {})
-      child.stdin.end(content.slice(0, MAX_CONTENT))
-      child.unref()
+      storing ||= startStoring()
+      const current = storing
+      clearTimeout(current.idle)
+      current.child.stdin.write(JSON.stringify({ content: content.slice(0, MAX_CONTENT),
+        metadata: { ...metadata, group } }) + "\n")
+      current.idle = setTimeout(() => {
+        if (storing === current) storing = null
+        current.child.stdin.end()
+      }, STORE_IDLE_MS)
+      current.idle.unref?.()
     } catch (error) {
       log("error", `memory store failed: ${error.message}`) // a memory must never cost the agent its turn
     }
