@@ -12,6 +12,8 @@ cache in Valkey.
                                                      events and facts relevant to a question, best
                                                      first, as records (cached)
     query_memory(search_query, limit=5, ...) -> str  the same as the text `query` prints
+    answer_query(search_query, limit=5, ...) -> Answer
+                                                     both at once: .text and .items()
     search_facts(search_query, limit=5) -> list[Fact]
                                                      the facts alone as records: text, validity, uuid, score
     context(search_query, budget_tokens=1000, recent=0) -> str
@@ -86,6 +88,7 @@ import fcntl
 import functools
 import hashlib
 import hmac
+import inspect
 import io
 import itertools
 import json
@@ -3294,7 +3297,7 @@ def _iso_text(value: Any) -> str | None:
 
 
 @dataclass(frozen=True)
-class _Answer:
+class Answer:
     """An answer as cached: the text `query` prints and the records as JSON, kept side by side so
     that a hit for query_memory() parses nothing."""
 
@@ -3302,11 +3305,11 @@ class _Answer:
     records: str
 
     @classmethod
-    def of(cls, items: list[Recalled]) -> _Answer:
+    def of(cls, items: list[Recalled]) -> Answer:
         return cls(_format_recall(items), json.dumps([dataclasses.asdict(i) for i in items], ensure_ascii=False))
 
     @classmethod
-    def decode(cls, value: str) -> _Answer:
+    def decode(cls, value: str) -> Answer:
         size, _, rest = value.partition("\n")
         return cls(rest[:int(size)], rest[int(size):])
 
@@ -3337,6 +3340,14 @@ async def search_facts(search_query: str, limit: int = 5, *, as_of: str | dateti
         return [item.fact() for item in answer.items()]
 
 
+async def answer_query(search_query: str, limit: int = 5, *, scope: str = "all",
+                       as_of: str | datetime | None = None, history: bool = False) -> Answer:
+    """One recall as both query_memory's text and recall's records (one cache lookup), for a
+    server that shows both."""
+    async with _operation("query") as op:
+        return await _cached_answer(op, search_query, limit, scope, as_of, history)
+
+
 async def query_memory(search_query: str, limit: int = 5, *, scope: str = "all",
                        as_of: str | datetime | None = None, history: bool = False) -> str:
     """What recall() finds, as the text `query` prints: facts with their validity window, events
@@ -3346,7 +3357,7 @@ async def query_memory(search_query: str, limit: int = 5, *, scope: str = "all",
 
 
 async def _cached_answer(op: _Span, search_query: str, limit: int, scope: str = "all", as_of: Any = None,
-                         history: bool = False) -> _Answer:
+                         history: bool = False) -> Answer:
     if not isinstance(search_query, str) or not search_query.strip():
         raise UsageError("query must be non-empty text")
     if len(search_query) > MAX_QUERY_CHARS:
@@ -3365,13 +3376,13 @@ async def _cached_answer(op: _Span, search_query: str, limit: int, scope: str = 
     op.set(**{"cache.hit": cached is not None})
     if cached is not None:
         _emit("cache_hit", 1, "c", operation="query", group=group)
-        answer = _Answer.decode(cached)
+        answer = Answer.decode(cached)
     else:
         if slot is not None:
             _emit("cache_miss", 1, "c", operation="query", group=group)
         async with _span("memory.graph.search") as search:
             _TEXT_ONLY.set(False)
-            answer = _Answer.of(await _recall(search_query, limit, scope, window))
+            answer = Answer.of(await _recall(search_query, limit, scope, window))
             search.set(**{"memory.results": answer.count()})
             if _TEXT_ONLY.get():
                 search.set(**{"memory.text_only": True})
@@ -4476,31 +4487,39 @@ class _Worker:
             together = len(entries) > 1
             if together and (struck or kind in ("input", "internal")):
                 entries = entries[:1]
-            entry_id, fields = entries[0]
             if strikes >= FALKORDB_STRIKES:
                 _emit("ingest.falkordb_strikes", 1, "c", group=group)
                 detail = (f"falkordb at {self.s.falkordb_address} stopped answering {strikes} times "
                           f"while this episode was being ingested; set aside so the queue flows ({detail})")
-                await self._dead_letter(group, entry_id, fields, failures, detail)
+                await self._dead_letter(group, *entries[0], failures, detail)
                 return
-            if kind == "auth":
-                if self.drain:  # exit; the next store starts a fresh drainer, which tries again
-                    self.auth_failed = True
-                    self.stopping.set()
-                    return
-                await self._pause(AUTH_PAUSE_S)
-            elif kind == "transient":
-                _emit("ingest.retries", 1, "c", group=group, reason="transient")
-                await self._pause(_backoff_s(failures))
-            elif together:  # which event is at fault is not known: no attempt counted; at once, alone
-                _emit("ingest.retries", 1, "c", group=group, reason=kind)
-            else:
-                attempts = await _valkey().hincrby(_group_key(group, "attempts"), fields["job"], 1)
-                if attempts >= self.s.max_attempts:
-                    await self._dead_letter(group, entry_id, fields, attempts, detail)
-                    return
-                _emit("ingest.retries", 1, "c", group=group, reason=kind)
-                await self._pause(_backoff_s(attempts))
+            if await self._settled_after(group, entries[0], kind, failures, detail, together):
+                return
+
+    async def _settled_after(self, group: str, entry: _Entry, kind: str, failures: int, detail: str,
+                             together: bool) -> bool:
+        """After a failed attempt: pause, retry at once, or set the entry aside. True when it is
+        settled (dead-lettered) or this drainer exits for bad credentials."""
+        entry_id, fields = entry
+        if kind == "auth":
+            if self.drain:  # exit; the next store starts a fresh drainer, which tries again
+                self.auth_failed = True
+                self.stopping.set()
+                return True
+            await self._pause(AUTH_PAUSE_S)
+        elif kind == "transient":
+            _emit("ingest.retries", 1, "c", group=group, reason="transient")
+            await self._pause(_backoff_s(failures))
+        elif together:  # which event is at fault is not known: no attempt counted; at once, alone
+            _emit("ingest.retries", 1, "c", group=group, reason=kind)
+        else:
+            attempts = await _valkey().hincrby(_group_key(group, "attempts"), fields["job"], 1)
+            if attempts >= self.s.max_attempts:
+                await self._dead_letter(group, entry_id, fields, attempts, detail)
+                return True
+            _emit("ingest.retries", 1, "c", group=group, reason=kind)
+            await self._pause(_backoff_s(attempts))
+        return False
 
     async def _ingest_in_flight(self, group: str, entries: list[_Entry]) -> None:
         """_ingest, with the pass known to the lease keeper while (and only while) it runs: a lease
@@ -6665,70 +6684,54 @@ def _memory_text(memory: dict) -> str:
     return f"{short} {when}: {memory['content']}{facts}"
 
 
-def _build_mcp_server() -> Any:
-    """The MCP server with its fifteen tools (import mcp only here). Arguments are declared to the model
-    with their JSON types but checked by our own validation, so a wrong one is our one-line error
-    (the SDK's would be pydantic's multi-line report, quoting the value, and it drops unknown ones)."""
-    import inspect
-    from typing import Annotated
+# The JSON types the model is told an argument has. They are declared, not enforced by the SDK
+# (the functions take Any): our own validation refuses a wrong one in one line, where the SDK's
+# would be pydantic's multi-line report, quoting the value.
+TEXT = {"type": "string"}
+TEXTS = {"type": "array", "items": {"type": "string"}}
+INTEGER = {"type": "integer"}
+MAYBE_TEXT = {"anyOf": [TEXT, {"type": "null"}]}
+MAYBE_TEXTS = {"anyOf": [TEXTS, {"type": "null"}]}
+MAYBE_INTEGER = {"anyOf": [INTEGER, {"type": "null"}]}
+MAYBE_OBJECT = {"anyOf": [{"type": "object"}, {"type": "null"}]}
 
-    from mcp.server.mcpserver import MCPServer
-    from mcp.server.mcpserver.exceptions import ToolError
-    from mcp.types import ToolAnnotations
-    from pydantic.json_schema import WithJsonSchema
 
-    text = Annotated[Any, WithJsonSchema({"type": "string"})]
-    integer = Annotated[Any, WithJsonSchema({"type": "integer"})]
-    maybe_integer = Annotated[Any, WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "null"}]})]
-    maybe_text = Annotated[Any, WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "null"}]})]
-    maybe_object = Annotated[Any, WithJsonSchema({"anyOf": [{"type": "object"}, {"type": "null"}]})]
-    maybe_texts = Annotated[Any, WithJsonSchema({"anyOf": [{"type": "array", "items": {"type": "string"}},
-                                                            {"type": "null"}]})]
-    accepted: dict[str, _ToolArguments] = {}
+@dataclass(frozen=True)
+class _McpTool:
+    """One tool as served: its function, what it takes (types as declared to the model, Graphiti's
+    names for some arguments) and its hints."""
 
-    class StrictServer(MCPServer):
-        """Arguments are checked against the tool's own before the SDK sees them, and every schema
-        says so (additionalProperties: false)."""
+    name: str
+    function: Callable[..., Awaitable[Any]]
+    types: dict[str, dict]
+    aliases: dict[str, str]
+    read_only: bool
+    destructive: bool
 
-        async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
-            if name in accepted:
-                try:
-                    arguments = accepted[name].checked(name, arguments)
-                except UsageError as exc:
-                    raise ToolError(str(exc)) from None
-            request = getattr(getattr(context, "_request_context", None), "request", None)
-            scoped = _caller.set(getattr(request, "scope", {}).get("memory.caller"))  # None: stdio, one group
-            try:
-                return await super().call_tool(name, arguments, context)
-            finally:
-                _caller.reset(scoped)
+    def arguments(self) -> _ToolArguments:
+        needed = [p.name for p in inspect.signature(self.function).parameters.values() if p.default is p.empty]
+        return _ToolArguments(frozenset(self.types), frozenset(needed), self.aliases)
 
-        async def list_tools(self) -> list[Any]:
-            tools = await super().list_tools()
-            for listed in tools:
-                listed.input_schema = {**listed.input_schema, "additionalProperties": False}
-            return tools
 
-    def tool(tool_name: str, /, *, aliases: dict[str, str] | None = None, read_only: bool = True,
-             destructive: bool = False, **arguments: Any) -> Callable[[Callable], Callable]:
-        """Register a tool; its arguments' types are given here as objects, since this module's
-        annotations are strings (postponed) that the SDK could not resolve to these local types."""
-        def register(function: Callable) -> Callable:
-            function.__annotations__ = {**arguments, "return": Any}
-            needed = [p.name for p in inspect.signature(function).parameters.values() if p.default is p.empty]
-            accepted[tool_name] = _ToolArguments(frozenset(arguments), frozenset(needed), aliases or {})
-            hints = ToolAnnotations(read_only_hint=read_only, destructive_hint=destructive if not read_only else None,
-                                    open_world_hint=False)
-            server.add_tool(function, name=tool_name, structured_output=False, annotations=hints)
-            return function
-        return register
+MCP_TOOLS: list[_McpTool] = []
 
-    server = StrictServer("memory", instructions=MCP_INSTRUCTIONS, version=_package_version(), log_level="WARNING")
 
-    @tool("add_memory", aliases={"episode_body": "content"}, read_only=False, content=text, metadata=maybe_object,
-          at=maybe_text, group_id=maybe_text, name=maybe_text, source=maybe_text, source_description=maybe_text)
-    async def add_memory(content, metadata=None, at=None, group_id=None, name=None, source=None,  # type: ignore[no-untyped-def]
-                         source_description=None):
+def _mcp_tool(name: str, /, *, aliases: dict[str, str] | None = None, read_only: bool = True,
+              destructive: bool = False, **types: dict) -> Callable[[Callable], Callable]:
+    def register(function: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        MCP_TOOLS.append(_McpTool(name, function, types, aliases or {}, read_only, destructive))
+        return function
+    return register
+
+
+class _MemoryTools:
+    """The tools, thin adapters over the public operations; each docstring is what the model reads."""
+
+    @staticmethod
+    @_mcp_tool("add_memory", aliases={"episode_body": "content"}, read_only=False, content=TEXT, metadata=MAYBE_OBJECT,
+          at=MAYBE_TEXT, group_id=MAYBE_TEXT, name=MAYBE_TEXT, source=MAYBE_TEXT, source_description=MAYBE_TEXT)
+    async def add_memory(content: Any, metadata: Any = None, at: Any = None, group_id: Any = None, name: Any = None,
+                         source: Any = None, source_description: Any = None) -> Any:
         """Remember something for later sessions: a decision, a fix and its cause, a convention, a
         preference, what a file is for. One concise, self-contained note per call; it is queued and
         ingested in the background. `at`: when it happened (ISO 8601), if not now. Returns the
@@ -6746,22 +6749,25 @@ def _build_mcp_server() -> Any:
                 "job_id": queued.job_id, "group": queued.group}
         return _tool_result(f"{data['state']} {queued.name} {queued.job_id}", data)
 
-    @tool("search_memory_facts", aliases={"max_facts": "limit"}, query=text, limit=integer, group_ids=maybe_texts,
-          center_node_uuid=maybe_text)
-    async def search_memory_facts(query, limit=5, group_ids=None, center_node_uuid=None):  # type: ignore[no-untyped-def]
+    @staticmethod
+    @_mcp_tool("search_memory_facts", aliases={"max_facts": "limit"}, query=TEXT, limit=INTEGER, group_ids=MAYBE_TEXTS,
+          center_node_uuid=MAYBE_TEXT)
+    async def search_memory_facts(query: Any, limit: Any = 5, group_ids: Any = None,
+                                  center_node_uuid: Any = None) -> Any:
         """Recall what earlier sessions remembered about a question or keywords, best first: facts
         (with when each became true or stopped being true, and their uuid) and the stored events
         themselves (with when they happened). Use before answering questions about the project's
         history, decisions, conventions or past errors. `max_facts` is another name for `limit`."""
-        async with _in_scope(group_ids), _operation("query") as op:
+        async with _in_scope(group_ids):
             if center_node_uuid is not None:
                 raise UsageError("search_memory_facts does not rank by distance to an entity (center_node_uuid): "
                                  "put the entity's name in the query instead")
-            answer = await _cached_answer(op, query, limit)
+            answer = await answer_query(query, limit)
         return _tool_result(answer.text, {"results": [dataclasses.asdict(i) for i in answer.items()]})
 
-    @tool("search_memory_index", query=text, limit=integer, group_ids=maybe_texts)
-    async def search_memory_index(query, limit=10, group_ids=None):  # type: ignore[no-untyped-def]
+    @staticmethod
+    @_mcp_tool("search_memory_index", query=TEXT, limit=INTEGER, group_ids=MAYBE_TEXTS)
+    async def search_memory_index(query: Any, limit: Any = 10, group_ids: Any = None) -> Any:
         """A compact index of what earlier sessions remembered about a question, best first: one line
         per memory (a short id, its day, event or fact, its first 100 characters), about two thirds
         of the tokens of search_memory_facts. Open only the memories you need with get_memories."""
@@ -6770,17 +6776,20 @@ def _build_mcp_server() -> Any:
         return _tool_result("\n".join(map(_index_line, items)) or NO_RESULTS,
                             {"results": [{"id": i.uuid, "kind": i.kind, "valid_at": i.valid_at} for i in items]})
 
-    @tool("get_memories", ids=Annotated[Any, WithJsonSchema({"type": "array", "items": {"type": "string"}})],
-          group_ids=maybe_texts)
-    async def memories(ids, group_ids=None):  # type: ignore[no-untyped-def]
+    @staticmethod
+    @_mcp_tool("get_memories", ids=TEXTS,
+          group_ids=MAYBE_TEXTS)
+    async def memories(ids: Any, group_ids: Any = None) -> Any:
         """The whole of memories by id (as search_memory_index shows them, or full uuids): each event's
         text, time, metadata and facts; each fact's text, validity and source events."""
         async with _in_scope(group_ids):
             found = await get_memories(ids)
         return _tool_result("\n\n".join(map(_memory_text, found)), {"memories": found})
 
-    @tool("get_context", query=text, budget_tokens=integer, recent=maybe_integer, group_ids=maybe_texts)
-    async def get_context(query, budget_tokens=CONTEXT_BUDGET_TOKENS, recent=None, group_ids=None):  # type: ignore[no-untyped-def]
+    @staticmethod
+    @_mcp_tool("get_context", query=TEXT, budget_tokens=INTEGER, recent=MAYBE_INTEGER, group_ids=MAYBE_TEXTS)
+    async def get_context(query: Any, budget_tokens: Any = CONTEXT_BUDGET_TOKENS, recent: Any = None,
+                          group_ids: Any = None) -> Any:
         """The memories relevant to a question as one block to read, within a token budget (default
         1000): events with their dates and facts with their validity, best first, and how many did
         not fit; with `recent` (0-50), the newest events first. The OpenCode plugin's session-start
@@ -6790,9 +6799,11 @@ def _build_mcp_server() -> Any:
         # the group lets the plugin, which recalls through this tool, check it reached its own project
         return _tool_result(block, {"context": block, "estimated_tokens": _estimated_tokens(block), "group": group})
 
-    @tool("search_entities", query=maybe_text, entity_type=maybe_text, max_nodes=maybe_integer,
-          group_ids=maybe_texts)
-    async def search_entities(query=None, entity_type=None, max_nodes=None, group_ids=None):  # type: ignore[no-untyped-def]
+    @staticmethod
+    @_mcp_tool("search_entities", query=MAYBE_TEXT, entity_type=MAYBE_TEXT, max_nodes=MAYBE_INTEGER,
+          group_ids=MAYBE_TEXTS)
+    async def search_entities(query: Any = None, entity_type: Any = None, max_nodes: Any = None,
+                              group_ids: Any = None) -> Any:
         """List the remembered entities (files, code symbols, technologies, people, ...), optionally
         only those whose name contains every word of `query`, or only one type (e.g. File), at
         most `max_nodes` of them."""
@@ -6806,9 +6817,11 @@ def _build_mcp_server() -> Any:
         return _tool_result("\n".join(f"{e['name']} ({e['type']})" for e in chosen) or "No entities found.",
                             {"entities": chosen})
 
-    @tool("search_nodes", query=text, max_nodes=maybe_integer, group_ids=maybe_texts, entity_types=maybe_texts,
-          center_node_uuid=maybe_text)
-    async def search_nodes(query, max_nodes=None, group_ids=None, entity_types=None, center_node_uuid=None):  # type: ignore[no-untyped-def]
+    @staticmethod
+    @_mcp_tool("search_nodes", query=TEXT, max_nodes=MAYBE_INTEGER, group_ids=MAYBE_TEXTS, entity_types=MAYBE_TEXTS,
+          center_node_uuid=MAYBE_TEXT)
+    async def search_nodes(query: Any, max_nodes: Any = None, group_ids: Any = None, entity_types: Any = None,
+                           center_node_uuid: Any = None) -> Any:
         """Graphiti's name for search_entities: the remembered entities whose name holds every word
         of `query`, of one type if `entity_types` names one, at most `max_nodes` (default 10)."""
         async with _tool_errors():
@@ -6817,11 +6830,13 @@ def _build_mcp_server() -> Any:
                                  "put the entity's name in the query instead")
             if entity_types is not None and (not isinstance(entity_types, list) or len(entity_types) > 1):
                 raise UsageError("search_nodes takes one entity type here, in a list; call it once per type")
-        return await search_entities(query, (entity_types or [None])[0], 10 if max_nodes is None else max_nodes,
-                                     group_ids)
+        return await _MemoryTools.search_entities(query, (entity_types or [None])[0],
+                                                  10 if max_nodes is None else max_nodes, group_ids)
 
-    @tool("get_episodes", aliases={"max_episodes": "last_n"}, last_n=integer, since=maybe_text, group_ids=maybe_texts)
-    async def recent_episodes(last_n=10, since=None, group_ids=None):  # type: ignore[no-untyped-def]
+    @staticmethod
+    @_mcp_tool("get_episodes", aliases={"max_episodes": "last_n"}, last_n=INTEGER, since=MAYBE_TEXT,
+               group_ids=MAYBE_TEXTS)
+    async def recent_episodes(last_n: Any = 10, since: Any = None, group_ids: Any = None) -> Any:
         """The most recent stored events (newest first) with their uuid, metadata and reference
         time, only those since a time (ISO 8601) if given; use to see what was remembered lately
         or to find an episode for get_episode or delete_episode."""
@@ -6830,8 +6845,9 @@ def _build_mcp_server() -> Any:
         text = "\n".join(f"{e['uuid']} {e['reference_time']}: {e['content'][:200]}" for e in episodes)
         return _tool_result(text or "No episodes yet.", {"episodes": episodes})
 
-    @tool("get_episode", aliases={"name": "uuid"}, uuid=text, group_ids=maybe_texts)
-    async def one_episode(uuid, group_ids=None):  # type: ignore[no-untyped-def]
+    @staticmethod
+    @_mcp_tool("get_episode", aliases={"name": "uuid"}, uuid=TEXT, group_ids=MAYBE_TEXTS)
+    async def one_episode(uuid: Any, group_ids: Any = None) -> Any:
         """One stored event by its uuid (or episode name): its text, time and metadata, the facts
         it produced (with their uuid and validity) and the entities it mentions."""
         async with _in_scope(group_ids, uuid):
@@ -6839,32 +6855,36 @@ def _build_mcp_server() -> Any:
         facts = "".join(f"\n  fact {f['uuid']}: {f['fact']}" for f in episode["facts"])
         return _tool_result(f"{episode['uuid']} {episode['reference_time']}: {episode['content']}{facts}", episode)
 
-    @tool("get_entity_edge", uuid=text, group_ids=maybe_texts)
-    async def one_fact(uuid, group_ids=None):  # type: ignore[no-untyped-def]
+    @staticmethod
+    @_mcp_tool("get_entity_edge", uuid=TEXT, group_ids=MAYBE_TEXTS)
+    async def one_fact(uuid: Any, group_ids: Any = None) -> Any:
         """One fact (an edge between two entities) by its uuid: its text, validity and source episodes."""
         async with _in_scope(group_ids, uuid):
             fact = await get_fact(uuid)
         return _tool_result(fact["fact"], fact)
 
-    @tool("delete_episode", aliases={"uuid": "name"}, read_only=False, destructive=True, name=text,
-          group_ids=maybe_texts)
-    async def forget_episode(name, group_ids=None):  # type: ignore[no-untyped-def]
+    @staticmethod
+    @_mcp_tool("delete_episode", aliases={"uuid": "name"}, read_only=False, destructive=True, name=TEXT,
+          group_ids=MAYBE_TEXTS)
+    async def forget_episode(name: Any, group_ids: Any = None) -> Any:
         """Forget one stored event (and the facts only it supported) by its episode name or its uuid
         (Graphiti's `uuid`), e.g. when it was wrong or should not have been stored."""
         async with _in_scope(group_ids, name):
             removed = await delete_episode(name)
         return _tool_result(f"deleted {name}", {"deleted": name, "uuid": removed})
 
-    @tool("delete_entity_edge", read_only=False, destructive=True, uuid=text, group_ids=maybe_texts)
-    async def forget_one_fact(uuid, group_ids=None):  # type: ignore[no-untyped-def]
+    @staticmethod
+    @_mcp_tool("delete_entity_edge", read_only=False, destructive=True, uuid=TEXT, group_ids=MAYBE_TEXTS)
+    async def forget_one_fact(uuid: Any, group_ids: Any = None) -> Any:
         """Forget one fact by its uuid (the entities it joined stay); for a fact that is wrong now
         but was true once, prefer correct_fact, which keeps the history."""
         async with _in_scope(group_ids, uuid):
             removed = await forget_fact(uuid)
         return _tool_result(f"deleted fact {uuid}", {"deleted": removed})
 
-    @tool("correct_fact", read_only=False, uuid=text, fact=text, group_ids=maybe_texts)
-    async def correct_one_fact(uuid, fact, group_ids=None):  # type: ignore[no-untyped-def]
+    @staticmethod
+    @_mcp_tool("correct_fact", read_only=False, uuid=TEXT, fact=TEXT, group_ids=MAYBE_TEXTS)
+    async def correct_one_fact(uuid: Any, fact: Any, group_ids: Any = None) -> Any:
         """Replace a fact that is no longer right: the old one (by uuid) is marked invalid from now
         and kept as history, the new text is a fact valid from now between the same entities."""
         async with _in_scope(group_ids, uuid):
@@ -6872,8 +6892,9 @@ def _build_mcp_server() -> Any:
         return _tool_result(f"invalidated {uuid}; new fact {changed['fact']['uuid']}: {changed['fact']['fact']}",
                             changed)
 
-    @tool("clear_graph", read_only=False, destructive=True, group_ids=maybe_texts)
-    async def clear(group_ids=None):  # type: ignore[no-untyped-def]
+    @staticmethod
+    @_mcp_tool("clear_graph", read_only=False, destructive=True, group_ids=MAYBE_TEXTS)
+    async def clear(group_ids: Any = None) -> Any:
         """Erase everything remembered in a group (default: this server's or token's first group):
         its events, facts, entities, queue and cache. Irreversible; backups are reported, not
         touched (`memory-manager erase --backups` rewrites them). Only when the user asks for it."""
@@ -6881,8 +6902,9 @@ def _build_mcp_server() -> Any:
             report = await erase_group(group)
         return _tool_result(str(report), dataclasses.asdict(report))
 
-    @tool("get_status")
-    async def get_status():  # type: ignore[no-untyped-def]
+    @staticmethod
+    @_mcp_tool("get_status")
+    async def get_status() -> Any:
         """Whether the memory's services answer, and the write queue's state (queued, in flight,
         dead letters, the worker)."""
         async with _tool_errors():
@@ -6891,8 +6913,48 @@ def _build_mcp_server() -> Any:
         return _tool_result(f"{state}; queued {sum(g['queued'] for g in queue['groups'])}",
                             {"health": report, "queue": queue})
 
-    return server
 
+
+def _build_mcp_server() -> Any:
+    """The MCP server with the tools of _MemoryTools (import mcp only here)."""
+    from mcp.server.mcpserver import MCPServer
+    from mcp.server.mcpserver.exceptions import ToolError
+    from mcp.types import ToolAnnotations
+
+    accepted = {tool.name: tool.arguments() for tool in MCP_TOOLS}
+    types = {tool.name: tool.types for tool in MCP_TOOLS}
+
+    class StrictServer(MCPServer):
+        """Arguments are checked against the tool's own before the SDK sees them, and every schema
+        says so (additionalProperties: false) and gives each argument's declared type."""
+
+        async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
+            if name in accepted:
+                try:
+                    arguments = accepted[name].checked(name, arguments)
+                except UsageError as exc:
+                    raise ToolError(str(exc)) from None
+            request = getattr(getattr(context, "_request_context", None), "request", None)
+            scoped = _caller.set(getattr(request, "scope", {}).get("memory.caller"))  # None: stdio, one group
+            try:
+                return await super().call_tool(name, arguments, context)
+            finally:
+                _caller.reset(scoped)
+
+        async def list_tools(self) -> list[Any]:
+            tools = await super().list_tools()
+            for listed in tools:
+                properties = {name: {**schema, **types[listed.name].get(name, {})}
+                              for name, schema in listed.input_schema.get("properties", {}).items()}
+                listed.input_schema = {**listed.input_schema, "properties": properties, "additionalProperties": False}
+            return tools
+
+    server = StrictServer("memory", instructions=MCP_INSTRUCTIONS, version=_package_version(), log_level="WARNING")
+    for tool in MCP_TOOLS:
+        hints = ToolAnnotations(read_only_hint=tool.read_only, open_world_hint=False,
+                                destructive_hint=None if tool.read_only else tool.destructive)
+        server.add_tool(tool.function, name=tool.name, structured_output=False, annotations=hints)
+    return server
 
 
 def _scoped_status(report: dict, queue: dict, caller: _Caller) -> tuple[dict, dict]:
