@@ -83,162 +83,165 @@ class Endpoint:
         self.sim.bucket_name_to_bucket[bucket].upload_timestamp_counter = wall_clock_ms()
         self.bucket = bucket
 
+    def set_faults(self, knobs: dict) -> None:
+        with self.lock:
+            self.sim.upload_errors = []  # replaces what is left of an earlier storm
+            self.sim.set_upload_errors([b2_exception.ServiceError("503 simulated")] * knobs.get("upload_errors", 0))
+            self.rate = int(knobs.get("upload_bytes_per_s", 0))
+            self.stall_after = knobs.get("upload_stall_after")
+            self.uploaded = 0
+            self.released.set()
+            self.released = threading.Event()
+
     def info(self) -> dict[str, str]:
         return {"realm": self.base_url, "key_id": self.key_id, "key": self.key, "bucket": self.bucket}
 
 
+class B2Handler(BaseHTTPRequestHandler):
+    endpoint: Endpoint  # set by make_handler
+
+    protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes; with Nagle on, the body waits ~40 ms for the
+    # client's delayed ACK of the headers on every keep-alive request.
+    disable_nagle_algorithm = True
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def reply(self, status: int, body: bytes, headers: dict[str, str] | None = None,
+              content_type: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def fail(self, exc: Exception) -> None:
+        status, code = STATUS_FOR_ERROR.get(type(exc).__name__, (400, "bad_request"))
+        code = getattr(exc, "code", None) or code
+        self.reply(status, to_json({"status": status, "code": code, "message": str(exc)}))
+
+    def body(self) -> bytes:
+        size = int(self.headers.get("Content-Length") or 0)
+        if not self.path.startswith("/upload") or not (self.endpoint.rate or self.endpoint.stall_after is not None):
+            return self.rfile.read(size)
+        # A small receive window, so that the kernel cannot take in megabytes the "uplink" has
+        # not carried yet; then read at the shared rate, or stop reading.
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        chunks, released = [], self.endpoint.released
+        while size > 0:
+            if self.endpoint.stall_after is not None and self.endpoint.uploaded >= self.endpoint.stall_after:
+                released.wait(600)
+                raise ConnectionAbortedError("stalled upload released")
+            chunk = self.rfile.read(min(size, 16 * 1024))
+            chunks.append(chunk)
+            size -= len(chunk)
+            with self.endpoint.lock:
+                self.endpoint.uploaded += len(chunk)
+                if self.endpoint.rate:  # the connections share one uplink: each chunk takes its turn
+                    self.endpoint.uplink_free_at = max(time.monotonic(), self.endpoint.uplink_free_at)
+                    self.endpoint.uplink_free_at += len(chunk) / self.endpoint.rate
+                    wait = self.endpoint.uplink_free_at - time.monotonic()
+            time.sleep(wait if self.endpoint.rate else 0)
+        return b"".join(chunks)
+
+    def call(self, fn: Any) -> None:
+        try:
+            with self.endpoint.lock:
+                result = fn()
+        except (b2_exception.B2Error, KeyError, AssertionError) as exc:
+            return self.fail(exc)
+        except Exception as exc:  # noqa: BLE001 - a test server answers, it does not hang up
+            return self.reply(500, to_json({"status": 500, "code": "internal_error", "message": repr(exc)}))
+        self.reply(200, to_json(result))
+
+    def do_GET(self) -> None:
+        path = urlsplit(self.path).path
+        if path.endswith("/b2_authorize_account"):
+            return self.authorize()
+        if path.startswith("/file/"):
+            return self.download(path)
+        if re.fullmatch(r"/b2api/v\d+/b2_download_file_by_id", path):
+            return self.download(f"{path}?{urlsplit(self.path).query}")
+        self.reply(404, to_json({"status": 404, "code": "not_found", "message": path}))
+
+    do_HEAD = do_GET
+
+    def do_POST(self) -> None:
+        parts = urlsplit(self.path)
+        body = self.body()  # always consumed: the connection is kept alive for the next request
+        if parts.path == "/_b2/faults":
+            self.endpoint.set_faults(json.loads(body or b"{}"))
+            return self.reply(200, b"{}")
+        if parts.path in ("/upload", "/upload_part"):
+            return self.upload(parts.path, parse_qs(parts.query)["u"][0], body)
+        match = re.fullmatch(r"/b2api/v\d+/b2_(\w+)", parts.path)
+        if match and match.group(1) == "authorize_account":
+            return self.authorize()
+        if not match or not hasattr(self.endpoint.sim, match.group(1)):
+            return self.reply(404, to_json({"status": 404, "code": "not_found", "message": parts.path}))
+        method = getattr(self.endpoint.sim, match.group(1))
+        accepted = inspect.signature(method).parameters  # e.g. v3's bucketTypes is not simulated
+        params = {snake(k): v for k, v in json.loads(body or b"{}").items() if snake(k) in accepted}
+        token = self.headers.get("Authorization")
+        self.call(lambda: self.rewrite_urls(method(self.endpoint.sim.API_URL, token, **params)))
+
+    def authorize(self) -> None:
+        scheme, _, encoded = (self.headers.get("Authorization") or "").partition(" ")
+        key_id, _, key = base64.b64decode(encoded).decode().partition(":") if scheme == "Basic" else ("", "", "")
+
+        def authorize() -> dict:
+            reply = self.endpoint.sim.authorize_account(self.endpoint.sim.API_URL, key_id, key)
+            storage = reply["apiInfo"]["storageApi"]
+            storage.update(apiUrl=self.endpoint.base_url, downloadUrl=self.endpoint.base_url,
+                           recommendedPartSize=self.endpoint.part_size)
+            return reply
+
+        self.call(authorize)
+
+    def rewrite_urls(self, result: Any) -> Any:
+        """Upload URLs point at the simulator's fake host; route them through this server. The
+        upload token stays the original URL, which the simulator checks it against."""
+        if isinstance(result, dict) and "uploadUrl" in result:
+            route = "/upload_part" if "/part/" in result["uploadUrl"] else "/upload"
+            result = {**result, "uploadUrl": f"{self.endpoint.base_url}{route}?u={quote(result['uploadUrl'], safe='')}"}
+        return result
+
+    def upload(self, route: str, upload_url: str, body: bytes) -> None:
+        data = io.BytesIO(body)
+        h = self.headers
+        if route == "/upload":
+            info = {k[len("X-Bz-Info-"):]: unquote(v) for k, v in h.items() if k.startswith("X-Bz-Info-")}
+            self.call(lambda: self.endpoint.sim.upload_file(
+                upload_url, h["Authorization"], unquote(h["X-Bz-File-Name"]), int(h["Content-Length"]),
+                h["Content-Type"], h["X-Bz-Content-Sha1"], info, data))
+        else:
+            self.call(lambda: self.endpoint.sim.upload_part(
+                upload_url, h["Authorization"], int(h["X-Bz-Part-Number"]), int(h["Content-Length"]),
+                h["X-Bz-Content-Sha1"], data))
+
+    def download(self, path: str) -> None:
+        byte_range = None
+        match = re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range") or "")
+        if match:
+            byte_range = (int(match.group(1)), int(match.group(2)))
+        try:
+            with self.endpoint.lock, self.endpoint.sim.download_file_from_url(
+                    self.headers.get("Authorization"), self.endpoint.sim.DOWNLOAD_URL + path, byte_range) as response:
+                body = response.data_bytes
+        except (b2_exception.B2Error, KeyError) as exc:
+            return self.fail(exc)
+        headers = {k: str(v) for k, v in response.headers.items() if k.lower() not in
+                   ("content-length", "content-type")}
+        self.reply(206 if byte_range else 200, body, headers,
+                   content_type=response.headers.get("content-type", "application/octet-stream"))
+
+
 def make_handler(endpoint: Endpoint) -> type[BaseHTTPRequestHandler]:
-    sim = endpoint.sim
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        # Headers and body go out in two writes; with Nagle on, the body waits ~40 ms for the
-        # client's delayed ACK of the headers on every keep-alive request.
-        disable_nagle_algorithm = True
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-        def reply(self, status: int, body: bytes, headers: dict[str, str] | None = None,
-                  content_type: str = "application/json") -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            for key, value in (headers or {}).items():
-                self.send_header(key, value)
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
-
-        def fail(self, exc: Exception) -> None:
-            status, code = STATUS_FOR_ERROR.get(type(exc).__name__, (400, "bad_request"))
-            code = getattr(exc, "code", None) or code
-            self.reply(status, to_json({"status": status, "code": code, "message": str(exc)}))
-
-        def body(self) -> bytes:
-            size = int(self.headers.get("Content-Length") or 0)
-            if not self.path.startswith("/upload") or not (endpoint.rate or endpoint.stall_after is not None):
-                return self.rfile.read(size)
-            # A small receive window, so that the kernel cannot take in megabytes the "uplink" has
-            # not carried yet; then read at the shared rate, or stop reading.
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-            chunks, released = [], endpoint.released
-            while size > 0:
-                if endpoint.stall_after is not None and endpoint.uploaded >= endpoint.stall_after:
-                    released.wait(600)
-                    raise ConnectionAbortedError("stalled upload released")
-                chunk = self.rfile.read(min(size, 16 * 1024))
-                chunks.append(chunk)
-                size -= len(chunk)
-                with endpoint.lock:
-                    endpoint.uploaded += len(chunk)
-                    if endpoint.rate:  # the connections share one uplink: each chunk takes its turn
-                        endpoint.uplink_free_at = max(time.monotonic(), endpoint.uplink_free_at)
-                        endpoint.uplink_free_at += len(chunk) / endpoint.rate
-                        wait = endpoint.uplink_free_at - time.monotonic()
-                time.sleep(wait if endpoint.rate else 0)
-            return b"".join(chunks)
-
-        def call(self, fn: Any) -> None:
-            try:
-                with endpoint.lock:
-                    result = fn()
-            except (b2_exception.B2Error, KeyError, AssertionError) as exc:
-                return self.fail(exc)
-            except Exception as exc:  # noqa: BLE001 - a test server answers, it does not hang up
-                return self.reply(500, to_json({"status": 500, "code": "internal_error", "message": repr(exc)}))
-            self.reply(200, to_json(result))
-
-        def do_GET(self) -> None:
-            path = urlsplit(self.path).path
-            if path.endswith("/b2_authorize_account"):
-                return self.authorize()
-            if path.startswith("/file/"):
-                return self.download(path)
-            if re.fullmatch(r"/b2api/v\d+/b2_download_file_by_id", path):
-                return self.download(f"{path}?{urlsplit(self.path).query}")
-            self.reply(404, to_json({"status": 404, "code": "not_found", "message": path}))
-
-        do_HEAD = do_GET
-
-        def do_POST(self) -> None:
-            parts = urlsplit(self.path)
-            body = self.body()  # always consumed: the connection is kept alive for the next request
-            if parts.path == "/_b2/faults":
-                knobs = json.loads(body or b"{}")
-                with endpoint.lock:
-                    sim.upload_errors = []  # replaces what is left of an earlier storm
-                    sim.set_upload_errors([b2_exception.ServiceError("503 simulated")] * knobs.get("upload_errors", 0))
-                    endpoint.rate = int(knobs.get("upload_bytes_per_s", 0))
-                    endpoint.stall_after = knobs.get("upload_stall_after")
-                    endpoint.uploaded = 0
-                    endpoint.released.set()
-                    endpoint.released = threading.Event()
-                return self.reply(200, b"{}")
-            if parts.path in ("/upload", "/upload_part"):
-                return self.upload(parts.path, parse_qs(parts.query)["u"][0], body)
-            match = re.fullmatch(r"/b2api/v\d+/b2_(\w+)", parts.path)
-            if match and match.group(1) == "authorize_account":
-                return self.authorize()
-            if not match or not hasattr(sim, match.group(1)):
-                return self.reply(404, to_json({"status": 404, "code": "not_found", "message": parts.path}))
-            method = getattr(sim, match.group(1))
-            accepted = inspect.signature(method).parameters  # e.g. v3's bucketTypes is not simulated
-            params = {snake(k): v for k, v in json.loads(body or b"{}").items() if snake(k) in accepted}
-            token = self.headers.get("Authorization")
-            self.call(lambda: self.rewrite_urls(method(sim.API_URL, token, **params)))
-
-        def authorize(self) -> None:
-            scheme, _, encoded = (self.headers.get("Authorization") or "").partition(" ")
-            key_id, _, key = base64.b64decode(encoded).decode().partition(":") if scheme == "Basic" else ("", "", "")
-
-            def authorize() -> dict:
-                reply = sim.authorize_account(sim.API_URL, key_id, key)
-                storage = reply["apiInfo"]["storageApi"]
-                storage.update(apiUrl=endpoint.base_url, downloadUrl=endpoint.base_url,
-                               recommendedPartSize=endpoint.part_size)
-                return reply
-
-            self.call(authorize)
-
-        def rewrite_urls(self, result: Any) -> Any:
-            """Upload URLs point at the simulator's fake host; route them through this server. The
-            upload token stays the original URL, which the simulator checks it against."""
-            if isinstance(result, dict) and "uploadUrl" in result:
-                route = "/upload_part" if "/part/" in result["uploadUrl"] else "/upload"
-                result = {**result, "uploadUrl": f"{endpoint.base_url}{route}?u={quote(result['uploadUrl'], safe='')}"}
-            return result
-
-        def upload(self, route: str, upload_url: str, body: bytes) -> None:
-            data = io.BytesIO(body)
-            h = self.headers
-            if route == "/upload":
-                info = {k[len("X-Bz-Info-"):]: unquote(v) for k, v in h.items() if k.startswith("X-Bz-Info-")}
-                self.call(lambda: sim.upload_file(
-                    upload_url, h["Authorization"], unquote(h["X-Bz-File-Name"]), int(h["Content-Length"]),
-                    h["Content-Type"], h["X-Bz-Content-Sha1"], info, data))
-            else:
-                self.call(lambda: sim.upload_part(
-                    upload_url, h["Authorization"], int(h["X-Bz-Part-Number"]), int(h["Content-Length"]),
-                    h["X-Bz-Content-Sha1"], data))
-
-        def download(self, path: str) -> None:
-            byte_range = None
-            match = re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range") or "")
-            if match:
-                byte_range = (int(match.group(1)), int(match.group(2)))
-            try:
-                with endpoint.lock, sim.download_file_from_url(
-                        self.headers.get("Authorization"), sim.DOWNLOAD_URL + path, byte_range) as response:
-                    body = response.data_bytes
-            except (b2_exception.B2Error, KeyError) as exc:
-                return self.fail(exc)
-            headers = {k: str(v) for k, v in response.headers.items() if k.lower() not in
-                       ("content-length", "content-type")}
-            self.reply(206 if byte_range else 200, body, headers,
-                       content_type=response.headers.get("content-type", "application/octet-stream"))
-
-    return Handler
+    return type("Handler", (B2Handler,), {"endpoint": endpoint})
 
 
 def serve(host: str, port: int, bucket: str, part_size: int) -> tuple[ThreadingHTTPServer, Endpoint]:

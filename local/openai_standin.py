@@ -53,6 +53,7 @@ import struct
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -619,147 +620,158 @@ class StandIn:
             return self.fault
 
 
+def reset(state: StandIn, _body: dict) -> None:
+    state.counts.clear()
+    state.fault, state.fault_count, state.fault_until, state.fault_match = None, 0, None, None
+    state.latency_ms = state.default_latency_ms
+    state.recording, state.recorded, state.chat_script = False, [], []
+    state.garble_batches = False
+
+
+def script_chat(state: StandIn, body: dict) -> None:
+    state.chat_script = list(body.get("script", []))
+
+
+def set_faults(state: StandIn, body: dict) -> None:
+    state.latency_ms = int(body.get("latency_ms", state.latency_ms))
+    state.fault = body.get("fault")
+    state.fault_count = int(body.get("fault_count", -1))
+    duration = body.get("fault_for_s")
+    state.fault_until = time.monotonic() + float(duration) if duration else None
+    state.fault_match = body.get("fault_match")
+    state.recording = bool(body.get("record", state.recording))
+    state.garble_batches = bool(body.get("garble_batches", state.garble_batches))
+
+
+CONTROLS: dict[str, Callable[[StandIn, dict], None]] = {  # under the state's lock
+    "/_standin/reset": reset, "/_standin/chat": script_chat, "/_standin/faults": set_faults}
+
+
+class StandInHandler(BaseHTTPRequestHandler):
+    state: StandIn  # set by make_handler
+
+    protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes; with Nagle on, the body waits ~40 ms for the
+    # client's delayed ACK of the headers on every keep-alive request.
+    disable_nagle_algorithm = True
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def send_json(self, status: int, payload: Any, raw: bytes | None = None,
+                  headers: dict[str, str] | None = None) -> None:
+        data = raw if raw is not None else json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def read_body(self) -> dict:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b"{}"
+        if self.state.recording and "/_standin/" not in self.path:
+            with self.state.lock:
+                self.state.recorded.append(raw.decode(errors="replace"))
+        return json.loads(raw or b"{}")
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/_standin/stats"):
+            with self.state.lock:
+                self.send_json(200, dict(self.state.counts))
+        elif self.path.startswith("/_standin/requests"):
+            with self.state.lock:
+                self.send_json(200, list(self.state.recorded))
+        elif self.path.rstrip("/") in ("/v1/models", "/models"):  # what `health` calls
+            with self.state.lock:
+                self.state.counts["models"] += 1
+            if not self.answer_fault(self.state.take_fault({})):
+                self.send_json(200, {"object": "list", "data": [{"id": "stand-in", "object": "model"}]})
+        else:
+            self.send_json(404, {"error": {"message": "not found"}})
+
+    def do_POST(self) -> None:
+        body = self.read_body()
+        path = self.path.split("?")[0].rstrip("/")
+        if path in CONTROLS:
+            with self.state.lock:
+                CONTROLS[path](self.state, body)
+            return self.send_json(200, {"ok": True})
+        self.serve_openai(path, body)
+
+    def next_answer(self, body: dict) -> dict:
+        if not body.get("tools"):
+            return {"text": "Stand-in session"}
+        with self.state.lock:
+            return self.state.chat_script.pop(0) if self.state.chat_script else {"text": "Done."}
+
+    def send_stream(self, data: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def answer_fault(self, fault: str | None) -> bool:
+        """Answer with the injected fault, if any; True when it did."""
+        if fault == "hang":
+            self.state.stopping.wait(HANG_S)
+        elif fault == "429":
+            self.send_json(429, {"error": {"message": "rate limited", "type": "rate_limit"}},
+                           headers={"Retry-After": "1"})
+        elif fault == "401":  # like OpenAI, echo the key back: the client must never print it
+            key = self.headers.get("Authorization", "").removeprefix("Bearer ")
+            self.send_json(401, {"error": {"message": f"Incorrect API key provided: {key}",
+                                           "type": "invalid_request_error", "code": "invalid_api_key"}})
+        elif fault == "500":
+            self.send_json(500, {"error": {"message": "stand-in fault", "type": "server_error"}})
+        elif fault == "malformed":
+            self.send_json(200, None, raw=b'{"id": "resp_standin", "output": [')
+        elif fault == "null":  # embeddings only: a well-formed reply whose vector is null (code trusting it trips)
+            self.send_json(200, {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": None}],
+                                 "model": "standin", "usage": {"prompt_tokens": 0, "total_tokens": 0}})
+        return fault is not None
+
+    def serve_openai(self, path: str, body: dict) -> None:
+        endpoint = path.rsplit("/v1/", 1)[-1]
+        if endpoint not in ("responses", "embeddings", "chat/completions"):
+            return self.send_json(404, {"error": {"message": f"unknown endpoint {path}"}})
+        with self.state.lock:
+            self.state.counts[endpoint] += 1
+            latency_ms = self.state.latency_ms
+        if latency_ms:
+            time.sleep(latency_ms / 1000)
+        fault = self.state.take_fault(body)
+        if self.answer_fault(None if fault == "null" and endpoint != "embeddings" else fault):
+            return
+        if endpoint == "embeddings":
+            given = body.get("input")
+            texts: list = given if isinstance(given, list) else [given]
+            chars = sum(len(t) for t in texts if isinstance(t, str))
+            with self.state.lock:
+                self.state.counts[f"bill:embeddings@{body.get('model', '?')}:requests"] += 1
+                self.state.counts[f"bill:embeddings@{body.get('model', '?')}:prompt_chars"] += chars
+            return self.send_json(200, embeddings_reply(body, self.state.semantic))
+        if endpoint == "chat/completions" and body.get("stream"):
+            return self.send_stream(chat_stream(body, self.next_answer(body)))
+        if endpoint == "chat/completions":
+            return self.send_json(200, chat_reply(body))
+        name, answer = structured_answer(body)
+        bill = f"bill:{name}@{body.get('model', '?')}"
+        if self.state.garble_batches and name.endswith("Batch") and len(answer["answers"]) > 1:
+            answer["answers"] = [{**answer["answers"][1], "question": "second"}, *answer["answers"][2:]]
+        with self.state.lock:
+            self.state.counts[f"responses:{name}"] += 1
+            self.state.counts[f"{bill}:requests"] += 1
+            self.state.counts[f"{bill}:prompt_chars"] += len(prompt_text(body))
+            self.state.counts[f"{bill}:completion_chars"] += len(json.dumps(answer))
+        self.send_json(200, response_envelope(body.get("model", "stand-in"), json.dumps(answer)))
+
+
 def make_handler(state: StandIn) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        # Headers and body go out in two writes; with Nagle on, the body waits ~40 ms for the
-        # client's delayed ACK of the headers on every keep-alive request.
-        disable_nagle_algorithm = True
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-        def send_json(self, status: int, payload: Any, raw: bytes | None = None,
-                      headers: dict[str, str] | None = None) -> None:
-            data = raw if raw is not None else json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            for key, value in (headers or {}).items():
-                self.send_header(key, value)
-            self.end_headers()
-            self.wfile.write(data)
-
-        def read_body(self) -> dict:
-            length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length) if length else b"{}"
-            if state.recording and "/_standin/" not in self.path:
-                with state.lock:
-                    state.recorded.append(raw.decode(errors="replace"))
-            return json.loads(raw or b"{}")
-
-        def do_GET(self) -> None:
-            if self.path.startswith("/_standin/stats"):
-                with state.lock:
-                    self.send_json(200, dict(state.counts))
-            elif self.path.startswith("/_standin/requests"):
-                with state.lock:
-                    self.send_json(200, list(state.recorded))
-            elif self.path.rstrip("/") in ("/v1/models", "/models"):  # what `health` calls
-                with state.lock:
-                    state.counts["models"] += 1
-                if not self.answer_fault(state.take_fault({})):
-                    self.send_json(200, {"object": "list", "data": [{"id": "stand-in", "object": "model"}]})
-            else:
-                self.send_json(404, {"error": {"message": "not found"}})
-
-        def do_POST(self) -> None:
-            body = self.read_body()
-            path = self.path.split("?")[0].rstrip("/")
-            if path == "/_standin/reset":
-                with state.lock:
-                    state.counts.clear()
-                    state.fault, state.fault_count, state.fault_until, state.fault_match = None, 0, None, None
-                    state.latency_ms = state.default_latency_ms
-                    state.recording, state.recorded, state.chat_script = False, [], []
-                    state.garble_batches = False
-                return self.send_json(200, {"ok": True})
-            if path == "/_standin/chat":
-                with state.lock:
-                    state.chat_script = list(body.get("script", []))
-                return self.send_json(200, {"ok": True})
-            if path == "/_standin/faults":
-                with state.lock:
-                    state.latency_ms = int(body.get("latency_ms", state.latency_ms))
-                    state.fault = body.get("fault")
-                    state.fault_count = int(body.get("fault_count", -1))
-                    duration = body.get("fault_for_s")
-                    state.fault_until = time.monotonic() + float(duration) if duration else None
-                    state.fault_match = body.get("fault_match")
-                    state.recording = bool(body.get("record", state.recording))
-                    state.garble_batches = bool(body.get("garble_batches", state.garble_batches))
-                return self.send_json(200, {"ok": True})
-            self.serve_openai(path, body)
-
-        def next_answer(self, body: dict) -> dict:
-            if not body.get("tools"):
-                return {"text": "Stand-in session"}
-            with state.lock:
-                return state.chat_script.pop(0) if state.chat_script else {"text": "Done."}
-
-        def send_stream(self, data: bytes) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def answer_fault(self, fault: str | None) -> bool:
-            """Answer with the injected fault, if any; True when it did."""
-            if fault == "hang":
-                state.stopping.wait(HANG_S)
-            elif fault == "429":
-                self.send_json(429, {"error": {"message": "rate limited", "type": "rate_limit"}},
-                               headers={"Retry-After": "1"})
-            elif fault == "401":  # like OpenAI, echo the key back: the client must never print it
-                key = self.headers.get("Authorization", "").removeprefix("Bearer ")
-                self.send_json(401, {"error": {"message": f"Incorrect API key provided: {key}",
-                                               "type": "invalid_request_error", "code": "invalid_api_key"}})
-            elif fault == "500":
-                self.send_json(500, {"error": {"message": "stand-in fault", "type": "server_error"}})
-            elif fault == "malformed":
-                self.send_json(200, None, raw=b'{"id": "resp_standin", "output": [')
-            elif fault == "null":  # embeddings only: a well-formed reply whose vector is null (code trusting it trips)
-                self.send_json(200, {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": None}],
-                                     "model": "standin", "usage": {"prompt_tokens": 0, "total_tokens": 0}})
-            return fault is not None
-
-        def serve_openai(self, path: str, body: dict) -> None:
-            endpoint = path.rsplit("/v1/", 1)[-1]
-            if endpoint not in ("responses", "embeddings", "chat/completions"):
-                return self.send_json(404, {"error": {"message": f"unknown endpoint {path}"}})
-            with state.lock:
-                state.counts[endpoint] += 1
-                latency_ms = state.latency_ms
-            if latency_ms:
-                time.sleep(latency_ms / 1000)
-            fault = state.take_fault(body)
-            if self.answer_fault(None if fault == "null" and endpoint != "embeddings" else fault):
-                return
-            if endpoint == "embeddings":
-                given = body.get("input")
-                texts: list = given if isinstance(given, list) else [given]
-                chars = sum(len(t) for t in texts if isinstance(t, str))
-                with state.lock:
-                    state.counts[f"bill:embeddings@{body.get('model', '?')}:requests"] += 1
-                    state.counts[f"bill:embeddings@{body.get('model', '?')}:prompt_chars"] += chars
-                return self.send_json(200, embeddings_reply(body, state.semantic))
-            if endpoint == "chat/completions" and body.get("stream"):
-                return self.send_stream(chat_stream(body, self.next_answer(body)))
-            if endpoint == "chat/completions":
-                return self.send_json(200, chat_reply(body))
-            name, answer = structured_answer(body)
-            bill = f"bill:{name}@{body.get('model', '?')}"
-            if state.garble_batches and name.endswith("Batch") and len(answer["answers"]) > 1:
-                answer["answers"] = [{**answer["answers"][1], "question": "second"}, *answer["answers"][2:]]
-            with state.lock:
-                state.counts[f"responses:{name}"] += 1
-                state.counts[f"{bill}:requests"] += 1
-                state.counts[f"{bill}:prompt_chars"] += len(prompt_text(body))
-                state.counts[f"{bill}:completion_chars"] += len(json.dumps(answer))
-            self.send_json(200, response_envelope(body.get("model", "stand-in"), json.dumps(answer)))
-
-    return Handler
+    return type("Handler", (StandInHandler,), {"state": state})
 
 
 def serve(host: str, port: int, latency_ms: int = 0, embeddings: str = "hashed") -> tuple[ThreadingHTTPServer, StandIn]:
