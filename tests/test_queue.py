@@ -363,6 +363,22 @@ def test_when_neither_valkey_nor_the_spool_can_take_it_store_exits_1_with_one_li
         "(File exists): episode not stored"]
 
 
+def test_store_jsonl_reports_each_event_neither_valkey_nor_the_spool_took_and_goes_on_reading(
+        memory, dead_port, tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    lines = "".join(json.dumps({"content": text}) + "\n" for text in (EDIT, "Bob fixed the login bug."))
+
+    result = memory.with_env(VALKEY_PORT=str(dead_port), MEMORY_SPOOL_DIR=str(not_a_dir)).run(
+        "store", "--jsonl", "-", stdin=lines)
+
+    assert (result.code, result.stdout) == (1, "")
+    failed = [line for line in result.error_lines if ": error: " in line]
+    assert [line.split(": valkey at ")[0] for line in failed] == ["memory-manager: error: line 1",
+                                                                  "memory-manager: error: line 2"]
+    assert all(line.endswith("episode not stored") for line in failed), failed
+
+
 def test_a_spool_write_cut_short_by_a_full_disk_exits_1_and_leaves_no_torn_line(memory, dead_port):
     import resource
 

@@ -7161,29 +7161,30 @@ async def _store_lines(args: argparse.Namespace) -> int:
     """`store --jsonl -`: one event a line ({"content", "metadata"?, "at"?}), each queued as it
     arrives, until stdin ends. The plugin keeps one such process for a burst of events instead of
     starting a Python per event; what it wrote before OpenCode exits is still read and stored. A
-    line that cannot be stored is refused alone (one line on stderr), and the exit is then 2."""
+    line that cannot be stored fails alone (one line on stderr) and the next are still stored; the
+    exit is then 1 if a service failed (neither Valkey nor the spool took it), else 2."""
     if args.content != "-" or args.metadata is not None or args.wait or args.at is not None:
         raise UsageError("store --jsonl reads events from stdin: give - and nothing else (each line has its own "
                          "content, metadata and at)")
     limit = 6 * _settings().max_episode_chars + 4096  # a JSON string escapes a character in at most 6 bytes
     if sys.stdin.isatty():
         print(f"{PROG}: reading events from stdin, one JSON object a line; end with Ctrl-D", file=sys.stderr)
-    number = refused = 0
+    number, failed = 0, set()
     while line := await asyncio.to_thread(sys.stdin.buffer.readline, limit + 1):
         number += 1
         if not line.strip():
             continue
         try:
             queued = await enqueue_episode(**_event_line(line, limit))
-        except UsageError as exc:
-            refused += 1
+        except MemoryManagerError as exc:
+            failed.add(exc.exit_code)
             _skip_rest_of_line(line, limit)
             print(f"{PROG}: error: line {number}: {_scrub(str(exc))}", file=sys.stderr, flush=True)
             continue
         state = "spooled" if queued.spooled else "queued"
         print(json.dumps({"state": state, "episode": queued.name, "job_id": queued.job_id}) if args.json
               else f"{state} {queued.name} {queued.job_id}", flush=True)
-    return 2 if refused else 0
+    return min(failed, default=0)
 
 
 def _event_line(line: bytes, limit: int) -> dict[str, Any]:
