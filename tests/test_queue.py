@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from datetime import datetime
+from typing import Any
 
 import pytest
 import redis
@@ -935,3 +936,23 @@ def test_events_a_few_seconds_apart_wait_to_share_a_pass_and_an_awaited_store_do
 
     assert one_pass == 1
     assert awaited_s < 20, awaited_s  # its pass started at once
+
+
+def test_the_graphiti_internals_a_pass_is_built_from_are_where_and_as_the_worker_calls_them():
+    import importlib
+    import inspect
+
+    import memory_manager
+
+    moved = []
+    for where, leading in memory_manager.GRAPHITI_INTERNALS.items():
+        module, _, path = where.partition(":")
+        found: Any = importlib.import_module(module)
+        for name in path.split("."):
+            found = getattr(found, name, None)
+        if not callable(found):
+            moved.append(f"{where}: gone")
+        elif (taken := tuple(inspect.signature(found).parameters))[:len(leading)] != leading:
+            moved.append(f"{where}: now {taken}")
+
+    assert moved == []

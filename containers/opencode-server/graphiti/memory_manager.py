@@ -120,6 +120,7 @@ if TYPE_CHECKING:
     from graphiti_core import Graphiti
 
 __all__ = [
+    "Answer",
     "Backup",
     "Endpoint",
     "EraseReport",
@@ -140,6 +141,7 @@ __all__ = [
     "Settings",
     "UsageError",
     "WorkerSummary",
+    "answer_query",
     "cli",
     "close",
     "context",
@@ -548,7 +550,7 @@ class Settings:
     spool_dir: str = ""
     worker_concurrency: int = 4
     max_attempts: int = 5
-    coalesce_events: int = 8
+    coalesce_events: int = 12
     coalesce_chars: int = 8_000
     coalesce_wait_s: int = 20
     auto_drain: bool = True
@@ -591,7 +593,7 @@ class Settings:
             spool_dir=_env_dir("MEMORY_SPOOL_DIR", _default_spool_dir()),
             worker_concurrency=_env_int("MEMORY_WORKER_CONCURRENCY", 4, 1, 64),
             max_attempts=_env_int("MEMORY_MAX_ATTEMPTS", 5, 1, 100),
-            coalesce_events=_env_int("MEMORY_COALESCE_EVENTS", 8, 1, 64),
+            coalesce_events=_env_int("MEMORY_COALESCE_EVENTS", 12, 1, 64),
             coalesce_chars=_env_int("MEMORY_COALESCE_CHARS", 8_000, 1, 1_000_000),
             coalesce_wait_s=_env_int("MEMORY_COALESCE_WAIT", 20, 0, 600),
             auto_drain=_env_bool("MEMORY_AUTO_DRAIN", True),
@@ -4037,6 +4039,39 @@ def _backoff_s(failures: int) -> float:
     import random
 
     return random.uniform(0.5, 1.0) * min(RETRY_CAP_S, RETRY_BASE_S * 2 ** max(0, failures - 1))
+
+
+# What a pass is built from beyond graphiti's public API (graphiti-core is pinned), with the leading
+# parameters it passes by position: named once here and checked by a test, so that an upgrade that
+# moves or reorders one fails that test by name, not a pass at run time.
+GRAPHITI_INTERNALS: dict[str, tuple[str, ...]] = {
+    "graphiti_core.graphiti:Graphiti._resolve_request_scope": ("self", "group_id"),
+    "graphiti_core.graphiti:Graphiti._extract_and_resolve_edges": (
+        "self", "episode", "extracted_nodes", "previous_episodes", "edge_type_map", "group_id", "edge_types",
+        "nodes", "uuid_map"),
+    "graphiti_core.graphiti:Graphiti._merge_materialized_endpoint_nodes": (
+        "self", "materialized_nodes", "episode", "previous_episodes", "entity_types", "nodes", "uuid_map"),
+    "graphiti_core.graphiti:Graphiti._process_episode_data": ("self", "episode", "nodes", "entity_edges", "now",
+                                                             "group_id"),
+    "graphiti_core.utils.maintenance.edge_operations:_apply_temporal_invalidation": (
+        "resolved_edge", "invalidation_candidates"),
+    "graphiti_core.utils.maintenance.edge_operations:_dedupe_extracted_edge": (
+        "llm_client", "extracted_edge", "related_edges", "existing_edges", "episode"),
+    "graphiti_core.utils.maintenance.edge_operations:extract_edges": (
+        "clients", "episode", "nodes", "previous_episodes", "edge_type_map", "group_id"),
+    "graphiti_core.utils.maintenance.edge_operations:resolve_extracted_edges": (
+        "clients", "extracted_edges", "episode", "entities", "edge_types", "edge_type_map"),
+    "graphiti_core.utils.maintenance.node_operations:extract_nodes": (
+        "clients", "episode", "previous_episodes", "entity_types"),
+    "graphiti_core.utils.maintenance.node_operations:resolve_extracted_nodes": (
+        "clients", "extracted_nodes", "episode", "previous_episodes", "entity_types"),
+    "graphiti_core.utils.maintenance.node_operations:extract_attributes_from_nodes": (
+        "clients", "nodes", "episode", "previous_episodes", "entity_types"),
+    "graphiti_core.utils.bulk_utils:add_nodes_and_edges_bulk": (
+        "driver", "episodic_nodes", "episodic_edges", "entity_nodes", "entity_edges", "embedder"),
+    "graphiti_core.utils.bulk_utils:resolve_edge_pointers": ("edges", "uuid_map"),
+    "graphiti_core.nodes:create_entity_node_embeddings": ("embedder", "nodes"),
+}
 
 
 async def _add_episodes(graphiti: Graphiti, group: str, episodes: list[Any]) -> tuple[list, list]:
