@@ -3150,6 +3150,19 @@ def _with_fact_evidence(own: dict[str, float], facts: list[tuple[float, str]], r
     return raised
 
 
+# The NEIGHBOUR_REACH events just before and just after each window's event, by (time, uuid): a
+# limit per window, so events stored at one time (an import, a backfill) cost rows by the reach, not
+# by how many share the hour.
+NEAREST_IN_TIME = (
+    "UNWIND $windows AS w CALL { "
+    "WITH w MATCH (x:Episodic) WHERE toString(x.valid_at) >= w.lo AND [toString(x.valid_at), x.uuid] < [w.at, w.uuid] "
+    "WITH x, toString(x.valid_at) AS t ORDER BY t DESC, x.uuid DESC LIMIT $reach RETURN x.uuid AS near, t "
+    "UNION "
+    "WITH w MATCH (x:Episodic) WHERE toString(x.valid_at) <= w.hi AND [toString(x.valid_at), x.uuid] > [w.at, w.uuid] "
+    "WITH x, toString(x.valid_at) AS t ORDER BY t, x.uuid LIMIT $reach RETURN x.uuid AS near, t "
+    "} RETURN w.uuid, near, t")
+
+
 async def _with_neighbours(graph: Any, scores: dict[str, float]) -> dict[str, float]:
     """The best events lend part of their score to the NEIGHBOUR_REACH events just before and just
     after each (within NEIGHBOUR_WINDOW_S), less with each step away: in a conversation the answer
@@ -3159,12 +3172,10 @@ async def _with_neighbours(graph: Any, scores: dict[str, float]) -> dict[str, fl
     times = {uid: at for uid, at in (await graph.ro_query(
         "MATCH (x:Episodic) WHERE x.uuid IN $uuids RETURN x.uuid, toString(x.valid_at)",
         {"uuids": sources})).result_set if at}
-    windows = [{"uuid": uid, "lo": _shifted(at, -NEIGHBOUR_WINDOW_S), "hi": _shifted(at, NEIGHBOUR_WINDOW_S)}
+    windows = [{"uuid": uid, "at": at, "lo": _shifted(at, -NEIGHBOUR_WINDOW_S), "hi": _shifted(at, NEIGHBOUR_WINDOW_S)}
                for uid, at in times.items()]
-    rows = (await graph.ro_query(
-        "UNWIND $windows AS w MATCH (x:Episodic) WHERE x.uuid <> w.uuid AND toString(x.valid_at) >= w.lo "
-        "AND toString(x.valid_at) <= w.hi RETURN w.uuid, x.uuid, toString(x.valid_at)",
-        {"windows": windows})).result_set if windows else []
+    rows = (await graph.ro_query(NEAREST_IN_TIME, {"windows": windows, "reach": NEIGHBOUR_REACH})).result_set \
+        if windows else []
     around: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for source, uid, at in rows:
         around[source].append((at, uid))
