@@ -40,6 +40,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -67,10 +68,9 @@ async def store_all(events: list[Event]) -> None:
     import memory_manager as mm
 
     for memory in sorted({e.memory for e in events}):
-        os.environ["MEMORY_GROUP_ID"] = f"recall_{memory}"
-        await mm.close()
-        for event in (e for e in events if e.memory == memory):
-            await mm.enqueue_episode(event.text, {"event": event.id}, at=event.at)
+        with mm.in_group(f"recall_{memory}"):
+            for event in (e for e in events if e.memory == memory):
+                await mm.enqueue_episode(event.text, {"event": event.id}, at=event.at)
     await mm.close()
 
 
@@ -167,35 +167,39 @@ async def ask(questions: list[Question], scopes: list[str], texts: dict[str, str
 
     asked = Asked()
     for memory in sorted({q.memory for q in questions}):
-        group = f"recall_{memory}"
-        os.environ["MEMORY_GROUP_ID"] = group
-        await mm.close()
-        graph = (await mm._falkordb()).select_graph(group)
-        rows = (await graph.ro_query("MATCH (e:Episodic) RETURN e.uuid, e.metadata")).result_set
-        event_of = {uid: json.loads(meta)["event"] for uid, meta in rows}
-        facts = (await graph.ro_query("MATCH ()-[e:RELATES_TO]->() RETURN count(e)")).result_set[0][0]
-        entities = (await graph.ro_query("MATCH (n:Entity) RETURN count(n)")).result_set[0][0]
-        invalidated = (await graph.ro_query("MATCH ()-[e:RELATES_TO]->() WHERE e.invalid_at IS NOT NULL "
-                                            "RETURN count(e)")).result_set[0][0]
-        asked.sizes[memory] = (len(rows), entities, facts, invalidated)
-        await mm._invalidate(group)  # every question a cache miss, whatever an earlier run cached
-        await mm.recall("warm up the clients", 10)
-        mine = [q for q in questions if q.memory == memory]
-        for scope in scopes:
-            for q in mine:
-                started = time.perf_counter()
-                items = await mm.recall(q.text, 10, scope=scope)
-                asked.latencies[f"scope {scope}"].append((time.perf_counter() - started) * 1000)
-                asked.found[f"memory, scope {scope}"][q.id] = [[event_of[u] for u in item.episodes if u in event_of]
-                                                               for item in items]
-        for q in mine:
-            await own_lists(mm, graph, q, event_of, asked.found)
-            started = time.perf_counter()
-            block = await mm.context(q.text)
-            asked.latencies["context"].append((time.perf_counter() - started) * 1000)
-            asked.context_hits[q.id] = any(" ".join(texts[a].split())[:120] in block for a in q.answers)
+        with mm.in_group(f"recall_{memory}") as group:
+            await ask_one_memory(mm, group, memory, questions, scopes, texts, asked)
     await mm.close()
     return asked
+
+
+async def ask_one_memory(mm: Any, group: str, memory: str, questions: list[Question], scopes: list[str],
+                         texts: dict[str, str], asked: Asked) -> None:
+    """ask() for the questions of one memory (one group)."""
+    graph = (await mm._falkordb()).select_graph(group)
+    rows = (await graph.ro_query("MATCH (e:Episodic) RETURN e.uuid, e.metadata")).result_set
+    event_of = {uid: json.loads(meta)["event"] for uid, meta in rows}
+    facts = (await graph.ro_query("MATCH ()-[e:RELATES_TO]->() RETURN count(e)")).result_set[0][0]
+    entities = (await graph.ro_query("MATCH (n:Entity) RETURN count(n)")).result_set[0][0]
+    invalidated = (await graph.ro_query("MATCH ()-[e:RELATES_TO]->() WHERE e.invalid_at IS NOT NULL "
+                                        "RETURN count(e)")).result_set[0][0]
+    asked.sizes[memory] = (len(rows), entities, facts, invalidated)
+    await mm._invalidate(group)  # every question a cache miss, whatever an earlier run cached
+    await mm.recall("warm up the clients", 10)
+    mine = [q for q in questions if q.memory == memory]
+    for scope in scopes:
+        for q in mine:
+            started = time.perf_counter()
+            items = await mm.recall(q.text, 10, scope=scope)
+            asked.latencies[f"scope {scope}"].append((time.perf_counter() - started) * 1000)
+            asked.found[f"memory, scope {scope}"][q.id] = [[event_of[u] for u in item.episodes if u in event_of]
+                                                           for item in items]
+    for q in mine:
+        await own_lists(mm, graph, q, event_of, asked.found)
+        started = time.perf_counter()
+        block = await mm.context(q.text)
+        asked.latencies["context"].append((time.perf_counter() - started) * 1000)
+        asked.context_hits[q.id] = any(" ".join(texts[a].split())[:120] in block for a in q.answers)
 
 
 @dataclass
@@ -231,15 +235,14 @@ async def set_vector_indexes(groups: list[str], present: bool) -> None:
     import memory_manager as mm
 
     for group in groups:
-        os.environ["MEMORY_GROUP_ID"] = group
-        await mm.close()
-        graph = (await mm._falkordb()).select_graph(group)
-        if present:
-            await mm._ensure_indices(group)
-        else:
-            for _label, prop, pattern in mm.VECTOR_INDEXES:
-                await graph.query(f"DROP VECTOR INDEX FOR {pattern} ON (x.{prop})")
-        await mm._invalidate(group)  # bench instrumentation
+        with mm.in_group(group):
+            graph = (await mm._falkordb()).select_graph(group)
+            if present:
+                await mm._ensure_indices(group)
+            else:
+                for _label, prop, pattern in mm.VECTOR_INDEXES:
+                    await graph.query(f"DROP VECTOR INDEX FOR {pattern} ON (x.{prop})")
+            await mm._invalidate(group)  # bench instrumentation
     await mm.close()
 
 

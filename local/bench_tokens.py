@@ -32,21 +32,20 @@ async def costs(questions: list[Question]) -> dict[str, list[tuple[int, bool]]]:
     measured: dict[str, list[tuple[int, bool]]] = {"search_memory_facts (10)": [], "search_memory_index (10)": [],
                                                    f"index, then get_memories of its first {OPENED}": []}
     for memory in sorted({q.memory for q in questions}):
-        os.environ["MEMORY_GROUP_ID"] = f"recall_{memory}"
-        await mm.close()
-        graph = (await mm._falkordb()).select_graph(f"recall_{memory}")  # bench instrumentation
-        rows = (await graph.ro_query("MATCH (e:Episodic) RETURN e.uuid, e.metadata")).result_set
-        event_of = {uid: json.loads(meta)["event"] for uid, meta in rows}
-        for q in (q for q in questions if q.memory == memory):
-            items = await mm.recall(q.text, 10)
-            found = [any(event_of.get(e) in q.answers for e in item.episodes) for item in items]
-            facts = await mm.query_memory(q.text, 10)
-            index = "\n".join(map(mm._index_line, items))  # bench instrumentation: the tools' own text
-            opened = await mm.get_memories([item.uuid[:mm.SHORT_ID_CHARS] for item in items[:OPENED]])
-            details = "\n\n".join(map(mm._memory_text, opened))
-            for rows_, text, hit in zip(measured.values(), (facts, index, index + "\n" + details),
-                                                (any(found), any(found), any(found[:OPENED])), strict=True):
-                rows_.append((len(encoding.encode(text)), hit))
+        with mm.in_group(f"recall_{memory}") as group:
+            graph = (await mm._falkordb()).select_graph(group)  # bench instrumentation
+            rows = (await graph.ro_query("MATCH (e:Episodic) RETURN e.uuid, e.metadata")).result_set
+            event_of = {uid: json.loads(meta)["event"] for uid, meta in rows}
+            for q in (q for q in questions if q.memory == memory):
+                items = await mm.recall(q.text, 10)
+                found = [any(event_of.get(e) in q.answers for e in item.episodes) for item in items]
+                facts = await mm.query_memory(q.text, 10)
+                index = "\n".join(map(mm._index_line, items))  # bench instrumentation: the tools' own text
+                opened = await mm.get_memories([item.uuid[:mm.SHORT_ID_CHARS] for item in items[:OPENED]])
+                details = "\n\n".join(map(mm._memory_text, opened))
+                for rows_, text, hit in zip(measured.values(), (facts, index, index + "\n" + details),
+                                            (any(found), any(found), any(found[:OPENED])), strict=True):
+                    rows_.append((len(encoding.encode(text)), hit))
     await mm.close()
     return measured
 

@@ -47,6 +47,35 @@ def test_two_asyncio_runs_in_one_process_both_work(memory, monkeypatch):
     assert {e["name"] for e in entities} == {"FalkorDB", "Neo4j"}
 
 
+def test_a_library_user_acts_on_another_group_within_in_group_and_the_configured_one_is_untouched(
+        memory, monkeypatch):
+    import pytest
+
+    import memory_manager
+
+    for key, value in memory.env.items():
+        monkeypatch.setenv(key, value)
+    other = f"{memory.group}-other"
+
+    async def scenario() -> tuple[str, str]:
+        with memory_manager.in_group(other) as chosen:
+            assert chosen == other
+            await memory_manager.store_episode("Dana moved the billing cron job to Sundays.")  # until stored
+            theirs = await memory_manager.query_memory("billing cron job")
+        mine = await memory_manager.query_memory("billing cron job")
+        await memory_manager.close()
+        return theirs, mine
+
+    theirs, mine = asyncio.run(scenario())
+
+    assert "Dana moved the billing cron job to Sundays." in theirs
+    assert mine == "No relevant memories found."
+    assert memory.with_env(MEMORY_GROUP_ID=other).run("query", "billing cron job").stdout == theirs + "\n"
+    with pytest.raises(memory_manager.UsageError, match="a group name must match"), \
+            memory_manager.in_group("not a group"):
+        pass
+
+
 def test_all_names_exactly_the_documented_api_and_the_types_it_returns_and_nothing_else_looks_public():
     import inspect
     import typing

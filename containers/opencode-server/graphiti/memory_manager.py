@@ -19,6 +19,8 @@ cache in Valkey.
     context(search_query, budget_tokens=1000, recent=0) -> str
                                                      one block for a prompt, within the budget
     project_group(directory) -> str                  a project's memory group (git remote, else path)
+    in_group(name)                                   `with in_group("x"):` every operation in the block acts on
+                                                     group x instead of the configured one
     get_entities(entity_type=None) -> list[dict]     every entity of the group, with its type
     get_episodes(last_n=10, since=None, until=None) -> list[dict]
                                                      the newest episodes, with metadata and reference time
@@ -160,6 +162,7 @@ __all__ = [
     "get_memories",
     "health",
     "import_opencode",
+    "in_group",
     "list_backups",
     "main",
     "project_group",
@@ -742,6 +745,17 @@ def _acting_for(group: str) -> Iterator[None]:
         yield
     finally:
         _group_in_use.reset(token)
+
+
+@contextlib.contextmanager
+def in_group(name: str) -> Iterator[str]:
+    """Every operation in the block acts on memory group `name` instead of the configured one:
+    `with memory_manager.in_group("acme-api"): await store_episode(...)`. It holds for this task and
+    the tasks it starts (a context variable), so concurrent tasks may each use their own group."""
+    if not isinstance(name, str) or not GROUP_ID_RULE.fullmatch(name):
+        raise UsageError(f"a group name must match {GROUP_ID_RULE.pattern}, got {str(name)[:64]!r}")
+    with _acting_for(name):
+        yield name
 
 
 # === Observability ===============================================================================
