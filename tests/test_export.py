@@ -124,6 +124,21 @@ def test_export_to_stdout_writes_only_the_document_there(memory, empty_falkordb)
     assert result.error_lines[0].startswith("exported 1 group(s)")
 
 
+def test_the_library_export_to_a_file_named_dash_is_refused_rather_than_written_to_stdout(memory, monkeypatch,
+                                                                                           capsys):
+    import asyncio
+
+    import memory_manager
+
+    for key, value in memory.env.items():
+        monkeypatch.setenv(key, value)
+
+    with pytest.raises(memory_manager.UsageError, match="export_to_file writes a file"):
+        asyncio.run(memory_manager.export_to_file("-"))
+
+    assert capsys.readouterr().out == ""
+
+
 def test_export_of_an_empty_memory_is_valid_and_restorable(memory, empty_falkordb, tmp_path):
     path = tmp_path / "empty.json"
 

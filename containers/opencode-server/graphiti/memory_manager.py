@@ -39,7 +39,7 @@ cache in Valkey.
                                                      queue, worker
     export_to_b2() -> ExportSummary                  every group to B2 as one document; prunes to B2_KEEP
     list_backups(bucket=None) -> list[Backup]        the exports in B2 under B2_PREFIX, newest first
-    export_to_file(path) -> ExportSummary            ... to a file ("-": stdout)
+    export_to_file(path) -> ExportSummary            ... to a file, atomically
     write_export(out) -> ExportSummary               ... to an open binary file
     restore(source, replace=False, dry_run=False, groups=None) -> RestoreResult
                                                      a document (path, "-", b2://), or its `groups`, back
@@ -5592,15 +5592,19 @@ async def _write_compressed(out: Any, progress: Progress | None) -> ExportSummar
 
 
 async def export_to_file(path: str, progress: Progress | None = None) -> ExportSummary:
-    """Write the export document to `path` atomically (a temporary file renamed into place), or to
-    stdout when `path` is "-"."""
-    async with _operation("export", **{"export.target": "stdout" if path == "-" else "file"}) as op:
-        if path == "-":
-            summary = await write_export(sys.stdout.buffer, progress)
-            sys.stdout.flush()
-        else:
-            summary = await _export_to_path(path, progress)
-        summary.target = "stdout" if path == "-" else path
+    """Write the export document to `path` atomically (a temporary file renamed into place). The
+    library writes nothing to stdout: write_export(out) streams the document to an open file."""
+    if path == "-":
+        raise UsageError("export_to_file writes a file; to stream the document (to stdout, say), "
+                         "give write_export an open binary file")
+    return await _exported("file", path, lambda: _export_to_path(path, progress))
+
+
+async def _exported(kind: str, target: str, export: Callable[[], Awaitable[ExportSummary]]) -> ExportSummary:
+    """An export to a file or a stream as one operation: its span, metrics and summary target."""
+    async with _operation("export", **{"export.target": kind}) as op:
+        summary = await export()
+        summary.target = target
         _record_export(op, summary)
     return summary
 
@@ -7381,7 +7385,8 @@ async def _cmd_export(args: argparse.Namespace) -> int:
         raise UsageError("export: --json and --output - both want stdout; give --output a file name")
     progress = _TerminalProgress("exporting", args.quiet)
     try:
-        summary = await (export_to_file(args.output, progress) if args.output else export_to_b2(progress))
+        summary = await (_export_to_stdout(progress) if args.output == "-" else
+                         export_to_file(args.output, progress) if args.output else export_to_b2(progress))
     finally:
         progress.finish()
     if args.json:
@@ -7389,6 +7394,15 @@ async def _cmd_export(args: argparse.Namespace) -> int:
     else:
         print(summary, file=sys.stderr if args.output == "-" else sys.stdout)  # stdout holds the document
     return 0
+
+
+async def _export_to_stdout(progress: Progress) -> ExportSummary:
+    async def streamed() -> ExportSummary:
+        summary = await write_export(sys.stdout.buffer, progress)
+        sys.stdout.flush()
+        return summary
+
+    return await _exported("stdout", "stdout", streamed)
 
 
 async def _cmd_mcp(args: argparse.Namespace) -> int:
