@@ -113,7 +113,7 @@ from collections import OrderedDict, defaultdict, deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, NoReturn, cast
 from urllib.parse import unquote, urlsplit
 
 if TYPE_CHECKING:
@@ -4652,7 +4652,7 @@ class _Worker:
             # alone; it rides with graphiti's first embeddings request (the entities' names), one
             # request less for every pass (one event alone: three embeddings requests were two).
             texts = [fields["content"][:EMBEDDED_CHARS] for _, fields in entries]
-            gatherer: _EmbeddingGatherer = graphiti.embedder.gatherer  # type: ignore[attr-defined]  # ours
+            gatherer: _EmbeddingGatherer = cast(Any, graphiti.embedder).gatherer  # ours: a GatheringEmbedder
             embeddings = asyncio.ensure_future(gatherer.vectors(texts, riding=True))
             try:
                 entities, facts = await _add_episodes(graphiti, group, episodes)
@@ -5585,7 +5585,7 @@ async def _write_compressed(out: Any, progress: Progress | None) -> ExportSummar
     import zstandard
 
     sink = _HashingSink(out)
-    with zstandard.ZstdCompressor().stream_writer(sink, closefd=False) as compressed:  # type: ignore[arg-type]
+    with zstandard.ZstdCompressor().stream_writer(cast(IO[bytes], sink), closefd=False) as compressed:
         summary = await write_export(compressed, progress)
     summary.bytes, summary.sha256, summary.compressed = sink.bytes, sink.digest.hexdigest(), True
     return summary
@@ -6205,7 +6205,7 @@ def _compress_without(path: str, group: str, target: str) -> ExportSummary:
     summary, totals = ExportSummary(compressed=True), {}
     with open(target, "wb") as out:
         sink = _HashingSink(out)
-        with zstandard.ZstdCompressor().stream_writer(sink, closefd=False) as compressed:  # type: ignore[arg-type]
+        with zstandard.ZstdCompressor().stream_writer(cast(IO[bytes], sink), closefd=False) as compressed:
             for line in _document_without(path, group):
                 compressed.write(line.encode() + b"\n")
                 if line.startswith('], "counts": '):
@@ -7161,7 +7161,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line and exit 2 (raised as UsageError), a mistyped command
     gets a suggestion, and a bare `memory-manager` shows usage with examples."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         unknown = re.match(r"argument COMMAND: invalid choice: '(.*?)'", message)
         if unknown:
             raise UsageError(_unknown_command(unknown.group(1), self))
