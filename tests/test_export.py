@@ -139,6 +139,34 @@ def test_the_library_export_to_a_file_named_dash_is_refused_rather_than_written_
     assert capsys.readouterr().out == ""
 
 
+def test_the_library_restores_from_an_open_file_and_never_reads_stdin_itself(memory, empty_falkordb, monkeypatch,
+                                                                             tmp_path):
+    import asyncio
+    import io
+
+    import memory_manager
+
+    memory.store(A_EVENTS[0])
+    document = tmp_path / "backup.json"
+    memory.ok("export", "--output", str(document))
+    for key, value in memory.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr("sys.stdin", io.StringIO("not a document"))  # it must not be read
+
+    async def scenario() -> memory_manager.RestoreResult:
+        with pytest.raises(memory_manager.UsageError, match=r"sys\.stdin\.buffer"):
+            await memory_manager.restore("-")
+        with document.open("rb") as opened:
+            result = await memory_manager.restore(opened, replace=True, dry_run=True)
+        await memory_manager.close()
+        return result
+
+    result = asyncio.run(scenario())
+
+    assert str(result).startswith("dry run: export of ")
+    assert result.source == str(document)  # a stream is named by its file's name
+
+
 def test_export_of_an_empty_memory_is_valid_and_restorable(memory, empty_falkordb, tmp_path):
     path = tmp_path / "empty.json"
 

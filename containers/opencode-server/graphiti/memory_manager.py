@@ -42,7 +42,7 @@ cache in Valkey.
     export_to_file(path) -> ExportSummary            ... to a file, atomically
     write_export(out) -> ExportSummary               ... to an open binary file
     restore(source, replace=False, dry_run=False, groups=None) -> RestoreResult
-                                                     a document (path, "-", b2://), or its `groups`, back
+                                                     a document (path, b2://, open file), or its `groups`, back
                                                      into FalkorDB
     serve_mcp(http=None, with_worker=False)          the MCP server (stdio, or streamable HTTP)
     import_opencode(directory=None, *, since=None, db=None, dry_run=False) -> Imported
@@ -113,7 +113,7 @@ from collections import OrderedDict, defaultdict, deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import IO, TYPE_CHECKING, Any, NoReturn, cast
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, NoReturn, cast
 from urllib.parse import unquote, urlsplit
 
 if TYPE_CHECKING:
@@ -5878,18 +5878,21 @@ async def _graph_counts(group: str) -> tuple[int, int]:
 
 
 @contextlib.asynccontextmanager
-async def _local_copy(source: str) -> AsyncIterator[str]:
-    """The document as a local path: b2://bucket/name is downloaded (and its sha256 checked), - is
-    read from stdin into a temporary file (validation and the write each read it)."""
-    if source == "-":
+async def _local_copy(source: str | BinaryIO) -> AsyncIterator[str]:
+    """The document as a local path: b2://bucket/name is downloaded (and its sha256 checked), an
+    open file is read into a temporary file (validation and the write each read it)."""
+    if not isinstance(source, str):
         fd, temporary = tempfile.mkstemp(prefix="graphiti_restore_", suffix=".json")
         try:
             with os.fdopen(fd, "wb") as copy:
-                await asyncio.to_thread(shutil.copyfileobj, sys.stdin.buffer, copy)
+                await asyncio.to_thread(shutil.copyfileobj, source, copy)
             yield temporary
         finally:
             os.unlink(temporary)
         return
+    if source == "-":
+        raise UsageError("restore reads a path or b2:// URL; to restore from stdin, give it the open file "
+                         "(sys.stdin.buffer)")
     if not source.startswith("b2://"):
         if not os.path.isfile(source):
             raise UsageError(f"not a file: {source}" if os.path.exists(source) else f"no such file: {source}")
@@ -5974,9 +5977,10 @@ async def _renew_leases(leases: list[Any]) -> None:
                 await lease.reacquire()
 
 
-async def restore(source: str, replace: bool = False, dry_run: bool = False,
+async def restore(source: str | BinaryIO, replace: bool = False, dry_run: bool = False,
                   progress: Progress | None = None, groups: Sequence[str] | None = None) -> RestoreResult:
-    """Restore an export document (a path or b2://bucket/name) into FalkorDB: every group it holds,
+    """Restore an export document (a path, b2://bucket/name, or an open binary file, read to its end)
+    into FalkorDB: every group it holds,
     or only `groups` (the others, in FalkorDB or in the document, are not touched).
 
     The whole document is validated first; groups that already hold memories are refused unless
@@ -6011,10 +6015,12 @@ def _only(plan: _RestorePlan, groups: list[str] | None, source: str) -> _Restore
     return _RestorePlan(plan.header, {group: plan.groups[group] for group in groups})
 
 
-async def _restore(op: _Span, source: str, replace: bool, dry_run: bool,
+async def _restore(op: _Span, source: str | BinaryIO, replace: bool, dry_run: bool,
                    progress: Progress | None, groups: list[str] | None) -> RestoreResult:
     dimension = _settings().embedding_dim
     async with _local_copy(source) as path:
+        if not isinstance(source, str):
+            source = str(getattr(source, "name", "a stream"))  # what the result names: <stdin>
         async with _span("memory.restore.validate"):
             whole = await asyncio.to_thread(_validate_document, path, dimension)
         plan = _only(whole, groups, source)
@@ -7672,7 +7678,8 @@ async def _cmd_restore(args: argparse.Namespace) -> int:
         _confirm_replace(args.source, args.group)
     progress = _TerminalProgress("restoring", args.quiet)
     try:
-        _print_restore(args, await restore(args.source, replace=args.replace, dry_run=args.dry_run,
+        source = sys.stdin.buffer if args.source == "-" else args.source
+        _print_restore(args, await restore(source, replace=args.replace, dry_run=args.dry_run,
                                            progress=progress, groups=args.group))
     except RefusedRestore as refused:
         _print_restore(args, refused.plan)  # the dry run's plan, then the reason it would be refused
