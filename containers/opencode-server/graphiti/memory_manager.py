@@ -2349,10 +2349,6 @@ async def _ensure_a_worker(s: Settings, heartbeat: str | None) -> None:
     await _start_drainer(s)
 
 
-def _spool_path(s: Settings, name: str = SPOOL_FILE) -> str:
-    return os.path.join(s.spool_dir, name)
-
-
 APPEND = os.O_WRONLY | os.O_APPEND | os.O_CREAT
 
 
@@ -2380,92 +2376,116 @@ def _check_private(status: os.stat_result, path: str, forbidden: int, why: str, 
         raise PermissionError(errno.EPERM, f"{why}: mode {status.st_mode & 0o777:04o}, expected {expected:04o}", path)
 
 
-def _spool_append(s: Settings, entry: dict[str, str]) -> None:
-    os.makedirs(s.spool_dir, mode=0o700, exist_ok=True)
-    fd = _open_private(_spool_path(s), APPEND)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        line = (json.dumps(entry) + "\n").encode()
-        start = os.lseek(fd, 0, os.SEEK_END)
+class _Spool:
+    """The local spool: while Valkey cannot take a write, an episode is appended (fsync'd) to a
+    private file of MEMORY_SPOOL_DIR, and the next store or worker that reaches Valkey moves it into
+    the queue, oldest first."""
+
+    @staticmethod
+    def path(s: Settings, name: str = SPOOL_FILE) -> str:
+        return os.path.join(s.spool_dir, name)
+
+    @staticmethod
+    def append(s: Settings, entry: dict[str, str]) -> None:
+        os.makedirs(s.spool_dir, mode=0o700, exist_ok=True)
+        fd = _open_private(_Spool.path(s), APPEND)
         try:
-            if os.write(fd, line) != len(line):  # a full disk or `ulimit -f` takes part of it
-                raise OSError(28, "No space left on device")
-            os.fsync(fd)
-        except OSError:
-            os.ftruncate(fd, start)  # no torn line for the next store to reject
-            raise
-    finally:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            line = (json.dumps(entry) + "\n").encode()
+            start = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                if os.write(fd, line) != len(line):  # a full disk or `ulimit -f` takes part of it
+                    raise OSError(28, "No space left on device")
+                os.fsync(fd)
+            except OSError:
+                os.ftruncate(fd, start)  # no torn line for the next store to reject
+                raise
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def waiting(s: Settings) -> bool:
+        """One stat, cheap enough for every store: the spool is almost always absent or empty."""
+        try:
+            return os.path.getsize(_Spool.path(s)) > 0
+        except FileNotFoundError:
+            return False
+
+    @staticmethod
+    def take(s: Settings) -> tuple[int, list[dict[str, str]]] | None:
+        """Lock the spool and read its entries; None when it is empty. The caller truncates and closes."""
+        try:
+            fd = _open_private(_Spool.path(s), os.O_RDWR)
+        except FileNotFoundError:
+            return None
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with os.fdopen(os.dup(fd), "rb") as spool:
+            lines = spool.read().splitlines()
+        entries, rejects = [], []
+        for line in lines:
+            try:
+                entry = json.loads(line)
+                if not isinstance(entry, dict) or not GROUP_ID_RULE.fullmatch(str(entry.get("group"))):
+                    raise ValueError
+                entries.append({k: str(v) for k, v in entry.items()})
+            except ValueError:  # a torn last line from a crash mid-append
+                rejects.append(line)
+        if rejects:
+            try:
+                kept = _open_private(_Spool.path(s, SPOOL_REJECTS_FILE), APPEND)
+            except OSError:
+                os.close(fd)
+                raise
+            try:
+                os.write(kept, b"\n".join(rejects) + b"\n")
+            finally:
+                os.close(kept)
+            log.warning("warning: %d unreadable spool line(s) kept in %s", len(rejects), SPOOL_REJECTS_FILE)
+        return fd, entries
+
+    @staticmethod
+    def clear(fd: int) -> None:
+        os.ftruncate(fd, 0)
+        os.fsync(fd)
         os.close(fd)
 
-
-def _spool_waiting(s: Settings) -> bool:
-    """One stat, cheap enough for every store: the spool is almost always absent or empty."""
-    try:
-        return os.path.getsize(_spool_path(s)) > 0
-    except FileNotFoundError:
-        return False
-
-
-def _spool_take(s: Settings) -> tuple[int, list[dict[str, str]]] | None:
-    """Lock the spool and read its entries; None when it is empty. The caller truncates and closes."""
-    try:
-        fd = _open_private(_spool_path(s), os.O_RDWR)
-    except FileNotFoundError:
-        return None
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    with os.fdopen(os.dup(fd), "rb") as spool:
-        lines = spool.read().splitlines()
-    entries, rejects = [], []
-    for line in lines:
+    @staticmethod
+    async def move_into_queue() -> int:
+        """Move this host's spooled entries into the queue, oldest first; returns how many."""
+        s = _settings()
         try:
-            entry = json.loads(line)
-            if not isinstance(entry, dict) or not GROUP_ID_RULE.fullmatch(str(entry.get("group"))):
-                raise ValueError
-            entries.append({k: str(v) for k, v in entry.items()})
-        except ValueError:  # a torn last line from a crash mid-append
-            rejects.append(line)
-    if rejects:
+            taken = await asyncio.to_thread(_Spool.take, s) if _Spool.waiting(s) else None
+        except OSError as exc:  # an unreadable spool must not block new writes
+            log.warning("warning: spool %s cannot be read (%s)", exc.filename or _Spool.path(s),
+                        exc.strerror or _describe(exc))
+            return 0
+        if taken is None:
+            return 0
+        fd, entries = taken
         try:
-            kept = _open_private(_spool_path(s, SPOOL_REJECTS_FILE), APPEND)
-        except OSError:
-            os.close(fd)
+            if entries:
+                await _append_to_streams(entries)
+        except BaseException:
+            os.close(fd)  # still spooled; the next store or worker tries again
             raise
-        try:
-            os.write(kept, b"\n".join(rejects) + b"\n")
-        finally:
-            os.close(kept)
-        log.warning("warning: %d unreadable spool line(s) kept in %s", len(rejects), SPOOL_REJECTS_FILE)
-    return fd, entries
-
-
-def _spool_clear(fd: int) -> None:
-    os.ftruncate(fd, 0)
-    os.fsync(fd)
-    os.close(fd)
-
-
-async def _move_spool() -> int:
-    """Move this host's spooled entries into the queue, oldest first; returns how many."""
-    s = _settings()
-    try:
-        taken = await asyncio.to_thread(_spool_take, s) if _spool_waiting(s) else None
-    except OSError as exc:  # an unreadable spool must not block new writes
-        log.warning("warning: spool %s cannot be read (%s)", exc.filename or _spool_path(s),
-                    exc.strerror or _describe(exc))
-        return 0
-    if taken is None:
-        return 0
-    fd, entries = taken
-    try:
+        await asyncio.to_thread(_Spool.clear, fd)
         if entries:
-            await _append_to_streams(entries)
-    except BaseException:
-        os.close(fd)  # still spooled; the next store or worker tries again
-        raise
-    await asyncio.to_thread(_spool_clear, fd)
-    if entries:
-        log.warning("warning: moved %d spooled episode(s) into the queue", len(entries))
-    return len(entries)
+            log.warning("warning: moved %d spooled episode(s) into the queue", len(entries))
+        return len(entries)
+
+    @staticmethod
+    async def keep(s: Settings, entry: dict[str, str], cause: BaseException) -> None:
+        """Spool an entry Valkey could not take (`cause`); ServiceError when the spool cannot take
+        it either: the episode is not stored."""
+        reason = _describe(cause)
+        try:
+            await asyncio.to_thread(_Spool.append, s, entry)
+        except OSError as exc:
+            where = exc.filename or _Spool.path(s)
+            raise ServiceError("valkey", s.valkey_address, f"{reason}; and the spool {where} cannot be written "
+                               f"({exc.strerror or _describe(exc)}): episode not stored") from exc
+        log.warning("warning: valkey at %s: %s; episode spooled to %s, queued when Valkey is back",
+                    s.valkey_address, reason, _Spool.path(s))
 
 
 def _valkey_errors() -> tuple[type[BaseException], ...]:
@@ -2500,10 +2520,10 @@ async def enqueue_episode(content: str, metadata: dict | str | None = None, *,
                   "memory.episode": entry["name"]})
         async with _span("memory.enqueue", **{"memory.job": entry["job"]}) as enqueue:
             try:
-                await _move_spool()  # older entries first
+                await _Spool.move_into_queue()  # older entries first
                 heartbeat = await _append_to_streams([entry])
             except _valkey_errors() as exc:
-                await _spool(s, entry, exc)
+                await _Spool.keep(s, entry, exc)
                 enqueue.set(**{"queue.spooled": True})
                 _emit("queue.spooled", 1, "c", group=s.group_id)
                 return _queued(entry, spooled=True)
@@ -2515,17 +2535,6 @@ async def enqueue_episode(content: str, metadata: dict | str | None = None, *,
 async def _redacted_now(content: str, metadata: dict | None,
                         raw_metadata: str | None) -> tuple[str, dict | None, str | None, Redacted]:
     return _redact_event(content, metadata, raw_metadata)
-
-
-async def _spool(s: Settings, entry: dict[str, str], cause: BaseException) -> None:
-    reason = _describe(cause)
-    try:
-        await asyncio.to_thread(_spool_append, s, entry)
-    except OSError as exc:
-        raise ServiceError("valkey", s.valkey_address, f"{reason}; and the spool {exc.filename or _spool_path(s)} "
-                           f"cannot be written ({exc.strerror or _describe(exc)}): episode not stored") from exc
-    log.warning("warning: valkey at %s: %s; episode spooled to %s, queued when Valkey is back",
-                s.valkey_address, reason, _spool_path(s))
 
 
 async def _start_drainer(s: Settings) -> None:
@@ -2546,7 +2555,7 @@ def _spawn_drainer(s: Settings) -> None:
     with contextlib.ExitStack() as files:
         try:
             os.makedirs(s.spool_dir, mode=0o700, exist_ok=True)
-            log_fd = _open_private(_spool_path(s, DRAINER_LOG_FILE), APPEND)
+            log_fd = _open_private(_Spool.path(s, DRAINER_LOG_FILE), APPEND)
             errors: Any = files.enter_context(open(log_fd, "ab"))
         except OSError:
             errors = subprocess.DEVNULL
@@ -2563,7 +2572,7 @@ async def wait_for_episode(queued: QueuedEpisode, timeout_s: float = WAIT_TIMEOU
     timeout passed (it then stays queued)."""
     s = _settings()
     if queued.spooled:
-        raise IngestError(f"{queued.name} ({queued.job_id}) is spooled in {_spool_path(s)} while Valkey is "
+        raise IngestError(f"{queued.name} ({queued.job_id}) is spooled in {_Spool.path(s)} while Valkey is "
                           "unreachable; it is queued once Valkey is back, so its ingestion cannot be awaited now")
     key = _group_key(queued.group, f"done:{queued.job_id}")
     deadline = time.monotonic() + timeout_s
@@ -4359,7 +4368,7 @@ class _Worker:
 
     async def _dispatch(self) -> bool:
         """Start serving every group with queued work that nobody serves; True if any has work."""
-        await _move_spool()
+        await _Spool.move_into_queue()
         valkey = _valkey()
         groups = sorted(await valkey.smembers(GROUPS_KEY))
         if not groups:
@@ -6314,11 +6323,11 @@ async def erase_group(group: str, backups: bool = False) -> EraseReport:
         async with _ingestion_held([group], "erase", ERASE_WAIT_S), _service("falkordb", s.falkordb_address):
             report.nodes, report.edges = await _drop_graph(group)
         try:
-            report.spooled = sum([await asyncio.to_thread(_spool_without, _spool_path(s, name),
+            report.spooled = sum([await asyncio.to_thread(_spool_without, _Spool.path(s, name),
                                                           lambda line: _spooled_group(line) == group)
                                   for name in (SPOOL_FILE, SPOOL_REJECTS_FILE)])
             names_group = _log_names_group(group)
-            await asyncio.to_thread(_spool_without, _spool_path(s, DRAINER_LOG_FILE),
+            await asyncio.to_thread(_spool_without, _Spool.path(s, DRAINER_LOG_FILE),
                                     lambda line: names_group.search(line) is not None)
         except OSError as exc:
             report.unreachable.append(f"this host's spool {s.spool_dir} ({exc.strerror or _describe(exc)})")
