@@ -2672,78 +2672,82 @@ GATE_MARK_TTL_S = 30.0         # renewed every third of it while held
 GATE_WAIT_S = 120.0            # a copy takes seconds; an episode's writes at 1 s per LLM request, ~30 s
 
 
-def _put_mark(pipe: Any, mine: str, me: str) -> None:
-    pipe.zadd(mine, {me: time.time() + GATE_MARK_TTL_S}).expire(mine, int(GATE_MARK_TTL_S) * 2)
+class _WriteGate:
+    """The gate between a group's graph writes and an export's copy of it (see above)."""
 
+    @staticmethod
+    def put_mark(pipe: Any, mine: str, me: str) -> None:
+        pipe.zadd(mine, {me: time.time() + GATE_MARK_TTL_S}).expire(mine, int(GATE_MARK_TTL_S) * 2)
 
-async def _mark_and_count(mine: str, theirs: str, me: str) -> int:
-    async with _valkey().pipeline(transaction=True) as pipe:
-        _put_mark(pipe, mine, me)
-        pipe.zremrangebyscore(theirs, "-inf", time.time()).zcard(theirs)
-        *_, live = await pipe.execute()
-    return live
+    @staticmethod
+    async def mark_and_count(mine: str, theirs: str, me: str) -> int:
+        async with _valkey().pipeline(transaction=True) as pipe:
+            _WriteGate.put_mark(pipe, mine, me)
+            pipe.zremrangebyscore(theirs, "-inf", time.time()).zcard(theirs)
+            *_, live = await pipe.execute()
+        return live
 
+    @staticmethod
+    async def guarded(count: Awaitable[int]) -> int:
+        """Without Valkey the gate stands open: both sides then go on unguarded, as the export's fork
+        lock does; the worker cannot take work without Valkey anyway."""
+        try:
+            return await count
+        except _valkey_errors():
+            return 0
 
-async def _guarded(count: Awaitable[int]) -> int:
-    """Without Valkey the gate stands open: both sides then go on unguarded, as the export's fork
-    lock does; the worker cannot take work without Valkey anyway."""
-    try:
-        return await count
-    except _valkey_errors():
-        return 0
+    @staticmethod
+    @contextlib.asynccontextmanager
+    async def held(mine: str, me: str) -> AsyncIterator[None]:
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(GATE_MARK_TTL_S / 3)
+                with contextlib.suppress(*_valkey_errors()):
+                    async with _valkey().pipeline(transaction=True) as pipe:
+                        _WriteGate.put_mark(pipe, mine, me)
+                        await pipe.execute()
 
+        renewer = asyncio.create_task(renew())
+        try:
+            yield
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(*_valkey_errors()):  # else it expires
+                await _valkey().zrem(mine, me)
 
-@contextlib.asynccontextmanager
-async def _mark_held(mine: str, me: str) -> AsyncIterator[None]:
-    async def renew() -> None:
-        while True:
-            await asyncio.sleep(GATE_MARK_TTL_S / 3)
-            with contextlib.suppress(*_valkey_errors()):
-                async with _valkey().pipeline(transaction=True) as pipe:
-                    _put_mark(pipe, mine, me)
-                    await pipe.execute()
-
-    renewer = asyncio.create_task(renew())
-    try:
-        yield
-    finally:
-        renewer.cancel()
-        with contextlib.suppress(*_valkey_errors()):  # else it expires
-            await _valkey().zrem(mine, me)
-
-
-@contextlib.asynccontextmanager
-async def _graph_writes(group: str) -> AsyncIterator[None]:
-    """Writes to the group's graph: held off while an export copies it."""
-    writers, copiers, me = _group_key(group, "writers"), _group_key(group, "copiers"), uuid.uuid4().hex
-    deadline = time.monotonic() + GATE_WAIT_S
-    while await _guarded(_mark_and_count(writers, copiers, me)):
-        await _guarded(_valkey().zrem(writers, me))  # withdrawn, or it expires
-        if time.monotonic() > deadline:
-            raise ServiceError("falkordb", _settings().falkordb_address,
-                               f"an export has been copying group {group!r} for over {GATE_WAIT_S:g} s; "
-                               "write not started")
-        await asyncio.sleep(0.1)
-    async with _mark_held(writers, me):
-        yield
-
-
-@contextlib.asynccontextmanager
-async def _graph_writes_held_off(group: str) -> AsyncIterator[None]:
-    """While a copy of the group's graph is taken: new writes wait, running ones are waited for."""
-    writers, copiers, me = _group_key(group, "writers"), _group_key(group, "copiers"), uuid.uuid4().hex
-    deadline, waited = time.monotonic() + GATE_WAIT_S, False
-    async with _mark_held(copiers, me):
-        while await _guarded(_mark_and_count(copiers, writers, me)):
-            if not waited:
-                log.info("waiting for a write to group %s to end before copying it", group)
-                waited = True
+    @staticmethod
+    @contextlib.asynccontextmanager
+    async def writes(group: str) -> AsyncIterator[None]:
+        """Writes to the group's graph: held off while an export copies it."""
+        writers, copiers, me = _group_key(group, "writers"), _group_key(group, "copiers"), uuid.uuid4().hex
+        deadline = time.monotonic() + GATE_WAIT_S
+        while await _WriteGate.guarded(_WriteGate.mark_and_count(writers, copiers, me)):
+            await _WriteGate.guarded(_valkey().zrem(writers, me))  # withdrawn, or it expires
             if time.monotonic() > deadline:
                 raise ServiceError("falkordb", _settings().falkordb_address,
-                                   f"a write to group {group!r} has lasted over {GATE_WAIT_S:g} s; export "
-                                   "not started (a copy beside a write can hang FalkorDB)")
+                                   f"an export has been copying group {group!r} for over {GATE_WAIT_S:g} s; "
+                                   "write not started")
             await asyncio.sleep(0.1)
-        yield
+        async with _WriteGate.held(writers, me):
+            yield
+
+    @staticmethod
+    @contextlib.asynccontextmanager
+    async def writes_held_off(group: str) -> AsyncIterator[None]:
+        """While a copy of the group's graph is taken: new writes wait, running ones are waited for."""
+        writers, copiers, me = _group_key(group, "writers"), _group_key(group, "copiers"), uuid.uuid4().hex
+        deadline, waited = time.monotonic() + GATE_WAIT_S, False
+        async with _WriteGate.held(copiers, me):
+            while await _WriteGate.guarded(_WriteGate.mark_and_count(copiers, writers, me)):
+                if not waited:
+                    log.info("waiting for a write to group %s to end before copying it", group)
+                    waited = True
+                if time.monotonic() > deadline:
+                    raise ServiceError("falkordb", _settings().falkordb_address,
+                                       f"a write to group {group!r} has lasted over {GATE_WAIT_S:g} s; export "
+                                       "not started (a copy beside a write can hang FalkorDB)")
+                await asyncio.sleep(0.1)
+            yield
 
 
 # === Operations ==================================================================================
@@ -3756,7 +3760,7 @@ async def delete_episode(name: str) -> str:
         s = _settings()
         op.set(**{"memory.episode": name})
         episode_uuid = (await _episode_row(name))[0]
-        async with _service("falkordb", s.falkordb_address), _llm_service(), _graph_writes(s.group_id):
+        async with _service("falkordb", s.falkordb_address), _llm_service(), _WriteGate.writes(s.group_id):
             await (await _graphiti(s.group_id)).remove_episode(episode_uuid)
         await _invalidate(s.group_id, drop_answers=True)
         return episode_uuid
@@ -3770,7 +3774,7 @@ async def forget_fact(uuid_: str) -> dict:
         op.set(**{"memory.fact": uuid_})
         removed = await _fact(uuid_)
         graphiti = await _graphiti(s.group_id)
-        async with _service("falkordb", s.falkordb_address), _graph_writes(s.group_id):
+        async with _service("falkordb", s.falkordb_address), _WriteGate.writes(s.group_id):
             from graphiti_core.edges import EntityEdge
 
             await (await EntityEdge.get_by_uuid(graphiti.driver, uuid_)).delete(graphiti.driver)
@@ -3805,7 +3809,7 @@ async def correct_fact(uuid_: str, text: str) -> dict:
                                    episodes=list(previous.episodes or []), created_at=now, valid_at=now)
             await corrected.generate_embedding(graphiti.embedder)
             previous.invalid_at = previous.expired_at = now
-            async with _graph_writes(s.group_id):
+            async with _WriteGate.writes(s.group_id):
                 await previous.save(graphiti.driver)
                 await corrected.save(graphiti.driver)
         await _invalidate(s.group_id, drop_answers=True)
@@ -4605,7 +4609,7 @@ class _Worker:
                                                       "memory.events": len(entries)}) as op:
             entries = [(entry_id, await self._redacted(fields)) for entry_id, fields in entries]
             graphiti = await _graphiti(group)
-            async with _graph_writes(group):
+            async with _WriteGate.writes(group):
                 await _ensure_indices(group)
                 # Each job once: an import run twice before the worker came queues its events twice.
                 firsts = {fields["job"]: entry_id for entry_id, fields in reversed(entries)}
@@ -5453,7 +5457,7 @@ async def _snapshot(group: str) -> AsyncIterator[str]:
     connection = (await _falkordb()).connection
     async with _one_fork_at_a_time() as coordinated:
         await _wait_for_no_fork(group)
-        async with _graph_writes_held_off(group) if coordinated else contextlib.nullcontext():
+        async with _WriteGate.writes_held_off(group) if coordinated else contextlib.nullcontext():
             await connection.execute_command("GRAPH.COPY", group, name)
     try:
         yield name
@@ -5968,7 +5972,7 @@ async def _ingestion_held(groups: list[str], doing: str = "restore", wait_s: flo
         renewer = asyncio.create_task(_renew_leases(leases))
         async with contextlib.AsyncExitStack() as writes:  # and no export copies them meanwhile
             for group in groups:
-                await writes.enter_async_context(_graph_writes(group))
+                await writes.enter_async_context(_WriteGate.writes(group))
             yield
     finally:
         if renewer:
