@@ -57,14 +57,14 @@ async def every_word_read(mm: Any, group: str, questions: int) -> tuple[list[flo
     their latencies, and how many answers equal the bounded ones."""
     bounded = [await mm.query_memory(question(i)) for i in range(1, questions, 2)]  # cached
     mm.COMMON_WORD_MIN_TEXTS = 10**9  # bench instrumentation: no word is common
-    await mm._invalidate(group)
+    await mm._Cache.invalidate(group)
     latencies, same = [], 0
     for answer, i in zip(bounded, range(1, questions, 2), strict=True):
         started = time.perf_counter()
         same += await mm.query_memory(question(i)) == answer
         latencies.append((time.perf_counter() - started) * 1000)
     mm.COMMON_WORD_MIN_TEXTS = 1_000
-    await mm._invalidate(group)
+    await mm._Cache.invalidate(group)
     return latencies, same
 
 
@@ -119,7 +119,7 @@ async def measure(group: str, questions: int) -> tuple[list[float], list[float],
     answers = [await mm.query_memory(question(i)) for i in range(questions)]  # cached: the indexed answers
     for _label, prop, pattern in mm.VECTOR_INDEXES:
         await graph.query(f"DROP VECTOR INDEX FOR {pattern} ON (x.{prop})")
-    await mm._invalidate(group)  # bench instrumentation: forget the cached answers
+    await mm._Cache.invalidate(group)  # bench instrumentation: forget the cached answers
     exact = []
     for i in range(questions):
         started = time.perf_counter()

@@ -184,7 +184,7 @@ async def ask_one_memory(mm: Any, group: str, memory: str, questions: list[Quest
     invalidated = (await graph.ro_query("MATCH ()-[e:RELATES_TO]->() WHERE e.invalid_at IS NOT NULL "
                                         "RETURN count(e)")).result_set[0][0]
     asked.sizes[memory] = (len(rows), entities, facts, invalidated)
-    await mm._invalidate(group)  # every question a cache miss, whatever an earlier run cached
+    await mm._Cache.invalidate(group)  # every question a cache miss, whatever an earlier run cached
     await mm.recall("warm up the clients", 10)
     mine = [q for q in questions if q.memory == memory]
     for scope in scopes:
@@ -242,7 +242,7 @@ async def set_vector_indexes(groups: list[str], present: bool) -> None:
             else:
                 for _label, prop, pattern in mm.VECTOR_INDEXES:
                     await graph.query(f"DROP VECTOR INDEX FOR {pattern} ON (x.{prop})")
-            await mm._invalidate(group)  # bench instrumentation
+            await mm._Cache.invalidate(group)  # bench instrumentation
     await mm.close()
 
 

@@ -1760,86 +1760,91 @@ class _CacheSlot:
     generation: str
 
 
-async def _cache_lookup(group: str, query: str, limit: int, variant: str) -> tuple[str | None, _CacheSlot | None]:
-    """(cached answer or None, slot to store a fresh answer in). (None, None): cache is down."""
-    return await _cached(group, _cache_key(group, query, limit, variant))
-
-
-async def _cached(group: str, key: str) -> tuple[str | None, _CacheSlot | None]:
-    """A value cached under the group's current generation, as _cache_lookup() returns it."""
-    [value], generation = await _cached_many(group, [key])
-    return value, None if generation is None else _CacheSlot(group, key, generation)
-
-
-async def _cached_many(group: str, keys: list[str]) -> tuple[list[str | None], str | None]:
-    """Values cached under the group's current generation (None where missing or stale) in one
-    MGET, and that generation (None: the cache is down, store nothing)."""
-    s = _settings()
-    if _skip_cache():
-        return [None] * len(keys), None
-    try:
-        async with _service("valkey", s.valkey_address):
-            generation, *stored = await _valkey().mget(_group_key(group, "gen"), *keys)
-    except ServiceError as exc:
-        _warn_cache_down(exc)
-        return [None] * len(keys), None
-    generation = generation or "0"
-    split = [(value or "").partition("\n") for value in stored]
-    return [answer if value and computed_under == generation else None
-            for value, (computed_under, _, answer) in zip(stored, split, strict=True)], generation
-
-
 MAX_CACHED_ANSWER_BYTES = 64 * 1024  # a larger answer (events of ~100 KB) is recomputed, not cached
 
 
-async def _cache_store(slot: _CacheSlot, answer: str) -> None:
-    # Stored under the generation read before the search: an episode ingested meanwhile bumped it,
-    # so this answer is already stale for the next lookup, as it should be. Bounded per answer: the
-    # cache shares Valkey (volatile-lru) with leases, heartbeats and job outcomes, and ten questions
-    # about a group holding a 4.6 MB event once added 143 MB.
-    s = _settings()
-    size = len(answer.encode())
-    if _skip_cache() or size > MAX_CACHED_ANSWER_BYTES:
-        return
-    try:
-        async with _service("valkey", s.valkey_address):
-            if await _within_group_budget(slot.group, size):
-                await _valkey().set(slot.key, f"{slot.generation}\n{answer}", ex=s.cache_ttl_s)
-    except ServiceError as exc:
-        _warn_cache_down(exc)
+class _Cache:
+    """The query cache: answers and per-group counts stored under the group's generation (above)."""
 
+    @staticmethod
+    async def lookup(group: str, query: str, limit: int, variant: str) -> tuple[str | None, _CacheSlot | None]:
+        """(cached answer or None, slot to store a fresh answer in). (None, None): cache is down."""
+        return await _Cache.get(group, _cache_key(group, query, limit, variant))
 
-async def _within_group_budget(group: str, size: int) -> bool:
-    """Whether the group may cache `size` more bytes: each window of MEMORY_CACHE_TTL seconds (from
-    its first answer) may add MEMORY_CACHE_GROUP_BYTES, so the answers alive at once hold at most
-    twice that, whatever number of distinct questions is asked."""
-    s = _settings()
-    async with _valkey().pipeline(transaction=False) as budget:  # one round trip; one slot (the hash tag)
-        budget.incrby(_group_key(group, "cache_bytes"), size)
-        budget.expire(_group_key(group, "cache_bytes"), s.cache_ttl_s, nx=True)
-        spent, _ = await budget.execute()
-    return bool(spent <= s.cache_group_bytes)
+    @staticmethod
+    async def get(group: str, key: str) -> tuple[str | None, _CacheSlot | None]:
+        """A value cached under the group's current generation, as _Cache.lookup() returns it."""
+        [value], generation = await _Cache.get_many(group, [key])
+        return value, None if generation is None else _CacheSlot(group, key, generation)
 
+    @staticmethod
+    async def get_many(group: str, keys: list[str]) -> tuple[list[str | None], str | None]:
+        """Values cached under the group's current generation (None where missing or stale) in one
+        MGET, and that generation (None: the cache is down, store nothing)."""
+        s = _settings()
+        if _skip_cache():
+            return [None] * len(keys), None
+        try:
+            async with _service("valkey", s.valkey_address):
+                generation, *stored = await _valkey().mget(_group_key(group, "gen"), *keys)
+        except ServiceError as exc:
+            _Cache.warn_down(exc)
+            return [None] * len(keys), None
+        generation = generation or "0"
+        split = [(value or "").partition("\n") for value in stored]
+        return [answer if value and computed_under == generation else None
+                for value, (computed_under, _, answer) in zip(stored, split, strict=True)], generation
 
-async def _invalidate(group: str, drop_answers: bool = False) -> None:
-    """Make the group's cached answers stale. `drop_answers` deletes them too: after a forget a stale
-    answer is never served, but it would hold the forgotten text in Valkey until its TTL."""
-    s = _settings()
-    try:
-        async with _service("valkey", s.valkey_address):
-            await _valkey().incr(_group_key(group, "gen"))
-            if drop_answers:
-                answers = [key async for key in _valkey().scan_iter(match=_group_key(group, "answer:*"), count=1000)]
-                for start in range(0, len(answers), 1000):  # one slot (the hash tag): fine on a cluster too
-                    await _valkey().delete(*answers[start:start + 1000])
-    except ServiceError as exc:
-        _warn_cache_down(exc)
+    @staticmethod
+    async def store(slot: _CacheSlot, answer: str) -> None:
+        # Stored under the generation read before the search: an episode ingested meanwhile bumped it,
+        # so this answer is already stale for the next lookup, as it should be. Bounded per answer: the
+        # cache shares Valkey (volatile-lru) with leases, heartbeats and job outcomes, and ten questions
+        # about a group holding a 4.6 MB event once added 143 MB.
+        s = _settings()
+        size = len(answer.encode())
+        if _skip_cache() or size > MAX_CACHED_ANSWER_BYTES:
+            return
+        try:
+            async with _service("valkey", s.valkey_address):
+                if await _Cache.within_group_budget(slot.group, size):
+                    await _valkey().set(slot.key, f"{slot.generation}\n{answer}", ex=s.cache_ttl_s)
+        except ServiceError as exc:
+            _Cache.warn_down(exc)
 
+    @staticmethod
+    async def within_group_budget(group: str, size: int) -> bool:
+        """Whether the group may cache `size` more bytes: each window of MEMORY_CACHE_TTL seconds (from
+        its first answer) may add MEMORY_CACHE_GROUP_BYTES, so the answers alive at once hold at most
+        twice that, whatever number of distinct questions is asked."""
+        s = _settings()
+        async with _valkey().pipeline(transaction=False) as budget:  # one round trip; one slot (the hash tag)
+            budget.incrby(_group_key(group, "cache_bytes"), size)
+            budget.expire(_group_key(group, "cache_bytes"), s.cache_ttl_s, nx=True)
+            spent, _ = await budget.execute()
+        return bool(spent <= s.cache_group_bytes)
 
-def _warn_cache_down(exc: ServiceError) -> None:
-    _emit("cache_unavailable", 1, "c", group=_group_for_tags())
-    if _cache_went_down():
-        log.warning("warning: cache unavailable (%s); answering without it", exc)
+    @staticmethod
+    async def invalidate(group: str, drop_answers: bool = False) -> None:
+        """Make the group's cached answers stale. `drop_answers` deletes them too: after a forget a stale
+        answer is never served, but it would hold the forgotten text in Valkey until its TTL."""
+        s = _settings()
+        try:
+            async with _service("valkey", s.valkey_address):
+                await _valkey().incr(_group_key(group, "gen"))
+                if drop_answers:
+                    pattern = _group_key(group, "answer:*")
+                    answers = [key async for key in _valkey().scan_iter(match=pattern, count=1000)]
+                    for start in range(0, len(answers), 1000):  # one slot (the hash tag): fine on a cluster too
+                        await _valkey().delete(*answers[start:start + 1000])
+        except ServiceError as exc:
+            _Cache.warn_down(exc)
+
+    @staticmethod
+    def warn_down(exc: ServiceError) -> None:
+        _emit("cache_unavailable", 1, "c", group=_group_for_tags())
+        if _cache_went_down():
+            log.warning("warning: cache unavailable (%s); answering without it", exc)
 
 
 # === Redaction ===================================================================================
@@ -3054,14 +3059,14 @@ def _window_where(kind: _Kind, window: _Window) -> str:
 async def _corpus_statistics(graph: Any, kind: _Kind, where: str, window: _Window, at: str) -> tuple[int, float]:
     """(texts, their average length) of one kind in the window: a scan of every text (20 ms at
     20,000 facts), so cached under the group's generation, which every change of the graph bumps."""
-    cached, slot = await _cached(graph.name, _group_key(graph.name, f"bm25:{kind.name}:{window.key()}"))
+    cached, slot = await _Cache.get(graph.name, _group_key(graph.name, f"bm25:{kind.name}:{window.key()}"))
     if cached:
         documents, average_length = json.loads(cached)
         return documents, average_length
     totals = (await graph.ro_query(f"{kind.match}{where} RETURN count(x), avg(size({kind.text}))",
                                    {"at": at})).result_set[0]
     if slot is not None:
-        await _cache_store(slot, json.dumps([totals[0], totals[1] or 1.0]))
+        await _Cache.store(slot, json.dumps([totals[0], totals[1] or 1.0]))
     return totals[0], totals[1] or 1.0
 
 
@@ -3080,7 +3085,7 @@ async def _bm25(graph: Any, kind: _Kind, terms: list[str], window: _Window, at: 
         return []
     common = max(COMMON_WORD_MIN_TEXTS, int(COMMON_WORD_SHARE * documents))
     keys = {term: _group_key(graph.name, f"common:{kind.name}:{window.key()}:{term}") for term in terms}
-    counted, generation = await _cached_many(graph.name, list(keys.values()))
+    counted, generation = await _Cache.get_many(graph.name, list(keys.values()))
     known = {term: int(df) for term, df in zip(terms, counted, strict=True) if df is not None}
     asked = [term for term in terms if term not in known]  # a word known to be common costs nothing
     rows = [] if not asked else (await graph.ro_query(  # a common word: one row, its count, no text (x NULL)
@@ -3091,7 +3096,7 @@ async def _bm25(graph: Any, kind: _Kind, terms: list[str], window: _Window, at: 
     frequency = {**known, **{term: df for term, df, *_ in rows}}
     for term, df, uid, *_ in rows:
         if uid is None and generation is not None:  # counted once per generation (every write bumps it)
-            await _cache_store(_CacheSlot(graph.name, keys[term], generation), str(df))
+            await _Cache.store(_CacheSlot(graph.name, keys[term], generation), str(df))
     scores: dict[str, float] = defaultdict(float)
     order: dict[str, tuple] = {}
     for _term, df, uid, length, valid_at, opening in rows:
@@ -3412,7 +3417,7 @@ async def _cached_answer(op: _Span, search_query: str, limit: int, scope: str = 
     # Everything that changes the answer is in the key: a process with redaction on must never be
     # served what a process with it off cached.
     variant = f"{scope}|{window.key()}|redact={'on' if s.redact else 'off'}"
-    cached, slot = await _cache_lookup(group, search_query, limit, variant)  # no span of its own: a hit is one MGET
+    cached, slot = await _Cache.lookup(group, search_query, limit, variant)  # no span of its own: a hit is one MGET
     op.set(**{"cache.hit": cached is not None})
     if cached is not None:
         _emit("cache_hit", 1, "c", operation="query", group=group)
@@ -3428,7 +3433,7 @@ async def _cached_answer(op: _Span, search_query: str, limit: int, scope: str = 
                 search.set(**{"memory.text_only": True})
         if slot is not None and not _TEXT_ONLY.get():
             async with _span("memory.cache.write"):
-                await _cache_store(slot, answer.encode())
+                await _Cache.store(slot, answer.encode())
     op.set(**{"memory.results": answer.count()})
     return answer
 
@@ -3762,7 +3767,7 @@ async def delete_episode(name: str) -> str:
         episode_uuid = (await _episode_row(name))[0]
         async with _service("falkordb", s.falkordb_address), _llm_service(), _WriteGate.writes(s.group_id):
             await (await _graphiti(s.group_id)).remove_episode(episode_uuid)
-        await _invalidate(s.group_id, drop_answers=True)
+        await _Cache.invalidate(s.group_id, drop_answers=True)
         return episode_uuid
 
 
@@ -3778,7 +3783,7 @@ async def forget_fact(uuid_: str) -> dict:
             from graphiti_core.edges import EntityEdge
 
             await (await EntityEdge.get_by_uuid(graphiti.driver, uuid_)).delete(graphiti.driver)
-        await _invalidate(s.group_id, drop_answers=True)
+        await _Cache.invalidate(s.group_id, drop_answers=True)
         return removed
 
 
@@ -3812,7 +3817,7 @@ async def correct_fact(uuid_: str, text: str) -> dict:
             async with _WriteGate.writes(s.group_id):
                 await previous.save(graphiti.driver)
                 await corrected.save(graphiti.driver)
-        await _invalidate(s.group_id, drop_answers=True)
+        await _Cache.invalidate(s.group_id, drop_answers=True)
         return {"invalidated": await _fact(uuid_), "fact": await _fact(corrected.uuid)}
 
 
@@ -6053,7 +6058,7 @@ async def _restore(op: _Span, source: str | BinaryIO, replace: bool, dry_run: bo
             async with _ingestion_held(list(plan.groups)):
                 await _replace_groups(path, plan, dimension, progress)
         for group in plan.groups:
-            await _invalidate(group)
+            await _Cache.invalidate(group)
     op.set(**{"memory.groups": len(result.groups), "memory.nodes": result.nodes, "memory.edges": result.edges})
     return result
 
