@@ -7236,13 +7236,16 @@ async def _cmd_store(args: argparse.Namespace) -> int:
     queued = await enqueue_episode(content, args.metadata, at=at, awaited=args.wait)
     if args.wait:
         await wait_for_episode(queued, args.timeout)
-    state = "stored" if args.wait else ("spooled" if queued.spooled else "queued")
-    if args.json:
-        _print_json({"state": state, "episode": queued.name, "job_id": queued.job_id,
-                     "group": _settings().group_id})
-    else:
-        print(f"{state} {queued.name} {queued.job_id}")
+    _print_queued(args, queued, "stored" if args.wait else None)
     return 0
+
+
+def _print_queued(args: argparse.Namespace, queued: QueuedEpisode, state: str | None = None) -> None:
+    state = state or ("spooled" if queued.spooled else "queued")
+    if args.json:
+        _print_json({"state": state, "episode": queued.name, "job_id": queued.job_id, "group": queued.group})
+    else:
+        print(f"{state} {queued.name} {queued.job_id}", flush=True)
 
 
 async def _store_lines(args: argparse.Namespace) -> int:
@@ -7269,9 +7272,7 @@ async def _store_lines(args: argparse.Namespace) -> int:
             _skip_rest_of_line(line, limit)
             print(f"{PROG}: error: line {number}: {_scrub(str(exc))}", file=sys.stderr, flush=True)
             continue
-        state = "spooled" if queued.spooled else "queued"
-        print(json.dumps({"state": state, "episode": queued.name, "job_id": queued.job_id}) if args.json
-              else f"{state} {queued.name} {queued.job_id}", flush=True)
+        _print_queued(args, queued)
     return min(failed, default=0)
 
 

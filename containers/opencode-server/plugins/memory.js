@@ -163,7 +163,10 @@ export const MemoryPlugin = async ({ client, directory, worktree }) => {
       said = lines.pop().slice(-2000)
       for (const line of lines.filter(Boolean)) log("error", `memory store failed: ${line}`)
     })
-    child.on("error", (error) => log("error", `memory store failed: ${COMMAND.join(" ")}: ${error.message}`))
+    child.on("error", (error) => {
+      if (storing === current) storing = null // the next event starts another
+      log("error", `memory store failed: ${COMMAND.join(" ")}: ${error.message}`)
+    })
     child.on("close", (code) => {
       if (storing === current) storing = null
       if (code && said.trim()) log("error", `memory store failed (exit ${code}): ${said.trim()}`)
