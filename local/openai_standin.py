@@ -28,7 +28,8 @@ Control endpoints for tests (not OpenAI's):
                           "fault_match": str (only requests whose body holds this text get the fault),
                           "record": bool (keep every OpenAI request body for /_standin/requests),
                           "garble_batches": bool (a reply to numbered questions loses its first
-                          answer and numbers its second "second")}
+                          answer and numbers its second "second"; a joint reply garbles its
+                          second task)}
   POST /_standin/chat    {"script": [{"text": str} | {"tool": name, "arguments": {...}} |
                           {"calls": [{"tool": name, "arguments": {...}}, ...]}, ...]}: what
                          the next streamed chat turns answer, in order (a request without tools, such
@@ -354,6 +355,22 @@ def answer_batch(answer_one: Any, prompt: str) -> dict:
     return {"answers": [{"question": int(n), **answer_one(text)} for n, text in QUESTION.findall(prompt)]}
 
 
+TASK = re.compile(r"<TASK (\d+)>\n(.*?)\n</TASK \1>", re.S)
+
+
+def answer_tasks(schema: dict, prompt: str) -> dict | None:
+    """The memory's joint requests (independent tasks of different prompts, each in `task_n`): each
+    answered as if it were asked alone, by the answer its own schema names. None when a task's
+    schema is one we do not answer."""
+    defs, answers = schema.get("$defs", {}), {}
+    for n, text in TASK.findall(prompt):
+        name = schema.get("properties", {}).get(f"task_{n}", {}).get("$ref", "").rsplit("/", 1)[-1]
+        if name not in ANSWERS or name not in defs:
+            return None
+        answers[f"task_{n}"] = ANSWERS[name](text)
+    return answers or None
+
+
 def value_for_schema(schema: dict, defs: dict) -> Any:
     """A minimal value valid under an OpenAI-strict JSON schema (for names we do not know)."""
     if "$ref" in schema:
@@ -389,6 +406,8 @@ def structured_answer(body: dict) -> tuple[str, Any]:
     if name.endswith("Batch") and name.removesuffix("Batch") in ANSWERS:
         return name, answer_batch(ANSWERS[name.removesuffix("Batch")], prompt)
     schema = fmt.get("schema", {})
+    if "task_1" in schema.get("properties", {}) and (tasks := answer_tasks(schema, prompt)) is not None:
+        return name, tasks
     return name or "unknown", value_for_schema(schema, schema.get("$defs", {}))
 
 
@@ -762,6 +781,8 @@ class StandInHandler(BaseHTTPRequestHandler):
         bill = f"bill:{name}@{body.get('model', '?')}"
         if self.state.garble_batches and name.endswith("Batch") and len(answer["answers"]) > 1:
             answer["answers"] = [{**answer["answers"][1], "question": "second"}, *answer["answers"][2:]]
+        if self.state.garble_batches and isinstance(answer, dict) and "task_2" in answer:
+            answer["task_2"] = "garbled"
         with self.state.lock:
             self.state.counts[f"responses:{name}"] += 1
             self.state.counts[f"{bill}:requests"] += 1

@@ -872,3 +872,24 @@ def test_two_exports_at_once_both_finish_and_falkordb_keeps_answering(memory, tm
     assert json.loads(memory.ok("entities"))  # an answer, not just a JSON text ("[]" was truthy too)
     for i in range(2):  # both documents whole: restore's checks pass on each
         assert "nothing written" in memory.ok("restore", str(tmp_path / f"export-{i}.json"), "--dry-run", "--replace")
+
+
+def test_a_documents_lines_join_into_one_json_document_with_its_vectors_exact():
+    """The document codec in process: the writer's lines (header, groups, records, counts) are one
+    JSON document, and a vector comes back bit for bit (float32, as FalkorDB keeps it)."""
+    import struct
+
+    import memory_manager as mm
+
+    vector = [struct.unpack("<f", struct.pack("<f", x))[0] for x in (0.1, -2.5, 1e-8, 3.4e38)]
+    props, vectors = mm._split_embeddings({"uuid": "n1", "name": "Ledger", "name_embedding": vector})
+    records = [json.dumps({"props": props, "vectors": vectors}), json.dumps({"props": {"uuid": "n2"}})]
+
+    lines = [mm._header_line({"format": "test"}), mm._group_line("g", first=True),
+             *mm._record_lines(records[:1], 0), *mm._record_lines(records[1:], 1), mm.EDGES_LINE,
+             mm._counts_line({"nodes": 2}), mm._counts_line({"groups": 1})]  # the group's, the document's
+    document = json.loads("".join(lines))
+
+    assert [n["props"]["uuid"] for n in document["groups"][0]["nodes"]] == ["n1", "n2"]
+    assert mm._decode_vector(document["groups"][0]["nodes"][0]["vectors"]["name_embedding"]) == vector
+    assert "name_embedding" not in document["groups"][0]["nodes"][0]["props"]

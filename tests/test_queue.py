@@ -905,9 +905,9 @@ def test_a_pass_retires_an_earlier_events_fact_by_a_new_one_on_another_pair_as_o
             "responses:EdgeDuplicate", 0) == 1
 
 
-def test_extraction_asks_the_large_model_and_entity_resolution_and_the_fact_questions_the_small_one(memory, standin):
-    """Issue 35 item 2: graphiti asks for entity resolution and summaries at the large model's size;
-    only extraction needs it."""
+def test_extraction_asks_the_large_model_and_the_fact_questions_the_small_one(memory, standin):
+    """Issue 35 item 2: graphiti asks every question at the large model's size; only extraction needs
+    it. Entity resolution rides with the facts' extraction (one request on the large model)."""
     for i in range(3):  # names alike (module_0.py, module_1.py): graphiti asks whether they are one entity
         if i == 2:
             standin.reset()
@@ -916,8 +916,33 @@ def test_extraction_asks_the_large_model_and_entity_resolution_and_the_fact_ques
     asked = {key.removeprefix("bill:").removesuffix(":requests") for key in standin.stats()
              if key.startswith("bill:") and key.endswith(":requests") and "embeddings" not in key}
     # (summaries are asked once an entity's facts pass 2,000 characters: bench-ingest shows them)
-    assert asked == {"ExtractedEntities@gpt-4.1-mini", "ExtractedEdges@gpt-4.1-mini", "NodeResolutions@gpt-4.1-nano",
+    assert asked == {"ExtractedEntities@gpt-4.1-mini", "ExtractedEdgesAndNodeResolutions@gpt-4.1-mini",
                      "EdgeDuplicateBatch@gpt-4.1-nano"}, asked
+
+
+@pytest.mark.parametrize("reply", ["whole", "garbled"])
+def test_a_lone_events_entity_resolution_goes_out_with_its_fact_extraction_and_a_garbled_task_is_asked_again_alone(
+        memory, standin, reply):
+    """Issue 35: a lone event asked four questions in turn (entities, their resolution, facts, the
+    facts' question); the facts' extraction needs the entities, not their resolution, so those two
+    go out as one request of two tasks. A reply whose resolution task is unreadable costs that task a
+    request of its own, never the event."""
+    for i in range(2):
+        memory.ok("store", "--wait", f"Run {i}: Erin edited src/app/module_{i}.py to call Valkey through fetch_{i}().")
+    standin.reset()
+    standin.faults(garble_batches=reply == "garbled")
+
+    memory.ok("store", "--wait", "Run 2: Erin edited src/app/module_2.py to call Valkey through fetch_2().")
+
+    stats = standin.stats()
+    llm = {key.removeprefix("responses:"): n for key, n in stats.items() if key.startswith("responses:")}
+    if reply == "whole":  # three requests where there were four
+        assert llm == {"ExtractedEntities": 1, "ExtractedEdgesAndNodeResolutions": 1, "EdgeDuplicateBatch": 1}, llm
+        assert stats["responses"] == 3, stats
+    else:  # (the fact questions' batch is garbled too: two of them asked alone)
+        assert (llm["ExtractedEdgesAndNodeResolutions"], llm["NodeResolutions"]) == (1, 1), llm
+    entities = memory.ok("entities")
+    assert entities.count("Erin") == 1 and "module_2.py" in entities, entities
 
 
 def test_events_a_few_seconds_apart_wait_to_share_a_pass_and_an_awaited_store_does_not_wait(memory, standin):

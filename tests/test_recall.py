@@ -410,3 +410,58 @@ def test_with_the_embeddings_endpoint_down_recall_answers_by_text_with_one_warni
         return items
 
     assert asyncio.run(in_process())[0].text == "Carol moved the Billing cron to 02:00 UTC"
+
+
+# --- the ranking's pure parts, in process -------------------------------------------------------
+
+def test_a_flat_vector_list_cannot_outvote_a_text_match_that_holds_the_question():
+    """Issue 34 item 2: over short memories the nearest vectors are close whatever the question; an
+    equal vote let that list drown the text one. A vector match adds at most MEANING_WEIGHT."""
+    import memory_manager as mm
+
+    text = {"holds-every-word": 0.9, "holds-a-word": 0.2}
+    meaning = {"nearest-vector": 0.81, "holds-a-word": 0.80, "holds-every-word": 0.79}
+
+    combined = mm._combined(text, meaning)
+
+    ranked = sorted(combined, key=lambda uid: -combined[uid])
+    assert ranked == ["holds-every-word", "holds-a-word", "nearest-vector"], combined
+    assert combined["nearest-vector"] == pytest.approx(mm.MEANING_WEIGHT)
+
+
+def test_a_fact_raises_its_event_only_by_what_it_matched_beyond_the_events_own_text():
+    """Issue 34 item 3: a fact that restates its event adds nothing; one that names what the event
+    left implicit adds a share of the difference, divided among the events it came from."""
+    import memory_manager as mm
+
+    own = {"turn": 0.6, "greeting-1": 0.1, "greeting-2": 0.1}
+    records = {"restates": {"episodes": ["turn"]}, "shared": {"episodes": ["greeting-1", "greeting-2"]}}
+
+    raised = mm._with_fact_evidence(own, [(0.5, "restates"), (0.9, "shared")], records, share=1.0)
+
+    assert raised["turn"] == 0.6  # its fact matched less than its own text: no move, never lower
+    assert raised["greeting-1"] == raised["greeting-2"] == pytest.approx(0.1 + 0.8 / 2)
+
+
+@pytest.mark.parametrize(("question", "inside", "outside", "words"), [
+    ("what did we deploy on 2026-03-09", "2026-03-09", "2026-03-10", "what did we deploy on"),
+    ("where did Caroline go on October 13, 2023", "2023-10-13", "2023-10-14", "where did Caroline go on"),
+    ("what did Melanie paint in July 2023", "2023-07-21", "2023-08-01", "what did Melanie paint in"),
+    ("what happened in 2023", "2023-12-31", "2024-01-01", "what happened"),
+], ids=["iso-day", "named-day", "month", "year"])
+def test_a_time_the_question_names_picks_its_events_and_leaves_the_text_match(question, inside, outside, words):
+    """Issue 34 item 4: the events of the named time count double; the words that named it are a
+    time, not words to find (a preposition left is a stopword)."""
+    import memory_manager as mm
+
+    within, rest = mm._named_time(question, "2026-12-06T00:00:00+00:00")
+
+    assert within is not None and within(inside) and not within(outside)
+    assert " ".join(rest.split()) == words
+
+
+def test_a_question_that_names_no_time_leaves_every_event_alike():
+    import memory_manager as mm
+
+    assert mm._named_time("which database does the ledger use", "2026-12-06T00:00:00+00:00") == (
+        None, "which database does the ledger use")

@@ -1359,6 +1359,105 @@ class _PromptBatcher(_Gathering):
             q.future.set_result(answer)
 
 
+# A question that can wait for a companion: the facts' extraction needs the entities a pass found,
+# not their resolution against the graph, so it is asked while they are resolved and goes out in one
+# request with the resolution's question (JOINING_PROMPTS), as two tasks. A lone event's pass asks
+# four questions in turn otherwise; this makes it three (issue 35: <= 3 per event).
+JOINING_PROMPTS = frozenset({"dedupe_nodes.nodes"})
+JOINT_INSTRUCTIONS = (
+    "This request holds independent tasks, each between <TASK n> and </TASK n> with its own "
+    "instructions between <TASK_INSTRUCTIONS> and </TASK_INSTRUCTIONS>. Do each task on its own, exactly "
+    "as you would if it were asked alone, and put its answer in the field `task_n` of the reply.")
+
+
+@functools.cache
+def _joint_model(first: type, second: type) -> Any:
+    """The reply of a joint request: one field a task, its schema the task's own; an unreadable task
+    reads as None (that task is asked again alone) instead of failing the reply, which the OpenAI SDK
+    validates against this model."""
+    from typing import Annotated
+
+    import pydantic
+
+    def readable(value: Any, read: Callable[[Any], Any]) -> Any:
+        try:
+            return read(value)
+        except pydantic.ValidationError:
+            return None
+
+    def task(model: type) -> Any:
+        return (Annotated[model, pydantic.WrapValidator(readable)], ...)
+
+    return pydantic.create_model(f"{first.__name__}And{second.__name__}", task_1=task(first), task_2=task(second))
+
+
+class _TwoTasks:
+    """One pass's pairing (`_pairing`): the question its rider asks waits for the next question of
+    JOINING_PROMPTS the pass asks and goes out with it as one request of two tasks, or alone once
+    `release()` says no companion will come. A task whose answer is unreadable is asked again alone;
+    a failed request fails both, as each would have failed alone."""
+
+    ALONE = object()
+
+    def __init__(self) -> None:
+        self.rider: tuple[_Question, type, dict] | None = None
+        self.released = False
+
+    async def ride(self, ask: Callable[..., Awaitable[dict]], messages: list[Any], response_model: type,
+                   options: dict) -> dict:
+        if self.released or self.rider is not None:
+            return await ask(messages, response_model=response_model, **options)
+        asked = _Question(messages, asyncio.get_running_loop().create_future())
+        self.rider = (asked, response_model, options)
+        answer = await asked.future
+        if answer is self.ALONE:
+            return await ask(messages, response_model=response_model, **options)
+        return answer
+
+    def release(self) -> None:
+        rider, self.rider, self.released = self.rider, None, True
+        if rider and not rider[0].future.done():
+            rider[0].future.set_result(self.ALONE)
+
+    async def join(self, ask: Callable[..., Awaitable[dict]], messages: list[Any], response_model: type,
+                   options: dict) -> dict:
+        from graphiti_core.prompts.models import Message
+
+        if self.rider is None:
+            return await ask(messages, response_model=response_model, **options)
+        (rider, rider_model, rider_options), self.rider = self.rider, None
+        tasks = "\n".join(f"<TASK {i}>\n<TASK_INSTRUCTIONS>\n{m[0].content}\n</TASK_INSTRUCTIONS>\n{m[-1].content}"
+                          f"\n</TASK {i}>" for i, m in enumerate((rider.messages, messages), 1))
+        try:  # on the rider's model and options: the companion's question is the smaller one
+            reply = await ask([Message(role="system", content=JOINT_INSTRUCTIONS), Message(role="user", content=tasks)],
+                              response_model=_joint_model(rider_model, response_model), **rider_options)
+        except BaseException as exc:  # the rider fails as its own request would have
+            if not rider.future.done():
+                rider.future.set_exception(exc)
+            raise
+        if not rider.future.done():
+            rider.future.set_result(self._read(reply, "task_1", rider_model))
+        answer = self._read(reply, "task_2", response_model)
+        return await ask(messages, response_model=response_model, **options) if answer is self.ALONE else answer
+
+    def _read(self, reply: Any, field: str, response_model: type) -> Any:
+        try:
+            return cast(Any, response_model).model_validate(reply[field]).model_dump()
+        except Exception:  # noqa: BLE001 - an unreadable answer: that task is asked again alone
+            return self.ALONE
+
+
+# The pass's pairing, seen by the pass and the tasks it starts; the rider's task is marked apart.
+_pairing: contextvars.ContextVar[_TwoTasks | None] = contextvars.ContextVar("memory_llm_pairing", default=None)
+_riding: contextvars.ContextVar[bool] = contextvars.ContextVar("memory_llm_riding", default=False)
+
+
+async def _as_rider(work: Awaitable[Any]) -> Any:
+    """`work`, run as its own task, whose LLM question waits for the pass's companion question."""
+    _riding.set(True)
+    return await work
+
+
 @functools.cache
 def _batching_llm_client_class(base: type) -> type:
     """graphiti's OpenAI client whose per-item questions (BATCHED_PROMPTS) are batched and whose
@@ -1375,10 +1474,17 @@ def _batching_llm_client_class(base: type) -> type:
                 model_size = ModelSize.small
             options |= {k: v for k, v in (("max_tokens", max_tokens), ("model_size", model_size),
                                           ("group_id", group_id)) if v is not None}
-            if prompt_name not in BATCHED_PROMPTS or response_model is None or len(messages) != 2:
-                return await super().generate_response(messages, response_model, prompt_name=prompt_name,
-                                                       **options)
-            return await self.batcher().question(messages, response_model, prompt_name=prompt_name, **options)
+            options["prompt_name"] = prompt_name
+            if response_model is None or len(messages) != 2:
+                return await super().generate_response(messages, response_model, **options)
+            pair = _pairing.get()
+            if pair is not None and _riding.get():
+                return await pair.ride(super().generate_response, messages, response_model, options)
+            if pair is not None and prompt_name in JOINING_PROMPTS:
+                return await pair.join(super().generate_response, messages, response_model, options)
+            if prompt_name in BATCHED_PROMPTS:
+                return await self.batcher().question(messages, response_model, **options)
+            return await super().generate_response(messages, response_model, **options)
 
         def batcher(self) -> _PromptBatcher:
             if getattr(self, "_batcher", None) is None:
@@ -1731,15 +1837,30 @@ async def _query_embedding(text: str) -> list[float]:
         attempt += 1
 
 
-# === Cache =======================================================================================
-# Keys live under memory:{<group>}:. Each group has a generation counter; an answer is stored with
-# the generation it was computed under, so one MGET (generation, answer) tells a hit from a stale
-# answer, and an ingested episode invalidates all of the group's answers with one INCR (no SCAN).
+# === Valkey keys =================================================================================
 
-def _group_key(group: str, name: str) -> str:
-    """memory:{<group>}:<name>. The braces are a hash tag: every key of one group lands in one
-    Valkey Cluster slot, so MULTI over them works there too."""
-    return f"memory:{{{group}}}:{name}"
+class _Keys:
+    """Every Valkey key, in one place. A group's live under memory:{<group>}: (`of`): the cache's
+    `gen`, `answer:<sha256>`, `cache_bytes`, `bm25:...`, `common:...`; the queue's `episodes` (the
+    stream), `dead`, `attempts`, `last_error`, `lease`, `done:<job>`; the write gate's `writers` and
+    `copiers`. Global: every group that ever queued, the live workers' heartbeat, the drainer-start
+    lease."""
+
+    GROUPS = "memory:groups"
+    HEARTBEAT = "memory:heartbeat"
+    DRAINER_LEASE = "memory:drainer"
+
+    @staticmethod
+    def of(group: str, name: str) -> str:
+        """memory:{<group>}:<name>. The braces are a hash tag: every key of one group lands in one
+        Valkey Cluster slot, so MULTI over them works there too."""
+        return f"memory:{{{group}}}:{name}"
+
+
+# === Cache =======================================================================================
+# Each group has a generation counter; an answer is stored with the generation it was computed
+# under, so one MGET (generation, answer) tells a hit from a stale answer, and an ingested episode
+# invalidates all of the group's answers with one INCR (no SCAN).
 
 
 def _normalise_query(text: str) -> str:
@@ -1748,7 +1869,7 @@ def _normalise_query(text: str) -> str:
 
 def _cache_key(group: str, query: str, limit: int, variant: str = "") -> str:
     payload = json.dumps([group, _normalise_query(query), limit, variant])
-    return _group_key(group, f"answer:{hashlib.sha256(payload.encode()).hexdigest()}")  # text and fact records
+    return _Keys.of(group, f"answer:{hashlib.sha256(payload.encode()).hexdigest()}")  # text and fact records
 
 
 @dataclass(frozen=True)
@@ -1786,7 +1907,7 @@ class _Cache:
             return [None] * len(keys), None
         try:
             async with _service("valkey", s.valkey_address):
-                generation, *stored = await _valkey().mget(_group_key(group, "gen"), *keys)
+                generation, *stored = await _valkey().mget(_Keys.of(group, "gen"), *keys)
         except ServiceError as exc:
             _Cache.warn_down(exc)
             return [None] * len(keys), None
@@ -1819,8 +1940,8 @@ class _Cache:
         twice that, whatever number of distinct questions is asked."""
         s = _settings()
         async with _valkey().pipeline(transaction=False) as budget:  # one round trip; one slot (the hash tag)
-            budget.incrby(_group_key(group, "cache_bytes"), size)
-            budget.expire(_group_key(group, "cache_bytes"), s.cache_ttl_s, nx=True)
+            budget.incrby(_Keys.of(group, "cache_bytes"), size)
+            budget.expire(_Keys.of(group, "cache_bytes"), s.cache_ttl_s, nx=True)
             spent, _ = await budget.execute()
         return bool(spent <= s.cache_group_bytes)
 
@@ -1831,9 +1952,9 @@ class _Cache:
         s = _settings()
         try:
             async with _service("valkey", s.valkey_address):
-                await _valkey().incr(_group_key(group, "gen"))
+                await _valkey().incr(_Keys.of(group, "gen"))
                 if drop_answers:
-                    pattern = _group_key(group, "answer:*")
+                    pattern = _Keys.of(group, "answer:*")
                     answers = [key async for key in _valkey().scan_iter(match=pattern, count=1000)]
                     for start in range(0, len(answers), 1000):  # one slot (the hash tag): fine on a cluster too
                         await _valkey().delete(*answers[start:start + 1000])
@@ -2157,9 +2278,6 @@ def _count_redactions(found: Redacted, stage: str) -> None:
 # nothing twice.
 
 CONSUMER_GROUP = "ingest"
-GROUPS_KEY = "memory:groups"
-HEARTBEAT_KEY = "memory:heartbeat"
-DRAINER_LEASE_KEY = "memory:drainer"
 DRAINER_LEASE_MS = 10_000      # longer than a drainer needs to start beating
 HEARTBEAT_TTL_MS = 15_000
 JOB_OUTCOME_TTL_S = 3600
@@ -2297,9 +2415,9 @@ async def _append_to_streams(entries: list[dict[str, str]]) -> str | None:
     """XADD every entry in one round trip; returns the worker heartbeat (None: no worker)."""
     pipe = _valkey().pipeline(transaction=False)
     for entry in entries:
-        pipe.xadd(_group_key(entry["group"], "episodes"), entry)
-        pipe.sadd(GROUPS_KEY, entry["group"])
-    pipe.get(HEARTBEAT_KEY)
+        pipe.xadd(_Keys.of(entry["group"], "episodes"), entry)
+        pipe.sadd(_Keys.GROUPS, entry["group"])
+    pipe.get(_Keys.HEARTBEAT)
     return (await pipe.execute())[-1]
 
 
@@ -2312,17 +2430,17 @@ async def _prune_groups(idle: list[str]) -> None:
     valkey = _valkey()
     async with valkey.pipeline(transaction=False) as pipe:
         for group in idle:
-            pipe.xlen(_group_key(group, "dead"))
+            pipe.xlen(_Keys.of(group, "dead"))
         empty = [group for group, dead in zip(idle, await pipe.execute(), strict=True) if not dead]
     if not empty:
         return
-    await valkey.srem(GROUPS_KEY, *empty)
+    await valkey.srem(_Keys.GROUPS, *empty)
     async with valkey.pipeline(transaction=False) as pipe:
         for group in empty:
-            pipe.xlen(_group_key(group, "episodes"))
+            pipe.xlen(_Keys.of(group, "episodes"))
         back = [group for group, depth in zip(empty, await pipe.execute(), strict=True) if depth]
     if back:
-        await valkey.sadd(GROUPS_KEY, *back)
+        await valkey.sadd(_Keys.GROUPS, *back)
 
 
 def _beating(heartbeat: str | None) -> bool:
@@ -2350,7 +2468,7 @@ async def _ensure_a_worker(s: Settings, heartbeat: str | None) -> None:
     if _beating(heartbeat):
         return
     if heartbeat:
-        await _valkey().delete(DRAINER_LEASE_KEY)
+        await _valkey().delete(_Keys.DRAINER_LEASE)
     await _start_drainer(s)
 
 
@@ -2550,7 +2668,7 @@ async def _start_drainer(s: Settings) -> None:
         log.warning("warning: no worker is running and OPENAI_API_KEY is not set here, so none was "
                     "started; the episode waits in the queue")
         return
-    if await _valkey().set(DRAINER_LEASE_KEY, str(os.getpid()), nx=True, px=DRAINER_LEASE_MS):
+    if await _valkey().set(_Keys.DRAINER_LEASE, str(os.getpid()), nx=True, px=DRAINER_LEASE_MS):
         _spawn_drainer(s)
 
 
@@ -2579,7 +2697,7 @@ async def wait_for_episode(queued: QueuedEpisode, timeout_s: float = WAIT_TIMEOU
     if queued.spooled:
         raise IngestError(f"{queued.name} ({queued.job_id}) is spooled in {_Spool.path(s)} while Valkey is "
                           "unreachable; it is queued once Valkey is back, so its ingestion cannot be awaited now")
-    key = _group_key(queued.group, f"done:{queued.job_id}")
+    key = _Keys.of(queued.group, f"done:{queued.job_id}")
     deadline = time.monotonic() + timeout_s
     async with _span("memory.wait", **{"memory.job": queued.job_id}), _service("valkey", s.valkey_address):
         while (left := deadline - time.monotonic()) > 0:
@@ -2590,7 +2708,7 @@ async def wait_for_episode(queued: QueuedEpisode, timeout_s: float = WAIT_TIMEOU
                     return
                 raise IngestError(f"{queued.name} ({queued.job_id}) was dead-lettered after "
                                   f"{outcome['attempts']} attempt(s): {outcome['error']}")
-            if not await _valkey().exists(HEARTBEAT_KEY):  # the drainer died or left: start another
+            if not await _valkey().exists(_Keys.HEARTBEAT):  # the drainer died or left: start another
                 await _start_drainer(s)
     raise IngestError(f"{queued.name} ({queued.job_id}) not ingested within {timeout_s:g} s; "
                       "it stays queued (see `memory-manager queue`)")
@@ -2607,16 +2725,16 @@ async def queue_status() -> dict:
 
 async def _read_queue_status() -> dict:
     valkey = _valkey()
-    groups = sorted(await valkey.smembers(GROUPS_KEY))
+    groups = sorted(await valkey.smembers(_Keys.GROUPS))
     pipe = valkey.pipeline(transaction=False)
     for group in groups:
-        episodes = _group_key(group, "episodes")
+        episodes = _Keys.of(group, "episodes")
         pipe.xlen(episodes)
         pipe.xrange(episodes, count=1)
         pipe.xinfo_groups(episodes)  # an error reply until a worker creates the consumer group
-        pipe.xlen(_group_key(group, "dead"))
-        pipe.get(_group_key(group, "last_error"))
-    pipe.get(HEARTBEAT_KEY)
+        pipe.xlen(_Keys.of(group, "dead"))
+        pipe.get(_Keys.of(group, "last_error"))
+    pipe.get(_Keys.HEARTBEAT)
     replies = await pipe.execute(raise_on_error=False)
     now_ms = time.time() * 1000
     rows = [_group_status(group, replies[i * 5:i * 5 + 5], now_ms) for i, group in enumerate(groups)]
@@ -2647,17 +2765,17 @@ async def retry_dead_letters(group: str | None = None) -> int:
         moved = 0
         async with _service("valkey", s.valkey_address):
             valkey = _valkey()
-            for name in [group] if group else sorted(await valkey.smembers(GROUPS_KEY)):
-                for entry_id, fields in await valkey.xrange(_group_key(name, "dead")):
+            for name in [group] if group else sorted(await valkey.smembers(_Keys.GROUPS)):
+                for entry_id, fields in await valkey.xrange(_Keys.of(name, "dead")):
                     original = {k: v for k, v in fields.items() if k not in DEAD_FIELDS}
                     async with valkey.pipeline(transaction=True) as pipe:
-                        pipe.xadd(_group_key(name, "episodes"), original)
-                        pipe.xdel(_group_key(name, "dead"), entry_id)
+                        pipe.xadd(_Keys.of(name, "episodes"), original)
+                        pipe.xdel(_Keys.of(name, "dead"), entry_id)
                         job = original["job"]
-                        pipe.hdel(_group_key(name, "attempts"), job, f"{job}:falkordb", f"{job}:abandoned")
+                        pipe.hdel(_Keys.of(name, "attempts"), job, f"{job}:falkordb", f"{job}:abandoned")
                         await pipe.execute()
                     moved += 1
-            heartbeat = await valkey.get(HEARTBEAT_KEY)
+            heartbeat = await valkey.get(_Keys.HEARTBEAT)
         if moved:
             await _ensure_a_worker(s, heartbeat)
         return moved
@@ -2724,7 +2842,7 @@ class _WriteGate:
     @contextlib.asynccontextmanager
     async def writes(group: str) -> AsyncIterator[None]:
         """Writes to the group's graph: held off while an export copies it."""
-        writers, copiers, me = _group_key(group, "writers"), _group_key(group, "copiers"), uuid.uuid4().hex
+        writers, copiers, me = _Keys.of(group, "writers"), _Keys.of(group, "copiers"), uuid.uuid4().hex
         deadline = time.monotonic() + GATE_WAIT_S
         while await _WriteGate.guarded(_WriteGate.mark_and_count(writers, copiers, me)):
             await _WriteGate.guarded(_valkey().zrem(writers, me))  # withdrawn, or it expires
@@ -2740,7 +2858,7 @@ class _WriteGate:
     @contextlib.asynccontextmanager
     async def writes_held_off(group: str) -> AsyncIterator[None]:
         """While a copy of the group's graph is taken: new writes wait, running ones are waited for."""
-        writers, copiers, me = _group_key(group, "writers"), _group_key(group, "copiers"), uuid.uuid4().hex
+        writers, copiers, me = _Keys.of(group, "writers"), _Keys.of(group, "copiers"), uuid.uuid4().hex
         deadline, waited = time.monotonic() + GATE_WAIT_S, False
         async with _WriteGate.held(copiers, me):
             while await _WriteGate.guarded(_WriteGate.mark_and_count(copiers, writers, me)):
@@ -3059,7 +3177,7 @@ def _window_where(kind: _Kind, window: _Window) -> str:
 async def _corpus_statistics(graph: Any, kind: _Kind, where: str, window: _Window, at: str) -> tuple[int, float]:
     """(texts, their average length) of one kind in the window: a scan of every text (20 ms at
     20,000 facts), so cached under the group's generation, which every change of the graph bumps."""
-    cached, slot = await _Cache.get(graph.name, _group_key(graph.name, f"bm25:{kind.name}:{window.key()}"))
+    cached, slot = await _Cache.get(graph.name, _Keys.of(graph.name, f"bm25:{kind.name}:{window.key()}"))
     if cached:
         documents, average_length = json.loads(cached)
         return documents, average_length
@@ -3084,7 +3202,7 @@ async def _bm25(graph: Any, kind: _Kind, terms: list[str], window: _Window, at: 
     if not documents:
         return []
     common = max(COMMON_WORD_MIN_TEXTS, int(COMMON_WORD_SHARE * documents))
-    keys = {term: _group_key(graph.name, f"common:{kind.name}:{window.key()}:{term}") for term in terms}
+    keys = {term: _Keys.of(graph.name, f"common:{kind.name}:{window.key()}:{term}") for term in terms}
     counted, generation = await _Cache.get_many(graph.name, list(keys.values()))
     known = {term: int(df) for term, df in zip(terms, counted, strict=True) if df is not None}
     asked = [term for term in terms if term not in known]  # a word known to be common costs nothing
@@ -4089,9 +4207,6 @@ def _backoff_s(failures: int) -> float:
 # moves or reorders one fails that test by name, not a pass at run time.
 GRAPHITI_INTERNALS: dict[str, tuple[str, ...]] = {
     "graphiti_core.graphiti:Graphiti._resolve_request_scope": ("self", "group_id"),
-    "graphiti_core.graphiti:Graphiti._extract_and_resolve_edges": (
-        "self", "episode", "extracted_nodes", "previous_episodes", "edge_type_map", "group_id", "edge_types",
-        "nodes", "uuid_map"),
     "graphiti_core.graphiti:Graphiti._merge_materialized_endpoint_nodes": (
         "self", "materialized_nodes", "episode", "previous_episodes", "entity_types", "nodes", "uuid_map"),
     "graphiti_core.graphiti:Graphiti._process_episode_data": ("self", "episode", "nodes", "entity_edges", "now",
@@ -4123,27 +4238,55 @@ async def _add_episodes(graphiti: Graphiti, group: str, episodes: list[Any]) -> 
     header each, every mention and fact attributed to its own episode and dated by its own time);
     only add_episode's signature takes one. This is its body, on that list."""
     from graphiti_core.search.search_utils import RELEVANT_SCHEMA_LIMIT
+    from graphiti_core.utils.bulk_utils import resolve_edge_pointers
     from graphiti_core.utils.datetime_utils import utc_now
-    from graphiti_core.utils.maintenance.node_operations import (
-        extract_attributes_from_nodes,
-        extract_nodes,
-        resolve_extracted_nodes,
-    )
+    from graphiti_core.utils.maintenance.node_operations import extract_attributes_from_nodes, extract_nodes
 
     group, driver, clients = graphiti._resolve_request_scope(group)
     first, types = episodes[0], _entity_types()
     previous = await graphiti.retrieve_episodes(first.valid_at, last_n=RELEVANT_SCHEMA_LIMIT, group_ids=[group],
                                                 source=first.source, driver=driver)
     extracted, mentions = await extract_nodes(clients, episodes, previous, types)
-    nodes, uuid_map, _ = await resolve_extracted_nodes(clients, extracted, first, previous, types)
+    (nodes, uuid_map, _), (extracted_facts, materialized) = await _resolving_while_extracting(
+        clients, episodes, extracted, previous, types)
+    if materialized:  # the facts' ends that were no extracted entity, resolved as graphiti does
+        await graphiti._merge_materialized_endpoint_nodes(materialized, first, previous, types, nodes, uuid_map,
+                                                          clients=clients)
+    extracted_facts = resolve_edge_pointers(extracted_facts, uuid_map)
     if len(episodes) == 1:
-        facts, new = await _facts_of_one(graphiti, clients, first, extracted, previous, nodes, uuid_map, types)
+        facts, new = await _facts_of_one(clients, first, extracted_facts, nodes)
     else:
-        facts, new = await _facts_in_order(graphiti, clients, episodes, extracted, previous, nodes, uuid_map, types)
+        facts, new = await _facts_in_order(clients, episodes, extracted_facts, nodes)
     entities = await extract_attributes_from_nodes(clients, nodes, episodes, previous, types, edges=new)
     await graphiti._process_episode_data(episodes, entities, facts, utc_now(), group,
                                          node_episode_index_map=mentions, clients=clients)
     return entities, facts
+
+
+async def _resolving_while_extracting(clients: Any, episodes: list, extracted: list, previous: list,
+                                      types: dict) -> tuple[tuple, tuple]:
+    """The entities resolved against the graph while the facts between them are extracted: the
+    extraction needs the entities, not their resolution (graphiti resolves the facts' ends after,
+    by uuid_map), so the two questions go out as one request (_TwoTasks). Returns graphiti's
+    (nodes, uuid_map, duplicates) and (facts, materialized ends)."""
+    from graphiti_core.utils.maintenance.edge_operations import extract_edges
+    from graphiti_core.utils.maintenance.node_operations import resolve_extracted_nodes
+
+    pair = _TwoTasks()
+    pairing = _pairing.set(pair)
+    try:
+        extracting = asyncio.ensure_future(_as_rider(
+            extract_edges(clients, episodes, extracted, previous, NO_EDGE_TYPES, episodes[0].group_id)))
+        try:
+            resolved = await resolve_extracted_nodes(clients, extracted, episodes[0], previous, types)
+        except BaseException:
+            extracting.cancel()
+            raise
+        finally:
+            pair.release()  # no companion comes after the resolution (or none was asked)
+    finally:
+        _pairing.reset(pairing)
+    return resolved, await extracting
 
 
 def _replaceable(invalidated: list, resolved: list) -> list:
@@ -4170,30 +4313,25 @@ def _asking_together(clients: Any) -> Any:
     return clients.model_copy(update={"max_coroutines": MAX_BATCH_QUESTIONS})
 
 
-async def _facts_of_one(graphiti: Graphiti, clients: Any, episode: Any, extracted: list, previous: list,
-                        nodes: list, uuid_map: dict, types: dict) -> tuple[list, list]:
-    resolved, invalidated, new = await graphiti._extract_and_resolve_edges(
-        episode, extracted, previous, NO_EDGE_TYPES, episode.group_id, None, nodes, uuid_map,
-        entity_types=types, clients=_asking_together(clients))
+async def _facts_of_one(clients: Any, episode: Any, facts: list, nodes: list) -> tuple[list, list]:
+    """A lone event's facts resolved against the graph (graphiti's resolve_extracted_edges), keeping
+    only the invalidations of facts they could replace."""
+    from graphiti_core.utils.maintenance.edge_operations import resolve_extracted_edges
+
+    resolved, invalidated, new = await resolve_extracted_edges(_asking_together(clients), facts, episode, nodes, {},
+                                                               NO_EDGE_TYPES)
     return resolved + _replaceable(invalidated, resolved), new
 
 
-async def _facts_in_order(graphiti: Graphiti, clients: Any, episodes: list, extracted: list, previous: list,
-                          nodes: list, uuid_map: dict, types: dict) -> tuple[list, list]:
-    """A pass's facts, extracted at once, then resolved by one request of numbered questions,
-    however many events the pass holds: each fact against the graph as it was before the pass, and
-    against the facts of the pass's earlier events it could repeat or replace. So a later event of
-    the pass still supersedes an earlier one's fact, as when they were ingested one at a time."""
+async def _facts_in_order(clients: Any, episodes: list, facts: list, nodes: list) -> tuple[list, list]:
+    """A pass's facts, resolved by one request of numbered questions, however many events the pass
+    holds: each fact against the graph as it was before the pass, and against the facts of the
+    pass's earlier events it could repeat or replace. So a later event of the pass still supersedes
+    an earlier one's fact, as when they were ingested one at a time."""
     from graphiti_core.nodes import create_entity_node_embeddings
-    from graphiti_core.utils.bulk_utils import add_nodes_and_edges_bulk, resolve_edge_pointers
-    from graphiti_core.utils.maintenance.edge_operations import extract_edges, resolve_extracted_edges
+    from graphiti_core.utils.bulk_utils import add_nodes_and_edges_bulk
+    from graphiti_core.utils.maintenance.edge_operations import resolve_extracted_edges
 
-    group = episodes[0].group_id
-    extracted_facts, materialized = await extract_edges(clients, episodes, extracted, previous, NO_EDGE_TYPES, group)
-    if materialized:
-        await graphiti._merge_materialized_endpoint_nodes(materialized, episodes[0], previous, types, nodes,
-                                                          uuid_map, clients=clients)
-    facts = resolve_edge_pointers(extracted_facts, uuid_map)
     # the facts' ends, embedded in one request (the bulk write would ask once per node, in turn)
     await create_entity_node_embeddings(clients.embedder, [node for node in nodes if node.name_embedding is None])
     await add_nodes_and_edges_bulk(clients.driver, [], [], nodes, [], clients.embedder)
@@ -4379,18 +4517,18 @@ class _Worker:
         """Start serving every group with queued work that nobody serves; True if any has work."""
         await _Spool.move_into_queue()
         valkey = _valkey()
-        groups = sorted(await valkey.smembers(GROUPS_KEY))
+        groups = sorted(await valkey.smembers(_Keys.GROUPS))
         if not groups:
             return False
         pipe = valkey.pipeline(transaction=False)
         for group in groups:
-            pipe.xlen(_group_key(group, "episodes"))
+            pipe.xlen(_Keys.of(group, "episodes"))
         depths = await pipe.execute()
         await _prune_groups([g for g, depth in zip(groups, depths, strict=True) if not depth and g not in self.tasks])
         for group, depth in zip(groups, depths, strict=True):
             if not depth or group in self.tasks or len(self.tasks) >= self.s.worker_concurrency:
                 continue
-            lease = valkey.lock(_group_key(group, "lease"), timeout=LEASE_TTL_S, thread_local=False)
+            lease = valkey.lock(_Keys.of(group, "lease"), timeout=LEASE_TTL_S, thread_local=False)
             if await lease.acquire(blocking=False):
                 self.tasks[group] = asyncio.create_task(self._serve(group, lease))
                 self.tasks[group].add_done_callback(functools.partial(self._forget, group))
@@ -4462,13 +4600,13 @@ class _Worker:
     async def _count_abandoned(self, group: str, entries: list[_Entry], why: str) -> None:
         with contextlib.suppress(*_valkey_errors()):
             for _, fields in entries:
-                await _valkey().hincrby(_group_key(group, "attempts"), fields["job"], 1)
-                await _valkey().hset(_group_key(group, "attempts"), f"{fields['job']}:abandoned", why)
+                await _valkey().hincrby(_Keys.of(group, "attempts"), fields["job"], 1)
+                await _valkey().hset(_Keys.of(group, "attempts"), f"{fields['job']}:abandoned", why)
 
     async def _abandoned_too_often(self, group: str, entries: list[_Entry]) -> bool:
         """Dead-letter the pass's first event if abandoning it used up its attempts."""
         entry_id, fields = entries[0]
-        key = _group_key(group, "attempts")
+        key = _Keys.of(group, "attempts")
         attempts, why = await _valkey().hmget(key, [fields["job"], f"{fields['job']}:abandoned"])
         if why is None or int(attempts or 0) < self.s.max_attempts:
             return False
@@ -4490,7 +4628,7 @@ class _Worker:
         from redis.exceptions import ResponseError
 
         try:
-            await _valkey().xgroup_create(_group_key(group, "episodes"), CONSUMER_GROUP, id="0", mkstream=True)
+            await _valkey().xgroup_create(_Keys.of(group, "episodes"), CONSUMER_GROUP, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -4499,7 +4637,7 @@ class _Worker:
         """Wait until the group's oldest queued event is MEMORY_COALESCE_WAIT seconds old, unless a
         pass is full already or someone waits for an event: a pass costs about four requests
         whatever it holds, and an agent's events come a few seconds apart (bench-ingest)."""
-        valkey, episodes, most = _valkey(), _group_key(group, "episodes"), self.s.coalesce_events
+        valkey, episodes, most = _valkey(), _Keys.of(group, "episodes"), self.s.coalesce_events
         while not self.stopping.is_set():
             queued = await valkey.xrange(episodes, count=most)
             if not queued or len(queued) >= most or any(fields.get("awaited") for _, fields in queued):
@@ -4513,7 +4651,7 @@ class _Worker:
         """The group's next entries in queue order, as many as one pass takes: pending ones first
         (left by a dead or stopped worker, or by the last pass), then new ones. Those read but not
         taken stay pending, for the next pass."""
-        valkey, episodes, most = _valkey(), _group_key(group, "episodes"), self.s.coalesce_events
+        valkey, episodes, most = _valkey(), _Keys.of(group, "episodes"), self.s.coalesce_events
         _, claimed, *_ = await valkey.xautoclaim(episodes, CONSUMER_GROUP, self.id, min_idle_time=0,
                                                  start_id="0-0", count=most)
         entries = list(claimed)
@@ -4591,7 +4729,7 @@ class _Worker:
         elif together:  # which event is at fault is not known: no attempt counted; at once, alone
             _emit("ingest.retries", 1, "c", group=group, reason=kind)
         else:
-            attempts = await _valkey().hincrby(_group_key(group, "attempts"), fields["job"], 1)
+            attempts = await _valkey().hincrby(_Keys.of(group, "attempts"), fields["job"], 1)
             if attempts >= self.s.max_attempts:
                 await self._dead_letter(group, entry_id, fields, attempts, detail)
                 return True
@@ -4624,7 +4762,7 @@ class _Worker:
                     await self._add_episodes(graphiti, group, new)
                 if len(new) < len(entries):
                     op.set(**{"ingest.duplicate": True})
-            await _valkey().incr(_group_key(group, "gen"))  # the cache sees them only once they are in the graph
+            await _valkey().incr(_Keys.of(group, "gen"))  # the cache sees them only once they are in the graph
             for entry_id, fields in entries:
                 await self._finish(group, entry_id, fields["job"], {"status": "stored", "episode": fields["name"]})
         self.summary.stored += len(entries)
@@ -4689,13 +4827,13 @@ class _Worker:
     async def _finish(self, group: str, entry_id: str, job: str, outcome: dict,
                       dead_letter: dict[str, str] | None = None) -> None:
         """Acknowledge and delete the entry, publish its outcome, in one MULTI (one slot)."""
-        episodes, done = _group_key(group, "episodes"), _group_key(group, f"done:{job}")
+        episodes, done = _Keys.of(group, "episodes"), _Keys.of(group, f"done:{job}")
         async with _valkey().pipeline(transaction=True) as pipe:
             if dead_letter is not None:
-                pipe.xadd(_group_key(group, "dead"), dead_letter)
+                pipe.xadd(_Keys.of(group, "dead"), dead_letter)
             pipe.xack(episodes, CONSUMER_GROUP, entry_id)
             pipe.xdel(episodes, entry_id)
-            pipe.hdel(_group_key(group, "attempts"), job, f"{job}:falkordb", f"{job}:abandoned")
+            pipe.hdel(_Keys.of(group, "attempts"), job, f"{job}:falkordb", f"{job}:abandoned")
             pipe.lpush(done, json.dumps(outcome))
             pipe.expire(done, JOB_OUTCOME_TTL_S)
             await pipe.execute()
@@ -4714,7 +4852,7 @@ class _Worker:
     async def _strike(self, group: str, job: str, strikes: int) -> int:
         """Count one more FalkorDB loss against the job, beside its attempts."""
         with contextlib.suppress(*_valkey_errors()):
-            return int(await _valkey().hincrby(_group_key(group, "attempts"), f"{job}:falkordb", 1))
+            return int(await _valkey().hincrby(_Keys.of(group, "attempts"), f"{job}:falkordb", 1))
         return strikes + 1
 
     async def _record_error(self, group: str, job: str, exc: BaseException, kind: str) -> str:
@@ -4733,7 +4871,7 @@ class _Worker:
             log.warning("warning: group %s, job %s: %s failure: %s", group, job, kind, detail)
         record = json.dumps({"at": datetime.now(UTC).isoformat(), "job": job, "kind": kind, "error": detail})
         with contextlib.suppress(*_valkey_errors()):  # Valkey may be what failed
-            await _valkey().set(_group_key(group, "last_error"), record)
+            await _valkey().set(_Keys.of(group, "last_error"), record)
         return detail
 
     async def _pause(self, seconds: float) -> None:
@@ -4752,13 +4890,13 @@ class _Worker:
 
     async def _beat(self) -> None:
         self.heartbeat = json.dumps({"id": self.id, "mode": self.mode, "at_ms": int(time.time() * 1000)})
-        await _valkey().set(HEARTBEAT_KEY, self.heartbeat, px=HEARTBEAT_TTL_MS)
+        await _valkey().set(_Keys.HEARTBEAT, self.heartbeat, px=HEARTBEAT_TTL_MS)
 
     async def _drop_heartbeat(self) -> None:
         """Delete the heartbeat only if it is still ours: another live worker's must stay."""
         if self.heartbeat is not None:
             await _valkey().eval("if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) "
-                                 "end return 0", 1, HEARTBEAT_KEY, self.heartbeat)
+                                 "end return 0", 1, _Keys.HEARTBEAT, self.heartbeat)
 
     async def _report_gauges(self) -> None:
         for group in (await _read_queue_status())["groups"]:
@@ -4771,7 +4909,7 @@ class _Worker:
         heartbeat: drop the heartbeat and the drainer-start lease first, then look once more."""
         try:
             await self._drop_heartbeat()
-            await _valkey().delete(DRAINER_LEASE_KEY)
+            await _valkey().delete(_Keys.DRAINER_LEASE)
             if await self._dispatch():
                 await self._beat()
                 return False
@@ -5969,7 +6107,7 @@ async def _ingestion_held(groups: list[str], doing: str = "restore", wait_s: flo
     try:
         async with _service("valkey", _settings().valkey_address):
             for group in groups:
-                lease = valkey.lock(_group_key(group, "lease"), timeout=LEASE_TTL_S, thread_local=False)
+                lease = valkey.lock(_Keys.of(group, "lease"), timeout=LEASE_TTL_S, thread_local=False)
                 if not await lease.acquire(blocking=wait_s > 0, blocking_timeout=wait_s or None):
                     raise UsageError(f"group {group!r} is being ingested by a worker; {doing} it once `{PROG} queue` "
                                      "shows its queue empty, or after stopping the worker")
@@ -6124,7 +6262,7 @@ class EraseReport:
 async def _empty_queue(group: str) -> int:
     """Trim the group's stream and dead letters to nothing. The consumer group stays, so a worker
     serving the group finds no more work, ends its episode in flight and lets the lease go."""
-    episodes, dead = _group_key(group, "episodes"), _group_key(group, "dead")
+    episodes, dead = _Keys.of(group, "episodes"), _Keys.of(group, "dead")
     async with _valkey().pipeline(transaction=True) as pipe:
         pipe.xlen(episodes).xlen(dead).xtrim(episodes, maxlen=0, approximate=False).delete(dead)
         queued, dead_letters, *_ = await pipe.execute()
@@ -6145,10 +6283,10 @@ async def _drop_graph(group: str) -> tuple[int, int]:
 
 async def _drop_group_keys(group: str) -> int:
     valkey = _valkey()
-    keys = [key async for key in valkey.scan_iter(match=_group_key(group, "*"), count=1000)]
+    keys = [key async for key in valkey.scan_iter(match=_Keys.of(group, "*"), count=1000)]
     for start in range(0, len(keys), 1000):  # one slot (the hash tag): fine on a cluster too
         await valkey.delete(*keys[start:start + 1000])
-    await valkey.srem(GROUPS_KEY, group)
+    await valkey.srem(_Keys.GROUPS, group)
     return len(keys)
 
 
