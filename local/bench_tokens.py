@@ -40,7 +40,7 @@ async def costs(questions: list[Question]) -> dict[str, list[tuple[int, bool]]]:
                 items = await mm.recall(q.text, 10)
                 found = [any(event_of.get(e) in q.answers for e in item.episodes) for item in items]
                 facts = await mm.query_memory(q.text, 10)
-                index = "\n".join(map(mm._index_line, items))  # bench instrumentation: the tools' own text
+                index = "\n".join(map(mm._ContextBlock.index_line, items))  # bench instrumentation: the tools' own text
                 opened = await mm.get_memories([item.uuid[:mm.SHORT_ID_CHARS] for item in items[:OPENED]])
                 details = "\n\n".join(map(mm._memory_text, opened))
                 for rows_, text, hit in zip(measured.values(), (facts, index, index + "\n" + details),

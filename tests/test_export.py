@@ -882,14 +882,15 @@ def test_a_documents_lines_join_into_one_json_document_with_its_vectors_exact():
     import memory_manager as mm
 
     vector = [struct.unpack("<f", struct.pack("<f", x))[0] for x in (0.1, -2.5, 1e-8, 3.4e38)]
-    props, vectors = mm._split_embeddings({"uuid": "n1", "name": "Ledger", "name_embedding": vector})
+    codec = mm._DocumentCodec
+    props, vectors = codec.split_embeddings({"uuid": "n1", "name": "Ledger", "name_embedding": vector})
     records = [json.dumps({"props": props, "vectors": vectors}), json.dumps({"props": {"uuid": "n2"}})]
 
-    lines = [mm._header_line({"format": "test"}), mm._group_line("g", first=True),
-             *mm._record_lines(records[:1], 0), *mm._record_lines(records[1:], 1), mm.EDGES_LINE,
-             mm._counts_line({"nodes": 2}), mm._counts_line({"groups": 1})]  # the group's, the document's
+    lines = [codec.header_line({"format": "test"}), codec.group_line("g", first=True),
+             *codec.record_lines(records[:1], 0), *codec.record_lines(records[1:], 1), mm.EDGES_LINE,
+             codec.counts_line({"nodes": 2}), codec.counts_line({"groups": 1})]  # the group's, the document's
     document = json.loads("".join(lines))
 
     assert [n["props"]["uuid"] for n in document["groups"][0]["nodes"]] == ["n1", "n2"]
-    assert mm._decode_vector(document["groups"][0]["nodes"][0]["vectors"]["name_embedding"]) == vector
+    assert codec.decode_vector(document["groups"][0]["nodes"][0]["vectors"]["name_embedding"]) == vector
     assert "name_embedding" not in document["groups"][0]["nodes"][0]["props"]

@@ -280,7 +280,7 @@ def test_the_context_block_shows_a_fact_only_when_it_says_more_than_its_event():
     event = mm.Recalled("episode", "Caroline: I went to a LGBTQ support group yesterday and it was powerful.",
                         "e1", 0.9, "2023-05-08T13:56:00+00:00", None, ["e1"], [restates, adds])
 
-    block = mm._format_context("what did Caroline do", [event], 1000)
+    block = mm._ContextBlock.format_context("what did Caroline do", [event], 1000)
 
     assert block == ("Memories relevant to: what did Caroline do\n"
                      "- 2023-05-08: Caroline: I went to a LGBTQ support group yesterday and it was "
@@ -312,7 +312,7 @@ def test_a_context_block_never_holds_more_real_tokens_than_its_budget(text, budg
     items = [mm.Recalled("episode", f"{text} ({n})", f"e{n}", 1.0 - n / 100, f"2026-03-{n % 28 + 1:02d}T09:00:00Z",
                          None, [f"e{n}"], []) for n in range(60)]
 
-    block = mm._format_context("what did we change in the ledger", items, budget)
+    block = mm._ContextBlock.format_context("what did we change in the ledger", items, budget)
 
     assert "more left out" in block
     assert budget * 0.6 <= real_tokens(block) <= budget  # within the budget, and most of it used
@@ -422,7 +422,7 @@ def test_a_flat_vector_list_cannot_outvote_a_text_match_that_holds_the_question(
     text = {"holds-every-word": 0.9, "holds-a-word": 0.2}
     meaning = {"nearest-vector": 0.81, "holds-a-word": 0.80, "holds-every-word": 0.79}
 
-    combined = mm._combined(text, meaning)
+    combined = mm._Fusion.combined(text, meaning)
 
     ranked = sorted(combined, key=lambda uid: -combined[uid])
     assert ranked == ["holds-every-word", "holds-a-word", "nearest-vector"], combined
@@ -437,7 +437,7 @@ def test_a_fact_raises_its_event_only_by_what_it_matched_beyond_the_events_own_t
     own = {"turn": 0.6, "greeting-1": 0.1, "greeting-2": 0.1}
     records = {"restates": {"episodes": ["turn"]}, "shared": {"episodes": ["greeting-1", "greeting-2"]}}
 
-    raised = mm._with_fact_evidence(own, [(0.5, "restates"), (0.9, "shared")], records, share=1.0)
+    raised = mm._Fusion.with_fact_evidence(own, [(0.5, "restates"), (0.9, "shared")], records, share=1.0)
 
     assert raised["turn"] == 0.6  # its fact matched less than its own text: no move, never lower
     assert raised["greeting-1"] == raised["greeting-2"] == pytest.approx(0.1 + 0.8 / 2)
@@ -454,7 +454,7 @@ def test_a_time_the_question_names_picks_its_events_and_leaves_the_text_match(qu
     time, not words to find (a preposition left is a stopword)."""
     import memory_manager as mm
 
-    within, rest = mm._named_time(question, "2026-12-06T00:00:00+00:00")
+    within, rest = mm._NamedTime.named_time(question, "2026-12-06T00:00:00+00:00")
 
     assert within is not None and within(inside) and not within(outside)
     assert " ".join(rest.split()) == words
@@ -463,5 +463,5 @@ def test_a_time_the_question_names_picks_its_events_and_leaves_the_text_match(qu
 def test_a_question_that_names_no_time_leaves_every_event_alike():
     import memory_manager as mm
 
-    assert mm._named_time("which database does the ledger use", "2026-12-06T00:00:00+00:00") == (
+    assert mm._NamedTime.named_time("which database does the ledger use", "2026-12-06T00:00:00+00:00") == (
         None, "which database does the ledger use")

@@ -1988,7 +1988,7 @@ FENCE_TAG = re.compile(r"</?\s*memory-context\s*>", re.I)
 # access_key, auth_key, credential(s), encryption_key; as a trie: half the time of a flat alternation.
 _SECRET_WORD = (r"(?:p(?:ass(?:w(?:or)?d|phrase)|rivate[_-]?key|wd)|s(?:ecret|igning[_-]?key|ession[_-]?key)|token"
                 r"|a(?:pi[_-]?key|pikey|ccess[_-]?key|uth[_-]?key)|credentials?|encryption[_-]?key)")
-# A name must end in one of those words (or word + _key, _value, ...): `tokenizer`, `max_tokens`,
+# A name must end in one of those words (or word + _key, _DocumentCodec.value, ...): `tokenizer`, `max_tokens`,
 # `token_type` and `secret_name` are not secrets.
 _NAME_END = r"(?:[_.-]?(?:key|value|b64|base64|base|str|text))?(?![a-z0-9_-])"
 _NOT_PLACEHOLDER = r"(?!\[redacted:)"  # the worker's second pass must not count a placeholder again
@@ -3067,58 +3067,63 @@ RELATIVE_DAYS = {"today": (0, 0), "yesterday": (1, 1), "this week": (6, 0), "las
 NAMED_TIME_BOOST = 1.0
 
 
-def _month_number(name: str) -> int:
-    return next(n for n, month in enumerate(MONTHS, 1) if month.startswith(name.lower()[:3]))
+class _NamedTime:
+    """A time a question names (a day, a month, a year, or a span such as last week), and whether an
+    event's UTC date lies in it."""
 
+    @staticmethod
+    def month_number(name: str) -> int:
+        return next(n for n, month in enumerate(MONTHS, 1) if month.startswith(name.lower()[:3]))
 
-def _named_time(question: str, now: str) -> tuple[Callable[[str], bool] | None, str]:
-    """Whether an event's date (YYYY-MM-DD) lies in the time the question names (None if it names
-    none), and the question without the words that named it: they are a time, not words to find
-    (as words they matched nothing and only thinned every text match's share). The most precise
-    time named wins (a day over a month over a year)."""
-    if found := ISO_DAY.search(question):
-        day = "-".join(found.groups())
-        return (lambda date: date == day), _cut(question, found)
-    if found := NAMED_DAY.search(question):
-        number, month_a, month_b, number_b, year = found.groups()
-        day = f"{year}-{_month_number(month_a or month_b):02d}-{int(number or number_b):02d}"
-        return (lambda date: date == day), _cut(question, found)
-    if found := NAMED_MONTH.search(question):
-        prefix = f"{found.group(2)}-{_month_number(found.group(1)):02d}-"
-        return (lambda date: date.startswith(prefix)), _cut(question, found)
-    if found := MONTH_ALONE.search(question):
-        middle = f"-{_month_number(found.group(1)):02d}-"
-        return (lambda date: date[4:8] == middle), _cut(question, found)
-    if found := NAMED_YEAR.search(question):
-        year = found.group(1) + "-"
-        return (lambda date: date.startswith(year)), _cut(question, found)
-    for phrase, (back_from, back_to) in RELATIVE_DAYS.items():
-        if found := re.search(r"\b" + phrase.replace(" ", r"\s+") + r"\b", question, re.I):
-            today = datetime.fromisoformat(now).astimezone(UTC).date()
-            first, last = (str(today - timedelta(days=back)) for back in (back_from, back_to))
-            return (lambda date, first=first, last=last: first <= date <= last), _cut(question, found)
-    return None, question
+    @classmethod
+    def named_time(cls, question: str, now: str) -> tuple[Callable[[str], bool] | None, str]:
+        """Whether an event's date (YYYY-MM-DD) lies in the time the question names (None if it names
+        none), and the question without the words that named it: they are a time, not words to find
+        (as words they matched nothing and only thinned every text match's share). The most precise
+        time named wins (a day over a month over a year)."""
+        if found := ISO_DAY.search(question):
+            day = "-".join(found.groups())
+            return (lambda date: date == day), cls.cut(question, found)
+        if found := NAMED_DAY.search(question):
+            number, month_a, month_b, number_b, year = found.groups()
+            day = f"{year}-{cls.month_number(month_a or month_b):02d}-{int(number or number_b):02d}"
+            return (lambda date: date == day), cls.cut(question, found)
+        if found := NAMED_MONTH.search(question):
+            prefix = f"{found.group(2)}-{cls.month_number(found.group(1)):02d}-"
+            return (lambda date: date.startswith(prefix)), cls.cut(question, found)
+        if found := MONTH_ALONE.search(question):
+            middle = f"-{cls.month_number(found.group(1)):02d}-"
+            return (lambda date: date[4:8] == middle), cls.cut(question, found)
+        if found := NAMED_YEAR.search(question):
+            year = found.group(1) + "-"
+            return (lambda date: date.startswith(year)), cls.cut(question, found)
+        for phrase, (back_from, back_to) in RELATIVE_DAYS.items():
+            if found := re.search(r"\b" + phrase.replace(" ", r"\s+") + r"\b", question, re.I):
+                today = datetime.fromisoformat(now).astimezone(UTC).date()
+                first, last = (str(today - timedelta(days=back)) for back in (back_from, back_to))
+                return (lambda date, first=first, last=last: first <= date <= last), cls.cut(question, found)
+        return None, question
 
+    @staticmethod
+    def cut(question: str, found: re.Match[str]) -> str:
+        return question[:found.start()] + " " + question[found.end():]
 
-def _cut(question: str, found: re.Match[str]) -> str:
-    return question[:found.start()] + " " + question[found.end():]
+    @classmethod
+    def in_named_time(cls, scores: dict[str, float], dates: dict[str, str], named: Callable[[str], bool] | None
+                       ) -> dict[str, float]:
+        """Scores of the items dated in the named time raised by NAMED_TIME_BOOST."""
+        if named is None:
+            return scores
+        return {uid: score * (1 + NAMED_TIME_BOOST) if named(cls.utc_date(dates.get(uid))) else score
+                for uid, score in scores.items()}
 
-
-def _in_named_time(scores: dict[str, float], dates: dict[str, str], named: Callable[[str], bool] | None
-                   ) -> dict[str, float]:
-    """Scores of the items dated in the named time raised by NAMED_TIME_BOOST."""
-    if named is None:
-        return scores
-    return {uid: score * (1 + NAMED_TIME_BOOST) if named(_utc_date(dates.get(uid))) else score
-            for uid, score in scores.items()}
-
-
-def _utc_date(valid_at: Any, layout: str = "%Y-%m-%d") -> str:
-    """A stored time in UTC, by day (or `layout`); '' when it has none or it cannot be read."""
-    try:
-        return datetime.fromisoformat(str(valid_at).replace("Z", "+00:00")).astimezone(UTC).strftime(layout)
-    except ValueError:
-        return ""
+    @staticmethod
+    def utc_date(valid_at: Any, layout: str = "%Y-%m-%d") -> str:
+        """A stored time in UTC, by day (or `layout`); '' when it has none or it cannot be read."""
+        try:
+            return datetime.fromisoformat(str(valid_at).replace("Z", "+00:00")).astimezone(UTC).strftime(layout)
+        except ValueError:
+            return ""
 
 
 def _query_terms(text: str) -> list[str]:
@@ -3267,37 +3272,43 @@ async def _details(graph: Any, kind: _Kind, uuids: list[str], fields: str | None
     return {row[0]: dict(zip(names, row, strict=True)) for row in result.result_set}
 
 
-def _scaled_meaning(hits: dict[str, float]) -> dict[str, float]:
-    """Similarities of the best RECALL_CANDIDATES spread over their own range: the best 1, the last
-    0, so a list whose scores are flat (every memory about as near) separates nothing for much."""
-    hits = dict(sorted(hits.items(), key=lambda hit: (-hit[1], hit[0]))[:RECALL_CANDIDATES])
-    if not hits:
-        return {}
-    top, bottom = max(hits.values()), min(hits.values())
-    return {uid: (score - bottom) / (top - bottom) if top > bottom else 1.0 for uid, score in hits.items()}
+class _Fusion:
+    """How recall's lists become one ranking (docs/recall.md): a text match as the share of the question
+    it holds, a vector match at most MEANING_WEIGHT over its list's own range, a fact's evidence only
+    beyond its event's own text."""
 
+    @staticmethod
+    def scaled_meaning(hits: dict[str, float]) -> dict[str, float]:
+        """Similarities of the best RECALL_CANDIDATES spread over their own range: the best 1, the last
+        0, so a list whose scores are flat (every memory about as near) separates nothing for much."""
+        hits = dict(sorted(hits.items(), key=lambda hit: (-hit[1], hit[0]))[:RECALL_CANDIDATES])
+        if not hits:
+            return {}
+        top, bottom = max(hits.values()), min(hits.values())
+        return {uid: (score - bottom) / (top - bottom) if top > bottom else 1.0 for uid, score in hits.items()}
 
-def _combined(text: dict[str, float], meaning: dict[str, float]) -> dict[str, float]:
-    combined: dict[str, float] = defaultdict(float, text)
-    for uid, score in _scaled_meaning(meaning).items():
-        combined[uid] += MEANING_WEIGHT * score
-    return combined
+    @classmethod
+    def combined(cls, text: dict[str, float], meaning: dict[str, float]) -> dict[str, float]:
+        combined: dict[str, float] = defaultdict(float, text)
+        for uid, score in cls.scaled_meaning(meaning).items():
+            combined[uid] += MEANING_WEIGHT * score
+        return combined
 
-
-def _with_fact_evidence(own: dict[str, float], facts: list[tuple[float, str]], records: dict[str, dict],
-                        share: float) -> dict[str, float]:
-    """Each event's own score, raised by what its best fact matched beyond it: a fact that restates
-    the event adds nothing, one that names what the event left implicit (an entity resolved across
-    events) adds `share` of the difference, divided among the events it came from (a greeting that
-    dozens of turns share is weak evidence for each). A fact never lowers an event, and a fact that
-    matches no better than the event's own text cannot move it."""
-    raised = dict(own)
-    for score, uid in facts:
-        sources = (records.get(uid) or {}).get("episodes") or []
-        for episode in sources:
-            base = own.get(episode, 0.0)
-            raised[episode] = max(raised.get(episode, base), base + share * max(0.0, score - base) / len(sources))
-    return raised
+    @staticmethod
+    def with_fact_evidence(own: dict[str, float], facts: list[tuple[float, str]], records: dict[str, dict],
+                            share: float) -> dict[str, float]:
+        """Each event's own score, raised by what its best fact matched beyond it: a fact that restates
+        the event adds nothing, one that names what the event left implicit (an entity resolved across
+        events) adds `share` of the difference, divided among the events it came from (a greeting that
+        dozens of turns share is weak evidence for each). A fact never lowers an event, and a fact that
+        matches no better than the event's own text cannot move it."""
+        raised = dict(own)
+        for score, uid in facts:
+            sources = (records.get(uid) or {}).get("episodes") or []
+            for episode in sources:
+                base = own.get(episode, 0.0)
+                raised[episode] = max(raised.get(episode, base), base + share * max(0.0, score - base) / len(sources))
+        return raised
 
 
 # The NEIGHBOUR_REACH events just before and just after each window's event, by (time, uuid): a
@@ -3383,7 +3394,7 @@ async def _recall(query: str, limit: int, scope: str, window: _Window) -> list[R
     vector = await _question_vector(query)
     graph = (await _falkordb()).select_graph(s.group_id)
     at = window.as_of or _utc_iso(datetime.now(UTC))
-    named, undated = _named_time(query, at)
+    named, undated = _NamedTime.named_time(query, at)
     terms = _query_terms(undated)
     kinds = [k for k in (FACTS, EPISODES) if scope in ("all", k.name + "s")]
     async with _service("falkordb", s.falkordb_address):
@@ -3391,20 +3402,20 @@ async def _recall(query: str, limit: int, scope: str, window: _Window) -> list[R
             _bm25(graph, kind, terms, window, at),
             _nearest(graph, kind, vector, window, at) if vector is not None else asyncio.sleep(0, result=[]))])
         fact_text, fact_meaning = ranked[:2] if FACTS in kinds else ([], [])
-        facts = _combined({u: x for x, u in fact_text}, {u: x for x, u in fact_meaning})
+        facts = _Fusion.combined({u: x for x, u in fact_text}, {u: x for x, u in fact_meaning})
         fact_records = await _details(graph, FACTS, list(facts))
         if scope == "facts":
-            named_facts = _in_named_time(facts, {u: r["valid_at"] for u, r in fact_records.items()}, named)
+            named_facts = _NamedTime.in_named_time(facts, {u: r["valid_at"] for u, r in fact_records.items()}, named)
             return _ranked_items("fact", fact_records, named_facts, limit)
         with_facts = scope == "all"
-        text = _with_fact_evidence({u: x for x, u in ranked[-2]}, fact_text, fact_records,
+        text = _Fusion.with_fact_evidence({u: x for x, u in ranked[-2]}, fact_text, fact_records,
                                    FACT_TEXT_SHARE * with_facts)
-        meaning = _with_fact_evidence({u: x for x, u in ranked[-1]}, fact_meaning, fact_records,
+        meaning = _Fusion.with_fact_evidence({u: x for x, u in ranked[-1]}, fact_meaning, fact_records,
                                       FACT_MEANING_SHARE * with_facts)
-        events = await _with_neighbours(graph, _combined(text, meaning))
+        events = await _with_neighbours(graph, _Fusion.combined(text, meaning))
         keys = await _details(graph, EPISODES, list(events), "coalesce(x.valid_at, '') AS at, "
                               "left(x.content, 200) AS opening, size(x.content) AS length")
-        events = _in_named_time(events, {u: k["at"] for u, k in keys.items()}, named)
+        events = _NamedTime.in_named_time(events, {u: k["at"] for u, k in keys.items()}, named)
         best = _without_repeats(sorted(keys, key=lambda u: (-round(events[u], 12), keys[u]["opening"],
                                                             keys[u]["at"], u)), keys, events)[:limit]
         items = [dataclasses.replace(item, facts=_supporting(item.uuid, fact_records, facts))
@@ -3575,99 +3586,107 @@ RECENT_HEAD = "Most recent events, newest first:\n"
 TOKEN_PIECES = re.compile(r"[A-Za-z]+|[0-9]+|[ \t]+|[\x00-\x7f]|[^\x00-\x7f]+")
 
 
-def _estimated_tokens(text: str) -> int:
-    """Tokens as a prompt would count them, estimated from above (TOKEN_PIECES). A line break is a
-    piece of its own, so the estimate of lines joined by newlines is the sum of theirs plus one
-    per break."""
-    return sum(_piece_tokens(piece) for piece in TOKEN_PIECES.findall(text))
+class _ContextBlock:
+    """The block `context` gives: the newest events, then the recalled ones in rank order while they fit
+    the token budget, a dated line each; tokens estimated from above, as OpenAI's BPE tokenizers split
+    text."""
 
+    @classmethod
+    def estimated_tokens(cls, text: str) -> int:
+        """Tokens as a prompt would count them, estimated from above (TOKEN_PIECES). A line break is a
+        piece of its own, so the estimate of lines joined by newlines is the sum of theirs plus one
+        per break."""
+        return sum(cls.piece_tokens(piece) for piece in TOKEN_PIECES.findall(text))
 
-def _piece_tokens(piece: str) -> int:
-    first = piece[0]
-    if not first.isascii():
-        return -(-len(piece.encode()) * 2 // 5)
-    if first.isalpha():
-        return -(-len(piece) // 6)
-    if first.isdigit():
-        return -(-len(piece) // 3)
-    return 0 if first in " \t" else 1
+    @staticmethod
+    def piece_tokens(piece: str) -> int:
+        first = piece[0]
+        if not first.isascii():
+            return -(-len(piece.encode()) * 2 // 5)
+        if first.isalpha():
+            return -(-len(piece) // 6)
+        if first.isdigit():
+            return -(-len(piece) // 3)
+        return 0 if first in " \t" else 1
 
+    @classmethod
+    def format_context(cls, question: str, items: list[Recalled], budget_tokens: int,
+                       newest: Sequence[Recalled] = ()) -> str:
+        """One block for a prompt: the newest events first when asked for (at most a third of the
+        budget), then the question and the memories in rank order while they fit, then a line saying
+        how many did not. The same memories and question give the same bytes (prompt caches hold); an
+        item either fits whole or is left out, and the block never exceeds the budget by the estimate
+        above."""
+        recent, shown = cls.recent_section(newest, budget_tokens // RECENT_BUDGET_SHARE)
+        relevant = [item for item in items if item.uuid not in shown]
+        if recent and not relevant:
+            return recent.rstrip("\n")  # what the question matched is among the newest already
+        left = budget_tokens - cls.estimated_tokens(recent)
+        return recent + cls.relevant_section(question, relevant, left, budget_tokens)
 
-def _format_context(question: str, items: list[Recalled], budget_tokens: int, newest: Sequence[Recalled] = ()) -> str:
-    """One block for a prompt: the newest events first when asked for (at most a third of the
-    budget), then the question and the memories in rank order while they fit, then a line saying
-    how many did not. The same memories and question give the same bytes (prompt caches hold); an
-    item either fits whole or is left out, and the block never exceeds the budget by the estimate
-    above."""
-    recent, shown = _recent_section(newest, budget_tokens // RECENT_BUDGET_SHARE)
-    relevant = [item for item in items if item.uuid not in shown]
-    if recent and not relevant:
-        return recent.rstrip("\n")  # what the question matched is among the newest already
-    return recent + _relevant_section(question, relevant, budget_tokens - _estimated_tokens(recent), budget_tokens)
+    @classmethod
+    def recent_section(cls, newest: Sequence[Recalled], budget_tokens: int) -> tuple[str, set[str]]:
+        """The newest events that fit the budget, newest first, and their uuids: what a session that
+        starts with "continue" needs, whatever its first message matches."""
+        lines: list[str] = []
+        for item in newest:
+            if cls.estimated_tokens(RECENT_HEAD + "\n".join([*lines, cls.context_line(item)]) + "\n") > budget_tokens:
+                break
+            lines.append(cls.context_line(item))
+        shown = {item.uuid for item in newest[:len(lines)]}
+        return (RECENT_HEAD + "\n".join(lines) + "\n" if lines else ""), shown
 
+    @classmethod
+    def relevant_section(cls, question: str, items: list[Recalled], budget_tokens: int, stated_budget: int) -> str:
+        head = f"Memories relevant to: {' '.join(question.split())[:120]}\n"
+        lines = list(dict.fromkeys(cls.context_line(item) for item in items))
+        if not lines:
+            return head + NO_RESULTS
+        head_cost, costs = cls.estimated_tokens(head), [cls.estimated_tokens(line) + 1 for line in lines]  # + its break
+        for kept in range(len(lines), -1, -1):
+            cut = len(lines) - kept
+            note = [f"({cut} more left out: budget of {stated_budget} tokens)"] if cut else []
+            if head_cost + sum(costs[:kept]) + sum(map(cls.estimated_tokens, note)) <= budget_tokens:
+                return head + "\n".join(lines[:kept] + note)
+        return cls.within_tokens(head, budget_tokens)  # not even the head fits
 
-def _recent_section(newest: Sequence[Recalled], budget_tokens: int) -> tuple[str, set[str]]:
-    """The newest events that fit the budget, newest first, and their uuids: what a session that
-    starts with "continue" needs, whatever its first message matches."""
-    lines: list[str] = []
-    for item in newest:
-        if _estimated_tokens(RECENT_HEAD + "\n".join([*lines, _context_line(item)]) + "\n") > budget_tokens:
-            break
-        lines.append(_context_line(item))
-    shown = {item.uuid for item in newest[:len(lines)]}
-    return (RECENT_HEAD + "\n".join(lines) + "\n" if lines else ""), shown
+    @classmethod
+    def within_tokens(cls, text: str, budget_tokens: int) -> str:
+        """The longest start of `text` whose estimate fits the budget."""
+        kept = 0
+        for piece in TOKEN_PIECES.findall(text):
+            budget_tokens -= cls.piece_tokens(piece)
+            if budget_tokens < 0:
+                break
+            kept += len(piece)
+        return text[:kept]
 
+    @classmethod
+    def context_line(cls, item: Recalled) -> str:
+        if item.kind == "fact":
+            return f"- fact: {item.text} ({cls.fact_span(item.valid_at, item.invalid_at)})"
+        text = " ".join(item.text.split())
+        text = text if len(text) <= CONTEXT_EVENT_CHARS else text[:CONTEXT_EVENT_CHARS - 1] + "…"
+        facts = "".join(f"\n  fact: {f.text} ({cls.fact_span(f.valid_at, f.invalid_at)})" for f in _new_facts(item))
+        # The day, not the minute: a prompt asks when by day, and the 16 bytes of "hh:mm UTC" and
+        # "event" on every line were a tenth of the budget (dev set: block 84.4 -> 85.7 % under MiniLM).
+        return f"- {_NamedTime.utc_date(item.valid_at) or 'undated'}: {text}{facts}"
 
-def _relevant_section(question: str, items: list[Recalled], budget_tokens: int, stated_budget: int) -> str:
-    head = f"Memories relevant to: {' '.join(question.split())[:120]}\n"
-    lines = list(dict.fromkeys(_context_line(item) for item in items))
-    if not lines:
-        return head + NO_RESULTS
-    head_cost, costs = _estimated_tokens(head), [_estimated_tokens(line) + 1 for line in lines]  # + its break
-    for kept in range(len(lines), -1, -1):
-        cut = len(lines) - kept
-        note = [f"({cut} more left out: budget of {stated_budget} tokens)"] if cut else []
-        if head_cost + sum(costs[:kept]) + sum(map(_estimated_tokens, note)) <= budget_tokens:
-            return head + "\n".join(lines[:kept] + note)
-    return _within_tokens(head, budget_tokens)  # not even the head fits
+    @staticmethod
+    def index_line(item: Recalled) -> str:
+        """One line of the compact index: short id, day, kind, the start of the text."""
+        text = " ".join(item.text.split())
+        text = text if len(text) <= INDEX_LINE_CHARS else text[:INDEX_LINE_CHARS - 1] + "…"
+        return f"{item.uuid[:SHORT_ID_CHARS]} {_NamedTime.utc_date(item.valid_at) or 'undated'} {item.kind}: {text}"
 
-
-def _within_tokens(text: str, budget_tokens: int) -> str:
-    """The longest start of `text` whose estimate fits the budget."""
-    kept = 0
-    for piece in TOKEN_PIECES.findall(text):
-        budget_tokens -= _piece_tokens(piece)
-        if budget_tokens < 0:
-            break
-        kept += len(piece)
-    return text[:kept]
-
-
-def _context_line(item: Recalled) -> str:
-    if item.kind == "fact":
-        return f"- fact: {item.text} ({_fact_span(item.valid_at, item.invalid_at)})"
-    text = " ".join(item.text.split())
-    text = text if len(text) <= CONTEXT_EVENT_CHARS else text[:CONTEXT_EVENT_CHARS - 1] + "…"
-    facts = "".join(f"\n  fact: {f.text} ({_fact_span(f.valid_at, f.invalid_at)})" for f in _new_facts(item))
-    # The day, not the minute: a prompt asks when by day, and the 16 bytes of "hh:mm UTC" and
-    # "event" on every line were a tenth of the budget (dev set: block 84.4 -> 85.7 % under MiniLM).
-    return f"- {_utc_date(item.valid_at) or 'undated'}: {text}{facts}"
+    @staticmethod
+    def fact_span(valid_at: str | None, invalid_at: str | None) -> str:
+        """When a fact held, by UTC dates: `since 2023-05-08`, `2023-05-08 to 2023-06-01`."""
+        since = _NamedTime.utc_date(valid_at) or "an unknown date"
+        return f"{since} to {_NamedTime.utc_date(invalid_at) or 'an unknown date'}" if invalid_at else f"since {since}"
 
 
 INDEX_LINE_CHARS = 100  # of a memory's text in the compact index: enough to tell whether to open it
-
-
-def _index_line(item: Recalled) -> str:
-    """One line of the compact index: short id, day, kind, the start of the text."""
-    text = " ".join(item.text.split())
-    text = text if len(text) <= INDEX_LINE_CHARS else text[:INDEX_LINE_CHARS - 1] + "…"
-    return f"{item.uuid[:SHORT_ID_CHARS]} {_utc_date(item.valid_at) or 'undated'} {item.kind}: {text}"
-
-
-def _fact_span(valid_at: str | None, invalid_at: str | None) -> str:
-    """When a fact held, by UTC dates: `since 2023-05-08`, `2023-05-08 to 2023-06-01`."""
-    since = _utc_date(valid_at) or "an unknown date"
-    return f"{since} to {_utc_date(invalid_at) or 'an unknown date'}" if invalid_at else f"since {since}"
 
 
 async def context(search_query: str, budget_tokens: int = CONTEXT_BUDGET_TOKENS, *, recent: int = 0,
@@ -3683,7 +3702,7 @@ async def context(search_query: str, budget_tokens: int = CONTEXT_BUDGET_TOKENS,
         raise UsageError(f"recent must be an integer from 0 to {MAX_RECENT_EVENTS}, got {recent!r}")
     items = await recall(search_query, MAX_RECALL_LIMIT, scope=scope, as_of=as_of, history=history)
     newest = await _newest_events(recent, as_of) if recent else []
-    return _format_context(search_query, items, budget_tokens, newest)
+    return _ContextBlock.format_context(search_query, items, budget_tokens, newest)
 
 
 async def _newest_events(count: int, as_of: str | datetime | None) -> list[Recalled]:
@@ -3951,9 +3970,9 @@ async def health() -> dict:
     async with _operation("health") as op:
         s = _settings()
         falkordb, valkey, llm = await asyncio.gather(
-            _probe(s.falkordb_address, _falkordb_probe, "FALKORDB_PASSWORD"),
-            _probe(s.valkey_address, _valkey_probe, "VALKEY_PASSWORD"), _llm_health(s))
-        queue = await _queue_health(valkey["ok"])
+            _Probes.probe(s.falkordb_address, _Probes.falkordb_probe, "FALKORDB_PASSWORD"),
+            _Probes.probe(s.valkey_address, _Probes.valkey_probe, "VALKEY_PASSWORD"), _Probes.llm_health(s))
+        queue = await _Probes.queue_health(valkey["ok"])
         redaction = {"ok": s.redact, "state": "on" if s.redact else "off", "address": "MEMORY_REDACT",
                      "detail": "credentials are replaced before the LLM, the graph, the queue and B2" if s.redact
                      else "credentials are KEPT: they reach OpenAI, the graph, the queue's disk and B2"}
@@ -3972,101 +3991,131 @@ async def health() -> dict:
         }
 
 
-async def _llm_health(s: Settings) -> dict:
-    """One cheap authenticated call (GET /models, no retries, bounded): not configured, unreachable,
-    rejected the key, or answered; plus a warning when graphiti's OpenAI model names would go to a
-    server that is not OpenAI."""
-    if not s.openai_api_key:
-        return {"ok": False, "state": "off", "address": s.llm_address,
-                "detail": "not configured (OPENAI_API_KEY not set)"}
-    failure = await _llm_probe(s)
-    if failure:
-        return {"ok": False, "state": "FAIL", "address": s.llm_address, "detail": failure}
-    elsewhere = s.openai_base_url and urlsplit(s.openai_base_url).hostname != "api.openai.com"
-    unset = [name for name, value in (("MEMORY_LLM_MODEL", s.llm_model), ("MEMORY_LLM_SMALL_MODEL", s.llm_small_model),
-                                      ("MEMORY_EMBEDDING_MODEL", s.embedding_model)) if not value]
-    if elsewhere and unset:
-        return {"ok": True, "state": "WARN", "address": s.llm_address,
-                "detail": f"answered, but {', '.join(unset)} unset: graphiti's OpenAI default model names "
-                          "are sent to this non-OpenAI server"}
-    return {"ok": True, "address": s.llm_address, "detail": "answered (key accepted)"}
+class _Probes:
+    """What `health` asks each service, each probe bounded by its own timeout, and how a failure reads."""
 
+    @classmethod
+    async def llm_health(cls, s: Settings) -> dict:
+        """One cheap authenticated call (GET /models, no retries, bounded): not configured, unreachable,
+        rejected the key, or answered; plus a warning when graphiti's OpenAI model names would go to a
+        server that is not OpenAI."""
+        if not s.openai_api_key:
+            return {"ok": False, "state": "off", "address": s.llm_address,
+                    "detail": "not configured (OPENAI_API_KEY not set)"}
+        failure = await cls.llm_probe(s)
+        if failure:
+            return {"ok": False, "state": "FAIL", "address": s.llm_address, "detail": failure}
+        elsewhere = s.openai_base_url and urlsplit(s.openai_base_url).hostname != "api.openai.com"
+        unset = [name for name, value in (("MEMORY_LLM_MODEL", s.llm_model),
+                                          ("MEMORY_LLM_SMALL_MODEL", s.llm_small_model),
+                                          ("MEMORY_EMBEDDING_MODEL", s.embedding_model)) if not value]
+        if elsewhere and unset:
+            return {"ok": True, "state": "WARN", "address": s.llm_address,
+                    "detail": f"answered, but {', '.join(unset)} unset: graphiti's OpenAI default model names "
+                              "are sent to this non-OpenAI server"}
+        return {"ok": True, "address": s.llm_address, "detail": "answered (key accepted)"}
 
-async def _llm_probe(s: Settings) -> str | None:
-    """None when the endpoint accepted the key, else why not. A plain HTTP GET in a thread: the
-    openai package would cost a healthcheck ~0.5 s of imports for one request."""
-    try:
-        return await asyncio.wait_for(asyncio.to_thread(_get_models, s), HEALTH_TIMEOUT_S + 0.5)
-    except TimeoutError:
-        return f"unreachable: no answer within {HEALTH_TIMEOUT_S:g} s"
-
-
-def _get_models(s: Settings) -> str | None:
-    import urllib.error
-    import urllib.request
-
-    request = _openai_request(s, "/models")
-    try:
-        with urllib.request.urlopen(request, timeout=HEALTH_TIMEOUT_S) as reply:
-            json.load(reply)
-        return None
-    except urllib.error.HTTPError as exc:
-        return "rejected the key (check OPENAI_API_KEY)" if exc.code in (401, 403) else f"answered HTTP {exc.code}"
-    except urllib.error.URLError as exc:  # connecting failed
-        reason = exc.reason
-        if isinstance(reason, ConnectionRefusedError):
-            return "unreachable: connection refused"
-        if isinstance(reason, TimeoutError):
+    @classmethod
+    async def llm_probe(cls, s: Settings) -> str | None:
+        """None when the endpoint accepted the key, else why not. A plain HTTP GET in a thread: the
+        openai package would cost a healthcheck ~0.5 s of imports for one request."""
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(cls.get_models, s), HEALTH_TIMEOUT_S + 0.5)
+        except TimeoutError:
             return f"unreachable: no answer within {HEALTH_TIMEOUT_S:g} s"
-        return f"unreachable: {reason if isinstance(reason, str) else _describe(reason)}"
-    except TimeoutError:  # reading the reply
-        return f"unreachable: no answer within {HEALTH_TIMEOUT_S:g} s"
-    except (ValueError, OSError) as exc:  # ValueError: a body that is not JSON
-        return f"answered, but not as the API does ({type(exc).__name__})"
 
+    @staticmethod
+    def get_models(s: Settings) -> str | None:
+        import urllib.error
+        import urllib.request
 
-async def _queue_health(valkey_ok: bool) -> dict:
-    address = _settings().valkey_address
+        request = _openai_request(s, "/models")
+        try:
+            with urllib.request.urlopen(request, timeout=HEALTH_TIMEOUT_S) as reply:
+                json.load(reply)
+            return None
+        except urllib.error.HTTPError as exc:
+            return "rejected the key (check OPENAI_API_KEY)" if exc.code in (401, 403) else f"answered HTTP {exc.code}"
+        except urllib.error.URLError as exc:  # connecting failed
+            reason = exc.reason
+            if isinstance(reason, ConnectionRefusedError):
+                return "unreachable: connection refused"
+            if isinstance(reason, TimeoutError):
+                return f"unreachable: no answer within {HEALTH_TIMEOUT_S:g} s"
+            return f"unreachable: {reason if isinstance(reason, str) else _describe(reason)}"
+        except TimeoutError:  # reading the reply
+            return f"unreachable: no answer within {HEALTH_TIMEOUT_S:g} s"
+        except (ValueError, OSError) as exc:  # ValueError: a body that is not JSON
+            return f"answered, but not as the API does ({type(exc).__name__})"
 
-    def unknown(why: str) -> dict:
-        return {name: {"ok": False, "address": address, "detail": f"unknown ({why})"} for name in ("queue", "worker")}
+    @staticmethod
+    async def queue_health(valkey_ok: bool) -> dict:
+        address = _settings().valkey_address
 
-    if not valkey_ok:
-        return unknown("valkey unreachable")
-    try:
-        status = await asyncio.wait_for(_read_queue_status(), HEALTH_TIMEOUT_S)
-    except _valkey_errors() as exc:  # TimeoutError among them
-        return unknown(_describe(exc))
-    groups = status["groups"]
-    queued, dead = sum(g["queued"] for g in groups), sum(g["dead_letters"] for g in groups)
-    ages = [g["oldest_age_s"] for g in groups if g["oldest_age_s"] is not None]
-    detail = f"{queued} queued, {dead} dead letter(s)" + (f", oldest {max(ages):g} s" if ages else "")
-    worker = status["worker"]
-    return {
-        "queue": {"ok": dead == 0, "address": address, "detail": detail},
-        "worker": {"ok": worker is not None, "address": address,
-                   "detail": (f"{worker['mode']} {worker['id']}, heartbeat {worker['heartbeat_age_s']:g} s ago"
-                              if worker else "none running (the next store starts a drainer)")},
-    }
+        def unknown(why: str) -> dict:
+            return {name: {"ok": False, "address": address, "detail": f"unknown ({why})"}
+                    for name in ("queue", "worker")}
 
+        if not valkey_ok:
+            return unknown("valkey unreachable")
+        try:
+            status = await asyncio.wait_for(_read_queue_status(), HEALTH_TIMEOUT_S)
+        except _valkey_errors() as exc:  # TimeoutError among them
+            return unknown(_describe(exc))
+        groups = status["groups"]
+        queued, dead = sum(g["queued"] for g in groups), sum(g["dead_letters"] for g in groups)
+        ages = [g["oldest_age_s"] for g in groups if g["oldest_age_s"] is not None]
+        detail = f"{queued} queued, {dead} dead letter(s)" + (f", oldest {max(ages):g} s" if ages else "")
+        worker = status["worker"]
+        return {
+            "queue": {"ok": dead == 0, "address": address, "detail": detail},
+            "worker": {"ok": worker is not None, "address": address,
+                       "detail": (f"{worker['mode']} {worker['id']}, heartbeat {worker['heartbeat_age_s']:g} s ago"
+                                  if worker else "none running (the next store starts a drainer)")},
+        }
 
-async def _probe(address: str, check: Callable[[], Any], password_variable: str) -> dict:
-    """ok and a detail; a failure says refused, timed out or rejected, and why otherwise."""
-    from redis.exceptions import AuthenticationError
-    from redis.exceptions import TimeoutError as RedisTimeout
+    @staticmethod
+    async def probe(address: str, check: Callable[[], Any], password_variable: str) -> dict:
+        """ok and a detail; a failure says refused, timed out or rejected, and why otherwise."""
+        from redis.exceptions import AuthenticationError
+        from redis.exceptions import TimeoutError as RedisTimeout
 
-    try:
-        detail = await asyncio.wait_for(check(), HEALTH_TIMEOUT_S)
-        return {"ok": True, "address": address, "detail": detail}
-    except AuthenticationError:
-        detail = f"rejected the credentials (check {password_variable})"
-    except (TimeoutError, RedisTimeout):
-        detail = f"timed out: no answer within {HEALTH_TIMEOUT_S:g} s"
-    except _connection_errors() as exc:
-        detail = "connection refused" if _caused_by(exc, ConnectionRefusedError) else _describe(exc)
-    except Exception as exc:  # noqa: BLE001 - any other server reply still means "not healthy"
-        detail = f"{type(exc).__name__}: {_describe(exc)}"
-    return {"ok": False, "address": address, "detail": detail}
+        try:
+            detail = await asyncio.wait_for(check(), HEALTH_TIMEOUT_S)
+            return {"ok": True, "address": address, "detail": detail}
+        except AuthenticationError:
+            detail = f"rejected the credentials (check {password_variable})"
+        except (TimeoutError, RedisTimeout):
+            detail = f"timed out: no answer within {HEALTH_TIMEOUT_S:g} s"
+        except _connection_errors() as exc:
+            detail = "connection refused" if _caused_by(exc, ConnectionRefusedError) else _describe(exc)
+        except Exception as exc:  # noqa: BLE001 - any other server reply still means "not healthy"
+            detail = f"{type(exc).__name__}: {_describe(exc)}"
+        return {"ok": False, "address": address, "detail": detail}
+
+    @staticmethod
+    async def falkordb_probe() -> str:
+        import redis.asyncio
+
+        s = _settings()
+        # A throwaway client with the probe's own timeout: a black-holed server cannot hold it longer.
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        probe = redis.asyncio.Redis(**s.falkordb.client_options(), socket_timeout=HEALTH_TIMEOUT_S,
+                                    socket_connect_timeout=HEALTH_TIMEOUT_S, retry=Retry(NoBackoff(), 0), protocol=2)
+        try:
+            graphs = await probe.execute_command("GRAPH.LIST")
+            clustered = (await probe.info("server")).get("redis_mode") == "cluster"
+        finally:
+            await probe.aclose()
+        return f"{len(graphs)} graph(s)" + (" on this node of a cluster" if clustered else "")
+
+    @staticmethod
+    async def valkey_probe() -> str:
+        info = await _valkey().info("server")
+        name = info.get("server_name", "redis")
+        return f"{name} {info.get('valkey_version') or info.get('redis_version', '?')}"
 
 
 def _caused_by(exc: BaseException | None, kind: type[BaseException]) -> bool:
@@ -4075,30 +4124,6 @@ def _caused_by(exc: BaseException | None, kind: type[BaseException]) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
-
-
-async def _falkordb_probe() -> str:
-    import redis.asyncio
-
-    s = _settings()
-    # A throwaway client with the probe's own timeout: a black-holed server cannot hold it longer.
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
-
-    probe = redis.asyncio.Redis(**s.falkordb.client_options(), socket_timeout=HEALTH_TIMEOUT_S,
-                                socket_connect_timeout=HEALTH_TIMEOUT_S, retry=Retry(NoBackoff(), 0), protocol=2)
-    try:
-        graphs = await probe.execute_command("GRAPH.LIST")
-        clustered = (await probe.info("server")).get("redis_mode") == "cluster"
-    finally:
-        await probe.aclose()
-    return f"{len(graphs)} graph(s)" + (" on this node of a cluster" if clustered else "")
-
-
-async def _valkey_probe() -> str:
-    info = await _valkey().info("server")
-    name = info.get("server_name", "redis")
-    return f"{name} {info.get('valkey_version') or info.get('redis_version', '?')}"
 
 
 # === Worker ======================================================================================
@@ -4966,38 +4991,271 @@ MAX_RECORD_BYTES = 64 << 20    # one line of a document: far above a 10M-charact
 Progress = Callable[[int, int], None]
 
 
-def _encode_vector(values: list[float]) -> str:
-    return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
+class _DocumentCodec:
+    """How an export document is written and read: one JSON document streamed a record a line (vectors as
+    base64 float32, little-endian), read back a line at a time, each line checked before anything is
+    restored."""
 
+    @staticmethod
+    def encode_vector(values: list[float]) -> str:
+        return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
 
-def _decode_vector(text: str) -> list[float]:
-    raw = base64.b64decode(text, validate=True)
-    return list(struct.unpack(f"<{len(raw) // 4}f", raw))
+    @staticmethod
+    def decode_vector(text: str) -> list[float]:
+        raw = base64.b64decode(text, validate=True)
+        return list(struct.unpack(f"<{len(raw) // 4}f", raw))
 
+    @classmethod
+    def split_embeddings(cls, props: dict) -> tuple[dict, dict]:
+        props = dict(props)
+        return props, {k: cls.encode_vector(props.pop(k)) for k in EMBEDDING_KEYS if props.get(k) is not None}
 
-def _split_embeddings(props: dict) -> tuple[dict, dict]:
-    props = dict(props)
-    return props, {k: _encode_vector(props.pop(k)) for k in EMBEDDING_KEYS if props.get(k) is not None}
+    @staticmethod
+    def header_line(header: dict) -> str:
+        return json.dumps(header)[:-1] + ', "groups": ['
 
+    @staticmethod
+    def group_line(group: str, first: bool) -> str:
+        return ("" if first else ",") + json.dumps({"group_id": group})[:-1] + ', "nodes": ['
 
-def _header_line(header: dict) -> str:
-    return json.dumps(header)[:-1] + ', "groups": ['
+    @staticmethod
+    def counts_line(counts: dict) -> str:
+        return f'], "counts": {json.dumps(counts)}}}'
 
+    @staticmethod
+    def record_lines(records: list[str], earlier: int) -> list[str]:
+        """A page of records following `earlier` ones of the same list."""
+        return [("," if earlier or i else "") + record for i, record in enumerate(records)]
 
-def _group_line(group: str, first: bool) -> str:
-    return ("" if first else ",") + json.dumps({"group_id": group})[:-1] + ', "nodes": ['
+    @classmethod
+    def value(cls, typed: list) -> Any:
+        """One value of a --compact reply: [type, payload] (types as in falkordb-py's parser)."""
+        kind, payload = typed
+        if isinstance(payload, bytes):
+            payload = payload.decode()
+        if kind == 1:
+            return None
+        if kind in (2, 3, 12):  # string, integer, vector (its floats, as hiredis read them)
+            return payload
+        if kind == 4:
+            return payload == "true"
+        if kind == 5:
+            return float(payload)
+        if kind == 6:
+            return [cls.value(item) for item in payload]
+        if kind == 10:
+            pairs = zip(payload[::2], payload[1::2], strict=True)
+            return {(k.decode() if isinstance(k, bytes) else k): cls.value(v) for k, v in pairs}
+        raise ServiceError("falkordb", _settings().falkordb_address, f"a property of type {kind} cannot be exported")
+
+    @staticmethod
+    def redacted_properties(props: dict, found: Redacted) -> dict:
+        """One quick pass over a record's strings joined by newlines (what it finds there is a superset
+        of what it finds in each string); only a record with a find is redacted string by string.
+        ~8 us a record instead of ~60 us: seconds at 210k records."""
+        texts = []
+        for value in props.values():
+            values = value if isinstance(value, list) else [value]
+            if any(isinstance(item, (list, dict)) for item in values):
+                return _redact_value(props, found)
+            texts += [item for item in values if isinstance(item, str)]
+        return _redact_value(props, found) if redact("\n".join(texts)).kinds else props
+
+    @classmethod
+    def node_record(cls, row: list, found: Redacted) -> dict:
+        uuid, labels, props = row
+        props, embeddings = cls.split_embeddings(props)
+        props = cls.redacted_properties(props, found)
+        return {"uuid": uuid, "labels": labels, "properties": props, "embeddings": embeddings}
+
+    @classmethod
+    def edge_record(cls, row: list, found: Redacted) -> dict:
+        uuid, edge_type, source, target, source_label, target_label, props = row
+        props, embeddings = cls.split_embeddings(props)
+        props = cls.redacted_properties(props, found)
+        return {"uuid": uuid, "type": edge_type, "source": source, "target": target, "source_label": source_label,
+                "target_label": target_label, "properties": props, "embeddings": embeddings}
+
+    @classmethod
+    def read_document(cls, path: str, dimension: int | None) -> Any:
+        """Yield ("header", dict), ("group", id), ("node"|"edge", record), ("end", counts) from an
+        export document, checking its layout, counts and vectors as it goes (raises _Corrupt)."""
+        with cls.open_document(path) as source:
+            lines = cls.bounded_lines(source)
+            number, first = next(lines, (1, b""))
+            header = cls.parse_header(number, first, dimension)
+            yield "header", header
+            totals = {"groups": 0, "nodes": 0, "edges": 0}
+            for number, raw in lines:
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                if line.startswith('], "counts": '):
+                    if cls.parse(number, "{" + line[3:]).get("counts") != totals:
+                        raise _Corrupt(number, "the totals do not match the records")
+                    if next(lines, None) is not None:
+                        raise _Corrupt(number + 1, "data after the end of the document")
+                    yield "end", totals
+                    return
+                group = cls.parse(number, line.lstrip(",") + "]}")
+                if not isinstance(group.get("group_id"), str) or not GROUP_ID_RULE.fullmatch(group["group_id"]):
+                    raise _Corrupt(number, "expected a group with a valid group_id")
+                totals["groups"] += 1
+                yield "group", group["group_id"]
+                counts = yield from cls.read_group(lines, dimension, totals, group["group_id"])
+                yield "group_end", counts
+        raise _Corrupt(number, "the document ends early (truncated)")
+
+    @staticmethod
+    @contextlib.contextmanager
+    def open_document(path: str) -> Iterator[Any]:
+        """The document's lines, decompressed as they are read when the file is zstd (B2 exports)."""
+        try:
+            raw = open(path, "rb")  # noqa: SIM115 - closed by the with below
+        except OSError as exc:
+            raise UsageError(f"cannot read {path}: {exc.strerror or _describe(exc)}") from None
+        with raw:
+            if raw.read(4) != ZSTD_MAGIC:
+                raw.seek(0)
+                yield raw
+                return
+            import zstandard
+
+            raw.seek(0)
+            with zstandard.ZstdDecompressor().stream_reader(raw) as stream:
+                yield io.BufferedReader(stream, 1 << 20)
+
+    @staticmethod
+    def bounded_lines(source: Any) -> Iterator[tuple[int, bytes]]:
+        """Numbered lines, each refused past MAX_RECORD_BYTES before more of it is read: a few KB of
+        zstd can decompress to one line of gigabytes."""
+        for number in itertools.count(1):
+            line = source.readline(MAX_RECORD_BYTES + 1)
+            if not line:
+                return
+            if len(line) > MAX_RECORD_BYTES:
+                raise _Corrupt(number, f"a line longer than {MAX_RECORD_BYTES >> 20} MiB")
+            yield number, line
+
+    @classmethod
+    def read_group(cls, lines: Any, dimension: int | None, totals: dict, group: str) -> Any:
+        counts = {"nodes": 0, "edges": 0}
+        kind = "nodes"
+        for number, raw in lines:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            if line == '], "edges": [' and kind == "nodes":
+                kind = "edges"
+                continue
+            if line.startswith('], "counts": ') and kind == "edges":
+                if cls.parse(number, "{" + line[3:]).get("counts") != counts:
+                    raise _Corrupt(number, "the group's counts do not match its records")
+                return counts
+            record = cls.parse(number, line.removeprefix(","))
+            cls.check_record(number, record, kind, dimension)
+            if record["properties"].get("group_id", group) != group:  # it would be served as that other group's
+                raise _Corrupt(number, f"a {kind[:-1]} whose group_id is not its group's ({group!r})")
+            counts[kind] += 1
+            totals[kind] += 1
+            yield kind[:-1], record
+        raise _Corrupt(0, "the document ends early (truncated)")
+
+    @classmethod
+    def parse(cls, number: int, text: str) -> dict:
+        try:
+            value = json.loads(text, parse_constant=cls.non_finite)
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: arrays nested thousands deep
+            raise _Corrupt(number, "malformed JSON") from None
+        except ValueError:
+            raise _Corrupt(number, "a non-finite number (NaN or Infinity), which JSON does not have") from None
+        if not isinstance(value, dict):
+            raise _Corrupt(number, "expected a JSON object")
+        return value
+
+    @staticmethod
+    def non_finite(name: str) -> Any:
+        """Python's json reads NaN and Infinity; restored, the next export would write invalid JSON."""
+        raise ValueError(name)
+
+    @classmethod
+    def parse_header(cls, number: int, raw: bytes, dimension: int | None) -> dict:
+        if raw.strip() == b"{":
+            raise _Corrupt(number, "not the layout `export` writes, one record per line (a re-formatted copy?)")
+        header = cls.parse(number, raw.decode("utf-8", "replace").rstrip("\n") + "]}")
+        if header.get("format") != EXPORT_FORMAT:
+            raise UsageError(f"not an export document: format is {header.get('format')!r}, expected {EXPORT_FORMAT!r}")
+        if header.get("version") != EXPORT_VERSION:
+            raise UsageError(f"unsupported export version {header.get('version')!r} "
+                             f"(this version reads {EXPORT_VERSION})")
+        if dimension is not None and header.get("embedding_dimension") != dimension:
+            raise UsageError(f"embedding dimension {header.get('embedding_dimension')!r} in the export does not "
+                             f"match this installation's {dimension} (EMBEDDING_DIM)")
+        return header
+
+    @classmethod
+    def check_record(cls, number: int, record: dict, kind: str, dimension: int | None) -> None:
+        """Everything a write would trip on, refused before the first write: the record's shape, its
+        labels, its property names and values, its vectors."""
+        required = ("uuid", "labels", "properties") if kind == "nodes" else (
+            "uuid", "type", "source", "target", "source_label", "target_label", "properties")
+        embeddings = record.get("embeddings", {})
+        if any(key not in record for key in required) or not isinstance(record["properties"], dict):
+            raise _Corrupt(number, f"a {kind[:-1]} record lacks {', '.join(required)}")
+        if not isinstance(embeddings, dict):
+            raise _Corrupt(number, "embeddings must be an object of base64 vectors")
+        ends = [record["type"], record["source_label"], record["target_label"]] if kind != "nodes" else []
+        labels = record["labels"] if kind == "nodes" else ends
+        if (not isinstance(labels, list) or not labels
+                or not all(isinstance(label, str) and LABEL_RULE.fullmatch(label) for label in labels)):
+            raise _Corrupt(number, "invalid label or relationship type (a list of names is expected)")
+        ids = [record["uuid"]] if kind == "nodes" else [record["uuid"], record["source"], record["target"]]
+        if not all(isinstance(value, str) and value and "\0" not in value for value in ids):
+            raise _Corrupt(number, "a uuid that is not a non-empty string")
+        if not all(LABEL_RULE.fullmatch(name) for name in [*record["properties"], *embeddings]):
+            raise _Corrupt(number, "an invalid property name (letters, digits and _ only)")
+        if not all(map(cls.storable, record["properties"].values())):
+            raise _Corrupt(number,
+                           "a property FalkorDB cannot store (a map, a NUL character or an integer over 64 bits)")
+        for vector in embeddings.values():
+            try:
+                length = len(cls.decode_vector(vector))
+            except (ValueError, TypeError, struct.error):
+                raise _Corrupt(number, "an embedding is not base64 float32") from None
+            if dimension is not None and length != dimension:
+                raise UsageError(f"line {number}: an embedding has {length} dimensions, "
+                                 f"this installation uses {dimension}")
+
+    @classmethod
+    def validate_document(cls, path: str, dimension: int | None) -> _RestorePlan:
+        """First pass over a document: everything is checked before anything is written."""
+        header: dict = {}
+        groups: dict[str, dict[str, int]] = {}
+        current, nodes = "", set[str]()
+        for event, value in cls.read_document(path, dimension):
+            if event == "header":
+                header = value
+            elif event == "group":
+                if value in groups:
+                    raise UsageError(f"group {value!r} appears twice in the document")
+                current, nodes = value, set()
+            elif event == "node":
+                if value["uuid"] in nodes:
+                    raise UsageError(f"group {current!r}: node {value['uuid']!r} appears twice in the document")
+                nodes.add(value["uuid"])
+            elif event == "edge" and not {value["source"], value["target"]} <= nodes:
+                raise UsageError(f"group {current!r}: edge {value['uuid']!r} joins a node the document does not hold")
+            elif event == "group_end":
+                groups[current] = value
+        return _RestorePlan(header, groups)
+
+    @classmethod
+    def storable(cls, value: Any) -> bool:
+        """What FalkorDB stores as a property (and GRAPH.BULK encodes): no maps, no NUL, int64."""
+        if isinstance(value, list):
+            return all(cls.storable(item) for item in value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return -(1 << 63) <= value < 1 << 63
+        return value is None or isinstance(value, bool | float) or (isinstance(value, str) and "\0" not in value)
 
 
 EDGES_LINE = '], "edges": ['
-
-
-def _counts_line(counts: dict) -> str:
-    return f'], "counts": {json.dumps(counts)}}}'
-
-
-def _record_lines(records: list[str], earlier: int) -> list[str]:
-    """A page of records following `earlier` ones of the same list."""
-    return [("," if earlier or i else "") + record for i, record in enumerate(records)]
 
 
 @dataclass
@@ -5061,55 +5319,6 @@ class _DocumentWriter:
             raise OutputError(f"cannot write {shown}: {exc.strerror or _describe(exc)}") from exc
 
 
-def _value(typed: list) -> Any:
-    """One value of a --compact reply: [type, payload] (types as in falkordb-py's parser)."""
-    kind, payload = typed
-    if isinstance(payload, bytes):
-        payload = payload.decode()
-    if kind == 1:
-        return None
-    if kind in (2, 3, 12):  # string, integer, vector (its floats, as hiredis read them)
-        return payload
-    if kind == 4:
-        return payload == "true"
-    if kind == 5:
-        return float(payload)
-    if kind == 6:
-        return [_value(item) for item in payload]
-    if kind == 10:
-        pairs = zip(payload[::2], payload[1::2], strict=True)
-        return {(k.decode() if isinstance(k, bytes) else k): _value(v) for k, v in pairs}
-    raise ServiceError("falkordb", _settings().falkordb_address, f"a property of type {kind} cannot be exported")
-
-
-def _redacted_properties(props: dict, found: Redacted) -> dict:
-    """One quick pass over a record's strings joined by newlines (what it finds there is a superset
-    of what it finds in each string); only a record with a find is redacted string by string.
-    ~8 us a record instead of ~60 us: seconds at 210k records."""
-    texts = []
-    for value in props.values():
-        values = value if isinstance(value, list) else [value]
-        if any(isinstance(item, (list, dict)) for item in values):
-            return _redact_value(props, found)
-        texts += [item for item in values if isinstance(item, str)]
-    return _redact_value(props, found) if redact("\n".join(texts)).kinds else props
-
-
-def _node_record(row: list, found: Redacted) -> dict:
-    uuid, labels, props = row
-    props, embeddings = _split_embeddings(props)
-    props = _redacted_properties(props, found)
-    return {"uuid": uuid, "labels": labels, "properties": props, "embeddings": embeddings}
-
-
-def _edge_record(row: list, found: Redacted) -> dict:
-    uuid, edge_type, source, target, source_label, target_label, props = row
-    props, embeddings = _split_embeddings(props)
-    props = _redacted_properties(props, found)
-    return {"uuid": uuid, "type": edge_type, "source": source, "target": target, "source_label": source_label,
-            "target_label": target_label, "properties": props, "embeddings": embeddings}
-
-
 def _export_file_name(now: datetime, prefix: str = "") -> str:
     name = "graphiti_export_" + now.strftime("%Y%m%dT%H%M%SZ") + ".json.zst"
     return f"{prefix}/{name}" if prefix else name
@@ -5128,180 +5337,6 @@ class _Corrupt(UsageError):
     def __init__(self, line: int, why: str) -> None:
         where = f" (line {line})" if line else ""
         super().__init__(f"not a valid export document{where}: {why}")
-
-
-def _read_document(path: str, dimension: int | None) -> Any:
-    """Yield ("header", dict), ("group", id), ("node"|"edge", record), ("end", counts) from an
-    export document, checking its layout, counts and vectors as it goes (raises _Corrupt)."""
-    with _open_document(path) as source:
-        lines = _bounded_lines(source)
-        number, first = next(lines, (1, b""))
-        header = _parse_header(number, first, dimension)
-        yield "header", header
-        totals = {"groups": 0, "nodes": 0, "edges": 0}
-        for number, raw in lines:
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            if line.startswith('], "counts": '):
-                if _parse(number, "{" + line[3:]).get("counts") != totals:
-                    raise _Corrupt(number, "the totals do not match the records")
-                if next(lines, None) is not None:
-                    raise _Corrupt(number + 1, "data after the end of the document")
-                yield "end", totals
-                return
-            group = _parse(number, line.lstrip(",") + "]}")
-            if not isinstance(group.get("group_id"), str) or not GROUP_ID_RULE.fullmatch(group["group_id"]):
-                raise _Corrupt(number, "expected a group with a valid group_id")
-            totals["groups"] += 1
-            yield "group", group["group_id"]
-            counts = yield from _read_group(lines, dimension, totals, group["group_id"])
-            yield "group_end", counts
-    raise _Corrupt(number, "the document ends early (truncated)")
-
-
-@contextlib.contextmanager
-def _open_document(path: str) -> Iterator[Any]:
-    """The document's lines, decompressed as they are read when the file is zstd (B2 exports)."""
-    try:
-        raw = open(path, "rb")  # noqa: SIM115 - closed by the with below
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror or _describe(exc)}") from None
-    with raw:
-        if raw.read(4) != ZSTD_MAGIC:
-            raw.seek(0)
-            yield raw
-            return
-        import zstandard
-
-        raw.seek(0)
-        with zstandard.ZstdDecompressor().stream_reader(raw) as stream:
-            yield io.BufferedReader(stream, 1 << 20)
-
-
-def _bounded_lines(source: Any) -> Iterator[tuple[int, bytes]]:
-    """Numbered lines, each refused past MAX_RECORD_BYTES before more of it is read: a few KB of
-    zstd can decompress to one line of gigabytes."""
-    for number in itertools.count(1):
-        line = source.readline(MAX_RECORD_BYTES + 1)
-        if not line:
-            return
-        if len(line) > MAX_RECORD_BYTES:
-            raise _Corrupt(number, f"a line longer than {MAX_RECORD_BYTES >> 20} MiB")
-        yield number, line
-
-
-def _read_group(lines: Any, dimension: int | None, totals: dict, group: str) -> Any:
-    counts = {"nodes": 0, "edges": 0}
-    kind = "nodes"
-    for number, raw in lines:
-        line = raw.decode("utf-8", "replace").rstrip("\n")
-        if line == '], "edges": [' and kind == "nodes":
-            kind = "edges"
-            continue
-        if line.startswith('], "counts": ') and kind == "edges":
-            if _parse(number, "{" + line[3:]).get("counts") != counts:
-                raise _Corrupt(number, "the group's counts do not match its records")
-            return counts
-        record = _parse(number, line.removeprefix(","))
-        _check_record(number, record, kind, dimension)
-        if record["properties"].get("group_id", group) != group:  # it would be served as that other group's
-            raise _Corrupt(number, f"a {kind[:-1]} whose group_id is not its group's ({group!r})")
-        counts[kind] += 1
-        totals[kind] += 1
-        yield kind[:-1], record
-    raise _Corrupt(0, "the document ends early (truncated)")
-
-
-def _parse(number: int, text: str) -> dict:
-    try:
-        value = json.loads(text, parse_constant=_non_finite)
-    except (json.JSONDecodeError, RecursionError):  # RecursionError: arrays nested thousands deep
-        raise _Corrupt(number, "malformed JSON") from None
-    except ValueError:
-        raise _Corrupt(number, "a non-finite number (NaN or Infinity), which JSON does not have") from None
-    if not isinstance(value, dict):
-        raise _Corrupt(number, "expected a JSON object")
-    return value
-
-
-def _non_finite(name: str) -> Any:
-    """Python's json reads NaN and Infinity; restored, the next export would write invalid JSON."""
-    raise ValueError(name)
-
-
-def _parse_header(number: int, raw: bytes, dimension: int | None) -> dict:
-    if raw.strip() == b"{":
-        raise _Corrupt(number, "not the layout `export` writes, one record per line (a re-formatted copy?)")
-    header = _parse(number, raw.decode("utf-8", "replace").rstrip("\n") + "]}")
-    if header.get("format") != EXPORT_FORMAT:
-        raise UsageError(f"not an export document: format is {header.get('format')!r}, expected {EXPORT_FORMAT!r}")
-    if header.get("version") != EXPORT_VERSION:
-        raise UsageError(f"unsupported export version {header.get('version')!r} (this version reads {EXPORT_VERSION})")
-    if dimension is not None and header.get("embedding_dimension") != dimension:
-        raise UsageError(f"embedding dimension {header.get('embedding_dimension')!r} in the export does not "
-                         f"match this installation's {dimension} (EMBEDDING_DIM)")
-    return header
-
-
-def _check_record(number: int, record: dict, kind: str, dimension: int | None) -> None:
-    """Everything a write would trip on, refused before the first write: the record's shape, its
-    labels, its property names and values, its vectors."""
-    required = ("uuid", "labels", "properties") if kind == "nodes" else (
-        "uuid", "type", "source", "target", "source_label", "target_label", "properties")
-    embeddings = record.get("embeddings", {})
-    if any(key not in record for key in required) or not isinstance(record["properties"], dict):
-        raise _Corrupt(number, f"a {kind[:-1]} record lacks {', '.join(required)}")
-    if not isinstance(embeddings, dict):
-        raise _Corrupt(number, "embeddings must be an object of base64 vectors")
-    labels = record["labels"] if kind == "nodes" else [record["type"], record["source_label"], record["target_label"]]
-    if (not isinstance(labels, list) or not labels
-            or not all(isinstance(label, str) and LABEL_RULE.fullmatch(label) for label in labels)):
-        raise _Corrupt(number, "invalid label or relationship type (a list of names is expected)")
-    ids = [record["uuid"]] if kind == "nodes" else [record["uuid"], record["source"], record["target"]]
-    if not all(isinstance(value, str) and value and "\0" not in value for value in ids):
-        raise _Corrupt(number, "a uuid that is not a non-empty string")
-    if not all(LABEL_RULE.fullmatch(name) for name in [*record["properties"], *embeddings]):
-        raise _Corrupt(number, "an invalid property name (letters, digits and _ only)")
-    if not all(map(_storable, record["properties"].values())):
-        raise _Corrupt(number, "a property FalkorDB cannot store (a map, a NUL character or an integer over 64 bits)")
-    for vector in embeddings.values():
-        try:
-            length = len(_decode_vector(vector))
-        except (ValueError, TypeError, struct.error):
-            raise _Corrupt(number, "an embedding is not base64 float32") from None
-        if dimension is not None and length != dimension:
-            raise UsageError(f"line {number}: an embedding has {length} dimensions, this installation uses {dimension}")
-
-
-def _validate_document(path: str, dimension: int | None) -> _RestorePlan:
-    """First pass over a document: everything is checked before anything is written."""
-    header: dict = {}
-    groups: dict[str, dict[str, int]] = {}
-    current, nodes = "", set[str]()
-    for event, value in _read_document(path, dimension):
-        if event == "header":
-            header = value
-        elif event == "group":
-            if value in groups:
-                raise UsageError(f"group {value!r} appears twice in the document")
-            current, nodes = value, set()
-        elif event == "node":
-            if value["uuid"] in nodes:
-                raise UsageError(f"group {current!r}: node {value['uuid']!r} appears twice in the document")
-            nodes.add(value["uuid"])
-        elif event == "edge" and not {value["source"], value["target"]} <= nodes:
-            raise UsageError(f"group {current!r}: edge {value['uuid']!r} joins a node the document does not hold")
-        elif event == "group_end":
-            groups[current] = value
-    return _RestorePlan(header, groups)
-
-
-def _storable(value: Any) -> bool:
-    """What FalkorDB stores as a property (and GRAPH.BULK encodes): no maps, no NUL, int64."""
-    if isinstance(value, list):
-        return all(_storable(item) for item in value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return -(1 << 63) <= value < 1 << 63
-    return value is None or isinstance(value, bool | float) or (isinstance(value, str) and "\0" not in value)
 
 
 # === B2 ==========================================================================================
@@ -5532,7 +5567,7 @@ EXPORT_PAGES_AHEAD = 2         # pages FalkorDB formats while one is decoded (2 
 SNAPSHOT_PREFIX = "export-snapshot:"  # + <unix time>:<random>:{<group>}
 RESTORE_CHUNK_BYTES = 32 << 20  # per GRAPH.BULK call; Redis refuses an argument over 512 MB
 # Pages are ranges of internal node ids (an id seek, no sort): the nodes in a range, or the edges
-# leaving them. Replies are read raw (--compact) and decoded by _value(), which hands a vector's
+# leaving them. Replies are read raw (--compact) and decoded by _DocumentCodec.value(), which hands a vector's
 # floats to struct.pack as they came: falkordb-py converts each float in Python, 6 of every 10 s.
 NODE_PAGE = ("MATCH (n) WHERE id(n) >= $low AND id(n) < $high AND any(l IN labels(n) WHERE l IN $primary) "
              "RETURN n.uuid, labels(n), properties(n)")
@@ -5566,7 +5601,7 @@ async def _export_reader() -> AsyncIterator[Any]:
 
 async def _pages(reader: Any, graph_name: str, query: str) -> AsyncIterator[list[list]]:
     reply = await reader.execute_command("GRAPH.RO_QUERY", graph_name, "MATCH (n) RETURN max(id(n))", "--compact")
-    highest = _value(reply[1][0][0])
+    highest = _DocumentCodec.value(reply[1][0][0])
     labels, types = json.dumps(list(NODE_LABELS)), json.dumps(list(EDGE_TYPES))
 
     def fetch(low: int) -> asyncio.Future:
@@ -5583,7 +5618,7 @@ async def _pages(reader: Any, graph_name: str, query: str) -> AsyncIterator[list
             reply = await coming.popleft()
             coming.extend(fetch(low) for low in itertools.islice(lows, 1))
             if reply[1]:
-                yield [[_value(cell) for cell in row] for row in reply[1]]
+                yield [[_DocumentCodec.value(cell) for cell in row] for row in reply[1]]
     finally:
         for page in coming:  # the export failed or stopped early: nobody reads these
             page.cancel()
@@ -5671,20 +5706,21 @@ async def _export_group(reader: Any, group: str, writer: _DocumentWriter, first:
 
 async def _export_copy(reader: Any, group: str, copy: str, writer: _DocumentWriter, first: bool,
                        summary: ExportSummary, progress: Progress | None) -> None:
-    await writer.lines([_group_line(group, first)])
+    await writer.lines([_DocumentCodec.group_line(group, first)])
     counts = {"nodes": 0, "edges": 0}
     found = Redacted("")  # memories stored before redaction existed never leave the pod as they were
-    for kind, query, to_record in (("nodes", NODE_PAGE, _node_record), ("edges", EDGE_PAGE, _edge_record)):
+    for kind, query, to_record in (("nodes", NODE_PAGE, _DocumentCodec.node_record),
+                                   ("edges", EDGE_PAGE, _DocumentCodec.edge_record)):
         if kind == "edges":
             await writer.lines([EDGES_LINE])
         async for rows in _pages(reader, copy, query):
             records = [json.dumps(to_record(row, found), allow_nan=False) for row in rows]
-            await writer.lines(_record_lines(records, counts[kind]))
+            await writer.lines(_DocumentCodec.record_lines(records, counts[kind]))
             counts[kind] += len(records)
             setattr(summary, kind, getattr(summary, kind) + len(records))
             if progress:
                 progress(summary.nodes, summary.edges)
-    await writer.lines([_counts_line(counts)])
+    await writer.lines([_DocumentCodec.counts_line(counts)])
     _count_redactions(found, "export")
 
 
@@ -5711,14 +5747,14 @@ async def _write_export(out: Any, progress: Progress | None) -> ExportSummary:
         "embedding_encoding": "base64-float32-le",
     }
     async with _DocumentWriter(out) as writer:
-        await writer.lines([_header_line(header)])
+        await writer.lines([_DocumentCodec.header_line(header)])
         async with _service("falkordb", s.falkordb_address), _export_reader() as reader:
             await _drop_stale_snapshots()
             for i, group in enumerate(groups):
                 await _export_group(reader, group, writer, i == 0, summary, progress)
         summary.groups = len(groups)
         totals = {"groups": summary.groups, "nodes": summary.nodes, "edges": summary.edges}
-        await writer.lines([_counts_line(totals)])
+        await writer.lines([_DocumentCodec.counts_line(totals)])
     summary.bytes, summary.sha256 = writer.bytes, writer.digest.hexdigest()
     return summary
 
@@ -5997,7 +6033,7 @@ class _BulkWriter:
 
 async def _write_document(path: str, dimension: int, progress: Progress | None, groups: Collection[str]) -> None:
     """Write the document's `groups`; its other groups' records are read past."""
-    events = _read_document(path, dimension)
+    events = _DocumentCodec.read_document(path, dimension)
     writer = _BulkWriter(progress)
     chosen = False
     while chunk := await asyncio.to_thread(lambda: list(itertools.islice(events, 1000))):
@@ -6178,7 +6214,7 @@ async def _restore(op: _Span, source: str | BinaryIO, replace: bool, dry_run: bo
         if not isinstance(source, str):
             source = str(getattr(source, "name", "a stream"))  # what the result names: <stdin>
         async with _span("memory.restore.validate"):
-            whole = await asyncio.to_thread(_validate_document, path, dimension)
+            whole = await asyncio.to_thread(_DocumentCodec.validate_document, path, dimension)
         plan = _only(whole, groups, source)
         s = _settings()
         async with _service("falkordb", s.falkordb_address):
@@ -6333,32 +6369,32 @@ def _document_without(path: str, group: str) -> Iterator[str]:
     totals = {"groups": 0, "nodes": 0, "edges": 0}
     counts: dict[str, int] = {}
     skipping = edges_open = False
-    for kind, value in _read_document(path, None):
+    for kind, value in _DocumentCodec.read_document(path, None):
         if kind == "header":
-            yield _header_line(value)
+            yield _DocumentCodec.header_line(value)
         elif kind == "group":
             skipping, edges_open, counts = value == group, False, {"nodes": 0, "edges": 0}
             if not skipping:
-                yield _group_line(value, totals["groups"] == 0)
+                yield _DocumentCodec.group_line(value, totals["groups"] == 0)
                 totals["groups"] += 1
         elif kind == "end":
-            yield _counts_line(totals)
+            yield _DocumentCodec.counts_line(totals)
         elif skipping:
             continue
         elif kind == "group_end":
             yield from [] if edges_open else [EDGES_LINE]
-            yield _counts_line(counts)
+            yield _DocumentCodec.counts_line(counts)
         else:
             if kind == "edge" and not edges_open:
                 edges_open = True
                 yield EDGES_LINE
-            yield from _record_lines([json.dumps(value)], counts[kind + "s"])
+            yield from _DocumentCodec.record_lines([json.dumps(value)], counts[kind + "s"])
             counts[kind + "s"] += 1
             totals[kind + "s"] += 1
 
 
 def _groups_in(path: str) -> list[str]:
-    return [value for kind, value in _read_document(path, None) if kind == "group"]
+    return [value for kind, value in _DocumentCodec.read_document(path, None) if kind == "group"]
 
 
 def _compress_without(path: str, group: str, target: str) -> ExportSummary:
@@ -6904,9 +6940,10 @@ def _memory_text(memory: dict) -> str:
     its validity, under the short id the index showed (the whole uuid is in the structured result)."""
     short = memory["uuid"][:SHORT_ID_CHARS]
     if memory["kind"] == "fact":
-        return f"{short} fact: {memory['fact']} ({_fact_span(memory['valid_at'], memory['invalid_at'])})"
-    facts = "".join(f"\n  fact: {f['fact']} ({_fact_span(f['valid_at'], f['invalid_at'])})" for f in memory["facts"])
-    when = _utc_date(memory["reference_time"], "%Y-%m-%d %H:%M UTC") or memory["reference_time"]
+        return f"{short} fact: {memory['fact']} ({_ContextBlock.fact_span(memory['valid_at'], memory['invalid_at'])})"
+    facts = "".join(f"\n  fact: {f['fact']} ({_ContextBlock.fact_span(f['valid_at'], f['invalid_at'])})"
+                    for f in memory["facts"])
+    when = _NamedTime.utc_date(memory["reference_time"], "%Y-%m-%d %H:%M UTC") or memory["reference_time"]
     return f"{short} {when}: {memory['content']}{facts}"
 
 
@@ -6999,7 +7036,7 @@ class _MemoryTools:
         of the tokens of search_memory_facts. Open only the memories you need with get_memories."""
         async with _in_scope(group_ids):
             items = await recall(query, _validate_limit(limit, "limit", MAX_RECALL_LIMIT))
-        return _tool_result("\n".join(map(_index_line, items)) or NO_RESULTS,
+        return _tool_result("\n".join(map(_ContextBlock.index_line, items)) or NO_RESULTS,
                             {"results": [{"id": i.uuid, "kind": i.kind, "valid_at": i.valid_at} for i in items]})
 
     @staticmethod
@@ -7023,7 +7060,8 @@ class _MemoryTools:
         async with _in_scope(group_ids) as group:
             block = await context(query, budget_tokens, recent=recent or 0)
         # the group lets the plugin, which recalls through this tool, check it reached its own project
-        return _tool_result(block, {"context": block, "estimated_tokens": _estimated_tokens(block), "group": group})
+        return _tool_result(block, {"context": block, "estimated_tokens": _ContextBlock.estimated_tokens(block),
+                                    "group": group})
 
     @staticmethod
     @_mcp_tool("search_entities", query=MAYBE_TEXT, entity_type=MAYBE_TEXT, max_nodes=MAYBE_INTEGER,
@@ -7453,7 +7491,7 @@ async def _cmd_context(args: argparse.Namespace) -> int:
                           as_of=args.as_of, history=args.history)
     if args.json:
         _print_json({"group": _settings().group_id, "budget_tokens": args.budget_tokens,
-                     "estimated_tokens": _estimated_tokens(block), "context": block})
+                     "estimated_tokens": _ContextBlock.estimated_tokens(block), "context": block})
     else:
         print(block)
     return 0
