@@ -14,7 +14,7 @@ def test_every_variable_the_module_and_the_plugin_read_is_documented_and_in_env_
     """Issue 36: the plugin's six variables were in no configuration page."""
     module = MODULE.read_text()
     plugin = (ROOT / "containers" / "opencode-server" / "plugins" / "memory.js").read_text()
-    read = {*re.findall(r'_env_\w+\(\s*"([A-Z][A-Z0-9_]+)"', module),
+    read = {*re.findall(r'_Env\.\w+\(\s*"([A-Z][A-Z0-9_]+)"', module),
             *re.findall(r'environ(?:\.get)?[\[(]\s*"([A-Z][A-Z0-9_]+)"', module),
             *re.findall(r"process\.env\.([A-Z][A-Z0-9_]+)", plugin)} - SYSTEM_VARIABLES
     documented, example = (ROOT / "docs" / "configuration.md").read_text(), (ROOT / ".env.example").read_text()

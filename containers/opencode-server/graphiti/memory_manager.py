@@ -261,17 +261,189 @@ def _read_for_some(invalid_field: str, read: Callable[[], dict[str, Any]]) -> di
         return {invalid_field: str(exc)}
 
 
-def _env_int(name: str, default: int, low: int, high: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise UsageError(f"{name} must be an integer, got {raw!r}") from None
-    if not low <= value <= high:
-        raise UsageError(f"{name} must be between {low} and {high}, got {value}")
-    return value
+class _Env:
+    """Reading one environment variable each: a malformed value fails early, naming the variable
+    (UsageError, exit 2); an unset one gives its default."""
+
+    @staticmethod
+    def integer(name: str, default: int, low: int, high: int) -> int:
+        raw = os.environ.get(name, "").strip()
+        if not raw:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise UsageError(f"{name} must be an integer, got {raw!r}") from None
+        if not low <= value <= high:
+            raise UsageError(f"{name} must be between {low} and {high}, got {value}")
+        return value
+
+    @staticmethod
+    def text(name: str, default: str | None = None) -> str | None:
+        return os.environ.get(name, "").strip() or default
+
+    @classmethod
+    def host(cls, name: str) -> str:
+        host = cls.text(name, "localhost") or "localhost"
+        if not HOST_RULE.fullmatch(host):
+            raise UsageError(f"{name} must be a host name or IP address, got {host!r}")
+        return host
+
+    @staticmethod
+    def flag(name: str, default: bool) -> bool:
+        raw = os.environ.get(name, "").strip().lower()
+        if not raw:
+            return default
+        if raw in ("1", "true", "yes", "on"):
+            return True
+        if raw in ("0", "false", "no", "off"):
+            return False
+        raise UsageError(f"{name} must be on or off, got {raw!r}")
+
+    @classmethod
+    def directory(cls, name: str, default: str) -> str:
+        """An absolute path: a detached drainer runs from /, so a relative one would point elsewhere."""
+        return os.path.abspath(os.path.expanduser(cls.text(name, default) or default))
+
+    @staticmethod
+    def default_spool_dir() -> str:
+        state = os.environ.get("XDG_STATE_HOME", "").strip() or os.path.join("~", ".local", "state")
+        return os.path.join(state, "opencode-memory", "spool")
+
+    @classmethod
+    def url(cls, name: str) -> str | None:
+        url = cls.text(name)
+        if url is not None:
+            cls.check_userinfo(name, url)
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise UsageError(f"{name} must be an http(s) URL, got {_redact_url(url)!r}")
+        return url
+
+    @classmethod
+    def token_scope_lines(cls, name: str) -> list[str]:
+        """MEMORY_MCP_TOKENS' entries: `TOKEN=GROUP[,GROUP...]` separated by `;` or newlines, or
+        `@/path` to a file of them (one a line, # comments), so tokens need not sit in the environment."""
+        value = cls.text(name) or ""
+        if value.startswith("@"):
+            try:
+                with open(value[1:], encoding="utf-8") as listed:
+                    cls.check_token_file(name, value[1:], os.fstat(listed.fileno()))
+                    value = listed.read()
+            except OSError as exc:
+                raise UsageError(f"{name}: cannot read {value[1:]} ({exc.strerror or type(exc).__name__})") from None
+        entries = (line.split("#", 1)[0].strip() for line in re.split(r"[;\n]", value))
+        return [entry for entry in entries if entry]
+
+    @staticmethod
+    def check_token_file(name: str, path: str, status: os.stat_result) -> None:
+        """A token file someone else can write lets them add a token of their own for any group. One
+        only readable by others is accepted (Docker secrets are 0444), with a warning when mcp starts."""
+        if status.st_mode & 0o022 or status.st_uid not in (os.geteuid(), 0):
+            raise UsageError(f"{name}: {path} may be changed by another user (mode {status.st_mode & 0o777:04o}, "
+                             f"owner uid {status.st_uid}); make it 0600 and yours")
+
+    @classmethod
+    def token_file_readable_by_others(cls, name: str) -> str | None:
+        value = cls.text(name) or ""
+        with contextlib.suppress(OSError):
+            if value.startswith("@") and os.stat(value[1:]).st_mode & 0o044:
+                return value[1:]
+        return None
+
+    @classmethod
+    def token_scopes(cls, name: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        scopes = []
+        for number, entry in enumerate(cls.token_scope_lines(name), 1):
+            token, _, groups = entry.partition("=")
+            chosen = tuple(dict.fromkeys(g.strip() for g in groups.split(",") if g.strip()))
+            if not token.strip() or any(c.isspace() for c in token.strip()) or not chosen:
+                raise UsageError(f"{name}: entry {number} must be TOKEN=GROUP[,GROUP...] (the token shown nowhere)")
+            bad = next((g for g in chosen if not GROUP_ID_RULE.fullmatch(g)), None)
+            if bad is not None:
+                raise UsageError(f"{name}: entry {number}: group {bad[:80]!r} must match {GROUP_ID_RULE.pattern}")
+            scopes.append((token.strip(), chosen))
+        if len({token for token, _ in scopes}) < len(scopes):
+            raise UsageError(f"{name}: a token is listed twice")
+        return tuple(scopes)
+
+    @classmethod
+    def check_b2_realm(cls, realm: str) -> None:
+        """A realm name b2sdk knows (production, staging, dev) or the URL of a B2-native endpoint."""
+        if "://" in realm:
+            cls.url("B2_REALM")
+        elif not re.fullmatch(r"[a-z]+", realm):
+            raise UsageError(f"B2_REALM must be a realm name or an http(s) URL, got {realm!r}")
+
+    @staticmethod
+    def check_userinfo(name: str, url: str) -> None:
+        """A user or password must be percent-encoded: unencoded, `/`, `?` or `#` make the rest of it
+        read as the URL's path, so the client would log in wrong and the message name a wrong port."""
+        userinfo = url.partition("://")[2].rpartition("@")[0]
+        if any(reserved in userinfo for reserved in "/?#"):
+            raise UsageError(f"{name}: its user or password holds /, ? or #: percent-encode them (%2F, %3F, %23) "
+                             f"in {_redact_url(url)[:80]!r}")
+
+    @classmethod
+    def file(cls, name: str) -> str | None:
+        path = cls.text(name)
+        if path is not None and not os.path.isfile(path):
+            raise UsageError(f"{name}: no such file {path}")
+        return path
+
+    @classmethod
+    def endpoint(cls, service: str, default_port: int, schemes: dict[str, bool]) -> Endpoint:
+        """SERVICE_URL if set (its user and password, else SERVICE_USERNAME / SERVICE_PASSWORD), else
+        SERVICE_HOST / SERVICE_PORT; TLS from the URL's scheme, with SERVICE_TLS_{CA,CERT,KEY}_FILE."""
+        prefix = service.upper()
+        url = cls.text(f"{prefix}_URL")
+        files = {key: cls.file(f"{prefix}_TLS_{key.upper()}_FILE") for key in ("ca", "cert", "key")}
+        if url is None:
+            where: dict[str, Any] = {"host": cls.host(f"{prefix}_HOST"),
+                                     "port": cls.integer(f"{prefix}_PORT", default_port, 1, 65535)}
+            tls, user, password = False, None, None
+        else:
+            where, tls, user, password = cls.parse_service_url(f"{prefix}_URL", url, default_port, schemes)
+        set_files = [f"{prefix}_TLS_{key.upper()}_FILE" for key, path in files.items() if path]
+        if set_files and not tls:
+            tls_forms = " or ".join(f"{scheme}://" for scheme, on in schemes.items() if on)
+            raise UsageError(f"{set_files[0]} needs TLS: set {prefix}_URL to a {tls_forms} URL")
+        if bool(files["cert"]) != bool(files["key"]):
+            raise UsageError(f"{prefix}_TLS_CERT_FILE and {prefix}_TLS_KEY_FILE go together (a client certificate)")
+        return Endpoint(**where, username=user or cls.text(f"{prefix}_USERNAME"),
+                        password=password or cls.text(f"{prefix}_PASSWORD"), tls=tls, ca_file=files["ca"],
+                        cert_file=files["cert"], key_file=files["key"])
+
+    @classmethod
+    def cluster(cls, name: str, endpoint: Endpoint) -> bool:
+        """Cluster mode: the endpoint is one node (or a configuration endpoint) the client learns the rest from."""
+        on = cls.flag(name, False)
+        if on and endpoint.socket:
+            raise UsageError(f"{name}=on needs a host and port, not a unix socket "
+                             "(a cluster's nodes are found by address)")
+        return on
+
+    @classmethod
+    def parse_service_url(cls, name: str, url: str, default_port: int,
+                           schemes: dict[str, bool]) -> tuple[dict[str, Any], bool, str | None, str | None]:
+        cls.check_userinfo(name, url)
+        parts = urlsplit(url)
+        if parts.scheme not in schemes:
+            forms = ", ".join(f"{scheme}://" for scheme in schemes)
+            raise UsageError(f"{name} must start with {forms}, got {_redact_url(url)[:80]!r}")
+        user = unquote(parts.username) if parts.username else None
+        password = unquote(parts.password) if parts.password else None
+        if parts.scheme == "unix":
+            if not parts.path:
+                raise UsageError(f"{name}: a unix:// URL needs the socket's path (unix:///run/valkey.sock)")
+            return {"socket": parts.path}, False, user, password
+        try:
+            port = parts.port or default_port
+        except ValueError:
+            raise UsageError(f"{name} has a malformed port: {_redact_url(url)[:80]!r}") from None
+        if not parts.hostname or not HOST_RULE.fullmatch(parts.hostname):
+            raise UsageError(f"{name} needs a host: {_redact_url(url)[:80]!r}")
+        return {"host": parts.hostname, "port": port}, schemes[parts.scheme], user, password
 
 
 def project_group(directory: str) -> str:
@@ -323,103 +495,6 @@ def _working_directory() -> str:
     return pwd if pwd and os.path.isdir(pwd) else os.getcwd()
 
 
-def _env_str(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(name, "").strip() or default
-
-
-def _env_host(name: str) -> str:
-    host = _env_str(name, "localhost") or "localhost"
-    if not HOST_RULE.fullmatch(host):
-        raise UsageError(f"{name} must be a host name or IP address, got {host!r}")
-    return host
-
-
-def _env_bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise UsageError(f"{name} must be on or off, got {raw!r}")
-
-
-def _env_dir(name: str, default: str) -> str:
-    """An absolute path: a detached drainer runs from /, so a relative one would point elsewhere."""
-    return os.path.abspath(os.path.expanduser(_env_str(name, default) or default))
-
-
-def _default_spool_dir() -> str:
-    state = os.environ.get("XDG_STATE_HOME", "").strip() or os.path.join("~", ".local", "state")
-    return os.path.join(state, "opencode-memory", "spool")
-
-
-def _env_url(name: str) -> str | None:
-    url = _env_str(name)
-    if url is not None:
-        _check_userinfo(name, url)
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise UsageError(f"{name} must be an http(s) URL, got {_redact_url(url)!r}")
-    return url
-
-
-def _token_scope_lines(name: str) -> list[str]:
-    """MEMORY_MCP_TOKENS' entries: `TOKEN=GROUP[,GROUP...]` separated by `;` or newlines, or
-    `@/path` to a file of them (one a line, # comments), so tokens need not sit in the environment."""
-    value = _env_str(name) or ""
-    if value.startswith("@"):
-        try:
-            with open(value[1:], encoding="utf-8") as listed:
-                _check_token_file(name, value[1:], os.fstat(listed.fileno()))
-                value = listed.read()
-        except OSError as exc:
-            raise UsageError(f"{name}: cannot read {value[1:]} ({exc.strerror or type(exc).__name__})") from None
-    entries = (line.split("#", 1)[0].strip() for line in re.split(r"[;\n]", value))
-    return [entry for entry in entries if entry]
-
-
-def _check_token_file(name: str, path: str, status: os.stat_result) -> None:
-    """A token file someone else can write lets them add a token of their own for any group. One
-    only readable by others is accepted (Docker secrets are 0444), with a warning when mcp starts."""
-    if status.st_mode & 0o022 or status.st_uid not in (os.geteuid(), 0):
-        raise UsageError(f"{name}: {path} may be changed by another user (mode {status.st_mode & 0o777:04o}, "
-                         f"owner uid {status.st_uid}); make it 0600 and yours")
-
-
-def _token_file_readable_by_others(name: str) -> str | None:
-    value = _env_str(name) or ""
-    with contextlib.suppress(OSError):
-        if value.startswith("@") and os.stat(value[1:]).st_mode & 0o044:
-            return value[1:]
-    return None
-
-
-def _env_token_scopes(name: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    scopes = []
-    for number, entry in enumerate(_token_scope_lines(name), 1):
-        token, _, groups = entry.partition("=")
-        chosen = tuple(dict.fromkeys(g.strip() for g in groups.split(",") if g.strip()))
-        if not token.strip() or any(c.isspace() for c in token.strip()) or not chosen:
-            raise UsageError(f"{name}: entry {number} must be TOKEN=GROUP[,GROUP...] (the token shown nowhere)")
-        bad = next((g for g in chosen if not GROUP_ID_RULE.fullmatch(g)), None)
-        if bad is not None:
-            raise UsageError(f"{name}: entry {number}: group {bad[:80]!r} must match {GROUP_ID_RULE.pattern}")
-        scopes.append((token.strip(), chosen))
-    if len({token for token, _ in scopes}) < len(scopes):
-        raise UsageError(f"{name}: a token is listed twice")
-    return tuple(scopes)
-
-
-def _check_b2_realm(realm: str) -> None:
-    """A realm name b2sdk knows (production, staging, dev) or the URL of a B2-native endpoint."""
-    if "://" in realm:
-        _env_url("B2_REALM")
-    elif not re.fullmatch(r"[a-z]+", realm):
-        raise UsageError(f"B2_REALM must be a realm name or an http(s) URL, got {realm!r}")
-
-
 def _redact_url(url: str) -> str:
     """The URL without anything between `://` and its last `@`. Cut as text, before any parsing: a
     password holding `/`, `?` or `#` (generated ones often do) ends urlsplit's netloc early, and the
@@ -428,15 +503,6 @@ def _redact_url(url: str) -> str:
     if separator and "@" in rest:
         return f"{scheme}://{rest.rpartition('@')[2]}"
     return url
-
-
-def _check_userinfo(name: str, url: str) -> None:
-    """A user or password must be percent-encoded: unencoded, `/`, `?` or `#` make the rest of it
-    read as the URL's path, so the client would log in wrong and the message name a wrong port."""
-    userinfo = url.partition("://")[2].rpartition("@")[0]
-    if any(reserved in userinfo for reserved in "/?#"):
-        raise UsageError(f"{name}: its user or password holds /, ? or #: percent-encode them (%2F, %3F, %23) "
-                         f"in {_redact_url(url)[:80]!r}")
 
 
 # URL scheme -> TLS on; `unix` is a socket path. The forms each service's clients and hosts hand out.
@@ -471,66 +537,6 @@ class Endpoint:
         tls = {"ssl": True, "ssl_cert_reqs": "required", "ssl_check_hostname": True, "ssl_ca_certs": self.ca_file,
                "ssl_certfile": self.cert_file, "ssl_keyfile": self.key_file} if self.tls else {}
         return {**where, "username": self.username, "password": self.password, **tls}
-
-
-def _env_file(name: str) -> str | None:
-    path = _env_str(name)
-    if path is not None and not os.path.isfile(path):
-        raise UsageError(f"{name}: no such file {path}")
-    return path
-
-
-def _env_endpoint(service: str, default_port: int, schemes: dict[str, bool]) -> Endpoint:
-    """SERVICE_URL if set (its user and password, else SERVICE_USERNAME / SERVICE_PASSWORD), else
-    SERVICE_HOST / SERVICE_PORT; TLS from the URL's scheme, with SERVICE_TLS_{CA,CERT,KEY}_FILE."""
-    prefix = service.upper()
-    url = _env_str(f"{prefix}_URL")
-    files = {key: _env_file(f"{prefix}_TLS_{key.upper()}_FILE") for key in ("ca", "cert", "key")}
-    if url is None:
-        where: dict[str, Any] = {"host": _env_host(f"{prefix}_HOST"),
-                                 "port": _env_int(f"{prefix}_PORT", default_port, 1, 65535)}
-        tls, user, password = False, None, None
-    else:
-        where, tls, user, password = _parse_service_url(f"{prefix}_URL", url, default_port, schemes)
-    set_files = [f"{prefix}_TLS_{key.upper()}_FILE" for key, path in files.items() if path]
-    if set_files and not tls:
-        tls_forms = " or ".join(f"{scheme}://" for scheme, on in schemes.items() if on)
-        raise UsageError(f"{set_files[0]} needs TLS: set {prefix}_URL to a {tls_forms} URL")
-    if bool(files["cert"]) != bool(files["key"]):
-        raise UsageError(f"{prefix}_TLS_CERT_FILE and {prefix}_TLS_KEY_FILE go together (a client certificate)")
-    return Endpoint(**where, username=user or _env_str(f"{prefix}_USERNAME"),
-                    password=password or _env_str(f"{prefix}_PASSWORD"), tls=tls, ca_file=files["ca"],
-                    cert_file=files["cert"], key_file=files["key"])
-
-
-def _env_cluster(name: str, endpoint: Endpoint) -> bool:
-    """Cluster mode: the endpoint is one node (or a configuration endpoint) the client learns the rest from."""
-    on = _env_bool(name, False)
-    if on and endpoint.socket:
-        raise UsageError(f"{name}=on needs a host and port, not a unix socket (a cluster's nodes are found by address)")
-    return on
-
-
-def _parse_service_url(name: str, url: str, default_port: int,
-                       schemes: dict[str, bool]) -> tuple[dict[str, Any], bool, str | None, str | None]:
-    _check_userinfo(name, url)
-    parts = urlsplit(url)
-    if parts.scheme not in schemes:
-        forms = ", ".join(f"{scheme}://" for scheme in schemes)
-        raise UsageError(f"{name} must start with {forms}, got {_redact_url(url)[:80]!r}")
-    user = unquote(parts.username) if parts.username else None
-    password = unquote(parts.password) if parts.password else None
-    if parts.scheme == "unix":
-        if not parts.path:
-            raise UsageError(f"{name}: a unix:// URL needs the socket's path (unix:///run/valkey.sock)")
-        return {"socket": parts.path}, False, user, password
-    try:
-        port = parts.port or default_port
-    except ValueError:
-        raise UsageError(f"{name} has a malformed port: {_redact_url(url)[:80]!r}") from None
-    if not parts.hostname or not HOST_RULE.fullmatch(parts.hostname):
-        raise UsageError(f"{name} needs a host: {_redact_url(url)[:80]!r}")
-    return {"host": parts.hostname, "port": port}, schemes[parts.scheme], user, password
 
 
 @dataclass(frozen=True)
@@ -576,46 +582,46 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
-        group_id = _env_str("MEMORY_GROUP_ID") or project_group(_working_directory())
+        group_id = _Env.text("MEMORY_GROUP_ID") or project_group(_working_directory())
         if not GROUP_ID_RULE.fullmatch(group_id):
             raise UsageError(f"MEMORY_GROUP_ID must match {GROUP_ID_RULE.pattern}, got {group_id!r}")
         return cls(
-            falkordb=_env_endpoint("falkordb", 6379, FALKORDB_SCHEMES),
-            valkey=(valkey := _env_endpoint("valkey", 6380, VALKEY_SCHEMES)),
-            valkey_cluster=_env_cluster("VALKEY_CLUSTER", valkey),
-            openai_api_key=_env_str("OPENAI_API_KEY"),
-            openai_base_url=_env_url("OPENAI_BASE_URL"),
-            llm_model=_env_str("MEMORY_LLM_MODEL"),
-            llm_small_model=_env_str("MEMORY_LLM_SMALL_MODEL"),
-            embedding_model=_env_str("MEMORY_EMBEDDING_MODEL"),
-            embedding_dim=_env_int("EMBEDDING_DIM", 1024, 1, 16_384),
+            falkordb=_Env.endpoint("falkordb", 6379, FALKORDB_SCHEMES),
+            valkey=(valkey := _Env.endpoint("valkey", 6380, VALKEY_SCHEMES)),
+            valkey_cluster=_Env.cluster("VALKEY_CLUSTER", valkey),
+            openai_api_key=_Env.text("OPENAI_API_KEY"),
+            openai_base_url=_Env.url("OPENAI_BASE_URL"),
+            llm_model=_Env.text("MEMORY_LLM_MODEL"),
+            llm_small_model=_Env.text("MEMORY_LLM_SMALL_MODEL"),
+            embedding_model=_Env.text("MEMORY_EMBEDDING_MODEL"),
+            embedding_dim=_Env.integer("EMBEDDING_DIM", 1024, 1, 16_384),
             group_id=group_id,
-            cache_ttl_s=_env_int("MEMORY_CACHE_TTL", 300, 1, 30 * 86_400),
-            cache_group_bytes=_env_int("MEMORY_CACHE_GROUP_BYTES", 4 << 20, 0, 1 << 30),
-            max_episode_chars=_env_int("MEMORY_MAX_EPISODE_CHARS", 100_000, 1, 10_000_000),
-            spool_dir=_env_dir("MEMORY_SPOOL_DIR", _default_spool_dir()),
-            worker_concurrency=_env_int("MEMORY_WORKER_CONCURRENCY", 4, 1, 64),
-            max_attempts=_env_int("MEMORY_MAX_ATTEMPTS", 5, 1, 100),
-            coalesce_events=_env_int("MEMORY_COALESCE_EVENTS", 12, 1, 64),
-            coalesce_chars=_env_int("MEMORY_COALESCE_CHARS", 8_000, 1, 1_000_000),
-            coalesce_wait_s=_env_int("MEMORY_COALESCE_WAIT", 20, 0, 600),
-            auto_drain=_env_bool("MEMORY_AUTO_DRAIN", True),
-            drain_idle_s=_env_int("MEMORY_DRAIN_IDLE", 60, 1, 86_400),
-            b2_key_id=_env_str("B2_KEY_ID"),
-            b2_app_key=_env_str("B2_APP_KEY"),
-            b2_bucket=_env_str("B2_BUCKET"),
-            b2_prefix=(_env_str("B2_PREFIX") or "").strip("/"),
-            b2_realm=_env_str("B2_REALM", "production") or "production",  # checked by require_b2()
-            **_read_for_some("b2_invalid", lambda: {"b2_keep": _env_int("B2_KEEP", 28, 0, 1_000_000),
-                                                    "b2_stall_s": _env_int("B2_STALL_S", 60, 1, 3600)}),
-            mcp_token=_env_str("MEMORY_MCP_TOKEN"),
-            mcp_allowed_hosts=tuple(name.strip() for name in (_env_str("MEMORY_MCP_ALLOWED_HOSTS") or "").split(",")
+            cache_ttl_s=_Env.integer("MEMORY_CACHE_TTL", 300, 1, 30 * 86_400),
+            cache_group_bytes=_Env.integer("MEMORY_CACHE_GROUP_BYTES", 4 << 20, 0, 1 << 30),
+            max_episode_chars=_Env.integer("MEMORY_MAX_EPISODE_CHARS", 100_000, 1, 10_000_000),
+            spool_dir=_Env.directory("MEMORY_SPOOL_DIR", _Env.default_spool_dir()),
+            worker_concurrency=_Env.integer("MEMORY_WORKER_CONCURRENCY", 4, 1, 64),
+            max_attempts=_Env.integer("MEMORY_MAX_ATTEMPTS", 5, 1, 100),
+            coalesce_events=_Env.integer("MEMORY_COALESCE_EVENTS", 12, 1, 64),
+            coalesce_chars=_Env.integer("MEMORY_COALESCE_CHARS", 8_000, 1, 1_000_000),
+            coalesce_wait_s=_Env.integer("MEMORY_COALESCE_WAIT", 20, 0, 600),
+            auto_drain=_Env.flag("MEMORY_AUTO_DRAIN", True),
+            drain_idle_s=_Env.integer("MEMORY_DRAIN_IDLE", 60, 1, 86_400),
+            b2_key_id=_Env.text("B2_KEY_ID"),
+            b2_app_key=_Env.text("B2_APP_KEY"),
+            b2_bucket=_Env.text("B2_BUCKET"),
+            b2_prefix=(_Env.text("B2_PREFIX") or "").strip("/"),
+            b2_realm=_Env.text("B2_REALM", "production") or "production",  # checked by require_b2()
+            **_read_for_some("b2_invalid", lambda: {"b2_keep": _Env.integer("B2_KEEP", 28, 0, 1_000_000),
+                                                    "b2_stall_s": _Env.integer("B2_STALL_S", 60, 1, 3600)}),
+            mcp_token=_Env.text("MEMORY_MCP_TOKEN"),
+            mcp_allowed_hosts=tuple(name.strip() for name in (_Env.text("MEMORY_MCP_ALLOWED_HOSTS") or "").split(",")
                                     if name.strip()),
             **_read_for_some("mcp_invalid", lambda: {
-                "mcp_tokens": _env_token_scopes("MEMORY_MCP_TOKENS"),
-                "mcp_sessions_per_client": _env_int("MEMORY_MCP_SESSIONS_PER_CLIENT", 32, 1, 10_000),
-                "mcp_session_idle_s": _env_int("MEMORY_MCP_SESSION_IDLE_S", 1800, 10, 86_400)}),
-            redact=_env_bool("MEMORY_REDACT", True),
+                "mcp_tokens": _Env.token_scopes("MEMORY_MCP_TOKENS"),
+                "mcp_sessions_per_client": _Env.integer("MEMORY_MCP_SESSIONS_PER_CLIENT", 32, 1, 10_000),
+                "mcp_session_idle_s": _Env.integer("MEMORY_MCP_SESSION_IDLE_S", 1800, 10, 86_400)}),
+            redact=_Env.flag("MEMORY_REDACT", True),
         )
 
     @property
@@ -647,7 +653,7 @@ class Settings:
         for name, value in needed:
             if not value:
                 raise UsageError(f"{name} is not set (needed to {command} with B2{alternative})")
-        _check_b2_realm(self.b2_realm)
+        _Env.check_b2_realm(self.b2_realm)
 
     def require_llm(self) -> str:
         if not self.openai_api_key:
@@ -657,7 +663,7 @@ class Settings:
 
 def _dd_endpoint(variable: str, schemes: tuple[str, ...], default_port: int) -> tuple[str, Any] | None:
     """("unix", path) or (scheme, (host, port)) from a DD_*_URL variable; None when it is unset."""
-    url = _env_str(variable)
+    url = _Env.text(variable)
     if not url:
         return None
     if url.startswith("unix://"):
@@ -680,12 +686,12 @@ def _dd_agent(host: str | None) -> tuple[str, Any]:
         return endpoint
     if not host and os.path.exists("/var/run/datadog/apm.socket"):
         return "unix", "/var/run/datadog/apm.socket"
-    return "http", (host or "localhost", _env_int("DD_TRACE_AGENT_PORT", 8126, 1, 65535))
+    return "http", (host or "localhost", _Env.integer("DD_TRACE_AGENT_PORT", 8126, 1, 65535))
 
 
 def _dd_statsd(host: str | None) -> tuple[str, Any]:
     return (_dd_endpoint("DD_DOGSTATSD_URL", ("udp",), 8125)
-            or ("udp", (host or "localhost", _env_int("DD_DOGSTATSD_PORT", 8125, 1, 65535))))
+            or ("udp", (host or "localhost", _Env.integer("DD_DOGSTATSD_PORT", 8125, 1, 65535))))
 
 
 @dataclass(frozen=True)
@@ -701,12 +707,12 @@ class _DatadogSettings:
 
     @classmethod
     def from_env(cls) -> _DatadogSettings:
-        host = _env_str("DD_AGENT_HOST")
+        host = _Env.text("DD_AGENT_HOST")
         if host is not None and not HOST_RULE.fullmatch(host):
             raise UsageError(f"DD_AGENT_HOST must be a host name or IP address, got {host!r}")
-        return cls(tracing=_env_bool("DD_TRACE_ENABLED", True), agent=_dd_agent(host), statsd=_dd_statsd(host),
-                   service=_env_str("DD_SERVICE", "memory-manager") or "memory-manager",
-                   env=_env_str("DD_ENV"), version=_env_str("DD_VERSION"))
+        return cls(tracing=_Env.flag("DD_TRACE_ENABLED", True), agent=_dd_agent(host), statsd=_dd_statsd(host),
+                   service=_Env.text("DD_SERVICE", "memory-manager") or "memory-manager",
+                   env=_Env.text("DD_ENV"), version=_Env.text("DD_VERSION"))
 
 
 @dataclass
@@ -795,7 +801,7 @@ def _secret_values() -> list[str]:
             password = urlsplit(os.environ.get(name, "").strip()).password or ""
             values += [password, unquote(password)]
     with contextlib.suppress(UsageError):
-        values += [entry.partition("=")[0].strip() for entry in _token_scope_lines("MEMORY_MCP_TOKENS")]
+        values += [entry.partition("=")[0].strip() for entry in _Env.token_scope_lines("MEMORY_MCP_TOKENS")]
     return [v for v in values if v]
 
 
@@ -3978,7 +3984,7 @@ async def health() -> dict:
                      else "credentials are KEPT: they reach OpenAI, the graph, the queue's disk and B2"}
         op.set(**{"health.falkordb": falkordb["ok"], "health.valkey": valkey["ok"],
                   "health.llm": llm["ok"]})
-        group = {"ok": True, "address": "MEMORY_GROUP_ID" if _env_str("MEMORY_GROUP_ID") else "project",
+        group = {"ok": True, "address": "MEMORY_GROUP_ID" if _Env.text("MEMORY_GROUP_ID") else "project",
                  "detail": f"{s.group_id} (the memory group this process stores to and recalls from)"}
         return {
             "falkordb": falkordb,
@@ -7273,7 +7279,7 @@ async def serve_mcp(http: str | None = None, with_worker: bool = False) -> None:
                          "(every request must then carry Authorization: Bearer <token>)")
     if with_worker:
         s.require_llm()
-    if exposed := _token_file_readable_by_others("MEMORY_MCP_TOKENS"):
+    if exposed := _Env.token_file_readable_by_others("MEMORY_MCP_TOKENS"):
         log.warning("warning: MEMORY_MCP_TOKENS: other users can read %s (chmod 600 it)", exposed)
     server = _build_mcp_server()
     stop = asyncio.Event()
@@ -7823,7 +7829,7 @@ def _chosen_group(args: argparse.Namespace) -> tuple[str, str]:
     current directory only: one named is asked about its own rule), then the project rule."""
     if args.group is not None:
         return args.group, "--group"
-    if args.directory is None and _env_str("MEMORY_GROUP_ID"):
+    if args.directory is None and _Env.text("MEMORY_GROUP_ID"):
         return _settings().group_id, "MEMORY_GROUP_ID"
     return _project_group_and_rule(os.path.abspath(args.directory or _working_directory()))
 
