@@ -4,11 +4,13 @@ Chromium, headless (skipped where it is not installed; under CI its absence fail
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
 import shutil
 import subprocess
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,7 @@ def rendered(page: Path, query: str = "") -> str:
     """The DOM after the page's script ran, as Chromium serialises it."""
     assert CHROMIUM, "chromium is not installed"
     done = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=3000",
+                           "--window-size=1280,760", "--disable-background-networking",
                            "--dump-dom", f"{page.as_uri()}#q={query}"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
@@ -100,3 +103,40 @@ def test_the_page_is_readable_by_its_owner_only_as_an_export_is(stored, tmp_path
     stored.ok("graph", "--html", str(page))
 
     assert page.stat().st_mode & 0o777 == 0o600
+
+
+def a_crowded_view() -> dict:
+    """A hub with thirty spokes, two chains, twenty lone entities and names forty letters long: the
+    shape that piled entities along the canvas's edges and ran labels under the side panel."""
+    names = (["hub"] + [f"spoke_{i}_of_the_hub" for i in range(30)] + [f"chain-{i}" for i in range(10)]
+             + [f"lone entity {i} with a long name, forty letters" for i in range(20)])
+    entities = [{"id": f"e{i}", "name": name, "type": "Entity", "summary": ""} for i, name in enumerate(names)]
+    facts = ([{"source": "e0", "target": f"e{i}", "fact": f"hub links spoke {i}"} for i in range(1, 31)]
+             + [{"source": f"e{i}", "target": f"e{i + 1}", "fact": f"chain {i}"} for i in range(31, 40)])
+    return {"group": "crowded", "entities": entities,
+            "facts": [{**f, "valid_at": None, "invalid_at": None} for f in facts]}
+
+
+@needs_chromium
+def test_the_page_keeps_every_entity_and_its_whole_label_inside_the_canvas(tmp_path):
+    import memory_manager as mm
+    view, page = a_crowded_view(), tmp_path / "crowded.html"
+    page.write_text(mm._graph_page(view))
+
+    dom = rendered(page)
+
+    view_box = re.search(r'<svg id="graph" viewBox="([^"]+)"', dom)
+    assert view_box
+    left, top, width, height = map(float, view_box.group(1).split())
+    font_size = re.search(r'<svg[^>]*style="font-size: ([\d.]+)px', dom)  # the page's own 11 px unless scaled
+    font = float(font_size.group(1)) if font_size else 11.0
+    dots = [tuple(map(float, d)) for d in re.findall(r'<circle cx="([-\d.e]+)" cy="([-\d.e]+)" r="([\d.e]+)"', dom)]
+    labels = [(float(x), float(y), html.unescape(name))
+              for x, y, name in re.findall(r'<text x="([-\d.e]+)" y="([-\d.e]+)">([^<]*)</text>', dom)]
+    assert len(dots) == len(labels) == len(view["entities"])
+    assert all(left <= x - r and x + r <= left + width and top <= y - r and y + r <= top + height
+               for x, y, r in dots)
+    assert all(left <= x and x + 0.4 * font * len(name) <= left + width and top <= y - font and y <= top + height
+               for x, y, name in labels)  # 0.4 em a letter: less than a sans-serif line of words takes
+    crowded_x, crowded_y = Counter(x for x, _, _ in dots), Counter(y for _, y, _ in dots)
+    assert max(crowded_x.values()) <= 2 and max(crowded_y.values()) <= 2  # no pile along an edge

@@ -7628,8 +7628,9 @@ GRAPH_PAGE = """<!doctype html>
 <title>memory: __GROUP__</title>
 <style>
 body{font:14px system-ui,sans-serif;margin:0;display:grid;grid-template-columns:1fr 26rem;height:100vh}
-svg{width:100%;height:100vh;background:#fafafa} line{stroke:#9ab;stroke-width:1.2} line.old{stroke-dasharray:4 3}
-circle{fill:#4a7bd0;stroke:#fff;stroke-width:1.5} text{font-size:11px;fill:#223}
+svg{width:100%;height:100vh;background:#fafafa;font-size:11px}
+line{stroke:#9ab;stroke-width:1.2} line.old{stroke-dasharray:4 3}
+circle{fill:#4a7bd0;stroke:#fff;stroke-width:1.5} text{fill:#223}
 .dim{opacity:.12} aside{overflow:auto;padding:12px;border-left:1px solid #ddd}
 input{width:100%;font-size:15px;padding:6px;box-sizing:border-box} li{margin:6px 0} small{color:#667}
 </style></head><body>
@@ -7646,11 +7647,12 @@ const links = data.facts.filter((f) => index.has(f.source) && index.has(f.target
 const n = data.entities.length;
 const pos = data.entities.map((_, i) => [500 + 400 * Math.cos(2 * Math.PI * i / Math.max(n, 1)),
                                          500 + 400 * Math.sin(2 * Math.PI * i / Math.max(n, 1))]);
-const k = 0.7 * Math.sqrt(1000 * 1000 / Math.max(n, 1));
+const k = Math.sqrt(1000 * 1000 / Math.max(n, 1));  // room for a label beside each entity
 for (let step = 0; step < 300; step++) {  // Fruchterman-Reingold, deterministic: same data, same picture
   const move = pos.map(() => [0, 0]), heat = 60 * (1 - step / 300) + 1;
   for (let i = 0; i < n; i++) for (let j = i + 1; j < n; j++) {
     const dx = pos[i][0] - pos[j][0], dy = pos[i][1] - pos[j][1], d = Math.hypot(dx, dy) + 0.01;
+    if (d > 3 * k) continue;  // FR's own cut-off: distant entities do not push, so a lone one stays near
     const push = k * k / d / d;
     move[i][0] += dx * push; move[i][1] += dy * push; move[j][0] -= dx * push; move[j][1] -= dy * push;
   }
@@ -7659,11 +7661,10 @@ for (let step = 0; step < 300; step++) {  // Fruchterman-Reingold, deterministic
     const dx = pos[b][0] - pos[a][0], dy = pos[b][1] - pos[a][1], pull = Math.hypot(dx, dy) / k;
     move[a][0] += dx * pull; move[a][1] += dy * pull; move[b][0] -= dx * pull; move[b][1] -= dy * pull;
   }
-  pos.forEach((p, i) => {
+  pos.forEach((p, i) => {  // not clamped to a frame: clamping piled entities along its edges
     const dx = move[i][0] + (500 - p[0]) * 0.05, dy = move[i][1] + (500 - p[1]) * 0.05;
     const d = Math.hypot(dx, dy) + 0.01, step_ = Math.min(d, heat);
-    p[0] = Math.min(970, Math.max(30, p[0] + dx / d * step_));
-    p[1] = Math.min(970, Math.max(30, p[1] + dy / d * step_));
+    p[0] += dx / d * step_; p[1] += dy / d * step_;
   });
 }
 const make = (tag, attrs, text) => {
@@ -7685,6 +7686,20 @@ const dots = data.entities.map((e, i) => {
   g.append(dot, make("text", {x: pos[i][0] + 8, y: pos[i][1] + 4}, e.name));
   return svg.appendChild(g);
 });
+function frame() {  // the drawing, labels included, fills the canvas: nothing off its edges or cut
+  const box = svg.getBBox(), pad = 16, w = Math.max(box.width, 600), h = Math.max(box.height, 600);
+  svg.setAttribute("viewBox", [box.x - (w - box.width) / 2 - pad, box.y - (h - box.height) / 2 - pad,
+                               w + 2 * pad, h + 2 * pad].join(" "));
+  return Math.max((w + 2 * pad) / (svg.clientWidth || 1000), (h + 2 * pad) / (svg.clientHeight || 1000));
+}
+const shrunk = Math.max(frame(), 1);  // a wide drawing shrinks: its dots and labels grow back, then it fits again
+svg.style.fontSize = `${11 * shrunk}px`;
+dots.forEach((g, i) => {
+  g.firstChild.setAttribute("r", 4 * shrunk);
+  g.lastChild.setAttribute("x", pos[i][0] + 7 * shrunk);
+  g.lastChild.setAttribute("y", pos[i][1] + 4 * shrunk);
+});
+frame();
 const list = document.getElementById("facts"), count = document.getElementById("count");
 const search = document.getElementById("search");
 function show(query) {
