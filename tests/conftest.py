@@ -31,6 +31,7 @@ import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULE = ROOT / "containers" / "opencode-server" / "graphiti" / "memory_manager.py"
+OPENCODE_VERSION = "1.18.33"  # the OpenCode the plugin and MCP tests run, and the pod image pins
 sys.path.insert(0, str(ROOT / "local"))
 sys.path.insert(0, str(MODULE.parent))
 

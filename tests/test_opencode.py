@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MCP_TOKEN, MODULE, ROOT, Memory, free_port, mcp_http_server, stop
+from conftest import MCP_TOKEN, MODULE, OPENCODE_VERSION, ROOT, Memory, free_port, mcp_http_server, stop
 
-OPENCODE_VERSION = "1.18.33"
 PLUGIN = ROOT / "containers" / "opencode-server" / "plugins" / "memory.js"
 SEEDED_LOCK = {"lockfileVersion": 3, "packages": {"": {"dependencies": {"@opencode-ai/plugin": OPENCODE_VERSION}}}}
 pytestmark = pytest.mark.skipif(shutil.which("npm") is None, reason="needs node's npm")

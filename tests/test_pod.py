@@ -3,6 +3,7 @@ here exactly as written (the path of the console script aside) against the local
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import shutil
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml  # type: ignore[import-untyped]
 
-from conftest import ROOT, wait_for_no_worker
+from conftest import OPENCODE_VERSION, ROOT, wait_for_no_worker
 
 POD = ROOT / "docs" / "pod"
 CONSOLE_SCRIPT = Path(sys.executable).parent / "memory-manager"
@@ -110,3 +111,55 @@ def test_the_pod_doc_names_every_example_file():
     doc = (ROOT / "docs" / "pod.md").read_text()
 
     assert {path.name for path in POD.iterdir()} <= set(re.findall(r"pod/([\w.-]+)", doc))
+
+
+def containerfile_lines(starting: str) -> list[str]:
+    return [line.removeprefix(starting) for line in (POD / "Containerfile").read_text().splitlines()
+            if line.startswith(starting)]
+
+
+@pytest.fixture(scope="module")
+def opencode_stage(tmp_path_factory) -> Path:
+    """The image's OpenCode stage, run here as written (into a prefix of ours instead of the node
+    image's /usr/local): no container engine runs on this machine, so the image is not built."""
+    [install] = [line for line in containerfile_lines("RUN ") if "opencode-ai@" in line]
+    prefix = tmp_path_factory.mktemp("opencode-stage")
+    subprocess.run([*shlex.split(install), "--silent", "--prefix", str(prefix)], check=True, timeout=600)
+    return prefix
+
+
+def test_the_pod_image_copies_the_pinned_opencode_binary_that_runs_alone(opencode_stage, tmp_path):
+    [copied] = [line.split() for line in containerfile_lines("COPY --from=opencode ")]
+    source, target = copied
+    binary = tmp_path / "opencode"
+    shutil.copy(opencode_stage / Path(source).relative_to("/usr/local"), binary)
+
+    version = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=60)
+
+    assert f"opencode-ai@{OPENCODE_VERSION}" in (POD / "Containerfile").read_text()
+    assert version.stdout.strip() == OPENCODE_VERSION
+    assert target == "/usr/local/bin/opencode"  # on PATH, where compose's command finds it
+
+
+def test_compose_starts_opencode_with_flags_its_serve_command_takes(opencode_stage):
+    command = compose()["services"]["opencode"]["command"]
+    binary = opencode_stage / "lib" / "node_modules" / "opencode-ai" / "bin" / "opencode.exe"
+
+    usage = subprocess.run([str(binary), command[1], "--help"], capture_output=True, text=True, timeout=60)
+
+    assert command[:2] == ["opencode", "serve"] and usage.returncode == 0
+    assert all(flag in usage.stdout + usage.stderr for flag in command[2:] if flag.startswith("--"))
+
+
+def test_the_mcp_command_and_plugin_directory_in_the_docs_are_the_ones_the_image_makes():
+    doc = (ROOT / "docs" / "opencode.md").read_text()
+    local = next(json.loads(block)["mcp"]["memory"] for block in re.findall(r"```json\n(.*?)```", doc, re.S)
+                 if '"type": "local"' in block)
+    [(_, linked)] = re.findall(r"ln -s (\S+) (\S+)", (POD / "Containerfile").read_text())
+    [plugin] = [line.split()[-1] for line in containerfile_lines("COPY containers/opencode-server/plugins/")]
+
+    assert local["command"] == ["memory-manager", "mcp"]
+    assert linked == "/usr/local/bin/memory-manager"
+    assert plugin == "/etc/xdg/opencode/plugins/memory.js" and "ENV XDG_CONFIG_HOME=/etc/xdg" in \
+        (POD / "Containerfile").read_text()
+    assert "/etc/xdg/opencode/plugins/" in doc
