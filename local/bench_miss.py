@@ -35,7 +35,7 @@ from stack import ROOT, Stack
 
 sys.path.insert(0, str(ROOT / "containers" / "opencode-server" / "graphiti"))
 
-VECTOR_K = 200  # memory_manager.VECTOR_CANDIDATES
+VECTOR_K = 200  # memory_manager._Recall.VECTOR_CANDIDATES
 WORDS = ("graph", "database", "worker", "retry", "cache", "billing", "timeout", "deploy")  # in no fact
 
 
@@ -56,14 +56,14 @@ async def every_word_read(mm: Any, group: str, questions: int) -> tuple[list[flo
     """The common-word questions again with every text of every word read (as before the bound):
     their latencies, and how many answers equal the bounded ones."""
     bounded = [await mm.query_memory(question(i)) for i in range(1, questions, 2)]  # cached
-    mm.COMMON_WORD_MIN_TEXTS = 10**9  # bench instrumentation: no word is common
+    mm._Recall.COMMON_WORD_MIN_TEXTS = 10**9  # bench instrumentation: no word is common
     await mm._Cache.invalidate(group)
     latencies, same = [], 0
     for answer, i in zip(bounded, range(1, questions, 2), strict=True):
         started = time.perf_counter()
         same += await mm.query_memory(question(i)) == answer
         latencies.append((time.perf_counter() - started) * 1000)
-    mm.COMMON_WORD_MIN_TEXTS = 1_000
+    mm._Recall.COMMON_WORD_MIN_TEXTS = 1_000
     await mm._Cache.invalidate(group)
     return latencies, same
 

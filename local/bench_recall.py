@@ -215,14 +215,14 @@ async def own_lists(mm: object, graph: object, q: Question, event_of: dict[str, 
     """Recall's own four lists, each alone (bench instrumentation: the module's private searches)."""
     window, at = mm._Window(), mm._utc_iso(mm.datetime.now(mm.UTC))  # type: ignore[attr-defined]
     vector = await mm._query_embedding(mm.UNSEARCHABLE.sub(" ", q.text))  # type: ignore[attr-defined]
-    terms = mm._query_terms(q.text)  # type: ignore[attr-defined]
+    terms = mm._Recall.query_terms(q.text)  # type: ignore[attr-defined]
     for name, kind in (("events", mm.EPISODES), ("facts", mm.FACTS)):  # type: ignore[attr-defined]
-        text = await mm._bm25(graph, kind, terms, window, at)  # type: ignore[attr-defined]
-        meaning = await mm._nearest(graph, kind, vector, window, at)  # type: ignore[attr-defined]
+        text = await mm._Recall.bm25(graph, kind, terms, window, at)  # type: ignore[attr-defined]
+        meaning = await mm._Recall.nearest(graph, kind, vector, window, at)  # type: ignore[attr-defined]
         for label, hits in ((f"its BM25 over {name} alone", text), (f"its vector search over {name} alone", meaning)):
             uuids = [uid for _, uid in hits[:max(KS)]]
             if kind is mm.FACTS:  # type: ignore[attr-defined]
-                records = await mm._details(graph, kind, uuids)  # type: ignore[attr-defined]
+                records = await mm._Recall.details(graph, kind, uuids)  # type: ignore[attr-defined]
                 found[label][q.id] = [[event_of[e] for e in records[u]["episodes"] or [] if e in event_of]
                                       for u in uuids if u in records]
             else:

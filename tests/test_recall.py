@@ -426,7 +426,7 @@ def test_a_flat_vector_list_cannot_outvote_a_text_match_that_holds_the_question(
 
     ranked = sorted(combined, key=lambda uid: -combined[uid])
     assert ranked == ["holds-every-word", "holds-a-word", "nearest-vector"], combined
-    assert combined["nearest-vector"] == pytest.approx(mm.MEANING_WEIGHT)
+    assert combined["nearest-vector"] == pytest.approx(mm._Fusion.MEANING_WEIGHT)
 
 
 def test_a_fact_raises_its_event_only_by_what_it_matched_beyond_the_events_own_text():

@@ -113,7 +113,7 @@ from collections import OrderedDict, defaultdict, deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import IO, TYPE_CHECKING, Any, BinaryIO, NoReturn, cast
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, ClassVar, NoReturn, cast
 from urllib.parse import unquote, urlsplit
 
 if TYPE_CHECKING:
@@ -2911,51 +2911,348 @@ async def store_episode(content: str, metadata: dict | str | None = None, *, wai
     return queued.name
 
 
-RECALL_SCOPES = ("all", "facts", "episodes")
-RECALL_CANDIDATES = 50         # per ranked list (text and vector, facts and episodes) before fusion
-VECTOR_CANDIDATES = 200        # asked of a vector index, re-ranked with the window's filters (bench-miss)
-# How the lists are weighed (tuned on the LoCoMo dev set and the project's own corpus, each under
-# wordllama's and all-MiniLM-L6-v2's embeddings; docs/recall.md). A text match counts as the share
-# of the question's words it holds (BM25 over a text holding every word), so a list that matched
-# little says little; a vector match adds at most MEANING_WEIGHT, spread over its list's own range.
-# An equal reciprocal-rank vote for each list drowned the text list (dev set: 55 % found, 66 % for
-# the text list alone): over short memories the nearest vectors are close whatever the question.
-MEANING_WEIGHT = 0.15
-FACT_TEXT_SHARE = 1.5          # of what a fact's text match holds beyond its event's own
-FACT_MEANING_SHARE = 0.75      # of what a fact's vector match holds beyond its event's own
-NEIGHBOUR_SHARE = 0.5          # of an event's score its neighbours in time gain: a reply answers the turn before it
-NEIGHBOUR_REACH = 2            # events on each side that gain, the n-th NEIGHBOUR_SHARE / n: an answer often
-                               # comes a turn later, after "really?" (dev set @10: +2.6 wordllama, +2.1 MiniLM)
-NEIGHBOUR_SOURCES = 5          # the best events whose neighbours gain
-NEIGHBOUR_WINDOW_S = 3600      # an event's neighbours: the closest before and after it within this
-FACTS_PER_EVENT = 3            # matched facts shown under a recalled event
-MIN_SIMILARITY = 0.6           # (1 + cosine) / 2, graphiti's own floor: below it a vector match is noise
+class _Recall:
+    """The recall engine: BM25 and vector lists over events and facts in a window of time, weighed into one
+    ranking (_Fusion), events said again and again collapsed, neighbours in time raised, each event with its
+    matching facts."""
+
+    RECALL_SCOPES = ("all", "facts", "episodes")
+    RECALL_CANDIDATES = 50         # per ranked list (text and vector, facts and episodes) before fusion
+    VECTOR_CANDIDATES = 200        # asked of a vector index, re-ranked with the window's filters (bench-miss)
+    NEIGHBOUR_SHARE = 0.5          # of an event's score its neighbours in time gain: a reply answers the turn before it
+    NEIGHBOUR_REACH = 2            # events on each side that gain, the n-th NEIGHBOUR_SHARE / n: an answer often
+                                   # comes a turn later, after "really?" (dev set @10: +2.6 wordllama, +2.1 MiniLM)
+    NEIGHBOUR_SOURCES = 5          # the best events whose neighbours gain
+    NEIGHBOUR_WINDOW_S = 3600      # an event's neighbours: the closest before and after it within this
+    FACTS_PER_EVENT = 3            # matched facts shown under a recalled event
+    MIN_SIMILARITY = 0.6           # (1 + cosine) / 2, graphiti's own floor: below it a vector match is noise
+    NEW_FACT_SHARE = 0.5           # of a fact's words its event lacks, for the fact to be shown under it
+    # A word held by most texts weighs almost nothing (IDF <= log 2 past half of them), yet reading every
+    # text that holds it was the whole cost of a recall at 20,000 facts (~200 ms for "fact"). Past both
+    # bounds below a word is counted (FalkorDB counts without sending the texts) but scores no text.
+    COMMON_WORD_SHARE = 0.5        # of the window's texts
+    COMMON_WORD_MIN_TEXTS = 1_000  # so a small project's frequent words still score (1,000 rows: ~10 ms)
+    MAX_QUERY_TERMS = 32
+    EVENT_SNIPPET_CHARS = 400      # an event's text in `query`'s plain output; --json has all of it
+    # English function words: they carry no evidence of relevance (graphiti's fulltext index drops its
+    # own shorter list at index time, so asking for these would find nothing anyway).
+    QUERY_STOPWORDS = frozenset((
+        "a", "about", "above", "after", "again", "against", "all", "am", "an", "and", "any", "are", "as", "at",
+        "be", "because", "been", "before", "being", "below", "between", "both", "but", "by", "can", "could", "did",
+        "do", "does", "doing", "down", "during", "each", "few", "for", "from", "further", "had", "has", "have",
+        "having", "he", "her", "here", "hers", "herself", "him", "himself", "his", "how", "i", "if", "in", "into",
+        "is", "it", "its", "itself", "just", "me", "more", "most", "my", "myself", "no", "nor", "not", "now", "of",
+        "off", "on", "once", "only", "or", "other", "our", "ours", "ourselves", "out", "over", "own", "same",
+        "she", "should", "so", "some", "such", "than", "that", "the", "their", "theirs", "them", "themselves",
+        "then", "there", "these", "they", "this", "those", "through", "to", "too", "under", "until", "up", "very",
+        "was", "we", "were", "what", "when", "where", "which", "while", "who", "whom", "why", "will", "with",
+        "would", "you", "your", "yours", "yourself", "yourselves",
+    ))
+    TERM = re.compile(r"[a-z0-9]+")
+    # The NEIGHBOUR_REACH events just before and just after each window's event, by (time, uuid): a
+    # limit per window, so events stored at one time (an import, a backfill) cost rows by the reach, not
+    # by how many share the hour.
+    NEAREST_IN_TIME = (
+        "UNWIND $windows AS w CALL { "
+        "WITH w MATCH (x:Episodic) "
+        "WHERE toString(x.valid_at) >= w.lo AND [toString(x.valid_at), x.uuid] < [w.at, w.uuid] "
+        "WITH x, toString(x.valid_at) AS t ORDER BY t DESC, x.uuid DESC LIMIT $reach RETURN x.uuid AS near, t "
+        "UNION "
+        "WITH w MATCH (x:Episodic) "
+        "WHERE toString(x.valid_at) <= w.hi AND [toString(x.valid_at), x.uuid] > [w.at, w.uuid] "
+        "WITH x, toString(x.valid_at) AS t ORDER BY t, x.uuid LIMIT $reach RETURN x.uuid AS near, t "
+        "} RETURN w.uuid, near, t")
+
+    @classmethod
+    def checked_options(cls, scope: Any, as_of: Any, history: Any) -> tuple[str, _Window]:
+        if scope not in cls.RECALL_SCOPES:
+            raise UsageError(f"scope must be one of {', '.join(cls.RECALL_SCOPES)}, got {str(scope)[:40]!r}")
+        if as_of is not None and history:
+            raise UsageError("give --as-of or --history, not both")
+        when = None if as_of is None else _utc_iso(_parse_event_time(as_of, "as_of"))
+        return scope, _Window(when, bool(history))
+
+    @classmethod
+    def as_text(cls, items: list[Recalled]) -> str:
+        """The text `query` prints: a line per distinct fact (with its validity) or event (with its time)."""
+        if not items:
+            return NO_RESULTS
+        lines: dict[str, None] = {}
+        for item in items:
+            if item.kind == "fact":
+                lines[f"- {item.text} (valid {item.valid_at or '?'} → {item.invalid_at or 'present'})"] = None
+            else:
+                text = _snippet(item.text)
+                facts = "".join(f"\n  fact: {f.text} (valid {f.valid_at or '?'} → {f.invalid_at or 'present'})"
+                                for f in cls.new_facts(item))
+                lines[f"- event {item.valid_at or '?'}: {text}{facts}"] = None
+        return "\n".join(lines)  # an ordered set: two edges may carry the same fact text
+
+    @classmethod
+    def new_facts(cls, event: Recalled) -> list[Fact]:
+        """An event's facts worth a line of their own: those that say something the event's text does
+        not (at least cls.NEW_FACT_SHARE of their words are not its words). Most facts restate their event
+        ("Caroline went to a support group" under "I went to a LGBTQ support group yesterday"), and
+        each line costs a prompt's budget that another event could use."""
+        said = cls.words(event.text)
+        return [f for f in event.facts
+                if len(cls.words(f.text) - said) >= cls.NEW_FACT_SHARE * max(1, len(cls.words(f.text)))]
+
+    @classmethod
+    def words(cls, text: str) -> set[str]:
+        return {word for word in cls.TERM.findall(text.lower()) if word not in cls.QUERY_STOPWORDS}
+
+    @classmethod
+    def query_terms(cls, text: str) -> list[str]:
+        """The distinct words of a query that can be evidence, in order: lower-cased letters and digits,
+        no function words. Only these reach the fulltext index, so nothing needs escaping."""
+        terms = dict.fromkeys(t for t in cls.TERM.findall(text.lower()) if len(t) > 1 and t not in cls.QUERY_STOPWORDS)
+        return list(terms)[:cls.MAX_QUERY_TERMS]
+
+    @staticmethod
+    def window_where(kind: _Kind, window: _Window) -> str:
+        where = kind.filters(window).removeprefix(" AND ")
+        return f" WHERE {where}" if where else ""
+
+    @staticmethod
+    async def corpus_statistics(graph: Any, kind: _Kind, where: str, window: _Window, at: str) -> tuple[int, float]:
+        """(texts, their average length) of one kind in the window: a scan of every text (20 ms at
+        20,000 facts), so cached under the group's generation, which every change of the graph bumps."""
+        cached, slot = await _Cache.get(graph.name, _Keys.of(graph.name, f"bm25:{kind.name}:{window.key()}"))
+        if cached:
+            documents, average_length = json.loads(cached)
+            return documents, average_length
+        totals = (await graph.ro_query(f"{kind.match}{where} RETURN count(x), avg(size({kind.text}))",
+                                       {"at": at})).result_set[0]
+        if slot is not None:
+            await _Cache.store(slot, json.dumps([totals[0], totals[1] or 1.0]))
+        return totals[0], totals[1] or 1.0
+
+    @classmethod
+    async def bm25(cls, graph: Any, kind: _Kind, terms: list[str], window: _Window, at: str) -> list[tuple[float, str]]:
+        """(score, uuid) of the best cls.RECALL_CANDIDATES by Okapi BM25 over the group's own texts, each
+        score the share of a perfect match's (every word of the question, average length). IDF and the
+        average length come from the memories themselves, so the ranking is a function of what is
+        stored (identical after a restore), unlike FalkorDB's own fulltext score (issue 1208). The
+        index finds which texts hold a term (stemmed); a term counts once per text. A common word (see
+        cls.COMMON_WORD_SHARE) adds its weight to the perfect match but to no text."""
+        if not terms:
+            return []
+        where = cls.window_where(kind, window)
+        documents, average_length = await cls.corpus_statistics(graph, kind, where, window, at)
+        if not documents:
+            return []
+        common = max(cls.COMMON_WORD_MIN_TEXTS, int(cls.COMMON_WORD_SHARE * documents))
+        keys = {term: _Keys.of(graph.name, f"common:{kind.name}:{window.key()}:{term}") for term in terms}
+        counted, generation = await _Cache.get_many(graph.name, list(keys.values()))
+        known = {term: int(df) for term, df in zip(terms, counted, strict=True) if df is not None}
+        asked = [term for term in terms if term not in known]  # a word known to be common costs nothing
+        rows = [] if not asked else (await graph.ro_query(  # a common word: one row, its count, no text (x NULL)
+            f"UNWIND $terms AS term {kind.index_call}{where} WITH term, collect(x) AS found "
+            "UNWIND CASE WHEN size(found) > $common THEN [NULL] ELSE found END AS x "
+            f"RETURN term, size(found), x.uuid, size({kind.text}), coalesce(x.valid_at, ''), left({kind.text}, 200)",
+            {"terms": asked, "at": at, "common": common})).result_set
+        frequency = {**known, **{term: df for term, df, *_ in rows}}
+        for term, df, uid, *_ in rows:
+            if uid is None and generation is not None:  # counted once per generation (every write bumps it)
+                await _Cache.store(_CacheSlot(graph.name, keys[term], generation), str(df))
+        scores: dict[str, float] = defaultdict(float)
+        order: dict[str, tuple] = {}
+        for _term, df, uid, length, valid_at, opening in rows:
+            if uid is None:
+                continue
+            idf = math.log(1 + (documents - df + 0.5) / (df + 0.5))
+            scores[uid] += idf * (BM25_K1 + 1) / (1 + BM25_K1 * (1 - BM25_B + BM25_B * length / average_length))
+            order[uid] = (opening, valid_at, uid)
+        best = sorted(scores, key=lambda uid: (-round(scores[uid], 9), *order[uid]))[:cls.RECALL_CANDIDATES]
+        # As a share of a perfect match: a text of average length holding every word of the question.
+        perfect = sum(math.log(1 + (documents - frequency.get(term, 0) + 0.5) / (frequency.get(term, 0) + 0.5))
+                      for term in terms)
+        return [(scores[uid] / perfect, uid) for uid in best]
+
+    @classmethod
+    async def nearest(cls, graph: Any, kind: _Kind, vector: list[float], window: _Window,
+                      at: str) -> list[tuple[float, str]]:
+        """(similarity, uuid) of the best cls.RECALL_CANDIDATES at cls.MIN_SIMILARITY or more, equal scores
+        ordered by text. Up to cls.VECTOR_CANDIDATES items in the window are scanned (exact, and the same
+        after a restore); beyond that the candidates come from the group's vector index, cls.VECTOR_CANDIDATES
+        of them (its distances are exact; which items it finds is approximate: FalkorDB's HNSW can miss
+        items, FalkorDB issue 1710, so an index built anew by a restore may find others). A graph without
+        the index (older, or written by other means) is scanned."""
+        rank = (f"WHERE score >= $floor{kind.filters(window)} RETURN score, x.uuid "
+                f"ORDER BY score DESC, {kind.text}, x.uuid ")
+        params = {"vector": vector, "at": at, "limit": cls.RECALL_CANDIDATES, "floor": cls.MIN_SIMILARITY,
+                  "k": cls.VECTOR_CANDIDATES}
+        scan = (f"{kind.match} WHERE {kind.vector} IS NOT NULL "
+                f"WITH x, (2 - vec.cosineDistance({kind.vector}, vecf32($vector))) / 2 AS score {rank}LIMIT $limit")
+        documents, _ = await cls.corpus_statistics(graph, kind, cls.window_where(kind, window), window, at)
+        if documents <= cls.VECTOR_CANDIDATES:
+            return [(score, uid) for score, uid in (await graph.ro_query(scan, params)).result_set]
+        try:
+            rows = (await graph.ro_query(f"{kind.vector_call} WITH x, (2 - distance) / 2 AS score {rank}LIMIT $limit",
+                                         params)).result_set
+        except cls.response_error():  # no vector index on this graph
+            rows = (await graph.ro_query(scan, params)).result_set
+        return [(score, uid) for score, uid in rows]
+
+    @staticmethod
+    def response_error() -> type[Exception]:
+        from redis.exceptions import ResponseError
+
+        return ResponseError
+
+    @staticmethod
+    async def details(graph: Any, kind: _Kind, uuids: list[str], fields: str | None = None) -> dict[str, dict]:
+        if not uuids:
+            return {}
+        result = await graph.ro_query(
+            f"{kind.lookup} WHERE x.uuid IN $uuids RETURN x.uuid AS uuid, {fields or kind.fields}", {"uuids": uuids})
+        names = [column[1] for column in result.header]
+        return {row[0]: dict(zip(names, row, strict=True)) for row in result.result_set}
+
+    @classmethod
+    async def with_neighbours(cls, graph: Any, scores: dict[str, float]) -> dict[str, float]:
+        """The best events lend part of their score to the cls.NEIGHBOUR_REACH events just before and just
+        after each (within cls.NEIGHBOUR_WINDOW_S), less with each step away: in a conversation the answer
+        is often the reply to the turn that matches the question, and an agent's next step follows from
+        the one before."""
+        sources = sorted(scores, key=lambda uid: (-round(scores[uid], 12), uid))[:cls.NEIGHBOUR_SOURCES]
+        times = {uid: at for uid, at in (await graph.ro_query(
+            "MATCH (x:Episodic) WHERE x.uuid IN $uuids RETURN x.uuid, toString(x.valid_at)",
+            {"uuids": sources})).result_set if at}
+        reach_s = cls.NEIGHBOUR_WINDOW_S
+        windows = [{"uuid": uid, "at": at, "lo": cls.shifted(at, -reach_s), "hi": cls.shifted(at, reach_s)}
+                   for uid, at in times.items()]
+        asked = {"windows": windows, "reach": cls.NEIGHBOUR_REACH}
+        rows = (await graph.ro_query(cls.NEAREST_IN_TIME, asked)).result_set \
+            if windows else []
+        around: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        for source, uid, at in rows:
+            around[source].append((at, uid))
+        lifted = defaultdict(float, scores)
+        for source, at in times.items():
+            before = sorted(((t, u) for t, u in around[source] if (t, u) < (at, source)), reverse=True)
+            after = sorted((t, u) for t, u in around[source] if (t, u) > (at, source))
+            for side in (before, after):
+                for distance, (_, neighbour) in enumerate(side[:cls.NEIGHBOUR_REACH], start=1):
+                    lifted[neighbour] += cls.NEIGHBOUR_SHARE / distance * scores[source]
+        return lifted
+
+    @staticmethod
+    def without_repeats(ranked: list[str], keys: dict[str, dict], scores: dict[str, float]) -> list[str]:
+        """One event for each text said again and again ("run the tests again", "Work is fine"): the
+        newest of those that rank best stands for the rest, which would fill the slots of ten different
+        memories with one. Texts are the same when their first 200 characters and length are."""
+        def text(uid: str) -> tuple[str, int]:
+            return keys[uid]["opening"], keys[uid]["length"]
+
+        best: dict[tuple[str, int], str] = {}
+        for uid in ranked:
+            kept = best.setdefault(text(uid), uid)
+            if round(scores[uid], 12) == round(scores[kept], 12) and keys[uid]["at"] > keys[kept]["at"]:
+                best[text(uid)] = uid
+        return [uid for uid in ranked if best[text(uid)] == uid]
+
+    @staticmethod
+    def shifted(iso: str, seconds: float) -> str:
+        """An ISO time moved by `seconds`, written as the stored times are (UTC, isoformat)."""
+        return _utc_iso(datetime.fromisoformat(iso) + timedelta(seconds=seconds))
+
+    @staticmethod
+    async def all_or_first_error(searches: list[Any]) -> list[Any]:
+        """Every search's result, or the first failure once all have ended: a plain gather() would raise
+        while the others still run, and they would meet the clients close() is releasing (a cache
+        lookup then warns of a closed Valkey connection beside the real error)."""
+        results = await asyncio.gather(*searches, return_exceptions=True)
+        failure = next((r for r in results if isinstance(r, BaseException)), None)
+        if failure is not None:
+            raise failure
+        return results
+
+    @classmethod
+    async def ranked(cls, query: str, limit: int, scope: str, window: _Window) -> list[Recalled]:
+        """Text (BM25) and vector (cosine) search over facts and over episodes, weighed together (a text
+        match as the share of the question it holds, a vector match at most _Fusion.MEANING_WEIGHT). One
+        embeddings call; no LLM call; with the embeddings endpoint failing, text alone (one warning).
+        Scope `all` ranks events: a fact raises its events only by what it matched beyond their own
+        text. The best events then lend part of their score to their neighbours in time, and each
+        event shows its matching facts."""
+        s = _settings()
+        if not await _graph_exists(s.group_id):  # searching would create an empty graph
+            return []
+        vector = await cls.question_vector(query)
+        graph = (await _falkordb()).select_graph(s.group_id)
+        at = window.as_of or _utc_iso(datetime.now(UTC))
+        named, undated = _NamedTime.named_time(query, at)
+        terms = cls.query_terms(undated)
+        kinds = [k for k in (FACTS, EPISODES) if scope in ("all", k.name + "s")]
+        async with _service("falkordb", s.falkordb_address):
+            ranked = await cls.all_or_first_error([search for kind in kinds for search in (
+                cls.bm25(graph, kind, terms, window, at),
+                cls.nearest(graph, kind, vector, window, at) if vector is not None else asyncio.sleep(0, result=[]))])
+            fact_text, fact_meaning = ranked[:2] if FACTS in kinds else ([], [])
+            facts = _Fusion.combined({u: x for x, u in fact_text}, {u: x for x, u in fact_meaning})
+            fact_records = await cls.details(graph, FACTS, list(facts))
+            if scope == "facts":
+                fact_times = {u: r["valid_at"] for u, r in fact_records.items()}
+                named_facts = _NamedTime.in_named_time(facts, fact_times, named)
+                return cls.ranked_items("fact", fact_records, named_facts, limit)
+            with_facts = scope == "all"
+            text = _Fusion.with_fact_evidence({u: x for x, u in ranked[-2]}, fact_text, fact_records,
+                                       _Fusion.FACT_TEXT_SHARE * with_facts)
+            meaning = _Fusion.with_fact_evidence({u: x for x, u in ranked[-1]}, fact_meaning, fact_records,
+                                          _Fusion.FACT_MEANING_SHARE * with_facts)
+            events = await cls.with_neighbours(graph, _Fusion.combined(text, meaning))
+            keys = await cls.details(graph, EPISODES, list(events), "coalesce(x.valid_at, '') AS at, "
+                                  "left(x.content, 200) AS opening, size(x.content) AS length")
+            events = _NamedTime.in_named_time(events, {u: k["at"] for u, k in keys.items()}, named)
+            best = cls.without_repeats(sorted(keys, key=lambda u: (-round(events[u], 12), keys[u]["opening"],
+                                                                keys[u]["at"], u)), keys, events)[:limit]
+            items = [dataclasses.replace(item, facts=cls.supporting(item.uuid, fact_records, facts))
+                     for item in cls.ranked_items("episode", await cls.details(graph, EPISODES, best), events, limit)]
+        # A fact that no stored event backs (its episodes removed, or a graph written by other means)
+        # stands on its own in the ranking.
+        orphans = {uid: r for uid, r in fact_records.items() if not any(e in keys for e in r["episodes"] or [])}
+        return sorted(items + cls.ranked_items("fact", orphans, facts, limit), key=cls.rank_order)[:limit]
+
+    @staticmethod
+    async def question_vector(query: str) -> list[float] | None:
+        """The question's embedding, or None (recall by text alone, one warning) when the embeddings
+        endpoint fails: BM25 needs no embedding, and an answer from it beats none."""
+        try:
+            return await _query_embedding(UNSEARCHABLE.sub(" ", query))
+        except ServiceError as exc:
+            if exc.service != "openai":
+                raise
+            log.warning("warning: %s; recalling by text alone", exc)
+            _TEXT_ONLY.set(True)
+            return None
+
+    @staticmethod
+    def rank_order(item: Recalled) -> tuple:
+        return (-round(item.score, 12), item.text, item.valid_at or "", item.uuid)
+
+    @classmethod
+    def ranked_items(cls, kind: str, records: dict[str, dict], scores: dict[str, float], limit: int) -> list[Recalled]:
+        items = (cls.recalled(kind, record, scores[uid]) for uid, record in records.items())
+        return sorted(items, key=cls.rank_order)[:limit]
+
+    @classmethod
+    def supporting(cls, episode: str, records: dict[str, dict], scores: dict[str, float]) -> list[Fact]:
+        """The matched facts extracted from one event, best first (at most cls.FACTS_PER_EVENT)."""
+        mine = [cls.recalled("fact", r, scores[uid]).fact() for uid, r in records.items()
+                if episode in (r["episodes"] or [])]
+        mine.sort(key=lambda f: (-round(f.score or 0, 12), f.text, f.uuid))
+        return mine[:cls.FACTS_PER_EVENT]
+
+    @staticmethod
+    def recalled(kind: str, record: dict, score: float) -> Recalled:
+        # memories stored before redaction existed (or with MEMORY_REDACT off) may hold credentials
+        return Recalled(kind, redact(record["text"] or "").text, record["uuid"], round(score, 9),
+                        _iso_text(record["valid_at"]), _iso_text(record["invalid_at"]), list(record["episodes"] or []))
+
+
 BM25_K1, BM25_B = 1.2, 0.75
-NEW_FACT_SHARE = 0.5           # of a fact's words its event lacks, for the fact to be shown under it
-# A word held by most texts weighs almost nothing (IDF <= log 2 past half of them), yet reading every
-# text that holds it was the whole cost of a recall at 20,000 facts (~200 ms for "fact"). Past both
-# bounds below a word is counted (FalkorDB counts without sending the texts) but scores no text.
-COMMON_WORD_SHARE = 0.5        # of the window's texts
-COMMON_WORD_MIN_TEXTS = 1_000  # so a small project's frequent words still score (1,000 rows: ~10 ms)
-MAX_QUERY_TERMS = 32
-EVENT_SNIPPET_CHARS = 400      # an event's text in `query`'s plain output; --json has all of it
-# English function words: they carry no evidence of relevance (graphiti's fulltext index drops its
-# own shorter list at index time, so asking for these would find nothing anyway).
-QUERY_STOPWORDS = frozenset((
-    "a", "about", "above", "after", "again", "against", "all", "am", "an", "and", "any", "are", "as", "at",
-    "be", "because", "been", "before", "being", "below", "between", "both", "but", "by", "can", "could", "did",
-    "do", "does", "doing", "down", "during", "each", "few", "for", "from", "further", "had", "has", "have",
-    "having", "he", "her", "here", "hers", "herself", "him", "himself", "his", "how", "i", "if", "in", "into",
-    "is", "it", "its", "itself", "just", "me", "more", "most", "my", "myself", "no", "nor", "not", "now", "of",
-    "off", "on", "once", "only", "or", "other", "our", "ours", "ourselves", "out", "over", "own", "same",
-    "she", "should", "so", "some", "such", "than", "that", "the", "their", "theirs", "them", "themselves",
-    "then", "there", "these", "they", "this", "those", "through", "to", "too", "under", "until", "up", "very",
-    "was", "we", "were", "what", "when", "where", "which", "while", "who", "whom", "why", "will", "with",
-    "would", "you", "your", "yours", "yourself", "yourselves",
-))
-TERM = re.compile(r"[a-z0-9]+")
-
-
 @dataclass(frozen=True)
 class Fact:
     """One remembered fact: its text, validity window (ISO 8601; None: unknown / still true), the
@@ -3006,80 +3303,42 @@ class _Window:
         return "history" if self.history else (self.as_of or "now")
 
 
-def _validate_recall(scope: Any, as_of: Any, history: Any) -> tuple[str, _Window]:
-    if scope not in RECALL_SCOPES:
-        raise UsageError(f"scope must be one of {', '.join(RECALL_SCOPES)}, got {str(scope)[:40]!r}")
-    if as_of is not None and history:
-        raise UsageError("give --as-of or --history, not both")
-    when = None if as_of is None else _utc_iso(_parse_event_time(as_of, "as_of"))
-    return scope, _Window(when, bool(history))
-
-
 def _utc_iso(when: datetime) -> str:
     return when.astimezone(UTC).isoformat()
 
 
 def _snippet(text: str) -> str:
     text = " ".join(text.split())
-    return text if len(text) <= EVENT_SNIPPET_CHARS else text[:EVENT_SNIPPET_CHARS - 1] + "…"
-
-
-def _format_recall(items: list[Recalled]) -> str:
-    """The text `query` prints: a line per distinct fact (with its validity) or event (with its time)."""
-    if not items:
-        return NO_RESULTS
-    lines: dict[str, None] = {}
-    for item in items:
-        if item.kind == "fact":
-            lines[f"- {item.text} (valid {item.valid_at or '?'} → {item.invalid_at or 'present'})"] = None
-        else:
-            text = _snippet(item.text)
-            facts = "".join(f"\n  fact: {f.text} (valid {f.valid_at or '?'} → {f.invalid_at or 'present'})"
-                            for f in _new_facts(item))
-            lines[f"- event {item.valid_at or '?'}: {text}{facts}"] = None
-    return "\n".join(lines)  # an ordered set: two edges may carry the same fact text
-
-
-def _new_facts(event: Recalled) -> list[Fact]:
-    """An event's facts worth a line of their own: those that say something the event's text does
-    not (at least NEW_FACT_SHARE of their words are not its words). Most facts restate their event
-    ("Caroline went to a support group" under "I went to a LGBTQ support group yesterday"), and
-    each line costs a prompt's budget that another event could use."""
-    said = _words(event.text)
-    return [f for f in event.facts if len(_words(f.text) - said) >= NEW_FACT_SHARE * max(1, len(_words(f.text)))]
-
-
-def _words(text: str) -> set[str]:
-    return {word for word in TERM.findall(text.lower()) if word not in QUERY_STOPWORDS}
+    return text if len(text) <= _Recall.EVENT_SNIPPET_CHARS else text[:_Recall.EVENT_SNIPPET_CHARS - 1] + "…"
 
 
 # --- a time the question names ----------------------------------------------------------------
 # "What did Melanie paint on October 13, 2023?", "what broke yesterday": events of that day, month or
-# year are raised by NAMED_TIME_BOOST (a multiple, so a question naming a time all events share
+# year are raised by _NamedTime.NAMED_TIME_BOOST (a multiple, so a question naming a time all events share
 # changes nothing). Times are compared as the UTC dates of the events' valid_at.
-
-MONTHS = ("january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
-          "november", "december")
-MONTH = r"(jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?|sep(?:t(?:ember)?)?|" \
-        r"oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)"
-ORDINAL = r"(\d{1,2})(?:st|nd|rd|th)?"
-NAMED_DAY = re.compile(rf"\b(?:{ORDINAL}\s+(?:of\s+)?{MONTH}|{MONTH}\.?\s+{ORDINAL}),?\s+(\d{{4}})\b", re.I)
-ISO_DAY = re.compile(r"\b(\d{4})-(\d{2})-(\d{2})\b")
-NAMED_MONTH = re.compile(rf"\b{MONTH}\.?,?\s+(\d{{4}})\b", re.I)
-MONTH_ALONE = re.compile(rf"\b(?:in|during|of|since|early|late|mid)\s+{MONTH}\b(?!\s+\d)", re.I)
-NAMED_YEAR = re.compile(r"\b(?:in|during|of|since)\s+((?:19|20)\d\d)\b", re.I)
-RELATIVE_DAYS = {"today": (0, 0), "yesterday": (1, 1), "this week": (6, 0), "last week": (13, 7),
-                 "past week": (7, 0), "this month": (30, 0), "last month": (61, 30)}  # days back: (from, to)
-NAMED_TIME_BOOST = 1.0
-
 
 class _NamedTime:
     """A time a question names (a day, a month, a year, or a span such as last week), and whether an
     event's UTC date lies in it."""
 
-    @staticmethod
-    def month_number(name: str) -> int:
-        return next(n for n, month in enumerate(MONTHS, 1) if month.startswith(name.lower()[:3]))
+    MONTHS = ("january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
+              "november", "december")
+    MONTH = r"(jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?|sep(?:t(?:ember)?)?|" \
+            r"oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)"
+    ORDINAL = r"(\d{1,2})(?:st|nd|rd|th)?"
+    NAMED_DAY = re.compile(rf"\b(?:{ORDINAL}\s+(?:of\s+)?{MONTH}|{MONTH}\.?\s+{ORDINAL}),?\s+(\d{{4}})\b", re.I)
+    ISO_DAY = re.compile(r"\b(\d{4})-(\d{2})-(\d{2})\b")
+    NAMED_MONTH = re.compile(rf"\b{MONTH}\.?,?\s+(\d{{4}})\b", re.I)
+    MONTH_ALONE = re.compile(rf"\b(?:in|during|of|since|early|late|mid)\s+{MONTH}\b(?!\s+\d)", re.I)
+    NAMED_YEAR = re.compile(r"\b(?:in|during|of|since)\s+((?:19|20)\d\d)\b", re.I)
+    RELATIVE_DAYS: ClassVar[dict[str, tuple[int, int]]] = {  # days back: (from, to)
+        "today": (0, 0), "yesterday": (1, 1), "this week": (6, 0), "last week": (13, 7), "past week": (7, 0),
+        "this month": (30, 0), "last month": (61, 30)}
+    NAMED_TIME_BOOST = 1.0
+
+    @classmethod
+    def month_number(cls, name: str) -> int:
+        return next(n for n, month in enumerate(cls.MONTHS, 1) if month.startswith(name.lower()[:3]))
 
     @classmethod
     def named_time(cls, question: str, now: str) -> tuple[Callable[[str], bool] | None, str]:
@@ -3087,40 +3346,40 @@ class _NamedTime:
         none), and the question without the words that named it: they are a time, not words to find
         (as words they matched nothing and only thinned every text match's share). The most precise
         time named wins (a day over a month over a year)."""
-        if found := ISO_DAY.search(question):
+        if found := cls.ISO_DAY.search(question):
             day = "-".join(found.groups())
             return (lambda date: date == day), cls.cut(question, found)
-        if found := NAMED_DAY.search(question):
+        if found := cls.NAMED_DAY.search(question):
             number, month_a, month_b, number_b, year = found.groups()
             day = f"{year}-{cls.month_number(month_a or month_b):02d}-{int(number or number_b):02d}"
             return (lambda date: date == day), cls.cut(question, found)
-        if found := NAMED_MONTH.search(question):
+        if found := cls.NAMED_MONTH.search(question):
             prefix = f"{found.group(2)}-{cls.month_number(found.group(1)):02d}-"
             return (lambda date: date.startswith(prefix)), cls.cut(question, found)
-        if found := MONTH_ALONE.search(question):
+        if found := cls.MONTH_ALONE.search(question):
             middle = f"-{cls.month_number(found.group(1)):02d}-"
             return (lambda date: date[4:8] == middle), cls.cut(question, found)
-        if found := NAMED_YEAR.search(question):
+        if found := cls.NAMED_YEAR.search(question):
             year = found.group(1) + "-"
             return (lambda date: date.startswith(year)), cls.cut(question, found)
-        for phrase, (back_from, back_to) in RELATIVE_DAYS.items():
+        for phrase, (back_from, back_to) in cls.RELATIVE_DAYS.items():
             if found := re.search(r"\b" + phrase.replace(" ", r"\s+") + r"\b", question, re.I):
                 today = datetime.fromisoformat(now).astimezone(UTC).date()
                 first, last = (str(today - timedelta(days=back)) for back in (back_from, back_to))
                 return (lambda date, first=first, last=last: first <= date <= last), cls.cut(question, found)
         return None, question
 
-    @staticmethod
-    def cut(question: str, found: re.Match[str]) -> str:
+    @classmethod
+    def cut(cls, question: str, found: re.Match[str]) -> str:
         return question[:found.start()] + " " + question[found.end():]
 
     @classmethod
     def in_named_time(cls, scores: dict[str, float], dates: dict[str, str], named: Callable[[str], bool] | None
                        ) -> dict[str, float]:
-        """Scores of the items dated in the named time raised by NAMED_TIME_BOOST."""
+        """Scores of the items dated in the named time raised by cls.NAMED_TIME_BOOST."""
         if named is None:
             return scores
-        return {uid: score * (1 + NAMED_TIME_BOOST) if named(cls.utc_date(dates.get(uid))) else score
+        return {uid: score * (1 + cls.NAMED_TIME_BOOST) if named(cls.utc_date(dates.get(uid))) else score
                 for uid, score in scores.items()}
 
     @staticmethod
@@ -3130,13 +3389,6 @@ class _NamedTime:
             return datetime.fromisoformat(str(valid_at).replace("Z", "+00:00")).astimezone(UTC).strftime(layout)
         except ValueError:
             return ""
-
-
-def _query_terms(text: str) -> list[str]:
-    """The distinct words of a query that can be evidence, in order: lower-cased letters and digits,
-    no function words. Only these reach the fulltext index, so nothing needs escaping."""
-    terms = dict.fromkeys(t for t in TERM.findall(text.lower()) if len(t) > 1 and t not in QUERY_STOPWORDS)
-    return list(terms)[:MAX_QUERY_TERMS]
 
 
 @dataclass(frozen=True)
@@ -3180,114 +3432,26 @@ EPISODES = _Kind("episode", "MATCH (x:Episodic)", "MATCH (x:Episodic)", "x.conte
                  "x.content AS text, x.valid_at AS valid_at, NULL AS invalid_at, [x.uuid] AS episodes")
 
 
-def _window_where(kind: _Kind, window: _Window) -> str:
-    where = kind.filters(window).removeprefix(" AND ")
-    return f" WHERE {where}" if where else ""
-
-
-async def _corpus_statistics(graph: Any, kind: _Kind, where: str, window: _Window, at: str) -> tuple[int, float]:
-    """(texts, their average length) of one kind in the window: a scan of every text (20 ms at
-    20,000 facts), so cached under the group's generation, which every change of the graph bumps."""
-    cached, slot = await _Cache.get(graph.name, _Keys.of(graph.name, f"bm25:{kind.name}:{window.key()}"))
-    if cached:
-        documents, average_length = json.loads(cached)
-        return documents, average_length
-    totals = (await graph.ro_query(f"{kind.match}{where} RETURN count(x), avg(size({kind.text}))",
-                                   {"at": at})).result_set[0]
-    if slot is not None:
-        await _Cache.store(slot, json.dumps([totals[0], totals[1] or 1.0]))
-    return totals[0], totals[1] or 1.0
-
-
-async def _bm25(graph: Any, kind: _Kind, terms: list[str], window: _Window, at: str) -> list[tuple[float, str]]:
-    """(score, uuid) of the best RECALL_CANDIDATES by Okapi BM25 over the group's own texts, each
-    score the share of a perfect match's (every word of the question, average length). IDF and the
-    average length come from the memories themselves, so the ranking is a function of what is
-    stored (identical after a restore), unlike FalkorDB's own fulltext score (issue 1208). The
-    index finds which texts hold a term (stemmed); a term counts once per text. A common word (see
-    COMMON_WORD_SHARE) adds its weight to the perfect match but to no text."""
-    if not terms:
-        return []
-    where = _window_where(kind, window)
-    documents, average_length = await _corpus_statistics(graph, kind, where, window, at)
-    if not documents:
-        return []
-    common = max(COMMON_WORD_MIN_TEXTS, int(COMMON_WORD_SHARE * documents))
-    keys = {term: _Keys.of(graph.name, f"common:{kind.name}:{window.key()}:{term}") for term in terms}
-    counted, generation = await _Cache.get_many(graph.name, list(keys.values()))
-    known = {term: int(df) for term, df in zip(terms, counted, strict=True) if df is not None}
-    asked = [term for term in terms if term not in known]  # a word known to be common costs nothing
-    rows = [] if not asked else (await graph.ro_query(  # a common word: one row, its count, no text (x NULL)
-        f"UNWIND $terms AS term {kind.index_call}{where} WITH term, collect(x) AS found "
-        "UNWIND CASE WHEN size(found) > $common THEN [NULL] ELSE found END AS x "
-        f"RETURN term, size(found), x.uuid, size({kind.text}), coalesce(x.valid_at, ''), left({kind.text}, 200)",
-        {"terms": asked, "at": at, "common": common})).result_set
-    frequency = {**known, **{term: df for term, df, *_ in rows}}
-    for term, df, uid, *_ in rows:
-        if uid is None and generation is not None:  # counted once per generation (every write bumps it)
-            await _Cache.store(_CacheSlot(graph.name, keys[term], generation), str(df))
-    scores: dict[str, float] = defaultdict(float)
-    order: dict[str, tuple] = {}
-    for _term, df, uid, length, valid_at, opening in rows:
-        if uid is None:
-            continue
-        idf = math.log(1 + (documents - df + 0.5) / (df + 0.5))
-        scores[uid] += idf * (BM25_K1 + 1) / (1 + BM25_K1 * (1 - BM25_B + BM25_B * length / average_length))
-        order[uid] = (opening, valid_at, uid)
-    best = sorted(scores, key=lambda uid: (-round(scores[uid], 9), *order[uid]))[:RECALL_CANDIDATES]
-    # As a share of a perfect match: a text of average length holding every word of the question.
-    perfect = sum(math.log(1 + (documents - frequency.get(term, 0) + 0.5) / (frequency.get(term, 0) + 0.5))
-                  for term in terms)
-    return [(scores[uid] / perfect, uid) for uid in best]
-
-
-async def _nearest(graph: Any, kind: _Kind, vector: list[float], window: _Window, at: str) -> list[tuple[float, str]]:
-    """(similarity, uuid) of the best RECALL_CANDIDATES at MIN_SIMILARITY or more, equal scores
-    ordered by text. Up to VECTOR_CANDIDATES items in the window are scanned (exact, and the same
-    after a restore); beyond that the candidates come from the group's vector index, VECTOR_CANDIDATES
-    of them (its distances are exact; which items it finds is approximate: FalkorDB's HNSW can miss
-    items, FalkorDB issue 1710, so an index built anew by a restore may find others). A graph without
-    the index (older, or written by other means) is scanned."""
-    rank = f"WHERE score >= $floor{kind.filters(window)} RETURN score, x.uuid ORDER BY score DESC, {kind.text}, x.uuid "
-    params = {"vector": vector, "at": at, "limit": RECALL_CANDIDATES, "floor": MIN_SIMILARITY, "k": VECTOR_CANDIDATES}
-    scan = (f"{kind.match} WHERE {kind.vector} IS NOT NULL "
-            f"WITH x, (2 - vec.cosineDistance({kind.vector}, vecf32($vector))) / 2 AS score {rank}LIMIT $limit")
-    documents, _ = await _corpus_statistics(graph, kind, _window_where(kind, window), window, at)
-    if documents <= VECTOR_CANDIDATES:
-        return [(score, uid) for score, uid in (await graph.ro_query(scan, params)).result_set]
-    try:
-        rows = (await graph.ro_query(f"{kind.vector_call} WITH x, (2 - distance) / 2 AS score {rank}LIMIT $limit",
-                                     params)).result_set
-    except _response_error():  # no vector index on this graph
-        rows = (await graph.ro_query(scan, params)).result_set
-    return [(score, uid) for score, uid in rows]
-
-
-def _response_error() -> type[Exception]:
-    from redis.exceptions import ResponseError
-
-    return ResponseError
-
-
-async def _details(graph: Any, kind: _Kind, uuids: list[str], fields: str | None = None) -> dict[str, dict]:
-    if not uuids:
-        return {}
-    result = await graph.ro_query(
-        f"{kind.lookup} WHERE x.uuid IN $uuids RETURN x.uuid AS uuid, {fields or kind.fields}", {"uuids": uuids})
-    names = [column[1] for column in result.header]
-    return {row[0]: dict(zip(names, row, strict=True)) for row in result.result_set}
-
-
 class _Fusion:
     """How recall's lists become one ranking (docs/recall.md): a text match as the share of the question
-    it holds, a vector match at most MEANING_WEIGHT over its list's own range, a fact's evidence only
+    it holds, a vector match at most _Fusion.MEANING_WEIGHT over its list's own range, a fact's evidence only
     beyond its event's own text."""
 
-    @staticmethod
-    def scaled_meaning(hits: dict[str, float]) -> dict[str, float]:
-        """Similarities of the best RECALL_CANDIDATES spread over their own range: the best 1, the last
+    # How the lists are weighed (tuned on the LoCoMo dev set and the project's own corpus, each under
+    # wordllama's and all-MiniLM-L6-v2's embeddings; docs/recall.md). A text match counts as the share
+    # of the question's words it holds (BM25 over a text holding every word), so a list that matched
+    # little says little; a vector match adds at most MEANING_WEIGHT, spread over its list's own range.
+    # An equal reciprocal-rank vote for each list drowned the text list (dev set: 55 % found, 66 % for
+    # the text list alone): over short memories the nearest vectors are close whatever the question.
+    MEANING_WEIGHT = 0.15
+    FACT_TEXT_SHARE = 1.5          # of what a fact's text match holds beyond its event's own
+    FACT_MEANING_SHARE = 0.75      # of what a fact's vector match holds beyond its event's own
+
+    @classmethod
+    def scaled_meaning(cls, hits: dict[str, float]) -> dict[str, float]:
+        """Similarities of the best _Recall.RECALL_CANDIDATES spread over their own range: the best 1, the last
         0, so a list whose scores are flat (every memory about as near) separates nothing for much."""
-        hits = dict(sorted(hits.items(), key=lambda hit: (-hit[1], hit[0]))[:RECALL_CANDIDATES])
+        hits = dict(sorted(hits.items(), key=lambda hit: (-hit[1], hit[0]))[:_Recall.RECALL_CANDIDATES])
         if not hits:
             return {}
         top, bottom = max(hits.values()), min(hits.values())
@@ -3297,7 +3461,7 @@ class _Fusion:
     def combined(cls, text: dict[str, float], meaning: dict[str, float]) -> dict[str, float]:
         combined: dict[str, float] = defaultdict(float, text)
         for uid, score in cls.scaled_meaning(meaning).items():
-            combined[uid] += MEANING_WEIGHT * score
+            combined[uid] += cls.MEANING_WEIGHT * score
         return combined
 
     @staticmethod
@@ -3317,158 +3481,9 @@ class _Fusion:
         return raised
 
 
-# The NEIGHBOUR_REACH events just before and just after each window's event, by (time, uuid): a
-# limit per window, so events stored at one time (an import, a backfill) cost rows by the reach, not
-# by how many share the hour.
-NEAREST_IN_TIME = (
-    "UNWIND $windows AS w CALL { "
-    "WITH w MATCH (x:Episodic) WHERE toString(x.valid_at) >= w.lo AND [toString(x.valid_at), x.uuid] < [w.at, w.uuid] "
-    "WITH x, toString(x.valid_at) AS t ORDER BY t DESC, x.uuid DESC LIMIT $reach RETURN x.uuid AS near, t "
-    "UNION "
-    "WITH w MATCH (x:Episodic) WHERE toString(x.valid_at) <= w.hi AND [toString(x.valid_at), x.uuid] > [w.at, w.uuid] "
-    "WITH x, toString(x.valid_at) AS t ORDER BY t, x.uuid LIMIT $reach RETURN x.uuid AS near, t "
-    "} RETURN w.uuid, near, t")
-
-
-async def _with_neighbours(graph: Any, scores: dict[str, float]) -> dict[str, float]:
-    """The best events lend part of their score to the NEIGHBOUR_REACH events just before and just
-    after each (within NEIGHBOUR_WINDOW_S), less with each step away: in a conversation the answer
-    is often the reply to the turn that matches the question, and an agent's next step follows from
-    the one before."""
-    sources = sorted(scores, key=lambda uid: (-round(scores[uid], 12), uid))[:NEIGHBOUR_SOURCES]
-    times = {uid: at for uid, at in (await graph.ro_query(
-        "MATCH (x:Episodic) WHERE x.uuid IN $uuids RETURN x.uuid, toString(x.valid_at)",
-        {"uuids": sources})).result_set if at}
-    windows = [{"uuid": uid, "at": at, "lo": _shifted(at, -NEIGHBOUR_WINDOW_S), "hi": _shifted(at, NEIGHBOUR_WINDOW_S)}
-               for uid, at in times.items()]
-    rows = (await graph.ro_query(NEAREST_IN_TIME, {"windows": windows, "reach": NEIGHBOUR_REACH})).result_set \
-        if windows else []
-    around: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    for source, uid, at in rows:
-        around[source].append((at, uid))
-    lifted = defaultdict(float, scores)
-    for source, at in times.items():
-        before = sorted(((t, u) for t, u in around[source] if (t, u) < (at, source)), reverse=True)
-        after = sorted((t, u) for t, u in around[source] if (t, u) > (at, source))
-        for side in (before, after):
-            for distance, (_, neighbour) in enumerate(side[:NEIGHBOUR_REACH], start=1):
-                lifted[neighbour] += NEIGHBOUR_SHARE / distance * scores[source]
-    return lifted
-
-
-def _without_repeats(ranked: list[str], keys: dict[str, dict], scores: dict[str, float]) -> list[str]:
-    """One event for each text said again and again ("run the tests again", "Work is fine"): the
-    newest of those that rank best stands for the rest, which would fill the slots of ten different
-    memories with one. Texts are the same when their first 200 characters and length are."""
-    def text(uid: str) -> tuple[str, int]:
-        return keys[uid]["opening"], keys[uid]["length"]
-
-    best: dict[tuple[str, int], str] = {}
-    for uid in ranked:
-        kept = best.setdefault(text(uid), uid)
-        if round(scores[uid], 12) == round(scores[kept], 12) and keys[uid]["at"] > keys[kept]["at"]:
-            best[text(uid)] = uid
-    return [uid for uid in ranked if best[text(uid)] == uid]
-
-
-def _shifted(iso: str, seconds: float) -> str:
-    """An ISO time moved by `seconds`, written as the stored times are (UTC, isoformat)."""
-    return _utc_iso(datetime.fromisoformat(iso) + timedelta(seconds=seconds))
-
-
-async def _all_or_first_error(searches: list[Any]) -> list[Any]:
-    """Every search's result, or the first failure once all have ended: a plain gather() would raise
-    while the others still run, and they would meet the clients close() is releasing (a cache
-    lookup then warns of a closed Valkey connection beside the real error)."""
-    results = await asyncio.gather(*searches, return_exceptions=True)
-    failure = next((r for r in results if isinstance(r, BaseException)), None)
-    if failure is not None:
-        raise failure
-    return results
-
-
-async def _recall(query: str, limit: int, scope: str, window: _Window) -> list[Recalled]:
-    """Text (BM25) and vector (cosine) search over facts and over episodes, weighed together (a text
-    match as the share of the question it holds, a vector match at most MEANING_WEIGHT). One
-    embeddings call; no LLM call; with the embeddings endpoint failing, text alone (one warning).
-    Scope `all` ranks events: a fact raises its events only by what it matched beyond their own
-    text. The best events then lend part of their score to their neighbours in time, and each
-    event shows its matching facts."""
-    s = _settings()
-    if not await _graph_exists(s.group_id):  # searching would create an empty graph
-        return []
-    vector = await _question_vector(query)
-    graph = (await _falkordb()).select_graph(s.group_id)
-    at = window.as_of or _utc_iso(datetime.now(UTC))
-    named, undated = _NamedTime.named_time(query, at)
-    terms = _query_terms(undated)
-    kinds = [k for k in (FACTS, EPISODES) if scope in ("all", k.name + "s")]
-    async with _service("falkordb", s.falkordb_address):
-        ranked = await _all_or_first_error([search for kind in kinds for search in (
-            _bm25(graph, kind, terms, window, at),
-            _nearest(graph, kind, vector, window, at) if vector is not None else asyncio.sleep(0, result=[]))])
-        fact_text, fact_meaning = ranked[:2] if FACTS in kinds else ([], [])
-        facts = _Fusion.combined({u: x for x, u in fact_text}, {u: x for x, u in fact_meaning})
-        fact_records = await _details(graph, FACTS, list(facts))
-        if scope == "facts":
-            named_facts = _NamedTime.in_named_time(facts, {u: r["valid_at"] for u, r in fact_records.items()}, named)
-            return _ranked_items("fact", fact_records, named_facts, limit)
-        with_facts = scope == "all"
-        text = _Fusion.with_fact_evidence({u: x for x, u in ranked[-2]}, fact_text, fact_records,
-                                   FACT_TEXT_SHARE * with_facts)
-        meaning = _Fusion.with_fact_evidence({u: x for x, u in ranked[-1]}, fact_meaning, fact_records,
-                                      FACT_MEANING_SHARE * with_facts)
-        events = await _with_neighbours(graph, _Fusion.combined(text, meaning))
-        keys = await _details(graph, EPISODES, list(events), "coalesce(x.valid_at, '') AS at, "
-                              "left(x.content, 200) AS opening, size(x.content) AS length")
-        events = _NamedTime.in_named_time(events, {u: k["at"] for u, k in keys.items()}, named)
-        best = _without_repeats(sorted(keys, key=lambda u: (-round(events[u], 12), keys[u]["opening"],
-                                                            keys[u]["at"], u)), keys, events)[:limit]
-        items = [dataclasses.replace(item, facts=_supporting(item.uuid, fact_records, facts))
-                 for item in _ranked_items("episode", await _details(graph, EPISODES, best), events, limit)]
-    # A fact that no stored event backs (its episodes removed, or a graph written by other means)
-    # stands on its own in the ranking.
-    orphans = {uid: r for uid, r in fact_records.items() if not any(e in keys for e in r["episodes"] or [])}
-    return sorted(items + _ranked_items("fact", orphans, facts, limit), key=_rank_order)[:limit]
-
-
 # Set when a recall answered by text alone: that answer is not cached, so the next question after
 # the endpoint is back gets the full recall.
 _TEXT_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("memory_text_only", default=False)
-
-
-async def _question_vector(query: str) -> list[float] | None:
-    """The question's embedding, or None (recall by text alone, one warning) when the embeddings
-    endpoint fails: BM25 needs no embedding, and an answer from it beats none."""
-    try:
-        return await _query_embedding(UNSEARCHABLE.sub(" ", query))
-    except ServiceError as exc:
-        if exc.service != "openai":
-            raise
-        log.warning("warning: %s; recalling by text alone", exc)
-        _TEXT_ONLY.set(True)
-        return None
-
-
-def _rank_order(item: Recalled) -> tuple:
-    return (-round(item.score, 12), item.text, item.valid_at or "", item.uuid)
-
-
-def _ranked_items(kind: str, records: dict[str, dict], scores: dict[str, float], limit: int) -> list[Recalled]:
-    return sorted((_recalled(kind, record, scores[uid]) for uid, record in records.items()), key=_rank_order)[:limit]
-
-
-def _supporting(episode: str, records: dict[str, dict], scores: dict[str, float]) -> list[Fact]:
-    """The matched facts extracted from one event, best first (at most FACTS_PER_EVENT)."""
-    mine = [_recalled("fact", r, scores[uid]).fact() for uid, r in records.items() if episode in (r["episodes"] or [])]
-    mine.sort(key=lambda f: (-round(f.score or 0, 12), f.text, f.uuid))
-    return mine[:FACTS_PER_EVENT]
-
-
-def _recalled(kind: str, record: dict, score: float) -> Recalled:
-    # memories stored before redaction existed (or with MEMORY_REDACT off) may hold credentials
-    return Recalled(kind, redact(record["text"] or "").text, record["uuid"], round(score, 9),
-                    _iso_text(record["valid_at"]), _iso_text(record["invalid_at"]), list(record["episodes"] or []))
 
 
 def _iso_text(value: Any) -> str | None:
@@ -3486,7 +3501,7 @@ class Answer:
 
     @classmethod
     def of(cls, items: list[Recalled]) -> Answer:
-        return cls(_format_recall(items), json.dumps([dataclasses.asdict(i) for i in items], ensure_ascii=False))
+        return cls(_Recall.as_text(items), json.dumps([dataclasses.asdict(i) for i in items], ensure_ascii=False))
 
     @classmethod
     def decode(cls, value: str) -> Answer:
@@ -3544,7 +3559,7 @@ async def _cached_answer(op: _Span, search_query: str, limit: int, scope: str = 
         raise UsageError(f"query is {len(search_query)} characters; at most {MAX_QUERY_CHARS}")
     _check_text(search_query, "query")
     limit = _validate_limit(limit)
-    scope, window = _validate_recall(scope, as_of, history)
+    scope, window = _Recall.checked_options(scope, as_of, history)
     s = _settings()
     group = s.group_id
     op.set(**{"memory.limit": limit, "memory.query.length": len(search_query), "memory.scope": scope,
@@ -3562,7 +3577,7 @@ async def _cached_answer(op: _Span, search_query: str, limit: int, scope: str = 
             _emit("cache_miss", 1, "c", operation="query", group=group)
         async with _span("memory.graph.search") as search:
             _TEXT_ONLY.set(False)
-            answer = Answer.of(await _recall(search_query, limit, scope, window))
+            answer = Answer.of(await _Recall.ranked(search_query, limit, scope, window))
             search.set(**{"memory.results": answer.count()})
             if _TEXT_ONLY.get():
                 search.set(**{"memory.text_only": True})
@@ -3573,39 +3588,36 @@ async def _cached_answer(op: _Span, search_query: str, limit: int, scope: str = 
     return answer
 
 
-CONTEXT_BUDGET_TOKENS = 1000
-MAX_CONTEXT_BUDGET_TOKENS = 100_000
-CONTEXT_EVENT_CHARS = 1_200    # of one event in a context block; the rest is in `query --json`
-MAX_RECENT_EVENTS = 50
-RECENT_BUDGET_SHARE = 3        # the newest events take at most a third of a block's budget
-RECENT_HEAD = "Most recent events, newest first:\n"
-
-
-# The pieces a BPE tokenizer (OpenAI's cl100k and o200k) splits a text into before merging. Counted
-# from above, each: a run of Latin letters one token per 6 letters (the words a prompt holds are
-# mostly one token whole), digits three to a token (as both vocabularies group them), any other
-# ASCII character one (punctuation and line breaks rarely merge), a space or tab nothing (it rides
-# on the word after it), other characters 0.4 a byte (a CJK character, 3 bytes, 1.2 tokens: cl100k
-# gives many two). Measured against both tokenizers (docs/recall.md): 1.01-1.12x the real count on
-# conversations and an agent's log, 1.08-1.26x on code, 1.08-1.54x on CJK; a third of the bytes,
-# the estimate before, was 1.05-1.30x on conversations but 0.79x on code and 0.88x on Chinese.
-TOKEN_PIECES = re.compile(r"[A-Za-z]+|[0-9]+|[ \t]+|[\x00-\x7f]|[^\x00-\x7f]+")
-
-
 class _ContextBlock:
     """The block `context` gives: the newest events, then the recalled ones in rank order while they fit
     the token budget, a dated line each; tokens estimated from above, as OpenAI's BPE tokenizers split
     text."""
 
+    CONTEXT_BUDGET_TOKENS = 1000
+    MAX_CONTEXT_BUDGET_TOKENS = 100_000
+    CONTEXT_EVENT_CHARS = 1_200    # of one event in a context block; the rest is in `query --json`
+    MAX_RECENT_EVENTS = 50
+    RECENT_BUDGET_SHARE = 3        # the newest events take at most a third of a block's budget
+    RECENT_HEAD = "Most recent events, newest first:\n"
+    # The pieces a BPE tokenizer (OpenAI's cl100k and o200k) splits a text into before merging. Counted
+    # from above, each: a run of Latin letters one token per 6 letters (the words a prompt holds are
+    # mostly one token whole), digits three to a token (as both vocabularies group them), any other
+    # ASCII character one (punctuation and line breaks rarely merge), a space or tab nothing (it rides
+    # on the word after it), other characters 0.4 a byte (a CJK character, 3 bytes, 1.2 tokens: cl100k
+    # gives many two). Measured against both tokenizers (docs/recall.md): 1.01-1.12x the real count on
+    # conversations and an agent's log, 1.08-1.26x on code, 1.08-1.54x on CJK; a third of the bytes,
+    # the estimate before, was 1.05-1.30x on conversations but 0.79x on code and 0.88x on Chinese.
+    TOKEN_PIECES = re.compile(r"[A-Za-z]+|[0-9]+|[ \t]+|[\x00-\x7f]|[^\x00-\x7f]+")
+
     @classmethod
     def estimated_tokens(cls, text: str) -> int:
-        """Tokens as a prompt would count them, estimated from above (TOKEN_PIECES). A line break is a
+        """Tokens as a prompt would count them, estimated from above (cls.TOKEN_PIECES). A line break is a
         piece of its own, so the estimate of lines joined by newlines is the sum of theirs plus one
         per break."""
-        return sum(cls.piece_tokens(piece) for piece in TOKEN_PIECES.findall(text))
+        return sum(cls.piece_tokens(piece) for piece in cls.TOKEN_PIECES.findall(text))
 
-    @staticmethod
-    def piece_tokens(piece: str) -> int:
+    @classmethod
+    def piece_tokens(cls, piece: str) -> int:
         first = piece[0]
         if not first.isascii():
             return -(-len(piece.encode()) * 2 // 5)
@@ -3623,7 +3635,7 @@ class _ContextBlock:
         how many did not. The same memories and question give the same bytes (prompt caches hold); an
         item either fits whole or is left out, and the block never exceeds the budget by the estimate
         above."""
-        recent, shown = cls.recent_section(newest, budget_tokens // RECENT_BUDGET_SHARE)
+        recent, shown = cls.recent_section(newest, budget_tokens // cls.RECENT_BUDGET_SHARE)
         relevant = [item for item in items if item.uuid not in shown]
         if recent and not relevant:
             return recent.rstrip("\n")  # what the question matched is among the newest already
@@ -3636,11 +3648,12 @@ class _ContextBlock:
         starts with "continue" needs, whatever its first message matches."""
         lines: list[str] = []
         for item in newest:
-            if cls.estimated_tokens(RECENT_HEAD + "\n".join([*lines, cls.context_line(item)]) + "\n") > budget_tokens:
+            block = cls.RECENT_HEAD + "\n".join([*lines, cls.context_line(item)]) + "\n"
+            if cls.estimated_tokens(block) > budget_tokens:
                 break
             lines.append(cls.context_line(item))
         shown = {item.uuid for item in newest[:len(lines)]}
-        return (RECENT_HEAD + "\n".join(lines) + "\n" if lines else ""), shown
+        return (cls.RECENT_HEAD + "\n".join(lines) + "\n" if lines else ""), shown
 
     @classmethod
     def relevant_section(cls, question: str, items: list[Recalled], budget_tokens: int, stated_budget: int) -> str:
@@ -3660,7 +3673,7 @@ class _ContextBlock:
     def within_tokens(cls, text: str, budget_tokens: int) -> str:
         """The longest start of `text` whose estimate fits the budget."""
         kept = 0
-        for piece in TOKEN_PIECES.findall(text):
+        for piece in cls.TOKEN_PIECES.findall(text):
             budget_tokens -= cls.piece_tokens(piece)
             if budget_tokens < 0:
                 break
@@ -3672,8 +3685,9 @@ class _ContextBlock:
         if item.kind == "fact":
             return f"- fact: {item.text} ({cls.fact_span(item.valid_at, item.invalid_at)})"
         text = " ".join(item.text.split())
-        text = text if len(text) <= CONTEXT_EVENT_CHARS else text[:CONTEXT_EVENT_CHARS - 1] + "…"
-        facts = "".join(f"\n  fact: {f.text} ({cls.fact_span(f.valid_at, f.invalid_at)})" for f in _new_facts(item))
+        text = text if len(text) <= cls.CONTEXT_EVENT_CHARS else text[:cls.CONTEXT_EVENT_CHARS - 1] + "…"
+        facts = "".join(f"\n  fact: {f.text} ({cls.fact_span(f.valid_at, f.invalid_at)})"
+                        for f in _Recall.new_facts(item))
         # The day, not the minute: a prompt asks when by day, and the 16 bytes of "hh:mm UTC" and
         # "event" on every line were a tenth of the budget (dev set: block 84.4 -> 85.7 % under MiniLM).
         return f"- {_NamedTime.utc_date(item.valid_at) or 'undated'}: {text}{facts}"
@@ -3691,29 +3705,30 @@ class _ContextBlock:
         since = _NamedTime.utc_date(valid_at) or "an unknown date"
         return f"{since} to {_NamedTime.utc_date(invalid_at) or 'an unknown date'}" if invalid_at else f"since {since}"
 
+    @staticmethod
+    async def newest_events(count: int, as_of: str | datetime | None) -> list[Recalled]:
+        return [Recalled("episode", e["content"], e["uuid"], 0.0, e["reference_time"], None, [e["uuid"]], [])
+                for e in await get_episodes(count, until=as_of)]
+
 
 INDEX_LINE_CHARS = 100  # of a memory's text in the compact index: enough to tell whether to open it
 
 
-async def context(search_query: str, budget_tokens: int = CONTEXT_BUDGET_TOKENS, *, recent: int = 0,
+async def context(search_query: str, budget_tokens: int = _ContextBlock.CONTEXT_BUDGET_TOKENS, *, recent: int = 0,
                   scope: str = "all", as_of: str | datetime | None = None, history: bool = False) -> str:
     """A block of memories for a prompt that never exceeds `budget_tokens` (estimated) and says when
     it cut; byte-identical for the same memories and question. `recent` (0-50): the newest events
     first, within a third of the budget (the plugin's session start)."""
     if isinstance(budget_tokens, bool) or not isinstance(budget_tokens, int) \
-            or not 50 <= budget_tokens <= MAX_CONTEXT_BUDGET_TOKENS:
-        raise UsageError(f"budget must be an integer number of tokens from 50 to {MAX_CONTEXT_BUDGET_TOKENS}, "
+            or not 50 <= budget_tokens <= _ContextBlock.MAX_CONTEXT_BUDGET_TOKENS:
+        raise UsageError("budget must be an integer number of tokens from 50 to "
+                         f"{_ContextBlock.MAX_CONTEXT_BUDGET_TOKENS}, "
                          f"got {budget_tokens!r}")
-    if isinstance(recent, bool) or not isinstance(recent, int) or not 0 <= recent <= MAX_RECENT_EVENTS:
-        raise UsageError(f"recent must be an integer from 0 to {MAX_RECENT_EVENTS}, got {recent!r}")
+    if isinstance(recent, bool) or not isinstance(recent, int) or not 0 <= recent <= _ContextBlock.MAX_RECENT_EVENTS:
+        raise UsageError(f"recent must be an integer from 0 to {_ContextBlock.MAX_RECENT_EVENTS}, got {recent!r}")
     items = await recall(search_query, MAX_RECALL_LIMIT, scope=scope, as_of=as_of, history=history)
-    newest = await _newest_events(recent, as_of) if recent else []
+    newest = await _ContextBlock.newest_events(recent, as_of) if recent else []
     return _ContextBlock.format_context(search_query, items, budget_tokens, newest)
-
-
-async def _newest_events(count: int, as_of: str | datetime | None) -> list[Recalled]:
-    return [Recalled("episode", e["content"], e["uuid"], 0.0, e["reference_time"], None, [e["uuid"]], [])
-            for e in await get_episodes(count, until=as_of)]
 
 
 async def get_entities(entity_type: str | None = None) -> list[dict]:
@@ -7080,7 +7095,7 @@ class _MemoryTools:
 
     @staticmethod
     @_mcp_tool("get_context", query=TEXT, budget_tokens=INTEGER, recent=MAYBE_INTEGER, group_ids=MAYBE_TEXTS)
-    async def get_context(query: Any, budget_tokens: Any = CONTEXT_BUDGET_TOKENS, recent: Any = None,
+    async def get_context(query: Any, budget_tokens: Any = _ContextBlock.CONTEXT_BUDGET_TOKENS, recent: Any = None,
                           group_ids: Any = None) -> Any:
         """The memories relevant to a question as one block to read, within a token budget (default
         1000): events with their dates and facts with their validity, best first, and how many did
@@ -7972,7 +7987,7 @@ class _VersionAction(argparse.Action):
 
 
 def _recall_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--scope", choices=RECALL_SCOPES, default="all",
+    parser.add_argument("--scope", choices=_Recall.RECALL_SCOPES, default="all",
                         help="what to search: facts and events (all, the default), facts, or episodes (events)")
     when = parser.add_mutually_exclusive_group()
     when.add_argument("--as-of", metavar="TIME", help="facts true at TIME (ISO 8601) and events up to then")
@@ -8021,11 +8036,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
     context_ = command("context", "print one block of memories for a prompt, within a token budget", _cmd_context)
     context_.add_argument("search_query", help="the question (as for query)")
-    context_.add_argument("--budget-tokens", type=int, default=CONTEXT_BUDGET_TOKENS, metavar="N",
+    context_.add_argument("--budget-tokens", type=int, default=_ContextBlock.CONTEXT_BUDGET_TOKENS, metavar="N",
                           help=f"the most the block may take, in tokens as OpenAI's tokenizers count them, "
-                          f"estimated from above (default {CONTEXT_BUDGET_TOKENS})")
+                          f"estimated from above (default {_ContextBlock.CONTEXT_BUDGET_TOKENS})")
     context_.add_argument("--recent", type=int, default=0, metavar="N",
-                          help=f"the newest N events first (0-{MAX_RECENT_EVENTS}), within a third of the budget")
+                          help=f"the newest N events first (0-{_ContextBlock.MAX_RECENT_EVENTS}), "
+                               "within a third of the budget")
     _recall_options(context_)
 
     entities = command("entities", "print the group's entities as a JSON array", _cmd_entities)
