@@ -121,7 +121,7 @@ def a_crowded_view() -> dict:
 def test_the_page_keeps_every_entity_and_its_whole_label_inside_the_canvas(tmp_path):
     import memory_manager as mm
     view, page = a_crowded_view(), tmp_path / "crowded.html"
-    page.write_text(mm._graph_page(view))
+    page.write_text(mm._GraphPage.of(view))
 
     dom = rendered(page)
 

@@ -3748,7 +3748,8 @@ async def get_entities(entity_type: str | None = None) -> list[dict]:
                 {"type": entity_type},
             )
         op.set(**{"memory.results": len(result.result_set)})
-        return [{"name": redact(name).text, "type": _specific_label(labels)} for name, labels in result.result_set]
+        return [{"name": redact(name).text, "type": _Reads.specific_label(labels)}
+                for name, labels in result.result_set]
 
 
 MAX_GRAPH_FACTS = 2_000  # what one page can draw legibly; the newest facts first
@@ -3777,7 +3778,7 @@ async def get_graph(limit: int = 500) -> dict:
                                           {"ids": joined})).result_set
             nodes += (await graph.ro_query(f"MATCH (n:Entity) WHERE NOT (n)-[:RELATES_TO]-() {entity} LIMIT $n",
                                            {"n": max(0, limit - len(joined))})).result_set
-        view["entities"] = [{"id": uuid_, "name": redact(name or "").text, "type": _specific_label(labels),
+        view["entities"] = [{"id": uuid_, "name": redact(name or "").text, "type": _Reads.specific_label(labels),
                              "summary": redact(summary or "").text} for uuid_, name, labels, summary in nodes]
         view["facts"] = [{"source": a, "target": b, "fact": redact(fact or "").text, "valid_at": _iso_text(valid_at),
                           "invalid_at": _iso_text(invalid_at)} for a, b, fact, valid_at, invalid_at in facts]
@@ -3785,12 +3786,77 @@ async def get_graph(limit: int = 500) -> dict:
         return view
 
 
-EPISODE_NAME_RULE = re.compile(r"episode_\d{8}T\d{12}Z")
-UUID_RULE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+class _Reads:
+    """Reading one group's episodes and facts by name or uuid: the ids checked, the rows read (none when the
+    group has no graph), the records as the library returns them, their text redacted."""
+
+    EPISODE_NAME_RULE = re.compile(r"episode_\d{8}T\d{12}Z")
+    UUID_RULE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+    EPISODE_FIELDS = "e.uuid, e.name, e.content, e.valid_at, e.created_at, e.metadata, e.metadata_raw"
+    FACT_FIELDS = "r.uuid, r.fact, r.valid_at, r.invalid_at, r.expired_at, r.episodes"
+    SHORT_ID_RULE = re.compile(r"[0-9a-f][0-9a-f-]{7,35}")
+
+    @staticmethod
+    def episode_record(uuid_: str, name: str, content: str, valid_at: Any, created_at: Any, metadata: str | None,
+                 metadata_raw: str | None) -> dict:
+        found = Redacted("")
+        shown = _redact_value(json.loads(metadata), found) if metadata else (redact(metadata_raw).text if metadata_raw
+                                                                            else None)
+        return {"uuid": uuid_, "name": name, "content": redact(content or "").text, "reference_time": str(valid_at),
+                "ingested_at": str(created_at), "metadata": shown}
+
+    @classmethod
+    def checked_episode_id(cls, name: Any) -> str:
+        if not isinstance(name, str) or not (cls.EPISODE_NAME_RULE.fullmatch(name) or cls.UUID_RULE.fullmatch(name)):
+            raise UsageError("an episode is named like episode_20261124T101500123456Z or by its uuid, got "
+                             f"{str(name)[:80]!r}")
+        return name
+
+    @classmethod
+    def checked_fact_id(cls, fact: Any) -> str:
+        if not isinstance(fact, str) or not cls.UUID_RULE.fullmatch(fact):
+            raise UsageError(f"a fact is named by its uuid (as query --json shows it), got {str(fact)[:80]!r}")
+        return fact
+
+    @staticmethod
+    async def rows(query: str, params: dict) -> list[list]:
+        """Rows of a read-only query on the group's graph; none when the group has no graph."""
+        s = _settings()
+        if not await _graph_exists(s.group_id):
+            return []
+        async with _service("falkordb", s.falkordb_address):
+            return (await (await _falkordb()).select_graph(s.group_id).ro_query(query, params)).result_set
+
+    @classmethod
+    async def episode_row(cls, name: str) -> list:
+        rows = await cls.rows(f"MATCH (e:Episodic) WHERE e.name = $name OR e.uuid = $name RETURN {cls.EPISODE_FIELDS}",
+                                 {"name": cls.checked_episode_id(name)})
+        if not rows:
+            raise UsageError(f"no episode {name} in group {_settings().group_id} "
+                             "(a queued one is not in the graph yet)")
+        return rows[0]
+
+    @staticmethod
+    def fact_record(uuid_: str, fact: str, valid_at: Any, invalid_at: Any, expired_at: Any, episodes: Any) -> dict:
+        return {"uuid": uuid_, "fact": redact(fact or "").text, "valid_at": _iso_text(valid_at),
+                "invalid_at": _iso_text(invalid_at), "expired_at": _iso_text(expired_at),
+                "episodes": list(episodes or [])}
+
+    @classmethod
+    async def fact(cls, uuid_: str) -> dict:
+        rows = await cls.rows(f"MATCH ()-[r:RELATES_TO {{uuid: $uuid}}]->() RETURN {cls.FACT_FIELDS}",
+                                 {"uuid": cls.checked_fact_id(uuid_)})
+        if not rows:
+            raise UsageError(f"no fact {uuid_} in group {_settings().group_id}")
+        return cls.fact_record(*rows[0])
+
+    @staticmethod
+    def specific_label(labels: list[str]) -> str:
+        specific = sorted(label for label in labels if label != "Entity")
+        return specific[0] if specific else "Entity"
+
+
 MAX_EPISODES_LISTED = 100
-EPISODE_FIELDS = "e.uuid, e.name, e.content, e.valid_at, e.created_at, e.metadata, e.metadata_raw"
-
-
 async def get_episodes(last_n: int = 10, since: str | datetime | None = None,
                        until: str | datetime | None = None) -> list[dict]:
     """The group's newest `last_n` episodes (1-100), newest first, only those that happened at or
@@ -3806,72 +3872,25 @@ async def get_episodes(last_n: int = 10, since: str | datetime | None = None,
         async with _service("falkordb", s.falkordb_address):
             result = await (await _falkordb()).select_graph(s.group_id).ro_query(
                 "MATCH (e:Episodic) WHERE ($since IS NULL OR toString(e.valid_at) >= $since) "
-                f"AND ($until IS NULL OR toString(e.valid_at) <= $until) RETURN {EPISODE_FIELDS} "
+                f"AND ($until IS NULL OR toString(e.valid_at) <= $until) RETURN {_Reads.EPISODE_FIELDS} "
                 "ORDER BY e.valid_at DESC, e.name DESC LIMIT $n", {"n": last_n, "since": after, "until": before})
         op.set(**{"memory.results": len(result.result_set)})
-        return [_episode(*row) for row in result.result_set]
-
-
-def _episode(uuid_: str, name: str, content: str, valid_at: Any, created_at: Any, metadata: str | None,
-             metadata_raw: str | None) -> dict:
-    found = Redacted("")
-    shown = _redact_value(json.loads(metadata), found) if metadata else (redact(metadata_raw).text if metadata_raw
-                                                                        else None)
-    return {"uuid": uuid_, "name": name, "content": redact(content or "").text, "reference_time": str(valid_at),
-            "ingested_at": str(created_at), "metadata": shown}
-
-
-def _check_episode_id(name: Any) -> str:
-    if not isinstance(name, str) or not (EPISODE_NAME_RULE.fullmatch(name) or UUID_RULE.fullmatch(name)):
-        raise UsageError("an episode is named like episode_20261124T101500123456Z or by its uuid, got "
-                         f"{str(name)[:80]!r}")
-    return name
-
-
-def _check_fact_id(fact: Any) -> str:
-    if not isinstance(fact, str) or not UUID_RULE.fullmatch(fact):
-        raise UsageError(f"a fact is named by its uuid (as query --json shows it), got {str(fact)[:80]!r}")
-    return fact
-
-
-async def _read_graph(query: str, params: dict) -> list[list]:
-    """Rows of a read-only query on the group's graph; none when the group has no graph."""
-    s = _settings()
-    if not await _graph_exists(s.group_id):
-        return []
-    async with _service("falkordb", s.falkordb_address):
-        return (await (await _falkordb()).select_graph(s.group_id).ro_query(query, params)).result_set
-
-
-async def _episode_row(name: str) -> list:
-    rows = await _read_graph(f"MATCH (e:Episodic) WHERE e.name = $name OR e.uuid = $name RETURN {EPISODE_FIELDS}",
-                             {"name": _check_episode_id(name)})
-    if not rows:
-        raise UsageError(f"no episode {name} in group {_settings().group_id} (a queued one is not in the graph yet)")
-    return rows[0]
-
-
-def _fact_record(uuid_: str, fact: str, valid_at: Any, invalid_at: Any, expired_at: Any, episodes: Any) -> dict:
-    return {"uuid": uuid_, "fact": redact(fact or "").text, "valid_at": _iso_text(valid_at),
-            "invalid_at": _iso_text(invalid_at), "expired_at": _iso_text(expired_at), "episodes": list(episodes or [])}
-
-
-FACT_FIELDS = "r.uuid, r.fact, r.valid_at, r.invalid_at, r.expired_at, r.episodes"
+        return [_Reads.episode_record(*row) for row in result.result_set]
 
 
 async def get_episode(name: str) -> dict:
     """One episode by name or uuid: what get_episodes shows of it, the facts that name it among their
     sources ("facts", each with its validity) and the entities it mentions ("entities")."""
     async with _operation("episode") as op:
-        episode = _episode(*await _episode_row(name))
+        episode = _Reads.episode_record(*await _Reads.episode_row(name))
         op.set(**{"memory.episode": episode["uuid"]})
-        facts = await _read_graph(f"MATCH ()-[r:RELATES_TO]->() WHERE $uuid IN r.episodes RETURN {FACT_FIELDS} "
+        facts = await _Reads.rows(f"MATCH ()-[r:RELATES_TO]->() WHERE $uuid IN r.episodes RETURN {_Reads.FACT_FIELDS} "
                                   "ORDER BY r.created_at, r.uuid", {"uuid": episode["uuid"]})
-        entities = await _read_graph("MATCH (:Episodic {uuid: $uuid})-[:MENTIONS]->(n:Entity) "
+        entities = await _Reads.rows("MATCH (:Episodic {uuid: $uuid})-[:MENTIONS]->(n:Entity) "
                                      "RETURN n.uuid, n.name, labels(n) ORDER BY toLower(n.name), n.uuid",
                                      {"uuid": episode["uuid"]})
-        return {**episode, "facts": [_fact_record(*row) for row in facts],
-                "entities": [{"uuid": u, "name": redact(n or "").text, "type": _specific_label(labels)}
+        return {**episode, "facts": [_Reads.fact_record(*row) for row in facts],
+                "entities": [{"uuid": u, "name": redact(n or "").text, "type": _Reads.specific_label(labels)}
                              for u, n, labels in entities]}
 
 
@@ -3879,22 +3898,11 @@ async def get_fact(uuid_: str) -> dict:
     """One fact by uuid: its text, validity, when it stopped being current (expired_at) and its
     source episodes."""
     async with _operation("fact"):
-        return await _fact(uuid_)
-
-
-async def _fact(uuid_: str) -> dict:
-    rows = await _read_graph(f"MATCH ()-[r:RELATES_TO {{uuid: $uuid}}]->() RETURN {FACT_FIELDS}",
-                             {"uuid": _check_fact_id(uuid_)})
-    if not rows:
-        raise UsageError(f"no fact {uuid_} in group {_settings().group_id}")
-    return _fact_record(*rows[0])
+        return await _Reads.fact(uuid_)
 
 
 SHORT_ID_CHARS = 8    # of a uuid in the compact index (search_memory_index); get_memories takes it
 MAX_MEMORIES_ASKED = 20
-SHORT_ID_RULE = re.compile(r"[0-9a-f][0-9a-f-]{7,35}")
-
-
 async def get_memories(ids: list[str]) -> list[dict]:
     """Memories by uuid or its first SHORT_ID_CHARS characters (as the compact index shows them):
     each event as get_episode gives it ("kind": "episode"), each fact as get_fact ("kind": "fact");
@@ -3903,11 +3911,11 @@ async def get_memories(ids: list[str]) -> list[dict]:
         raise UsageError(f"ids must be a list of 1 to {MAX_MEMORIES_ASKED} memory ids")
     found: list[dict] = []
     for short in ids:
-        if not isinstance(short, str) or not SHORT_ID_RULE.fullmatch(short):
+        if not isinstance(short, str) or not _Reads.SHORT_ID_RULE.fullmatch(short):
             raise UsageError(f"a memory id is a uuid or its first {SHORT_ID_CHARS} characters, got {str(short)[:60]!r}")
-        episodes = await _read_graph("MATCH (e:Episodic) WHERE e.uuid STARTS WITH $id RETURN e.uuid ORDER BY e.uuid",
+        episodes = await _Reads.rows("MATCH (e:Episodic) WHERE e.uuid STARTS WITH $id RETURN e.uuid ORDER BY e.uuid",
                                      {"id": short})
-        facts = await _read_graph("MATCH ()-[r:RELATES_TO]->() WHERE r.uuid STARTS WITH $id RETURN r.uuid "
+        facts = await _Reads.rows("MATCH ()-[r:RELATES_TO]->() WHERE r.uuid STARTS WITH $id RETURN r.uuid "
                                   "ORDER BY r.uuid", {"id": short})
         if not episodes and not facts:
             raise UsageError(f"no memory {short} in group {_settings().group_id}")
@@ -3922,7 +3930,7 @@ async def delete_episode(name: str) -> str:
     async with _operation("delete") as op:
         s = _settings()
         op.set(**{"memory.episode": name})
-        episode_uuid = (await _episode_row(name))[0]
+        episode_uuid = (await _Reads.episode_row(name))[0]
         async with _service("falkordb", s.falkordb_address), _llm_service(), _WriteGate.writes(s.group_id):
             await (await _graphiti(s.group_id)).remove_episode(episode_uuid)
         await _Cache.invalidate(s.group_id, drop_answers=True)
@@ -3935,7 +3943,7 @@ async def forget_fact(uuid_: str) -> dict:
     async with _operation("forget") as op:
         s = _settings()
         op.set(**{"memory.fact": uuid_})
-        removed = await _fact(uuid_)
+        removed = await _Reads.fact(uuid_)
         graphiti = await _graphiti(s.group_id)
         async with _service("falkordb", s.falkordb_address), _WriteGate.writes(s.group_id):
             from graphiti_core.edges import EntityEdge
@@ -3956,7 +3964,7 @@ async def correct_fact(uuid_: str, text: str) -> dict:
             raise UsageError("the corrected fact is empty")
         text = _check_text(" ".join(text.split()), "the corrected fact")[:MAX_QUERY_CHARS]
         text = redact(text).text if s.redact else text
-        old = await _fact(uuid_)
+        old = await _Reads.fact(uuid_)
         if old["invalid_at"] or old["expired_at"]:
             ended = old["invalid_at"] or old["expired_at"]
             raise UsageError(f"fact {uuid_} is no longer current (ended {ended}); correct the fact that replaced it")
@@ -3976,12 +3984,7 @@ async def correct_fact(uuid_: str, text: str) -> dict:
                 await previous.save(graphiti.driver)
                 await corrected.save(graphiti.driver)
         await _Cache.invalidate(s.group_id, drop_answers=True)
-        return {"invalidated": await _fact(uuid_), "fact": await _fact(corrected.uuid)}
-
-
-def _specific_label(labels: list[str]) -> str:
-    specific = sorted(label for label in labels if label != "Entity")
-    return specific[0] if specific else "Entity"
+        return {"invalidated": await _Reads.fact(uuid_), "fact": await _Reads.fact(corrected.uuid)}
 
 
 async def health() -> dict:
@@ -6716,7 +6719,7 @@ def _import_job(turn: _PastTurn) -> str:
 
 async def _stored_jobs(jobs: list[str]) -> set[str]:
     """Those of `jobs` whose episode is in the group's graph already."""
-    rows = await _read_graph("MATCH (e:Episodic) WHERE e.job_id IN $jobs RETURN e.job_id", {"jobs": jobs})
+    rows = await _Reads.rows("MATCH (e:Episodic) WHERE e.job_id IN $jobs RETURN e.job_id", {"jobs": jobs})
     return {row[0] for row in rows}
 
 
@@ -6944,8 +6947,8 @@ def _tool_group(group_ids: Any) -> str:
 
 async def _holds(uuid_: str) -> bool:
     """Whether the group in use has an episode, entity or fact with this uuid."""
-    return bool(await _read_graph("MATCH (e:Episodic {uuid: $uuid}) RETURN 1", {"uuid": uuid_})
-                or await _read_graph("MATCH ()-[r:RELATES_TO {uuid: $uuid}]->() RETURN 1", {"uuid": uuid_}))
+    return bool(await _Reads.rows("MATCH (e:Episodic {uuid: $uuid}) RETURN 1", {"uuid": uuid_})
+                or await _Reads.rows("MATCH ()-[r:RELATES_TO {uuid: $uuid}]->() RETURN 1", {"uuid": uuid_}))
 
 
 async def _group_holding(uuid_: Any, group_ids: Any) -> str:
@@ -6954,7 +6957,7 @@ async def _group_holding(uuid_: Any, group_ids: Any) -> str:
     (the operation's own "no episode/fact ... in group G"), so a token learns nothing of the
     other groups, not even that the uuid exists."""
     chosen = _tool_group(group_ids)
-    if not isinstance(uuid_, str) or not UUID_RULE.fullmatch(uuid_):
+    if not isinstance(uuid_, str) or not _Reads.UUID_RULE.fullmatch(uuid_):
         return chosen  # the operation itself refuses it, and names by name are per group
     candidates = [chosen] if group_ids else list(_this_caller().groups)
     for group in candidates:
@@ -7405,204 +7408,629 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line and exit 2 (raised as UsageError), a mistyped command
     gets a suggestion, and a bare `memory-manager` shows usage with examples."""
 
+    QUERY_OPTIONS: ClassVar[dict[str, bool]] = {  # option -> takes a value
+        "--limit": True, "--group": True, "-q": False, "--quiet": False, "--json": False, "-h": False, "--help": False,
+        "--scope": True, "--as-of": True, "--history": False, "--budget-tokens": True, "--recent": True}
+    QUESTION_COMMANDS = ("query", "context")
+
     def error(self, message: str) -> NoReturn:
         unknown = re.match(r"argument COMMAND: invalid choice: '(.*?)'", message)
         if unknown:
-            raise UsageError(_unknown_command(unknown.group(1), self))
+            raise UsageError(_Parser.unknown_command(unknown.group(1), self))
         command = self.prog.split()[-1]
         raise UsageError(message if command == PROG else f"{command}: {message}")
 
+    @staticmethod
+    def unknown_command(typed: str, parser: argparse.ArgumentParser) -> str:
+        import difflib
 
-def _unknown_command(typed: str, parser: argparse.ArgumentParser) -> str:
-    import difflib
+        choices = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        close = difflib.get_close_matches(typed, list(choices or []), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return f"unknown command '{typed}' ({hint}see memory-manager --help)"
 
-    choices = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    close = difflib.get_close_matches(typed, list(choices or []), n=1)
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    return f"unknown command '{typed}' ({hint}see memory-manager --help)"
+    @staticmethod
+    def common_options() -> _Parser:
+        common = _Parser(add_help=False)
+        common.add_argument("-q", "--quiet", action="store_true", help="no warnings or progress on stderr")
+        common.add_argument("--json", action="store_true", help="print one JSON document on stdout (errors stay "
+                            "one line on stderr)")
+        return common
 
+    @staticmethod
+    def version() -> str:
+        from importlib.metadata import PackageNotFoundError, version
 
-def _common_options() -> _Parser:
-    common = _Parser(add_help=False)
-    common.add_argument("-q", "--quiet", action="store_true", help="no warnings or progress on stderr")
-    common.add_argument("--json", action="store_true", help="print one JSON document on stdout (errors stay "
-                        "one line on stderr)")
-    return common
+        def of(package: str) -> str:
+            try:
+                return version(package)
+            except PackageNotFoundError:
+                return "not installed"
 
+        return f"{PROG} {of('opencode-memory-manager')} (graphiti-core {of('graphiti-core')})"
 
-def _print_json(document: Any) -> None:
-    print(json.dumps(document, ensure_ascii=False))
+    @staticmethod
+    def recall_options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--scope", choices=_Recall.RECALL_SCOPES, default="all",
+                            help="what to search: facts and events (all, the default), facts, or episodes (events)")
+        when = parser.add_mutually_exclusive_group()
+        when.add_argument("--as-of", metavar="TIME", help="facts true at TIME (ISO 8601) and events up to then")
+        when.add_argument("--history", action="store_true", help="invalidated facts too, with their validity")
 
+    @classmethod
+    def build(cls) -> argparse.ArgumentParser:
+        parser = _Parser(prog=PROG, description="Agent memory for the OpenCode pod: Graphiti on FalkorDB, a durable "
+                         "write queue\nand a query cache in Valkey. Configured by environment variables.",
+                         epilog=HELP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser.add_argument("--version", action=_VersionAction)
+        commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-def _read_stdin(what: str, max_chars: int | None = None, limit: str = "MEMORY_MAX_EPISODE_CHARS allows") -> str:
-    """stdin as text; with `max_chars`, refused at the limit (UTF-8 takes at most 4 bytes a
-    character), not after reading a gigabyte of it."""
-    if sys.stdin.isatty():
-        print(f"{PROG}: reading {what} from stdin; end it with Ctrl-D", file=sys.stderr)
-    data = sys.stdin.buffer.read() if max_chars is None else sys.stdin.buffer.read(4 * max_chars + 1)
-    if max_chars is not None and len(data) > 4 * max_chars:
-        raise UsageError(f"{what} on stdin is over {4 * max_chars} bytes; {limit} {max_chars} characters")
-    try:
-        return data.decode()
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"{what} on stdin is not UTF-8 text (byte {exc.start})") from None
+        common = cls.common_options()
 
+        def command(name: str, help_text: str, handler: Callable[[argparse.Namespace], Any],
+                    group: str | None = "memory group (overrides MEMORY_GROUP_ID)", many: bool = False
+                    ) -> argparse.ArgumentParser:
+            """`group` is the help of --group; None for a command that takes none (help does not list
+            it, and passing it gets one line saying why rather than argparse's "unrecognized")."""
+            sub = commands.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
+                                      parents=[common])
+            sub.add_argument("--group", metavar="G", help=group or argparse.SUPPRESS,
+                             action="append" if many else "store")
+            sub.set_defaults(handler=handler, takes_group=group is not None)
+            return sub
 
-async def _cmd_store(args: argparse.Namespace) -> int:
-    if args.jsonl:
-        return await _store_lines(args)
-    content = _read_stdin("the event", _settings().max_episode_chars) if args.content == "-" else args.content
-    at = None if args.at is None else _parse_event_time(args.at, "--at")
-    queued = await enqueue_episode(content, args.metadata, at=at, awaited=args.wait)
-    if args.wait:
-        await wait_for_episode(queued, args.timeout)
-    _print_queued(args, queued, "stored" if args.wait else None)
-    return 0
+        store = command("store", "queue one event; prints 'queued <episode> <job id>'", _Commands.store)
+        store.add_argument("content", help="the event text; - (preferred) reads it from stdin, since one argument "
+                           "is capped at 128 KiB by Linux")
+        store.add_argument("metadata", nargs="?", help="a JSON object stored with the episode "
+                           "(other text is kept beside it; undefined, null or empty: none)")
+        store.add_argument("--wait", action="store_true", help="return only once the episode is in the graph")
+        store.add_argument("--timeout", type=cls.positive_seconds, default=WAIT_TIMEOUT_S, metavar="S",
+                           help=f"with --wait: give up after S seconds (default {WAIT_TIMEOUT_S:g}); it stays queued")
+        store.add_argument("--at", metavar="TIME", help="when the event happened, ISO 8601 (default: now; "
+                           "no offset means UTC); for imported history and backfills")
+        store.add_argument("--jsonl", action="store_true", help="with -: one event a line, "
+                           '{"content": ..., "metadata": {...}, "at": ...}, each queued as it arrives until stdin ends')
 
+        query = command("query", "print the events and facts relevant to a question", _Commands.query)
+        query.add_argument("search_query", help="the question or keywords (a text starting with - is a question too, "
+                           "except -h; -- before it is always safe)")
+        query.add_argument("limit", nargs="?", type=int, help="facts to return, 1-50 (default 5); or --limit")
+        query.add_argument("--limit", dest="limit_option", type=int, metavar="N",
+                           help="facts to return, 1-50 (default 5)")
+        cls.recall_options(query)
 
-def _print_queued(args: argparse.Namespace, queued: QueuedEpisode, state: str | None = None) -> None:
-    state = state or ("spooled" if queued.spooled else "queued")
-    if args.json:
-        _print_json({"state": state, "episode": queued.name, "job_id": queued.job_id, "group": queued.group})
-    else:
-        print(f"{state} {queued.name} {queued.job_id}", flush=True)
+        context_ = command("context", "print one block of memories for a prompt, within a token budget",
+                           _Commands.context)
+        context_.add_argument("search_query", help="the question (as for query)")
+        context_.add_argument("--budget-tokens", type=int, default=_ContextBlock.CONTEXT_BUDGET_TOKENS, metavar="N",
+                              help=f"the most the block may take, in tokens as OpenAI's tokenizers count them, "
+                              f"estimated from above (default {_ContextBlock.CONTEXT_BUDGET_TOKENS})")
+        context_.add_argument("--recent", type=int, default=0, metavar="N",
+                              help=f"the newest N events first (0-{_ContextBlock.MAX_RECENT_EVENTS}), "
+                                   "within a third of the budget")
+        cls.recall_options(context_)
 
+        entities = command("entities", "print the group's entities as a JSON array", _Commands.entities)
+        entities.add_argument("entity_type", nargs="?", help="only entities of this type, e.g. File")
 
-async def _store_lines(args: argparse.Namespace) -> int:
-    """`store --jsonl -`: one event a line ({"content", "metadata"?, "at"?}), each queued as it
-    arrives, until stdin ends. The plugin keeps one such process for a burst of events instead of
-    starting a Python per event; what it wrote before OpenCode exits is still read and stored. A
-    line that cannot be stored fails alone (one line on stderr) and the next are still stored; the
-    exit is then 1 if a service failed (neither Valkey nor the spool took it), else 2."""
-    if args.content != "-" or args.metadata is not None or args.wait or args.at is not None:
-        raise UsageError("store --jsonl reads events from stdin: give - and nothing else (each line has its own "
-                         "content, metadata and at)")
-    limit = 6 * _settings().max_episode_chars + 4096  # a JSON string escapes a character in at most 6 bytes
-    if sys.stdin.isatty():
-        print(f"{PROG}: reading events from stdin, one JSON object a line; end with Ctrl-D", file=sys.stderr)
-    number, failed = 0, set()
-    while line := await asyncio.to_thread(sys.stdin.buffer.readline, limit + 1):
-        number += 1
-        if not line.strip():
-            continue
+        command("health", "check FalkorDB and Valkey (exit 0 only if both answer); show the LLM, queue and worker",
+                _Commands.health)
+
+        queue = command("queue", "show the write queue per group, or requeue dead letters", _Commands.queue, group=None)
+        queue.add_argument("action", nargs="?", choices=["status", "retry"], default="status",
+                           help="status (default) or retry: move dead letters back into the queue")
+        queue.add_argument("retry_group", nargs="?", metavar="GROUP", help="with retry: only this group")
+
+        command("worker", "ingest queued episodes until SIGTERM (a container process)", _Commands.worker, group=None)
+        command("drain", "ingest queued episodes; exit after MEMORY_DRAIN_IDLE idle seconds", _Commands.drain,
+                group=None)
+
+        export = command("export", "export every memory group to B2 (or to a file)", _Commands.export, group=None)
+        export.add_argument("--output", metavar="PATH", help="write the document to PATH (- for stdout) instead of B2")
+
+        backups = command("backups", "list the exports in B2 under B2_PREFIX, newest first", _Commands.backups,
+                          group=None)
+        backups.add_argument("--bucket", metavar="B", help="another bucket than B2_BUCKET")
+
+        mcp = command("mcp", "serve the memory to OpenCode over MCP (stdio, or --http HOST:PORT)", _Commands.mcp)
+        mcp.add_argument("--http", metavar="HOST:PORT", help="streamable HTTP instead of stdio; beyond loopback "
+                         "MEMORY_MCP_TOKEN is required")
+        mcp.add_argument("--worker", action="store_true", help="also run the queue worker in this process")
+
+        restore_ = command("restore", "restore an export from a file, stdin or b2://bucket/name", _Commands.restore,
+                           group="restore only group G of the document (repeat it for several); no other group, in "
+                           "the document or in FalkorDB, is touched", many=True)
+        restore_.add_argument("source", help="a path, - for stdin, b2://<bucket>/<file name>, or b2://<bucket>/latest "
+                              "(the newest export under B2_PREFIX)")
+        restore_.add_argument("--replace", action="store_true", help="overwrite groups that already hold memories")
+        restore_.add_argument("--yes", action="store_true", help="confirm --replace without asking")
+        restore_.add_argument("--dry-run", action="store_true", help="check the document and say what would "
+                              "change; exits as the real run would")
+
+        graph = command("graph", "the group's entities and facts as JSON, or with --html FILE as a page to look at "
+                        "(self-contained, offline, searchable)", _Commands.graph)
+        graph.add_argument("--html", metavar="FILE", help="write the page here")
+        graph.add_argument("--limit", type=int, default=500, metavar="N",
+                           help="the newest N facts (default 500, at most "
+                           f"{MAX_GRAPH_FACTS})")
+        episodes = command("episodes", "list the group's newest episodes: uuid, when it happened, the text",
+                           _Commands.episodes)
+        episodes.add_argument("--limit", type=int, default=10, metavar="N", help="at most N (default 10, at most "
+                              f"{MAX_EPISODES_LISTED})")
+        episodes.add_argument("--since", metavar="TIME", help="only those that happened at TIME (ISO 8601) or later")
+
+        episode = command("episode", "show one episode: its text, time, metadata and the facts it produced",
+                          _Commands.episode)
+        episode.add_argument("episode", metavar="UUID", help="the episode's uuid (or its name, episode_...)")
+
+        forget = command("forget", "remove one episode (and what only it supported) or one fact", _Commands.forget)
+        which = forget.add_mutually_exclusive_group(required=True)
+        which.add_argument("--episode", metavar="UUID", help="the episode's uuid (or name)")
+        which.add_argument("--fact", metavar="UUID", help="the fact's uuid (query --json shows it)")
+
+        correct = command("correct", "replace a fact: the old one is invalidated now (kept as history), the new "
+                          "one is valid from now", _Commands.correct)
+        correct.add_argument("--fact", metavar="UUID", required=True, help="the fact to correct")
+        correct.add_argument("text", help="the corrected fact; - reads it from stdin")
+
+        erase = command("erase", "erase a group everywhere: graph, queue, dead letters, cache, this host's spool; "
+                        "reports the backups that hold it", _Commands.erase)
+        erase.add_argument("--yes", action="store_true", help="confirm (required)")
+        erase.add_argument("--backups", action="store_true", help="also rewrite the B2 exports that hold the group "
+                           "without it and delete their old versions")
+
+        import_ = command("import", "store the turns of OpenCode's past sessions in a project (its own history); "
+                          "importing again stores nothing", _Commands.import_history)
+        import_.add_argument("source", choices=["opencode"], help="whose history: opencode")
+        import_.add_argument("--project", metavar="DIR", help="the project directory (default: the current one); "
+                             "its group as for `group`")
+        import_.add_argument("--since", metavar="TIME", help="only sessions started at TIME (ISO 8601) or later")
+        import_.add_argument("--db", metavar="PATH", help="OpenCode's opencode.db (default: "
+                             "$XDG_DATA_HOME/opencode/opencode.db)")
+        import_.add_argument("--dry-run", action="store_true", help="say what would be stored; store nothing")
+
+        group = command("group", "print the memory group of a project directory (its git remote, else its path); "
+                        "the plugin and mcp use it", _Commands.group)
+        group.add_argument("directory", nargs="?", help="the project directory (default: the current one)")
+        return parser
+
+    @staticmethod
+    def positive_seconds(text: str) -> float:
         try:
-            queued = await enqueue_episode(**_event_line(line, limit))
-        except MemoryManagerError as exc:
-            failed.add(exc.exit_code)
-            _skip_rest_of_line(line, limit)
-            print(f"{PROG}: error: line {number}: {_scrub(str(exc))}", file=sys.stderr, flush=True)
-            continue
-        _print_queued(args, queued)
-    return min(failed, default=0)
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if not 0 < value <= 86_400:
+            raise argparse.ArgumentTypeError(f"must be seconds from 0 to 86400, got {text!r}")
+        return value
+
+    @classmethod
+    def dash_texts_are_questions(cls, argv: list[str]) -> list[str]:
+        """`query -foo` asks about "-foo": the plugin passes a user's text as one argument, and argparse
+        would read it as an unknown option. Options `query` knows (including -h) keep their meaning;
+        every other argument becomes positional, behind a `--`. Several words unquoted are one
+        question (`query how do we retry`), and a last word that is a number is still the limit."""
+        if not argv or argv[0] not in cls.QUESTION_COMMANDS or "--" in argv:
+            return argv
+        options: list[str] = []
+        positionals: list[str] = []
+        rest = iter(argv[1:])
+        for token in rest:
+            name = token.split("=", 1)[0]
+            if name in cls.QUERY_OPTIONS:
+                options.append(token)
+                if cls.QUERY_OPTIONS[name] and "=" not in token:
+                    options.extend(itertools.islice(rest, 1))
+            else:
+                positionals.append(token)
+        limit = positionals[-1:] if argv[0] == "query" and len(positionals) > 1 and re.fullmatch(
+            r"[+-]?\d+", positionals[-1]) else []
+        words = positionals[:len(positionals) - len(limit)]
+        return [argv[0], *options, "--", *([" ".join(words)] if words else []), *limit]
 
 
-def _event_line(line: bytes, limit: int) -> dict[str, Any]:
-    if len(line) > limit:
-        raise UsageError(f"over {limit} bytes; MEMORY_MAX_EPISODE_CHARS allows {_settings().max_episode_chars} "
-                         "characters of content")
-    try:
-        event = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"not a JSON object ({exc})") from None
-    if not isinstance(event, dict) or set(event) - {"content", "metadata", "at"}:
-        raise UsageError('an event is a JSON object of "content", and optionally "metadata" and "at"')
-    return {"content": event.get("content"), "metadata": event.get("metadata"), "at": event.get("at")}
+class _Commands:
+    """The CLI's commands, one coroutine each (args in, exit code out, results on stdout), and the helpers that
+    read their input and print their results."""
 
+    HEALTH_NOT_OK: ClassVar[dict[str, str]] = {"falkordb": "FAIL", "valkey": "FAIL", "llm": "FAIL", "queue": "WARN",
+                                               "worker": "off", "redaction": "off", "group": "ok"}
+    REQUIRED_PACKAGES = ("redis", "openai", "graphiti_core", "falkordb")
 
-def _skip_rest_of_line(line: bytes, limit: int) -> None:
-    """After a line cut at the limit, read on to its end so that its tail is not taken for events."""
-    while len(line) > limit and not line.endswith(b"\n"):
-        line = sys.stdin.buffer.readline(limit + 1)
+    @staticmethod
+    def print_json(document: Any) -> None:
+        print(json.dumps(document, ensure_ascii=False))
 
+    @staticmethod
+    def read_stdin(what: str, max_chars: int | None = None, limit: str = "MEMORY_MAX_EPISODE_CHARS allows") -> str:
+        """stdin as text; with `max_chars`, refused at the limit (UTF-8 takes at most 4 bytes a
+        character), not after reading a gigabyte of it."""
+        if sys.stdin.isatty():
+            print(f"{PROG}: reading {what} from stdin; end it with Ctrl-D", file=sys.stderr)
+        data = sys.stdin.buffer.read() if max_chars is None else sys.stdin.buffer.read(4 * max_chars + 1)
+        if max_chars is not None and len(data) > 4 * max_chars:
+            raise UsageError(f"{what} on stdin is over {4 * max_chars} bytes; {limit} {max_chars} characters")
+        try:
+            return data.decode()
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"{what} on stdin is not UTF-8 text (byte {exc.start})") from None
 
-async def _cmd_query(args: argparse.Namespace) -> int:
-    if args.limit is not None and args.limit_option is not None:
-        raise UsageError("query: give the limit once (--limit N or a second argument)")
-    limit = args.limit_option if args.limit_option is not None else args.limit
-    limit = 5 if limit is None else limit
-    options = {"scope": args.scope, "as_of": args.as_of, "history": args.history}
-    if args.json:
-        items = await recall(args.search_query, limit, **options)
-        _print_json({"group": _settings().group_id, "scope": args.scope,
-                     "results": [dataclasses.asdict(i) for i in items]})
-    else:
-        print(await query_memory(args.search_query, limit, **options))
-    return 0
+    @classmethod
+    async def store(cls, args: argparse.Namespace) -> int:
+        if args.jsonl:
+            return await cls.store_lines(args)
+        content = cls.read_stdin("the event", _settings().max_episode_chars) if args.content == "-" else args.content
+        at = None if args.at is None else _parse_event_time(args.at, "--at")
+        queued = await enqueue_episode(content, args.metadata, at=at, awaited=args.wait)
+        if args.wait:
+            await wait_for_episode(queued, args.timeout)
+        cls.print_queued(args, queued, "stored" if args.wait else None)
+        return 0
 
-
-async def _cmd_context(args: argparse.Namespace) -> int:
-    block = await context(args.search_query, args.budget_tokens, recent=args.recent, scope=args.scope,
-                          as_of=args.as_of, history=args.history)
-    if args.json:
-        _print_json({"group": _settings().group_id, "budget_tokens": args.budget_tokens,
-                     "estimated_tokens": _ContextBlock.estimated_tokens(block), "context": block})
-    else:
-        print(block)
-    return 0
-
-
-async def _cmd_entities(args: argparse.Namespace) -> int:
-    _print_json(await get_entities(args.entity_type))  # JSON with or without --json
-    return 0
-
-
-HEALTH_NOT_OK = {"falkordb": "FAIL", "valkey": "FAIL", "llm": "FAIL", "queue": "WARN", "worker": "off",
-                 "redaction": "off", "group": "ok"}
-
-
-async def _cmd_health(args: argparse.Namespace) -> int:
-    report = await health()
-    if args.json:
-        _print_json(report)
-        return 0 if report["healthy"] else 1
-    for name, failed in HEALTH_NOT_OK.items():
-        status = report[name]
-        state = status.get("state") or ("ok" if status["ok"] else failed)
-        print(f"{name:<9} {state:<5} {status['address']}  {status['detail']}")
-    return 0 if report["healthy"] else 1
-
-
-async def _cmd_queue(args: argparse.Namespace) -> int:
-    if args.action == "retry":
-        moved = await retry_dead_letters(args.retry_group)
+    @classmethod
+    def print_queued(cls, args: argparse.Namespace, queued: QueuedEpisode, state: str | None = None) -> None:
+        state = state or ("spooled" if queued.spooled else "queued")
         if args.json:
-            _print_json({"requeued": moved})
+            cls.print_json({"state": state, "episode": queued.name, "job_id": queued.job_id, "group": queued.group})
         else:
-            print(f"requeued {moved} dead letter(s)")
+            print(f"{state} {queued.name} {queued.job_id}", flush=True)
+
+    @classmethod
+    async def store_lines(cls, args: argparse.Namespace) -> int:
+        """`store --jsonl -`: one event a line ({"content", "metadata"?, "at"?}), each queued as it
+        arrives, until stdin ends. The plugin keeps one such process for a burst of events instead of
+        starting a Python per event; what it wrote before OpenCode exits is still read and stored. A
+        line that cannot be stored fails alone (one line on stderr) and the next are still stored; the
+        exit is then 1 if a service failed (neither Valkey nor the spool took it), else 2."""
+        if args.content != "-" or args.metadata is not None or args.wait or args.at is not None:
+            raise UsageError("store --jsonl reads events from stdin: give - and nothing else (each line has its own "
+                             "content, metadata and at)")
+        limit = 6 * _settings().max_episode_chars + 4096  # a JSON string escapes a character in at most 6 bytes
+        if sys.stdin.isatty():
+            print(f"{PROG}: reading events from stdin, one JSON object a line; end with Ctrl-D", file=sys.stderr)
+        number, failed = 0, set()
+        while line := await asyncio.to_thread(sys.stdin.buffer.readline, limit + 1):
+            number += 1
+            if not line.strip():
+                continue
+            try:
+                queued = await enqueue_episode(**cls.event_line(line, limit))
+            except MemoryManagerError as exc:
+                failed.add(exc.exit_code)
+                cls.skip_rest_of_line(line, limit)
+                print(f"{PROG}: error: line {number}: {_scrub(str(exc))}", file=sys.stderr, flush=True)
+                continue
+            cls.print_queued(args, queued)
+        return min(failed, default=0)
+
+    @staticmethod
+    def event_line(line: bytes, limit: int) -> dict[str, Any]:
+        if len(line) > limit:
+            raise UsageError(f"over {limit} bytes; MEMORY_MAX_EPISODE_CHARS allows {_settings().max_episode_chars} "
+                             "characters of content")
+        try:
+            event = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UsageError(f"not a JSON object ({exc})") from None
+        if not isinstance(event, dict) or set(event) - {"content", "metadata", "at"}:
+            raise UsageError('an event is a JSON object of "content", and optionally "metadata" and "at"')
+        return {"content": event.get("content"), "metadata": event.get("metadata"), "at": event.get("at")}
+
+    @staticmethod
+    def skip_rest_of_line(line: bytes, limit: int) -> None:
+        """After a line cut at the limit, read on to its end so that its tail is not taken for events."""
+        while len(line) > limit and not line.endswith(b"\n"):
+            line = sys.stdin.buffer.readline(limit + 1)
+
+    @classmethod
+    async def query(cls, args: argparse.Namespace) -> int:
+        if args.limit is not None and args.limit_option is not None:
+            raise UsageError("query: give the limit once (--limit N or a second argument)")
+        limit = args.limit_option if args.limit_option is not None else args.limit
+        limit = 5 if limit is None else limit
+        options = {"scope": args.scope, "as_of": args.as_of, "history": args.history}
+        if args.json:
+            items = await recall(args.search_query, limit, **options)
+            cls.print_json({"group": _settings().group_id, "scope": args.scope,
+                         "results": [dataclasses.asdict(i) for i in items]})
+        else:
+            print(await query_memory(args.search_query, limit, **options))
         return 0
-    if args.retry_group is not None:
-        raise UsageError("queue: a group is only taken by `queue retry [GROUP]`")
-    status = await queue_status()
-    if args.json:
-        _print_json(status)
+
+    @classmethod
+    async def context(cls, args: argparse.Namespace) -> int:
+        block = await context(args.search_query, args.budget_tokens, recent=args.recent, scope=args.scope,
+                              as_of=args.as_of, history=args.history)
+        if args.json:
+            cls.print_json({"group": _settings().group_id, "budget_tokens": args.budget_tokens,
+                         "estimated_tokens": _ContextBlock.estimated_tokens(block), "context": block})
+        else:
+            print(block)
         return 0
-    print(f"{'group':<24} {'queued':>6} {'in flight':>9} {'oldest':>9} {'dead':>5}  last error")
-    for row in status["groups"]:
-        oldest = f"{row['oldest_age_s']:g} s" if row["oldest_age_s"] is not None else "-"
-        error = row["last_error"]
-        last = f"{error['at']} {error['error']}" if error else "-"
-        print(f"{row['group']:<24} {row['queued']:>6} {row['in_flight']:>9} {oldest:>9} "
-              f"{row['dead_letters']:>5}  {last}")
-    worker = status["worker"]
-    print(f"worker: {worker['mode']} {worker['id']}, heartbeat {worker['heartbeat_age_s']:g} s ago" if worker
-          else "worker: none running (the next store starts a drainer)")
-    return 0
 
+    @classmethod
+    async def entities(cls, args: argparse.Namespace) -> int:
+        cls.print_json(await get_entities(args.entity_type))  # JSON with or without --json
+        return 0
 
-async def _cmd_worker(args: argparse.Namespace) -> int:
-    if not args.quiet:
-        log.setLevel(logging.INFO)
-    return _worker_done(args, await run_worker(drain=False))
+    @classmethod
+    async def health(cls, args: argparse.Namespace) -> int:
+        report = await health()
+        if args.json:
+            cls.print_json(report)
+            return 0 if report["healthy"] else 1
+        for name, failed in cls.HEALTH_NOT_OK.items():
+            status = report[name]
+            state = status.get("state") or ("ok" if status["ok"] else failed)
+            print(f"{name:<9} {state:<5} {status['address']}  {status['detail']}")
+        return 0 if report["healthy"] else 1
 
+    @classmethod
+    async def queue(cls, args: argparse.Namespace) -> int:
+        if args.action == "retry":
+            moved = await retry_dead_letters(args.retry_group)
+            if args.json:
+                cls.print_json({"requeued": moved})
+            else:
+                print(f"requeued {moved} dead letter(s)")
+            return 0
+        if args.retry_group is not None:
+            raise UsageError("queue: a group is only taken by `queue retry [GROUP]`")
+        status = await queue_status()
+        if args.json:
+            cls.print_json(status)
+            return 0
+        print(f"{'group':<24} {'queued':>6} {'in flight':>9} {'oldest':>9} {'dead':>5}  last error")
+        for row in status["groups"]:
+            oldest = f"{row['oldest_age_s']:g} s" if row["oldest_age_s"] is not None else "-"
+            error = row["last_error"]
+            last = f"{error['at']} {error['error']}" if error else "-"
+            print(f"{row['group']:<24} {row['queued']:>6} {row['in_flight']:>9} {oldest:>9} "
+                  f"{row['dead_letters']:>5}  {last}")
+        worker = status["worker"]
+        print(f"worker: {worker['mode']} {worker['id']}, heartbeat {worker['heartbeat_age_s']:g} s ago" if worker
+              else "worker: none running (the next store starts a drainer)")
+        return 0
 
-async def _cmd_drain(args: argparse.Namespace) -> int:
-    return _worker_done(args, await run_worker(drain=True))
+    @classmethod
+    async def worker(cls, args: argparse.Namespace) -> int:
+        if not args.quiet:
+            log.setLevel(logging.INFO)
+        return cls.worker_done(args, await run_worker(drain=False))
 
+    @classmethod
+    async def drain(cls, args: argparse.Namespace) -> int:
+        return cls.worker_done(args, await run_worker(drain=True))
 
-def _worker_done(args: argparse.Namespace, summary: WorkerSummary) -> int:
-    if args.json:
-        _print_json(dataclasses.asdict(summary))
-    return summary.exit_code
+    @classmethod
+    def worker_done(cls, args: argparse.Namespace, summary: WorkerSummary) -> int:
+        if args.json:
+            cls.print_json(dataclasses.asdict(summary))
+        return summary.exit_code
+
+    @classmethod
+    async def export(cls, args: argparse.Namespace) -> int:
+        if args.json and args.output == "-":
+            raise UsageError("export: --json and --output - both want stdout; give --output a file name")
+        progress = _TerminalProgress("exporting", args.quiet)
+        try:
+            summary = await (cls.export_to_stdout(progress) if args.output == "-" else
+                             export_to_file(args.output, progress) if args.output else export_to_b2(progress))
+        finally:
+            progress.finish()
+        if args.json:
+            cls.print_json(dataclasses.asdict(summary))
+        else:
+            print(summary, file=sys.stderr if args.output == "-" else sys.stdout)  # stdout holds the document
+        return 0
+
+    @staticmethod
+    async def export_to_stdout(progress: Progress) -> ExportSummary:
+        async def streamed() -> ExportSummary:
+            summary = await write_export(sys.stdout.buffer, progress)
+            sys.stdout.flush()
+            return summary
+
+        return await _Export.as_operation("stdout", "stdout", streamed)
+
+    @staticmethod
+    async def mcp(args: argparse.Namespace) -> int:
+        log.info("mcp: serving memory group %s", _settings().group_id)
+        if not args.http and sys.stdin.isatty() and not args.quiet:  # a person, not an MCP client, started it
+            print(f"{PROG}: serving MCP on stdin/stdout for an MCP client (OpenCode starts it: docs/opencode.md); "
+                  "Ctrl-D ends it", file=sys.stderr)
+        await serve_mcp(args.http, args.worker)
+        return 0
+
+    @classmethod
+    async def episodes(cls, args: argparse.Namespace) -> int:
+        episodes = await get_episodes(args.limit, since=args.since)
+        if args.json:
+            cls.print_json(episodes)
+            return 0
+        for e in episodes:
+            print(f"{e['uuid']}  {e['reference_time']}  {_snippet(e['content'])}")
+        if not episodes:
+            print("no episodes", file=sys.stderr)
+        return 0
+
+    @staticmethod
+    def fact_line(fact: dict) -> str:
+        return f"{fact['uuid']}  {fact['fact']} (valid {fact['valid_at'] or '?'} → {fact['invalid_at'] or 'present'})"
+
+    @classmethod
+    async def episode(cls, args: argparse.Namespace) -> int:
+        episode = await get_episode(args.episode)
+        if args.json:
+            cls.print_json(episode)
+            return 0
+        print(f"episode {episode['uuid']} ({episode['name']})\nhappened {episode['reference_time']}, ingested "
+              f"{episode['ingested_at']}\nmetadata {json.dumps(episode['metadata'], ensure_ascii=False)}\n\n"
+              f"{episode['content']}\n")
+        print("\n".join(["facts:", *map(cls.fact_line, episode["facts"])]) if episode["facts"] else "no facts")
+        return 0
+
+    @classmethod
+    async def import_history(cls, args: argparse.Namespace) -> int:
+        if args.group is None:  # the project's group, as `group DIR` prints it, unless MEMORY_GROUP_ID says
+            _use_group(cls.chosen_group(argparse.Namespace(group=None, directory=args.project))[0])
+        on_terminal = sys.stderr.isatty() and not args.quiet
+
+        def progress(done: int, total: int) -> None:
+            print(f"\rimporting {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+        report = await import_opencode(args.project, since=args.since, db=args.db, dry_run=args.dry_run,
+                                       progress=progress if on_terminal else None)
+        if args.json:
+            cls.print_json({"group": _settings().group_id, "dry_run": args.dry_run, **dataclasses.asdict(report)})
+            return 0
+        verb = "would store" if args.dry_run else "stored"
+        print(f"{verb} {report.stored} turn(s) of {report.sessions} OpenCode session(s) in group "
+              f"{_settings().group_id}; {report.already} already stored, {report.skipped} with nothing to store")
+        return 0
+
+    @classmethod
+    async def forget(cls, args: argparse.Namespace) -> int:
+        if args.episode:
+            removed: dict[str, Any] = {"episode": await delete_episode(args.episode)}
+            line = f"forgot episode {removed['episode']}"
+        else:
+            fact = await forget_fact(args.fact)
+            removed, line = {"fact": fact}, f"forgot fact {cls.fact_line(fact)}"
+        cls.print_json(removed) if args.json else print(line)
+        return 0
+
+    @classmethod
+    async def correct(cls, args: argparse.Namespace) -> int:
+        text = (cls.read_stdin("the corrected fact", MAX_QUERY_CHARS, "a fact may hold") if args.text == "-"
+                else args.text)
+        changed = await correct_fact(args.fact, text)
+        if args.json:
+            cls.print_json(changed)
+        else:
+            print(f"invalidated {cls.fact_line(changed['invalidated'])}\nnew fact    {cls.fact_line(changed['fact'])}")
+        return 0
+
+    @classmethod
+    async def erase(cls, args: argparse.Namespace) -> int:
+        if args.group is None:
+            raise UsageError("erase: name the group to erase with --group G (it is not taken from MEMORY_GROUP_ID)")
+        if not args.yes:
+            raise UsageError(f"erase: this deletes every memory of group {args.group!r} (graph, queue, cache, spool"
+                             f"{', backups' if args.backups else ''}) for good; pass --yes to confirm")
+        report = await erase_group(args.group, backups=args.backups)
+        cls.print_json(dataclasses.asdict(report)) if args.json else print(report)
+        if args.backups and report.backups_holding:
+            raise ServiceError("b2", _settings().b2_address, f"{len(report.backups_holding)} export version(s) still "
+                               f"hold group {args.group!r} (listed above)")
+        return 0
+
+    @classmethod
+    async def group(cls, args: argparse.Namespace) -> int:
+        """Also the plugin's start-up check: a Python without the dependencies (the system python3)
+        fails here, once and loudly, rather than in every store."""
+        import importlib.util
+
+        missing = next((name for name in cls.REQUIRED_PACKAGES if importlib.util.find_spec(name) is None), None)
+        if missing:
+            raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
+        group, rule = cls.chosen_group(args)
+        if args.json:
+            cls.print_json({"group": group, "rule": rule})
+        else:
+            print(group)
+            if not args.quiet:
+                print(f"{PROG}: from {rule}", file=sys.stderr)
+        return 0
+
+    @staticmethod
+    def chosen_group(args: argparse.Namespace) -> tuple[str, str]:
+        """The group a command run there would use, and why: --group, then MEMORY_GROUP_ID (for the
+        current directory only: one named is asked about its own rule), then the project rule."""
+        if args.group is not None:
+            return args.group, "--group"
+        if args.directory is None and _Env.text("MEMORY_GROUP_ID"):
+            return _settings().group_id, "MEMORY_GROUP_ID"
+        return _project_group_and_rule(os.path.abspath(args.directory or _working_directory()))
+
+    @staticmethod
+    def write_text_file(path: str, text: str, option: str) -> None:
+        """Whole or not at all: written beside the target, then renamed over it. Mode 0600 (mkstemp's), as
+        an export: the page holds the memories' text."""
+        target = os.path.abspath(path)
+        if os.path.isdir(target):
+            raise UsageError(f"{option} {path}: is a directory; give a file name")
+        try:
+            fd, temporary = tempfile.mkstemp(prefix=".memory_", suffix=".partial", dir=os.path.dirname(target))
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                out.write(text)
+            os.replace(temporary, target)
+        except OSError as exc:
+            with contextlib.suppress(NameError, FileNotFoundError):
+                os.unlink(temporary)
+            raise UsageError(f"{option} {path}: cannot write it ({exc.strerror or _describe(exc)})") from None
+
+    @classmethod
+    async def graph(cls, args: argparse.Namespace) -> int:
+        view = await get_graph(args.limit)
+        if args.html is None:
+            cls.print_json(view)
+            return 0
+        cls.write_text_file(args.html, _GraphPage.of(view), "--html")
+        print(f"wrote {args.html}: {len(view['entities'])} entities, {len(view['facts'])} facts of group "
+              f"{view['group']}")
+        return 0
+
+    @classmethod
+    async def backups(cls, args: argparse.Namespace) -> int:
+        backups = await list_backups(args.bucket)
+        if args.json:
+            cls.print_json([dataclasses.asdict(b) for b in backups])
+            return 0
+        for b in backups:
+            counts = (f"{b.groups} group(s), {b.nodes} nodes, {b.edges} edges" if b.nodes is not None
+                      else "counts unknown")
+            print(f"{b.uploaded_at}  {b.bytes:>12} bytes  {counts}  {b.location}")
+        if not backups:
+            print("no exports found", file=sys.stderr)
+        return 0
+
+    @classmethod
+    async def restore(cls, args: argparse.Namespace) -> int:
+        if args.replace and not args.dry_run and not args.yes:
+            cls.confirm_replace(args.source, args.group)
+        progress = _TerminalProgress("restoring", args.quiet)
+        try:
+            source = sys.stdin.buffer if args.source == "-" else args.source
+            cls.print_restore(args, await restore(source, replace=args.replace, dry_run=args.dry_run,
+                                               progress=progress, groups=args.group))
+        except RefusedRestore as refused:
+            cls.print_restore(args, refused.plan)  # the dry run's plan, then the reason it would be refused
+            raise
+        finally:
+            progress.finish()
+        return 0
+
+    @classmethod
+    def print_restore(cls, args: argparse.Namespace, result: RestoreResult) -> None:
+        if args.json:
+            cls.print_json({**dataclasses.asdict(result), "nodes": result.nodes, "edges": result.edges})
+        else:
+            print(result)
+
+    @staticmethod
+    def confirm_replace(source: str, groups: list[str] | None) -> None:
+        """--replace drops groups: on a terminal ask; elsewhere demand --yes rather than guess."""
+        which = f"group(s) {', '.join(groups)}" if groups else "the groups the document holds"
+        if not (sys.stdin.isatty() and source != "-"):
+            raise UsageError(f"restore: --replace drops {which}; pass --yes to confirm "
+                             "(or run it from a terminal to be asked)")
+        which = f"group(s) {', '.join(groups)}" if groups else f"every group in {source}"
+        print(f"{PROG}: restore --replace drops {which} that already holds memories, "
+              "then restores it. Continue? [y/N] ", end="", file=sys.stderr, flush=True)
+        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+            raise UsageError("restore: not confirmed; nothing changed")
 
 
 class _TerminalProgress:
@@ -7625,41 +8053,11 @@ class _TerminalProgress:
             print(file=sys.stderr)
 
 
-async def _cmd_export(args: argparse.Namespace) -> int:
-    if args.json and args.output == "-":
-        raise UsageError("export: --json and --output - both want stdout; give --output a file name")
-    progress = _TerminalProgress("exporting", args.quiet)
-    try:
-        summary = await (_export_to_stdout(progress) if args.output == "-" else
-                         export_to_file(args.output, progress) if args.output else export_to_b2(progress))
-    finally:
-        progress.finish()
-    if args.json:
-        _print_json(dataclasses.asdict(summary))
-    else:
-        print(summary, file=sys.stderr if args.output == "-" else sys.stdout)  # stdout holds the document
-    return 0
+class _GraphPage:
+    """One self-contained HTML page (no network: data, script and style inline) drawing a group's entities and
+    facts, with a search box."""
 
-
-async def _export_to_stdout(progress: Progress) -> ExportSummary:
-    async def streamed() -> ExportSummary:
-        summary = await write_export(sys.stdout.buffer, progress)
-        sys.stdout.flush()
-        return summary
-
-    return await _Export.as_operation("stdout", "stdout", streamed)
-
-
-async def _cmd_mcp(args: argparse.Namespace) -> int:
-    log.info("mcp: serving memory group %s", _settings().group_id)
-    if not args.http and sys.stdin.isatty() and not args.quiet:  # a person, not an MCP client, started it
-        print(f"{PROG}: serving MCP on stdin/stdout for an MCP client (OpenCode starts it: docs/opencode.md); "
-              "Ctrl-D ends it", file=sys.stderr)
-    await serve_mcp(args.http, args.worker)
-    return 0
-
-
-GRAPH_PAGE = """<!doctype html>
+    PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy"
   content="default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
@@ -7763,216 +8161,15 @@ show(search.value);
 </script></body></html>
 """
 
-
-async def _cmd_episodes(args: argparse.Namespace) -> int:
-    episodes = await get_episodes(args.limit, since=args.since)
-    if args.json:
-        _print_json(episodes)
-        return 0
-    for e in episodes:
-        print(f"{e['uuid']}  {e['reference_time']}  {_snippet(e['content'])}")
-    if not episodes:
-        print("no episodes", file=sys.stderr)
-    return 0
-
-
-def _fact_line(fact: dict) -> str:
-    return f"{fact['uuid']}  {fact['fact']} (valid {fact['valid_at'] or '?'} → {fact['invalid_at'] or 'present'})"
-
-
-async def _cmd_episode(args: argparse.Namespace) -> int:
-    episode = await get_episode(args.episode)
-    if args.json:
-        _print_json(episode)
-        return 0
-    print(f"episode {episode['uuid']} ({episode['name']})\nhappened {episode['reference_time']}, ingested "
-          f"{episode['ingested_at']}\nmetadata {json.dumps(episode['metadata'], ensure_ascii=False)}\n\n"
-          f"{episode['content']}\n")
-    print("\n".join(["facts:", *map(_fact_line, episode["facts"])]) if episode["facts"] else "no facts")
-    return 0
-
-
-async def _cmd_import(args: argparse.Namespace) -> int:
-    if args.group is None:  # the project's group, as `group DIR` prints it, unless MEMORY_GROUP_ID says
-        _use_group(_chosen_group(argparse.Namespace(group=None, directory=args.project))[0])
-    on_terminal = sys.stderr.isatty() and not args.quiet
-
-    def progress(done: int, total: int) -> None:
-        print(f"\rimporting {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
-
-    report = await import_opencode(args.project, since=args.since, db=args.db, dry_run=args.dry_run,
-                                   progress=progress if on_terminal else None)
-    if args.json:
-        _print_json({"group": _settings().group_id, "dry_run": args.dry_run, **dataclasses.asdict(report)})
-        return 0
-    verb = "would store" if args.dry_run else "stored"
-    print(f"{verb} {report.stored} turn(s) of {report.sessions} OpenCode session(s) in group "
-          f"{_settings().group_id}; {report.already} already stored, {report.skipped} with nothing to store")
-    return 0
-
-
-async def _cmd_forget(args: argparse.Namespace) -> int:
-    if args.episode:
-        removed: dict[str, Any] = {"episode": await delete_episode(args.episode)}
-        line = f"forgot episode {removed['episode']}"
-    else:
-        fact = await forget_fact(args.fact)
-        removed, line = {"fact": fact}, f"forgot fact {_fact_line(fact)}"
-    _print_json(removed) if args.json else print(line)
-    return 0
-
-
-async def _cmd_correct(args: argparse.Namespace) -> int:
-    text = (_read_stdin("the corrected fact", MAX_QUERY_CHARS, "a fact may hold") if args.text == "-"
-            else args.text)
-    changed = await correct_fact(args.fact, text)
-    if args.json:
-        _print_json(changed)
-    else:
-        print(f"invalidated {_fact_line(changed['invalidated'])}\nnew fact    {_fact_line(changed['fact'])}")
-    return 0
-
-
-async def _cmd_erase(args: argparse.Namespace) -> int:
-    if args.group is None:
-        raise UsageError("erase: name the group to erase with --group G (it is not taken from MEMORY_GROUP_ID)")
-    if not args.yes:
-        raise UsageError(f"erase: this deletes every memory of group {args.group!r} (graph, queue, cache, spool"
-                         f"{', backups' if args.backups else ''}) for good; pass --yes to confirm")
-    report = await erase_group(args.group, backups=args.backups)
-    _print_json(dataclasses.asdict(report)) if args.json else print(report)
-    if args.backups and report.backups_holding:
-        raise ServiceError("b2", _settings().b2_address, f"{len(report.backups_holding)} export version(s) still "
-                           f"hold group {args.group!r} (listed above)")
-    return 0
-
-
-def _graph_page(view: dict) -> str:
-    """One self-contained HTML page (no network: data, script and style inline) drawing `view`.
-    The data sits in a JSON script block with <, > and & escaped, and the page writes it only as
-    text nodes, so nothing stored can become markup."""
-    import html  # here, not at the top: a cached `query` has no use for it
-    data = json.dumps(view, ensure_ascii=False).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    return GRAPH_PAGE.replace("__GROUP__", html.escape(view["group"])).replace("__DATA__", data)
-
-
-REQUIRED_PACKAGES = ("redis", "openai", "graphiti_core", "falkordb")
-
-
-async def _cmd_group(args: argparse.Namespace) -> int:
-    """Also the plugin's start-up check: a Python without the dependencies (the system python3)
-    fails here, once and loudly, rather than in every store."""
-    import importlib.util
-
-    missing = next((name for name in REQUIRED_PACKAGES if importlib.util.find_spec(name) is None), None)
-    if missing:
-        raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
-    group, rule = _chosen_group(args)
-    if args.json:
-        _print_json({"group": group, "rule": rule})
-    else:
-        print(group)
-        if not args.quiet:
-            print(f"{PROG}: from {rule}", file=sys.stderr)
-    return 0
-
-
-def _chosen_group(args: argparse.Namespace) -> tuple[str, str]:
-    """The group a command run there would use, and why: --group, then MEMORY_GROUP_ID (for the
-    current directory only: one named is asked about its own rule), then the project rule."""
-    if args.group is not None:
-        return args.group, "--group"
-    if args.directory is None and _Env.text("MEMORY_GROUP_ID"):
-        return _settings().group_id, "MEMORY_GROUP_ID"
-    return _project_group_and_rule(os.path.abspath(args.directory or _working_directory()))
-
-
-def _write_text_file(path: str, text: str, option: str) -> None:
-    """Whole or not at all: written beside the target, then renamed over it. Mode 0600 (mkstemp's), as
-    an export: the page holds the memories' text."""
-    target = os.path.abspath(path)
-    if os.path.isdir(target):
-        raise UsageError(f"{option} {path}: is a directory; give a file name")
-    try:
-        fd, temporary = tempfile.mkstemp(prefix=".memory_", suffix=".partial", dir=os.path.dirname(target))
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(temporary, target)
-    except OSError as exc:
-        with contextlib.suppress(NameError, FileNotFoundError):
-            os.unlink(temporary)
-        raise UsageError(f"{option} {path}: cannot write it ({exc.strerror or _describe(exc)})") from None
-
-
-async def _cmd_graph(args: argparse.Namespace) -> int:
-    view = await get_graph(args.limit)
-    if args.html is None:
-        _print_json(view)
-        return 0
-    _write_text_file(args.html, _graph_page(view), "--html")
-    print(f"wrote {args.html}: {len(view['entities'])} entities, {len(view['facts'])} facts of group {view['group']}")
-    return 0
-
-
-async def _cmd_backups(args: argparse.Namespace) -> int:
-    backups = await list_backups(args.bucket)
-    if args.json:
-        _print_json([dataclasses.asdict(b) for b in backups])
-        return 0
-    for b in backups:
-        counts = f"{b.groups} group(s), {b.nodes} nodes, {b.edges} edges" if b.nodes is not None else "counts unknown"
-        print(f"{b.uploaded_at}  {b.bytes:>12} bytes  {counts}  {b.location}")
-    if not backups:
-        print("no exports found", file=sys.stderr)
-    return 0
-
-
-async def _cmd_restore(args: argparse.Namespace) -> int:
-    if args.replace and not args.dry_run and not args.yes:
-        _confirm_replace(args.source, args.group)
-    progress = _TerminalProgress("restoring", args.quiet)
-    try:
-        source = sys.stdin.buffer if args.source == "-" else args.source
-        _print_restore(args, await restore(source, replace=args.replace, dry_run=args.dry_run,
-                                           progress=progress, groups=args.group))
-    except RefusedRestore as refused:
-        _print_restore(args, refused.plan)  # the dry run's plan, then the reason it would be refused
-        raise
-    finally:
-        progress.finish()
-    return 0
-
-
-def _print_restore(args: argparse.Namespace, result: RestoreResult) -> None:
-    if args.json:
-        _print_json({**dataclasses.asdict(result), "nodes": result.nodes, "edges": result.edges})
-    else:
-        print(result)
-
-
-def _confirm_replace(source: str, groups: list[str] | None) -> None:
-    """--replace drops groups: on a terminal ask; elsewhere demand --yes rather than guess."""
-    which = f"group(s) {', '.join(groups)}" if groups else "the groups the document holds"
-    if not (sys.stdin.isatty() and source != "-"):
-        raise UsageError(f"restore: --replace drops {which}; pass --yes to confirm "
-                         "(or run it from a terminal to be asked)")
-    which = f"group(s) {', '.join(groups)}" if groups else f"every group in {source}"
-    print(f"{PROG}: restore --replace drops {which} that already holds memories, "
-          "then restores it. Continue? [y/N] ", end="", file=sys.stderr, flush=True)
-    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
-        raise UsageError("restore: not confirmed; nothing changed")
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    def of(package: str) -> str:
-        try:
-            return version(package)
-        except PackageNotFoundError:
-            return "not installed"
-
-    return f"{PROG} {of('opencode-memory-manager')} (graphiti-core {of('graphiti-core')})"
+    @classmethod
+    def of(cls, view: dict) -> str:
+        """One self-contained HTML page (no network: data, script and style inline) drawing `view`.
+        The data sits in a JSON script block with <, > and & escaped, and the page writes it only as
+        text nodes, so nothing stored can become markup."""
+        import html  # here, not at the top: a cached `query` has no use for it
+        data = json.dumps(view, ensure_ascii=False)
+        data = data.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+        return cls.PAGE.replace("__GROUP__", html.escape(view["group"])).replace("__DATA__", data)
 
 
 class _VersionAction(argparse.Action):
@@ -7982,186 +8179,8 @@ class _VersionAction(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, help="print the versions and exit")
 
     def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
-        print(_version())
+        print(_Parser.version())
         parser.exit()
-
-
-def _recall_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--scope", choices=_Recall.RECALL_SCOPES, default="all",
-                        help="what to search: facts and events (all, the default), facts, or episodes (events)")
-    when = parser.add_mutually_exclusive_group()
-    when.add_argument("--as-of", metavar="TIME", help="facts true at TIME (ISO 8601) and events up to then")
-    when.add_argument("--history", action="store_true", help="invalidated facts too, with their validity")
-
-
-def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Agent memory for the OpenCode pod: Graphiti on FalkorDB, a durable "
-                     "write queue\nand a query cache in Valkey. Configured by environment variables.",
-                     epilog=HELP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action=_VersionAction)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    common = _common_options()
-
-    def command(name: str, help_text: str, handler: Callable[[argparse.Namespace], Any],
-                group: str | None = "memory group (overrides MEMORY_GROUP_ID)", many: bool = False
-                ) -> argparse.ArgumentParser:
-        """`group` is the help of --group; None for a command that takes none (help does not list
-        it, and passing it gets one line saying why rather than argparse's "unrecognized")."""
-        sub = commands.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
-                                  parents=[common])
-        sub.add_argument("--group", metavar="G", help=group or argparse.SUPPRESS, action="append" if many else "store")
-        sub.set_defaults(handler=handler, takes_group=group is not None)
-        return sub
-
-    store = command("store", "queue one event; prints 'queued <episode> <job id>'", _cmd_store)
-    store.add_argument("content", help="the event text; - (preferred) reads it from stdin, since one argument "
-                       "is capped at 128 KiB by Linux")
-    store.add_argument("metadata", nargs="?", help="a JSON object stored with the episode "
-                       "(other text is kept beside it; undefined, null or empty: none)")
-    store.add_argument("--wait", action="store_true", help="return only once the episode is in the graph")
-    store.add_argument("--timeout", type=_positive_seconds, default=WAIT_TIMEOUT_S, metavar="S",
-                       help=f"with --wait: give up after S seconds (default {WAIT_TIMEOUT_S:g}); it stays queued")
-    store.add_argument("--at", metavar="TIME", help="when the event happened, ISO 8601 (default: now; "
-                       "no offset means UTC); for imported history and backfills")
-    store.add_argument("--jsonl", action="store_true", help="with -: one event a line, "
-                       '{"content": ..., "metadata": {...}, "at": ...}, each queued as it arrives until stdin ends')
-
-    query = command("query", "print the events and facts relevant to a question", _cmd_query)
-    query.add_argument("search_query", help="the question or keywords (a text starting with - is a question too, "
-                       "except -h; -- before it is always safe)")
-    query.add_argument("limit", nargs="?", type=int, help="facts to return, 1-50 (default 5); or --limit")
-    query.add_argument("--limit", dest="limit_option", type=int, metavar="N", help="facts to return, 1-50 (default 5)")
-    _recall_options(query)
-
-    context_ = command("context", "print one block of memories for a prompt, within a token budget", _cmd_context)
-    context_.add_argument("search_query", help="the question (as for query)")
-    context_.add_argument("--budget-tokens", type=int, default=_ContextBlock.CONTEXT_BUDGET_TOKENS, metavar="N",
-                          help=f"the most the block may take, in tokens as OpenAI's tokenizers count them, "
-                          f"estimated from above (default {_ContextBlock.CONTEXT_BUDGET_TOKENS})")
-    context_.add_argument("--recent", type=int, default=0, metavar="N",
-                          help=f"the newest N events first (0-{_ContextBlock.MAX_RECENT_EVENTS}), "
-                               "within a third of the budget")
-    _recall_options(context_)
-
-    entities = command("entities", "print the group's entities as a JSON array", _cmd_entities)
-    entities.add_argument("entity_type", nargs="?", help="only entities of this type, e.g. File")
-
-    command("health", "check FalkorDB and Valkey (exit 0 only if both answer); show the LLM, queue and worker",
-            _cmd_health)
-
-    queue = command("queue", "show the write queue per group, or requeue dead letters", _cmd_queue, group=None)
-    queue.add_argument("action", nargs="?", choices=["status", "retry"], default="status",
-                       help="status (default) or retry: move dead letters back into the queue")
-    queue.add_argument("retry_group", nargs="?", metavar="GROUP", help="with retry: only this group")
-
-    command("worker", "ingest queued episodes until SIGTERM (a container process)", _cmd_worker, group=None)
-    command("drain", "ingest queued episodes; exit after MEMORY_DRAIN_IDLE idle seconds", _cmd_drain, group=None)
-
-    export = command("export", "export every memory group to B2 (or to a file)", _cmd_export, group=None)
-    export.add_argument("--output", metavar="PATH", help="write the document to PATH (- for stdout) instead of B2")
-
-    backups = command("backups", "list the exports in B2 under B2_PREFIX, newest first", _cmd_backups, group=None)
-    backups.add_argument("--bucket", metavar="B", help="another bucket than B2_BUCKET")
-
-    mcp = command("mcp", "serve the memory to OpenCode over MCP (stdio, or --http HOST:PORT)", _cmd_mcp)
-    mcp.add_argument("--http", metavar="HOST:PORT", help="streamable HTTP instead of stdio; beyond loopback "
-                     "MEMORY_MCP_TOKEN is required")
-    mcp.add_argument("--worker", action="store_true", help="also run the queue worker in this process")
-
-    restore_ = command("restore", "restore an export from a file, stdin or b2://bucket/name", _cmd_restore,
-                       group="restore only group G of the document (repeat it for several); no other group, in "
-                       "the document or in FalkorDB, is touched", many=True)
-    restore_.add_argument("source", help="a path, - for stdin, b2://<bucket>/<file name>, or b2://<bucket>/latest "
-                          "(the newest export under B2_PREFIX)")
-    restore_.add_argument("--replace", action="store_true", help="overwrite groups that already hold memories")
-    restore_.add_argument("--yes", action="store_true", help="confirm --replace without asking")
-    restore_.add_argument("--dry-run", action="store_true", help="check the document and say what would "
-                          "change; exits as the real run would")
-
-    graph = command("graph", "the group's entities and facts as JSON, or with --html FILE as a page to look at "
-                    "(self-contained, offline, searchable)", _cmd_graph)
-    graph.add_argument("--html", metavar="FILE", help="write the page here")
-    graph.add_argument("--limit", type=int, default=500, metavar="N", help="the newest N facts (default 500, at most "
-                       f"{MAX_GRAPH_FACTS})")
-    episodes = command("episodes", "list the group's newest episodes: uuid, when it happened, the text", _cmd_episodes)
-    episodes.add_argument("--limit", type=int, default=10, metavar="N", help="at most N (default 10, at most "
-                          f"{MAX_EPISODES_LISTED})")
-    episodes.add_argument("--since", metavar="TIME", help="only those that happened at TIME (ISO 8601) or later")
-
-    episode = command("episode", "show one episode: its text, time, metadata and the facts it produced", _cmd_episode)
-    episode.add_argument("episode", metavar="UUID", help="the episode's uuid (or its name, episode_...)")
-
-    forget = command("forget", "remove one episode (and what only it supported) or one fact", _cmd_forget)
-    which = forget.add_mutually_exclusive_group(required=True)
-    which.add_argument("--episode", metavar="UUID", help="the episode's uuid (or name)")
-    which.add_argument("--fact", metavar="UUID", help="the fact's uuid (query --json shows it)")
-
-    correct = command("correct", "replace a fact: the old one is invalidated now (kept as history), the new "
-                      "one is valid from now", _cmd_correct)
-    correct.add_argument("--fact", metavar="UUID", required=True, help="the fact to correct")
-    correct.add_argument("text", help="the corrected fact; - reads it from stdin")
-
-    erase = command("erase", "erase a group everywhere: graph, queue, dead letters, cache, this host's spool; "
-                    "reports the backups that hold it", _cmd_erase)
-    erase.add_argument("--yes", action="store_true", help="confirm (required)")
-    erase.add_argument("--backups", action="store_true", help="also rewrite the B2 exports that hold the group "
-                       "without it and delete their old versions")
-
-    import_ = command("import", "store the turns of OpenCode's past sessions in a project (its own history); "
-                      "importing again stores nothing", _cmd_import)
-    import_.add_argument("source", choices=["opencode"], help="whose history: opencode")
-    import_.add_argument("--project", metavar="DIR", help="the project directory (default: the current one); "
-                         "its group as for `group`")
-    import_.add_argument("--since", metavar="TIME", help="only sessions started at TIME (ISO 8601) or later")
-    import_.add_argument("--db", metavar="PATH", help="OpenCode's opencode.db (default: "
-                         "$XDG_DATA_HOME/opencode/opencode.db)")
-    import_.add_argument("--dry-run", action="store_true", help="say what would be stored; store nothing")
-
-    group = command("group", "print the memory group of a project directory (its git remote, else its path); "
-                    "the plugin and mcp use it", _cmd_group)
-    group.add_argument("directory", nargs="?", help="the project directory (default: the current one)")
-    return parser
-
-
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value <= 86_400:
-        raise argparse.ArgumentTypeError(f"must be seconds from 0 to 86400, got {text!r}")
-    return value
-
-
-QUERY_OPTIONS = {"--limit": True, "--group": True, "-q": False, "--quiet": False, "--json": False,
-                 "-h": False, "--help": False, "--scope": True, "--as-of": True, "--history": False,
-                 "--budget-tokens": True, "--recent": True}  # option -> takes a value
-QUESTION_COMMANDS = ("query", "context")
-
-
-def _dash_texts_are_questions(argv: list[str]) -> list[str]:
-    """`query -foo` asks about "-foo": the plugin passes a user's text as one argument, and argparse
-    would read it as an unknown option. Options `query` knows (including -h) keep their meaning;
-    every other argument becomes positional, behind a `--`. Several words unquoted are one
-    question (`query how do we retry`), and a last word that is a number is still the limit."""
-    if not argv or argv[0] not in QUESTION_COMMANDS or "--" in argv:
-        return argv
-    options: list[str] = []
-    positionals: list[str] = []
-    rest = iter(argv[1:])
-    for token in rest:
-        name = token.split("=", 1)[0]
-        if name in QUERY_OPTIONS:
-            options.append(token)
-            if QUERY_OPTIONS[name] and "=" not in token:
-                options.extend(itertools.islice(rest, 1))
-        else:
-            positionals.append(token)
-    limit = positionals[-1:] if argv[0] == "query" and len(positionals) > 1 and re.fullmatch(
-        r"[+-]?\d+", positionals[-1]) else []
-    words = positionals[:len(positionals) - len(limit)]
-    return [argv[0], *options, "--", *([" ".join(words)] if words else []), *limit]
 
 
 def _use_group(group: str | None) -> None:
@@ -8172,14 +8191,14 @@ def _use_group(group: str | None) -> None:
         _use_settings(dataclasses.replace(Settings.from_env(), group_id=group))
 
 
-SPANS_SENT_AFTER_EXIT = (_cmd_query, _cmd_context)  # a caller waits on them (see _SpanRecorder)
+SPANS_SENT_AFTER_EXIT = (_Commands.query, _Commands.context)  # a caller waits on them (see _SpanRecorder)
 
 
 async def _run(args: argparse.Namespace) -> int:
     try:
         if args.group is not None and not args.takes_group:
             raise UsageError(f"{args.command} covers every group at once; --group does not apply to it")
-        if args.handler is not _cmd_restore:  # restore's --group chooses groups of the document
+        if args.handler is not _Commands.restore:  # restore's --group chooses groups of the document
             _use_group(args.group)
         _telemetry.send_after_exit = args.handler in SPANS_SENT_AFTER_EXIT
         return await args.handler(args)
@@ -8202,11 +8221,11 @@ def main(argv: list[str] | None = None) -> int:
         handler.addFilter(_ScrubSecrets())
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
-        print(_build_parser().format_usage() + "\n" + EXAMPLES + f"\n\nrun '{PROG} --help' for every command",
+        print(_Parser.build().format_usage() + "\n" + EXAMPLES + f"\n\nrun '{PROG} --help' for every command",
               file=sys.stderr)
         return UsageError.exit_code
     try:
-        args = _build_parser().parse_args(_dash_texts_are_questions(argv))
+        args = _Parser.build().parse_args(_Parser.dash_texts_are_questions(argv))
         log.setLevel(logging.ERROR if args.quiet else logging.WARNING)
         code = asyncio.run(_run(args))
     except BrokenPipeError:
