@@ -41,7 +41,7 @@ async def ingest(stack: Stack, group: str, events: int, batch: int, latency_ms: 
     os.environ["MEMORY_GROUP_ID"] = group
     await mm.close()
     graphiti = await mm._graphiti(group)
-    await mm._ensure_indices(group)
+    await mm._Indexes.ensure(group)
     standin(stack, "/_standin/reset", {})
     set_latency(stack, latency_ms)
     started = time.monotonic()

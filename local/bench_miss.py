@@ -75,7 +75,7 @@ async def measure(group: str, questions: int) -> tuple[list[float], list[float],
 
     import memory_manager as mm
 
-    await mm._ensure_indices(group)  # what the worker does before its first episode
+    await mm._Indexes.ensure(group)  # what the worker does before its first episode
     graph = (await mm._falkordb()).select_graph(group)
     building = "CALL db.indexes() YIELD status WHERE status <> 'OPERATIONAL' RETURN count(status)"
     while (await graph.ro_query(building)).result_set[0][0]:  # noqa: ASYNC110 - polling the server

@@ -214,7 +214,7 @@ async def own_lists(mm: object, graph: object, q: Question, event_of: dict[str, 
                     found: dict[str, dict[str, list[list[str]]]]) -> None:
     """Recall's own four lists, each alone (bench instrumentation: the module's private searches)."""
     window, at = mm._Window(), mm._utc_iso(mm.datetime.now(mm.UTC))  # type: ignore[attr-defined]
-    vector = await mm._query_embedding(mm.UNSEARCHABLE.sub(" ", q.text))  # type: ignore[attr-defined]
+    vector = await mm._QuestionEmbedding.of(mm.UNSEARCHABLE.sub(" ", q.text))  # type: ignore[attr-defined]
     terms = mm._Recall.query_terms(q.text)  # type: ignore[attr-defined]
     for name, kind in (("events", mm.EPISODES), ("facts", mm.FACTS)):  # type: ignore[attr-defined]
         text = await mm._Recall.bm25(graph, kind, terms, window, at)  # type: ignore[attr-defined]
@@ -238,7 +238,7 @@ async def set_vector_indexes(groups: list[str], present: bool) -> None:
         with mm.in_group(group):
             graph = (await mm._falkordb()).select_graph(group)
             if present:
-                await mm._ensure_indices(group)
+                await mm._Indexes.ensure(group)
             else:
                 for _label, prop, pattern in mm.VECTOR_INDEXES:
                     await graph.query(f"DROP VECTOR INDEX FOR {pattern} ON (x.{prop})")

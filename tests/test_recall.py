@@ -48,7 +48,7 @@ def test_a_question_is_embedded_bit_for_bit_as_graphiti_embedded_the_same_stored
     text = "Alice chose Valkey for the query cache."
     store_at(memory, T1, text)
     code = ("import asyncio, json, memory_manager\n"
-            f"print(json.dumps(asyncio.run(memory_manager._query_embedding({text!r}))))\n")
+            f"print(json.dumps(asyncio.run(memory_manager._QuestionEmbedding.of({text!r}))))\n")
 
     done = subprocess.run([sys.executable, "-c", code], env={**memory.env, "PYTHONPATH": str(MODULE.parent)},
                           capture_output=True, text=True, timeout=60)

