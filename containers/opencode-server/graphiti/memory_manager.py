@@ -2327,7 +2327,103 @@ WAIT_SLICE_S = 2.0             # BLPOP in slices shorter than the client's socke
 SPOOL_FILE = "spool.jsonl"
 SPOOL_REJECTS_FILE = "spool.rejected.jsonl"
 DRAINER_LOG_FILE = "drainer.log"
-NO_METADATA = ("", "undefined", "null")  # what the plugin sends when it has none
+class _Input:
+    """Input every entry point checks the same way (CLI, library, MCP): text a store can hold, an event time,
+    content, metadata, a limit, an entity type; each refusal a UsageError of one line."""
+
+    NO_METADATA = ("", "undefined", "null")  # what the plugin sends when it has none
+    MAX_FUTURE_S = 86_400          # an event time may run ahead of this host's clock by a day, no more
+    MAX_RECALL_LIMIT = 50
+
+    @staticmethod
+    def text(text: str, what: str) -> str:
+        """Text that every store below can hold: no NUL characters, and encodable as UTF-8 (a lone
+        surrogate, or bytes that were not UTF-8 in an argument, is not)."""
+        if "\x00" in text:
+            raise UsageError(f"{what} contains NUL characters")
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            raise UsageError(f"{what} is not valid UTF-8 text") from None
+        return text
+
+    @classmethod
+    def event_time(cls, value: Any, what: str = "at") -> datetime:
+        """An ISO 8601 time (a datetime, or text such as 2026-11-24T10:15:00Z) as an aware UTC datetime;
+        without an offset it is taken as UTC. Refused: malformed, before 1970, or in the future."""
+        when = value
+        if isinstance(value, str):
+            try:
+                when = datetime.fromisoformat(value.strip())
+            except ValueError:
+                when = None
+        if not isinstance(when, datetime):
+            raise UsageError(f"{what} must be an ISO 8601 time such as 2026-11-24T10:15:00Z, got {str(value)[:60]!r}")
+        when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+        if when.year < 1970:
+            raise UsageError(f"{what} {when.isoformat()} is before 1970")
+        if when.timestamp() > time.time() + cls.MAX_FUTURE_S:
+            raise UsageError(f"{what} {when.isoformat()} is in the future (more than a day ahead of this host's clock)")
+        return when
+
+    @classmethod
+    def content(cls, content: Any, limit: int) -> str:
+        if not isinstance(content, str) or not content.strip():
+            raise UsageError("content must be non-empty text")
+        if len(content) > limit:
+            raise UsageError(f"content is {len(content)} characters; MEMORY_MAX_EPISODE_CHARS allows {limit}")
+        return cls.text(content, "content")
+
+    @classmethod
+    def metadata(cls, metadata: Any) -> tuple[dict | None, str | None]:
+        """(object, None) for a JSON object; (None, raw text) for anything else, which is kept beside
+        the episode with a warning: metadata must never cost the memory."""
+        if metadata is None:
+            return None, None
+        if not isinstance(metadata, str):
+            try:
+                text = json.dumps(metadata, default=str, sort_keys=True)
+            except (RecursionError, ValueError, TypeError) as exc:  # a cycle; keys of mixed types
+                raise UsageError(f"metadata cannot be serialised as JSON ({type(exc).__name__})") from None
+            if not isinstance(metadata, dict):
+                return cls.metadata(text)
+            return cls.limited_metadata(metadata, text), None
+        if metadata.strip() in cls.NO_METADATA:
+            return None, None
+        cls.text(cls.limited_metadata(metadata, metadata), "metadata")
+        try:
+            parsed = json.loads(metadata)
+        except (json.JSONDecodeError, RecursionError):
+            log.warning("warning: metadata is not valid JSON; stored as raw text beside the episode")
+            return None, metadata
+        if not isinstance(parsed, dict):
+            log.warning("warning: metadata is a JSON %s, not an object; stored as raw text beside the episode",
+                        type(parsed).__name__)
+            return None, metadata
+        return parsed, None
+
+    @classmethod
+    def limited_metadata(cls, metadata: Any, text: str) -> Any:
+        if len(text) > MAX_METADATA_CHARS:
+            raise UsageError(f"metadata is {len(text)} characters as JSON; at most {MAX_METADATA_CHARS}")
+        cls.text(text, "metadata")
+        return metadata
+
+    @classmethod
+    def limit(cls, limit: Any, name: str = "limit", high: int = MAX_RECALL_LIMIT) -> int:
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= high:
+            raise UsageError(f"{name} must be an integer from 1 to {high}, got {limit!r}")
+        return limit
+
+    @staticmethod
+    def entity_type(entity_type: Any) -> str | None:
+        if entity_type is None:
+            return None
+        if not isinstance(entity_type, str) or not LABEL_RULE.fullmatch(entity_type):
+            raise UsageError(f"entity type must match {LABEL_RULE.pattern}, got {entity_type!r}")
+        return entity_type
+
+
 DEAD_FIELDS = ("error", "attempts", "failed_at")  # what a dead letter adds to its entry
 
 
@@ -2342,202 +2438,140 @@ class QueuedEpisode:
     spooled: bool = False
 
 
-def _check_text(text: str, what: str) -> str:
-    """Text that every store below can hold: no NUL characters, and encodable as UTF-8 (a lone
-    surrogate, or bytes that were not UTF-8 in an argument, is not)."""
-    if "\x00" in text:
-        raise UsageError(f"{what} contains NUL characters")
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        raise UsageError(f"{what} is not valid UTF-8 text") from None
-    return text
+class _Enqueue:
+    """Putting events on the queue: each redacted, made an entry with its job id and episode name, XADDed in one
+    round trip, and a drainer started when no live worker beats."""
 
+    @staticmethod
+    def redacted(content: str, metadata: dict | None, raw_metadata: str | None,
+                      thorough: bool = False) -> tuple[str, dict | None, str | None, Redacted]:
+        """One event's content and metadata as they may be kept: <private> spans removed, credentials
+        replaced (see Redaction); and what was found."""
+        found = redact(content, thorough)
+        if not found.text.replace(PRIVATE_PLACEHOLDER, "").replace(RECALLED_PLACEHOLDER, "").strip():
+            raise UsageError("content is empty once its <private> spans and recalled memories are removed; "
+                             "nothing stored")
+        if metadata is not None:
+            metadata = _redact_value(metadata, found, thorough)
+        if raw_metadata:
+            raw = redact(raw_metadata, thorough)
+            found.add(raw)
+            raw_metadata = raw.text
+        return found.text, metadata, raw_metadata, found
 
-MAX_FUTURE_S = 86_400          # an event time may run ahead of this host's clock by a day, no more
+    @classmethod
+    def entry(cls, group: str, content: str, metadata: dict | None, raw_metadata: str | None,
+                   at: datetime | None = None, awaited: bool = False, job: str | None = None) -> dict[str, str]:
+        now = datetime.now(UTC)
+        entry = {"job": job or uuid.uuid4().hex, "group": group, "name": cls.episode_name(now),
+                 "ref": (at or now).isoformat(), "content": content,
+                 "metadata": json.dumps(metadata, sort_keys=True, default=str) if metadata is not None else "",
+                 "metadata_raw": raw_metadata or ""}
+        return entry | ({"awaited": "1"} if awaited else {})  # someone blocks on it: its pass does not wait
 
+    @staticmethod
+    def episode_name(now: datetime) -> str:
+        return "episode_" + now.strftime("%Y%m%dT%H%M%S%fZ")
 
-def _parse_event_time(value: Any, what: str = "at") -> datetime:
-    """An ISO 8601 time (a datetime, or text such as 2026-11-24T10:15:00Z) as an aware UTC datetime;
-    without an offset it is taken as UTC. Refused: malformed, before 1970, or in the future."""
-    when = value
-    if isinstance(value, str):
+    @staticmethod
+    def queued(entry: dict[str, str], spooled: bool = False) -> QueuedEpisode:
+        return QueuedEpisode(entry["name"], entry["job"], entry["group"], entry["ref"], spooled)
+
+    @staticmethod
+    async def append_to_streams(entries: list[dict[str, str]]) -> str | None:
+        """XADD every entry in one round trip; returns the worker heartbeat (None: no worker)."""
+        pipe = _valkey().pipeline(transaction=False)
+        for entry in entries:
+            pipe.xadd(_Keys.of(entry["group"], "episodes"), entry)
+            pipe.sadd(_Keys.GROUPS, entry["group"])
+        pipe.get(_Keys.HEARTBEAT)
+        return (await pipe.execute())[-1]
+
+    @staticmethod
+    async def prune_groups(idle: list[str]) -> None:
+        """Drop groups with nothing queued and no dead letters from memory:groups, which every worker
+        poll and `queue` walk (20,000 stale groups cost a core). A store adds its entry and then the
+        group, so a group found queued again after its removal is put back: none is ever lost."""
+        if not idle:
+            return
+        valkey = _valkey()
+        async with valkey.pipeline(transaction=False) as pipe:
+            for group in idle:
+                pipe.xlen(_Keys.of(group, "dead"))
+            empty = [group for group, dead in zip(idle, await pipe.execute(), strict=True) if not dead]
+        if not empty:
+            return
+        await valkey.srem(_Keys.GROUPS, *empty)
+        async with valkey.pipeline(transaction=False) as pipe:
+            for group in empty:
+                pipe.xlen(_Keys.of(group, "episodes"))
+            back = [group for group, depth in zip(empty, await pipe.execute(), strict=True) if depth]
+        if back:
+            await valkey.sadd(_Keys.GROUPS, *back)
+
+    @staticmethod
+    def beating(heartbeat: str | None) -> bool:
+        """Whether a heartbeat stands for a live worker. One of a process on this host that is gone (a
+        drainer SIGKILLed or OOM-killed mid-episode; a zombie where no init reaps it) is not, though its
+        key lives on for up to 15 s: trusting it, a store would start no drainer and its episode would
+        wait for the next store."""
+        if not heartbeat:
+            return False
         try:
-            when = datetime.fromisoformat(value.strip())
-        except ValueError:
-            when = None
-    if not isinstance(when, datetime):
-        raise UsageError(f"{what} must be an ISO 8601 time such as 2026-11-24T10:15:00Z, got {str(value)[:60]!r}")
-    when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
-    if when.year < 1970:
-        raise UsageError(f"{what} {when.isoformat()} is before 1970")
-    if when.timestamp() > time.time() + MAX_FUTURE_S:
-        raise UsageError(f"{what} {when.isoformat()} is in the future (more than a day ahead of this host's clock)")
-    return when
-
-
-def _validate_content(content: Any, limit: int) -> str:
-    if not isinstance(content, str) or not content.strip():
-        raise UsageError("content must be non-empty text")
-    if len(content) > limit:
-        raise UsageError(f"content is {len(content)} characters; MEMORY_MAX_EPISODE_CHARS allows {limit}")
-    return _check_text(content, "content")
-
-
-def _parse_metadata(metadata: Any) -> tuple[dict | None, str | None]:
-    """(object, None) for a JSON object; (None, raw text) for anything else, which is kept beside
-    the episode with a warning: metadata must never cost the memory."""
-    if metadata is None:
-        return None, None
-    if not isinstance(metadata, str):
-        try:
-            text = json.dumps(metadata, default=str, sort_keys=True)
-        except (RecursionError, ValueError, TypeError) as exc:  # a cycle; keys of mixed types
-            raise UsageError(f"metadata cannot be serialised as JSON ({type(exc).__name__})") from None
-        return _parse_metadata(text) if not isinstance(metadata, dict) else (_limited(metadata, text), None)
-    if metadata.strip() in NO_METADATA:
-        return None, None
-    _check_text(_limited(metadata, metadata), "metadata")
-    try:
-        parsed = json.loads(metadata)
-    except (json.JSONDecodeError, RecursionError):
-        log.warning("warning: metadata is not valid JSON; stored as raw text beside the episode")
-        return None, metadata
-    if not isinstance(parsed, dict):
-        log.warning("warning: metadata is a JSON %s, not an object; stored as raw text beside the episode",
-                    type(parsed).__name__)
-        return None, metadata
-    return parsed, None
-
-
-def _limited(metadata: Any, text: str) -> Any:
-    if len(text) > MAX_METADATA_CHARS:
-        raise UsageError(f"metadata is {len(text)} characters as JSON; at most {MAX_METADATA_CHARS}")
-    _check_text(text, "metadata")
-    return metadata
-
-
-def _redact_event(content: str, metadata: dict | None, raw_metadata: str | None,
-                  thorough: bool = False) -> tuple[str, dict | None, str | None, Redacted]:
-    """One event's content and metadata as they may be kept: <private> spans removed, credentials
-    replaced (see Redaction); and what was found."""
-    found = redact(content, thorough)
-    if not found.text.replace(PRIVATE_PLACEHOLDER, "").replace(RECALLED_PLACEHOLDER, "").strip():
-        raise UsageError("content is empty once its <private> spans and recalled memories are removed; "
-                         "nothing stored")
-    if metadata is not None:
-        metadata = _redact_value(metadata, found, thorough)
-    if raw_metadata:
-        raw = redact(raw_metadata, thorough)
-        found.add(raw)
-        raw_metadata = raw.text
-    return found.text, metadata, raw_metadata, found
-
-
-def _new_entry(group: str, content: str, metadata: dict | None, raw_metadata: str | None,
-               at: datetime | None = None, awaited: bool = False, job: str | None = None) -> dict[str, str]:
-    now = datetime.now(UTC)
-    entry = {"job": job or uuid.uuid4().hex, "group": group, "name": _episode_name(now), "ref": (at or now).isoformat(),
-             "content": content,
-             "metadata": json.dumps(metadata, sort_keys=True, default=str) if metadata is not None else "",
-             "metadata_raw": raw_metadata or ""}
-    return entry | ({"awaited": "1"} if awaited else {})  # someone blocks on it: its pass does not wait
-
-
-def _episode_name(now: datetime) -> str:
-    return "episode_" + now.strftime("%Y%m%dT%H%M%S%fZ")
-
-
-def _queued(entry: dict[str, str], spooled: bool = False) -> QueuedEpisode:
-    return QueuedEpisode(entry["name"], entry["job"], entry["group"], entry["ref"], spooled)
-
-
-async def _append_to_streams(entries: list[dict[str, str]]) -> str | None:
-    """XADD every entry in one round trip; returns the worker heartbeat (None: no worker)."""
-    pipe = _valkey().pipeline(transaction=False)
-    for entry in entries:
-        pipe.xadd(_Keys.of(entry["group"], "episodes"), entry)
-        pipe.sadd(_Keys.GROUPS, entry["group"])
-    pipe.get(_Keys.HEARTBEAT)
-    return (await pipe.execute())[-1]
-
-
-async def _prune_groups(idle: list[str]) -> None:
-    """Drop groups with nothing queued and no dead letters from memory:groups, which every worker
-    poll and `queue` walk (20,000 stale groups cost a core). A store adds its entry and then the
-    group, so a group found queued again after its removal is put back: none is ever lost."""
-    if not idle:
-        return
-    valkey = _valkey()
-    async with valkey.pipeline(transaction=False) as pipe:
-        for group in idle:
-            pipe.xlen(_Keys.of(group, "dead"))
-        empty = [group for group, dead in zip(idle, await pipe.execute(), strict=True) if not dead]
-    if not empty:
-        return
-    await valkey.srem(_Keys.GROUPS, *empty)
-    async with valkey.pipeline(transaction=False) as pipe:
-        for group in empty:
-            pipe.xlen(_Keys.of(group, "episodes"))
-        back = [group for group, depth in zip(empty, await pipe.execute(), strict=True) if depth]
-    if back:
-        await valkey.sadd(_Keys.GROUPS, *back)
-
-
-def _beating(heartbeat: str | None) -> bool:
-    """Whether a heartbeat stands for a live worker. One of a process on this host that is gone (a
-    drainer SIGKILLed or OOM-killed mid-episode; a zombie where no init reaps it) is not, though its
-    key lives on for up to 15 s: trusting it, a store would start no drainer and its episode would
-    wait for the next store."""
-    if not heartbeat:
-        return False
-    try:
-        host, pid, _ = json.loads(heartbeat)["id"].split(":")
-        if host != socket.gethostname():
+            host, pid, _ = json.loads(heartbeat)["id"].split(":")
+            if host != socket.gethostname():
+                return True
+            with open(f"/proc/{int(pid)}/stat", "rb") as stat:
+                return stat.read().rpartition(b")")[2].split()[0] != b"Z"
+        except FileNotFoundError:
+            return False
+        except (ValueError, KeyError, TypeError, IndexError, OSError):  # not ours to judge
             return True
-        with open(f"/proc/{int(pid)}/stat", "rb") as stat:
-            return stat.read().rpartition(b")")[2].split()[0] != b"Z"
-    except FileNotFoundError:
-        return False
-    except (ValueError, KeyError, TypeError, IndexError, OSError):  # not ours to judge
-        return True
 
+    @classmethod
+    async def ensure_a_worker(cls, s: Settings, heartbeat: str | None) -> None:
+        """Start a drainer unless a live worker beats; one that died gets a successor at once (its
+        drainer-start lease would hold the next one off for 10 s)."""
+        if cls.beating(heartbeat):
+            return
+        if heartbeat:
+            await _valkey().delete(_Keys.DRAINER_LEASE)
+        await cls.start_drainer(s)
 
-async def _ensure_a_worker(s: Settings, heartbeat: str | None) -> None:
-    """Start a drainer unless a live worker beats; one that died gets a successor at once (its
-    drainer-start lease would hold the next one off for 10 s)."""
-    if _beating(heartbeat):
-        return
-    if heartbeat:
-        await _valkey().delete(_Keys.DRAINER_LEASE)
-    await _start_drainer(s)
+    @classmethod
+    async def redacted_now(cls, content: str, metadata: dict | None,
+                            raw_metadata: str | None) -> tuple[str, dict | None, str | None, Redacted]:
+        return cls.redacted(content, metadata, raw_metadata)
 
+    @classmethod
+    async def start_drainer(cls, s: Settings) -> None:
+        """No worker is alive: start one detached `drain` process, at most one per burst of stores."""
+        if not s.auto_drain:
+            return
+        if not s.openai_api_key:
+            log.warning("warning: no worker is running and OPENAI_API_KEY is not set here, so none was "
+                        "started; the episode waits in the queue")
+            return
+        if await _valkey().set(_Keys.DRAINER_LEASE, str(os.getpid()), nx=True, px=DRAINER_LEASE_MS):
+            cls.spawn_drainer(s)
 
-APPEND = os.O_WRONLY | os.O_APPEND | os.O_CREAT
-
-
-def _open_private(path: str, flags: int) -> int:
-    """Open (or create, 0600) a file of the spool directory, refusing what another user could have
-    written or could read: a shared directory, or a file planted in it, let anyone on the host read
-    spooled episodes and queue forged ones into any group. The file is checked after opening (fstat),
-    so nothing can be swapped in between; a symlink is never followed."""
-    directory = os.path.dirname(path)
-    _check_private(os.stat(directory), directory, 0o022, "writable by group or others", 0o700)
-    fd = os.open(path, flags | os.O_NOFOLLOW, 0o600)
-    try:
-        _check_private(os.fstat(fd), path, 0o077, "readable or writable by group or others", 0o600)
-    except OSError:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _check_private(status: os.stat_result, path: str, forbidden: int, why: str, expected: int) -> None:
-    if status.st_uid != os.geteuid():
-        raise PermissionError(errno.EPERM, f"owned by uid {status.st_uid}, not by this user's uid {os.geteuid()}",
-                              path)
-    if status.st_mode & forbidden:
-        raise PermissionError(errno.EPERM, f"{why}: mode {status.st_mode & 0o777:04o}, expected {expected:04o}", path)
+    @staticmethod
+    def spawn_drainer(s: Settings) -> None:
+        """Synchronous on purpose: sh forks and exits within a millisecond or two, once per burst, and
+        asyncio's subprocess machinery would cost more than it saves on `store`'s short path."""
+        with contextlib.ExitStack() as files:
+            try:
+                os.makedirs(s.spool_dir, mode=0o700, exist_ok=True)
+                log_fd = _Spool.open_private(_Spool.path(s, DRAINER_LOG_FILE), _Spool.APPEND)
+                errors: Any = files.enter_context(open(log_fd, "ab"))
+            except OSError:
+                errors = subprocess.DEVNULL
+            # A new session and no inherited stdio: whoever reads our output sees EOF when we exit. sh
+            # backgrounds the drainer and exits at once (reaped here), so the drainer is nobody's child:
+            # a long-lived importer collects no zombie.
+            subprocess.run(["/bin/sh", "-c", 'exec "$0" "$@" &', sys.executable, os.path.abspath(__file__), "drain"],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors, cwd="/",
+                           start_new_session=True, close_fds=True, check=False)
 
 
 class _Spool:
@@ -2545,14 +2579,16 @@ class _Spool:
     private file of MEMORY_SPOOL_DIR, and the next store or worker that reaches Valkey moves it into
     the queue, oldest first."""
 
+    APPEND = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+
     @staticmethod
     def path(s: Settings, name: str = SPOOL_FILE) -> str:
         return os.path.join(s.spool_dir, name)
 
-    @staticmethod
-    def append(s: Settings, entry: dict[str, str]) -> None:
+    @classmethod
+    def append(cls, s: Settings, entry: dict[str, str]) -> None:
         os.makedirs(s.spool_dir, mode=0o700, exist_ok=True)
-        fd = _open_private(_Spool.path(s), APPEND)
+        fd = cls.open_private(cls.path(s), cls.APPEND)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             line = (json.dumps(entry) + "\n").encode()
@@ -2567,19 +2603,19 @@ class _Spool:
         finally:
             os.close(fd)
 
-    @staticmethod
-    def waiting(s: Settings) -> bool:
+    @classmethod
+    def waiting(cls, s: Settings) -> bool:
         """One stat, cheap enough for every store: the spool is almost always absent or empty."""
         try:
-            return os.path.getsize(_Spool.path(s)) > 0
+            return os.path.getsize(cls.path(s)) > 0
         except FileNotFoundError:
             return False
 
-    @staticmethod
-    def take(s: Settings) -> tuple[int, list[dict[str, str]]] | None:
+    @classmethod
+    def take(cls, s: Settings) -> tuple[int, list[dict[str, str]]] | None:
         """Lock the spool and read its entries; None when it is empty. The caller truncates and closes."""
         try:
-            fd = _open_private(_Spool.path(s), os.O_RDWR)
+            fd = cls.open_private(cls.path(s), os.O_RDWR)
         except FileNotFoundError:
             return None
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -2596,7 +2632,7 @@ class _Spool:
                 rejects.append(line)
         if rejects:
             try:
-                kept = _open_private(_Spool.path(s, SPOOL_REJECTS_FILE), APPEND)
+                kept = cls.open_private(cls.path(s, SPOOL_REJECTS_FILE), cls.APPEND)
             except OSError:
                 os.close(fd)
                 raise
@@ -2613,14 +2649,14 @@ class _Spool:
         os.fsync(fd)
         os.close(fd)
 
-    @staticmethod
-    async def move_into_queue() -> int:
+    @classmethod
+    async def move_into_queue(cls) -> int:
         """Move this host's spooled entries into the queue, oldest first; returns how many."""
         s = _settings()
         try:
-            taken = await asyncio.to_thread(_Spool.take, s) if _Spool.waiting(s) else None
+            taken = await asyncio.to_thread(cls.take, s) if cls.waiting(s) else None
         except OSError as exc:  # an unreadable spool must not block new writes
-            log.warning("warning: spool %s cannot be read (%s)", exc.filename or _Spool.path(s),
+            log.warning("warning: spool %s cannot be read (%s)", exc.filename or cls.path(s),
                         exc.strerror or _Errors.describe(exc))
             return 0
         if taken is None:
@@ -2628,28 +2664,53 @@ class _Spool:
         fd, entries = taken
         try:
             if entries:
-                await _append_to_streams(entries)
+                await _Enqueue.append_to_streams(entries)
         except BaseException:
             os.close(fd)  # still spooled; the next store or worker tries again
             raise
-        await asyncio.to_thread(_Spool.clear, fd)
+        await asyncio.to_thread(cls.clear, fd)
         if entries:
             log.warning("warning: moved %d spooled episode(s) into the queue", len(entries))
         return len(entries)
 
-    @staticmethod
-    async def keep(s: Settings, entry: dict[str, str], cause: BaseException) -> None:
+    @classmethod
+    async def keep(cls, s: Settings, entry: dict[str, str], cause: BaseException) -> None:
         """Spool an entry Valkey could not take (`cause`); ServiceError when the spool cannot take
         it either: the episode is not stored."""
         reason = _Errors.describe(cause)
         try:
-            await asyncio.to_thread(_Spool.append, s, entry)
+            await asyncio.to_thread(cls.append, s, entry)
         except OSError as exc:
-            where = exc.filename or _Spool.path(s)
+            where = exc.filename or cls.path(s)
             raise ServiceError("valkey", s.valkey_address, f"{reason}; and the spool {where} cannot be written "
                                f"({exc.strerror or _Errors.describe(exc)}): episode not stored") from exc
         log.warning("warning: valkey at %s: %s; episode spooled to %s, queued when Valkey is back",
-                    s.valkey_address, reason, _Spool.path(s))
+                    s.valkey_address, reason, cls.path(s))
+
+    @classmethod
+    def open_private(cls, path: str, flags: int) -> int:
+        """Open (or create, 0600) a file of the spool directory, refusing what another user could have
+        written or could read: a shared directory, or a file planted in it, let anyone on the host read
+        spooled episodes and queue forged ones into any group. The file is checked after opening (fstat),
+        so nothing can be swapped in between; a symlink is never followed."""
+        directory = os.path.dirname(path)
+        cls.check_private(os.stat(directory), directory, 0o022, "writable by group or others", 0o700)
+        fd = os.open(path, flags | os.O_NOFOLLOW, 0o600)
+        try:
+            cls.check_private(os.fstat(fd), path, 0o077, "readable or writable by group or others", 0o600)
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
+
+    @staticmethod
+    def check_private(status: os.stat_result, path: str, forbidden: int, why: str, expected: int) -> None:
+        if status.st_uid != os.geteuid():
+            raise PermissionError(errno.EPERM, f"owned by uid {status.st_uid}, not by this user's uid {os.geteuid()}",
+                                  path)
+        if status.st_mode & forbidden:
+            raise PermissionError(errno.EPERM, f"{why}: mode {status.st_mode & 0o777:04o}, expected {expected:04o}",
+                                  path)
 
 
 async def enqueue_episode(content: str, metadata: dict | str | None = None, *,
@@ -2663,65 +2724,30 @@ async def enqueue_episode(content: str, metadata: dict | str | None = None, *,
     graphiti."""
     async with _operation("store") as op:
         s = _settings()
-        content = _validate_content(content, s.max_episode_chars)
-        when = None if at is None else _parse_event_time(at)
-        metadata, raw_metadata = _parse_metadata(metadata)
+        content = _Input.content(content, s.max_episode_chars)
+        when = None if at is None else _Input.event_time(at)
+        metadata, raw_metadata = _Input.metadata(metadata)
         # A long event is redacted in a thread: a server (MCP) keeps answering its other sessions.
-        redacting = (asyncio.to_thread(_redact_event, content, metadata, raw_metadata) if len(content) > 16_384
-                     else _redacted_now(content, metadata, raw_metadata))
+        redacting = (asyncio.to_thread(_Enqueue.redacted, content, metadata, raw_metadata) if len(content) > 16_384
+                     else _Enqueue.redacted_now(content, metadata, raw_metadata))
         content, metadata, raw_metadata, found = await redacting
         _count_redactions(found, "store")
-        entry = _new_entry(s.group_id, content, metadata, raw_metadata, when, awaited, job)
+        entry = _Enqueue.entry(s.group_id, content, metadata, raw_metadata, when, awaited, job)
         op.set(**{"memory.content.length": len(content), "memory.content.hash": _short_hash(content),
                   "memory.metadata.keys": len(metadata or {}), "memory.job": entry["job"],
                   "memory.episode": entry["name"]})
         async with _span("memory.enqueue", **{"memory.job": entry["job"]}) as enqueue:
             try:
                 await _Spool.move_into_queue()  # older entries first
-                heartbeat = await _append_to_streams([entry])
+                heartbeat = await _Enqueue.append_to_streams([entry])
             except _Errors.valkey_errors() as exc:
                 await _Spool.keep(s, entry, exc)
                 enqueue.set(**{"queue.spooled": True})
                 _emit("queue.spooled", 1, "c", group=s.group_id)
-                return _queued(entry, spooled=True)
+                return _Enqueue.queued(entry, spooled=True)
         _emit("queue.enqueued", 1, "c", group=s.group_id)
-        await _ensure_a_worker(s, heartbeat)
-        return _queued(entry)
-
-
-async def _redacted_now(content: str, metadata: dict | None,
-                        raw_metadata: str | None) -> tuple[str, dict | None, str | None, Redacted]:
-    return _redact_event(content, metadata, raw_metadata)
-
-
-async def _start_drainer(s: Settings) -> None:
-    """No worker is alive: start one detached `drain` process, at most one per burst of stores."""
-    if not s.auto_drain:
-        return
-    if not s.openai_api_key:
-        log.warning("warning: no worker is running and OPENAI_API_KEY is not set here, so none was "
-                    "started; the episode waits in the queue")
-        return
-    if await _valkey().set(_Keys.DRAINER_LEASE, str(os.getpid()), nx=True, px=DRAINER_LEASE_MS):
-        _spawn_drainer(s)
-
-
-def _spawn_drainer(s: Settings) -> None:
-    """Synchronous on purpose: sh forks and exits within a millisecond or two, once per burst, and
-    asyncio's subprocess machinery would cost more than it saves on `store`'s short path."""
-    with contextlib.ExitStack() as files:
-        try:
-            os.makedirs(s.spool_dir, mode=0o700, exist_ok=True)
-            log_fd = _open_private(_Spool.path(s, DRAINER_LOG_FILE), APPEND)
-            errors: Any = files.enter_context(open(log_fd, "ab"))
-        except OSError:
-            errors = subprocess.DEVNULL
-        # A new session and no inherited stdio: whoever reads our output sees EOF when we exit. sh
-        # backgrounds the drainer and exits at once (reaped here), so the drainer is nobody's child:
-        # a long-lived importer collects no zombie.
-        subprocess.run(["/bin/sh", "-c", 'exec "$0" "$@" &', sys.executable, os.path.abspath(__file__), "drain"],
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors, cwd="/",
-                       start_new_session=True, close_fds=True, check=False)
+        await _Enqueue.ensure_a_worker(s, heartbeat)
+        return _Enqueue.queued(entry)
 
 
 async def wait_for_episode(queued: QueuedEpisode, timeout_s: float = WAIT_TIMEOUT_S) -> None:
@@ -2743,7 +2769,7 @@ async def wait_for_episode(queued: QueuedEpisode, timeout_s: float = WAIT_TIMEOU
                 raise IngestError(f"{queued.name} ({queued.job_id}) was dead-lettered after "
                                   f"{outcome['attempts']} attempt(s): {outcome['error']}")
             if not await _valkey().exists(_Keys.HEARTBEAT):  # the drainer died or left: start another
-                await _start_drainer(s)
+                await _Enqueue.start_drainer(s)
     raise IngestError(f"{queued.name} ({queued.job_id}) not ingested within {timeout_s:g} s; "
                       "it stays queued (see `memory-manager queue`)")
 
@@ -2754,40 +2780,45 @@ async def queue_status() -> dict:
     async with _operation("queue"):
         s = _settings()
         async with _Errors.service("valkey", s.valkey_address):
-            return await _read_queue_status()
+            return await _QueueStatus.read()
 
 
-async def _read_queue_status() -> dict:
-    valkey = _valkey()
-    groups = sorted(await valkey.smembers(_Keys.GROUPS))
-    pipe = valkey.pipeline(transaction=False)
-    for group in groups:
-        episodes = _Keys.of(group, "episodes")
-        pipe.xlen(episodes)
-        pipe.xrange(episodes, count=1)
-        pipe.xinfo_groups(episodes)  # an error reply until a worker creates the consumer group
-        pipe.xlen(_Keys.of(group, "dead"))
-        pipe.get(_Keys.of(group, "last_error"))
-    pipe.get(_Keys.HEARTBEAT)
-    replies = await pipe.execute(raise_on_error=False)
-    now_ms = time.time() * 1000
-    rows = [_group_status(group, replies[i * 5:i * 5 + 5], now_ms) for i, group in enumerate(groups)]
-    return {"groups": rows, "worker": _worker_status(replies[-1], now_ms)}
+class _QueueStatus:
+    """What `queue` shows: each group's depth, oldest entry, in-flight and dead letters, and the worker's
+    heartbeat."""
 
+    @classmethod
+    async def read(cls) -> dict:
+        valkey = _valkey()
+        groups = sorted(await valkey.smembers(_Keys.GROUPS))
+        pipe = valkey.pipeline(transaction=False)
+        for group in groups:
+            episodes = _Keys.of(group, "episodes")
+            pipe.xlen(episodes)
+            pipe.xrange(episodes, count=1)
+            pipe.xinfo_groups(episodes)  # an error reply until a worker creates the consumer group
+            pipe.xlen(_Keys.of(group, "dead"))
+            pipe.get(_Keys.of(group, "last_error"))
+        pipe.get(_Keys.HEARTBEAT)
+        replies = await pipe.execute(raise_on_error=False)
+        now_ms = time.time() * 1000
+        rows = [cls.of_group(group, replies[i * 5:i * 5 + 5], now_ms) for i, group in enumerate(groups)]
+        return {"groups": rows, "worker": cls.of_worker(replies[-1], now_ms)}
 
-def _group_status(group: str, replies: list, now_ms: float) -> dict:
-    depth, first, consumer_groups, dead, last_error = replies
-    in_flight = sum(g["pending"] for g in consumer_groups) if isinstance(consumer_groups, list) else 0
-    oldest_s = round((now_ms - int(first[0][0].split("-")[0])) / 1000, 1) if first else None
-    return {"group": group, "queued": depth, "in_flight": in_flight, "oldest_age_s": oldest_s,
-            "dead_letters": dead, "last_error": json.loads(last_error) if last_error else None}
+    @staticmethod
+    def of_group(group: str, replies: list, now_ms: float) -> dict:
+        depth, first, consumer_groups, dead, last_error = replies
+        in_flight = sum(g["pending"] for g in consumer_groups) if isinstance(consumer_groups, list) else 0
+        oldest_s = round((now_ms - int(first[0][0].split("-")[0])) / 1000, 1) if first else None
+        return {"group": group, "queued": depth, "in_flight": in_flight, "oldest_age_s": oldest_s,
+                "dead_letters": dead, "last_error": json.loads(last_error) if last_error else None}
 
-
-def _worker_status(heartbeat: str | None, now_ms: float) -> dict | None:
-    if not heartbeat:
-        return None
-    beat = json.loads(heartbeat)
-    return {"id": beat["id"], "mode": beat["mode"], "heartbeat_age_s": round((now_ms - beat["at_ms"]) / 1000, 1)}
+    @staticmethod
+    def of_worker(heartbeat: str | None, now_ms: float) -> dict | None:
+        if not heartbeat:
+            return None
+        beat = json.loads(heartbeat)
+        return {"id": beat["id"], "mode": beat["mode"], "heartbeat_age_s": round((now_ms - beat["at_ms"]) / 1000, 1)}
 
 
 async def retry_dead_letters(group: str | None = None) -> int:
@@ -2811,7 +2842,7 @@ async def retry_dead_letters(group: str | None = None) -> int:
                     moved += 1
             heartbeat = await valkey.get(_Keys.HEARTBEAT)
         if moved:
-            await _ensure_a_worker(s, heartbeat)
+            await _Enqueue.ensure_a_worker(s, heartbeat)
         return moved
 
 
@@ -2909,22 +2940,7 @@ class _WriteGate:
 
 # === Operations ==================================================================================
 
-MAX_RECALL_LIMIT = 50
 MAX_ENTITIES_LISTED = 10_000   # the most search_entities lists at once (its max_nodes)
-
-
-def _validate_limit(limit: Any, name: str = "limit", high: int = MAX_RECALL_LIMIT) -> int:
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= high:
-        raise UsageError(f"{name} must be an integer from 1 to {high}, got {limit!r}")
-    return limit
-
-
-def _validate_entity_type(entity_type: Any) -> str | None:
-    if entity_type is None:
-        return None
-    if not isinstance(entity_type, str) or not LABEL_RULE.fullmatch(entity_type):
-        raise UsageError(f"entity type must match {LABEL_RULE.pattern}, got {entity_type!r}")
-    return entity_type
 
 
 async def store_episode(content: str, metadata: dict | str | None = None, *, wait: bool = True,
@@ -2997,7 +3013,7 @@ class _Recall:
             raise UsageError(f"scope must be one of {', '.join(cls.RECALL_SCOPES)}, got {str(scope)[:40]!r}")
         if as_of is not None and history:
             raise UsageError("give --as-of or --history, not both")
-        when = None if as_of is None else _utc_iso(_parse_event_time(as_of, "as_of"))
+        when = None if as_of is None else _utc_iso(_Input.event_time(as_of, "as_of"))
         return scope, _Window(when, bool(history))
 
     @classmethod
@@ -3585,8 +3601,8 @@ async def _cached_answer(op: _Span, search_query: str, limit: int, scope: str = 
         raise UsageError("query must be non-empty text")
     if len(search_query) > MAX_QUERY_CHARS:
         raise UsageError(f"query is {len(search_query)} characters; at most {MAX_QUERY_CHARS}")
-    _check_text(search_query, "query")
-    limit = _validate_limit(limit)
+    _Input.text(search_query, "query")
+    limit = _Input.limit(limit)
     scope, window = _Recall.checked_options(scope, as_of, history)
     s = _settings()
     group = s.group_id
@@ -3754,7 +3770,7 @@ async def context(search_query: str, budget_tokens: int = _ContextBlock.CONTEXT_
                          f"got {budget_tokens!r}")
     if isinstance(recent, bool) or not isinstance(recent, int) or not 0 <= recent <= _ContextBlock.MAX_RECENT_EVENTS:
         raise UsageError(f"recent must be an integer from 0 to {_ContextBlock.MAX_RECENT_EVENTS}, got {recent!r}")
-    items = await recall(search_query, MAX_RECALL_LIMIT, scope=scope, as_of=as_of, history=history)
+    items = await recall(search_query, _Input.MAX_RECALL_LIMIT, scope=scope, as_of=as_of, history=history)
     newest = await _ContextBlock.newest_events(recent, as_of) if recent else []
     return _ContextBlock.format_context(search_query, items, budget_tokens, newest)
 
@@ -3763,7 +3779,7 @@ async def get_entities(entity_type: str | None = None) -> list[dict]:
     """{"name", "type"} for every entity of the group, sorted by name; type is the most specific
     label. The filter is validated and passed as a query parameter, never pasted into Cypher."""
     async with _operation("entities") as op:
-        entity_type = _validate_entity_type(entity_type)
+        entity_type = _Input.entity_type(entity_type)
         op.set(**{"memory.entity_type": entity_type})
         s = _settings()
         if not await _Graphs.exists(s.group_id):
@@ -3891,9 +3907,9 @@ async def get_episodes(last_n: int = 10, since: str | datetime | None = None,
     after `since` and at or before `until` if given: uuid, name, content, reference time, when it
     was ingested, and its metadata (an object, raw text, or None)."""
     async with _operation("episodes") as op:
-        last_n = _validate_limit(last_n, "last_n", MAX_EPISODES_LISTED)
-        after = None if since is None else _utc_iso(_parse_event_time(since, "since"))
-        before = None if until is None else _utc_iso(_parse_event_time(until, "until"))
+        last_n = _Input.limit(last_n, "last_n", MAX_EPISODES_LISTED)
+        after = None if since is None else _utc_iso(_Input.event_time(since, "since"))
+        before = None if until is None else _utc_iso(_Input.event_time(until, "until"))
         s = _settings()
         if not await _Graphs.exists(s.group_id):
             return []
@@ -3990,7 +4006,7 @@ async def correct_fact(uuid_: str, text: str) -> dict:
         op.set(**{"memory.fact": uuid_})
         if not isinstance(text, str) or not text.strip():
             raise UsageError("the corrected fact is empty")
-        text = _check_text(" ".join(text.split()), "the corrected fact")[:MAX_QUERY_CHARS]
+        text = _Input.text(" ".join(text.split()), "the corrected fact")[:MAX_QUERY_CHARS]
         text = redact(text).text if s.redact else text
         old = await _Reads.fact(uuid_)
         if old["invalid_at"] or old["expired_at"]:
@@ -4111,7 +4127,7 @@ class _Probes:
         if not valkey_ok:
             return unknown("valkey unreachable")
         try:
-            status = await asyncio.wait_for(_read_queue_status(), HEALTH_TIMEOUT_S)
+            status = await asyncio.wait_for(_QueueStatus.read(), HEALTH_TIMEOUT_S)
         except _Errors.valkey_errors() as exc:  # TimeoutError among them
             return unknown(_Errors.describe(exc))
         groups = status["groups"]
@@ -4593,7 +4609,8 @@ class _Worker:
         for group in groups:
             pipe.xlen(_Keys.of(group, "episodes"))
         depths = await pipe.execute()
-        await _prune_groups([g for g, depth in zip(groups, depths, strict=True) if not depth and g not in self.tasks])
+        idle = [g for g, depth in zip(groups, depths, strict=True) if not depth and g not in self.tasks]
+        await _Enqueue.prune_groups(idle)
         for group, depth in zip(groups, depths, strict=True):
             if not depth or group in self.tasks or len(self.tasks) >= self.s.worker_concurrency:
                 continue
@@ -4844,7 +4861,7 @@ class _Worker:
         episode reaches the LLM or the graph; the entry was given the quick pass when queued."""
         metadata = json.loads(fields["metadata"]) if fields.get("metadata") else None
         content, metadata, raw, found = await asyncio.to_thread(
-            _redact_event, fields["content"], metadata, fields.get("metadata_raw") or None, True)
+            _Enqueue.redacted, fields["content"], metadata, fields.get("metadata_raw") or None, True)
         _count_redactions(found, "ingest")
         return {**fields, "content": content, "metadata_raw": raw or "",
                 "metadata": json.dumps(metadata, sort_keys=True, default=str) if metadata is not None else ""}
@@ -4968,7 +4985,7 @@ class _Worker:
                                  "end return 0", 1, _Keys.HEARTBEAT, self.heartbeat)
 
     async def _report_gauges(self) -> None:
-        for group in (await _read_queue_status())["groups"]:
+        for group in (await _QueueStatus.read())["groups"]:
             _emit("queue.depth", group["queued"], "g", group=group["group"])
             _emit("queue.oldest_age", group["oldest_age_s"] or 0, "g", group=group["group"])
             _emit("queue.dead_letters", group["dead_letters"], "g", group=group["group"])
@@ -6413,7 +6430,7 @@ class _Erase:
         (a renamed copy would lose the lines of an appender waiting on the old file). A crash midway
         can leave a line twice, which its job id makes harmless."""
         try:
-            fd = _open_private(path, os.O_RDWR)
+            fd = _Spool.open_private(path, os.O_RDWR)
         except FileNotFoundError:
             return 0
         try:
@@ -6717,7 +6734,7 @@ async def import_opencode(directory: str | None = None, *, since: str | datetime
     """Store the turns of OpenCode's sessions in `directory` (default: the current one) that no
     import stored before, each at the time it was asked; `dry_run`: count them, store nothing."""
     root = os.path.realpath(directory or _working_directory())
-    when = _parse_event_time(since, "since") if since is not None else None
+    when = _Input.event_time(since, "since") if since is not None else None
     count, turns = await asyncio.to_thread(_read_opencode_turns, _opencode_db(db), root, when)
     report = Imported(sessions=count, turns=len(turns), skipped=sum(t is None for t in turns))
     wanted = {_import_job(t): t for t in turns if t is not None}
@@ -7103,7 +7120,7 @@ class _MemoryTools:
         per memory (a short id, its day, event or fact, its first 100 characters), about two thirds
         of the tokens of search_memory_facts. Open only the memories you need with get_memories."""
         async with _in_scope(group_ids):
-            items = await recall(query, _validate_limit(limit, "limit", MAX_RECALL_LIMIT))
+            items = await recall(query, _Input.limit(limit, "limit", _Input.MAX_RECALL_LIMIT))
         return _tool_result("\n".join(map(_ContextBlock.index_line, items)) or NO_RESULTS,
                             {"results": [{"id": i.uuid, "kind": i.kind, "valid_at": i.valid_at} for i in items]})
 
@@ -7140,11 +7157,11 @@ class _MemoryTools:
         only those whose name contains every word of `query`, or only one type (e.g. File), at
         most `max_nodes` of them."""
         async with _in_scope(group_ids):
-            shown = None if max_nodes is None else _validate_limit(max_nodes, "max_nodes", MAX_ENTITIES_LISTED)
+            shown = None if max_nodes is None else _Input.limit(max_nodes, "max_nodes", MAX_ENTITIES_LISTED)
             entities = await get_entities(entity_type)
             if query is not None and not isinstance(query, str):
                 raise UsageError("query must be text")
-            words = _check_text(query, "query").lower().split() if query else []
+            words = _Input.text(query, "query").lower().split() if query else []
         chosen = [e for e in entities if all(word in e["name"].lower() for word in words)][:shown]
         return _tool_result("\n".join(f"{e['name']} ({e['type']})" for e in chosen) or "No entities found.",
                             {"entities": chosen})
@@ -7683,7 +7700,7 @@ class _Commands:
         if args.jsonl:
             return await cls.store_lines(args)
         content = cls.read_stdin("the event", _settings().max_episode_chars) if args.content == "-" else args.content
-        at = None if args.at is None else _parse_event_time(args.at, "--at")
+        at = None if args.at is None else _Input.event_time(args.at, "--at")
         queued = await enqueue_episode(content, args.metadata, at=at, awaited=args.wait)
         if args.wait:
             await wait_for_episode(queued, args.timeout)
