@@ -213,7 +213,7 @@ WORST_CASES = {  # shapes that made the quick pass backtrack quadratically (32k 
 }
 # Each shape's own trigger repeated to 100 KB: the shape a pattern is most likely to re-try at every position.
 WORST_CASES.update({f"{kind} trigger {trigger!r} repeated": (trigger * (100_000 // len(trigger)))
-                    for kind, _, triggers, *_ in memory_manager._CREDENTIAL_SHAPES for trigger in triggers})
+                    for kind, _, triggers, *_ in memory_manager._Redactor.CREDENTIAL_SHAPES for trigger in triggers})
 
 
 def test_the_quick_pass_is_linear_on_worst_case_shapes_of_100_kb():

@@ -2017,94 +2017,267 @@ class _Cache:
 # before redaction existed. A credential becomes [REDACTED:<kind>]; a <private>...</private> span
 # is removed first, whatever MEMORY_REDACT says (the user marked it).
 
-PRIVATE_SPAN = re.compile(r"<private>.*?(?:</private>|\Z)", re.S | re.I)
-PRIVATE_PLACEHOLDER = "[REDACTED:private]"
-# The plugin fences the memories it injects in <memory-context>; an agent that echoes the block would
-# store recalled memories again as new events, and a stored fence tag could close or forge the fence
-# of a later block. So a fenced block goes as a private span does, and a stray fence tag with it.
-RECALLED_SPAN = re.compile(r"<memory-context>.*?(?:</memory-context>|\Z)", re.S | re.I)
-RECALLED_PLACEHOLDER = "[recalled memories left out]"
-FENCE_TAG = re.compile(r"</?\s*memory-context\s*>", re.I)
-# password, passphrase, pwd, private_key, secret, signing_key, session_key, token, api_key, apikey,
-# access_key, auth_key, credential(s), encryption_key; as a trie: half the time of a flat alternation.
-_SECRET_WORD = (r"(?:p(?:ass(?:w(?:or)?d|phrase)|rivate[_-]?key|wd)|s(?:ecret|igning[_-]?key|ession[_-]?key)|token"
-                r"|a(?:pi[_-]?key|pikey|ccess[_-]?key|uth[_-]?key)|credentials?|encryption[_-]?key)")
-# A name must end in one of those words (or word + _key, _DocumentCodec.value, ...): `tokenizer`, `max_tokens`,
-# `token_type` and `secret_name` are not secrets.
-_NAME_END = r"(?:[_.-]?(?:key|value|b64|base64|base|str|text))?(?![a-z0-9_-])"
-_NOT_PLACEHOLDER = r"(?!\[redacted:)"  # the worker's second pass must not count a placeholder again
-_QUOTED = r"(?:\"(?!\$\{|\{\{|\[redacted)[^\s\"\\]{4,}\"|'(?!\$\{|\{\{|\[redacted)[^\s'\\]{4,}')"
-_KEYWORDS = ("pass", "secret", "token", "key", "cred", "pwd", "auth")
-# (kind, pattern, triggers[, cased]). Patterns run on the text lower-cased (ASCII only, so offsets hold)
-# with a "\n" in front, so that each starts with a literal or a lookbehind-free set: a leading
-# \b or (?i) word makes Python's re try every position (1.6 ms, 14 ms with (?i), per 100 KB).
-# A pattern runs only when one of its triggers is in the text. Its group `keep` stays in front
-# of the placeholder (a variable's name, a URL's user). Where letter case is part of the shape
-# (AKIA..., an upper-case NAME=), `cased` must also match the original text where the match starts.
-# Every run in front of a required character is bounded ({0,8}, {0,100}, {1,256}) and a flag starts
-# only where no dash precedes it: an unbounded \s*, [\w-]* or [^:]+ re-tried at every position of a
-# long run is quadratic (32k dashes took 28 s; 96 KB of `--user` with no colon 5 s, holding the GIL
-# and so every group's worker); bounded, 100 KB of any shape takes milliseconds.
-_CREDENTIAL_SHAPES = (
-    ("private-key", r"(?s)-----begin[a-z0-9 ]{0,30}private key(?: block)?-----.*?"
-                    r"(?:-----end[a-z0-9 ]{0,30}private key(?: block)?-----|\Z)", ("private key",)),
-    ("aws-access-key", r"(?:akia|asia|abia|acca)[0-9a-z]{16}(?![a-z0-9])", ("akia", "asia", "abia", "acca"),
-     r"[A-Z0-9]{20}"),
-    ("aws-secret-key", r"(?P<keep>secret(?:_?access_?key)?[\"']?\s{0,8}(?:[:=]|is)?\s{0,8}[\"']?)"
-                       r"[a-z0-9/+]{40}(?![a-z0-9/+=])", ("secret",)),
-    ("gcp-api-key", r"aiza[0-9a-z_-]{35}", ("aiza",), "AIza"),
-    ("gcp-oauth-token", r"ya29\.[0-9a-z_-]{20,}", ("ya29.",)),
-    ("github-token", r"gh[pousr]_[a-z0-9]{36,255}|github_pat_[a-z0-9_]{22,255}", ("gh",)),
-    ("gitlab-token", r"gl(?:pat|dt|rt|ptt|ft|soat|cbt|imt)-[a-z0-9_-]{20,}", ("gl",)),
-    ("slack-token", r"xox[abposre]-[a-z0-9-]{10,}", ("xox",)),
-    ("slack-webhook", r"https://hooks\.slack\.com/services/[a-z0-9_/-]{20,}", ("hooks.slack.com",)),
-    ("stripe-key", r"sk_(?:live|test)_(?<![a-z0-9_]sk_(?:live|test)_)[a-z0-9]{16,}", ("sk_live_", "sk_test_")),
-    ("stripe-key", r"rk_(?:live|test)_(?<![a-z0-9_]rk_(?:live|test)_)[a-z0-9]{16,}", ("rk_live_", "rk_test_")),
-    ("stripe-key", r"whsec_[a-z0-9+/=]{16,}", ("whsec_",)),
-    ("anthropic-key", r"sk-ant-(?<![a-z0-9_-]sk-ant-)[a-z0-9_-]{20,}", ("sk-ant-",)),
-    ("openai-key", r"sk-(?<![a-z0-9_-]sk-)(?:proj-|svcacct-|admin-)?[a-z0-9_-]{20,}", ("sk-",)),
-    ("npm-token", r"npm_[a-z0-9]{36}(?![a-z0-9])", ("npm_",)),
-    ("pypi-token", r"pypi-ageichlwas5vcmc[a-z0-9_-]{50,}", ("pypi-",)),
-    ("sendgrid-key", r"sg\.[a-z0-9_-]{22}\.[a-z0-9_-]{43}(?![a-z0-9_-])", ("sg.",)),
-    ("azure-storage-key", r"(?P<keep>accountkey=)[a-z0-9+/]{40,}={0,2}", ("accountkey=",)),
-    ("azure-client-secret", r"q~(?<=[a-z0-9_~.-]{3}\dq~)[a-z0-9_~.-]{31,34}", ("q~",)),  # + _LEADS
-    ("jwt", r"eyj(?<![a-z0-9_-]eyj)[a-z0-9_-]{8,}\.eyj[a-z0-9_-]{8,}\.[a-z0-9_-]{8,}", ("eyj",), r"eyJ[^.]*\.eyJ"),
-    ("url-password", r"(?P<keep>://(?<=[a-z0-9]://)[^\s:/?#@'\"<>]{1,128}:)" + _NOT_PLACEHOLDER
-                     + r"[^\s/?#@'\"<>]{1,256}(?=@[a-z0-9\[])", ("://",)),
-    ("basic-auth", r"(?P<keep>(?:-u(?<=\s-u)|--user)[ =]?[\"']?[^\s:\"'/]{1,256}:)" + _NOT_PLACEHOLDER
-                   + r"[^\s\"'@]{3,}", (" -u", "--user")),
-    ("authorization", r"(?P<keep>authorization[\"']?\s{0,8}[:=]\s{0,8}[\"']?"
-                      r"(?:bearer|basic|token|bot|digest|apikey)\s{1,8})"
-                      + _NOT_PLACEHOLDER + r"[a-z0-9._~+/=:-]{8,}", ("authorization",)),
-    ("bearer-token", r"(?P<keep>bearer\s{1,8})" + _NOT_PLACEHOLDER + r"[a-z0-9._~+/-]{20,}=*", ("bearer",)),
-    ("secret-query-parameter", r"(?P<keep>[?&](?:[\w.-]{0,100}" + _SECRET_WORD + _NAME_END + r"|sig|signature)=)"
-                               + _NOT_PLACEHOLDER + r"[^&\s#'\"<>]{6,}", ("=",)),
-    # --password=... and --token ... flags.
-    ("secret-assignment", r"(?P<keep>--(?<![\w-]--)[\w-]{0,100}" + _SECRET_WORD + _NAME_END
-                          + r"[= ])(?![$\[])[^\s'\"]{4,}", ("--",)),
-    # One line of its own, `NAME=value` (.env, shell exports, ini files, a diff's + lines) or
-    # `name: value` (YAML); a value that is a reference ($VAR, a call, an index), a number, a
-    # boolean or, for a lower-case name, a word or dotted name (`password = form.password`) stays.
-    ("secret-assignment", r"(?P<keep>\n[ \t+-]{0,16}(?:export[ \t]{1,8})?[\w.-]{0,100}" + _SECRET_WORD + _NAME_END
-                          + r"(?:[ \t]{0,8}=[ \t]{0,8}|:[ \t]{1,8}))"
-                          r"(?![\"'|>&*!{\[$]|(?:\d{1,9}|true|false|none|null|~)[ \t]*(?:\n|\Z))"
-                          r"[^\s\"'#(\[{]+(?=[ \t]{0,64}(?:#[^\n]*)?(?:\n|\Z))", ("=", ":"),
-     r"\n[+-]?[ \t]*(?:export[ \t]+)?[A-Z0-9_]+[ \t]*[=:]"
-     r"|\n[^\n=:]*(?::|=[ \t]*+(?![a-z_]\w*(?:\.[A-Za-z_]\w*)*[ \t]*(?:\n|\Z)))"),
-    # password=hunter2 inside a line (libpq connection strings, form bodies, log lines), and
-    # "password": "...", password: '...', password = "..." (JSON, YAML, code): quoted literals
-    # without spaces only, so `token = getToken()` and messages about passwords stay.
-    ("secret-assignment", r"(?P<keep>" + _SECRET_WORD + _NAME_END + r"(?:[\"']?\s{0,8}(?::|=|:=|=>)\s{0,8}(?=[\"'])|=))"
-                          r"(?:" + _QUOTED + r"|(?![$\"'({\[])[^\s&;,'\"<>)]{3,})", _KEYWORDS),
-)
-_LEADS = {"azure-client-secret": 4}  # characters of the secret before where its pattern starts (at "q~")
-_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+class _Redactor:
+    """Credentials and <private> spans out of what is kept: a quick pass of known credential shapes on every
+    store, a thorough one (detect-secrets' plugins, in windows of long lines) in the worker; metadata's values
+    and keys alike; each kind counted."""
 
+    PRIVATE_SPAN = re.compile(r"<private>.*?(?:</private>|\Z)", re.S | re.I)
+    PRIVATE_PLACEHOLDER = "[REDACTED:private]"
+    # The plugin fences the memories it injects in <memory-context>; an agent that echoes the block would
+    # store recalled memories again as new events, and a stored fence tag could close or forge the fence
+    # of a later block. So a fenced block goes as a private span does, and a stray fence tag with it.
+    RECALLED_SPAN = re.compile(r"<memory-context>.*?(?:</memory-context>|\Z)", re.S | re.I)
+    RECALLED_PLACEHOLDER = "[recalled memories left out]"
+    FENCE_TAG = re.compile(r"</?\s*memory-context\s*>", re.I)
+    # password, passphrase, pwd, private_key, secret, signing_key, session_key, token, api_key, apikey,
+    # access_key, auth_key, credential(s), encryption_key; as a trie: half the time of a flat alternation.
+    SECRET_WORD = (r"(?:p(?:ass(?:w(?:or)?d|phrase)|rivate[_-]?key|wd)|s(?:ecret|igning[_-]?key|ession[_-]?key)|token"
+                    r"|a(?:pi[_-]?key|pikey|ccess[_-]?key|uth[_-]?key)|credentials?|encryption[_-]?key)")
+    # A name must end in one of those words (or word + _key, _DocumentCodec.value, ...): `tokenizer`, `max_tokens`,
+    # `token_type` and `secret_name` are not secrets.
+    NAME_END = r"(?:[_.-]?(?:key|value|b64|base64|base|str|text))?(?![a-z0-9_-])"
+    NOT_PLACEHOLDER = r"(?!\[redacted:)"  # the worker's second pass must not count a placeholder again
+    QUOTED = r"(?:\"(?!\$\{|\{\{|\[redacted)[^\s\"\\]{4,}\"|'(?!\$\{|\{\{|\[redacted)[^\s'\\]{4,}')"
+    KEYWORDS = ("pass", "secret", "token", "key", "cred", "pwd", "auth")
+    # (kind, pattern, triggers[, cased]). Patterns run on the text lower-cased (ASCII only, so offsets hold)
+    # with a "\n" in front, so that each starts with a literal or a lookbehind-free set: a leading
+    # \b or (?i) word makes Python's re try every position (1.6 ms, 14 ms with (?i), per 100 KB).
+    # A pattern runs only when one of its triggers is in the text. Its group `keep` stays in front
+    # of the placeholder (a variable's name, a URL's user). Where letter case is part of the shape
+    # (AKIA..., an upper-case NAME=), `cased` must also match the original text where the match starts.
+    # Every run in front of a required character is bounded ({0,8}, {0,100}, {1,256}) and a flag starts
+    # only where no dash precedes it: an unbounded \s*, [\w-]* or [^:]+ re-tried at every position of a
+    # long run is quadratic (32k dashes took 28 s; 96 KB of `--user` with no colon 5 s, holding the GIL
+    # and so every group's worker); bounded, 100 KB of any shape takes milliseconds.
+    CREDENTIAL_SHAPES = (
+        ("private-key", r"(?s)-----begin[a-z0-9 ]{0,30}private key(?: block)?-----.*?"
+                        r"(?:-----end[a-z0-9 ]{0,30}private key(?: block)?-----|\Z)", ("private key",)),
+        ("aws-access-key", r"(?:akia|asia|abia|acca)[0-9a-z]{16}(?![a-z0-9])", ("akia", "asia", "abia", "acca"),
+         r"[A-Z0-9]{20}"),
+        ("aws-secret-key", r"(?P<keep>secret(?:_?access_?key)?[\"']?\s{0,8}(?:[:=]|is)?\s{0,8}[\"']?)"
+                           r"[a-z0-9/+]{40}(?![a-z0-9/+=])", ("secret",)),
+        ("gcp-api-key", r"aiza[0-9a-z_-]{35}", ("aiza",), "AIza"),
+        ("gcp-oauth-token", r"ya29\.[0-9a-z_-]{20,}", ("ya29.",)),
+        ("github-token", r"gh[pousr]_[a-z0-9]{36,255}|github_pat_[a-z0-9_]{22,255}", ("gh",)),
+        ("gitlab-token", r"gl(?:pat|dt|rt|ptt|ft|soat|cbt|imt)-[a-z0-9_-]{20,}", ("gl",)),
+        ("slack-token", r"xox[abposre]-[a-z0-9-]{10,}", ("xox",)),
+        ("slack-webhook", r"https://hooks\.slack\.com/services/[a-z0-9_/-]{20,}", ("hooks.slack.com",)),
+        ("stripe-key", r"sk_(?:live|test)_(?<![a-z0-9_]sk_(?:live|test)_)[a-z0-9]{16,}", ("sk_live_", "sk_test_")),
+        ("stripe-key", r"rk_(?:live|test)_(?<![a-z0-9_]rk_(?:live|test)_)[a-z0-9]{16,}", ("rk_live_", "rk_test_")),
+        ("stripe-key", r"whsec_[a-z0-9+/=]{16,}", ("whsec_",)),
+        ("anthropic-key", r"sk-ant-(?<![a-z0-9_-]sk-ant-)[a-z0-9_-]{20,}", ("sk-ant-",)),
+        ("openai-key", r"sk-(?<![a-z0-9_-]sk-)(?:proj-|svcacct-|admin-)?[a-z0-9_-]{20,}", ("sk-",)),
+        ("npm-token", r"npm_[a-z0-9]{36}(?![a-z0-9])", ("npm_",)),
+        ("pypi-token", r"pypi-ageichlwas5vcmc[a-z0-9_-]{50,}", ("pypi-",)),
+        ("sendgrid-key", r"sg\.[a-z0-9_-]{22}\.[a-z0-9_-]{43}(?![a-z0-9_-])", ("sg.",)),
+        ("azure-storage-key", r"(?P<keep>accountkey=)[a-z0-9+/]{40,}={0,2}", ("accountkey=",)),
+        ("azure-client-secret", r"q~(?<=[a-z0-9_~.-]{3}\dq~)[a-z0-9_~.-]{31,34}", ("q~",)),  # + LEADS
+        ("jwt", r"eyj(?<![a-z0-9_-]eyj)[a-z0-9_-]{8,}\.eyj[a-z0-9_-]{8,}\.[a-z0-9_-]{8,}", ("eyj",), r"eyJ[^.]*\.eyJ"),
+        ("url-password", r"(?P<keep>://(?<=[a-z0-9]://)[^\s:/?#@'\"<>]{1,128}:)" + NOT_PLACEHOLDER
+                         + r"[^\s/?#@'\"<>]{1,256}(?=@[a-z0-9\[])", ("://",)),
+        ("basic-auth", r"(?P<keep>(?:-u(?<=\s-u)|--user)[ =]?[\"']?[^\s:\"'/]{1,256}:)" + NOT_PLACEHOLDER
+                       + r"[^\s\"'@]{3,}", (" -u", "--user")),
+        ("authorization", r"(?P<keep>authorization[\"']?\s{0,8}[:=]\s{0,8}[\"']?"
+                          r"(?:bearer|basic|token|bot|digest|apikey)\s{1,8})"
+                          + NOT_PLACEHOLDER + r"[a-z0-9._~+/=:-]{8,}", ("authorization",)),
+        ("bearer-token", r"(?P<keep>bearer\s{1,8})" + NOT_PLACEHOLDER + r"[a-z0-9._~+/-]{20,}=*", ("bearer",)),
+        ("secret-query-parameter", r"(?P<keep>[?&](?:[\w.-]{0,100}" + SECRET_WORD + NAME_END + r"|sig|signature)=)"
+                                   + NOT_PLACEHOLDER + r"[^&\s#'\"<>]{6,}", ("=",)),
+        # --password=... and --token ... flags.
+        ("secret-assignment", r"(?P<keep>--(?<![\w-]--)[\w-]{0,100}" + SECRET_WORD + NAME_END
+                              + r"[= ])(?![$\[])[^\s'\"]{4,}", ("--",)),
+        # One line of its own, `NAME=value` (.env, shell exports, ini files, a diff's + lines) or
+        # `name: value` (YAML); a value that is a reference ($VAR, a call, an index), a number, a
+        # boolean or, for a lower-case name, a word or dotted name (`password = form.password`) stays.
+        ("secret-assignment", r"(?P<keep>\n[ \t+-]{0,16}(?:export[ \t]{1,8})?[\w.-]{0,100}" + SECRET_WORD + NAME_END
+                              + r"(?:[ \t]{0,8}=[ \t]{0,8}|:[ \t]{1,8}))"
+                              r"(?![\"'|>&*!{\[$]|(?:\d{1,9}|true|false|none|null|~)[ \t]*(?:\n|\Z))"
+                              r"[^\s\"'#(\[{]+(?=[ \t]{0,64}(?:#[^\n]*)?(?:\n|\Z))", ("=", ":"),
+         r"\n[+-]?[ \t]*(?:export[ \t]+)?[A-Z0-9_]+[ \t]*[=:]"
+         r"|\n[^\n=:]*(?::|=[ \t]*+(?![a-z_]\w*(?:\.[A-Za-z_]\w*)*[ \t]*(?:\n|\Z)))"),
+        # password=hunter2 inside a line (libpq connection strings, form bodies, log lines), and
+        # "password": "...", password: '...', password = "..." (JSON, YAML, code): quoted literals
+        # without spaces only, so `token = getToken()` and messages about passwords stay.
+        ("secret-assignment", r"(?P<keep>" + SECRET_WORD + NAME_END
+                              + r"(?:[\"']?\s{0,8}(?::|=|:=|=>)\s{0,8}(?=[\"'])|=))"
+                              r"(?:" + QUOTED + r"|(?![$\"'({\[])[^\s&;,'\"<>)]{3,})", KEYWORDS),
+    )
+    # characters of the secret before where its pattern starts (at "q~")
+    LEADS: ClassVar[dict[str, int]] = {"azure-client-secret": 4}
+    ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+    DETECT_SECRETS_LOCK = threading.Lock()  # its settings are process-global; the worker scans in threads
+    DETECTOR_KEYWORDS = re.compile(r"(?i)key|pass|pwd|secret|contrase")
+    LONG_SPACE = re.compile(r"\s{9,}")
 
-@functools.cache
-def _shapes() -> tuple[tuple[str, re.Pattern, tuple[str, ...], re.Pattern | None], ...]:
-    return tuple((kind, re.compile(pattern), triggers, re.compile(cased[0]) if cased else None)
-                 for kind, pattern, triggers, *cased in _CREDENTIAL_SHAPES)
+    @classmethod
+    @functools.cache
+    def shapes(cls) -> tuple[tuple[str, re.Pattern, tuple[str, ...], re.Pattern | None], ...]:
+        return tuple((kind, re.compile(pattern), triggers, re.compile(cased[0]) if cased else None)
+                     for kind, pattern, triggers, *cased in cls.CREDENTIAL_SHAPES)
+
+    @classmethod
+    @functools.cache
+    def triggers(cls) -> frozenset[str]:
+        return frozenset(trigger for _, _, triggers, *_ in cls.CREDENTIAL_SHAPES for trigger in triggers)
+
+    @staticmethod
+    def placeholder(kind: str) -> str:
+        return f"[REDACTED:{kind}]"
+
+    @classmethod
+    def remove_private(cls, text: str) -> Redacted:
+        lowered = text.lower()
+        if "<private>" not in lowered and "memory-context" not in lowered:
+            return Redacted(text)
+        found = {"private": len(cls.PRIVATE_SPAN.findall(text)), "recalled": len(cls.RECALLED_SPAN.findall(text))}
+        text = cls.PRIVATE_SPAN.sub(cls.PRIVATE_PLACEHOLDER, text)
+        text = cls.FENCE_TAG.sub("", cls.RECALLED_SPAN.sub(cls.RECALLED_PLACEHOLDER, text))
+        return Redacted(text, {kind: n for kind, n in found.items() if n})
+
+    @classmethod
+    def quick(cls, text: str) -> Redacted:
+        """The precise shapes only: fixed-prefix tokens, key blocks, URL and basic-auth passwords,
+        Authorization values and assignments whose name says secret. Matches are found on a
+        lower-cased copy and replaced in the original; where two overlap, the earlier one wins."""
+        lowered = "\n" + text.lower()
+        if len(lowered) != len(text) + 1:  # a few non-ASCII letters change length when lower-cased
+            lowered = "\n" + text.translate(cls.ASCII_LOWER)
+        original = "\n" + text
+        present = {trigger for trigger in cls.triggers() if trigger in lowered}
+        found: list[tuple[int, int, int, str]] = []
+        for kind, shape, triggers, cased in cls.shapes():
+            if not present.isdisjoint(triggers):
+                lead = cls.LEADS.get(kind, 0)
+                found.extend((match.start() - lead, match.end(), match.end("keep") if "keep" in shape.groupindex
+                              else match.start() - lead, kind) for match in shape.finditer(lowered)
+                             if cased is None or cased.match(original, match.start()))
+        result, pieces, done = Redacted(text), [], 0
+        for start, end, keep_end, kind in sorted(found):
+            if start < done:
+                continue
+            pieces += [original[done:keep_end], cls.placeholder(kind)]
+            done = end
+            result.kinds[kind] = result.kinds.get(kind, 0) + 1
+        if pieces:
+            result.text = ("".join(pieces) + original[done:])[1:]
+        return result
+
+    @staticmethod
+    def detect_secrets_kind(name: str) -> str:
+        return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-").removesuffix("-string")
+
+    @staticmethod
+    @functools.cache
+    def detect_secrets_plugins(keyword: bool) -> dict:
+        """detect-secrets' detectors without its two entropy ones: line by line they flag git SHAs,
+        hex colours, digests and base64 literals (all 240 events of tests/redaction_corpus.py's
+        ordinary corpus), where a redaction would cost the memory its meaning. Nor its basic-auth one:
+        its unbounded `://[^{}\\s]+:` is quadratic on a run of `a://` (96 KB: 5 s, holding the GIL), and
+        the quick pass's url-password shape finds the same passwords on bounded runs. Its keyword
+        detector alone (`keyword`), or every other one."""
+        from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_class
+
+        left_out = ("Base64HighEntropyString", "HexHighEntropyString", "BasicAuthDetector")
+        plugins: list[type] = list(get_mapping_from_secret_type_to_class().values())
+        names = [plugin.__name__ for plugin in plugins if plugin.__name__ not in left_out]
+        return {"plugins_used": [{"name": name} for name in names if (name == "KeywordDetector") == keyword]}
+
+    @classmethod
+    def scan_windows(cls, line: str) -> list[str]:
+        line = cls.LONG_SPACE.sub(" " * 8, line)
+        if len(line) <= SCAN_WINDOW:
+            return [line]
+        step = SCAN_WINDOW - SCAN_OVERLAP
+        return [line[start:start + SCAN_WINDOW] for start in range(0, len(line) - SCAN_OVERLAP, step)]
+
+    @classmethod
+    def detected(cls, lines: list[str], keyword: bool) -> list[tuple[int, Any]]:
+        """(line number, detect-secrets' finding) for every window of every line."""
+        from detect_secrets.core.scan import scan_line
+        from detect_secrets.settings import transient_settings
+
+        found: list[tuple[int, Any]] = []
+        with transient_settings(cls.detect_secrets_plugins(keyword)):
+            for number, line in enumerate(lines):
+                for window in cls.scan_windows(line):
+                    if keyword and len(cls.DETECTOR_KEYWORDS.findall(window)) > KEYWORDS_PER_WINDOW:
+                        continue
+                    found.extend((number, secret) for secret in scan_line(window))
+        return found
+
+    @classmethod
+    def thorough(cls, text: str) -> Redacted:
+        """The quick pass, then detect-secrets' detectors line by line (vendor tokens the quick pass
+        does not know, keyword assignments in more languages). Imports detect-secrets (~120 ms)."""
+        result = cls.quick(text)
+        lines = result.text.split("\n")
+        with cls.DETECT_SECRETS_LOCK:
+            found = cls.detected(lines, keyword=False) + cls.detected(lines, keyword=True)
+        for number, secret in found:
+            value = secret.secret_value
+            if not value or len(value) < 4 or "REDACTED:" in value or value not in lines[number]:
+                continue
+            kind = cls.detect_secrets_kind(secret.type)
+            lines[number] = lines[number].replace(value, cls.placeholder(kind))
+            result.kinds[kind] = result.kinds.get(kind, 0) + 1
+        result.text = "\n".join(lines)
+        return result
+
+    @classmethod
+    @functools.cache
+    def secret_name(cls) -> re.Pattern:
+        return re.compile(r"(?i)[\w.-]*" + cls.SECRET_WORD + cls.NAME_END)
+
+    @classmethod
+    def value(cls, value: Any, found: Redacted, thorough: bool = False) -> Any:
+        """A copy of `value` (a JSON-like value: metadata, graph properties) with every string in it
+        redacted, keys too, and the whole string under a key that names a secret; counts go to `found`.
+        Iterative: metadata may be nested 10,000 deep."""
+        holder = [value]
+        pending: list[tuple[Any, Any]] = [(holder, 0)]
+        while pending:
+            container, key = pending.pop()
+            item = container[key]
+            if isinstance(item, str) and isinstance(key, str) and item and cls.secret_name().fullmatch(key) \
+                    and _settings().redact:  # {"token": "..."}: the name says what the value is
+                container[key] = cls.placeholder("secret-assignment")
+                found.add(Redacted("", {"secret-assignment": 1}))
+            elif isinstance(item, str):
+                redacted = redact(item, thorough)
+                found.add(redacted)
+                container[key] = redacted.text
+            elif isinstance(item, list):
+                container[key] = items = list(item)
+                pending.extend((items, index) for index in range(len(items)))
+            elif isinstance(item, dict):
+                container[key] = fields = dict[Any, Any]()
+                for name, inner in item.items():
+                    fields[cls.unused_key(cls.redacted_key(name, found, thorough), fields)] = inner
+                pending.extend((fields, name) for name in fields)
+        return holder[0]
+
+    @staticmethod
+    def redacted_key(name: Any, found: Redacted, thorough: bool) -> Any:
+        """A credential pasted as a key ({"ghp_…": true}) is redacted like a value."""
+        if not isinstance(name, str):
+            return name
+        redacted = redact(name, thorough)
+        found.add(redacted)
+        return redacted.text
+
+    @staticmethod
+    def unused_key(key: Any, taken: dict) -> Any:
+        """Two keys that redact alike (two tokens pasted as keys) keep both values: the second is
+        `[REDACTED:github-token] (2)`."""
+        if key not in taken:
+            return key
+        return next(f"{key} ({n})" for n in itertools.count(2) if f"{key} ({n})" not in taken)
+
+    @staticmethod
+    def count(found: Redacted, stage: str) -> None:
+        for kind, count in found.kinds.items():
+            _emit("redactions", count, "c", type=kind, stage=stage)
 
 
 @dataclass
@@ -2119,73 +2292,6 @@ class Redacted:
             self.kinds[kind] = self.kinds.get(kind, 0) + count
 
 
-@functools.cache
-def _triggers() -> frozenset[str]:
-    return frozenset(trigger for _, _, triggers, *_ in _CREDENTIAL_SHAPES for trigger in triggers)
-
-
-def _placeholder(kind: str) -> str:
-    return f"[REDACTED:{kind}]"
-
-
-def _remove_private(text: str) -> Redacted:
-    lowered = text.lower()
-    if "<private>" not in lowered and "memory-context" not in lowered:
-        return Redacted(text)
-    found = {"private": len(PRIVATE_SPAN.findall(text)), "recalled": len(RECALLED_SPAN.findall(text))}
-    text = FENCE_TAG.sub("", RECALLED_SPAN.sub(RECALLED_PLACEHOLDER, PRIVATE_SPAN.sub(PRIVATE_PLACEHOLDER, text)))
-    return Redacted(text, {kind: n for kind, n in found.items() if n})
-
-
-def _redact_quick(text: str) -> Redacted:
-    """The precise shapes only: fixed-prefix tokens, key blocks, URL and basic-auth passwords,
-    Authorization values and assignments whose name says secret. Matches are found on a
-    lower-cased copy and replaced in the original; where two overlap, the earlier one wins."""
-    lowered = "\n" + text.lower()
-    if len(lowered) != len(text) + 1:  # a few non-ASCII letters change length when lower-cased
-        lowered = "\n" + text.translate(_ASCII_LOWER)
-    original = "\n" + text
-    present = {trigger for trigger in _triggers() if trigger in lowered}
-    found: list[tuple[int, int, int, str]] = []
-    for kind, shape, triggers, cased in _shapes():
-        if not present.isdisjoint(triggers):
-            lead = _LEADS.get(kind, 0)
-            found.extend((match.start() - lead, match.end(), match.end("keep") if "keep" in shape.groupindex
-                          else match.start() - lead, kind) for match in shape.finditer(lowered)
-                         if cased is None or cased.match(original, match.start()))
-    result, pieces, done = Redacted(text), [], 0
-    for start, end, keep_end, kind in sorted(found):
-        if start < done:
-            continue
-        pieces += [original[done:keep_end], _placeholder(kind)]
-        done = end
-        result.kinds[kind] = result.kinds.get(kind, 0) + 1
-    if pieces:
-        result.text = ("".join(pieces) + original[done:])[1:]
-    return result
-
-
-def _detect_secrets_kind(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-").removesuffix("-string")
-
-
-@functools.cache
-def _detect_secrets_plugins(keyword: bool) -> dict:
-    """detect-secrets' detectors without its two entropy ones: line by line they flag git SHAs,
-    hex colours, digests and base64 literals (all 240 events of tests/redaction_corpus.py's
-    ordinary corpus), where a redaction would cost the memory its meaning. Nor its basic-auth one:
-    its unbounded `://[^{}\\s]+:` is quadratic on a run of `a://` (96 KB: 5 s, holding the GIL), and
-    the quick pass's url-password shape finds the same passwords on bounded runs. Its keyword
-    detector alone (`keyword`), or every other one."""
-    from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_class
-
-    left_out = ("Base64HighEntropyString", "HexHighEntropyString", "BasicAuthDetector")
-    plugins: list[type] = list(get_mapping_from_secret_type_to_class().values())
-    names = [plugin.__name__ for plugin in plugins if plugin.__name__ not in left_out]
-    return {"plugins_used": [{"name": name} for name in names if (name == "KeywordDetector") == keyword]}
-
-
-_DETECT_SECRETS_LOCK = threading.Lock()  # its settings are process-global; the worker scans in threads
 # detect-secrets' own patterns have unbounded runs (`\w*`, `[^\s]+`): quadratic on a long line of one
 # repeated shape (20 KB of `sk-` 1.3 s), so a long line is scanned in overlapping windows: each
 # secret up to the overlap long is whole in one of them. Its keyword detector is worse, quadratic
@@ -2194,113 +2300,13 @@ _DETECT_SECRETS_LOCK = threading.Lock()  # its settings are process-global; the 
 # spaces (`(?: *)(?:=| +)(?: *)`: cubic, 7 s for 1 KB of spaces), so what it reads has every run of
 # white space cut to eight; no secret holds such a run, and values are replaced in the line itself.
 SCAN_WINDOW, SCAN_OVERLAP, KEYWORDS_PER_WINDOW = 1000, 200, 6
-_DETECTOR_KEYWORDS = re.compile(r"(?i)key|pass|pwd|secret|contrase")
-_LONG_SPACE = re.compile(r"\s{9,}")
-
-
-def _scan_windows(line: str) -> list[str]:
-    line = _LONG_SPACE.sub(" " * 8, line)
-    if len(line) <= SCAN_WINDOW:
-        return [line]
-    step = SCAN_WINDOW - SCAN_OVERLAP
-    return [line[start:start + SCAN_WINDOW] for start in range(0, len(line) - SCAN_OVERLAP, step)]
-
-
-def _detected(lines: list[str], keyword: bool) -> list[tuple[int, Any]]:
-    """(line number, detect-secrets' finding) for every window of every line."""
-    from detect_secrets.core.scan import scan_line
-    from detect_secrets.settings import transient_settings
-
-    found: list[tuple[int, Any]] = []
-    with transient_settings(_detect_secrets_plugins(keyword)):
-        for number, line in enumerate(lines):
-            for window in _scan_windows(line):
-                if keyword and len(_DETECTOR_KEYWORDS.findall(window)) > KEYWORDS_PER_WINDOW:
-                    continue
-                found.extend((number, secret) for secret in scan_line(window))
-    return found
-
-
-def _redact_thorough(text: str) -> Redacted:
-    """The quick pass, then detect-secrets' detectors line by line (vendor tokens the quick pass
-    does not know, keyword assignments in more languages). Imports detect-secrets (~120 ms)."""
-    result = _redact_quick(text)
-    lines = result.text.split("\n")
-    with _DETECT_SECRETS_LOCK:
-        found = _detected(lines, keyword=False) + _detected(lines, keyword=True)
-    for number, secret in found:
-        value = secret.secret_value
-        if not value or len(value) < 4 or "REDACTED:" in value or value not in lines[number]:
-            continue
-        kind = _detect_secrets_kind(secret.type)
-        lines[number] = lines[number].replace(value, _placeholder(kind))
-        result.kinds[kind] = result.kinds.get(kind, 0) + 1
-    result.text = "\n".join(lines)
-    return result
-
-
 def redact(text: str, thorough: bool = False) -> Redacted:
     """<private> spans removed, then credentials replaced unless MEMORY_REDACT is off."""
-    result = _remove_private(text)
+    result = _Redactor.remove_private(text)
     if _settings().redact:
-        result.add(found := (_redact_thorough if thorough else _redact_quick)(result.text))
+        result.add(found := (_Redactor.thorough if thorough else _Redactor.quick)(result.text))
         result.text = found.text
     return result
-
-
-@functools.cache
-def _secret_name() -> re.Pattern:
-    return re.compile(r"(?i)[\w.-]*" + _SECRET_WORD + _NAME_END)
-
-
-def _redact_value(value: Any, found: Redacted, thorough: bool = False) -> Any:
-    """A copy of `value` (a JSON-like value: metadata, graph properties) with every string in it
-    redacted, keys too, and the whole string under a key that names a secret; counts go to `found`.
-    Iterative: metadata may be nested 10,000 deep."""
-    holder = [value]
-    pending: list[tuple[Any, Any]] = [(holder, 0)]
-    while pending:
-        container, key = pending.pop()
-        item = container[key]
-        if isinstance(item, str) and isinstance(key, str) and item and _secret_name().fullmatch(key) \
-                and _settings().redact:  # {"token": "..."}: the name says what the value is
-            container[key] = _placeholder("secret-assignment")
-            found.add(Redacted("", {"secret-assignment": 1}))
-        elif isinstance(item, str):
-            redacted = redact(item, thorough)
-            found.add(redacted)
-            container[key] = redacted.text
-        elif isinstance(item, list):
-            container[key] = items = list(item)
-            pending.extend((items, index) for index in range(len(items)))
-        elif isinstance(item, dict):
-            container[key] = fields = dict[Any, Any]()
-            for name, inner in item.items():
-                fields[_unused_key(_redacted_key(name, found, thorough), fields)] = inner
-            pending.extend((fields, name) for name in fields)
-    return holder[0]
-
-
-def _redacted_key(name: Any, found: Redacted, thorough: bool) -> Any:
-    """A credential pasted as a key ({"ghp_…": true}) is redacted like a value."""
-    if not isinstance(name, str):
-        return name
-    redacted = redact(name, thorough)
-    found.add(redacted)
-    return redacted.text
-
-
-def _unused_key(key: Any, taken: dict) -> Any:
-    """Two keys that redact alike (two tokens pasted as keys) keep both values: the second is
-    `[REDACTED:github-token] (2)`."""
-    if key not in taken:
-        return key
-    return next(f"{key} ({n})" for n in itertools.count(2) if f"{key} ({n})" not in taken)
-
-
-def _count_redactions(found: Redacted, stage: str) -> None:
-    for kind, count in found.kinds.items():
-        _emit("redactions", count, "c", type=kind, stage=stage)
 
 
 # === Queue =======================================================================================
@@ -2448,11 +2454,12 @@ class _Enqueue:
         """One event's content and metadata as they may be kept: <private> spans removed, credentials
         replaced (see Redaction); and what was found."""
         found = redact(content, thorough)
-        if not found.text.replace(PRIVATE_PLACEHOLDER, "").replace(RECALLED_PLACEHOLDER, "").strip():
+        left = found.text.replace(_Redactor.PRIVATE_PLACEHOLDER, "").replace(_Redactor.RECALLED_PLACEHOLDER, "")
+        if not left.strip():
             raise UsageError("content is empty once its <private> spans and recalled memories are removed; "
                              "nothing stored")
         if metadata is not None:
-            metadata = _redact_value(metadata, found, thorough)
+            metadata = _Redactor.value(metadata, found, thorough)
         if raw_metadata:
             raw = redact(raw_metadata, thorough)
             found.add(raw)
@@ -2731,7 +2738,7 @@ async def enqueue_episode(content: str, metadata: dict | str | None = None, *,
         redacting = (asyncio.to_thread(_Enqueue.redacted, content, metadata, raw_metadata) if len(content) > 16_384
                      else _Enqueue.redacted_now(content, metadata, raw_metadata))
         content, metadata, raw_metadata, found = await redacting
-        _count_redactions(found, "store")
+        _Redactor.count(found, "store")
         entry = _Enqueue.entry(s.group_id, content, metadata, raw_metadata, when, awaited, job)
         op.set(**{"memory.content.length": len(content), "memory.content.hash": _short_hash(content),
                   "memory.metadata.keys": len(metadata or {}), "memory.job": entry["job"],
@@ -3844,7 +3851,7 @@ class _Reads:
     def episode_record(uuid_: str, name: str, content: str, valid_at: Any, created_at: Any, metadata: str | None,
                  metadata_raw: str | None) -> dict:
         found = Redacted("")
-        shown = _redact_value(json.loads(metadata), found) if metadata else (redact(metadata_raw).text if metadata_raw
+        shown = _Redactor.value(json.loads(metadata), found) if metadata else (redact(metadata_raw).text if metadata_raw
                                                                             else None)
         return {"uuid": uuid_, "name": name, "content": redact(content or "").text, "reference_time": str(valid_at),
                 "ingested_at": str(created_at), "metadata": shown}
@@ -4862,7 +4869,7 @@ class _Worker:
         metadata = json.loads(fields["metadata"]) if fields.get("metadata") else None
         content, metadata, raw, found = await asyncio.to_thread(
             _Enqueue.redacted, fields["content"], metadata, fields.get("metadata_raw") or None, True)
-        _count_redactions(found, "ingest")
+        _Redactor.count(found, "ingest")
         return {**fields, "content": content, "metadata_raw": raw or "",
                 "metadata": json.dumps(metadata, sort_keys=True, default=str) if metadata is not None else ""}
 
@@ -5118,9 +5125,9 @@ class _DocumentCodec:
         for value in props.values():
             values = value if isinstance(value, list) else [value]
             if any(isinstance(item, (list, dict)) for item in values):
-                return _redact_value(props, found)
+                return _Redactor.value(props, found)
             texts += [item for item in values if isinstance(item, str)]
-        return _redact_value(props, found) if redact("\n".join(texts)).kinds else props
+        return _Redactor.value(props, found) if redact("\n".join(texts)).kinds else props
 
     @classmethod
     def node_record(cls, row: list, found: Redacted) -> dict:
@@ -5784,7 +5791,7 @@ class _Export:
                 if progress:
                     progress(summary.nodes, summary.edges)
         await writer.lines([_DocumentCodec.counts_line(counts)])
-        _count_redactions(found, "export")
+        _Redactor.count(found, "export")
 
     @classmethod
     async def document(cls, out: Any, progress: Progress | None) -> ExportSummary:
