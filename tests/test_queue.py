@@ -970,7 +970,7 @@ def test_the_graphiti_internals_a_pass_is_built_from_are_where_and_as_the_worker
     import memory_manager
 
     moved = []
-    for where, leading in memory_manager.GRAPHITI_INTERNALS.items():
+    for where, leading in memory_manager._GraphitiPass.GRAPHITI_INTERNALS.items():
         module, _, path = where.partition(":")
         found: Any = importlib.import_module(module)
         for name in path.split("."):

@@ -4239,299 +4239,262 @@ RETRY_CAP_S = 15.0             # during a long outage a group retries this often
 AUTH_PAUSE_S = 60.0
 FALKORDB_STRIKES = 3           # FalkorDB lost this many times in a row during one episode: dead letter
 SHUTDOWN_GRACE_S = 8.0         # within Docker's default 10 s stop timeout
-NO_EDGE_TYPES: dict[tuple[str, str], list[str]] = {("Entity", "Entity"): []}  # graphiti's default edge type map
+
+
+class _GraphitiPass:
+    """One pass of graphiti over a group's events, rebuilt from add_episode's own steps (GRAPHITI_INTERNALS
+    names every private one): entities and their resolution, facts extracted while the entities are resolved,
+    facts resolved against each other within the pass, then saved."""
+
+    NO_EDGE_TYPES: ClassVar[dict[tuple[str, str], list[str]]] = {("Entity", "Entity"): []}  # graphiti's default map
+    # What a pass is built from beyond graphiti's public API (graphiti-core is pinned), with the leading
+    # parameters it passes by position: named once here and checked by a test, so that an upgrade that
+    # moves or reorders one fails that test by name, not a pass at run time.
+    GRAPHITI_INTERNALS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "graphiti_core.graphiti:Graphiti._resolve_request_scope": ("self", "group_id"),
+        "graphiti_core.graphiti:Graphiti._merge_materialized_endpoint_nodes": (
+            "self", "materialized_nodes", "episode", "previous_episodes", "entity_types", "nodes", "uuid_map"),
+        "graphiti_core.graphiti:Graphiti._process_episode_data": ("self", "episode", "nodes", "entity_edges", "now",
+                                                                 "group_id"),
+        "graphiti_core.utils.maintenance.edge_operations:_apply_temporal_invalidation": (
+            "resolved_edge", "invalidation_candidates"),
+        "graphiti_core.utils.maintenance.edge_operations:_dedupe_extracted_edge": (
+            "llm_client", "extracted_edge", "related_edges", "existing_edges", "episode"),
+        "graphiti_core.utils.maintenance.edge_operations:extract_edges": (
+            "clients", "episode", "nodes", "previous_episodes", "edge_type_map", "group_id"),
+        "graphiti_core.utils.maintenance.edge_operations:resolve_extracted_edges": (
+            "clients", "extracted_edges", "episode", "entities", "edge_types", "edge_type_map"),
+        "graphiti_core.utils.maintenance.node_operations:extract_nodes": (
+            "clients", "episode", "previous_episodes", "entity_types"),
+        "graphiti_core.utils.maintenance.node_operations:resolve_extracted_nodes": (
+            "clients", "extracted_nodes", "episode", "previous_episodes", "entity_types"),
+        "graphiti_core.utils.maintenance.node_operations:extract_attributes_from_nodes": (
+            "clients", "nodes", "episode", "previous_episodes", "entity_types"),
+        "graphiti_core.utils.bulk_utils:add_nodes_and_edges_bulk": (
+            "driver", "episodic_nodes", "episodic_edges", "entity_nodes", "entity_edges", "embedder"),
+        "graphiti_core.utils.bulk_utils:resolve_edge_pointers": ("edges", "uuid_map"),
+        "graphiti_core.nodes:create_entity_node_embeddings": ("embedder", "nodes"),
+    }
+
+    @classmethod
+    async def add_episodes(cls, graphiti: Graphiti, group: str, episodes: list[Any]) -> tuple[list, list]:
+        """graphiti's add_episode for several episodes in one pass, returning (entities, facts).
+        graphiti 0.31's stages take a list of episodes (one extraction prompt with an [Episode N]
+        header each, every mention and fact attributed to its own episode and dated by its own time);
+        only add_episode's signature takes one. This is its body, on that list."""
+        from graphiti_core.search.search_utils import RELEVANT_SCHEMA_LIMIT
+        from graphiti_core.utils.bulk_utils import resolve_edge_pointers
+        from graphiti_core.utils.datetime_utils import utc_now
+        from graphiti_core.utils.maintenance.node_operations import extract_attributes_from_nodes, extract_nodes
+
+        group, driver, clients = graphiti._resolve_request_scope(group)
+        first, types = episodes[0], _entity_types()
+        previous = await graphiti.retrieve_episodes(first.valid_at, last_n=RELEVANT_SCHEMA_LIMIT, group_ids=[group],
+                                                    source=first.source, driver=driver)
+        extracted, mentions = await extract_nodes(clients, episodes, previous, types)
+        (nodes, uuid_map, _), (extracted_facts, materialized) = await cls.resolving_while_extracting(
+            clients, episodes, extracted, previous, types)
+        if materialized:  # the facts' ends that were no extracted entity, resolved as graphiti does
+            await graphiti._merge_materialized_endpoint_nodes(materialized, first, previous, types, nodes, uuid_map,
+                                                              clients=clients)
+        extracted_facts = resolve_edge_pointers(extracted_facts, uuid_map)
+        if len(episodes) == 1:
+            facts, new = await cls.facts_of_one(clients, first, extracted_facts, nodes)
+        else:
+            facts, new = await cls.facts_in_order(clients, episodes, extracted_facts, nodes)
+        entities = await extract_attributes_from_nodes(clients, nodes, episodes, previous, types, edges=new)
+        await graphiti._process_episode_data(episodes, entities, facts, utc_now(), group,
+                                             node_episode_index_map=mentions, clients=clients)
+        return entities, facts
+
+    @classmethod
+    async def resolving_while_extracting(cls, clients: Any, episodes: list, extracted: list, previous: list,
+                                          types: dict) -> tuple[tuple, tuple]:
+        """The entities resolved against the graph while the facts between them are extracted: the
+        extraction needs the entities, not their resolution (graphiti resolves the facts' ends after,
+        by uuid_map), so the two questions go out as one request (_TwoTasks). Returns graphiti's
+        (nodes, uuid_map, duplicates) and (facts, materialized ends)."""
+        from graphiti_core.utils.maintenance.edge_operations import extract_edges
+        from graphiti_core.utils.maintenance.node_operations import resolve_extracted_nodes
+
+        pair = _TwoTasks()
+        pairing = _pairing.set(pair)
+        try:
+            extracting = asyncio.ensure_future(_Batching.as_rider(
+                extract_edges(clients, episodes, extracted, previous, cls.NO_EDGE_TYPES, episodes[0].group_id)))
+            try:
+                resolved = await resolve_extracted_nodes(clients, extracted, episodes[0], previous, types)
+            except BaseException:
+                extracting.cancel()
+                raise
+            finally:
+                pair.release()  # no companion comes after the resolution (or none was asked)
+        finally:
+            _pairing.reset(pairing)
+        return resolved, await extracting
+
+    @classmethod
+    def replaceable(cls, invalidated: list, resolved: list) -> list:
+        """The invalidations to keep: of old facts that one of the new facts could replace, because it
+        joins the same two entities, or shares one in the same role with the same relation. graphiti
+        looks for contradicted facts group-wide, and a model asked about unrelated candidates retires
+        some (graphiti issue 1728: 3 of 4 audited invalidations wrong). An invalidation left out is
+        never written: the old fact stays as it is in the graph."""
+        return [old for old in invalidated
+                if any(cls.could_replace(old, new) for new in resolved if new.uuid != old.uuid)]
+
+    @staticmethod
+    def could_replace(old: Any, new: Any) -> bool:
+        """Whether one fact can repeat or replace another: the same two entities, or one entity in the
+        same role with the same relation."""
+        if {old.source_node_uuid, old.target_node_uuid} == {new.source_node_uuid, new.target_node_uuid}:
+            return True
+        return old.name == new.name and (old.source_node_uuid == new.source_node_uuid
+                                         or old.target_node_uuid == new.target_node_uuid)
+
+    @staticmethod
+    def asking_together(clients: Any) -> Any:
+        """graphiti's clients with room for every fact's question at once: it gathers them under
+        max_coroutines (LLM_MAX_COROUTINES), and questions held back by that bound would miss the batch."""
+        return clients.model_copy(update={"max_coroutines": _Batching.MAX_BATCH_QUESTIONS})
+
+    @classmethod
+    async def facts_of_one(cls, clients: Any, episode: Any, facts: list, nodes: list) -> tuple[list, list]:
+        """A lone event's facts resolved against the graph (graphiti's resolve_extracted_edges), keeping
+        only the invalidations of facts they could replace."""
+        from graphiti_core.utils.maintenance.edge_operations import resolve_extracted_edges
+
+        llm = cls.asking_together(clients)
+        resolved, invalidated, new = await resolve_extracted_edges(llm, facts, episode, nodes, {}, cls.NO_EDGE_TYPES)
+        return resolved + cls.replaceable(invalidated, resolved), new
+
+    @classmethod
+    async def facts_in_order(cls, clients: Any, episodes: list, facts: list, nodes: list) -> tuple[list, list]:
+        """A pass's facts, resolved by one request of numbered questions, however many events the pass
+        holds: each fact against the graph as it was before the pass, and against the facts of the
+        pass's earlier events it could repeat or replace. So a later event of the pass still supersedes
+        an earlier one's fact, as when they were ingested one at a time."""
+        from graphiti_core.nodes import create_entity_node_embeddings
+        from graphiti_core.utils.bulk_utils import add_nodes_and_edges_bulk
+        from graphiti_core.utils.maintenance.edge_operations import resolve_extracted_edges
+
+        # the facts' ends, embedded in one request (the bulk write would ask once per node, in turn)
+        await create_entity_node_embeddings(clients.embedder, [node for node in nodes if node.name_embedding is None])
+        await add_nodes_and_edges_bulk(clients.driver, [], [], nodes, [], clients.embedder)
+        position = {episode.uuid: i for i, episode in enumerate(episodes)}
+        own = [[fact for fact in facts if min((position[u] for u in fact.episodes if u in position), default=0) == i]
+               for i in range(len(episodes))]
+
+        async def against_the_graph(i: int) -> tuple[list, list, list]:
+            if not own[i]:
+                return [], [], []
+            resolved, invalidated, created = await resolve_extracted_edges(cls.asking_together(clients), own[i],
+                                                                           episodes[i], nodes, {}, cls.NO_EDGE_TYPES)
+            return resolved, cls.replaceable(invalidated, resolved), created
+
+        # The graph round's questions come after its embeddings and searches; the pass's own are asked as
+        # the first of those arrives, so the batcher sends both kinds in one request.
+        graph_round = asyncio.ensure_future(asyncio.gather(*(against_the_graph(i) for i in range(len(episodes)))))
+        try:
+            await cls.until_asking(clients.llm_client, graph_round)
+            within, rounds = await asyncio.gather(cls.ask_within_the_pass(clients, episodes, own), graph_round)
+        finally:
+            graph_round.cancel()  # (done already, unless the pass was cancelled or failed)
+        touched: dict[str, Any] = {}  # uuid -> the fact as the pass leaves it
+        for resolved, invalidated, _ in rounds:
+            touched |= {fact.uuid: cls.merged(touched.get(fact.uuid), fact) for fact in resolved + invalidated}
+        created = {fact.uuid: touched[fact.uuid] for _, _, new in rounds for fact in new}
+        repeated = cls.apply_within_the_pass(within, created)
+        written = [fact for uid, fact in touched.items() if uid not in repeated]
+        await add_nodes_and_edges_bulk(clients.driver, [], [], [], written, clients.embedder)
+        return written, [fact for uid, fact in created.items() if uid not in repeated]
+
+    @staticmethod
+    async def until_asking(llm: Any, work: asyncio.Future) -> None:
+        """Until `work` asks the LLM client's batcher a question, or is done (called before it runs)."""
+        arrival = llm.batcher().arrival
+        arrival.clear()
+        asked = asyncio.ensure_future(arrival.wait())
+        try:
+            await asyncio.wait([work, asked], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            asked.cancel()
+
+    @classmethod
+    async def ask_within_the_pass(cls, clients: Any, episodes: list, own: list[list]) -> list[tuple[str, str | None,
+                                  list]]:
+        """Each fact of the pass against the facts of its earlier events that it could repeat or replace
+        (graphiti's own question, through its private `_dedupe_extracted_edge`: its public resolution
+        searches the graph, where these are not yet). Asked on copies, before the graph round says which
+        facts are new: (fact, the earlier fact it repeats or None, the earlier facts it contradicts), by uuid."""
+        from graphiti_core.utils.maintenance.edge_operations import _dedupe_extracted_edge
+
+        def copy(fact: Any) -> Any:
+            return fact.model_copy(update={"episodes": list(fact.episodes)})
+
+        asks = []
+        for j, facts in enumerate(own):
+            earlier = [fact for new in own[:j] for fact in new]
+            for fact in facts:
+                pair = {fact.source_node_uuid, fact.target_node_uuid}
+                same_pair = [e for e in earlier if {e.source_node_uuid, e.target_node_uuid} == pair]
+                others = [e for e in earlier if e not in same_pair and cls.could_replace(e, fact)]
+                if same_pair or others:
+                    asks.append((fact, [copy(e) for e in same_pair], [copy(e) for e in others], episodes[j]))
+        llm = cls.asking_together(clients).llm_client
+        answers = await asyncio.gather(*(_dedupe_extracted_edge(llm, copy(fact), same_pair, others, episode)
+                                         for fact, same_pair, others, episode in asks))
+        return [(fact.uuid, None if resolved.uuid == fact.uuid else resolved.uuid, [c.uuid for c in contradicted or []])
+                for (fact, *_), (resolved, _, contradicted) in zip(asks, answers, strict=True)]
+
+    @staticmethod
+    def apply_within_the_pass(answers: list[tuple[str, str | None, list]], created: dict[str, Any]) -> set[str]:
+        """What the answers about the pass's own facts say, for the facts the graph round left new: a
+        repeat is not written (the earlier fact gains its event); a contradicted earlier fact ends when
+        the later one starts. Returns the repeats' uuids."""
+        from graphiti_core.utils.maintenance.edge_operations import _apply_temporal_invalidation
+
+        replaced: dict[str, Any] = {}
+
+        def final(uid: str) -> Any:
+            while uid in replaced:
+                uid = replaced[uid].uuid
+            return created[uid]
+
+        for uid, repeats, contradicted in answers:
+            if uid not in created:
+                continue  # the graph round found it a known fact: that answer stands
+            if repeats in created:
+                kept = final(repeats)
+                kept.episodes = list(dict.fromkeys([*kept.episodes, *created[uid].episodes]))
+                replaced[uid] = kept
+            olds = {final(old).uuid: final(old) for old in contradicted if old in created}
+            _apply_temporal_invalidation(final(uid), list(olds.values()))
+        return set(replaced)
+
+    @staticmethod
+    def merged(earlier: Any, fact: Any) -> Any:
+        """A known fact as two events of one pass left it (each resolved it from the graph as it was
+        before the pass): the episodes of both, and the earliest end either gave it, which is what the
+        later event would have kept had it seen the earlier one's write."""
+        from graphiti_core.utils.datetime_utils import ensure_utc
+
+        if earlier is None:
+            return fact
+        fact.episodes = list(dict.fromkeys([*earlier.episodes, *fact.episodes]))
+        ends = [f for f in (earlier, fact) if f.invalid_at is not None]
+        if ends:
+            first = min(ends, key=lambda f: ensure_utc(f.invalid_at) or datetime.max.replace(tzinfo=UTC))
+            fact.invalid_at, fact.expired_at = first.invalid_at, first.expired_at
+        return fact
+
+
 FIND_EPISODE = ("MATCH (e:Episodic) WHERE e.job_id = $job OR (e.name = $name AND e.job_id IS NULL) "
                 "RETURN e.uuid, e.job_id ORDER BY e.job_id IS NULL LIMIT 1")
 MARK_EPISODES = ("UNWIND $marks AS m MATCH (e:Episodic {uuid: m.uuid}) SET e.job_id = m.job, "
                  "e.queue_id = m.queue_id, e.metadata = m.metadata, e.metadata_raw = m.metadata_raw, "
                  "e.content_embedding = vecf32(m.embedding)")
 EMBEDDED_CHARS = 24_000        # of an episode's text, for its own embedding (~6k tokens; the API takes 8k)
-
-
-async def _falkordb_run_id(group: str) -> str | None:
-    """The run id of the FalkorDB holding the group (it changes when the server restarts), or None
-    when it does not answer."""
-    try:
-        info = await _Graphs.info("server", group)
-    except ServiceError:
-        return None
-    except _Errors.connection_errors():
-        return None
-    return str(info.get("run_id"))
-
-
-def _failure_kind(exc: BaseException) -> str:
-    """transient (wait and retry, forever), auth (pause, report loudly), input (what the model made
-    of this episode, or the episode itself: counts toward MEMORY_MAX_ATTEMPTS, then dead letter) or
-    internal (a bug, ours or a dependency's: logged with its traceback, counted apart, and only
-    then set aside like input, so one episode cannot hold the group up for good)."""
-    import openai
-    import pydantic
-    from graphiti_core.errors import GraphitiError
-    from graphiti_core.llm_client.errors import RateLimitError, RefusalError
-
-    if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
-        return "auth"
-    if isinstance(exc, (openai.APIConnectionError, openai.RateLimitError, RateLimitError,
-                        openai.InternalServerError, ServiceError, *_Errors.connection_errors())):
-        return "transient"
-    if isinstance(exc, openai.APIStatusError) and (exc.status_code in (408, 409, 429) or exc.status_code >= 500):
-        return "transient"
-    # graphiti raises a bare Exception for a reply it cannot use ("Invalid response from LLM", "Output
-    # length exceeded"); the rest are typed
-    if type(exc) is Exception or isinstance(exc, (openai.APIStatusError, openai.LengthFinishReasonError,
-                                                  openai.ContentFilterFinishReasonError, pydantic.ValidationError,
-                                                  json.JSONDecodeError, GraphitiError, RefusalError,
-                                                  MemoryManagerError)):
-        return "input"
-    return "internal"
-
-
-def _backoff_s(failures: int) -> float:
-    """Capped exponential backoff with full jitter."""
-    import random
-
-    return random.uniform(0.5, 1.0) * min(RETRY_CAP_S, RETRY_BASE_S * 2 ** max(0, failures - 1))
-
-
-# What a pass is built from beyond graphiti's public API (graphiti-core is pinned), with the leading
-# parameters it passes by position: named once here and checked by a test, so that an upgrade that
-# moves or reorders one fails that test by name, not a pass at run time.
-GRAPHITI_INTERNALS: dict[str, tuple[str, ...]] = {
-    "graphiti_core.graphiti:Graphiti._resolve_request_scope": ("self", "group_id"),
-    "graphiti_core.graphiti:Graphiti._merge_materialized_endpoint_nodes": (
-        "self", "materialized_nodes", "episode", "previous_episodes", "entity_types", "nodes", "uuid_map"),
-    "graphiti_core.graphiti:Graphiti._process_episode_data": ("self", "episode", "nodes", "entity_edges", "now",
-                                                             "group_id"),
-    "graphiti_core.utils.maintenance.edge_operations:_apply_temporal_invalidation": (
-        "resolved_edge", "invalidation_candidates"),
-    "graphiti_core.utils.maintenance.edge_operations:_dedupe_extracted_edge": (
-        "llm_client", "extracted_edge", "related_edges", "existing_edges", "episode"),
-    "graphiti_core.utils.maintenance.edge_operations:extract_edges": (
-        "clients", "episode", "nodes", "previous_episodes", "edge_type_map", "group_id"),
-    "graphiti_core.utils.maintenance.edge_operations:resolve_extracted_edges": (
-        "clients", "extracted_edges", "episode", "entities", "edge_types", "edge_type_map"),
-    "graphiti_core.utils.maintenance.node_operations:extract_nodes": (
-        "clients", "episode", "previous_episodes", "entity_types"),
-    "graphiti_core.utils.maintenance.node_operations:resolve_extracted_nodes": (
-        "clients", "extracted_nodes", "episode", "previous_episodes", "entity_types"),
-    "graphiti_core.utils.maintenance.node_operations:extract_attributes_from_nodes": (
-        "clients", "nodes", "episode", "previous_episodes", "entity_types"),
-    "graphiti_core.utils.bulk_utils:add_nodes_and_edges_bulk": (
-        "driver", "episodic_nodes", "episodic_edges", "entity_nodes", "entity_edges", "embedder"),
-    "graphiti_core.utils.bulk_utils:resolve_edge_pointers": ("edges", "uuid_map"),
-    "graphiti_core.nodes:create_entity_node_embeddings": ("embedder", "nodes"),
-}
-
-
-async def _add_episodes(graphiti: Graphiti, group: str, episodes: list[Any]) -> tuple[list, list]:
-    """graphiti's add_episode for several episodes in one pass, returning (entities, facts).
-    graphiti 0.31's stages take a list of episodes (one extraction prompt with an [Episode N]
-    header each, every mention and fact attributed to its own episode and dated by its own time);
-    only add_episode's signature takes one. This is its body, on that list."""
-    from graphiti_core.search.search_utils import RELEVANT_SCHEMA_LIMIT
-    from graphiti_core.utils.bulk_utils import resolve_edge_pointers
-    from graphiti_core.utils.datetime_utils import utc_now
-    from graphiti_core.utils.maintenance.node_operations import extract_attributes_from_nodes, extract_nodes
-
-    group, driver, clients = graphiti._resolve_request_scope(group)
-    first, types = episodes[0], _entity_types()
-    previous = await graphiti.retrieve_episodes(first.valid_at, last_n=RELEVANT_SCHEMA_LIMIT, group_ids=[group],
-                                                source=first.source, driver=driver)
-    extracted, mentions = await extract_nodes(clients, episodes, previous, types)
-    (nodes, uuid_map, _), (extracted_facts, materialized) = await _resolving_while_extracting(
-        clients, episodes, extracted, previous, types)
-    if materialized:  # the facts' ends that were no extracted entity, resolved as graphiti does
-        await graphiti._merge_materialized_endpoint_nodes(materialized, first, previous, types, nodes, uuid_map,
-                                                          clients=clients)
-    extracted_facts = resolve_edge_pointers(extracted_facts, uuid_map)
-    if len(episodes) == 1:
-        facts, new = await _facts_of_one(clients, first, extracted_facts, nodes)
-    else:
-        facts, new = await _facts_in_order(clients, episodes, extracted_facts, nodes)
-    entities = await extract_attributes_from_nodes(clients, nodes, episodes, previous, types, edges=new)
-    await graphiti._process_episode_data(episodes, entities, facts, utc_now(), group,
-                                         node_episode_index_map=mentions, clients=clients)
-    return entities, facts
-
-
-async def _resolving_while_extracting(clients: Any, episodes: list, extracted: list, previous: list,
-                                      types: dict) -> tuple[tuple, tuple]:
-    """The entities resolved against the graph while the facts between them are extracted: the
-    extraction needs the entities, not their resolution (graphiti resolves the facts' ends after,
-    by uuid_map), so the two questions go out as one request (_TwoTasks). Returns graphiti's
-    (nodes, uuid_map, duplicates) and (facts, materialized ends)."""
-    from graphiti_core.utils.maintenance.edge_operations import extract_edges
-    from graphiti_core.utils.maintenance.node_operations import resolve_extracted_nodes
-
-    pair = _TwoTasks()
-    pairing = _pairing.set(pair)
-    try:
-        extracting = asyncio.ensure_future(_Batching.as_rider(
-            extract_edges(clients, episodes, extracted, previous, NO_EDGE_TYPES, episodes[0].group_id)))
-        try:
-            resolved = await resolve_extracted_nodes(clients, extracted, episodes[0], previous, types)
-        except BaseException:
-            extracting.cancel()
-            raise
-        finally:
-            pair.release()  # no companion comes after the resolution (or none was asked)
-    finally:
-        _pairing.reset(pairing)
-    return resolved, await extracting
-
-
-def _replaceable(invalidated: list, resolved: list) -> list:
-    """The invalidations to keep: of old facts that one of the new facts could replace, because it
-    joins the same two entities, or shares one in the same role with the same relation. graphiti
-    looks for contradicted facts group-wide, and a model asked about unrelated candidates retires
-    some (graphiti issue 1728: 3 of 4 audited invalidations wrong). An invalidation left out is
-    never written: the old fact stays as it is in the graph."""
-    return [old for old in invalidated if any(_could_replace(old, new) for new in resolved if new.uuid != old.uuid)]
-
-
-def _could_replace(old: Any, new: Any) -> bool:
-    """Whether one fact can repeat or replace another: the same two entities, or one entity in the
-    same role with the same relation."""
-    if {old.source_node_uuid, old.target_node_uuid} == {new.source_node_uuid, new.target_node_uuid}:
-        return True
-    return old.name == new.name and (old.source_node_uuid == new.source_node_uuid
-                                     or old.target_node_uuid == new.target_node_uuid)
-
-
-def _asking_together(clients: Any) -> Any:
-    """graphiti's clients with room for every fact's question at once: it gathers them under
-    max_coroutines (LLM_MAX_COROUTINES), and questions held back by that bound would miss the batch."""
-    return clients.model_copy(update={"max_coroutines": _Batching.MAX_BATCH_QUESTIONS})
-
-
-async def _facts_of_one(clients: Any, episode: Any, facts: list, nodes: list) -> tuple[list, list]:
-    """A lone event's facts resolved against the graph (graphiti's resolve_extracted_edges), keeping
-    only the invalidations of facts they could replace."""
-    from graphiti_core.utils.maintenance.edge_operations import resolve_extracted_edges
-
-    resolved, invalidated, new = await resolve_extracted_edges(_asking_together(clients), facts, episode, nodes, {},
-                                                               NO_EDGE_TYPES)
-    return resolved + _replaceable(invalidated, resolved), new
-
-
-async def _facts_in_order(clients: Any, episodes: list, facts: list, nodes: list) -> tuple[list, list]:
-    """A pass's facts, resolved by one request of numbered questions, however many events the pass
-    holds: each fact against the graph as it was before the pass, and against the facts of the
-    pass's earlier events it could repeat or replace. So a later event of the pass still supersedes
-    an earlier one's fact, as when they were ingested one at a time."""
-    from graphiti_core.nodes import create_entity_node_embeddings
-    from graphiti_core.utils.bulk_utils import add_nodes_and_edges_bulk
-    from graphiti_core.utils.maintenance.edge_operations import resolve_extracted_edges
-
-    # the facts' ends, embedded in one request (the bulk write would ask once per node, in turn)
-    await create_entity_node_embeddings(clients.embedder, [node for node in nodes if node.name_embedding is None])
-    await add_nodes_and_edges_bulk(clients.driver, [], [], nodes, [], clients.embedder)
-    position = {episode.uuid: i for i, episode in enumerate(episodes)}
-    own = [[fact for fact in facts if min((position[u] for u in fact.episodes if u in position), default=0) == i]
-           for i in range(len(episodes))]
-
-    async def against_the_graph(i: int) -> tuple[list, list, list]:
-        if not own[i]:
-            return [], [], []
-        resolved, invalidated, created = await resolve_extracted_edges(_asking_together(clients), own[i],
-                                                                       episodes[i], nodes, {}, NO_EDGE_TYPES)
-        return resolved, _replaceable(invalidated, resolved), created
-
-    # The graph round's questions come after its embeddings and searches; the pass's own are asked as
-    # the first of those arrives, so the batcher sends both kinds in one request.
-    graph_round = asyncio.ensure_future(asyncio.gather(*(against_the_graph(i) for i in range(len(episodes)))))
-    try:
-        await _until_asking(clients.llm_client, graph_round)
-        within, rounds = await asyncio.gather(_ask_within_the_pass(clients, episodes, own), graph_round)
-    finally:
-        graph_round.cancel()  # (done already, unless the pass was cancelled or failed)
-    touched: dict[str, Any] = {}  # uuid -> the fact as the pass leaves it
-    for resolved, invalidated, _ in rounds:
-        touched |= {fact.uuid: _merged(touched.get(fact.uuid), fact) for fact in resolved + invalidated}
-    created = {fact.uuid: touched[fact.uuid] for _, _, new in rounds for fact in new}
-    repeated = _apply_within_the_pass(within, created)
-    written = [fact for uid, fact in touched.items() if uid not in repeated]
-    await add_nodes_and_edges_bulk(clients.driver, [], [], [], written, clients.embedder)
-    return written, [fact for uid, fact in created.items() if uid not in repeated]
-
-
-async def _until_asking(llm: Any, work: asyncio.Future) -> None:
-    """Until `work` asks the LLM client's batcher a question, or is done (called before it runs)."""
-    arrival = llm.batcher().arrival
-    arrival.clear()
-    asked = asyncio.ensure_future(arrival.wait())
-    try:
-        await asyncio.wait([work, asked], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        asked.cancel()
-
-
-async def _ask_within_the_pass(clients: Any, episodes: list, own: list[list]) -> list[tuple[str, str | None, list]]:
-    """Each fact of the pass against the facts of its earlier events that it could repeat or replace
-    (graphiti's own question, through its private `_dedupe_extracted_edge`: its public resolution
-    searches the graph, where these are not yet). Asked on copies, before the graph round says which
-    facts are new: (fact, the earlier fact it repeats or None, the earlier facts it contradicts), by uuid."""
-    from graphiti_core.utils.maintenance.edge_operations import _dedupe_extracted_edge
-
-    def copy(fact: Any) -> Any:
-        return fact.model_copy(update={"episodes": list(fact.episodes)})
-
-    asks = []
-    for j, facts in enumerate(own):
-        earlier = [fact for new in own[:j] for fact in new]
-        for fact in facts:
-            pair = {fact.source_node_uuid, fact.target_node_uuid}
-            same_pair = [e for e in earlier if {e.source_node_uuid, e.target_node_uuid} == pair]
-            others = [e for e in earlier if e not in same_pair and _could_replace(e, fact)]
-            if same_pair or others:
-                asks.append((fact, [copy(e) for e in same_pair], [copy(e) for e in others], episodes[j]))
-    llm = _asking_together(clients).llm_client
-    answers = await asyncio.gather(*(_dedupe_extracted_edge(llm, copy(fact), same_pair, others, episode)
-                                     for fact, same_pair, others, episode in asks))
-    return [(fact.uuid, None if resolved.uuid == fact.uuid else resolved.uuid, [c.uuid for c in contradicted or []])
-            for (fact, *_), (resolved, _, contradicted) in zip(asks, answers, strict=True)]
-
-
-def _apply_within_the_pass(answers: list[tuple[str, str | None, list]], created: dict[str, Any]) -> set[str]:
-    """What the answers about the pass's own facts say, for the facts the graph round left new: a
-    repeat is not written (the earlier fact gains its event); a contradicted earlier fact ends when
-    the later one starts. Returns the repeats' uuids."""
-    from graphiti_core.utils.maintenance.edge_operations import _apply_temporal_invalidation
-
-    replaced: dict[str, Any] = {}
-
-    def final(uid: str) -> Any:
-        while uid in replaced:
-            uid = replaced[uid].uuid
-        return created[uid]
-
-    for uid, repeats, contradicted in answers:
-        if uid not in created:
-            continue  # the graph round found it a known fact: that answer stands
-        if repeats in created:
-            kept = final(repeats)
-            kept.episodes = list(dict.fromkeys([*kept.episodes, *created[uid].episodes]))
-            replaced[uid] = kept
-        olds = {final(old).uuid: final(old) for old in contradicted if old in created}
-        _apply_temporal_invalidation(final(uid), list(olds.values()))
-    return set(replaced)
-
-
-def _merged(earlier: Any, fact: Any) -> Any:
-    """A known fact as two events of one pass left it (each resolved it from the graph as it was
-    before the pass): the episodes of both, and the earliest end either gave it, which is what the
-    later event would have kept had it seen the earlier one's write."""
-    from graphiti_core.utils.datetime_utils import ensure_utc
-
-    if earlier is None:
-        return fact
-    fact.episodes = list(dict.fromkeys([*earlier.episodes, *fact.episodes]))
-    ends = [f for f in (earlier, fact) if f.invalid_at is not None]
-    if ends:
-        first = min(ends, key=lambda f: ensure_utc(f.invalid_at) or datetime.max.replace(tzinfo=UTC))
-        fact.invalid_at, fact.expired_at = first.invalid_at, first.expired_at
-    return fact
 
 
 _Entry = tuple[str, dict[str, str]]  # a stream entry: its id and fields
@@ -4776,19 +4739,19 @@ class _Worker:
         if await self._abandoned_too_often(group, entries):
             return
         while not self.stopping.is_set():
-            before = await _falkordb_run_id(group)
+            before = await _Worker.falkordb_run_id(group)
             if before is None:  # an outage that began before this attempt: wait, no strike
                 failures += 1
-                await self._pause(_backoff_s(failures))
+                await self._pause(_Worker.backoff_s(failures))
                 continue
             try:
                 await self._ingest_in_flight(group, entries)
                 return
             except Exception as exc:  # noqa: BLE001 - every failure is classified below, none escapes
                 _Indexes.forget(group)
-                kind = _failure_kind(exc)
+                kind = _Worker.failure_kind(exc)
                 failures += 1
-                struck = kind == "transient" and await _falkordb_run_id(group) != before
+                struck = kind == "transient" and await _Worker.falkordb_run_id(group) != before
                 if struck:  # against every job in flight: any of them may be what knocked it over
                     counts = [await self._strike(group, fields["job"], strikes) for _, fields in entries]
                     strikes = counts[0]
@@ -4818,7 +4781,7 @@ class _Worker:
             await self._pause(AUTH_PAUSE_S)
         elif kind == "transient":
             _emit("ingest.retries", 1, "c", group=group, reason="transient")
-            await self._pause(_backoff_s(failures))
+            await self._pause(_Worker.backoff_s(failures))
         elif together:  # which event is at fault is not known: no attempt counted; at once, alone
             _emit("ingest.retries", 1, "c", group=group, reason=kind)
         else:
@@ -4827,7 +4790,7 @@ class _Worker:
                 await self._dead_letter(group, entry_id, fields, attempts, detail)
                 return True
             _emit("ingest.retries", 1, "c", group=group, reason=kind)
-            await self._pause(_backoff_s(attempts))
+            await self._pause(_Worker.backoff_s(attempts))
         return False
 
     async def _ingest_in_flight(self, group: str, entries: list[_Entry]) -> None:
@@ -4852,7 +4815,7 @@ class _Worker:
                 new = [(entry_id, fields) for entry_id, fields in entries
                        if firsts[fields["job"]] == entry_id and await self._stored_episode(group, fields) is None]
                 if new:
-                    await self._add_episodes(graphiti, group, new)
+                    await self._store_pass(graphiti, group, new)
                 if len(new) < len(entries):
                     op.set(**{"ingest.duplicate": True})
             await _valkey().incr(_Keys.of(group, "gen"))  # the cache sees them only once they are in the graph
@@ -4887,7 +4850,7 @@ class _Worker:
         await (await _graphiti(group)).remove_episode(episode_uuid)
         return None
 
-    async def _add_episodes(self, graphiti: Graphiti, group: str, entries: list[_Entry]) -> None:
+    async def _store_pass(self, graphiti: Graphiti, group: str, entries: list[_Entry]) -> None:
         from graphiti_core.nodes import EpisodeType, EpisodicNode
 
         now = datetime.now(UTC)  # a microsecond apart: created_at still orders episodes as they were queued
@@ -4904,7 +4867,7 @@ class _Worker:
             gatherer: _EmbeddingGatherer = cast(Any, graphiti.embedder).gatherer  # ours: a GatheringEmbedder
             embeddings = asyncio.ensure_future(gatherer.vectors(texts, riding=True))
             try:
-                entities, facts = await _add_episodes(graphiti, group, episodes)
+                entities, facts = await _GraphitiPass.add_episodes(graphiti, group, episodes)
             except BaseException:
                 embeddings.cancel()
                 raise
@@ -5022,6 +4985,52 @@ class _Worker:
             await beats
         with contextlib.suppress(*_Errors.valkey_errors()):
             await self._drop_heartbeat()
+
+    @staticmethod
+    async def falkordb_run_id(group: str) -> str | None:
+        """The run id of the FalkorDB holding the group (it changes when the server restarts), or None
+        when it does not answer."""
+        try:
+            info = await _Graphs.info("server", group)
+        except ServiceError:
+            return None
+        except _Errors.connection_errors():
+            return None
+        return str(info.get("run_id"))
+
+    @staticmethod
+    def failure_kind(exc: BaseException) -> str:
+        """transient (wait and retry, forever), auth (pause, report loudly), input (what the model made
+        of this episode, or the episode itself: counts toward MEMORY_MAX_ATTEMPTS, then dead letter) or
+        internal (a bug, ours or a dependency's: logged with its traceback, counted apart, and only
+        then set aside like input, so one episode cannot hold the group up for good)."""
+        import openai
+        import pydantic
+        from graphiti_core.errors import GraphitiError
+        from graphiti_core.llm_client.errors import RateLimitError, RefusalError
+
+        if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
+            return "auth"
+        if isinstance(exc, (openai.APIConnectionError, openai.RateLimitError, RateLimitError,
+                            openai.InternalServerError, ServiceError, *_Errors.connection_errors())):
+            return "transient"
+        if isinstance(exc, openai.APIStatusError) and (exc.status_code in (408, 409, 429) or exc.status_code >= 500):
+            return "transient"
+        # graphiti raises a bare Exception for a reply it cannot use ("Invalid response from LLM", "Output
+        # length exceeded"); the rest are typed
+        if type(exc) is Exception or isinstance(exc, (openai.APIStatusError, openai.LengthFinishReasonError,
+                                                      openai.ContentFilterFinishReasonError, pydantic.ValidationError,
+                                                      json.JSONDecodeError, GraphitiError, RefusalError,
+                                                      MemoryManagerError)):
+            return "input"
+        return "internal"
+
+    @staticmethod
+    def backoff_s(failures: int) -> float:
+        """Capped exponential backoff with full jitter."""
+        import random
+
+        return random.uniform(0.5, 1.0) * min(RETRY_CAP_S, RETRY_BASE_S * 2 ** max(0, failures - 1))
 
 
 async def run_worker(drain: bool = False, stop: asyncio.Event | None = None) -> WorkerSummary:
