@@ -42,7 +42,7 @@ async def costs(questions: list[Question]) -> dict[str, list[tuple[int, bool]]]:
                 facts = await mm.query_memory(q.text, 10)
                 index = "\n".join(map(mm._ContextBlock.index_line, items))  # bench instrumentation: the tools' own text
                 opened = await mm.get_memories([item.uuid[:mm.SHORT_ID_CHARS] for item in items[:OPENED]])
-                details = "\n\n".join(map(mm._memory_text, opened))
+                details = "\n\n".join(map(mm._McpServer.memory_text, opened))
                 for rows_, text, hit in zip(measured.values(), (facts, index, index + "\n" + details),
                                             (any(found), any(found), any(found[:OPENED])), strict=True):
                     rows_.append((len(encoding.encode(text)), hit))

@@ -469,7 +469,7 @@ class _Env:
 
     @classmethod
     def parse_service_url(cls, name: str, url: str, default_port: int,
-                           schemes: dict[str, bool]) -> tuple[dict[str, Any], bool, str | None, str | None]:
+                          schemes: dict[str, bool]) -> tuple[dict[str, Any], bool, str | None, str | None]:
         cls.check_userinfo(name, url)
         parts = urlsplit(url)
         if parts.scheme not in schemes:
@@ -2450,7 +2450,7 @@ class _Enqueue:
 
     @staticmethod
     def redacted(content: str, metadata: dict | None, raw_metadata: str | None,
-                      thorough: bool = False) -> tuple[str, dict | None, str | None, Redacted]:
+                 thorough: bool = False) -> tuple[str, dict | None, str | None, Redacted]:
         """One event's content and metadata as they may be kept: <private> spans removed, credentials
         replaced (see Redaction); and what was found."""
         found = redact(content, thorough)
@@ -2468,7 +2468,7 @@ class _Enqueue:
 
     @classmethod
     def entry(cls, group: str, content: str, metadata: dict | None, raw_metadata: str | None,
-                   at: datetime | None = None, awaited: bool = False, job: str | None = None) -> dict[str, str]:
+              at: datetime | None = None, awaited: bool = False, job: str | None = None) -> dict[str, str]:
         now = datetime.now(UTC)
         entry = {"job": job or uuid.uuid4().hex, "group": group, "name": cls.episode_name(now),
                  "ref": (at or now).isoformat(), "content": content,
@@ -2547,7 +2547,7 @@ class _Enqueue:
 
     @classmethod
     async def redacted_now(cls, content: str, metadata: dict | None,
-                            raw_metadata: str | None) -> tuple[str, dict | None, str | None, Redacted]:
+                           raw_metadata: str | None) -> tuple[str, dict | None, str | None, Redacted]:
         return cls.redacted(content, metadata, raw_metadata)
 
     @classmethod
@@ -3250,12 +3250,12 @@ class _Recall:
                 return cls.ranked_items("fact", fact_records, named_facts, limit)
             with_facts = scope == "all"
             text = _Fusion.with_fact_evidence({u: x for x, u in ranked[-2]}, fact_text, fact_records,
-                                       _Fusion.FACT_TEXT_SHARE * with_facts)
+                                              _Fusion.FACT_TEXT_SHARE * with_facts)
             meaning = _Fusion.with_fact_evidence({u: x for x, u in ranked[-1]}, fact_meaning, fact_records,
-                                          _Fusion.FACT_MEANING_SHARE * with_facts)
+                                                 _Fusion.FACT_MEANING_SHARE * with_facts)
             events = await cls.with_neighbours(graph, _Fusion.combined(text, meaning))
             keys = await cls.details(graph, EPISODES, list(events), "coalesce(x.valid_at, '') AS at, "
-                                  "left(x.content, 200) AS opening, size(x.content) AS length")
+                                     "left(x.content, 200) AS opening, size(x.content) AS length")
             events = _NamedTime.in_named_time(events, {u: k["at"] for u, k in keys.items()}, named)
             best = cls.without_repeats(sorted(keys, key=lambda u: (-round(events[u], 12), keys[u]["opening"],
                                                                 keys[u]["at"], u)), keys, events)[:limit]
@@ -3426,7 +3426,7 @@ class _NamedTime:
 
     @classmethod
     def in_named_time(cls, scores: dict[str, float], dates: dict[str, str], named: Callable[[str], bool] | None
-                       ) -> dict[str, float]:
+                      ) -> dict[str, float]:
         """Scores of the items dated in the named time raised by cls.NAMED_TIME_BOOST."""
         if named is None:
             return scores
@@ -3517,7 +3517,7 @@ class _Fusion:
 
     @staticmethod
     def with_fact_evidence(own: dict[str, float], facts: list[tuple[float, str]], records: dict[str, dict],
-                            share: float) -> dict[str, float]:
+                           share: float) -> dict[str, float]:
         """Each event's own score, raised by what its best fact matched beyond it: a fact that restates
         the event adds nothing, one that names what the event left implicit (an entity resolved across
         events) adds `share` of the difference, divided among the events it came from (a greeting that
@@ -3849,7 +3849,7 @@ class _Reads:
 
     @staticmethod
     def episode_record(uuid_: str, name: str, content: str, valid_at: Any, created_at: Any, metadata: str | None,
-                 metadata_raw: str | None) -> dict:
+                       metadata_raw: str | None) -> dict:
         found = Redacted("")
         shown = _Redactor.value(json.loads(metadata), found) if metadata else (redact(metadata_raw).text if metadata_raw
                                                                             else None)
@@ -3881,7 +3881,7 @@ class _Reads:
     @classmethod
     async def episode_row(cls, name: str) -> list:
         rows = await cls.rows(f"MATCH (e:Episodic) WHERE e.name = $name OR e.uuid = $name RETURN {cls.EPISODE_FIELDS}",
-                                 {"name": cls.checked_episode_id(name)})
+                              {"name": cls.checked_episode_id(name)})
         if not rows:
             raise UsageError(f"no episode {name} in group {_settings().group_id} "
                              "(a queued one is not in the graph yet)")
@@ -3896,7 +3896,7 @@ class _Reads:
     @classmethod
     async def fact(cls, uuid_: str) -> dict:
         rows = await cls.rows(f"MATCH ()-[r:RELATES_TO {{uuid: $uuid}}]->() RETURN {cls.FACT_FIELDS}",
-                                 {"uuid": cls.checked_fact_id(uuid_)})
+                              {"uuid": cls.checked_fact_id(uuid_)})
         if not rows:
             raise UsageError(f"no fact {uuid_} in group {_settings().group_id}")
         return cls.fact_record(*rows[0])
@@ -4309,7 +4309,7 @@ class _GraphitiPass:
 
     @classmethod
     async def resolving_while_extracting(cls, clients: Any, episodes: list, extracted: list, previous: list,
-                                          types: dict) -> tuple[tuple, tuple]:
+                                         types: dict) -> tuple[tuple, tuple]:
         """The entities resolved against the graph while the facts between them are extracted: the
         extraction needs the entities, not their resolution (graphiti resolves the facts' ends after,
         by uuid_map), so the two questions go out as one request (_TwoTasks). Returns graphiti's
@@ -5778,13 +5778,13 @@ class _Export:
 
     @classmethod
     async def group(cls, reader: Any, group: str, writer: _DocumentWriter, first: bool, summary: ExportSummary,
-                            progress: Progress | None) -> None:
+                    progress: Progress | None) -> None:
         async with cls.snapshot(group) as copy:
             await cls.copy(reader, group, copy, writer, first, summary, progress)
 
     @classmethod
     async def copy(cls, reader: Any, group: str, copy: str, writer: _DocumentWriter, first: bool,
-                           summary: ExportSummary, progress: Progress | None) -> None:
+                   summary: ExportSummary, progress: Progress | None) -> None:
         await writer.lines([_DocumentCodec.group_line(group, first)])
         counts = {"nodes": 0, "edges": 0}
         found = Redacted("")  # memories stored before redaction existed never leave the pod as they were
@@ -6058,7 +6058,7 @@ class _Restore:
 
     @classmethod
     async def run(cls, op: _Span, source: str | BinaryIO, replace: bool, dry_run: bool,
-                       progress: Progress | None, groups: list[str] | None) -> RestoreResult:
+                  progress: Progress | None, groups: list[str] | None) -> RestoreResult:
         dimension = _settings().embedding_dim
         async with cls.local_copy(source) as path:
             if not isinstance(source, str):
@@ -6104,7 +6104,7 @@ class _Restore:
 
     @staticmethod
     def result(source: str, plan: _RestorePlan, existing: dict[str, tuple[int, int]], replace: bool,
-                        dry_run: bool, left_alone: int) -> RestoreResult:
+               dry_run: bool, left_alone: int) -> RestoreResult:
         def action(existing_nodes: int) -> str:
             return "create" if not existing_nodes else ("replace" if replace else "refuse")
 
@@ -6783,15 +6783,203 @@ async def _stored_jobs(jobs: list[str]) -> set[str]:
 # only here. Tools are thin adapters: the same validation, and a refused input or a failed service
 # is a tool error carrying our one line, never a crash of the server.
 
-MCP_INSTRUCTIONS = (
-    "Long-term memory of this project, shared by every session: what was edited, decided, fixed and "
-    "learned: the events themselves with their times, and facts between entities (files, code symbols, "
-    "technologies, people) with their validity. Search it (search_memory_facts; search_memory_index for "
-    "a line per memory, then get_memories for the ones you need; or get_context for one "
-    "block within a token budget) before answering a question about the project's history or conventions, and "
-    "store (add_memory) a concise note of anything worth remembering: a decision, a fix and its cause, "
-    "a preference. Credentials in stored text are replaced by [REDACTED:<kind>].")
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+class _McpServer:
+    """The MCP server on the official SDK: its tools registered by _McpServer.tool, their results and errors,
+    and serving over stdio or streamable HTTP (sessions bounded per client and in all)."""
+
+    MCP_INSTRUCTIONS = (
+        "Long-term memory of this project, shared by every session: what was edited, decided, fixed and "
+        "learned: the events themselves with their times, and facts between entities (files, code symbols, "
+        "technologies, people) with their validity. Search it (search_memory_facts; search_memory_index for "
+        "a line per memory, then get_memories for the ones you need; or get_context for one "
+        "block within a token budget) before answering a question about the project's history or conventions, and "
+        "store (add_memory) a concise note of anything worth remembering: a decision, a fix and its cause, "
+        "a preference. Credentials in stored text are replaced by [REDACTED:<kind>].")
+    LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+    MCP_MAX_SESSIONS = 1_000       # open MCP sessions in all, well below the SDK's 10,000 (then 503 for everyone)
+    # Open streams (a client's GET /mcp) never end by themselves: after a session flood uvicorn waited on
+    # them 6-21 s, and Docker kills at 10 s. Past this, they are cut.
+    MCP_SHUTDOWN_GRACE_S = 4
+
+    @staticmethod
+    def client_key(address: str) -> str:
+        """The client a session counts against: its address, every loopback address as one."""
+        import ipaddress
+
+        try:
+            return "loopback" if ipaddress.ip_address(address).is_loopback or address.startswith("::ffff:127.") \
+                else address
+        except ValueError:
+            return address
+
+    @staticmethod
+    def package_version() -> str:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("opencode-memory-manager")
+        except PackageNotFoundError:
+            return "unknown"
+
+    @staticmethod
+    def tool_result(text: str, data: Any) -> Any:
+        from mcp.types import CallToolResult, TextContent
+
+        return CallToolResult(content=[TextContent(type="text", text=text)],
+                              structured_content=data if isinstance(data, dict) else {"result": data})
+
+    @staticmethod
+    @contextlib.asynccontextmanager
+    async def tool_errors() -> AsyncIterator[None]:
+        from mcp.server.mcpserver.exceptions import ToolError
+
+        try:
+            yield
+        except MemoryManagerError as exc:
+            raise ToolError(_scrub(str(exc))) from None
+
+    @staticmethod
+    def memory_text(memory: dict) -> str:
+        """One memory of get_memories as text: an event (to the minute) with its facts, or a fact with
+        its validity, under the short id the index showed (the whole uuid is in the structured result)."""
+        short = memory["uuid"][:SHORT_ID_CHARS]
+        if memory["kind"] == "fact":
+            span = _ContextBlock.fact_span(memory["valid_at"], memory["invalid_at"])
+            return f"{short} fact: {memory['fact']} ({span})"
+        facts = "".join(f"\n  fact: {f['fact']} ({_ContextBlock.fact_span(f['valid_at'], f['invalid_at'])})"
+                        for f in memory["facts"])
+        when = _NamedTime.utc_date(memory["reference_time"], "%Y-%m-%d %H:%M UTC") or memory["reference_time"]
+        return f"{short} {when}: {memory['content']}{facts}"
+
+    @staticmethod
+    def tool(name: str, /, *, aliases: dict[str, str] | None = None, read_only: bool = True,
+             destructive: bool = False, **types: dict) -> Callable[[Callable], Callable]:
+        def register(function: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+            MCP_TOOLS.append(_McpTool(name, function, types, aliases or {}, read_only, destructive))
+            return function
+        return register
+
+    @classmethod
+    def build(cls) -> Any:
+        """The MCP server with the tools of _MemoryTools (import mcp only here)."""
+        from mcp.server.mcpserver import MCPServer
+        from mcp.server.mcpserver.exceptions import ToolError
+        from mcp.types import ToolAnnotations
+
+        accepted = {tool.name: tool.arguments() for tool in MCP_TOOLS}
+        types = {tool.name: tool.types for tool in MCP_TOOLS}
+
+        class StrictServer(MCPServer):
+            """Arguments are checked against the tool's own before the SDK sees them, and every schema
+            says so (additionalProperties: false) and gives each argument's declared type."""
+
+            async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
+                if name in accepted:
+                    try:
+                        arguments = accepted[name].checked(name, arguments)
+                    except UsageError as exc:
+                        raise ToolError(str(exc)) from None
+                request = getattr(getattr(context, "_request_context", None), "request", None)
+                scoped = _caller.set(getattr(request, "scope", {}).get("memory.caller"))  # None: stdio, one group
+                try:
+                    return await super().call_tool(name, arguments, context)
+                finally:
+                    _caller.reset(scoped)
+
+            async def list_tools(self) -> list[Any]:
+                tools = await super().list_tools()
+                for listed in tools:
+                    properties = {name: {**schema, **types[listed.name].get(name, {})}
+                                  for name, schema in listed.input_schema.get("properties", {}).items()}
+                    listed.input_schema = {**listed.input_schema, "properties": properties,
+                                           "additionalProperties": False}
+                return tools
+
+        server = StrictServer("memory", instructions=cls.MCP_INSTRUCTIONS, version=cls.package_version(),
+                              log_level="WARNING")
+        for tool in MCP_TOOLS:
+            hints = ToolAnnotations(read_only_hint=tool.read_only, open_world_hint=False,
+                                    destructive_hint=None if tool.read_only else tool.destructive)
+            server.add_tool(tool.function, name=tool.name, structured_output=False, annotations=hints)
+        return server
+
+    @staticmethod
+    def scoped_status(report: dict, queue: dict, caller: _Caller) -> tuple[dict, dict]:
+        """What get_status shows a caller: the queue rows of its own groups only, the queue summary and
+        the group line recomputed from them, and no count of the graphs (other tenants' groups)."""
+        mine = [row for row in queue["groups"] if row["group"] in caller.groups]
+        queued, dead = sum(g["queued"] for g in mine), sum(g["dead_letters"] for g in mine)
+        report = {**report, "group": {**report["group"], "detail": ", ".join(caller.groups)}}
+        if report["falkordb"]["ok"]:
+            report["falkordb"] = {**report["falkordb"], "detail": "answers"}
+        if "unknown" not in report["queue"]["detail"]:
+            report["queue"] = {**report["queue"], "ok": dead == 0, "detail": f"{queued} queued, {dead} dead letter(s)"}
+        return report, {**queue, "groups": mine}
+
+    @staticmethod
+    def parse_bind(text: str) -> tuple[str, int]:
+        host, _, port = text.rpartition(":")
+        host = host.strip("[]")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535 or not HOST_RULE.fullmatch(host):
+            raise UsageError(f"--http must be HOST:PORT (e.g. 127.0.0.1:8765), got {text!r}")
+        return host, int(port)
+
+    @staticmethod
+    def http_app(server: Any, host: str) -> Any:
+        """The SDK's streamable HTTP app with its Host/Origin checks (DNS rebinding), behind the bearer
+        gate when a token is set."""
+        from mcp.server.transport_security import TransportSecuritySettings
+
+        s = _settings()
+        hosts = ["127.0.0.1:*", "localhost:*", "[::1]:*", f"{host}:*", f"{socket.gethostname()}:*"]
+        hosts += [f"{name}:*" for name in s.mcp_allowed_hosts]
+        security = TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts,
+                                             allowed_origins=["http://127.0.0.1:*", "http://localhost:*",
+                                                              "http://[::1]:*"])
+        # one JSON reply per request: no tool streams progress, and an SSE stream per call costs more
+        app = server.streamable_http_app(transport_security=security, host=host, json_response=True,
+                                         session_idle_timeout=s.mcp_session_idle_s)
+        app = _SessionBound(app, s.mcp_sessions_per_client)
+        callers = _Scope.callers(s)
+        return _BearerGate(app, callers) if callers else app
+
+    @staticmethod
+    async def serve_stdio(server: Any, stop: asyncio.Event) -> None:
+        serving, stopping = asyncio.create_task(server.run_stdio_async()), asyncio.create_task(stop.wait())
+        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        serving.cancel()
+        stopping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving  # its own failure, if any, is raised here
+
+    @classmethod
+    async def serve_http(cls, server: Any, bind: tuple[str, int], stop: asyncio.Event) -> None:
+        """uvicorn takes SIGTERM/SIGINT while it serves, finishes gracefully, then raises the signal
+        again for serve_mcp's handler; a stop from elsewhere (the worker failing) ends it too."""
+        import uvicorn
+
+        host, port = bind
+        web = uvicorn.Server(uvicorn.Config(cls.http_app(server, host), host=host, port=port,
+                                           log_level="warning", access_log=False, lifespan="on",
+                                           timeout_graceful_shutdown=cls.MCP_SHUTDOWN_GRACE_S))
+
+        async def exit_when_stopped() -> None:
+            await stop.wait()
+            web.should_exit = True
+
+        try:
+            listener = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+            # accepted connections inherit it: without it each response waits ~40 ms on a delayed ACK
+            listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:
+            why = exc.strerror or _Errors.describe(exc)
+            raise ServiceError("mcp", f"{host}:{port}", f"cannot listen there ({why})") from None
+        watcher = asyncio.create_task(exit_when_stopped())
+        try:
+            await web.serve(sockets=[listener])
+        finally:
+            watcher.cancel()
+            listener.close()
 
 
 @dataclass(frozen=True)
@@ -6828,15 +7016,98 @@ class _BearerGate:
         await self.app(scope, receive, send)
 
 
-def _callers(s: Settings) -> dict[str, _Caller]:
-    callers = {token: _Caller(groups, _short_hash(token)) for token, groups in s.mcp_tokens}
-    if s.mcp_token:
-        callers.setdefault(s.mcp_token, _Caller((s.group_id,)))
-    return callers
+class _Scope:
+    """What one MCP caller may touch: its token's groups (or the served one), the group a call names or the uuid
+    it gives is held in, and a refusal, logged, of any other."""
+
+    REFUSED_NAMES_LOGGED = 3      # of a refused call's group names, each a valid name (so one line, ≤ 64 chars)
+
+    @staticmethod
+    def callers(s: Settings) -> dict[str, _Caller]:
+        callers = {token: _Caller(groups, _short_hash(token)) for token, groups in s.mcp_tokens}
+        if s.mcp_token:
+            callers.setdefault(s.mcp_token, _Caller((s.group_id,)))
+        return callers
+
+    @staticmethod
+    def this_caller() -> _Caller:
+        return _caller.get() or _Caller((_settings().group_id,))
+
+    @classmethod
+    def refuse_out_of_scope(cls, groups: list[str]) -> None:
+        """Refused and logged (which token, which groups; never what was asked). Only valid names get
+        here (`cls.tool_group` refuses the others first), and only a few are logged: a caller's input must
+        not forge log lines or fill the log."""
+        caller = cls.this_caller()
+        named, more = groups[:cls.REFUSED_NAMES_LOGGED], len(groups) - cls.REFUSED_NAMES_LOGGED
+        shown = ", ".join(map(repr, named)) + (f" and {more} more" if more > 0 else "")
+        log.warning("warning: mcp: token %s asked for group(s) %s outside its scope; refused", caller.token, shown)
+        raise UsageError(f"this token may use group(s) {', '.join(map(repr, caller.groups))} only; group_ids "
+                         f"{shown} refused")
+
+    @classmethod
+    def tool_group(cls, group_ids: Any) -> str:
+        """The one group a call acts on: the caller's first, or the one `group_ids` (Graphiti's
+        argument) names; a group outside the caller's scope is refused rather than silently answered
+        from another."""
+        caller = cls.this_caller()
+        if group_ids is None or group_ids == []:
+            return caller.groups[0]
+        if not isinstance(group_ids, list) or not all(isinstance(g, str) for g in group_ids):
+            raise UsageError("group_ids must be a list of group names")
+        invalid = next((g for g in group_ids if not GROUP_ID_RULE.fullmatch(g)), None)
+        if invalid is not None:
+            raise UsageError(f"group_ids: {invalid[:64]!r} is not a group name (it must match {GROUP_ID_RULE.pattern})")
+        others = sorted(set(group_ids) - set(caller.groups))
+        if others and caller.token is None:
+            raise UsageError(f"this server serves group {caller.groups[0]!r} only; group_ids "
+                             f"{', '.join(map(repr, others))} refused")
+        if others:
+            cls.refuse_out_of_scope(others)
+        if len(set(group_ids)) > 1:
+            raise UsageError(f"give one group per call (group_ids names {len(set(group_ids))})")
+        return group_ids[0]
+
+    @staticmethod
+    async def holds(uuid_: str) -> bool:
+        """Whether the group in use has an episode, entity or fact with this uuid."""
+        return bool(await _Reads.rows("MATCH (e:Episodic {uuid: $uuid}) RETURN 1", {"uuid": uuid_})
+                    or await _Reads.rows("MATCH ()-[r:RELATES_TO {uuid: $uuid}]->() RETURN 1", {"uuid": uuid_}))
+
+    @classmethod
+    async def group_holding(cls, uuid_: Any, group_ids: Any) -> str:
+        """The caller's group that holds the uuid (named by group_ids, else searched among them). One
+        held only by a group outside the caller's scope is logged and answered as a uuid held nowhere
+        (the operation's own "no episode/fact ... in group G"), so a token learns nothing of the
+        other groups, not even that the uuid exists."""
+        chosen = cls.tool_group(group_ids)
+        if not isinstance(uuid_, str) or not _Reads.UUID_RULE.fullmatch(uuid_):
+            return chosen  # the operation itself refuses it, and names by name are per group
+        candidates = [chosen] if group_ids else list(cls.this_caller().groups)
+        for group in candidates:
+            with _acting_for(group):
+                if await cls.holds(uuid_):
+                    return group
+        for group in sorted(set(await _Export.groups()) - set(cls.this_caller().groups)):
+            with _acting_for(group):
+                if await cls.holds(uuid_):
+                    log.warning("warning: mcp: token %s asked for a uuid of a group outside its scope; refused",
+                                cls.this_caller().token or "(MEMORY_MCP_TOKEN)")
+                    break
+        return chosen
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def in_scope(cls, group_ids: Any = None, uuid_: Any = None) -> AsyncIterator[str]:
+        """A tool's body: on the group the call may act on (see cls.tool_group), its failures one line."""
+        async with _McpServer.tool_errors():
+            group = await cls.group_holding(uuid_, group_ids) if uuid_ is not None else cls.tool_group(group_ids)
+            with _acting_for(group):
+                yield group
 
 
 class _SessionBound:
-    """At most MEMORY_MCP_SESSIONS_PER_CLIENT open sessions per client address, and MCP_MAX_SESSIONS
+    """At most MEMORY_MCP_SESSIONS_PER_CLIENT open sessions per client address, and _McpServer.MCP_MAX_SESSIONS
     in all. A new session beyond either closes the least recently used one (its client's, or any),
     through the protocol's own DELETE, so a client that opens sessions without end churns its own and
     never locks others out (the SDK alone answers 503 to everyone once 10,000 are open, until they
@@ -6850,7 +7121,7 @@ class _SessionBound:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        client = _client_key((scope.get("client") or ("?",))[0])
+        client = _McpServer.client_key((scope.get("client") or ("?",))[0])
         mine = self.sessions[client]
         session = dict(scope["headers"]).get(b"mcp-session-id")
         if session is not None:
@@ -6867,7 +7138,7 @@ class _SessionBound:
                 mine[opened], self.recent[opened] = None, client
                 while len(mine) > self.per_client:
                     await self._evict(scope, next(iter(mine)))
-                while len(self.recent) > MCP_MAX_SESSIONS:
+                while len(self.recent) > _McpServer.MCP_MAX_SESSIONS:
                     await self._evict(scope, next(iter(self.recent)))
             await send(message)
 
@@ -6890,46 +7161,6 @@ class _SessionBound:
             return None
 
         await self.app(delete, no_body, discard)
-
-
-MCP_MAX_SESSIONS = 1_000       # open MCP sessions in all, well below the SDK's 10,000 (then 503 for everyone)
-
-
-def _client_key(address: str) -> str:
-    """The client a session counts against: its address, every loopback address as one."""
-    import ipaddress
-
-    try:
-        return "loopback" if ipaddress.ip_address(address).is_loopback or address.startswith("::ffff:127.") \
-            else address
-    except ValueError:
-        return address
-
-
-def _package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("opencode-memory-manager")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-def _tool_result(text: str, data: Any) -> Any:
-    from mcp.types import CallToolResult, TextContent
-
-    return CallToolResult(content=[TextContent(type="text", text=text)],
-                          structured_content=data if isinstance(data, dict) else {"result": data})
-
-
-@contextlib.asynccontextmanager
-async def _tool_errors() -> AsyncIterator[None]:
-    from mcp.server.mcpserver.exceptions import ToolError
-
-    try:
-        yield
-    except MemoryManagerError as exc:
-        raise ToolError(_scrub(str(exc))) from None
 
 
 @dataclass(frozen=True)
@@ -6955,97 +7186,6 @@ class _ToolArguments:
         if missing:
             raise UsageError(f"{tool_name} needs {', '.join(missing)}")
         return renamed
-
-
-def _this_caller() -> _Caller:
-    return _caller.get() or _Caller((_settings().group_id,))
-
-
-REFUSED_NAMES_LOGGED = 3      # of a refused call's group names, each a valid name (so one line, ≤ 64 chars)
-
-
-def _refuse_out_of_scope(groups: list[str]) -> None:
-    """Refused and logged (which token, which groups; never what was asked). Only valid names get
-    here (`_tool_group` refuses the others first), and only a few are logged: a caller's input must
-    not forge log lines or fill the log."""
-    caller = _this_caller()
-    shown = ", ".join(map(repr, groups[:REFUSED_NAMES_LOGGED])) + (f" and {len(groups) - REFUSED_NAMES_LOGGED} more"
-                                                         if len(groups) > REFUSED_NAMES_LOGGED else "")
-    log.warning("warning: mcp: token %s asked for group(s) %s outside its scope; refused", caller.token, shown)
-    raise UsageError(f"this token may use group(s) {', '.join(map(repr, caller.groups))} only; group_ids "
-                     f"{shown} refused")
-
-
-def _tool_group(group_ids: Any) -> str:
-    """The one group a call acts on: the caller's first, or the one `group_ids` (Graphiti's
-    argument) names; a group outside the caller's scope is refused rather than silently answered
-    from another."""
-    caller = _this_caller()
-    if group_ids is None or group_ids == []:
-        return caller.groups[0]
-    if not isinstance(group_ids, list) or not all(isinstance(g, str) for g in group_ids):
-        raise UsageError("group_ids must be a list of group names")
-    invalid = next((g for g in group_ids if not GROUP_ID_RULE.fullmatch(g)), None)
-    if invalid is not None:
-        raise UsageError(f"group_ids: {invalid[:64]!r} is not a group name (it must match {GROUP_ID_RULE.pattern})")
-    others = sorted(set(group_ids) - set(caller.groups))
-    if others and caller.token is None:
-        raise UsageError(f"this server serves group {caller.groups[0]!r} only; group_ids "
-                         f"{', '.join(map(repr, others))} refused")
-    if others:
-        _refuse_out_of_scope(others)
-    if len(set(group_ids)) > 1:
-        raise UsageError(f"give one group per call (group_ids names {len(set(group_ids))})")
-    return group_ids[0]
-
-
-async def _holds(uuid_: str) -> bool:
-    """Whether the group in use has an episode, entity or fact with this uuid."""
-    return bool(await _Reads.rows("MATCH (e:Episodic {uuid: $uuid}) RETURN 1", {"uuid": uuid_})
-                or await _Reads.rows("MATCH ()-[r:RELATES_TO {uuid: $uuid}]->() RETURN 1", {"uuid": uuid_}))
-
-
-async def _group_holding(uuid_: Any, group_ids: Any) -> str:
-    """The caller's group that holds the uuid (named by group_ids, else searched among them). One
-    held only by a group outside the caller's scope is logged and answered as a uuid held nowhere
-    (the operation's own "no episode/fact ... in group G"), so a token learns nothing of the
-    other groups, not even that the uuid exists."""
-    chosen = _tool_group(group_ids)
-    if not isinstance(uuid_, str) or not _Reads.UUID_RULE.fullmatch(uuid_):
-        return chosen  # the operation itself refuses it, and names by name are per group
-    candidates = [chosen] if group_ids else list(_this_caller().groups)
-    for group in candidates:
-        with _acting_for(group):
-            if await _holds(uuid_):
-                return group
-    for group in sorted(set(await _Export.groups()) - set(_this_caller().groups)):
-        with _acting_for(group):
-            if await _holds(uuid_):
-                log.warning("warning: mcp: token %s asked for a uuid of a group outside its scope; refused",
-                            _this_caller().token or "(MEMORY_MCP_TOKEN)")
-                break
-    return chosen
-
-
-@contextlib.asynccontextmanager
-async def _in_scope(group_ids: Any = None, uuid_: Any = None) -> AsyncIterator[str]:
-    """A tool's body: on the group the call may act on (see _tool_group), its failures one line."""
-    async with _tool_errors():
-        group = await _group_holding(uuid_, group_ids) if uuid_ is not None else _tool_group(group_ids)
-        with _acting_for(group):
-            yield group
-
-
-def _memory_text(memory: dict) -> str:
-    """One memory of get_memories as text: an event (to the minute) with its facts, or a fact with
-    its validity, under the short id the index showed (the whole uuid is in the structured result)."""
-    short = memory["uuid"][:SHORT_ID_CHARS]
-    if memory["kind"] == "fact":
-        return f"{short} fact: {memory['fact']} ({_ContextBlock.fact_span(memory['valid_at'], memory['invalid_at'])})"
-    facts = "".join(f"\n  fact: {f['fact']} ({_ContextBlock.fact_span(f['valid_at'], f['invalid_at'])})"
-                    for f in memory["facts"])
-    when = _NamedTime.utc_date(memory["reference_time"], "%Y-%m-%d %H:%M UTC") or memory["reference_time"]
-    return f"{short} {when}: {memory['content']}{facts}"
 
 
 # The JSON types the model is told an argument has. They are declared, not enforced by the SDK
@@ -7080,20 +7220,13 @@ class _McpTool:
 MCP_TOOLS: list[_McpTool] = []
 
 
-def _mcp_tool(name: str, /, *, aliases: dict[str, str] | None = None, read_only: bool = True,
-              destructive: bool = False, **types: dict) -> Callable[[Callable], Callable]:
-    def register(function: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-        MCP_TOOLS.append(_McpTool(name, function, types, aliases or {}, read_only, destructive))
-        return function
-    return register
-
-
 class _MemoryTools:
     """The tools, thin adapters over the public operations; each docstring is what the model reads."""
 
     @staticmethod
-    @_mcp_tool("add_memory", aliases={"episode_body": "content"}, read_only=False, content=TEXT, metadata=MAYBE_OBJECT,
-          at=MAYBE_TEXT, group_id=MAYBE_TEXT, name=MAYBE_TEXT, source=MAYBE_TEXT, source_description=MAYBE_TEXT)
+    @_McpServer.tool("add_memory", aliases={"episode_body": "content"}, read_only=False, content=TEXT,
+                     metadata=MAYBE_OBJECT, at=MAYBE_TEXT, group_id=MAYBE_TEXT, name=MAYBE_TEXT, source=MAYBE_TEXT,
+                     source_description=MAYBE_TEXT)
     async def add_memory(content: Any, metadata: Any = None, at: Any = None, group_id: Any = None, name: Any = None,
                          source: Any = None, source_description: Any = None) -> Any:
         """Remember something for later sessions: a decision, a fix and its cause, a convention, a
@@ -7107,89 +7240,88 @@ class _MemoryTools:
             if metadata is not None and not isinstance(metadata, dict):
                 raise UsageError("metadata must be an object when name, source or source_description is given")
             metadata = {**(metadata or {}), **graphiti_names}
-        async with _in_scope(None if group_id is None else [group_id]):
+        async with _Scope.in_scope(None if group_id is None else [group_id]):
             queued = await enqueue_episode(content, metadata, at=at)
         data = {"state": "spooled" if queued.spooled else "queued", "episode": queued.name,
                 "job_id": queued.job_id, "group": queued.group}
-        return _tool_result(f"{data['state']} {queued.name} {queued.job_id}", data)
+        return _McpServer.tool_result(f"{data['state']} {queued.name} {queued.job_id}", data)
 
     @staticmethod
-    @_mcp_tool("search_memory_facts", aliases={"max_facts": "limit"}, query=TEXT, limit=INTEGER, group_ids=MAYBE_TEXTS,
-          center_node_uuid=MAYBE_TEXT)
+    @_McpServer.tool("search_memory_facts", aliases={"max_facts": "limit"}, query=TEXT, limit=INTEGER,
+                     group_ids=MAYBE_TEXTS, center_node_uuid=MAYBE_TEXT)
     async def search_memory_facts(query: Any, limit: Any = 5, group_ids: Any = None,
                                   center_node_uuid: Any = None) -> Any:
         """Recall what earlier sessions remembered about a question or keywords, best first: facts
         (with when each became true or stopped being true, and their uuid) and the stored events
         themselves (with when they happened). Use before answering questions about the project's
         history, decisions, conventions or past errors. `max_facts` is another name for `limit`."""
-        async with _in_scope(group_ids):
+        async with _Scope.in_scope(group_ids):
             if center_node_uuid is not None:
                 raise UsageError("search_memory_facts does not rank by distance to an entity (center_node_uuid): "
                                  "put the entity's name in the query instead")
             answer = await answer_query(query, limit)
-        return _tool_result(answer.text, {"results": [dataclasses.asdict(i) for i in answer.items()]})
+        return _McpServer.tool_result(answer.text, {"results": [dataclasses.asdict(i) for i in answer.items()]})
 
     @staticmethod
-    @_mcp_tool("search_memory_index", query=TEXT, limit=INTEGER, group_ids=MAYBE_TEXTS)
+    @_McpServer.tool("search_memory_index", query=TEXT, limit=INTEGER, group_ids=MAYBE_TEXTS)
     async def search_memory_index(query: Any, limit: Any = 10, group_ids: Any = None) -> Any:
         """A compact index of what earlier sessions remembered about a question, best first: one line
         per memory (a short id, its day, event or fact, its first 100 characters), about two thirds
         of the tokens of search_memory_facts. Open only the memories you need with get_memories."""
-        async with _in_scope(group_ids):
+        async with _Scope.in_scope(group_ids):
             items = await recall(query, _Input.limit(limit, "limit", _Input.MAX_RECALL_LIMIT))
-        return _tool_result("\n".join(map(_ContextBlock.index_line, items)) or NO_RESULTS,
+        return _McpServer.tool_result("\n".join(map(_ContextBlock.index_line, items)) or NO_RESULTS,
                             {"results": [{"id": i.uuid, "kind": i.kind, "valid_at": i.valid_at} for i in items]})
 
     @staticmethod
-    @_mcp_tool("get_memories", ids=TEXTS,
-          group_ids=MAYBE_TEXTS)
+    @_McpServer.tool("get_memories", ids=TEXTS, group_ids=MAYBE_TEXTS)
     async def memories(ids: Any, group_ids: Any = None) -> Any:
         """The whole of memories by id (as search_memory_index shows them, or full uuids): each event's
         text, time, metadata and facts; each fact's text, validity and source events."""
-        async with _in_scope(group_ids):
+        async with _Scope.in_scope(group_ids):
             found = await get_memories(ids)
-        return _tool_result("\n\n".join(map(_memory_text, found)), {"memories": found})
+        return _McpServer.tool_result("\n\n".join(map(_McpServer.memory_text, found)), {"memories": found})
 
     @staticmethod
-    @_mcp_tool("get_context", query=TEXT, budget_tokens=INTEGER, recent=MAYBE_INTEGER, group_ids=MAYBE_TEXTS)
+    @_McpServer.tool("get_context", query=TEXT, budget_tokens=INTEGER, recent=MAYBE_INTEGER, group_ids=MAYBE_TEXTS)
     async def get_context(query: Any, budget_tokens: Any = _ContextBlock.CONTEXT_BUDGET_TOKENS, recent: Any = None,
                           group_ids: Any = None) -> Any:
         """The memories relevant to a question as one block to read, within a token budget (default
         1000): events with their dates and facts with their validity, best first, and how many did
         not fit; with `recent` (0-50), the newest events first. The OpenCode plugin's session-start
         recall calls it too."""
-        async with _in_scope(group_ids) as group:
+        async with _Scope.in_scope(group_ids) as group:
             block = await context(query, budget_tokens, recent=recent or 0)
         # the group lets the plugin, which recalls through this tool, check it reached its own project
-        return _tool_result(block, {"context": block, "estimated_tokens": _ContextBlock.estimated_tokens(block),
-                                    "group": group})
+        estimated = _ContextBlock.estimated_tokens(block)
+        return _McpServer.tool_result(block, {"context": block, "estimated_tokens": estimated, "group": group})
 
     @staticmethod
-    @_mcp_tool("search_entities", query=MAYBE_TEXT, entity_type=MAYBE_TEXT, max_nodes=MAYBE_INTEGER,
-          group_ids=MAYBE_TEXTS)
+    @_McpServer.tool("search_entities", query=MAYBE_TEXT, entity_type=MAYBE_TEXT, max_nodes=MAYBE_INTEGER,
+                     group_ids=MAYBE_TEXTS)
     async def search_entities(query: Any = None, entity_type: Any = None, max_nodes: Any = None,
                               group_ids: Any = None) -> Any:
         """List the remembered entities (files, code symbols, technologies, people, ...), optionally
         only those whose name contains every word of `query`, or only one type (e.g. File), at
         most `max_nodes` of them."""
-        async with _in_scope(group_ids):
+        async with _Scope.in_scope(group_ids):
             shown = None if max_nodes is None else _Input.limit(max_nodes, "max_nodes", MAX_ENTITIES_LISTED)
             entities = await get_entities(entity_type)
             if query is not None and not isinstance(query, str):
                 raise UsageError("query must be text")
             words = _Input.text(query, "query").lower().split() if query else []
         chosen = [e for e in entities if all(word in e["name"].lower() for word in words)][:shown]
-        return _tool_result("\n".join(f"{e['name']} ({e['type']})" for e in chosen) or "No entities found.",
-                            {"entities": chosen})
+        return _McpServer.tool_result("\n".join(f"{e['name']} ({e['type']})" for e in chosen) or "No entities found.",
+                                      {"entities": chosen})
 
     @staticmethod
-    @_mcp_tool("search_nodes", query=TEXT, max_nodes=MAYBE_INTEGER, group_ids=MAYBE_TEXTS, entity_types=MAYBE_TEXTS,
-          center_node_uuid=MAYBE_TEXT)
+    @_McpServer.tool("search_nodes", query=TEXT, max_nodes=MAYBE_INTEGER, group_ids=MAYBE_TEXTS,
+                     entity_types=MAYBE_TEXTS, center_node_uuid=MAYBE_TEXT)
     async def search_nodes(query: Any, max_nodes: Any = None, group_ids: Any = None, entity_types: Any = None,
                            center_node_uuid: Any = None) -> Any:
         """Graphiti's name for search_entities: the remembered entities whose name holds every word
         of `query`, of one type if `entity_types` names one, at most `max_nodes` (default 10)."""
-        async with _tool_errors():
+        async with _McpServer.tool_errors():
             if center_node_uuid is not None:
                 raise UsageError("search_nodes does not rank by distance to an entity (center_node_uuid): "
                                  "put the entity's name in the query instead")
@@ -7199,167 +7331,86 @@ class _MemoryTools:
                                                   10 if max_nodes is None else max_nodes, group_ids)
 
     @staticmethod
-    @_mcp_tool("get_episodes", aliases={"max_episodes": "last_n"}, last_n=INTEGER, since=MAYBE_TEXT,
-               group_ids=MAYBE_TEXTS)
+    @_McpServer.tool("get_episodes", aliases={"max_episodes": "last_n"}, last_n=INTEGER, since=MAYBE_TEXT,
+                     group_ids=MAYBE_TEXTS)
     async def recent_episodes(last_n: Any = 10, since: Any = None, group_ids: Any = None) -> Any:
         """The most recent stored events (newest first) with their uuid, metadata and reference
         time, only those since a time (ISO 8601) if given; use to see what was remembered lately
         or to find an episode for get_episode or delete_episode."""
-        async with _in_scope(group_ids):
+        async with _Scope.in_scope(group_ids):
             episodes = await get_episodes(last_n, since=since)
         text = "\n".join(f"{e['uuid']} {e['reference_time']}: {e['content'][:200]}" for e in episodes)
-        return _tool_result(text or "No episodes yet.", {"episodes": episodes})
+        return _McpServer.tool_result(text or "No episodes yet.", {"episodes": episodes})
 
     @staticmethod
-    @_mcp_tool("get_episode", aliases={"name": "uuid"}, uuid=TEXT, group_ids=MAYBE_TEXTS)
+    @_McpServer.tool("get_episode", aliases={"name": "uuid"}, uuid=TEXT, group_ids=MAYBE_TEXTS)
     async def one_episode(uuid: Any, group_ids: Any = None) -> Any:
         """One stored event by its uuid (or episode name): its text, time and metadata, the facts
         it produced (with their uuid and validity) and the entities it mentions."""
-        async with _in_scope(group_ids, uuid):
+        async with _Scope.in_scope(group_ids, uuid):
             episode = await get_episode(uuid)
         facts = "".join(f"\n  fact {f['uuid']}: {f['fact']}" for f in episode["facts"])
-        return _tool_result(f"{episode['uuid']} {episode['reference_time']}: {episode['content']}{facts}", episode)
+        text = f"{episode['uuid']} {episode['reference_time']}: {episode['content']}{facts}"
+        return _McpServer.tool_result(text, episode)
 
     @staticmethod
-    @_mcp_tool("get_entity_edge", uuid=TEXT, group_ids=MAYBE_TEXTS)
+    @_McpServer.tool("get_entity_edge", uuid=TEXT, group_ids=MAYBE_TEXTS)
     async def one_fact(uuid: Any, group_ids: Any = None) -> Any:
         """One fact (an edge between two entities) by its uuid: its text, validity and source episodes."""
-        async with _in_scope(group_ids, uuid):
+        async with _Scope.in_scope(group_ids, uuid):
             fact = await get_fact(uuid)
-        return _tool_result(fact["fact"], fact)
+        return _McpServer.tool_result(fact["fact"], fact)
 
     @staticmethod
-    @_mcp_tool("delete_episode", aliases={"uuid": "name"}, read_only=False, destructive=True, name=TEXT,
-          group_ids=MAYBE_TEXTS)
+    @_McpServer.tool("delete_episode", aliases={"uuid": "name"}, read_only=False, destructive=True, name=TEXT,
+                     group_ids=MAYBE_TEXTS)
     async def forget_episode(name: Any, group_ids: Any = None) -> Any:
         """Forget one stored event (and the facts only it supported) by its episode name or its uuid
         (Graphiti's `uuid`), e.g. when it was wrong or should not have been stored."""
-        async with _in_scope(group_ids, name):
+        async with _Scope.in_scope(group_ids, name):
             removed = await delete_episode(name)
-        return _tool_result(f"deleted {name}", {"deleted": name, "uuid": removed})
+        return _McpServer.tool_result(f"deleted {name}", {"deleted": name, "uuid": removed})
 
     @staticmethod
-    @_mcp_tool("delete_entity_edge", read_only=False, destructive=True, uuid=TEXT, group_ids=MAYBE_TEXTS)
+    @_McpServer.tool("delete_entity_edge", read_only=False, destructive=True, uuid=TEXT, group_ids=MAYBE_TEXTS)
     async def forget_one_fact(uuid: Any, group_ids: Any = None) -> Any:
         """Forget one fact by its uuid (the entities it joined stay); for a fact that is wrong now
         but was true once, prefer correct_fact, which keeps the history."""
-        async with _in_scope(group_ids, uuid):
+        async with _Scope.in_scope(group_ids, uuid):
             removed = await forget_fact(uuid)
-        return _tool_result(f"deleted fact {uuid}", {"deleted": removed})
+        return _McpServer.tool_result(f"deleted fact {uuid}", {"deleted": removed})
 
     @staticmethod
-    @_mcp_tool("correct_fact", read_only=False, uuid=TEXT, fact=TEXT, group_ids=MAYBE_TEXTS)
+    @_McpServer.tool("correct_fact", read_only=False, uuid=TEXT, fact=TEXT, group_ids=MAYBE_TEXTS)
     async def correct_one_fact(uuid: Any, fact: Any, group_ids: Any = None) -> Any:
         """Replace a fact that is no longer right: the old one (by uuid) is marked invalid from now
         and kept as history, the new text is a fact valid from now between the same entities."""
-        async with _in_scope(group_ids, uuid):
+        async with _Scope.in_scope(group_ids, uuid):
             changed = await correct_fact(uuid, fact)
-        return _tool_result(f"invalidated {uuid}; new fact {changed['fact']['uuid']}: {changed['fact']['fact']}",
-                            changed)
+        new = changed["fact"]
+        return _McpServer.tool_result(f"invalidated {uuid}; new fact {new['uuid']}: {new['fact']}", changed)
 
     @staticmethod
-    @_mcp_tool("clear_graph", read_only=False, destructive=True, group_ids=MAYBE_TEXTS)
+    @_McpServer.tool("clear_graph", read_only=False, destructive=True, group_ids=MAYBE_TEXTS)
     async def clear(group_ids: Any = None) -> Any:
         """Erase everything remembered in a group (default: this server's or token's first group):
         its events, facts, entities, queue and cache. Irreversible; backups are reported, not
         touched (`memory-manager erase --backups` rewrites them). Only when the user asks for it."""
-        async with _in_scope(group_ids) as group:
+        async with _Scope.in_scope(group_ids) as group:
             report = await erase_group(group)
-        return _tool_result(str(report), dataclasses.asdict(report))
+        return _McpServer.tool_result(str(report), dataclasses.asdict(report))
 
     @staticmethod
-    @_mcp_tool("get_status")
+    @_McpServer.tool("get_status")
     async def get_status() -> Any:
         """Whether the memory's services answer, and the write queue's state (queued, in flight,
         dead letters, the worker)."""
-        async with _tool_errors():
-            report, queue = _scoped_status(await health(), await queue_status(), _this_caller())
+        async with _McpServer.tool_errors():
+            report, queue = _McpServer.scoped_status(await health(), await queue_status(), _Scope.this_caller())
         state = "healthy" if report["healthy"] else "unhealthy"
-        return _tool_result(f"{state}; queued {sum(g['queued'] for g in queue['groups'])}",
-                            {"health": report, "queue": queue})
+        return _McpServer.tool_result(f"{state}; queued {sum(g['queued'] for g in queue['groups'])}",
+                                      {"health": report, "queue": queue})
 
-
-
-def _build_mcp_server() -> Any:
-    """The MCP server with the tools of _MemoryTools (import mcp only here)."""
-    from mcp.server.mcpserver import MCPServer
-    from mcp.server.mcpserver.exceptions import ToolError
-    from mcp.types import ToolAnnotations
-
-    accepted = {tool.name: tool.arguments() for tool in MCP_TOOLS}
-    types = {tool.name: tool.types for tool in MCP_TOOLS}
-
-    class StrictServer(MCPServer):
-        """Arguments are checked against the tool's own before the SDK sees them, and every schema
-        says so (additionalProperties: false) and gives each argument's declared type."""
-
-        async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
-            if name in accepted:
-                try:
-                    arguments = accepted[name].checked(name, arguments)
-                except UsageError as exc:
-                    raise ToolError(str(exc)) from None
-            request = getattr(getattr(context, "_request_context", None), "request", None)
-            scoped = _caller.set(getattr(request, "scope", {}).get("memory.caller"))  # None: stdio, one group
-            try:
-                return await super().call_tool(name, arguments, context)
-            finally:
-                _caller.reset(scoped)
-
-        async def list_tools(self) -> list[Any]:
-            tools = await super().list_tools()
-            for listed in tools:
-                properties = {name: {**schema, **types[listed.name].get(name, {})}
-                              for name, schema in listed.input_schema.get("properties", {}).items()}
-                listed.input_schema = {**listed.input_schema, "properties": properties, "additionalProperties": False}
-            return tools
-
-    server = StrictServer("memory", instructions=MCP_INSTRUCTIONS, version=_package_version(), log_level="WARNING")
-    for tool in MCP_TOOLS:
-        hints = ToolAnnotations(read_only_hint=tool.read_only, open_world_hint=False,
-                                destructive_hint=None if tool.read_only else tool.destructive)
-        server.add_tool(tool.function, name=tool.name, structured_output=False, annotations=hints)
-    return server
-
-
-def _scoped_status(report: dict, queue: dict, caller: _Caller) -> tuple[dict, dict]:
-    """What get_status shows a caller: the queue rows of its own groups only, the queue summary and
-    the group line recomputed from them, and no count of the graphs (other tenants' groups)."""
-    mine = [row for row in queue["groups"] if row["group"] in caller.groups]
-    queued, dead = sum(g["queued"] for g in mine), sum(g["dead_letters"] for g in mine)
-    report = {**report, "group": {**report["group"], "detail": ", ".join(caller.groups)}}
-    if report["falkordb"]["ok"]:
-        report["falkordb"] = {**report["falkordb"], "detail": "answers"}
-    if "unknown" not in report["queue"]["detail"]:
-        report["queue"] = {**report["queue"], "ok": dead == 0, "detail": f"{queued} queued, {dead} dead letter(s)"}
-    return report, {**queue, "groups": mine}
-
-
-def _parse_bind(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    host = host.strip("[]")
-    if not host or not port.isdigit() or not 1 <= int(port) <= 65535 or not HOST_RULE.fullmatch(host):
-        raise UsageError(f"--http must be HOST:PORT (e.g. 127.0.0.1:8765), got {text!r}")
-    return host, int(port)
-
-
-def _mcp_http_app(server: Any, host: str) -> Any:
-    """The SDK's streamable HTTP app with its Host/Origin checks (DNS rebinding), behind the bearer
-    gate when a token is set."""
-    from mcp.server.transport_security import TransportSecuritySettings
-
-    s = _settings()
-    hosts = ["127.0.0.1:*", "localhost:*", "[::1]:*", f"{host}:*", f"{socket.gethostname()}:*"]
-    hosts += [f"{name}:*" for name in s.mcp_allowed_hosts]
-    security = TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts,
-                                         allowed_origins=["http://127.0.0.1:*", "http://localhost:*",
-                                                          "http://[::1]:*"])
-    # one JSON reply per request: no tool streams progress, and an SSE stream per call costs more
-    app = server.streamable_http_app(transport_security=security, host=host, json_response=True,
-                                     session_idle_timeout=s.mcp_session_idle_s)
-    app = _SessionBound(app, s.mcp_sessions_per_client)
-    callers = _callers(s)
-    return _BearerGate(app, callers) if callers else app
 
 
 async def serve_mcp(http: str | None = None, with_worker: bool = False) -> None:
@@ -7368,69 +7419,26 @@ async def serve_mcp(http: str | None = None, with_worker: bool = False) -> None:
     s = _settings()
     if s.mcp_invalid:
         raise UsageError(s.mcp_invalid)
-    bind = _parse_bind(http) if http else None
-    if bind and bind[0] not in LOOPBACK_HOSTS and not (s.mcp_token or s.mcp_tokens):
+    bind = _McpServer.parse_bind(http) if http else None
+    if bind and bind[0] not in _McpServer.LOOPBACK_HOSTS and not (s.mcp_token or s.mcp_tokens):
         raise UsageError(f"mcp --http {http}: binding beyond loopback needs MEMORY_MCP_TOKEN or MEMORY_MCP_TOKENS "
                          "(every request must then carry Authorization: Bearer <token>)")
     if with_worker:
         s.require_llm()
     if exposed := _Env.token_file_readable_by_others("MEMORY_MCP_TOKENS"):
         log.warning("warning: MEMORY_MCP_TOKENS: other users can read %s (chmod 600 it)", exposed)
-    server = _build_mcp_server()
+    server = _McpServer.build()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     worker = asyncio.create_task(run_worker(stop=stop)) if with_worker else None
     try:
-        await (_serve_http(server, bind, stop) if bind else _serve_stdio(server, stop))
+        await (_McpServer.serve_http(server, bind, stop) if bind else _McpServer.serve_stdio(server, stop))
     finally:
         stop.set()
         if worker:
             await worker
-
-
-async def _serve_stdio(server: Any, stop: asyncio.Event) -> None:
-    serving, stopping = asyncio.create_task(server.run_stdio_async()), asyncio.create_task(stop.wait())
-    await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    serving.cancel()
-    stopping.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await serving  # its own failure, if any, is raised here
-
-
-# Open streams (a client's GET /mcp) never end by themselves: after a session flood uvicorn waited on
-# them 6-21 s, and Docker kills at 10 s. Past this, they are cut.
-MCP_SHUTDOWN_GRACE_S = 4
-
-
-async def _serve_http(server: Any, bind: tuple[str, int], stop: asyncio.Event) -> None:
-    """uvicorn takes SIGTERM/SIGINT while it serves, finishes gracefully, then raises the signal
-    again for serve_mcp's handler; a stop from elsewhere (the worker failing) ends it too."""
-    import uvicorn
-
-    host, port = bind
-    web = uvicorn.Server(uvicorn.Config(_mcp_http_app(server, host), host=host, port=port,
-                                       log_level="warning", access_log=False, lifespan="on",
-                                       timeout_graceful_shutdown=MCP_SHUTDOWN_GRACE_S))
-
-    async def exit_when_stopped() -> None:
-        await stop.wait()
-        web.should_exit = True
-
-    try:
-        listener = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
-        # accepted connections inherit it: without it each response waits ~40 ms on a delayed ACK
-        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError as exc:
-        why = exc.strerror or _Errors.describe(exc)
-        raise ServiceError("mcp", f"{host}:{port}", f"cannot listen there ({why})") from None
-    watcher = asyncio.create_task(exit_when_stopped())
-    try:
-        await web.serve(sockets=[listener])
-    finally:
-        watcher.cancel()
-        listener.close()
 
 
 # === CLI =========================================================================================
