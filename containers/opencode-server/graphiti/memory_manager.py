@@ -813,10 +813,185 @@ def in_group(name: str) -> Iterator[str]:
 # without an agent ddtrace holds a short CLI's exit for seconds. Metrics are DogStatsD datagrams sent
 # straight over UDP (one line each); the `datadog` client would add ~200 ms of import to a cache hit.
 
-METRIC_PREFIX = "opencode.memory."
-AGENT_PROBE_TIMEOUT_S = 0.1
-TRACE_FLUSH_TIMEOUT_S = 0.5
-SECRET_VARIABLES = ("OPENAI_API_KEY", "B2_APP_KEY", "VALKEY_PASSWORD", "FALKORDB_PASSWORD", "MEMORY_MCP_TOKEN")
+class _Metrics:
+    """DogStatsD metrics over UDP (or a unix socket): tagged with the group, sent without waiting, never failing
+    the operation they count."""
+
+    METRIC_PREFIX = "opencode.memory."
+
+    @staticmethod
+    def tags(**tags: Any) -> list[str]:
+        dd = _datadog()
+        standard = {"service": dd.service, "env": dd.env, "version": dd.version}
+        merged = {**tags, **{k: v for k, v in standard.items() if v}}
+        return [f"{k}:{str(v).replace(',', '_').replace('|', '_')}" for k, v in merged.items() if v is not None]
+
+    @staticmethod
+    async def resolve_udp(host: str, port: int) -> list[Any]:
+        """An IP address resolves at once; a name may need DNS, which must not block the event loop."""
+        try:
+            return socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM, flags=socket.AI_NUMERICHOST)
+        except socket.gaierror:
+            return await asyncio.to_thread(socket.getaddrinfo, host, port, type=socket.SOCK_DGRAM)
+
+    @classmethod
+    async def open(cls) -> None:
+        """The DogStatsD socket, its address resolved off the event loop (a pod's agent has a DNS name)."""
+        kind, address = _datadog().statsd
+        try:
+            if kind == "unix":
+                family = socket.AF_UNIX
+            else:
+                infos = await cls.resolve_udp(*address)
+                family, address = infos[0][0], infos[0][4]
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            _telemetry.statsd = (sock, address)
+        except OSError:
+            pass  # metrics are best effort: no agent, no metrics
+
+    @classmethod
+    def emit(cls, metric: str, value: float, kind: str, **tags: Any) -> None:
+        """Send one DogStatsD datagram (kind: c counter, d distribution, g gauge). Never raises."""
+        if _telemetry.statsd is None:
+            return  # opened by the first operation (or never: no agent, or bad DD_* settings)
+        sock, address = _telemetry.statsd
+        with contextlib.suppress(OSError):  # metrics are best effort: no agent, no metrics
+            number = value if isinstance(value, int) else f"{value:.6g}"  # `:g` wrote 2501998 bytes as 2.502e+06
+            sock.sendto(f"{cls.METRIC_PREFIX}{metric}:{number}|{kind}|#{','.join(cls.tags(**tags))}".encode(), address)
+
+    @staticmethod
+    def group_for_tags() -> str | None:
+        try:
+            return _settings().group_id
+        except UsageError:
+            return None
+
+    @staticmethod
+    def close() -> None:
+        if _telemetry.statsd is not None:
+            _telemetry.statsd[0].close()
+            _telemetry.statsd = None
+
+
+class _Tracing:
+    """Spans to the Datadog agent through ddtrace when the agent answers; a short-lived CLI records its spans
+    and a detached child sends them after the process has exited."""
+
+    AGENT_PROBE_TIMEOUT_S = 0.1
+    TRACE_FLUSH_TIMEOUT_S = 0.5
+
+    @classmethod
+    async def agent_answers(cls) -> bool:
+        kind, address = _datadog().agent
+
+        async def probe() -> bool:
+            if kind == "unix":
+                reader, writer = await asyncio.open_unix_connection(address)
+            else:
+                reader, writer = await asyncio.open_connection(*address)
+            try:
+                writer.write(b"GET /info HTTP/1.0\r\nHost: agent\r\n\r\n")
+                return (await reader.read(8)).startswith(b"HTTP/1.")
+            finally:
+                writer.close()
+
+        try:
+            return await asyncio.wait_for(probe(), cls.AGENT_PROBE_TIMEOUT_S)
+        except (TimeoutError, OSError, ValueError):
+            return False
+
+    @staticmethod
+    def ddtrace_tracer() -> Any:
+        # A CLI lives for a second: no instrumentation-telemetry posts and no remote configuration
+        # (which leaves an empty file in TMPDIR per process) unless the user wants them.
+        os.environ.setdefault("DD_INSTRUMENTATION_TELEMETRY_ENABLED", "false")
+        os.environ.setdefault("DD_REMOTE_CONFIGURATION_ENABLED", "false")
+        from ddtrace.trace import tracer
+
+        return tracer
+
+    @classmethod
+    async def tracer(cls) -> Any:
+        if _telemetry.statsd is None:
+            await _Metrics.open()
+        if not _telemetry.probed:
+            _telemetry.probed = True
+            if _datadog().tracing and await cls.agent_answers():
+                _telemetry.tracer = _SpanRecorder() if _telemetry.send_after_exit else cls.ddtrace_tracer()
+        return _telemetry.tracer
+
+    @classmethod
+    def send_spans_after_exit(cls, records: list[_SpanRecord]) -> None:
+        """Fork a detached child that sends the finished spans; the parent returns at once. The child
+        lets go of stdout and stderr first, so a caller reading them sees them close with the parent."""
+        finished = [r for r in records if r.end_ns]
+        if not finished:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        try:
+            child = os.fork()
+        except OSError:
+            return  # spans are best effort
+        if child:
+            return
+        try:
+            os.setsid()
+            quiet = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(quiet, fd)
+            cls.replay_spans(finished)
+        finally:
+            os._exit(0)
+
+    @classmethod
+    def replay_spans(cls, records: list[_SpanRecord]) -> None:
+        tracer = cls.ddtrace_tracer()
+        spans: dict[int, Any] = {}
+        for record in records:  # a parent is recorded before its children
+            span = tracer.start_span(record.name, child_of=spans.get(id(record.parent)), service=record.service,
+                                     resource=record.resource, activate=False)
+            span.start_ns = record.start_ns
+            for key, text in record.tags.items():
+                span.set_tag(key, text)
+            for key, number in record.metrics.items():
+                span.set_metric(key, number)
+            span.error = record.error
+            spans[id(record)] = span
+        for record in reversed(records):  # children first: ddtrace sends a trace once its root finishes
+            spans[id(record)].finish(finish_time=record.end_ns / 1e9)
+        tracer.shutdown(timeout=cls.TRACE_FLUSH_TIMEOUT_S)
+
+
+class _Secrets:
+    """The configured secrets' values, to be scrubbed from every line the module writes (logs, errors, spans),
+    and a short hash to name one without showing it."""
+
+    SECRET_VARIABLES = ("OPENAI_API_KEY", "B2_APP_KEY", "VALKEY_PASSWORD", "FALKORDB_PASSWORD", "MEMORY_MCP_TOKEN")
+
+    @classmethod
+    def values(cls) -> list[str]:
+        """Secrets straight from the environment, so scrubbing works even when Settings fails."""
+        values = [os.environ.get(name, "").strip() for name in cls.SECRET_VARIABLES]
+        for name in ("FALKORDB_URL", "VALKEY_URL"):
+            with contextlib.suppress(ValueError):
+                password = urlsplit(os.environ.get(name, "").strip()).password or ""
+                values += [password, unquote(password)]
+        with contextlib.suppress(UsageError):
+            values += [entry.partition("=")[0].strip() for entry in _Env.token_scope_lines("MEMORY_MCP_TOKENS")]
+        return [v for v in values if v]
+
+    @classmethod
+    def scrub(cls, text: str) -> str:
+        for secret in cls.values():
+            text = text.replace(secret, "***")
+        return text
+
+    @staticmethod
+    def short_hash(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 @dataclass
@@ -835,48 +1010,6 @@ def _datadog() -> _DatadogSettings:
 
 
 _telemetry = _Telemetry()
-
-
-def _secret_values() -> list[str]:
-    """Secrets straight from the environment, so scrubbing works even when Settings fails."""
-    values = [os.environ.get(name, "").strip() for name in SECRET_VARIABLES]
-    for name in ("FALKORDB_URL", "VALKEY_URL"):
-        with contextlib.suppress(ValueError):
-            password = urlsplit(os.environ.get(name, "").strip()).password or ""
-            values += [password, unquote(password)]
-    with contextlib.suppress(UsageError):
-        values += [entry.partition("=")[0].strip() for entry in _Env.token_scope_lines("MEMORY_MCP_TOKENS")]
-    return [v for v in values if v]
-
-
-def _scrub(text: str) -> str:
-    for secret in _secret_values():
-        text = text.replace(secret, "***")
-    return text
-
-
-def _short_hash(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-async def _agent_answers() -> bool:
-    kind, address = _datadog().agent
-
-    async def probe() -> bool:
-        if kind == "unix":
-            reader, writer = await asyncio.open_unix_connection(address)
-        else:
-            reader, writer = await asyncio.open_connection(*address)
-        try:
-            writer.write(b"GET /info HTTP/1.0\r\nHost: agent\r\n\r\n")
-            return (await reader.read(8)).startswith(b"HTTP/1.")
-        finally:
-            writer.close()
-
-    try:
-        return await asyncio.wait_for(probe(), AGENT_PROBE_TIMEOUT_S)
-    except (TimeoutError, OSError, ValueError):
-        return False
 
 
 # A query's caller (the plugin at a session's start) waits for the process to exit, and importing
@@ -918,110 +1051,6 @@ class _SpanRecorder:
         return record
 
 
-def _ddtrace_tracer() -> Any:
-    # A CLI lives for a second: no instrumentation-telemetry posts and no remote configuration
-    # (which leaves an empty file in TMPDIR per process) unless the user wants them.
-    os.environ.setdefault("DD_INSTRUMENTATION_TELEMETRY_ENABLED", "false")
-    os.environ.setdefault("DD_REMOTE_CONFIGURATION_ENABLED", "false")
-    from ddtrace.trace import tracer
-
-    return tracer
-
-
-async def _tracer() -> Any:
-    if _telemetry.statsd is None:
-        await _open_statsd()
-    if not _telemetry.probed:
-        _telemetry.probed = True
-        if _datadog().tracing and await _agent_answers():
-            _telemetry.tracer = _SpanRecorder() if _telemetry.send_after_exit else _ddtrace_tracer()
-    return _telemetry.tracer
-
-
-def _send_spans_after_exit(records: list[_SpanRecord]) -> None:
-    """Fork a detached child that sends the finished spans; the parent returns at once. The child
-    lets go of stdout and stderr first, so a caller reading them sees them close with the parent."""
-    finished = [r for r in records if r.end_ns]
-    if not finished:
-        return
-    with contextlib.suppress(OSError, ValueError):
-        sys.stdout.flush()
-        sys.stderr.flush()
-    try:
-        child = os.fork()
-    except OSError:
-        return  # spans are best effort
-    if child:
-        return
-    try:
-        os.setsid()
-        quiet = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(quiet, fd)
-        _replay_spans(finished)
-    finally:
-        os._exit(0)
-
-
-def _replay_spans(records: list[_SpanRecord]) -> None:
-    tracer = _ddtrace_tracer()
-    spans: dict[int, Any] = {}
-    for record in records:  # a parent is recorded before its children
-        span = tracer.start_span(record.name, child_of=spans.get(id(record.parent)), service=record.service,
-                                 resource=record.resource, activate=False)
-        span.start_ns = record.start_ns
-        for key, text in record.tags.items():
-            span.set_tag(key, text)
-        for key, number in record.metrics.items():
-            span.set_metric(key, number)
-        span.error = record.error
-        spans[id(record)] = span
-    for record in reversed(records):  # children first: ddtrace sends a trace once its root finishes
-        spans[id(record)].finish(finish_time=record.end_ns / 1e9)
-    tracer.shutdown(timeout=TRACE_FLUSH_TIMEOUT_S)
-
-
-def _metric_tags(**tags: Any) -> list[str]:
-    dd = _datadog()
-    standard = {"service": dd.service, "env": dd.env, "version": dd.version}
-    merged = {**tags, **{k: v for k, v in standard.items() if v}}
-    return [f"{k}:{str(v).replace(',', '_').replace('|', '_')}" for k, v in merged.items() if v is not None]
-
-
-async def _resolve_udp(host: str, port: int) -> list[Any]:
-    """An IP address resolves at once; a name may need DNS, which must not block the event loop."""
-    try:
-        return socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM, flags=socket.AI_NUMERICHOST)
-    except socket.gaierror:
-        return await asyncio.to_thread(socket.getaddrinfo, host, port, type=socket.SOCK_DGRAM)
-
-
-async def _open_statsd() -> None:
-    """The DogStatsD socket, its address resolved off the event loop (a pod's agent has a DNS name)."""
-    kind, address = _datadog().statsd
-    try:
-        if kind == "unix":
-            family = socket.AF_UNIX
-        else:
-            infos = await _resolve_udp(*address)
-            family, address = infos[0][0], infos[0][4]
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        sock.setblocking(False)
-        _telemetry.statsd = (sock, address)
-    except OSError:
-        pass  # metrics are best effort: no agent, no metrics
-
-
-def _emit(metric: str, value: float, kind: str, **tags: Any) -> None:
-    """Send one DogStatsD datagram (kind: c counter, d distribution, g gauge). Never raises."""
-    if _telemetry.statsd is None:
-        return  # opened by the first operation (or never: no agent, or bad DD_* settings)
-    sock, address = _telemetry.statsd
-    with contextlib.suppress(OSError):  # metrics are best effort: no agent, no metrics
-        number = value if isinstance(value, int) else f"{value:.6g}"  # `:g` wrote 2501998 bytes as 2.502e+06
-        sock.sendto(f"{METRIC_PREFIX}{metric}:{number}|{kind}|#{','.join(_metric_tags(**tags))}".encode(), address)
-
-
 class _Span:
     """Tags for the current span; does nothing when tracing is off."""
 
@@ -1042,7 +1071,7 @@ class _Span:
 @contextlib.asynccontextmanager
 async def _span(name: str, **tags: Any) -> AsyncIterator[_Span]:
     """A child span (or a no-op). Errors are tagged by hand so that their messages are scrubbed."""
-    tracer = await _tracer()
+    tracer = await _Tracing.tracer()
     if tracer is None:
         yield _Span()
         return
@@ -1054,7 +1083,7 @@ async def _span(name: str, **tags: Any) -> AsyncIterator[_Span]:
     except BaseException as exc:
         current.error = 1
         current.set_tag("error.type", type(exc).__name__)
-        current.set_tag("error.message", _scrub(str(exc))[:500])
+        current.set_tag("error.message", _Secrets.scrub(str(exc))[:500])
         raise
     finally:
         current.finish()
@@ -1065,7 +1094,7 @@ async def _operation(name: str, group: str | None = None, **tags: Any) -> AsyncI
     """The root span of a public operation plus its duration and error metrics. `group` defaults
     to the configured one; the worker passes the group of the episode it ingests."""
     started = time.perf_counter()
-    group = group or _group_for_tags()
+    group = group or _Metrics.group_for_tags()
     error_type = None
     try:
         async with _span(f"memory.{name}", **{"memory.group": group, **tags}) as current:
@@ -1077,32 +1106,19 @@ async def _operation(name: str, group: str | None = None, **tags: Any) -> AsyncI
         raise
     finally:
         metric_tags = {"operation": name, "group": group}
-        _emit(f"{name}.duration", round((time.perf_counter() - started) * 1000, 3), "d", **metric_tags)
+        _Metrics.emit(f"{name}.duration", round((time.perf_counter() - started) * 1000, 3), "d", **metric_tags)
         if error_type:
-            _emit("errors", 1, "c", error_type=error_type, **metric_tags)
-
-
-def _group_for_tags() -> str | None:
-    try:
-        return _settings().group_id
-    except UsageError:
-        return None
-
-
-def _close_statsd() -> None:
-    if _telemetry.statsd is not None:
-        _telemetry.statsd[0].close()
-        _telemetry.statsd = None
+            _Metrics.emit("errors", 1, "c", error_type=error_type, **metric_tags)
 
 
 def _shutdown_telemetry() -> None:
-    """Close the DogStatsD socket and flush spans within TRACE_FLUSH_TIMEOUT_S (or hand recorded
+    """Close the DogStatsD socket and flush spans within _Tracing.TRACE_FLUSH_TIMEOUT_S (or hand recorded
     ones to a child that sends them after this process has exited)."""
-    _close_statsd()
+    _Metrics.close()
     if isinstance(_telemetry.tracer, _SpanRecorder):
-        _send_spans_after_exit(_telemetry.tracer.records)
+        _Tracing.send_spans_after_exit(_telemetry.tracer.records)
     elif _telemetry.tracer is not None:
-        _telemetry.tracer.shutdown(timeout=TRACE_FLUSH_TIMEOUT_S)
+        _telemetry.tracer.shutdown(timeout=_Tracing.TRACE_FLUSH_TIMEOUT_S)
 
 
 # === Clients =====================================================================================
@@ -1764,7 +1780,7 @@ async def close() -> None:
     clients.valkey = clients.falkordb = clients.openai = clients.closer = None
     clients.graphiti.clear()
     clients.indexed_groups.clear()
-    _close_statsd()
+    _Metrics.close()
     _telemetry.settings = None
     clients.cache_down_until = 0.0
     clients.loop = None
@@ -2004,7 +2020,7 @@ class _Cache:
 
     @staticmethod
     def warn_down(exc: ServiceError) -> None:
-        _emit("cache_unavailable", 1, "c", group=_group_for_tags())
+        _Metrics.emit("cache_unavailable", 1, "c", group=_Metrics.group_for_tags())
         if _clients.cache_went_down():
             log.warning("warning: cache unavailable (%s); answering without it", exc)
 
@@ -2277,7 +2293,7 @@ class _Redactor:
     @staticmethod
     def count(found: Redacted, stage: str) -> None:
         for kind, count in found.kinds.items():
-            _emit("redactions", count, "c", type=kind, stage=stage)
+            _Metrics.emit("redactions", count, "c", type=kind, stage=stage)
 
 
 @dataclass
@@ -2740,7 +2756,7 @@ async def enqueue_episode(content: str, metadata: dict | str | None = None, *,
         content, metadata, raw_metadata, found = await redacting
         _Redactor.count(found, "store")
         entry = _Enqueue.entry(s.group_id, content, metadata, raw_metadata, when, awaited, job)
-        op.set(**{"memory.content.length": len(content), "memory.content.hash": _short_hash(content),
+        op.set(**{"memory.content.length": len(content), "memory.content.hash": _Secrets.short_hash(content),
                   "memory.metadata.keys": len(metadata or {}), "memory.job": entry["job"],
                   "memory.episode": entry["name"]})
         async with _span("memory.enqueue", **{"memory.job": entry["job"]}) as enqueue:
@@ -2750,9 +2766,9 @@ async def enqueue_episode(content: str, metadata: dict | str | None = None, *,
             except _Errors.valkey_errors() as exc:
                 await _Spool.keep(s, entry, exc)
                 enqueue.set(**{"queue.spooled": True})
-                _emit("queue.spooled", 1, "c", group=s.group_id)
+                _Metrics.emit("queue.spooled", 1, "c", group=s.group_id)
                 return _Enqueue.queued(entry, spooled=True)
-        _emit("queue.enqueued", 1, "c", group=s.group_id)
+        _Metrics.emit("queue.enqueued", 1, "c", group=s.group_id)
         await _Enqueue.ensure_a_worker(s, heartbeat)
         return _Enqueue.queued(entry)
 
@@ -3614,18 +3630,18 @@ async def _cached_answer(op: _Span, search_query: str, limit: int, scope: str = 
     s = _settings()
     group = s.group_id
     op.set(**{"memory.limit": limit, "memory.query.length": len(search_query), "memory.scope": scope,
-              "memory.query.hash": _short_hash(_normalise_query(search_query))})
+              "memory.query.hash": _Secrets.short_hash(_normalise_query(search_query))})
     # Everything that changes the answer is in the key: a process with redaction on must never be
     # served what a process with it off cached.
     variant = f"{scope}|{window.key()}|redact={'on' if s.redact else 'off'}"
     cached, slot = await _Cache.lookup(group, search_query, limit, variant)  # no span of its own: a hit is one MGET
     op.set(**{"cache.hit": cached is not None})
     if cached is not None:
-        _emit("cache_hit", 1, "c", operation="query", group=group)
+        _Metrics.emit("cache_hit", 1, "c", operation="query", group=group)
         answer = Answer.decode(cached)
     else:
         if slot is not None:
-            _emit("cache_miss", 1, "c", operation="query", group=group)
+            _Metrics.emit("cache_miss", 1, "c", operation="query", group=group)
         async with _span("memory.graph.search") as search:
             _TEXT_ONLY.set(False)
             answer = Answer.of(await _Recall.ranked(search_query, limit, scope, window))
@@ -4595,7 +4611,7 @@ class _Worker:
         exc = None if served.cancelled() else served.exception()
         if exc is not None:  # a bug: never silent; the next dispatch serves the group again
             log.error("error: %s stopped serving group %s: %s", self.id, group,
-                      _scrub(f"{type(exc).__name__}: {_Errors.describe(exc)}"))
+                      _Secrets.scrub(f"{type(exc).__name__}: {_Errors.describe(exc)}"))
 
     async def _serve(self, group: str, lease: Any) -> None:
         renewer = asyncio.create_task(self._keep(group, lease, asyncio.current_task()))
@@ -4645,7 +4661,7 @@ class _Worker:
 
     def _abandon(self, group: str, server: asyncio.Task | None, why: str) -> None:
         log.error("error: %s %s on group %r; abandoning the episode in flight", self.id, why, group)
-        _emit("worker.lease_lost", 1, "c", group=group)
+        _Metrics.emit("worker.lease_lost", 1, "c", group=group)
         if self.in_flight.get(group):  # an attempt, so an event that always gets abandoned ends dead-lettered
             counting = asyncio.ensure_future(self._count_abandoned(group, self.in_flight.pop(group), why))
             self.counting.add(counting)
@@ -4760,7 +4776,7 @@ class _Worker:
             if together and (struck or kind in ("input", "internal")):
                 entries = entries[:1]
             if strikes >= FALKORDB_STRIKES:
-                _emit("ingest.falkordb_strikes", 1, "c", group=group)
+                _Metrics.emit("ingest.falkordb_strikes", 1, "c", group=group)
                 detail = (f"falkordb at {self.s.falkordb_address} stopped answering {strikes} times "
                           f"while this episode was being ingested; set aside so the queue flows ({detail})")
                 await self._dead_letter(group, *entries[0], failures, detail)
@@ -4780,16 +4796,16 @@ class _Worker:
                 return True
             await self._pause(AUTH_PAUSE_S)
         elif kind == "transient":
-            _emit("ingest.retries", 1, "c", group=group, reason="transient")
+            _Metrics.emit("ingest.retries", 1, "c", group=group, reason="transient")
             await self._pause(_Worker.backoff_s(failures))
         elif together:  # which event is at fault is not known: no attempt counted; at once, alone
-            _emit("ingest.retries", 1, "c", group=group, reason=kind)
+            _Metrics.emit("ingest.retries", 1, "c", group=group, reason=kind)
         else:
             attempts = await _valkey().hincrby(_Keys.of(group, "attempts"), fields["job"], 1)
             if attempts >= self.s.max_attempts:
                 await self._dead_letter(group, entry_id, fields, attempts, detail)
                 return True
-            _emit("ingest.retries", 1, "c", group=group, reason=kind)
+            _Metrics.emit("ingest.retries", 1, "c", group=group, reason=kind)
             await self._pause(_Worker.backoff_s(attempts))
         return False
 
@@ -4900,7 +4916,7 @@ class _Worker:
                 "failed_at": datetime.now(UTC).isoformat()}
         await self._finish(group, entry_id, fields["job"],
                            {"status": "dead", "error": detail, "attempts": attempts}, dead_letter=dead)
-        _emit("ingest.dead_letters", 1, "c", group=group)
+        _Metrics.emit("ingest.dead_letters", 1, "c", group=group)
         self.summary.dead_lettered += 1
         log.error("error: %s (job %s) in group %s dead-lettered after %d attempts: %s",
                   fields["name"], fields["job"], group, attempts, detail)
@@ -4912,17 +4928,17 @@ class _Worker:
         return strikes + 1
 
     async def _record_error(self, group: str, job: str, exc: BaseException, kind: str) -> str:
-        detail = _scrub(f"{type(exc).__name__}: {_Errors.describe(exc)}")[:500]
+        detail = _Secrets.scrub(f"{type(exc).__name__}: {_Errors.describe(exc)}")[:500]
         if kind == "auth":
             detail = f"openai at {self.s.llm_address}: authentication failed (check OPENAI_API_KEY)"
             log.error("error: %s; ingestion paused", detail)
         elif kind == "internal":
             import traceback
 
-            _emit("ingest.internal_errors", 1, "c", group=group, type=type(exc).__name__)
+            _Metrics.emit("ingest.internal_errors", 1, "c", group=group, type=type(exc).__name__)
             detail = f"internal error (a bug, not this episode's fault; traceback in the worker's log): {detail}"
             log.error("error: group %s, job %s: %s\n%s", group, job, detail,
-                      _scrub("".join(traceback.format_exception(exc)))[-8000:].rstrip())
+                      _Secrets.scrub("".join(traceback.format_exception(exc)))[-8000:].rstrip())
         else:
             log.warning("warning: group %s, job %s: %s failure: %s", group, job, kind, detail)
         record = json.dumps({"at": datetime.now(UTC).isoformat(), "job": job, "kind": kind, "error": detail})
@@ -4956,9 +4972,9 @@ class _Worker:
 
     async def _report_gauges(self) -> None:
         for group in (await _QueueStatus.read())["groups"]:
-            _emit("queue.depth", group["queued"], "g", group=group["group"])
-            _emit("queue.oldest_age", group["oldest_age_s"] or 0, "g", group=group["group"])
-            _emit("queue.dead_letters", group["dead_letters"], "g", group=group["group"])
+            _Metrics.emit("queue.depth", group["queued"], "g", group=group["group"])
+            _Metrics.emit("queue.oldest_age", group["oldest_age_s"] or 0, "g", group=group["group"])
+            _Metrics.emit("queue.dead_letters", group["dead_letters"], "g", group=group["group"])
 
     async def _idle_exit(self) -> bool:
         """A drainer leaves when there is no work, closing the race with a store that just saw its
@@ -5037,7 +5053,7 @@ async def run_worker(drain: bool = False, stop: asyncio.Event | None = None) -> 
     """Ingest queued episodes until SIGTERM (worker) or until the queue stays empty for
     MEMORY_DRAIN_IDLE seconds (drain); with `stop`, until it is set (the caller owns the signals)."""
     _settings().require_llm()
-    await _tracer()  # a malformed DD_* variable stops the worker here, not every ingestion
+    await _Tracing.tracer()  # a malformed DD_* variable stops the worker here, not every ingestion
     return await _Worker(drain, stop).run()
 
 
@@ -5875,7 +5891,7 @@ class _Export:
     def record(op: _Span, summary: ExportSummary) -> None:
         op.set(**{"memory.groups": summary.groups, "memory.nodes": summary.nodes,
                   "memory.edges": summary.edges, "memory.bytes": summary.bytes})
-        _emit("export.bytes", summary.bytes, "d", operation="export")
+        _Metrics.emit("export.bytes", summary.bytes, "d", operation="export")
 
     @staticmethod
     def file_info(summary: ExportSummary) -> dict[str, str]:
@@ -6836,7 +6852,7 @@ class _McpServer:
         try:
             yield
         except MemoryManagerError as exc:
-            raise ToolError(_scrub(str(exc))) from None
+            raise ToolError(_Secrets.scrub(str(exc))) from None
 
     @staticmethod
     def memory_text(memory: dict) -> str:
@@ -7024,7 +7040,7 @@ class _Scope:
 
     @staticmethod
     def callers(s: Settings) -> dict[str, _Caller]:
-        callers = {token: _Caller(groups, _short_hash(token)) for token, groups in s.mcp_tokens}
+        callers = {token: _Caller(groups, _Secrets.short_hash(token)) for token, groups in s.mcp_tokens}
         if s.mcp_token:
             callers.setdefault(s.mcp_token, _Caller((s.group_id,)))
         return callers
@@ -7762,7 +7778,7 @@ class _Commands:
             except MemoryManagerError as exc:
                 failed.add(exc.exit_code)
                 cls.skip_rest_of_line(line, limit)
-                print(f"{PROG}: error: line {number}: {_scrub(str(exc))}", file=sys.stderr, flush=True)
+                print(f"{PROG}: error: line {number}: {_Secrets.scrub(str(exc))}", file=sys.stderr, flush=True)
                 continue
             cls.print_queued(args, queued)
         return min(failed, default=0)
@@ -8273,7 +8289,7 @@ class _ScrubSecrets(logging.Filter):
     """Warnings quote dependencies' error texts, which may echo a key: scrub them like errors."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg, record.args = _scrub(record.getMessage()), None
+        record.msg, record.args = _Secrets.scrub(record.getMessage()), None
         return True
 
 
@@ -8304,7 +8320,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         known = isinstance(exc, MemoryManagerError)
         detail = str(exc) if known else f"{type(exc).__name__}: {_Errors.describe(exc)}"
-        print(f"{PROG}: error: {_scrub(detail)}", file=sys.stderr)
+        print(f"{PROG}: error: {_Secrets.scrub(detail)}", file=sys.stderr)
         code = exc.exit_code if isinstance(exc, MemoryManagerError) else 1
     except KeyboardInterrupt:
         code = 130
