@@ -5491,92 +5491,151 @@ class _CountedBody:
         return chunk
 
 
-def _b2_api(s: Settings, moved: _Moved) -> Any:
-    """An authorised B2Api whose every HTTP request gives up after B2_STALL_S without a byte.
+class _B2:
+    """Backblaze B2 through b2sdk, off the event loop: an API per call with the key's own bucket, a moved
+    endpoint followed, exports listed and the oldest pruned beyond B2_KEEP."""
 
-    The stall rule sees the bytes b2sdk hands to its sockets; what sits in their send buffers has
-    not reached B2 yet. Small buffers and four part uploads (b2sdk's default is ten) keep that
-    under 2 MB, so a 1 Mbit/s uplink drains it in 16 s, well within the default 60 s."""
-    import requests
-    from b2sdk.v2 import B2Api, B2HttpApiConfig, InMemoryAccountInfo
-    from urllib3.connection import HTTPConnection
+    @staticmethod
+    def api(s: Settings, moved: _Moved) -> Any:
+        """An authorised B2Api whose every HTTP request gives up after B2_STALL_S without a byte.
 
-    class SmallSendBuffers(requests.adapters.HTTPAdapter):
-        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-            kwargs["socket_options"] = [*HTTPConnection.default_socket_options,
-                                        (socket.SOL_SOCKET, socket.SO_SNDBUF, B2_SEND_BUFFER_BYTES)]
-            super().init_poolmanager(*args, **kwargs)
+        The stall rule sees the bytes b2sdk hands to its sockets; what sits in their send buffers has
+        not reached B2 yet. Small buffers and four part uploads (b2sdk's default is ten) keep that
+        under 2 MB, so a 1 Mbit/s uplink drains it in 16 s, well within the default 60 s."""
+        import requests
+        from b2sdk.v2 import B2Api, B2HttpApiConfig, InMemoryAccountInfo
+        from urllib3.connection import HTTPConnection
 
-    class BoundedSession(requests.Session):
-        def __init__(self) -> None:
-            super().__init__()
-            for scheme in ("http://", "https://"):
-                self.mount(scheme, SmallSendBuffers())
+        class SmallSendBuffers(requests.adapters.HTTPAdapter):
+            def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+                kwargs["socket_options"] = [*HTTPConnection.default_socket_options,
+                                            (socket.SOL_SOCKET, socket.SO_SNDBUF, B2_SEND_BUFFER_BYTES)]
+                super().init_poolmanager(*args, **kwargs)
 
-        def request(self, *args: Any, **kwargs: Any) -> Any:
-            kwargs["timeout"] = (B2_CONNECT_TIMEOUT_S, s.b2_stall_s)
-            if hasattr(kwargs.get("data"), "read"):  # an upload's body: count what it sends
-                part = (kwargs.get("headers") or {}).get("X-Bz-Part-Number", "whole file")
-                kwargs["data"] = _CountedBody(kwargs["data"], functools.partial(moved.sent, part))
-            return super().request(*args, **kwargs)
+        class BoundedSession(requests.Session):
+            def __init__(self) -> None:
+                super().__init__()
+                for scheme in ("http://", "https://"):
+                    self.mount(scheme, SmallSendBuffers())
 
-    api = B2Api(InMemoryAccountInfo(), max_upload_workers=B2_UPLOAD_WORKERS,
-                api_config=B2HttpApiConfig(http_session_factory=BoundedSession))
-    api.authorize_account(s.b2_realm, s.b2_key_id, s.b2_app_key)
-    return api
+            def request(self, *args: Any, **kwargs: Any) -> Any:
+                kwargs["timeout"] = (B2_CONNECT_TIMEOUT_S, s.b2_stall_s)
+                if hasattr(kwargs.get("data"), "read"):  # an upload's body: count what it sends
+                    part = (kwargs.get("headers") or {}).get("X-Bz-Part-Number", "whole file")
+                    kwargs["data"] = _CountedBody(kwargs["data"], functools.partial(moved.sent, part))
+                return super().request(*args, **kwargs)
 
+        api = B2Api(InMemoryAccountInfo(), max_upload_workers=B2_UPLOAD_WORKERS,
+                    api_config=B2HttpApiConfig(http_session_factory=BoundedSession))
+        api.authorize_account(s.b2_realm, s.b2_key_id, s.b2_app_key)
+        return api
 
-def _b2_call(s: Settings, work: Callable[[Any], Any], moved: _Moved) -> Any:
-    from b2sdk.v2 import exception as b2
+    @classmethod
+    def call(cls, s: Settings, work: Callable[[Any], Any], moved: _Moved) -> Any:
+        from b2sdk.v2 import exception as b2
 
-    try:
-        return work(_b2_api(s, moved))
-    except (b2.InvalidAuthToken, b2.Unauthorized) as exc:
-        raise ServiceError("b2", s.b2_address, "authorization failed (check B2_KEY_ID and B2_APP_KEY)") from exc
-    except b2.NonExistentBucket as exc:  # the bucket asked for, which need not be B2_BUCKET
-        raise ServiceError("b2", s.b2_address, f"bucket {exc.bucket_name or s.b2_bucket!r} does not exist or "
-                           "the key cannot see it") from exc
-    except b2.FileNotPresent as exc:
-        raise ServiceError("b2", s.b2_address, "file not found") from exc
-    except b2.B2ConnectionError as exc:
-        raise ServiceError("b2", s.b2_address, "cannot connect") from exc
-    except b2.B2RequestTimeout as exc:
-        raise ServiceError("b2", s.b2_address, "request timed out") from exc
-    except b2.B2Error as exc:
-        raise ServiceError("b2", s.b2_address, f"{type(exc).__name__}: {_Errors.describe(exc)}") from exc
-
-
-async def _b2(work: Callable[..., Any], transfer: bool = False) -> Any:
-    """Run blocking b2sdk work in a daemon thread until it ends or no new byte has moved for
-    B2_STALL_S (upload bodies are counted as sent; a download's `work(api, listener)` gets a
-    progress listener). There is no deadline for the whole: an upload of any size finishes while
-    bytes keep moving, and b2sdk's own retries, which can outlast any per-request timeout, are cut
-    off at the same bound."""
-    s = _settings()
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future = loop.create_future()
-    moved = _Moved()
-    job = functools.partial(work, listener=moved.listener()) if transfer else work
-
-    def settle(result: Any, error: BaseException | None) -> None:
-        if not done.done():
-            done.set_exception(error) if error else done.set_result(result)
-
-    def run() -> None:
         try:
-            outcome: tuple[Any, BaseException | None] = (_b2_call(s, job, moved), None)
-        except BaseException as exc:  # noqa: BLE001 - handed to the waiting coroutine
-            outcome = (None, exc)
-        with contextlib.suppress(RuntimeError):  # the loop may be gone after a stall
-            loop.call_soon_threadsafe(settle, *outcome)
+            return work(cls.api(s, moved))
+        except (b2.InvalidAuthToken, b2.Unauthorized) as exc:
+            raise ServiceError("b2", s.b2_address, "authorization failed (check B2_KEY_ID and B2_APP_KEY)") from exc
+        except b2.NonExistentBucket as exc:  # the bucket asked for, which need not be B2_BUCKET
+            raise ServiceError("b2", s.b2_address, f"bucket {exc.bucket_name or s.b2_bucket!r} does not exist or "
+                               "the key cannot see it") from exc
+        except b2.FileNotPresent as exc:
+            raise ServiceError("b2", s.b2_address, "file not found") from exc
+        except b2.B2ConnectionError as exc:
+            raise ServiceError("b2", s.b2_address, "cannot connect") from exc
+        except b2.B2RequestTimeout as exc:
+            raise ServiceError("b2", s.b2_address, "request timed out") from exc
+        except b2.B2Error as exc:
+            raise ServiceError("b2", s.b2_address, f"{type(exc).__name__}: {_Errors.describe(exc)}") from exc
 
-    threading.Thread(target=run, name="b2", daemon=True).start()
-    while True:
-        with contextlib.suppress(TimeoutError):
-            return await asyncio.wait_for(asyncio.shield(done), 1.0)
-        if time.monotonic() - moved.at > s.b2_stall_s:
-            # b2sdk's pool threads may stay blocked in it: the CLI's os._exit does not join them
-            raise ServiceError("b2", s.b2_address, f"no bytes moved for {s.b2_stall_s} s (B2_STALL_S)")
+    @classmethod
+    async def run(cls, work: Callable[..., Any], transfer: bool = False) -> Any:
+        """Run blocking b2sdk work in a daemon thread until it ends or no new byte has moved for
+        B2_STALL_S (upload bodies are counted as sent; a download's `work(api, listener)` gets a
+        progress listener). There is no deadline for the whole: an upload of any size finishes while
+        bytes keep moving, and b2sdk's own retries, which can outlast any per-request timeout, are cut
+        off at the same bound."""
+        s = _settings()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        moved = _Moved()
+        job = functools.partial(work, listener=moved.listener()) if transfer else work
+
+        def settle(result: Any, error: BaseException | None) -> None:
+            if not done.done():
+                done.set_exception(error) if error else done.set_result(result)
+
+        def run() -> None:
+            try:
+                outcome: tuple[Any, BaseException | None] = (cls.call(s, job, moved), None)
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting coroutine
+                outcome = (None, exc)
+            with contextlib.suppress(RuntimeError):  # the loop may be gone after a stall
+                loop.call_soon_threadsafe(settle, *outcome)
+
+        threading.Thread(target=run, name="b2", daemon=True).start()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                return await asyncio.wait_for(asyncio.shield(done), 1.0)
+            if time.monotonic() - moved.at > s.b2_stall_s:
+                # b2sdk's pool threads may stay blocked in it: the CLI's os._exit does not join them
+                raise ServiceError("b2", s.b2_address, f"no bytes moved for {s.b2_stall_s} s (B2_STALL_S)")
+
+    @staticmethod
+    def exports_in(bucket: Any, prefix: str, latest_only: bool = True) -> list[Any]:
+        """Our exports directly under the prefix, newest first (with every older version of each file
+        when not `latest_only`); nothing else in the bucket."""
+        def ours(name: str) -> bool:  # ls also yields one file per subfolder: keep this level's only
+            folder, _, base = name.rpartition("/")
+            return folder == prefix and bool(EXPORT_NAME.fullmatch(base))
+
+        found = [version for version, _ in bucket.ls(folder_to_list=prefix, latest_only=latest_only, recursive=False)
+                 if ours(version.file_name) and version.action == "upload"]
+        return sorted(found, key=lambda v: (v.file_name, v.upload_timestamp), reverse=True)
+
+    @classmethod
+    async def prune_exports(cls, s: Settings, keep_name: str) -> list[str]:
+        """Delete exports beyond the newest B2_KEEP, never the one just written. A failure here is a
+        warning: the backup itself is in B2."""
+        if not s.b2_keep:
+            return []
+
+        def prune(api: Any) -> list[str]:
+            bucket = api.get_bucket_by_name(s.b2_bucket)
+            old = [v for v in cls.exports_in(bucket, s.b2_prefix)[s.b2_keep:] if v.file_name != keep_name]
+            for version in old:
+                bucket.delete_file_version(version.id_, version.file_name)
+            return [v.file_name for v in old]
+
+        try:
+            return await cls.run(prune)
+        except ServiceError as exc:
+            log.warning("warning: the export is in B2, but deleting older exports failed: %s", exc)
+            return []
+
+    @classmethod
+    async def list_backups(cls, bucket: str | None) -> list[Backup]:
+        s = _settings()
+        s.require_b2("list backups", needs_bucket=bucket is None)
+        name = bucket or s.b2_bucket or ""
+
+        def listing(api: Any) -> list[Backup]:
+            return [cls.backup(name, v) for v in cls.exports_in(api.get_bucket_by_name(name), s.b2_prefix)]
+
+        return await cls.run(listing)
+
+    @staticmethod
+    def backup(bucket: str, version: Any) -> Backup:
+        info = version.file_info or {}
+
+        def count(key: str) -> int | None:
+            return int(info[key]) if str(info.get(key, "")).isdigit() else None
+
+        when = datetime.fromtimestamp(version.upload_timestamp / 1000, UTC).isoformat()
+        return Backup(f"b2://{bucket}/{version.file_name}", when, version.size, count("groups"), count("nodes"),
+                      count("edges"))
 
 
 @dataclass(frozen=True)
@@ -5591,64 +5650,10 @@ class Backup:
     edges: int | None
 
 
-def _exports_in(bucket: Any, prefix: str, latest_only: bool = True) -> list[Any]:
-    """Our exports directly under the prefix, newest first (with every older version of each file
-    when not `latest_only`); nothing else in the bucket."""
-    def ours(name: str) -> bool:  # ls also yields one file per subfolder: keep this level's only
-        folder, _, base = name.rpartition("/")
-        return folder == prefix and bool(EXPORT_NAME.fullmatch(base))
-
-    found = [version for version, _ in bucket.ls(folder_to_list=prefix, latest_only=latest_only, recursive=False)
-             if ours(version.file_name) and version.action == "upload"]
-    return sorted(found, key=lambda v: (v.file_name, v.upload_timestamp), reverse=True)
-
-
-async def _prune_exports(s: Settings, keep_name: str) -> list[str]:
-    """Delete exports beyond the newest B2_KEEP, never the one just written. A failure here is a
-    warning: the backup itself is in B2."""
-    if not s.b2_keep:
-        return []
-
-    def prune(api: Any) -> list[str]:
-        bucket = api.get_bucket_by_name(s.b2_bucket)
-        old = [v for v in _exports_in(bucket, s.b2_prefix)[s.b2_keep:] if v.file_name != keep_name]
-        for version in old:
-            bucket.delete_file_version(version.id_, version.file_name)
-        return [v.file_name for v in old]
-
-    try:
-        return await _b2(prune)
-    except ServiceError as exc:
-        log.warning("warning: the export is in B2, but deleting older exports failed: %s", exc)
-        return []
-
-
 async def list_backups(bucket: str | None = None) -> list[Backup]:
     """The exports under B2_PREFIX in the bucket (default B2_BUCKET), newest first."""
     async with _operation("backups"):
-        return await _list_backups(bucket)
-
-
-async def _list_backups(bucket: str | None) -> list[Backup]:
-    s = _settings()
-    s.require_b2("list backups", needs_bucket=bucket is None)
-    name = bucket or s.b2_bucket or ""
-
-    def listing(api: Any) -> list[Backup]:
-        return [_backup(name, v) for v in _exports_in(api.get_bucket_by_name(name), s.b2_prefix)]
-
-    return await _b2(listing)
-
-
-def _backup(bucket: str, version: Any) -> Backup:
-    info = version.file_info or {}
-
-    def count(key: str) -> int | None:
-        return int(info[key]) if str(info.get(key, "")).isdigit() else None
-
-    when = datetime.fromtimestamp(version.upload_timestamp / 1000, UTC).isoformat()
-    return Backup(f"b2://{bucket}/{version.file_name}", when, version.size, count("groups"), count("nodes"),
-                  count("edges"))
+        return await _B2.list_backups(bucket)
 
 
 # === Export and restore ==========================================================================
@@ -5973,7 +5978,7 @@ class _Restore:
             raise UsageError(f"expected b2://<bucket>/<file name> or b2://<bucket>/latest, got {source!r}")
         _settings().require_b2("restore")
         if name == "latest":
-            newest = await _list_backups(bucket)
+            newest = await _B2.list_backups(bucket)
             if not newest:
                 prefix = _settings().b2_prefix
                 raise UsageError(f"no export under {'B2_PREFIX ' + repr(prefix) if prefix else 'the top level'} "
@@ -5988,7 +5993,7 @@ class _Restore:
                 return downloaded.download_version.file_info
 
             async with _span("memory.b2.download"):
-                file_info = await _b2(download, transfer=True)
+                file_info = await _B2.run(download, transfer=True)
             expected = file_info.get("sha256")
             if expected and await asyncio.to_thread(cls.file_sha256, temporary) != expected:
                 raise UsageError(f"{source} does not match its sha256 file info (corrupt upload?)")
@@ -6171,13 +6176,13 @@ async def export_to_b2(progress: Progress | None = None) -> ExportSummary:
                 summary = await _Export.compressed(out, progress)
             file_info = _Export.file_info(summary)
             async with _span("memory.b2.upload", **{"memory.bytes": summary.bytes}):
-                await _b2(lambda api: api.get_bucket_by_name(s.b2_bucket).upload_local_file(
+                await _B2.run(lambda api: api.get_bucket_by_name(s.b2_bucket).upload_local_file(
                     temporary, name, content_type="application/zstd", file_info=file_info))
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
         summary.target = f"b2://{s.b2_bucket}/{name}"
-        summary.pruned = await _prune_exports(s, keep_name=name)
+        summary.pruned = await _B2.prune_exports(s, keep_name=name)
         _Export.record(op, summary)
     return summary
 
@@ -6537,7 +6542,7 @@ class _Erase:
             def download(api: Any, listener: Any) -> None:
                 api.download_file_by_id(version.id_, progress_listener=listener).save_to(temporary)
 
-            await _b2(download, transfer=True)
+            await _B2.run(download, transfer=True)
             yield temporary
         finally:
             os.unlink(temporary)
@@ -6551,7 +6556,8 @@ class _Erase:
             report.unreachable.append("B2 exports (B2_KEY_ID, B2_APP_KEY and B2_BUCKET are not all set)")
             return
         bucket = s.b2_bucket
-        versions = await _b2(lambda api: _exports_in(api.get_bucket_by_name(bucket), s.b2_prefix, latest_only=False))
+        versions = await _B2.run(lambda api: _B2.exports_in(api.get_bucket_by_name(bucket), s.b2_prefix,
+                                                            latest_only=False))
         holding: list[Any] = []
         for version in versions:
             async with cls.downloaded(version) as local:
@@ -6576,7 +6582,7 @@ class _Erase:
         os.close(fd)
         try:
             summary = await asyncio.to_thread(cls.compress_without, local, group, temporary)
-            await _b2(lambda api: api.get_bucket_by_name(s.b2_bucket).upload_local_file(
+            await _B2.run(lambda api: api.get_bucket_by_name(s.b2_bucket).upload_local_file(
                 temporary, name, content_type="application/zstd", file_info=_Export.file_info(summary)))
         finally:
             os.unlink(temporary)
@@ -6599,7 +6605,7 @@ class _Erase:
                     outcomes.append((version, f"{type(exc).__name__}: {_Errors.describe(exc)}"))
             return outcomes
 
-        for version, refused in await _b2(delete):
+        for version, refused in await _B2.run(delete):
             location = f"b2://{s.b2_bucket}/{version.file_name} (version {version.id_})"
             if refused:
                 report.backups_holding.append(location)
@@ -6645,11 +6651,114 @@ async def erase_group(group: str, backups: bool = False) -> EraseReport:
 # new user does not start with an empty memory. Each stored as the plugin stores a live turn, at the
 # time it was asked, with a job id made from its message id: importing again stores nothing.
 
-OPENCODE_DB = os.path.join("opencode", "opencode.db")  # under $XDG_DATA_HOME, as OpenCode 1.18 writes it
-OPENCODE_EDITING_TOOLS = frozenset({"edit", "write", "patch", "multiedit"})  # the plugin's list
-MAX_IMPORTED_QUESTION = 1_000  # characters of the user's message, as the plugin keeps
-MAX_IMPORTED_ANSWER = 2_000    # characters of the assistant's final answer, as the plugin keeps
-IMPORT_JOBS = uuid.UUID("5c0f7d0e-2f4b-4f7e-9a53-0b6f1c3e8d21")  # the namespace of imported job ids
+class _OpenCodeHistory:
+    """OpenCode's own database read for `import`: each session of a project directory turned into the turns the
+    plugin would have stored, each with a job id of its own so a second import stores nothing twice."""
+
+    OPENCODE_DB = os.path.join("opencode", "opencode.db")  # under $XDG_DATA_HOME, as OpenCode 1.18 writes it
+    OPENCODE_EDITING_TOOLS = frozenset({"edit", "write", "patch", "multiedit"})  # the plugin's list
+    MAX_IMPORTED_QUESTION = 1_000  # characters of the user's message, as the plugin keeps
+    MAX_IMPORTED_ANSWER = 2_000    # characters of the assistant's final answer, as the plugin keeps
+    IMPORT_JOBS = uuid.UUID("5c0f7d0e-2f4b-4f7e-9a53-0b6f1c3e8d21")  # the namespace of imported job ids
+
+    @classmethod
+    def database(cls, path: str | None) -> str:
+        data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+        found = path or os.path.join(data, cls.OPENCODE_DB)
+        if not os.path.isfile(found):
+            raise UsageError(f"no OpenCode history at {found} (give its opencode.db with --db)")
+        return found
+
+    @classmethod
+    def read_turns(cls, db: str, directory: str, since: datetime | None) -> tuple[int, list[_PastTurn | None]]:
+        """The sessions OpenCode held in `directory` (or below it) and their turns, oldest first; None
+        for a turn with nothing to store. Read-only, and only the session, message and part tables:
+        the same file holds OpenCode's credentials."""
+        import sqlite3
+
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn:
+                sessions = conn.execute(
+                    "SELECT id FROM session WHERE (directory = ? OR directory LIKE ? ESCAPE '\\') "
+                    "AND time_created >= ? ORDER BY time_created, id",
+                    (directory, cls.like_prefix(directory), cls.epoch_ms(since))).fetchall()
+                ids = [row[0] for row in sessions]
+                marks = ",".join("?" * len(ids))
+                messages = conn.execute(f"SELECT id, session_id, time_created, data FROM message WHERE session_id IN "
+                                        f"({marks}) ORDER BY time_created, id", ids).fetchall()
+                parts = conn.execute(f"SELECT message_id, data FROM part WHERE session_id IN ({marks}) "
+                                     f"ORDER BY time_created, id", ids).fetchall()
+        except sqlite3.Error as exc:
+            raise UsageError(f"{db}: not an OpenCode history this version can read ({exc})") from None
+        return len(ids), cls.turns(messages, parts, directory)
+
+    @staticmethod
+    def like_prefix(directory: str) -> str:
+        return re.sub(r"([\\%_])", r"\\\1", directory.rstrip("/")) + "/%"
+
+    @staticmethod
+    def epoch_ms(since: datetime | None) -> int:
+        return int(since.timestamp() * 1000) if since else 0
+
+    @classmethod
+    def turns(cls, messages: list[tuple], parts: list[tuple], root: str) -> list[_PastTurn | None]:
+        by_message: dict[str, list[dict]] = defaultdict(list)
+        for message_id, data in parts:
+            by_message[message_id].append(json.loads(data))
+        replies: dict[str, list[str]] = defaultdict(list)  # a user message -> its assistant messages
+        asked = []
+        for message_id, session, created, data in messages:
+            fields = json.loads(data)
+            if fields.get("role") == "user":
+                asked.append((message_id, session, created))
+            elif fields.get("parentID"):
+                replies[fields["parentID"]].append(message_id)
+        return [cls.past_turn(session, message_id, created, by_message[message_id],
+                              [by_message[reply] for reply in replies[message_id]], root)
+                for message_id, session, created in asked]
+
+    @classmethod
+    def past_turn(cls, session: str, message: str, created: int, question: list[dict], answers: list[list[dict]],
+                  root: str) -> _PastTurn | None:
+        """The plugin's outcome of a turn: what was asked, the final answer, files changed, commands
+        with their exit status, tools used; nothing for a turn that only used the memory's own tools."""
+        asked = "\n".join(p.get("text", "") for p in question if p.get("type") == "text" and not p.get("synthetic"))
+        tools, files, commands = [], [], []
+        for part in (p for parts in answers for p in parts if p.get("type") == "tool"):
+            args = (part.get("state") or {}).get("input") or {}
+            target = str(args.get("filePath") or args.get("path") or args.get("command") or "")
+            if target and os.path.isabs(target):
+                target = os.path.relpath(target, root) if target.startswith(root.rstrip("/") + "/") else target
+            tools.append(f"{part.get('tool')}({target[:120]})" if target else str(part.get("tool")))
+            if part.get("tool") in cls.OPENCODE_EDITING_TOOLS and args.get("filePath"):
+                files.append(target)
+            if part.get("tool") == "bash" and args.get("command"):
+                exit_code = ((part.get("state") or {}).get("metadata") or {}).get("exit")
+                commands.append(str(args["command"])[:200] + ("" if exit_code is None else f" (exit {exit_code})"))
+        own = [tool for tool in tools if not tool.startswith("memory_")]
+        said = [[p.get("text", "") for p in parts if p.get("type") == "text" and not p.get("synthetic")]
+                for parts in answers]
+        final: list[str] = next((texts for texts in reversed(said) if any(texts)), [])
+        answer = "\n".join(final).strip()[:cls.MAX_IMPORTED_ANSWER]
+        if not asked.strip() or (tools and not own):
+            return None
+        lines = [f"Completed a turn. The user asked: {asked.strip()[:cls.MAX_IMPORTED_QUESTION]}",
+                 answer and f"Answer: {answer}",
+                 files and f"Files changed: {', '.join(dict.fromkeys(files))}.",
+                 commands and f"Commands run: {'; '.join(commands)}.",
+                 own and f"Tools used: {', '.join(own)}."]
+        return _PastTurn(session, message, datetime.fromtimestamp(created / 1000, UTC),
+                        "\n".join(line for line in lines if line))
+
+    @classmethod
+    def import_job(cls, turn: _PastTurn) -> str:
+        return uuid.uuid5(cls.IMPORT_JOBS, f"{_settings().group_id}/{turn.message}").hex
+
+    @staticmethod
+    async def stored_jobs(jobs: list[str]) -> set[str]:
+        """Those of `jobs` whose episode is in the group's graph already."""
+        rows = await _Reads.rows("MATCH (e:Episodic) WHERE e.job_id IN $jobs RETURN e.job_id", {"jobs": jobs})
+        return {row[0] for row in rows}
 
 
 @dataclass(frozen=True)
@@ -6673,93 +6782,6 @@ class Imported:
     skipped: int = 0   # nothing to store: only memory tools, or no question
 
 
-def _opencode_db(path: str | None) -> str:
-    data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    found = path or os.path.join(data, OPENCODE_DB)
-    if not os.path.isfile(found):
-        raise UsageError(f"no OpenCode history at {found} (give its opencode.db with --db)")
-    return found
-
-
-def _read_opencode_turns(db: str, directory: str, since: datetime | None) -> tuple[int, list[_PastTurn | None]]:
-    """The sessions OpenCode held in `directory` (or below it) and their turns, oldest first; None
-    for a turn with nothing to store. Read-only, and only the session, message and part tables:
-    the same file holds OpenCode's credentials."""
-    import sqlite3
-
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn:
-            sessions = conn.execute(
-                "SELECT id FROM session WHERE (directory = ? OR directory LIKE ? ESCAPE '\\') AND time_created >= ? "
-                "ORDER BY time_created, id", (directory, _like_prefix(directory), _epoch_ms(since))).fetchall()
-            ids = [row[0] for row in sessions]
-            marks = ",".join("?" * len(ids))
-            messages = conn.execute(f"SELECT id, session_id, time_created, data FROM message WHERE session_id IN "
-                                    f"({marks}) ORDER BY time_created, id", ids).fetchall()
-            parts = conn.execute(f"SELECT message_id, data FROM part WHERE session_id IN ({marks}) "
-                                 f"ORDER BY time_created, id", ids).fetchall()
-    except sqlite3.Error as exc:
-        raise UsageError(f"{db}: not an OpenCode history this version can read ({exc})") from None
-    return len(ids), _turns(messages, parts, directory)
-
-
-def _like_prefix(directory: str) -> str:
-    return re.sub(r"([\\%_])", r"\\\1", directory.rstrip("/")) + "/%"
-
-
-def _epoch_ms(since: datetime | None) -> int:
-    return int(since.timestamp() * 1000) if since else 0
-
-
-def _turns(messages: list[tuple], parts: list[tuple], root: str) -> list[_PastTurn | None]:
-    by_message: dict[str, list[dict]] = defaultdict(list)
-    for message_id, data in parts:
-        by_message[message_id].append(json.loads(data))
-    replies: dict[str, list[str]] = defaultdict(list)  # a user message -> its assistant messages
-    asked = []
-    for message_id, session, created, data in messages:
-        fields = json.loads(data)
-        if fields.get("role") == "user":
-            asked.append((message_id, session, created))
-        elif fields.get("parentID"):
-            replies[fields["parentID"]].append(message_id)
-    return [_past_turn(session, message_id, created, by_message[message_id],
-                       [by_message[reply] for reply in replies[message_id]], root)
-            for message_id, session, created in asked]
-
-
-def _past_turn(session: str, message: str, created: int, question: list[dict], answers: list[list[dict]],
-               root: str) -> _PastTurn | None:
-    """The plugin's outcome of a turn: what was asked, the final answer, files changed, commands
-    with their exit status, tools used; nothing for a turn that only used the memory's own tools."""
-    asked = "\n".join(p.get("text", "") for p in question if p.get("type") == "text" and not p.get("synthetic"))
-    tools, files, commands = [], [], []
-    for part in (p for parts in answers for p in parts if p.get("type") == "tool"):
-        args = (part.get("state") or {}).get("input") or {}
-        target = str(args.get("filePath") or args.get("path") or args.get("command") or "")
-        if target and os.path.isabs(target):
-            target = os.path.relpath(target, root) if target.startswith(root.rstrip("/") + "/") else target
-        tools.append(f"{part.get('tool')}({target[:120]})" if target else str(part.get("tool")))
-        if part.get("tool") in OPENCODE_EDITING_TOOLS and args.get("filePath"):
-            files.append(target)
-        if part.get("tool") == "bash" and args.get("command"):
-            exit_code = ((part.get("state") or {}).get("metadata") or {}).get("exit")
-            commands.append(str(args["command"])[:200] + ("" if exit_code is None else f" (exit {exit_code})"))
-    own = [tool for tool in tools if not tool.startswith("memory_")]
-    said = [[p.get("text", "") for p in parts if p.get("type") == "text" and not p.get("synthetic")]
-            for parts in answers]
-    answer = "\n".join(next((texts for texts in reversed(said) if any(texts)), [])).strip()[:MAX_IMPORTED_ANSWER]
-    if not asked.strip() or (tools and not own):
-        return None
-    lines = [f"Completed a turn. The user asked: {asked.strip()[:MAX_IMPORTED_QUESTION]}",
-             answer and f"Answer: {answer}",
-             files and f"Files changed: {', '.join(dict.fromkeys(files))}.",
-             commands and f"Commands run: {'; '.join(commands)}.",
-             own and f"Tools used: {', '.join(own)}."]
-    return _PastTurn(session, message, datetime.fromtimestamp(created / 1000, UTC),
-                    "\n".join(line for line in lines if line))
-
-
 async def import_opencode(directory: str | None = None, *, since: str | datetime | None = None,
                           db: str | None = None, dry_run: bool = False,
                           progress: Callable[[int, int], None] | None = None) -> Imported:
@@ -6767,10 +6789,10 @@ async def import_opencode(directory: str | None = None, *, since: str | datetime
     import stored before, each at the time it was asked; `dry_run`: count them, store nothing."""
     root = os.path.realpath(directory or _working_directory())
     when = _Input.event_time(since, "since") if since is not None else None
-    count, turns = await asyncio.to_thread(_read_opencode_turns, _opencode_db(db), root, when)
+    count, turns = await asyncio.to_thread(_OpenCodeHistory.read_turns, _OpenCodeHistory.database(db), root, when)
     report = Imported(sessions=count, turns=len(turns), skipped=sum(t is None for t in turns))
-    wanted = {_import_job(t): t for t in turns if t is not None}
-    stored = await _stored_jobs(list(wanted))
+    wanted = {_OpenCodeHistory.import_job(t): t for t in turns if t is not None}
+    stored = await _OpenCodeHistory.stored_jobs(list(wanted))
     report.already = len(stored)
     for done, (job, turn) in enumerate((j, t) for j, t in wanted.items() if j not in stored):
         if not dry_run:
@@ -6781,16 +6803,6 @@ async def import_opencode(directory: str | None = None, *, since: str | datetime
         if progress:
             progress(done + 1, len(wanted) - len(stored))
     return report
-
-
-def _import_job(turn: _PastTurn) -> str:
-    return uuid.uuid5(IMPORT_JOBS, f"{_settings().group_id}/{turn.message}").hex
-
-
-async def _stored_jobs(jobs: list[str]) -> set[str]:
-    """Those of `jobs` whose episode is in the group's graph already."""
-    rows = await _Reads.rows("MATCH (e:Episodic) WHERE e.job_id IN $jobs RETURN e.job_id", {"jobs": jobs})
-    return {row[0] for row in rows}
 
 
 # === MCP server ==================================================================================
