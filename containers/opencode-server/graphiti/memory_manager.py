@@ -496,47 +496,52 @@ def project_group(directory: str) -> str:
     `origin`, normalised (git@github.com:Acme/api.git and https://github.com/acme/api are both
     github-com-acme-api, so a fresh clone finds its old memories), else the directory's name and a
     hash of its path; capped at 64 characters with a hash of the whole."""
-    return _project_group_and_rule(directory)[0]
+    return _ProjectGroup.of(directory)[0]
 
 
-@functools.lru_cache(maxsize=8)
-def _project_group_and_rule(directory: str) -> tuple[str, str]:
-    """(group, the rule that chose it, as `group` prints it); one `git` run per directory and process."""
-    try:
-        remote = subprocess.run(["git", "-C", directory, "config", "--get", "remote.origin.url"], text=True,
-                                capture_output=True, timeout=2).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        remote = ""
-    if remote:
-        normalised = _normalised_remote(remote)
-        return _group_slug(normalised), f"the git remote origin of {directory} ({normalised})"
-    resolved = os.path.realpath(directory)
-    slug = _group_slug(f"{os.path.basename(resolved)}-{hashlib.sha256(resolved.encode()).hexdigest()[:8]}")
-    return slug, f"the directory {resolved} (no git remote origin)"
+class _ProjectGroup:
+    """The project's memory group as the plugin derives it: from the directory's git remote origin (normalised,
+    so every clone shares it), else from the directory's name and a hash of its path."""
 
+    @classmethod
+    @functools.lru_cache(maxsize=8)
+    def of(cls, directory: str) -> tuple[str, str]:
+        """(group, the rule that chose it, as `group` prints it); one `git` run per directory and process."""
+        try:
+            remote = subprocess.run(["git", "-C", directory, "config", "--get", "remote.origin.url"], text=True,
+                                    capture_output=True, timeout=2).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            remote = ""
+        if remote:
+            normalised = cls.normalised_remote(remote)
+            return cls.group_slug(normalised), f"the git remote origin of {directory} ({normalised})"
+        resolved = os.path.realpath(directory)
+        slug = cls.group_slug(f"{os.path.basename(resolved)}-{hashlib.sha256(resolved.encode()).hexdigest()[:8]}")
+        return slug, f"the directory {resolved} (no git remote origin)"
 
-def _normalised_remote(url: str) -> str:
-    """"git@github.com:Acme/api.git", "https://user:pw@github.com/acme/api" -> "github.com/acme/api"."""
-    text = re.sub(r"\.git/?$", "", url.strip()).rstrip("/")
-    scp = re.match(r"^(?:[^@/]+@)?([^:/]+):(?!/)(.+)$", text)
-    if scp:
-        text = f"{scp.group(1)}/{scp.group(2)}"
-    text = re.sub(r":\d+/", "/", re.sub(r"^[^@/]+@", "", re.sub(r"^[a-z+]+://", "", text, flags=re.I)), count=1)
-    return text.lower()
+    @staticmethod
+    def normalised_remote(url: str) -> str:
+        """"git@github.com:Acme/api.git", "https://user:pw@github.com/acme/api" -> "github.com/acme/api"."""
+        text = re.sub(r"\.git/?$", "", url.strip()).rstrip("/")
+        scp = re.match(r"^(?:[^@/]+@)?([^:/]+):(?!/)(.+)$", text)
+        if scp:
+            text = f"{scp.group(1)}/{scp.group(2)}"
+        text = re.sub(r":\d+/", "/", re.sub(r"^[^@/]+@", "", re.sub(r"^[a-z+]+://", "", text, flags=re.I)), count=1)
+        return text.lower()
 
+    @staticmethod
+    def group_slug(identity: str) -> str:
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", identity).strip("-") or "project"
+        if len(slug) <= 64:
+            return slug
+        return f"{slug[:55]}-{hashlib.sha256(identity.encode()).hexdigest()[:8]}"
 
-def _group_slug(identity: str) -> str:
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", identity).strip("-") or "project"
-    if len(slug) <= 64:
-        return slug
-    return f"{slug[:55]}-{hashlib.sha256(identity.encode()).hexdigest()[:8]}"
-
-
-def _working_directory() -> str:
-    """The directory a command was started in, as OpenCode reads it: $PWD when it names a directory
-    (OpenCode takes its project from $PWD, and a local MCP server inherits it), else the process's."""
-    pwd = os.environ.get("PWD")
-    return pwd if pwd and os.path.isdir(pwd) else os.getcwd()
+    @staticmethod
+    def working_directory() -> str:
+        """The directory a command was started in, as OpenCode reads it: $PWD when it names a directory
+        (OpenCode takes its project from $PWD, and a local MCP server inherits it), else the process's."""
+        pwd = os.environ.get("PWD")
+        return pwd if pwd and os.path.isdir(pwd) else os.getcwd()
 
 
 def _redact_url(url: str) -> str:
@@ -626,7 +631,7 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
-        group_id = _Env.text("MEMORY_GROUP_ID") or project_group(_working_directory())
+        group_id = _Env.text("MEMORY_GROUP_ID") or project_group(_ProjectGroup.working_directory())
         if not GROUP_ID_RULE.fullmatch(group_id):
             raise UsageError(f"MEMORY_GROUP_ID must match {GROUP_ID_RULE.pattern}, got {group_id!r}")
         return cls(
@@ -705,39 +710,6 @@ class Settings:
         return self.openai_api_key
 
 
-def _dd_endpoint(variable: str, schemes: tuple[str, ...], default_port: int) -> tuple[str, Any] | None:
-    """("unix", path) or (scheme, (host, port)) from a DD_*_URL variable; None when it is unset."""
-    url = _Env.text(variable)
-    if not url:
-        return None
-    if url.startswith("unix://"):
-        return "unix", url[len("unix://"):]
-    parts = urlsplit(url)
-    try:
-        port = parts.port or default_port
-    except ValueError:
-        port = 0
-    if parts.scheme not in schemes or not parts.hostname or not port:
-        raise UsageError(f"{variable} must be {'/'.join(schemes)}://host:port or unix:///path, "
-                         f"got {_redact_url(url)!r}")
-    return parts.scheme, (parts.hostname, port)
-
-
-def _dd_agent(host: str | None) -> tuple[str, Any]:
-    """Where ddtrace will send traces, in ddtrace's own order of precedence."""
-    endpoint = _dd_endpoint("DD_TRACE_AGENT_URL", ("http", "https"), 8126)
-    if endpoint:
-        return endpoint
-    if not host and os.path.exists("/var/run/datadog/apm.socket"):
-        return "unix", "/var/run/datadog/apm.socket"
-    return "http", (host or "localhost", _Env.integer("DD_TRACE_AGENT_PORT", 8126, 1, 65535))
-
-
-def _dd_statsd(host: str | None) -> tuple[str, Any]:
-    return (_dd_endpoint("DD_DOGSTATSD_URL", ("udp",), 8125)
-            or ("udp", (host or "localhost", _Env.integer("DD_DOGSTATSD_PORT", 8125, 1, 65535))))
-
-
 @dataclass(frozen=True)
 class _DatadogSettings:
     """Datadog's standard DD_* variables, read once and validated like ours."""
@@ -754,9 +726,42 @@ class _DatadogSettings:
         host = _Env.text("DD_AGENT_HOST")
         if host is not None and not HOST_RULE.fullmatch(host):
             raise UsageError(f"DD_AGENT_HOST must be a host name or IP address, got {host!r}")
-        return cls(tracing=_Env.flag("DD_TRACE_ENABLED", True), agent=_dd_agent(host), statsd=_dd_statsd(host),
-                   service=_Env.text("DD_SERVICE", "memory-manager") or "memory-manager",
+        return cls(tracing=_Env.flag("DD_TRACE_ENABLED", True), agent=cls.agent_address(host),
+                   statsd=cls.statsd_address(host), service=_Env.text("DD_SERVICE", "memory-manager") or "memory-manager",
                    env=_Env.text("DD_ENV"), version=_Env.text("DD_VERSION"))
+
+    @staticmethod
+    def endpoint(variable: str, schemes: tuple[str, ...], default_port: int) -> tuple[str, Any] | None:
+        """("unix", path) or (scheme, (host, port)) from a DD_*_URL variable; None when it is unset."""
+        url = _Env.text(variable)
+        if not url:
+            return None
+        if url.startswith("unix://"):
+            return "unix", url[len("unix://"):]
+        parts = urlsplit(url)
+        try:
+            port = parts.port or default_port
+        except ValueError:
+            port = 0
+        if parts.scheme not in schemes or not parts.hostname or not port:
+            raise UsageError(f"{variable} must be {'/'.join(schemes)}://host:port or unix:///path, "
+                             f"got {_redact_url(url)!r}")
+        return parts.scheme, (parts.hostname, port)
+
+    @classmethod
+    def agent_address(cls, host: str | None) -> tuple[str, Any]:
+        """Where ddtrace will send traces, in ddtrace's own order of precedence."""
+        endpoint = cls.endpoint("DD_TRACE_AGENT_URL", ("http", "https"), 8126)
+        if endpoint:
+            return endpoint
+        if not host and os.path.exists("/var/run/datadog/apm.socket"):
+            return "unix", "/var/run/datadog/apm.socket"
+        return "http", (host or "localhost", _Env.integer("DD_TRACE_AGENT_PORT", 8126, 1, 65535))
+
+    @classmethod
+    def statsd_address(cls, host: str | None) -> tuple[str, Any]:
+        return (cls.endpoint("DD_DOGSTATSD_URL", ("udp",), 8125)
+                or ("udp", (host or "localhost", _Env.integer("DD_DOGSTATSD_PORT", 8125, 1, 65535))))
 
 
 @dataclass
@@ -1920,15 +1925,6 @@ class _Keys:
 # invalidates all of the group's answers with one INCR (no SCAN).
 
 
-def _normalise_query(text: str) -> str:
-    return " ".join(text.split()).casefold()
-
-
-def _cache_key(group: str, query: str, limit: int, variant: str = "") -> str:
-    payload = json.dumps([group, _normalise_query(query), limit, variant])
-    return _Keys.of(group, f"answer:{hashlib.sha256(payload.encode()).hexdigest()}")  # text and fact records
-
-
 @dataclass(frozen=True)
 class _CacheSlot:
     """Where a fresh answer goes, and the generation it will be valid for."""
@@ -1944,19 +1940,19 @@ MAX_CACHED_ANSWER_BYTES = 64 * 1024  # a larger answer (events of ~100 KB) is re
 class _Cache:
     """The query cache: answers and per-group counts stored under the group's generation (above)."""
 
-    @staticmethod
-    async def lookup(group: str, query: str, limit: int, variant: str) -> tuple[str | None, _CacheSlot | None]:
+    @classmethod
+    async def lookup(cls, group: str, query: str, limit: int, variant: str) -> tuple[str | None, _CacheSlot | None]:
         """(cached answer or None, slot to store a fresh answer in). (None, None): cache is down."""
-        return await _Cache.get(group, _cache_key(group, query, limit, variant))
+        return await cls.get(group, cls.key(group, query, limit, variant))
 
-    @staticmethod
-    async def get(group: str, key: str) -> tuple[str | None, _CacheSlot | None]:
-        """A value cached under the group's current generation, as _Cache.lookup() returns it."""
-        [value], generation = await _Cache.get_many(group, [key])
+    @classmethod
+    async def get(cls, group: str, key: str) -> tuple[str | None, _CacheSlot | None]:
+        """A value cached under the group's current generation, as cls.lookup() returns it."""
+        [value], generation = await cls.get_many(group, [key])
         return value, None if generation is None else _CacheSlot(group, key, generation)
 
-    @staticmethod
-    async def get_many(group: str, keys: list[str]) -> tuple[list[str | None], str | None]:
+    @classmethod
+    async def get_many(cls, group: str, keys: list[str]) -> tuple[list[str | None], str | None]:
         """Values cached under the group's current generation (None where missing or stale) in one
         MGET, and that generation (None: the cache is down, store nothing)."""
         s = _settings()
@@ -1966,15 +1962,15 @@ class _Cache:
             async with _Errors.service("valkey", s.valkey_address):
                 generation, *stored = await _valkey().mget(_Keys.of(group, "gen"), *keys)
         except ServiceError as exc:
-            _Cache.warn_down(exc)
+            cls.warn_down(exc)
             return [None] * len(keys), None
         generation = generation or "0"
         split = [(value or "").partition("\n") for value in stored]
         return [answer if value and computed_under == generation else None
                 for value, (computed_under, _, answer) in zip(stored, split, strict=True)], generation
 
-    @staticmethod
-    async def store(slot: _CacheSlot, answer: str) -> None:
+    @classmethod
+    async def store(cls, slot: _CacheSlot, answer: str) -> None:
         # Stored under the generation read before the search: an episode ingested meanwhile bumped it,
         # so this answer is already stale for the next lookup, as it should be. Bounded per answer: the
         # cache shares Valkey (volatile-lru) with leases, heartbeats and job outcomes, and ten questions
@@ -1985,10 +1981,10 @@ class _Cache:
             return
         try:
             async with _Errors.service("valkey", s.valkey_address):
-                if await _Cache.within_group_budget(slot.group, size):
+                if await cls.within_group_budget(slot.group, size):
                     await _valkey().set(slot.key, f"{slot.generation}\n{answer}", ex=s.cache_ttl_s)
         except ServiceError as exc:
-            _Cache.warn_down(exc)
+            cls.warn_down(exc)
 
     @staticmethod
     async def within_group_budget(group: str, size: int) -> bool:
@@ -2002,8 +1998,8 @@ class _Cache:
             spent, _ = await budget.execute()
         return bool(spent <= s.cache_group_bytes)
 
-    @staticmethod
-    async def invalidate(group: str, drop_answers: bool = False) -> None:
+    @classmethod
+    async def invalidate(cls, group: str, drop_answers: bool = False) -> None:
         """Make the group's cached answers stale. `drop_answers` deletes them too: after a forget a stale
         answer is never served, but it would hold the forgotten text in Valkey until its TTL."""
         s = _settings()
@@ -2016,13 +2012,22 @@ class _Cache:
                     for start in range(0, len(answers), 1000):  # one slot (the hash tag): fine on a cluster too
                         await _valkey().delete(*answers[start:start + 1000])
         except ServiceError as exc:
-            _Cache.warn_down(exc)
+            cls.warn_down(exc)
 
     @staticmethod
     def warn_down(exc: ServiceError) -> None:
         _Metrics.emit("cache_unavailable", 1, "c", group=_Metrics.group_for_tags())
         if _clients.cache_went_down():
             log.warning("warning: cache unavailable (%s); answering without it", exc)
+
+    @staticmethod
+    def normalise_query(text: str) -> str:
+        return " ".join(text.split()).casefold()
+
+    @classmethod
+    def key(cls, group: str, query: str, limit: int, variant: str = "") -> str:
+        payload = json.dumps([group, cls.normalise_query(query), limit, variant])
+        return _Keys.of(group, f"answer:{hashlib.sha256(payload.encode()).hexdigest()}")  # text and fact records
 
 
 # === Redaction ===================================================================================
@@ -3630,7 +3635,7 @@ async def _cached_answer(op: _Span, search_query: str, limit: int, scope: str = 
     s = _settings()
     group = s.group_id
     op.set(**{"memory.limit": limit, "memory.query.length": len(search_query), "memory.scope": scope,
-              "memory.query.hash": _Secrets.short_hash(_normalise_query(search_query))})
+              "memory.query.hash": _Secrets.short_hash(_Cache.normalise_query(search_query))})
     # Everything that changes the answer is in the key: a process with redaction on must never be
     # served what a process with it off cached.
     variant = f"{scope}|{window.key()}|redact={'on' if s.redact else 'off'}"
@@ -5347,6 +5352,11 @@ class _DocumentCodec:
             return -(1 << 63) <= value < 1 << 63
         return value is None or isinstance(value, bool | float) or (isinstance(value, str) and "\0" not in value)
 
+    @staticmethod
+    def file_name(now: datetime, prefix: str = "") -> str:
+        name = "graphiti_export_" + now.strftime("%Y%m%dT%H%M%SZ") + ".json.zst"
+        return f"{prefix}/{name}" if prefix else name
+
 
 EDGES_LINE = '], "edges": ['
 
@@ -5410,11 +5420,6 @@ class _DocumentWriter:
             name = getattr(self.out, "name", None)
             shown = name if isinstance(name, str) else "the export document"
             raise OutputError(f"cannot write {shown}: {exc.strerror or _Errors.describe(exc)}") from exc
-
-
-def _export_file_name(now: datetime, prefix: str = "") -> str:
-    name = "graphiti_export_" + now.strftime("%Y%m%dT%H%M%SZ") + ".json.zst"
-    return f"{prefix}/{name}" if prefix else name
 
 
 EXPORT_NAME = re.compile(r"graphiti_export_\d{8}T\d{6}Z\.json(\.zst)?")  # plain .json: older exports
@@ -6169,7 +6174,7 @@ async def export_to_b2(progress: Progress | None = None) -> ExportSummary:
     async with _operation("export", **{"export.target": "b2"}) as op:
         s = _settings()
         s.require_b2()
-        name = _export_file_name(datetime.now(UTC), s.b2_prefix)
+        name = _DocumentCodec.file_name(datetime.now(UTC), s.b2_prefix)
         fd, temporary = tempfile.mkstemp(prefix="graphiti_export_", suffix=".json.zst")
         try:
             with os.fdopen(fd, "wb") as out:
@@ -6787,7 +6792,7 @@ async def import_opencode(directory: str | None = None, *, since: str | datetime
                           progress: Callable[[int, int], None] | None = None) -> Imported:
     """Store the turns of OpenCode's sessions in `directory` (default: the current one) that no
     import stored before, each at the time it was asked; `dry_run`: count them, store nothing."""
-    root = os.path.realpath(directory or _working_directory())
+    root = os.path.realpath(directory or _ProjectGroup.working_directory())
     when = _Input.event_time(since, "since") if since is not None else None
     count, turns = await asyncio.to_thread(_OpenCodeHistory.read_turns, _OpenCodeHistory.database(db), root, when)
     report = Imported(sessions=count, turns=len(turns), skipped=sum(t is None for t in turns))
@@ -8043,7 +8048,7 @@ class _Commands:
             return args.group, "--group"
         if args.directory is None and _Env.text("MEMORY_GROUP_ID"):
             return _settings().group_id, "MEMORY_GROUP_ID"
-        return _project_group_and_rule(os.path.abspath(args.directory or _working_directory()))
+        return _ProjectGroup.of(os.path.abspath(args.directory or _ProjectGroup.working_directory()))
 
     @staticmethod
     def write_text_file(path: str, text: str, option: str) -> None:
