@@ -727,7 +727,8 @@ class _DatadogSettings:
         if host is not None and not HOST_RULE.fullmatch(host):
             raise UsageError(f"DD_AGENT_HOST must be a host name or IP address, got {host!r}")
         return cls(tracing=_Env.flag("DD_TRACE_ENABLED", True), agent=cls.agent_address(host),
-                   statsd=cls.statsd_address(host), service=_Env.text("DD_SERVICE", "memory-manager") or "memory-manager",
+                   statsd=cls.statsd_address(host),
+                   service=_Env.text("DD_SERVICE", "memory-manager") or "memory-manager",
                    env=_Env.text("DD_ENV"), version=_Env.text("DD_VERSION"))
 
     @staticmethod
