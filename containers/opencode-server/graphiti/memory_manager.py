@@ -2352,9 +2352,6 @@ HEARTBEAT_TTL_MS = 15_000
 JOB_OUTCOME_TTL_S = 3600
 WAIT_TIMEOUT_S = 300.0
 WAIT_SLICE_S = 2.0             # BLPOP in slices shorter than the client's socket timeout
-SPOOL_FILE = "spool.jsonl"
-SPOOL_REJECTS_FILE = "spool.rejected.jsonl"
-DRAINER_LOG_FILE = "drainer.log"
 class _Input:
     """Input every entry point checks the same way (CLI, library, MCP): text a store can hold, an event time,
     content, metadata, a limit, an entity type; each refusal a UsageError of one line."""
@@ -2591,7 +2588,7 @@ class _Enqueue:
         with contextlib.ExitStack() as files:
             try:
                 os.makedirs(s.spool_dir, mode=0o700, exist_ok=True)
-                log_fd = _Spool.open_private(_Spool.path(s, DRAINER_LOG_FILE), _Spool.APPEND)
+                log_fd = _Spool.open_private(_Spool.path(s, _Spool.DRAINER_LOG_FILE), _Spool.APPEND)
                 errors: Any = files.enter_context(open(log_fd, "ab"))
             except OSError:
                 errors = subprocess.DEVNULL
@@ -2608,10 +2605,14 @@ class _Spool:
     private file of MEMORY_SPOOL_DIR, and the next store or worker that reaches Valkey moves it into
     the queue, oldest first."""
 
+    SPOOL_FILE = "spool.jsonl"
+    SPOOL_REJECTS_FILE = "spool.rejected.jsonl"
+    DRAINER_LOG_FILE = "drainer.log"
+
     APPEND = os.O_WRONLY | os.O_APPEND | os.O_CREAT
 
-    @staticmethod
-    def path(s: Settings, name: str = SPOOL_FILE) -> str:
+    @classmethod
+    def path(cls, s: Settings, name: str = SPOOL_FILE) -> str:
         return os.path.join(s.spool_dir, name)
 
     @classmethod
@@ -2661,7 +2662,7 @@ class _Spool:
                 rejects.append(line)
         if rejects:
             try:
-                kept = cls.open_private(cls.path(s, SPOOL_REJECTS_FILE), cls.APPEND)
+                kept = cls.open_private(cls.path(s, cls.SPOOL_REJECTS_FILE), cls.APPEND)
             except OSError:
                 os.close(fd)
                 raise
@@ -2669,7 +2670,7 @@ class _Spool:
                 os.write(kept, b"\n".join(rejects) + b"\n")
             finally:
                 os.close(kept)
-            log.warning("warning: %d unreadable spool line(s) kept in %s", len(rejects), SPOOL_REJECTS_FILE)
+            log.warning("warning: %d unreadable spool line(s) kept in %s", len(rejects), cls.SPOOL_REJECTS_FILE)
         return fd, entries
 
     @staticmethod
@@ -2880,26 +2881,25 @@ async def retry_dead_letters(group: str | None = None) -> int:
 # (the copy holds the graph's read lock and waits for the module lock; the write holds the module
 # lock and waits for the write lock; FalkorDB/FalkorDB#2129 is the same pair). So the two never
 # overlap. Per group, memory:{<group>}:writers and :copiers are sorted sets of marks scored by when
-# they expire (a dead process's mark stops counting after GATE_MARK_TTL_S). Each side adds its mark
+# they expire (a dead process's mark stops counting after _WriteGate.GATE_MARK_TTL_S). Each side adds its mark
 # and counts the other side's live marks in one MULTI: whichever MULTI runs second sees the first,
 # so both can never go on. A writer that sees a copier withdraws and waits; a copier keeps its mark
 # (new writes wait behind it) and waits for the writes already running to end.
 
-GATE_MARK_TTL_S = 30.0         # renewed every third of it while held
-GATE_WAIT_S = 120.0            # a copy takes seconds; an episode's writes at 1 s per LLM request, ~30 s
-
-
 class _WriteGate:
     """The gate between a group's graph writes and an export's copy of it (see above)."""
 
-    @staticmethod
-    def put_mark(pipe: Any, mine: str, me: str) -> None:
-        pipe.zadd(mine, {me: time.time() + GATE_MARK_TTL_S}).expire(mine, int(GATE_MARK_TTL_S) * 2)
+    GATE_MARK_TTL_S = 30.0         # renewed every third of it while held
+    GATE_WAIT_S = 120.0            # a copy takes seconds; an episode's writes at 1 s per LLM request, ~30 s
 
-    @staticmethod
-    async def mark_and_count(mine: str, theirs: str, me: str) -> int:
+    @classmethod
+    def put_mark(cls, pipe: Any, mine: str, me: str) -> None:
+        pipe.zadd(mine, {me: time.time() + cls.GATE_MARK_TTL_S}).expire(mine, int(cls.GATE_MARK_TTL_S) * 2)
+
+    @classmethod
+    async def mark_and_count(cls, mine: str, theirs: str, me: str) -> int:
         async with _valkey().pipeline(transaction=True) as pipe:
-            _WriteGate.put_mark(pipe, mine, me)
+            cls.put_mark(pipe, mine, me)
             pipe.zremrangebyscore(theirs, "-inf", time.time()).zcard(theirs)
             *_, live = await pipe.execute()
         return live
@@ -2913,15 +2913,15 @@ class _WriteGate:
         except _Errors.valkey_errors():
             return 0
 
-    @staticmethod
+    @classmethod
     @contextlib.asynccontextmanager
-    async def held(mine: str, me: str) -> AsyncIterator[None]:
+    async def held(cls, mine: str, me: str) -> AsyncIterator[None]:
         async def renew() -> None:
             while True:
-                await asyncio.sleep(GATE_MARK_TTL_S / 3)
+                await asyncio.sleep(cls.GATE_MARK_TTL_S / 3)
                 with contextlib.suppress(*_Errors.valkey_errors()):
                     async with _valkey().pipeline(transaction=True) as pipe:
-                        _WriteGate.put_mark(pipe, mine, me)
+                        cls.put_mark(pipe, mine, me)
                         await pipe.execute()
 
         renewer = asyncio.create_task(renew())
@@ -2932,36 +2932,36 @@ class _WriteGate:
             with contextlib.suppress(*_Errors.valkey_errors()):  # else it expires
                 await _valkey().zrem(mine, me)
 
-    @staticmethod
+    @classmethod
     @contextlib.asynccontextmanager
-    async def writes(group: str) -> AsyncIterator[None]:
+    async def writes(cls, group: str) -> AsyncIterator[None]:
         """Writes to the group's graph: held off while an export copies it."""
         writers, copiers, me = _Keys.of(group, "writers"), _Keys.of(group, "copiers"), uuid.uuid4().hex
-        deadline = time.monotonic() + GATE_WAIT_S
-        while await _WriteGate.guarded(_WriteGate.mark_and_count(writers, copiers, me)):
-            await _WriteGate.guarded(_valkey().zrem(writers, me))  # withdrawn, or it expires
+        deadline = time.monotonic() + cls.GATE_WAIT_S
+        while await cls.guarded(cls.mark_and_count(writers, copiers, me)):
+            await cls.guarded(_valkey().zrem(writers, me))  # withdrawn, or it expires
             if time.monotonic() > deadline:
                 raise ServiceError("falkordb", _settings().falkordb_address,
-                                   f"an export has been copying group {group!r} for over {GATE_WAIT_S:g} s; "
+                                   f"an export has been copying group {group!r} for over {cls.GATE_WAIT_S:g} s; "
                                    "write not started")
             await asyncio.sleep(0.1)
-        async with _WriteGate.held(writers, me):
+        async with cls.held(writers, me):
             yield
 
-    @staticmethod
+    @classmethod
     @contextlib.asynccontextmanager
-    async def writes_held_off(group: str) -> AsyncIterator[None]:
+    async def writes_held_off(cls, group: str) -> AsyncIterator[None]:
         """While a copy of the group's graph is taken: new writes wait, running ones are waited for."""
         writers, copiers, me = _Keys.of(group, "writers"), _Keys.of(group, "copiers"), uuid.uuid4().hex
-        deadline, waited = time.monotonic() + GATE_WAIT_S, False
-        async with _WriteGate.held(copiers, me):
-            while await _WriteGate.guarded(_WriteGate.mark_and_count(copiers, writers, me)):
+        deadline, waited = time.monotonic() + cls.GATE_WAIT_S, False
+        async with cls.held(copiers, me):
+            while await cls.guarded(cls.mark_and_count(copiers, writers, me)):
                 if not waited:
                     log.info("waiting for a write to group %s to end before copying it", group)
                     waited = True
                 if time.monotonic() > deadline:
                     raise ServiceError("falkordb", _settings().falkordb_address,
-                                       f"a write to group {group!r} has lasted over {GATE_WAIT_S:g} s; export "
+                                       f"a write to group {group!r} has lasted over {cls.GATE_WAIT_S:g} s; export "
                                        "not started (a copy beside a write can hang FalkorDB)")
                 await asyncio.sleep(0.1)
             yield
@@ -4252,17 +4252,6 @@ def _entity_types() -> dict[str, type]:
 
 
 LEASE_TTL_S = 15               # a killed worker's groups are taken over this fast
-LOOP_LATE_S = 1.0              # the lease keeper woke this late: the event loop was held up, not Valkey
-DRAINER_OUTAGE_S = 120.0       # a drainer waits this long for an unreachable Valkey, then exits
-POLL_S = 0.25
-HEARTBEAT_EVERY_S = 5.0
-RETRY_BASE_S = 1.0
-RETRY_CAP_S = 15.0             # during a long outage a group retries this often, and never gives up
-AUTH_PAUSE_S = 60.0
-FALKORDB_STRIKES = 3           # FalkorDB lost this many times in a row during one episode: dead letter
-SHUTDOWN_GRACE_S = 8.0         # within Docker's default 10 s stop timeout
-
-
 class _GraphitiPass:
     """One pass of graphiti over a group's events, rebuilt from add_episode's own steps (GRAPHITI_INTERNALS
     names every private one): entities and their resolution, facts extracted while the entities are resolved,
@@ -4534,6 +4523,16 @@ class WorkerSummary:
 
 
 class _Worker:
+
+    LOOP_LATE_S = 1.0              # the lease keeper woke this late: the event loop was held up, not Valkey
+    DRAINER_OUTAGE_S = 120.0       # a drainer waits this long for an unreachable Valkey, then exits
+    POLL_S = 0.25
+    HEARTBEAT_EVERY_S = 5.0
+    RETRY_BASE_S = 1.0
+    RETRY_CAP_S = 15.0             # during a long outage a group retries this often, and never gives up
+    AUTH_PAUSE_S = 60.0
+    FALKORDB_STRIKES = 3           # FalkorDB lost this many times in a row during one episode: dead letter
+    SHUTDOWN_GRACE_S = 8.0         # within Docker's default 10 s stop timeout
     def __init__(self, drain: bool, stop: asyncio.Event | None = None) -> None:
         self.s = _settings()
         self.drain = drain
@@ -4576,14 +4575,14 @@ class _Worker:
                 self._valkey_trouble(exc)
                 # A drainer rides out a Valkey restart rather than leave queued work behind, but not
                 # an outage without end: the next store starts a fresh one.
-                if self.drain and time.monotonic() - reachable_at > DRAINER_OUTAGE_S:
+                if self.drain and time.monotonic() - reachable_at > self.DRAINER_OUTAGE_S:
                     return
                 work_waiting = True
             if work_waiting or self.tasks:
                 idle_since = time.monotonic()
             elif self.drain and time.monotonic() - idle_since >= self.s.drain_idle_s and await self._idle_exit():
                 return
-            await self._pause(POLL_S)
+            await self._pause(self.POLL_S)
 
     def _valkey_trouble(self, exc: BaseException) -> None:
         if not self.valkey_warned:
@@ -4650,16 +4649,16 @@ class _Worker:
             asleep = time.monotonic()
             await asyncio.sleep(pause)
             blocked = time.monotonic() - asleep - pause  # how long the loop ran late
-            if time.monotonic() - renewed > LEASE_TTL_S / 2 and blocked < LOOP_LATE_S:
+            if time.monotonic() - renewed > LEASE_TTL_S / 2 and blocked < self.LOOP_LATE_S:
                 return self._abandon(group, server, "cannot renew its lease (valkey unreachable)")
             try:
                 await lease.reacquire()
                 renewed, pause = time.monotonic(), LEASE_TTL_S / 3
-                if blocked >= LOOP_LATE_S:
+                if blocked >= self.LOOP_LATE_S:
                     log.warning("warning: %s: event loop blocked %.1f s on group %r; lease renewed in time",
                                 self.id, blocked, group)
             except LockError:  # another worker may be ingesting this group now: stop at once
-                why = f"event loop blocked {blocked:.1f} s and lost its lease" if blocked >= LOOP_LATE_S \
+                why = f"event loop blocked {blocked:.1f} s and lost its lease" if blocked >= self.LOOP_LATE_S \
                     else "lost its lease"
                 return self._abandon(group, server, why)
             except _Errors.connection_errors():
@@ -4781,7 +4780,7 @@ class _Worker:
             together = len(entries) > 1
             if together and (struck or kind in ("input", "internal")):
                 entries = entries[:1]
-            if strikes >= FALKORDB_STRIKES:
+            if strikes >= self.FALKORDB_STRIKES:
                 _Metrics.emit("ingest.falkordb_strikes", 1, "c", group=group)
                 detail = (f"falkordb at {self.s.falkordb_address} stopped answering {strikes} times "
                           f"while this episode was being ingested; set aside so the queue flows ({detail})")
@@ -4800,7 +4799,7 @@ class _Worker:
                 self.auth_failed = True
                 self.stopping.set()
                 return True
-            await self._pause(AUTH_PAUSE_S)
+            await self._pause(self.AUTH_PAUSE_S)
         elif kind == "transient":
             _Metrics.emit("ingest.retries", 1, "c", group=group, reason="transient")
             await self._pause(_Worker.backoff_s(failures))
@@ -4847,8 +4846,8 @@ class _Worker:
         for _, fields in entries:
             log.info("stored %s (job %s) in group %s", fields["name"], fields["job"], group)
 
-    @staticmethod
-    async def _redacted(fields: dict[str, str]) -> dict[str, str]:
+    @classmethod
+    async def _redacted(cls, fields: dict[str, str]) -> dict[str, str]:
         """The thorough pass (detect-secrets, in a thread: ~0.2 s per 100 KB) before anything of the
         episode reaches the LLM or the graph; the entry was given the quick pass when queued."""
         metadata = json.loads(fields["metadata"]) if fields.get("metadata") else None
@@ -4964,7 +4963,7 @@ class _Worker:
             with contextlib.suppress(*_Errors.valkey_errors()):
                 await self._beat()
                 await self._report_gauges()
-            await self._pause(HEARTBEAT_EVERY_S)
+            await self._pause(self.HEARTBEAT_EVERY_S)
 
     async def _beat(self) -> None:
         self.heartbeat = json.dumps({"id": self.id, "mode": self.mode, "at_ms": int(time.time() * 1000)})
@@ -4998,7 +4997,7 @@ class _Worker:
     async def _shutdown(self, beats: asyncio.Task) -> None:
         self.stopping.set()
         if self.tasks:
-            _, late = await asyncio.wait(list(self.tasks.values()), timeout=SHUTDOWN_GRACE_S)
+            _, late = await asyncio.wait(list(self.tasks.values()), timeout=self.SHUTDOWN_GRACE_S)
             for task in late:
                 task.cancel()  # the entry stays pending; the next worker re-claims it
             await asyncio.gather(*late, return_exceptions=True)
@@ -5047,12 +5046,12 @@ class _Worker:
             return "input"
         return "internal"
 
-    @staticmethod
-    def backoff_s(failures: int) -> float:
+    @classmethod
+    def backoff_s(cls, failures: int) -> float:
         """Capped exponential backoff with full jitter."""
         import random
 
-        return random.uniform(0.5, 1.0) * min(RETRY_CAP_S, RETRY_BASE_S * 2 ** max(0, failures - 1))
+        return random.uniform(0.5, 1.0) * min(cls.RETRY_CAP_S, cls.RETRY_BASE_S * 2 ** max(0, failures - 1))
 
 
 async def run_worker(drain: bool = False, stop: asyncio.Event | None = None) -> WorkerSummary:
@@ -6637,9 +6636,9 @@ async def erase_group(group: str, backups: bool = False) -> EraseReport:
         try:
             report.spooled = sum([await asyncio.to_thread(_Erase.spool_without, _Spool.path(s, name),
                                                           lambda line: _Erase.spooled_group(line) == group)
-                                  for name in (SPOOL_FILE, SPOOL_REJECTS_FILE)])
+                                  for name in (_Spool.SPOOL_FILE, _Spool.SPOOL_REJECTS_FILE)])
             names_group = _Erase.log_names_group(group)
-            await asyncio.to_thread(_Erase.spool_without, _Spool.path(s, DRAINER_LOG_FILE),
+            await asyncio.to_thread(_Erase.spool_without, _Spool.path(s, _Spool.DRAINER_LOG_FILE),
                                     lambda line: names_group.search(line) is not None)
         except OSError as exc:
             report.unreachable.append(f"this host's spool {s.spool_dir} ({exc.strerror or _Errors.describe(exc)})")
