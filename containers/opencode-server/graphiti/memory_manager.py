@@ -8294,7 +8294,7 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         if args.group is not None and not args.takes_group:
             raise UsageError(f"{args.command} covers every group at once; --group does not apply to it")
-        if args.handler is not _Commands.restore:  # restore's --group chooses groups of the document
+        if args.command != "restore":  # restore's --group chooses groups of the document
             _use_group(args.group)
         _telemetry.send_after_exit = args.handler in SPANS_SENT_AFTER_EXIT
         return await args.handler(args)
