@@ -1561,6 +1561,17 @@ class _TwoTasks:
             return await ask(messages, response_model=response_model, **options)
         return answer
 
+    @classmethod
+    @contextlib.contextmanager
+    def for_this_pass(cls) -> Iterator[_TwoTasks]:
+        """The pass's own pairing, in a context variable: two groups' passes never share a request."""
+        pair = cls()
+        token = _pairing.set(pair)
+        try:
+            yield pair
+        finally:
+            _pairing.reset(token)
+
     def release(self) -> None:
         rider, self.rider, self.released = self.rider, None, True
         if rider and not rider[0].future.done():
@@ -3055,7 +3066,7 @@ class _Recall:
             if item.kind == "fact":
                 lines[f"- {item.text} (valid {item.valid_at or '?'} → {item.invalid_at or 'present'})"] = None
             else:
-                text = _snippet(item.text)
+                text = cls.snippet(item.text)
                 facts = "".join(f"\n  fact: {f.text} (valid {f.valid_at or '?'} → {f.invalid_at or 'present'})"
                                 for f in cls.new_facts(item))
                 lines[f"- event {item.valid_at or '?'}: {text}{facts}"] = None
@@ -3324,6 +3335,11 @@ class _Recall:
         return Recalled(kind, redact(record["text"] or "").text, record["uuid"], round(score, 9),
                         _iso_text(record["valid_at"]), _iso_text(record["invalid_at"]), list(record["episodes"] or []))
 
+    @classmethod
+    def snippet(cls, text: str) -> str:
+        text = " ".join(text.split())
+        return text if len(text) <= cls.EVENT_SNIPPET_CHARS else text[:cls.EVENT_SNIPPET_CHARS - 1] + "…"
+
 
 BM25_K1, BM25_B = 1.2, 0.75
 @dataclass(frozen=True)
@@ -3378,11 +3394,6 @@ class _Window:
 
 def _utc_iso(when: datetime) -> str:
     return when.astimezone(UTC).isoformat()
-
-
-def _snippet(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= _Recall.EVENT_SNIPPET_CHARS else text[:_Recall.EVENT_SNIPPET_CHARS - 1] + "…"
 
 
 # --- a time the question names ----------------------------------------------------------------
@@ -4328,9 +4339,7 @@ class _GraphitiPass:
         from graphiti_core.utils.maintenance.edge_operations import extract_edges
         from graphiti_core.utils.maintenance.node_operations import resolve_extracted_nodes
 
-        pair = _TwoTasks()
-        pairing = _pairing.set(pair)
-        try:
+        with _TwoTasks.for_this_pass() as pair:
             extracting = asyncio.ensure_future(_Batching.as_rider(
                 extract_edges(clients, episodes, extracted, previous, cls.NO_EDGE_TYPES, episodes[0].group_id)))
             try:
@@ -4340,8 +4349,6 @@ class _GraphitiPass:
                 raise
             finally:
                 pair.release()  # no companion comes after the resolution (or none was asked)
-        finally:
-            _pairing.reset(pairing)
         return resolved, await extracting
 
     @classmethod
@@ -7946,7 +7953,7 @@ class _Commands:
             cls.print_json(episodes)
             return 0
         for e in episodes:
-            print(f"{e['uuid']}  {e['reference_time']}  {_snippet(e['content'])}")
+            print(f"{e['uuid']}  {e['reference_time']}  {_Recall.snippet(e['content'])}")
         if not episodes:
             print("no episodes", file=sys.stderr)
         return 0
