@@ -2333,6 +2333,8 @@ class Redacted:
 # spaces (`(?: *)(?:=| +)(?: *)`: cubic, 7 s for 1 KB of spaces), so what it reads has every run of
 # white space cut to eight; no secret holds such a run, and values are replaced in the line itself.
 SCAN_WINDOW, SCAN_OVERLAP, KEYWORDS_PER_WINDOW = 1000, 200, 6
+
+
 def redact(text: str, thorough: bool = False) -> Redacted:
     """<private> spans removed, then credentials replaced unless MEMORY_REDACT is off."""
     result = _Redactor.remove_private(text)
@@ -2363,6 +2365,8 @@ HEARTBEAT_TTL_MS = 15_000
 JOB_OUTCOME_TTL_S = 3600
 WAIT_TIMEOUT_S = 300.0
 WAIT_SLICE_S = 2.0             # BLPOP in slices shorter than the client's socket timeout
+
+
 class _Input:
     """Input every entry point checks the same way (CLI, library, MCP): text a store can hold, an event time,
     content, metadata, a limit, an entity type; each refusal a UsageError of one line."""
@@ -2979,6 +2983,7 @@ class _WriteGate:
 
 
 # === Operations ==================================================================================
+# Storing an event (the queue does the work), and times as the library returns them.
 
 MAX_ENTITIES_LISTED = 10_000   # the most search_entities lists at once (its max_nodes)
 
@@ -2994,6 +2999,438 @@ async def store_episode(content: str, metadata: dict | str | None = None, *, wai
         await wait_for_episode(queued, timeout_s)
     return queued.name
 
+
+def _utc_iso(when: datetime) -> str:
+    return when.astimezone(UTC).isoformat()
+
+
+def _iso_text(value: Any) -> str | None:
+    """graphiti stores times as ISO strings; shown as Python's isoformat() would write them."""
+    return datetime.fromisoformat(str(value)).isoformat() if value else None
+
+
+# === Reads and edits =============================================================================
+# Entities, the graph, episodes and facts by name or uuid; forgetting and correcting; health.
+
+async def get_entities(entity_type: str | None = None) -> list[dict]:
+    """{"name", "type"} for every entity of the group, sorted by name; type is the most specific
+    label. The filter is validated and passed as a query parameter, never pasted into Cypher."""
+    async with _operation("entities") as op:
+        entity_type = _Input.entity_type(entity_type)
+        op.set(**{"memory.entity_type": entity_type})
+        s = _settings()
+        if not await _Graphs.exists(s.group_id):
+            op.set(**{"memory.results": 0})
+            return []
+        async with _Errors.service("falkordb", s.falkordb_address):
+            result = await (await _falkordb()).select_graph(s.group_id).ro_query(
+                "MATCH (n:Entity) WHERE $type IS NULL OR $type IN labels(n) "
+                "RETURN n.name, labels(n) ORDER BY toLower(n.name), n.name, n.uuid",
+                {"type": entity_type},
+            )
+        op.set(**{"memory.results": len(result.result_set)})
+        return [{"name": redact(name).text, "type": _Reads.specific_label(labels)}
+                for name, labels in result.result_set]
+
+
+MAX_GRAPH_FACTS = 2_000  # what one page can draw legibly; the newest facts first
+
+
+async def get_graph(limit: int = 500) -> dict:
+    """The group's entities and the facts between them, for a picture: {"group", "entities":
+    [{"id", "name", "type", "summary"}], "facts": [{"source", "target", "fact", "valid_at",
+    "invalid_at"}]}, the newest `limit` facts (1-2000) and every entity they join, plus entities
+    with no fact when the limit leaves room."""
+    async with _operation("graph") as op:
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_GRAPH_FACTS:
+            raise UsageError(f"limit must be an integer from 1 to {MAX_GRAPH_FACTS}, got {limit!r}")
+        s = _settings()
+        view: dict = {"group": s.group_id, "entities": [], "facts": []}
+        if not await _Graphs.exists(s.group_id):
+            return view
+        async with _Errors.service("falkordb", s.falkordb_address):
+            graph = (await _falkordb()).select_graph(s.group_id)
+            facts = (await graph.ro_query(
+                "MATCH (a:Entity)-[r:RELATES_TO]->(b:Entity) RETURN a.uuid, b.uuid, r.fact, r.valid_at, "
+                "r.invalid_at ORDER BY r.created_at DESC, r.uuid LIMIT $n", {"n": limit})).result_set
+            joined = sorted({end for row in facts for end in row[:2]})
+            entity = "RETURN n.uuid, n.name, labels(n), n.summary ORDER BY toLower(n.name), n.uuid"
+            nodes = (await graph.ro_query(f"MATCH (n:Entity) WHERE n.uuid IN $ids {entity}",
+                                          {"ids": joined})).result_set
+            nodes += (await graph.ro_query(f"MATCH (n:Entity) WHERE NOT (n)-[:RELATES_TO]-() {entity} LIMIT $n",
+                                           {"n": max(0, limit - len(joined))})).result_set
+        view["entities"] = [{"id": uuid_, "name": redact(name or "").text, "type": _Reads.specific_label(labels),
+                             "summary": redact(summary or "").text} for uuid_, name, labels, summary in nodes]
+        view["facts"] = [{"source": a, "target": b, "fact": redact(fact or "").text, "valid_at": _iso_text(valid_at),
+                          "invalid_at": _iso_text(invalid_at)} for a, b, fact, valid_at, invalid_at in facts]
+        op.set(**{"memory.results": len(view["facts"])})
+        return view
+
+
+class _Reads:
+    """Reading one group's episodes and facts by name or uuid: the ids checked, the rows read (none when the
+    group has no graph), the records as the library returns them, their text redacted."""
+
+    EPISODE_NAME_RULE = re.compile(r"episode_\d{8}T\d{12}Z")
+    UUID_RULE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+    EPISODE_FIELDS = "e.uuid, e.name, e.content, e.valid_at, e.created_at, e.metadata, e.metadata_raw"
+    FACT_FIELDS = "r.uuid, r.fact, r.valid_at, r.invalid_at, r.expired_at, r.episodes"
+    SHORT_ID_RULE = re.compile(r"[0-9a-f][0-9a-f-]{7,35}")
+
+    @staticmethod
+    def episode_record(uuid_: str, name: str, content: str, valid_at: Any, created_at: Any, metadata: str | None,
+                       metadata_raw: str | None) -> dict:
+        found = Redacted("")
+        shown = _Redactor.value(json.loads(metadata), found) if metadata else (redact(metadata_raw).text if metadata_raw
+                                                                            else None)
+        return {"uuid": uuid_, "name": name, "content": redact(content or "").text, "reference_time": str(valid_at),
+                "ingested_at": str(created_at), "metadata": shown}
+
+    @classmethod
+    def checked_episode_id(cls, name: Any) -> str:
+        if not isinstance(name, str) or not (cls.EPISODE_NAME_RULE.fullmatch(name) or cls.UUID_RULE.fullmatch(name)):
+            raise UsageError("an episode is named like episode_20261124T101500123456Z or by its uuid, got "
+                             f"{str(name)[:80]!r}")
+        return name
+
+    @classmethod
+    def checked_fact_id(cls, fact: Any) -> str:
+        if not isinstance(fact, str) or not cls.UUID_RULE.fullmatch(fact):
+            raise UsageError(f"a fact is named by its uuid (as query --json shows it), got {str(fact)[:80]!r}")
+        return fact
+
+    @staticmethod
+    async def rows(query: str, params: dict) -> list[list]:
+        """Rows of a read-only query on the group's graph; none when the group has no graph."""
+        s = _settings()
+        if not await _Graphs.exists(s.group_id):
+            return []
+        async with _Errors.service("falkordb", s.falkordb_address):
+            return (await (await _falkordb()).select_graph(s.group_id).ro_query(query, params)).result_set
+
+    @classmethod
+    async def episode_row(cls, name: str) -> list:
+        rows = await cls.rows(f"MATCH (e:Episodic) WHERE e.name = $name OR e.uuid = $name RETURN {cls.EPISODE_FIELDS}",
+                              {"name": cls.checked_episode_id(name)})
+        if not rows:
+            raise UsageError(f"no episode {name} in group {_settings().group_id} "
+                             "(a queued one is not in the graph yet)")
+        return rows[0]
+
+    @staticmethod
+    def fact_record(uuid_: str, fact: str, valid_at: Any, invalid_at: Any, expired_at: Any, episodes: Any) -> dict:
+        return {"uuid": uuid_, "fact": redact(fact or "").text, "valid_at": _iso_text(valid_at),
+                "invalid_at": _iso_text(invalid_at), "expired_at": _iso_text(expired_at),
+                "episodes": list(episodes or [])}
+
+    @classmethod
+    async def fact(cls, uuid_: str) -> dict:
+        rows = await cls.rows(f"MATCH ()-[r:RELATES_TO {{uuid: $uuid}}]->() RETURN {cls.FACT_FIELDS}",
+                              {"uuid": cls.checked_fact_id(uuid_)})
+        if not rows:
+            raise UsageError(f"no fact {uuid_} in group {_settings().group_id}")
+        return cls.fact_record(*rows[0])
+
+    @staticmethod
+    def specific_label(labels: list[str]) -> str:
+        specific = sorted(label for label in labels if label != "Entity")
+        return specific[0] if specific else "Entity"
+
+
+MAX_EPISODES_LISTED = 100
+
+
+async def get_episodes(last_n: int = 10, since: str | datetime | None = None,
+                       until: str | datetime | None = None) -> list[dict]:
+    """The group's newest `last_n` episodes (1-100), newest first, only those that happened at or
+    after `since` and at or before `until` if given: uuid, name, content, reference time, when it
+    was ingested, and its metadata (an object, raw text, or None)."""
+    async with _operation("episodes") as op:
+        last_n = _Input.limit(last_n, "last_n", MAX_EPISODES_LISTED)
+        after = None if since is None else _utc_iso(_Input.event_time(since, "since"))
+        before = None if until is None else _utc_iso(_Input.event_time(until, "until"))
+        s = _settings()
+        if not await _Graphs.exists(s.group_id):
+            return []
+        async with _Errors.service("falkordb", s.falkordb_address):
+            result = await (await _falkordb()).select_graph(s.group_id).ro_query(
+                "MATCH (e:Episodic) WHERE ($since IS NULL OR toString(e.valid_at) >= $since) "
+                f"AND ($until IS NULL OR toString(e.valid_at) <= $until) RETURN {_Reads.EPISODE_FIELDS} "
+                "ORDER BY e.valid_at DESC, e.name DESC LIMIT $n", {"n": last_n, "since": after, "until": before})
+        op.set(**{"memory.results": len(result.result_set)})
+        return [_Reads.episode_record(*row) for row in result.result_set]
+
+
+async def get_episode(name: str) -> dict:
+    """One episode by name or uuid: what get_episodes shows of it, the facts that name it among their
+    sources ("facts", each with its validity) and the entities it mentions ("entities")."""
+    async with _operation("episode") as op:
+        episode = _Reads.episode_record(*await _Reads.episode_row(name))
+        op.set(**{"memory.episode": episode["uuid"]})
+        facts = await _Reads.rows(f"MATCH ()-[r:RELATES_TO]->() WHERE $uuid IN r.episodes RETURN {_Reads.FACT_FIELDS} "
+                                  "ORDER BY r.created_at, r.uuid", {"uuid": episode["uuid"]})
+        entities = await _Reads.rows("MATCH (:Episodic {uuid: $uuid})-[:MENTIONS]->(n:Entity) "
+                                     "RETURN n.uuid, n.name, labels(n) ORDER BY toLower(n.name), n.uuid",
+                                     {"uuid": episode["uuid"]})
+        return {**episode, "facts": [_Reads.fact_record(*row) for row in facts],
+                "entities": [{"uuid": u, "name": redact(n or "").text, "type": _Reads.specific_label(labels)}
+                             for u, n, labels in entities]}
+
+
+async def get_fact(uuid_: str) -> dict:
+    """One fact by uuid: its text, validity, when it stopped being current (expired_at) and its
+    source episodes."""
+    async with _operation("fact"):
+        return await _Reads.fact(uuid_)
+
+
+SHORT_ID_CHARS = 8    # of a uuid in the compact index (search_memory_index); get_memories takes it
+MAX_MEMORIES_ASKED = 20
+
+
+async def get_memories(ids: list[str]) -> list[dict]:
+    """Memories by uuid or its first SHORT_ID_CHARS characters (as the compact index shows them):
+    each event as get_episode gives it ("kind": "episode"), each fact as get_fact ("kind": "fact");
+    a short id two memories share gives both. An id that names nothing is an error."""
+    if not isinstance(ids, list) or not 1 <= len(ids) <= MAX_MEMORIES_ASKED:
+        raise UsageError(f"ids must be a list of 1 to {MAX_MEMORIES_ASKED} memory ids")
+    found: list[dict] = []
+    for short in ids:
+        if not isinstance(short, str) or not _Reads.SHORT_ID_RULE.fullmatch(short):
+            raise UsageError(f"a memory id is a uuid or its first {SHORT_ID_CHARS} characters, got {str(short)[:60]!r}")
+        episodes = await _Reads.rows("MATCH (e:Episodic) WHERE e.uuid STARTS WITH $id RETURN e.uuid ORDER BY e.uuid",
+                                     {"id": short})
+        facts = await _Reads.rows("MATCH ()-[r:RELATES_TO]->() WHERE r.uuid STARTS WITH $id RETURN r.uuid "
+                                  "ORDER BY r.uuid", {"id": short})
+        if not episodes and not facts:
+            raise UsageError(f"no memory {short} in group {_settings().group_id}")
+        found += [{"kind": "episode", **await get_episode(uuid_)} for (uuid_,) in episodes]
+        found += [{"kind": "fact", **await get_fact(uuid_)} for (uuid_,) in facts]
+    return found
+
+
+async def delete_episode(name: str) -> str:
+    """Remove one episode (by its name or its uuid), and what only it supported, through graphiti;
+    the group's cached answers are invalidated. Returns the episode's uuid."""
+    async with _operation("delete") as op:
+        s = _settings()
+        op.set(**{"memory.episode": name})
+        episode_uuid = (await _Reads.episode_row(name))[0]
+        async with _Errors.service("falkordb", s.falkordb_address), _llm_service(), _WriteGate.writes(s.group_id):
+            await (await _graphiti(s.group_id)).remove_episode(episode_uuid)
+        await _Cache.invalidate(s.group_id, drop_answers=True)
+        return episode_uuid
+
+
+async def forget_fact(uuid_: str) -> dict:
+    """Remove one fact (graphiti's own edge removal; the entities it joined stay, other facts and
+    episodes name them); the group's cached answers are invalidated. Returns what was removed."""
+    async with _operation("forget") as op:
+        s = _settings()
+        op.set(**{"memory.fact": uuid_})
+        removed = await _Reads.fact(uuid_)
+        graphiti = await _graphiti(s.group_id)
+        async with _Errors.service("falkordb", s.falkordb_address), _WriteGate.writes(s.group_id):
+            from graphiti_core.edges import EntityEdge
+
+            await (await EntityEdge.get_by_uuid(graphiti.driver, uuid_)).delete(graphiti.driver)
+        await _Cache.invalidate(s.group_id, drop_answers=True)
+        return removed
+
+
+async def correct_fact(uuid_: str, text: str) -> dict:
+    """Replace a current fact by `text` (redacted like a stored event): the old one is invalidated
+    now (kept, and recalled with --history), a new one between the same entities, with the same
+    source episodes, is valid from now. Returns {"invalidated": old fact, "fact": the new one}."""
+    async with _operation("correct") as op:
+        s = _settings()
+        op.set(**{"memory.fact": uuid_})
+        if not isinstance(text, str) or not text.strip():
+            raise UsageError("the corrected fact is empty")
+        text = _Input.text(" ".join(text.split()), "the corrected fact")[:MAX_QUERY_CHARS]
+        text = redact(text).text if s.redact else text
+        old = await _Reads.fact(uuid_)
+        if old["invalid_at"] or old["expired_at"]:
+            ended = old["invalid_at"] or old["expired_at"]
+            raise UsageError(f"fact {uuid_} is no longer current (ended {ended}); correct the fact that replaced it")
+        graphiti = await _graphiti(s.group_id)
+        from graphiti_core.edges import EntityEdge
+
+        async with _Errors.service("falkordb", s.falkordb_address), _llm_service():
+            previous = await EntityEdge.get_by_uuid(graphiti.driver, uuid_)
+            await previous.load_fact_embedding(graphiti.driver)
+            now = datetime.now(UTC)
+            corrected = EntityEdge(group_id=s.group_id, source_node_uuid=previous.source_node_uuid,
+                                   target_node_uuid=previous.target_node_uuid, name=previous.name, fact=text,
+                                   episodes=list(previous.episodes or []), created_at=now, valid_at=now)
+            await corrected.generate_embedding(graphiti.embedder)
+            previous.invalid_at = previous.expired_at = now
+            async with _WriteGate.writes(s.group_id):
+                await previous.save(graphiti.driver)
+                await corrected.save(graphiti.driver)
+        await _Cache.invalidate(s.group_id, drop_answers=True)
+        return {"invalidated": await _Reads.fact(uuid_), "fact": await _Reads.fact(corrected.uuid)}
+
+
+async def health() -> dict:
+    """Reachability of FalkorDB and Valkey (bounded to about a second), the LLM endpoint, and the
+    queue and worker state. Only FalkorDB and Valkey decide `healthy`: a restart cures neither an
+    OpenAI outage nor a backlog, which the queue rides out."""
+    async with _operation("health") as op:
+        s = _settings()
+        falkordb, valkey, llm = await asyncio.gather(
+            _Probes.probe(s.falkordb_address, _Probes.falkordb_probe, "FALKORDB_PASSWORD"),
+            _Probes.probe(s.valkey_address, _Probes.valkey_probe, "VALKEY_PASSWORD"), _Probes.llm_health(s))
+        queue = await _Probes.queue_health(valkey["ok"])
+        redaction = {"ok": s.redact, "state": "on" if s.redact else "off", "address": "MEMORY_REDACT",
+                     "detail": "credentials are replaced before the LLM, the graph, the queue and B2" if s.redact
+                     else "credentials are KEPT: they reach OpenAI, the graph, the queue's disk and B2"}
+        op.set(**{"health.falkordb": falkordb["ok"], "health.valkey": valkey["ok"],
+                  "health.llm": llm["ok"]})
+        group = {"ok": True, "address": "MEMORY_GROUP_ID" if _Env.text("MEMORY_GROUP_ID") else "project",
+                 "detail": f"{s.group_id} (the memory group this process stores to and recalls from)"}
+        return {
+            "falkordb": falkordb,
+            "valkey": valkey,
+            "llm": llm,
+            **queue,
+            "redaction": redaction,
+            "group": group,
+            "healthy": falkordb["ok"] and valkey["ok"],
+        }
+
+
+class _Probes:
+    """What `health` asks each service, each probe bounded by its own timeout, and how a failure reads."""
+
+    @classmethod
+    async def llm_health(cls, s: Settings) -> dict:
+        """One cheap authenticated call (GET /models, no retries, bounded): not configured, unreachable,
+        rejected the key, or answered; plus a warning when graphiti's OpenAI model names would go to a
+        server that is not OpenAI."""
+        if not s.openai_api_key:
+            return {"ok": False, "state": "off", "address": s.llm_address,
+                    "detail": "not configured (OPENAI_API_KEY not set)"}
+        failure = await cls.llm_probe(s)
+        if failure:
+            return {"ok": False, "state": "FAIL", "address": s.llm_address, "detail": failure}
+        elsewhere = s.openai_base_url and urlsplit(s.openai_base_url).hostname != "api.openai.com"
+        unset = [name for name, value in (("MEMORY_LLM_MODEL", s.llm_model),
+                                          ("MEMORY_LLM_SMALL_MODEL", s.llm_small_model),
+                                          ("MEMORY_EMBEDDING_MODEL", s.embedding_model)) if not value]
+        if elsewhere and unset:
+            return {"ok": True, "state": "WARN", "address": s.llm_address,
+                    "detail": f"answered, but {', '.join(unset)} unset: graphiti's OpenAI default model names "
+                              "are sent to this non-OpenAI server"}
+        return {"ok": True, "address": s.llm_address, "detail": "answered (key accepted)"}
+
+    @classmethod
+    async def llm_probe(cls, s: Settings) -> str | None:
+        """None when the endpoint accepted the key, else why not. A plain HTTP GET in a thread: the
+        openai package would cost a healthcheck ~0.5 s of imports for one request."""
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(cls.get_models, s), HEALTH_TIMEOUT_S + 0.5)
+        except TimeoutError:
+            return f"unreachable: no answer within {HEALTH_TIMEOUT_S:g} s"
+
+    @staticmethod
+    def get_models(s: Settings) -> str | None:
+        import urllib.error
+        import urllib.request
+
+        request = _QuestionEmbedding.request(s, "/models")
+        try:
+            with urllib.request.urlopen(request, timeout=HEALTH_TIMEOUT_S) as reply:
+                json.load(reply)
+            return None
+        except urllib.error.HTTPError as exc:
+            return "rejected the key (check OPENAI_API_KEY)" if exc.code in (401, 403) else f"answered HTTP {exc.code}"
+        except urllib.error.URLError as exc:  # connecting failed
+            reason = exc.reason
+            if isinstance(reason, ConnectionRefusedError):
+                return "unreachable: connection refused"
+            if isinstance(reason, TimeoutError):
+                return f"unreachable: no answer within {HEALTH_TIMEOUT_S:g} s"
+            return f"unreachable: {reason if isinstance(reason, str) else _Errors.describe(reason)}"
+        except TimeoutError:  # reading the reply
+            return f"unreachable: no answer within {HEALTH_TIMEOUT_S:g} s"
+        except (ValueError, OSError) as exc:  # ValueError: a body that is not JSON
+            return f"answered, but not as the API does ({type(exc).__name__})"
+
+    @staticmethod
+    async def queue_health(valkey_ok: bool) -> dict:
+        address = _settings().valkey_address
+
+        def unknown(why: str) -> dict:
+            return {name: {"ok": False, "address": address, "detail": f"unknown ({why})"}
+                    for name in ("queue", "worker")}
+
+        if not valkey_ok:
+            return unknown("valkey unreachable")
+        try:
+            status = await asyncio.wait_for(_QueueStatus.read(), HEALTH_TIMEOUT_S)
+        except _Errors.valkey_errors() as exc:  # TimeoutError among them
+            return unknown(_Errors.describe(exc))
+        groups = status["groups"]
+        queued, dead = sum(g["queued"] for g in groups), sum(g["dead_letters"] for g in groups)
+        ages = [g["oldest_age_s"] for g in groups if g["oldest_age_s"] is not None]
+        detail = f"{queued} queued, {dead} dead letter(s)" + (f", oldest {max(ages):g} s" if ages else "")
+        worker = status["worker"]
+        return {
+            "queue": {"ok": dead == 0, "address": address, "detail": detail},
+            "worker": {"ok": worker is not None, "address": address,
+                       "detail": (f"{worker['mode']} {worker['id']}, heartbeat {worker['heartbeat_age_s']:g} s ago"
+                                  if worker else "none running (the next store starts a drainer)")},
+        }
+
+    @staticmethod
+    async def probe(address: str, check: Callable[[], Any], password_variable: str) -> dict:
+        """ok and a detail; a failure says refused, timed out or rejected, and why otherwise."""
+        from redis.exceptions import AuthenticationError
+        from redis.exceptions import TimeoutError as RedisTimeout
+
+        try:
+            detail = await asyncio.wait_for(check(), HEALTH_TIMEOUT_S)
+            return {"ok": True, "address": address, "detail": detail}
+        except AuthenticationError:
+            detail = f"rejected the credentials (check {password_variable})"
+        except (TimeoutError, RedisTimeout):
+            detail = f"timed out: no answer within {HEALTH_TIMEOUT_S:g} s"
+        except _Errors.connection_errors() as exc:
+            detail = "connection refused" if _Errors.caused_by(exc, ConnectionRefusedError) else _Errors.describe(exc)
+        except Exception as exc:  # noqa: BLE001 - any other server reply still means "not healthy"
+            detail = f"{type(exc).__name__}: {_Errors.describe(exc)}"
+        return {"ok": False, "address": address, "detail": detail}
+
+    @staticmethod
+    async def falkordb_probe() -> str:
+        import redis.asyncio
+
+        s = _settings()
+        # A throwaway client with the probe's own timeout: a black-holed server cannot hold it longer.
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        probe = redis.asyncio.Redis(**s.falkordb.client_options(), socket_timeout=HEALTH_TIMEOUT_S,
+                                    socket_connect_timeout=HEALTH_TIMEOUT_S, retry=Retry(NoBackoff(), 0), protocol=2)
+        try:
+            graphs = await probe.execute_command("GRAPH.LIST")
+            clustered = (await probe.info("server")).get("redis_mode") == "cluster"
+        finally:
+            await probe.aclose()
+        return f"{len(graphs)} graph(s)" + (" on this node of a cluster" if clustered else "")
+
+    @staticmethod
+    async def valkey_probe() -> str:
+        info = await _valkey().info("server")
+        name = info.get("server_name", "redis")
+        return f"{name} {info.get('valkey_version') or info.get('redis_version', '?')}"
+
+
+# === Recall ======================================================================================
+# What `query`, `context`, `recall()` and the MCP search tools return: BM25 and vector lists over a
+# group's events and facts in a window of time, weighed into one ranking (docs/recall.md); answers
+# cached under the group's generation.
 
 class _Recall:
     """The recall engine: BM25 and vector lists over events and facts in a window of time, weighed into one
@@ -3342,6 +3779,8 @@ class _Recall:
 
 
 BM25_K1, BM25_B = 1.2, 0.75
+
+
 @dataclass(frozen=True)
 class Fact:
     """One remembered fact: its text, validity window (ISO 8601; None: unknown / still true), the
@@ -3390,10 +3829,6 @@ class _Window:
 
     def key(self) -> str:
         return "history" if self.history else (self.as_of or "now")
-
-
-def _utc_iso(when: datetime) -> str:
-    return when.astimezone(UTC).isoformat()
 
 
 # --- a time the question names ----------------------------------------------------------------
@@ -3568,11 +4003,6 @@ class _Fusion:
 # Set when a recall answered by text alone: that answer is not cached, so the next question after
 # the endpoint is back gets the full recall.
 _TEXT_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("memory_text_only", default=False)
-
-
-def _iso_text(value: Any) -> str | None:
-    """graphiti stores times as ISO strings; shown as Python's isoformat() would write them."""
-    return datetime.fromisoformat(str(value)).isoformat() if value else None
 
 
 @dataclass(frozen=True)
@@ -3815,417 +4245,6 @@ async def context(search_query: str, budget_tokens: int = _ContextBlock.CONTEXT_
     return _ContextBlock.format_context(search_query, items, budget_tokens, newest)
 
 
-async def get_entities(entity_type: str | None = None) -> list[dict]:
-    """{"name", "type"} for every entity of the group, sorted by name; type is the most specific
-    label. The filter is validated and passed as a query parameter, never pasted into Cypher."""
-    async with _operation("entities") as op:
-        entity_type = _Input.entity_type(entity_type)
-        op.set(**{"memory.entity_type": entity_type})
-        s = _settings()
-        if not await _Graphs.exists(s.group_id):
-            op.set(**{"memory.results": 0})
-            return []
-        async with _Errors.service("falkordb", s.falkordb_address):
-            result = await (await _falkordb()).select_graph(s.group_id).ro_query(
-                "MATCH (n:Entity) WHERE $type IS NULL OR $type IN labels(n) "
-                "RETURN n.name, labels(n) ORDER BY toLower(n.name), n.name, n.uuid",
-                {"type": entity_type},
-            )
-        op.set(**{"memory.results": len(result.result_set)})
-        return [{"name": redact(name).text, "type": _Reads.specific_label(labels)}
-                for name, labels in result.result_set]
-
-
-MAX_GRAPH_FACTS = 2_000  # what one page can draw legibly; the newest facts first
-
-
-async def get_graph(limit: int = 500) -> dict:
-    """The group's entities and the facts between them, for a picture: {"group", "entities":
-    [{"id", "name", "type", "summary"}], "facts": [{"source", "target", "fact", "valid_at",
-    "invalid_at"}]}, the newest `limit` facts (1-2000) and every entity they join, plus entities
-    with no fact when the limit leaves room."""
-    async with _operation("graph") as op:
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_GRAPH_FACTS:
-            raise UsageError(f"limit must be an integer from 1 to {MAX_GRAPH_FACTS}, got {limit!r}")
-        s = _settings()
-        view: dict = {"group": s.group_id, "entities": [], "facts": []}
-        if not await _Graphs.exists(s.group_id):
-            return view
-        async with _Errors.service("falkordb", s.falkordb_address):
-            graph = (await _falkordb()).select_graph(s.group_id)
-            facts = (await graph.ro_query(
-                "MATCH (a:Entity)-[r:RELATES_TO]->(b:Entity) RETURN a.uuid, b.uuid, r.fact, r.valid_at, "
-                "r.invalid_at ORDER BY r.created_at DESC, r.uuid LIMIT $n", {"n": limit})).result_set
-            joined = sorted({end for row in facts for end in row[:2]})
-            entity = "RETURN n.uuid, n.name, labels(n), n.summary ORDER BY toLower(n.name), n.uuid"
-            nodes = (await graph.ro_query(f"MATCH (n:Entity) WHERE n.uuid IN $ids {entity}",
-                                          {"ids": joined})).result_set
-            nodes += (await graph.ro_query(f"MATCH (n:Entity) WHERE NOT (n)-[:RELATES_TO]-() {entity} LIMIT $n",
-                                           {"n": max(0, limit - len(joined))})).result_set
-        view["entities"] = [{"id": uuid_, "name": redact(name or "").text, "type": _Reads.specific_label(labels),
-                             "summary": redact(summary or "").text} for uuid_, name, labels, summary in nodes]
-        view["facts"] = [{"source": a, "target": b, "fact": redact(fact or "").text, "valid_at": _iso_text(valid_at),
-                          "invalid_at": _iso_text(invalid_at)} for a, b, fact, valid_at, invalid_at in facts]
-        op.set(**{"memory.results": len(view["facts"])})
-        return view
-
-
-class _Reads:
-    """Reading one group's episodes and facts by name or uuid: the ids checked, the rows read (none when the
-    group has no graph), the records as the library returns them, their text redacted."""
-
-    EPISODE_NAME_RULE = re.compile(r"episode_\d{8}T\d{12}Z")
-    UUID_RULE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-    EPISODE_FIELDS = "e.uuid, e.name, e.content, e.valid_at, e.created_at, e.metadata, e.metadata_raw"
-    FACT_FIELDS = "r.uuid, r.fact, r.valid_at, r.invalid_at, r.expired_at, r.episodes"
-    SHORT_ID_RULE = re.compile(r"[0-9a-f][0-9a-f-]{7,35}")
-
-    @staticmethod
-    def episode_record(uuid_: str, name: str, content: str, valid_at: Any, created_at: Any, metadata: str | None,
-                       metadata_raw: str | None) -> dict:
-        found = Redacted("")
-        shown = _Redactor.value(json.loads(metadata), found) if metadata else (redact(metadata_raw).text if metadata_raw
-                                                                            else None)
-        return {"uuid": uuid_, "name": name, "content": redact(content or "").text, "reference_time": str(valid_at),
-                "ingested_at": str(created_at), "metadata": shown}
-
-    @classmethod
-    def checked_episode_id(cls, name: Any) -> str:
-        if not isinstance(name, str) or not (cls.EPISODE_NAME_RULE.fullmatch(name) or cls.UUID_RULE.fullmatch(name)):
-            raise UsageError("an episode is named like episode_20261124T101500123456Z or by its uuid, got "
-                             f"{str(name)[:80]!r}")
-        return name
-
-    @classmethod
-    def checked_fact_id(cls, fact: Any) -> str:
-        if not isinstance(fact, str) or not cls.UUID_RULE.fullmatch(fact):
-            raise UsageError(f"a fact is named by its uuid (as query --json shows it), got {str(fact)[:80]!r}")
-        return fact
-
-    @staticmethod
-    async def rows(query: str, params: dict) -> list[list]:
-        """Rows of a read-only query on the group's graph; none when the group has no graph."""
-        s = _settings()
-        if not await _Graphs.exists(s.group_id):
-            return []
-        async with _Errors.service("falkordb", s.falkordb_address):
-            return (await (await _falkordb()).select_graph(s.group_id).ro_query(query, params)).result_set
-
-    @classmethod
-    async def episode_row(cls, name: str) -> list:
-        rows = await cls.rows(f"MATCH (e:Episodic) WHERE e.name = $name OR e.uuid = $name RETURN {cls.EPISODE_FIELDS}",
-                              {"name": cls.checked_episode_id(name)})
-        if not rows:
-            raise UsageError(f"no episode {name} in group {_settings().group_id} "
-                             "(a queued one is not in the graph yet)")
-        return rows[0]
-
-    @staticmethod
-    def fact_record(uuid_: str, fact: str, valid_at: Any, invalid_at: Any, expired_at: Any, episodes: Any) -> dict:
-        return {"uuid": uuid_, "fact": redact(fact or "").text, "valid_at": _iso_text(valid_at),
-                "invalid_at": _iso_text(invalid_at), "expired_at": _iso_text(expired_at),
-                "episodes": list(episodes or [])}
-
-    @classmethod
-    async def fact(cls, uuid_: str) -> dict:
-        rows = await cls.rows(f"MATCH ()-[r:RELATES_TO {{uuid: $uuid}}]->() RETURN {cls.FACT_FIELDS}",
-                              {"uuid": cls.checked_fact_id(uuid_)})
-        if not rows:
-            raise UsageError(f"no fact {uuid_} in group {_settings().group_id}")
-        return cls.fact_record(*rows[0])
-
-    @staticmethod
-    def specific_label(labels: list[str]) -> str:
-        specific = sorted(label for label in labels if label != "Entity")
-        return specific[0] if specific else "Entity"
-
-
-MAX_EPISODES_LISTED = 100
-async def get_episodes(last_n: int = 10, since: str | datetime | None = None,
-                       until: str | datetime | None = None) -> list[dict]:
-    """The group's newest `last_n` episodes (1-100), newest first, only those that happened at or
-    after `since` and at or before `until` if given: uuid, name, content, reference time, when it
-    was ingested, and its metadata (an object, raw text, or None)."""
-    async with _operation("episodes") as op:
-        last_n = _Input.limit(last_n, "last_n", MAX_EPISODES_LISTED)
-        after = None if since is None else _utc_iso(_Input.event_time(since, "since"))
-        before = None if until is None else _utc_iso(_Input.event_time(until, "until"))
-        s = _settings()
-        if not await _Graphs.exists(s.group_id):
-            return []
-        async with _Errors.service("falkordb", s.falkordb_address):
-            result = await (await _falkordb()).select_graph(s.group_id).ro_query(
-                "MATCH (e:Episodic) WHERE ($since IS NULL OR toString(e.valid_at) >= $since) "
-                f"AND ($until IS NULL OR toString(e.valid_at) <= $until) RETURN {_Reads.EPISODE_FIELDS} "
-                "ORDER BY e.valid_at DESC, e.name DESC LIMIT $n", {"n": last_n, "since": after, "until": before})
-        op.set(**{"memory.results": len(result.result_set)})
-        return [_Reads.episode_record(*row) for row in result.result_set]
-
-
-async def get_episode(name: str) -> dict:
-    """One episode by name or uuid: what get_episodes shows of it, the facts that name it among their
-    sources ("facts", each with its validity) and the entities it mentions ("entities")."""
-    async with _operation("episode") as op:
-        episode = _Reads.episode_record(*await _Reads.episode_row(name))
-        op.set(**{"memory.episode": episode["uuid"]})
-        facts = await _Reads.rows(f"MATCH ()-[r:RELATES_TO]->() WHERE $uuid IN r.episodes RETURN {_Reads.FACT_FIELDS} "
-                                  "ORDER BY r.created_at, r.uuid", {"uuid": episode["uuid"]})
-        entities = await _Reads.rows("MATCH (:Episodic {uuid: $uuid})-[:MENTIONS]->(n:Entity) "
-                                     "RETURN n.uuid, n.name, labels(n) ORDER BY toLower(n.name), n.uuid",
-                                     {"uuid": episode["uuid"]})
-        return {**episode, "facts": [_Reads.fact_record(*row) for row in facts],
-                "entities": [{"uuid": u, "name": redact(n or "").text, "type": _Reads.specific_label(labels)}
-                             for u, n, labels in entities]}
-
-
-async def get_fact(uuid_: str) -> dict:
-    """One fact by uuid: its text, validity, when it stopped being current (expired_at) and its
-    source episodes."""
-    async with _operation("fact"):
-        return await _Reads.fact(uuid_)
-
-
-SHORT_ID_CHARS = 8    # of a uuid in the compact index (search_memory_index); get_memories takes it
-MAX_MEMORIES_ASKED = 20
-async def get_memories(ids: list[str]) -> list[dict]:
-    """Memories by uuid or its first SHORT_ID_CHARS characters (as the compact index shows them):
-    each event as get_episode gives it ("kind": "episode"), each fact as get_fact ("kind": "fact");
-    a short id two memories share gives both. An id that names nothing is an error."""
-    if not isinstance(ids, list) or not 1 <= len(ids) <= MAX_MEMORIES_ASKED:
-        raise UsageError(f"ids must be a list of 1 to {MAX_MEMORIES_ASKED} memory ids")
-    found: list[dict] = []
-    for short in ids:
-        if not isinstance(short, str) or not _Reads.SHORT_ID_RULE.fullmatch(short):
-            raise UsageError(f"a memory id is a uuid or its first {SHORT_ID_CHARS} characters, got {str(short)[:60]!r}")
-        episodes = await _Reads.rows("MATCH (e:Episodic) WHERE e.uuid STARTS WITH $id RETURN e.uuid ORDER BY e.uuid",
-                                     {"id": short})
-        facts = await _Reads.rows("MATCH ()-[r:RELATES_TO]->() WHERE r.uuid STARTS WITH $id RETURN r.uuid "
-                                  "ORDER BY r.uuid", {"id": short})
-        if not episodes and not facts:
-            raise UsageError(f"no memory {short} in group {_settings().group_id}")
-        found += [{"kind": "episode", **await get_episode(uuid_)} for (uuid_,) in episodes]
-        found += [{"kind": "fact", **await get_fact(uuid_)} for (uuid_,) in facts]
-    return found
-
-
-async def delete_episode(name: str) -> str:
-    """Remove one episode (by its name or its uuid), and what only it supported, through graphiti;
-    the group's cached answers are invalidated. Returns the episode's uuid."""
-    async with _operation("delete") as op:
-        s = _settings()
-        op.set(**{"memory.episode": name})
-        episode_uuid = (await _Reads.episode_row(name))[0]
-        async with _Errors.service("falkordb", s.falkordb_address), _llm_service(), _WriteGate.writes(s.group_id):
-            await (await _graphiti(s.group_id)).remove_episode(episode_uuid)
-        await _Cache.invalidate(s.group_id, drop_answers=True)
-        return episode_uuid
-
-
-async def forget_fact(uuid_: str) -> dict:
-    """Remove one fact (graphiti's own edge removal; the entities it joined stay, other facts and
-    episodes name them); the group's cached answers are invalidated. Returns what was removed."""
-    async with _operation("forget") as op:
-        s = _settings()
-        op.set(**{"memory.fact": uuid_})
-        removed = await _Reads.fact(uuid_)
-        graphiti = await _graphiti(s.group_id)
-        async with _Errors.service("falkordb", s.falkordb_address), _WriteGate.writes(s.group_id):
-            from graphiti_core.edges import EntityEdge
-
-            await (await EntityEdge.get_by_uuid(graphiti.driver, uuid_)).delete(graphiti.driver)
-        await _Cache.invalidate(s.group_id, drop_answers=True)
-        return removed
-
-
-async def correct_fact(uuid_: str, text: str) -> dict:
-    """Replace a current fact by `text` (redacted like a stored event): the old one is invalidated
-    now (kept, and recalled with --history), a new one between the same entities, with the same
-    source episodes, is valid from now. Returns {"invalidated": old fact, "fact": the new one}."""
-    async with _operation("correct") as op:
-        s = _settings()
-        op.set(**{"memory.fact": uuid_})
-        if not isinstance(text, str) or not text.strip():
-            raise UsageError("the corrected fact is empty")
-        text = _Input.text(" ".join(text.split()), "the corrected fact")[:MAX_QUERY_CHARS]
-        text = redact(text).text if s.redact else text
-        old = await _Reads.fact(uuid_)
-        if old["invalid_at"] or old["expired_at"]:
-            ended = old["invalid_at"] or old["expired_at"]
-            raise UsageError(f"fact {uuid_} is no longer current (ended {ended}); correct the fact that replaced it")
-        graphiti = await _graphiti(s.group_id)
-        from graphiti_core.edges import EntityEdge
-
-        async with _Errors.service("falkordb", s.falkordb_address), _llm_service():
-            previous = await EntityEdge.get_by_uuid(graphiti.driver, uuid_)
-            await previous.load_fact_embedding(graphiti.driver)
-            now = datetime.now(UTC)
-            corrected = EntityEdge(group_id=s.group_id, source_node_uuid=previous.source_node_uuid,
-                                   target_node_uuid=previous.target_node_uuid, name=previous.name, fact=text,
-                                   episodes=list(previous.episodes or []), created_at=now, valid_at=now)
-            await corrected.generate_embedding(graphiti.embedder)
-            previous.invalid_at = previous.expired_at = now
-            async with _WriteGate.writes(s.group_id):
-                await previous.save(graphiti.driver)
-                await corrected.save(graphiti.driver)
-        await _Cache.invalidate(s.group_id, drop_answers=True)
-        return {"invalidated": await _Reads.fact(uuid_), "fact": await _Reads.fact(corrected.uuid)}
-
-
-async def health() -> dict:
-    """Reachability of FalkorDB and Valkey (bounded to about a second), the LLM endpoint, and the
-    queue and worker state. Only FalkorDB and Valkey decide `healthy`: a restart cures neither an
-    OpenAI outage nor a backlog, which the queue rides out."""
-    async with _operation("health") as op:
-        s = _settings()
-        falkordb, valkey, llm = await asyncio.gather(
-            _Probes.probe(s.falkordb_address, _Probes.falkordb_probe, "FALKORDB_PASSWORD"),
-            _Probes.probe(s.valkey_address, _Probes.valkey_probe, "VALKEY_PASSWORD"), _Probes.llm_health(s))
-        queue = await _Probes.queue_health(valkey["ok"])
-        redaction = {"ok": s.redact, "state": "on" if s.redact else "off", "address": "MEMORY_REDACT",
-                     "detail": "credentials are replaced before the LLM, the graph, the queue and B2" if s.redact
-                     else "credentials are KEPT: they reach OpenAI, the graph, the queue's disk and B2"}
-        op.set(**{"health.falkordb": falkordb["ok"], "health.valkey": valkey["ok"],
-                  "health.llm": llm["ok"]})
-        group = {"ok": True, "address": "MEMORY_GROUP_ID" if _Env.text("MEMORY_GROUP_ID") else "project",
-                 "detail": f"{s.group_id} (the memory group this process stores to and recalls from)"}
-        return {
-            "falkordb": falkordb,
-            "valkey": valkey,
-            "llm": llm,
-            **queue,
-            "redaction": redaction,
-            "group": group,
-            "healthy": falkordb["ok"] and valkey["ok"],
-        }
-
-
-class _Probes:
-    """What `health` asks each service, each probe bounded by its own timeout, and how a failure reads."""
-
-    @classmethod
-    async def llm_health(cls, s: Settings) -> dict:
-        """One cheap authenticated call (GET /models, no retries, bounded): not configured, unreachable,
-        rejected the key, or answered; plus a warning when graphiti's OpenAI model names would go to a
-        server that is not OpenAI."""
-        if not s.openai_api_key:
-            return {"ok": False, "state": "off", "address": s.llm_address,
-                    "detail": "not configured (OPENAI_API_KEY not set)"}
-        failure = await cls.llm_probe(s)
-        if failure:
-            return {"ok": False, "state": "FAIL", "address": s.llm_address, "detail": failure}
-        elsewhere = s.openai_base_url and urlsplit(s.openai_base_url).hostname != "api.openai.com"
-        unset = [name for name, value in (("MEMORY_LLM_MODEL", s.llm_model),
-                                          ("MEMORY_LLM_SMALL_MODEL", s.llm_small_model),
-                                          ("MEMORY_EMBEDDING_MODEL", s.embedding_model)) if not value]
-        if elsewhere and unset:
-            return {"ok": True, "state": "WARN", "address": s.llm_address,
-                    "detail": f"answered, but {', '.join(unset)} unset: graphiti's OpenAI default model names "
-                              "are sent to this non-OpenAI server"}
-        return {"ok": True, "address": s.llm_address, "detail": "answered (key accepted)"}
-
-    @classmethod
-    async def llm_probe(cls, s: Settings) -> str | None:
-        """None when the endpoint accepted the key, else why not. A plain HTTP GET in a thread: the
-        openai package would cost a healthcheck ~0.5 s of imports for one request."""
-        try:
-            return await asyncio.wait_for(asyncio.to_thread(cls.get_models, s), HEALTH_TIMEOUT_S + 0.5)
-        except TimeoutError:
-            return f"unreachable: no answer within {HEALTH_TIMEOUT_S:g} s"
-
-    @staticmethod
-    def get_models(s: Settings) -> str | None:
-        import urllib.error
-        import urllib.request
-
-        request = _QuestionEmbedding.request(s, "/models")
-        try:
-            with urllib.request.urlopen(request, timeout=HEALTH_TIMEOUT_S) as reply:
-                json.load(reply)
-            return None
-        except urllib.error.HTTPError as exc:
-            return "rejected the key (check OPENAI_API_KEY)" if exc.code in (401, 403) else f"answered HTTP {exc.code}"
-        except urllib.error.URLError as exc:  # connecting failed
-            reason = exc.reason
-            if isinstance(reason, ConnectionRefusedError):
-                return "unreachable: connection refused"
-            if isinstance(reason, TimeoutError):
-                return f"unreachable: no answer within {HEALTH_TIMEOUT_S:g} s"
-            return f"unreachable: {reason if isinstance(reason, str) else _Errors.describe(reason)}"
-        except TimeoutError:  # reading the reply
-            return f"unreachable: no answer within {HEALTH_TIMEOUT_S:g} s"
-        except (ValueError, OSError) as exc:  # ValueError: a body that is not JSON
-            return f"answered, but not as the API does ({type(exc).__name__})"
-
-    @staticmethod
-    async def queue_health(valkey_ok: bool) -> dict:
-        address = _settings().valkey_address
-
-        def unknown(why: str) -> dict:
-            return {name: {"ok": False, "address": address, "detail": f"unknown ({why})"}
-                    for name in ("queue", "worker")}
-
-        if not valkey_ok:
-            return unknown("valkey unreachable")
-        try:
-            status = await asyncio.wait_for(_QueueStatus.read(), HEALTH_TIMEOUT_S)
-        except _Errors.valkey_errors() as exc:  # TimeoutError among them
-            return unknown(_Errors.describe(exc))
-        groups = status["groups"]
-        queued, dead = sum(g["queued"] for g in groups), sum(g["dead_letters"] for g in groups)
-        ages = [g["oldest_age_s"] for g in groups if g["oldest_age_s"] is not None]
-        detail = f"{queued} queued, {dead} dead letter(s)" + (f", oldest {max(ages):g} s" if ages else "")
-        worker = status["worker"]
-        return {
-            "queue": {"ok": dead == 0, "address": address, "detail": detail},
-            "worker": {"ok": worker is not None, "address": address,
-                       "detail": (f"{worker['mode']} {worker['id']}, heartbeat {worker['heartbeat_age_s']:g} s ago"
-                                  if worker else "none running (the next store starts a drainer)")},
-        }
-
-    @staticmethod
-    async def probe(address: str, check: Callable[[], Any], password_variable: str) -> dict:
-        """ok and a detail; a failure says refused, timed out or rejected, and why otherwise."""
-        from redis.exceptions import AuthenticationError
-        from redis.exceptions import TimeoutError as RedisTimeout
-
-        try:
-            detail = await asyncio.wait_for(check(), HEALTH_TIMEOUT_S)
-            return {"ok": True, "address": address, "detail": detail}
-        except AuthenticationError:
-            detail = f"rejected the credentials (check {password_variable})"
-        except (TimeoutError, RedisTimeout):
-            detail = f"timed out: no answer within {HEALTH_TIMEOUT_S:g} s"
-        except _Errors.connection_errors() as exc:
-            detail = "connection refused" if _Errors.caused_by(exc, ConnectionRefusedError) else _Errors.describe(exc)
-        except Exception as exc:  # noqa: BLE001 - any other server reply still means "not healthy"
-            detail = f"{type(exc).__name__}: {_Errors.describe(exc)}"
-        return {"ok": False, "address": address, "detail": detail}
-
-    @staticmethod
-    async def falkordb_probe() -> str:
-        import redis.asyncio
-
-        s = _settings()
-        # A throwaway client with the probe's own timeout: a black-holed server cannot hold it longer.
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
-        probe = redis.asyncio.Redis(**s.falkordb.client_options(), socket_timeout=HEALTH_TIMEOUT_S,
-                                    socket_connect_timeout=HEALTH_TIMEOUT_S, retry=Retry(NoBackoff(), 0), protocol=2)
-        try:
-            graphs = await probe.execute_command("GRAPH.LIST")
-            clustered = (await probe.info("server")).get("redis_mode") == "cluster"
-        finally:
-            await probe.aclose()
-        return f"{len(graphs)} graph(s)" + (" on this node of a cluster" if clustered else "")
-
-    @staticmethod
-    async def valkey_probe() -> str:
-        info = await _valkey().info("server")
-        name = info.get("server_name", "redis")
-        return f"{name} {info.get('valkey_version') or info.get('redis_version', '?')}"
-
-
 # === Worker ======================================================================================
 # `worker` (long-running) and `drain` (started by `store` when no worker is alive; exits when idle)
 # run the same loop. A group is served by whoever holds its lease (a Valkey lock renewed while
@@ -4263,6 +4282,8 @@ def _entity_types() -> dict[str, type]:
 
 
 LEASE_TTL_S = 15               # a killed worker's groups are taken over this fast
+
+
 class _GraphitiPass:
     """One pass of graphiti over a group's events, rebuilt from add_episode's own steps (GRAPHITI_INTERNALS
     names every private one): entities and their resolution, facts extracted while the entities are resolved,
@@ -7450,7 +7471,6 @@ class _MemoryTools:
         state = "healthy" if report["healthy"] else "unhealthy"
         return _McpServer.tool_result(f"{state}; queued {sum(g['queued'] for g in queue['groups'])}",
                                       {"health": report, "queue": queue})
-
 
 
 async def serve_mcp(http: str | None = None, with_worker: bool = False) -> None:
