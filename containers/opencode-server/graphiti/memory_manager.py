@@ -8240,9 +8240,9 @@ const lines = links.map((f) => {
 });
 const dots = data.entities.map((e, i) => {
   const g = make("g", {"data-name": e.name});
-  const dot = make("circle", {cx: pos[i][0], cy: pos[i][1], r: 6});
+  const dot = make("circle", {cx: pos[i][0], cy: pos[i][1]});
   dot.appendChild(make("title", {}, `${e.name} (${e.type})${e.summary ? "\\n" + e.summary : ""}`));
-  g.append(dot, make("text", {x: pos[i][0] + 8, y: pos[i][1] + 4}, e.name));
+  g.append(dot, make("text", {}, e.name));
   return svg.appendChild(g);
 });
 function frame() {  // the drawing, labels included, fills the canvas: nothing off its edges or cut
@@ -8251,13 +8251,16 @@ function frame() {  // the drawing, labels included, fills the canvas: nothing o
                                w + 2 * pad, h + 2 * pad].join(" "));
   return Math.max((w + 2 * pad) / (svg.clientWidth || 1000), (h + 2 * pad) / (svg.clientHeight || 1000));
 }
-const shrunk = Math.max(frame(), 1);  // a wide drawing shrinks: its dots and labels grow back, then it fits again
-svg.style.fontSize = `${11 * shrunk}px`;
-dots.forEach((g, i) => {
-  g.firstChild.setAttribute("r", 4 * shrunk);
-  g.lastChild.setAttribute("x", pos[i][0] + 7 * shrunk);
-  g.lastChild.setAttribute("y", pos[i][1] + 4 * shrunk);
-});
+function size(scale) {  // dots, labels and the gap between them, in the drawing's units
+  svg.style.fontSize = `${11 * scale}px`;
+  dots.forEach((g, i) => {
+    g.firstChild.setAttribute("r", 4 * scale);
+    g.lastChild.setAttribute("x", pos[i][0] + 7 * scale);
+    g.lastChild.setAttribute("y", pos[i][1] + 4 * scale);
+  });
+}
+size(1);
+size(Math.max(frame(), 1));  // a wide drawing shrinks: its dots and labels grow back to 11 px, then it fits again
 frame();
 const list = document.getElementById("facts"), count = document.getElementById("count");
 const search = document.getElementById("search");
