@@ -154,6 +154,22 @@ def test_the_module_reads_as_a_namespace_of_small_classes():
     assert source.count("type: ignore") <= 3
 
 
+def test_a_class_s_private_members_are_used_only_inside_that_class():
+    """Issue 36: sections meet through their classes' public methods (`_Recall.bm25`), never a
+    `_helper` of another class; graphiti's own private methods are named in one place only."""
+    tree, _ = sections()
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    reached_into = sorted({(name.value.id, name.attr, getattr(top, "name", "?")) for top in tree.body
+                           for name in ast.walk(top) if isinstance(name, ast.Attribute)
+                           and isinstance(name.value, ast.Name) and name.value.id in classes
+                           and name.attr.startswith("_") and not name.attr.startswith("__")
+                           and top is not classes[name.value.id]})
+    graphiti_private = [line for line in MODULE.read_text().splitlines() if re.search(r"graphiti\._[a-z]", line)]
+
+    assert len(classes) >= 40 and not reached_into, reached_into
+    assert 0 < len(graphiti_private) <= 3, graphiti_private
+
+
 MUTATORS = {"add", "discard", "clear", "pop", "update", "setdefault", "append"}
 
 
