@@ -3727,6 +3727,7 @@ class _Recall:
             keys = await cls.details(graph, EPISODES, list(events), "coalesce(x.valid_at, '') AS at, "
                                      "left(x.content, 200) AS opening, size(x.content) AS length")
             events = _NamedTime.in_named_time(events, {u: k["at"] for u, k in keys.items()}, named)
+            events = _Fusion.by_named_speaker(events, {u: k["opening"] for u, k in keys.items()}, query)
             best = cls.without_repeats(sorted(keys, key=lambda u: (-round(events[u], 12), keys[u]["opening"],
                                                                 keys[u]["at"], u)), keys, events)[:limit]
             items = [dataclasses.replace(item, facts=cls.supporting(item.uuid, fact_records, facts))
@@ -3965,6 +3966,13 @@ class _Fusion:
     MEANING_WEIGHT = 0.15
     FACT_TEXT_SHARE = 1.5          # of what a fact's text match holds beyond its event's own
     FACT_MEANING_SHARE = 0.75      # of what a fact's vector match holds beyond its event's own
+    # A question that names a speaker ("What did Melanie paint?") is best answered by what that speaker
+    # said: in a chat stored a turn an event, the events labelled `Melanie: ` count NAMED_SPEAKER_BOOST
+    # more (a multiple, so a question naming both speakers, or neither, changes nothing). The label must
+    # be written as the question writes the name, capital and all, so "Decision: ..." is no speaker of
+    # "which decision ...". Dev set found @10 79.7 -> 84.0 % (wordllama), 81.8 -> 85.3 % (MiniLM).
+    NAMED_SPEAKER_BOOST = 1.0
+    SPEAKER_LABEL = re.compile(r"([^\W\d_][\w'.-]{0,40}): ")
 
     @classmethod
     def scaled_meaning(cls, hits: dict[str, float]) -> dict[str, float]:
@@ -3975,6 +3983,18 @@ class _Fusion:
             return {}
         top, bottom = max(hits.values()), min(hits.values())
         return {uid: (score - bottom) / (top - bottom) if top > bottom else 1.0 for uid, score in hits.items()}
+
+    @classmethod
+    def by_named_speaker(cls, scores: dict[str, float], openings: dict[str, str], question: str) -> dict[str, float]:
+        """Scores of the events whose speaker label the question names raised by cls.NAMED_SPEAKER_BOOST."""
+        named = {word.removesuffix("'s") for word in re.findall(r"[\w']+", question)}
+
+        def by_named(opening: str) -> bool:
+            label = cls.SPEAKER_LABEL.match(opening)
+            return label is not None and label.group(1)[0].isupper() and label.group(1) in named
+
+        return {uid: score * (1 + cls.NAMED_SPEAKER_BOOST) if by_named(openings.get(uid, "")) else score
+                for uid, score in scores.items()}
 
     @classmethod
     def combined(cls, text: dict[str, float], meaning: dict[str, float]) -> dict[str, float]:
