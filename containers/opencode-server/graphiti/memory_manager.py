@@ -3696,8 +3696,8 @@ class _Recall:
         match as the share of the question it holds, a vector match at most _Fusion.MEANING_WEIGHT). One
         embeddings call; no LLM call; with the embeddings endpoint failing, text alone (one warning).
         Scope `all` ranks events: a fact raises its events only by what it matched beyond their own
-        text. The best events then lend part of their score to their neighbours in time, and each
-        event shows its matching facts."""
+        text. The best events then lend part of their score to their neighbours in time, the events of a
+        time or by a speaker the question names count double, and each event shows its matching facts."""
         s = _settings()
         if not await _Graphs.exists(s.group_id):  # searching would create an empty graph
             return []
