@@ -3731,8 +3731,8 @@ class _Recall:
                                                                 keys[u]["at"], u)), keys, events)[:limit]
             items = [dataclasses.replace(item, facts=cls.supporting(item.uuid, fact_records, facts))
                      for item in cls.ranked_items("episode", await cls.details(graph, EPISODES, best), events, limit)]
-        # A fact that no stored event backs (its episodes removed, or a graph written by other means)
-        # stands on its own in the ranking.
+        # A fact whose events are not among those ranked (removed, written by other means, or matching
+        # nothing of the question themselves: a fact found by its vector alone) stands on its own.
         orphans = {uid: r for uid, r in fact_records.items() if not any(e in keys for e in r["episodes"] or [])}
         return sorted(items + cls.ranked_items("fact", orphans, facts, limit), key=cls.rank_order)[:limit]
 
