@@ -269,6 +269,27 @@ def test_a_question_that_names_a_speaker_gets_that_speakers_own_words_before_ano
     assert first.splitlines()[0].endswith("Theo: My pottery class went well, I made a blue teapot."), first
 
 
+def test_a_question_about_now_gets_what_was_said_later_on_its_subject(memory):
+    """Issue 34 item 4: "What does Maya drink in the morning now?" matches best the habit she dropped;
+    the answer is what she said later on that subject, in other words. For a question about the
+    present, the events after the best ones and nearest them in meaning gain half their score
+    (project corpus found @10 under wordllama 79.7 -> 84.7 %)."""
+    for day, text in ((1, "The train was late again this morning, forty minutes."),
+                      (2, "I drink three espressos every morning before work."),
+                      (9, "No more espressos before work for me, green tea since Monday."),
+                      (10, "I am baking bread for the weekend.")):
+        store_at(memory, f"2026-03-{day:02d}T08:00:00+00:00", f"Maya: {text}")
+
+    def openings(question: str) -> list[str]:
+        lines = memory.ok("query", "--scope", "episodes", question).splitlines()
+        return [line.split("Maya: ")[1][:16] for line in lines]
+
+    assert openings("What does Maya drink in the morning now?") == [
+        "I drink three es", "No more espresso", "The train was la", "I am baking brea"]
+    assert openings("What did Maya drink in the morning?") == [
+        "I drink three es", "The train was la", "I am baking brea", "No more espresso"]
+
+
 def test_an_event_said_again_and_again_is_recalled_once_at_its_newest(memory):
     """An agent's log repeats itself ("run the tests again"); five copies filled five of ten slots
     with one memory and pushed the deadlock fix out (project corpus: found @10 74.6 -> 78.0 %)."""
@@ -471,6 +492,21 @@ def test_an_event_by_a_speaker_the_question_names_counts_double(question, speake
     scores = mm._Fusion.by_named_speaker({"turn": 0.25}, {"turn": speaker}, question)
 
     assert scores["turn"] == (0.25 * (1 + mm._Fusion.NAMED_SPEAKER_BOOST) if raised else 0.25)
+
+
+@pytest.mark.parametrize(("question", "about_now"), [
+    ("What does Maya drink in the morning now?", True),
+    ("What book is Jon currently reading?", True),
+    ("Which database does the ledger use these days?", True),
+    ("What animal did Maya adopt most recently?", True),
+    ("What did Melanie paint recently?", False),
+    ("How long has Caroline had her current group of friends for?", False),
+    ("What did Maya drink in the morning?", False),
+], ids=["now", "currently", "these-days", "most-recently", "recently-then", "how-long", "past-tense"])
+def test_a_question_asks_for_the_present_only_with_a_word_of_now(question, about_now):
+    import memory_manager as mm
+
+    assert mm._NamedTime.asks_for_the_present(question) is about_now
 
 
 @pytest.mark.parametrize(("question", "inside", "outside", "words"), [

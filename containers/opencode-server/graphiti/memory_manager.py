@@ -3659,6 +3659,34 @@ class _Recall:
                     lifted[neighbour] += cls.NEIGHBOUR_SHARE / distance * scores[source]
         return lifted
 
+    LATER_WORD_SOURCES = 3         # the best events whose later words on the same subject gain
+    LATER_WORD_SHARE = 0.5         # of such a source's score, for the later event nearest it in meaning
+    # For each source, the candidates stored after it and how near each is to it in meaning.
+    LATER_ON_THE_SUBJECT = (
+        "UNWIND $sources AS source MATCH (s:Episodic {uuid: source}) WHERE s.content_embedding IS NOT NULL "
+        "UNWIND $candidates AS candidate MATCH (x:Episodic {uuid: candidate}) "
+        "WHERE x.content_embedding IS NOT NULL AND [toString(x.valid_at), x.uuid] > [toString(s.valid_at), s.uuid] "
+        "RETURN source, x.uuid, (2 - vec.cosineDistance(x.content_embedding, s.content_embedding)) / 2")
+
+    @classmethod
+    async def with_later_words(cls, graph: Any, scores: dict[str, float], question: str) -> dict[str, float]:
+        """For a question about the present, the events said after the best ones and nearest them in
+        meaning gain part of their score: what a question about now matches best is often the state it
+        replaced ("I drink three espressos a day" for "What does Maya drink now?"), and the answer is
+        what was said later on that subject ("I quit coffee and switched to green tea"). Nearness is
+        spread over each source's own candidates (the nearest 1, the farthest 0), as a vector list is."""
+        if not scores or not _NamedTime.asks_for_the_present(question):
+            return scores
+        sources = sorted(scores, key=lambda uid: (-scores[uid], uid))[:cls.LATER_WORD_SOURCES]
+        rows = (await graph.ro_query(cls.LATER_ON_THE_SUBJECT, {"sources": sources, "candidates": list(scores)})
+                ).result_set
+        lifted = dict(scores)
+        for source in sources:
+            later = _Fusion.scaled_meaning({uid: near for of, uid, near in rows if of == source})
+            for uid, nearness in later.items():
+                lifted[uid] = max(lifted[uid], scores[uid] + cls.LATER_WORD_SHARE * nearness * scores[source])
+        return lifted
+
     @staticmethod
     def without_repeats(ranked: list[str], keys: dict[str, dict], scores: dict[str, float]) -> list[str]:
         """One event for each text said again and again ("run the tests again", "Work is fine"): the
@@ -3726,6 +3754,7 @@ class _Recall:
             keys = await cls.details(graph, EPISODES, list(events), "coalesce(x.valid_at, '') AS at, "
                                      "left(x.content, 200) AS opening, size(x.content) AS length")
             events = _NamedTime.in_named_time(events, {u: k["at"] for u, k in keys.items()}, named)
+            events = await cls.with_later_words(graph, events, query)
             events = _Fusion.by_named_speaker(events, {u: k["opening"] for u, k in keys.items()}, query)
             best = cls.without_repeats(sorted(keys, key=lambda u: (-round(events[u], 12), keys[u]["opening"],
                                                                 keys[u]["at"], u)), keys, events)[:limit]
@@ -3900,6 +3929,17 @@ class _NamedTime:
             return scores
         return {uid: score * (1 + cls.NAMED_TIME_BOOST) if named(cls.utc_date(dates.get(uid))) else score
                 for uid, score in scores.items()}
+
+    # A question about the present ("now", "currently", "the latest") is answered by the newest word on
+    # its subject; "recently" is not one (in a record of months it means recently then, as the dev set's
+    # "What did Melanie paint recently?"), nor is a question of how long or since when (its answer is
+    # where the span began: "How long has Caroline had her current group of friends?").
+    PRESENT = re.compile(r"\b(now|current|currently|these days|anymore|latest|most recent|most recently)\b", re.I)
+    SPAN = re.compile(r"\b(how long|since when)\b", re.I)
+
+    @classmethod
+    def asks_for_the_present(cls, question: str) -> bool:
+        return cls.PRESENT.search(question) is not None and cls.SPAN.search(question) is None
 
     @staticmethod
     def utc_date(valid_at: Any, layout: str = "%Y-%m-%d") -> str:
