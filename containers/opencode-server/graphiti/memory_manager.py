@@ -3659,7 +3659,7 @@ class _Recall:
                     lifted[neighbour] += cls.NEIGHBOUR_SHARE / distance * scores[source]
         return lifted
 
-    LATER_WORD_SOURCES = 3         # the best events whose later words on the same subject gain
+    LATER_WORD_SOURCES = 5         # the best events whose later words on the same subject gain
     LATER_WORD_SHARE = 0.5         # of such a source's score, for the later event nearest it in meaning
     # For each source, the candidates stored after it and how near each is to it in meaning.
     LATER_ON_THE_SUBJECT = (
