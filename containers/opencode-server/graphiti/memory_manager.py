@@ -3661,15 +3661,17 @@ class _Recall:
 
     LATER_WORD_SOURCES = 5         # the best events whose later words on the same subject gain
     LATER_WORD_SHARE = 0.5         # of such a source's score, for the later event nearest it in meaning
-    # For each source, the candidates stored after it and how near each is to it in meaning.
+    # For each source, the candidates dated after it (not at the same time: an import's events have no
+    # order but their uuids, which a restore keeps and a re-ingestion renews) and how near each is to it.
     LATER_ON_THE_SUBJECT = (
         "UNWIND $sources AS source MATCH (s:Episodic {uuid: source}) WHERE s.content_embedding IS NOT NULL "
         "UNWIND $candidates AS candidate MATCH (x:Episodic {uuid: candidate}) "
-        "WHERE x.content_embedding IS NOT NULL AND [toString(x.valid_at), x.uuid] > [toString(s.valid_at), s.uuid] "
+        "WHERE x.content_embedding IS NOT NULL AND toString(x.valid_at) > toString(s.valid_at) "
         "RETURN source, x.uuid, (2 - vec.cosineDistance(x.content_embedding, s.content_embedding)) / 2")
 
     @classmethod
-    async def with_later_words(cls, graph: Any, scores: dict[str, float], question: str) -> dict[str, float]:
+    async def with_later_words(cls, graph: Any, scores: dict[str, float], keys: dict[str, dict],
+                               question: str) -> dict[str, float]:
         """For a question about the present, the events said after the best ones and nearest them in
         meaning gain part of their score: what a question about now matches best is often the state it
         replaced ("I drink three espressos a day" for "What does Maya drink now?"), and the answer is
@@ -3677,30 +3679,39 @@ class _Recall:
         spread over each source's own candidates (the nearest 1, the farthest 0), as a vector list is."""
         if not scores or not _NamedTime.asks_for_the_present(question):
             return scores
-        sources = sorted(scores, key=lambda uid: (-scores[uid], uid))[:cls.LATER_WORD_SOURCES]
-        rows = (await graph.ro_query(cls.LATER_ON_THE_SUBJECT, {"sources": sources, "candidates": list(scores)})
+        sources = cls.without_repeats(cls.in_rank_order(scores, keys), keys, scores)[:cls.LATER_WORD_SOURCES]
+        rows = (await graph.ro_query(cls.LATER_ON_THE_SUBJECT, {"sources": sources, "candidates": list(keys)})
                 ).result_set
         lifted = dict(scores)
-        for source in sources:
-            later = _Fusion.scaled_meaning({uid: near for of, uid, near in rows if of == source})
+        for source in sources:  # the same text said again is no later word on its subject
+            later = _Fusion.scaled_meaning({uid: near for of, uid, near in rows
+                                            if of == source and cls.text_of(keys, uid) != cls.text_of(keys, source)})
             for uid, nearness in later.items():
                 lifted[uid] = max(lifted[uid], scores[uid] + cls.LATER_WORD_SHARE * nearness * scores[source])
         return lifted
 
     @staticmethod
-    def without_repeats(ranked: list[str], keys: dict[str, dict], scores: dict[str, float]) -> list[str]:
+    def in_rank_order(scores: dict[str, float], keys: dict[str, dict]) -> list[str]:
+        """The events by score, equal scores by text, then time, then uuid: the same order after the same
+        events are stored again (with new uuids)."""
+        return sorted(keys, key=lambda uid: (-round(scores[uid], 12), keys[uid]["opening"], keys[uid]["at"], uid))
+
+    @classmethod
+    def without_repeats(cls, ranked: list[str], keys: dict[str, dict], scores: dict[str, float]) -> list[str]:
         """One event for each text said again and again ("run the tests again", "Work is fine"): the
         newest of those that rank best stands for the rest, which would fill the slots of ten different
-        memories with one. Texts are the same when their first 200 characters and length are."""
-        def text(uid: str) -> tuple[str, int]:
-            return keys[uid]["opening"], keys[uid]["length"]
-
+        memories with one."""
         best: dict[tuple[str, int], str] = {}
         for uid in ranked:
-            kept = best.setdefault(text(uid), uid)
+            kept = best.setdefault(cls.text_of(keys, uid), uid)
             if round(scores[uid], 12) == round(scores[kept], 12) and keys[uid]["at"] > keys[kept]["at"]:
-                best[text(uid)] = uid
-        return [uid for uid in ranked if best[text(uid)] == uid]
+                best[cls.text_of(keys, uid)] = uid
+        return [uid for uid in ranked if best[cls.text_of(keys, uid)] == uid]
+
+    @staticmethod
+    def text_of(keys: dict[str, dict], uid: str) -> tuple[str, int]:
+        """What makes two events the same text: their first 200 characters and their length."""
+        return keys[uid]["opening"], keys[uid]["length"]
 
     @staticmethod
     def shifted(iso: str, seconds: float) -> str:
@@ -3754,10 +3765,9 @@ class _Recall:
             keys = await cls.details(graph, EPISODES, list(events), "coalesce(x.valid_at, '') AS at, "
                                      "left(x.content, 200) AS opening, size(x.content) AS length")
             events = _NamedTime.in_named_time(events, {u: k["at"] for u, k in keys.items()}, named)
-            events = await cls.with_later_words(graph, events, query)
+            events = await cls.with_later_words(graph, events, keys, query)
             events = _Fusion.by_named_speaker(events, {u: k["opening"] for u, k in keys.items()}, query)
-            best = cls.without_repeats(sorted(keys, key=lambda u: (-round(events[u], 12), keys[u]["opening"],
-                                                                keys[u]["at"], u)), keys, events)[:limit]
+            best = cls.without_repeats(cls.in_rank_order(events, keys), keys, events)[:limit]
             items = [dataclasses.replace(item, facts=cls.supporting(item.uuid, fact_records, facts))
                      for item in cls.ranked_items("episode", await cls.details(graph, EPISODES, best), events, limit)]
         # A fact whose events are not among those ranked (removed, written by other means, or matching
