@@ -273,7 +273,7 @@ def test_a_question_about_now_gets_what_was_said_later_on_its_subject(memory):
     """Issue 34 item 4: "What does Maya drink in the morning now?" matches best the habit she dropped;
     the answer is what she said later on that subject, in other words. For a question about the
     present, the events after the best ones and nearest them in meaning gain half their score
-    (project corpus found @10 under wordllama 79.7 -> 84.7 %)."""
+    (project corpus found @10 79.7 -> 83.1 % under wordllama, 89.8 -> 93.2 % under MiniLM)."""
     for day, text in ((1, "The train was late again this morning, forty minutes."),
                       (2, "I drink three espressos every morning before work."),
                       (9, "No more espressos before work for me, green tea since Monday."),

@@ -3445,6 +3445,8 @@ class _Recall:
                                    # comes a turn later, after "really?" (dev set @10: +2.6 wordllama, +2.1 MiniLM)
     NEIGHBOUR_SOURCES = 5          # the best events whose neighbours gain
     NEIGHBOUR_WINDOW_S = 3600      # an event's neighbours: the closest before and after it within this
+    LATER_WORD_SOURCES = 5         # the best events whose later words on the same subject gain
+    LATER_WORD_SHARE = 0.5         # of such a source's score, for the later event nearest it in meaning
     FACTS_PER_EVENT = 3            # matched facts shown under a recalled event
     MIN_SIMILARITY = 0.6           # (1 + cosine) / 2, graphiti's own floor: below it a vector match is noise
     NEW_FACT_SHARE = 0.5           # of a fact's words its event lacks, for the fact to be shown under it
@@ -3483,6 +3485,13 @@ class _Recall:
         "WHERE toString(x.valid_at) <= w.hi AND [toString(x.valid_at), x.uuid] > [w.at, w.uuid] "
         "WITH x, toString(x.valid_at) AS t ORDER BY t, x.uuid LIMIT $reach RETURN x.uuid AS near, t "
         "} RETURN w.uuid, near, t")
+    # For each source, the candidates dated after it (not at the same time: an import's events have no
+    # order but their uuids, which a restore keeps and a re-ingestion renews) and how near each is to it.
+    LATER_ON_THE_SUBJECT = (
+        "UNWIND $sources AS source MATCH (s:Episodic {uuid: source}) WHERE s.content_embedding IS NOT NULL "
+        "UNWIND $candidates AS candidate MATCH (x:Episodic {uuid: candidate}) "
+        "WHERE x.content_embedding IS NOT NULL AND toString(x.valid_at) > toString(s.valid_at) "
+        "RETURN source, x.uuid, (2 - vec.cosineDistance(x.content_embedding, s.content_embedding)) / 2")
 
     @classmethod
     def checked_options(cls, scope: Any, as_of: Any, history: Any) -> tuple[str, _Window]:
@@ -3659,16 +3668,6 @@ class _Recall:
                     lifted[neighbour] += cls.NEIGHBOUR_SHARE / distance * scores[source]
         return lifted
 
-    LATER_WORD_SOURCES = 5         # the best events whose later words on the same subject gain
-    LATER_WORD_SHARE = 0.5         # of such a source's score, for the later event nearest it in meaning
-    # For each source, the candidates dated after it (not at the same time: an import's events have no
-    # order but their uuids, which a restore keeps and a re-ingestion renews) and how near each is to it.
-    LATER_ON_THE_SUBJECT = (
-        "UNWIND $sources AS source MATCH (s:Episodic {uuid: source}) WHERE s.content_embedding IS NOT NULL "
-        "UNWIND $candidates AS candidate MATCH (x:Episodic {uuid: candidate}) "
-        "WHERE x.content_embedding IS NOT NULL AND toString(x.valid_at) > toString(s.valid_at) "
-        "RETURN source, x.uuid, (2 - vec.cosineDistance(x.content_embedding, s.content_embedding)) / 2")
-
     @classmethod
     async def with_later_words(cls, graph: Any, scores: dict[str, float], keys: dict[str, dict],
                                question: str) -> dict[str, float]:
@@ -3736,7 +3735,9 @@ class _Recall:
         embeddings call; no LLM call; with the embeddings endpoint failing, text alone (one warning).
         Scope `all` ranks events: a fact raises its events only by what it matched beyond their own
         text. The best events then lend part of their score to their neighbours in time, the events of a
-        time or by a speaker the question names count double, and each event shows its matching facts."""
+        time the question names count double, for a question about the present the best events lend to
+        what was said after them on their subject, the events by a speaker the question names count
+        double, and each event shows its matching facts."""
         s = _settings()
         if not await _Graphs.exists(s.group_id):  # searching would create an empty graph
             return []
@@ -3893,6 +3894,12 @@ class _NamedTime:
         "today": (0, 0), "yesterday": (1, 1), "this week": (6, 0), "last week": (13, 7), "past week": (7, 0),
         "this month": (30, 0), "last month": (61, 30)}
     NAMED_TIME_BOOST = 1.0
+    # A question about the present ("now", "currently", "the latest") is answered by the newest word on
+    # its subject; "recently" is not one (in a record of months it means recently then, as the dev set's
+    # "What did Melanie paint recently?"), nor is a question of how long or since when (its answer is
+    # where the span began: "How long has Caroline had her current group of friends?").
+    PRESENT = re.compile(r"\b(now|current|currently|these days|anymore|latest|most recent|most recently)\b", re.I)
+    SPAN = re.compile(r"\b(how long|since when)\b", re.I)
 
     @classmethod
     def month_number(cls, name: str) -> int:
@@ -3939,13 +3946,6 @@ class _NamedTime:
             return scores
         return {uid: score * (1 + cls.NAMED_TIME_BOOST) if named(cls.utc_date(dates.get(uid))) else score
                 for uid, score in scores.items()}
-
-    # A question about the present ("now", "currently", "the latest") is answered by the newest word on
-    # its subject; "recently" is not one (in a record of months it means recently then, as the dev set's
-    # "What did Melanie paint recently?"), nor is a question of how long or since when (its answer is
-    # where the span began: "How long has Caroline had her current group of friends?").
-    PRESENT = re.compile(r"\b(now|current|currently|these days|anymore|latest|most recent|most recently)\b", re.I)
-    SPAN = re.compile(r"\b(how long|since when)\b", re.I)
 
     @classmethod
     def asks_for_the_present(cls, question: str) -> bool:
