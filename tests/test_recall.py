@@ -290,6 +290,38 @@ def test_a_question_about_now_gets_what_was_said_later_on_its_subject(memory):
         "I drink three es", "The train was la", "I am baking brea", "No more espresso"]
 
 
+def test_a_text_said_again_is_no_later_word_on_its_subject(memory, monkeypatch):
+    """Small talk said again ("Work is fine, lots of meetings") is nearest in meaning to itself: as a
+    later word of its first copy it took the top of the nearness range and left the change said after
+    it ("go back to being an engineer") the bottom, nothing (project corpus x MiniLM: "What is Theo's
+    current role at work?" found @10 only without it)."""
+    import asyncio
+
+    import memory_manager as mm
+
+    for day, text in ((1, "Work is fine, lots of meetings."), (3, "Work is fine, lots of meetings."),
+                      (5, "I asked to go back to being an engineer, too many meetings.")):
+        store_at(memory, f"2026-03-0{day}T19:00:00+00:00", f"Theo: {text}")
+    first, again, change = (uid for [uid] in memory.cypher("MATCH (e:Episodic) RETURN e.uuid ORDER BY e.valid_at"))
+    for key, value in memory.env.items():
+        monkeypatch.setenv(key, value)
+
+    async def lifted() -> dict[str, float]:
+        graph = (await mm._falkordb()).select_graph(memory.group)
+        keys = await mm._Recall.details(graph, mm.EPISODES, [first, again, change], "coalesce(x.valid_at, '') "
+                                        "AS at, left(x.content, 200) AS opening, size(x.content) AS length")
+        scores = {first: 1.0, again: 0.5, change: 0.1}
+        try:
+            return await mm._Recall.with_later_words(graph, scores, keys, "What is Theo's role at work now?")
+        finally:
+            await mm.close()
+
+    scores = asyncio.run(lifted())
+
+    assert scores[again] == 0.5
+    assert scores[change] == pytest.approx(0.1 + mm._Recall.LATER_WORD_SHARE * 1.0)
+
+
 def test_an_event_said_again_and_again_is_recalled_once_at_its_newest(memory):
     """An agent's log repeats itself ("run the tests again"); five copies filled five of ten slots
     with one memory and pushed the deadlock fix out (project corpus: found @10 74.6 -> 78.0 %)."""
