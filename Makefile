@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 OPENSPEC := OPENSPEC_TELEMETRY=0 npx --yes @fission-ai/openspec@1.13.2
 
-.PHONY: install valkey browser test spec lint demo demo-tls demo-cluster stack stack-down bench bench-export bench-queue bench-miss bench-redact bench-mcp bench-recall bench-ingest bench-plugin bench-bulk bench-capture bench-tokens bench-import clean
+.PHONY: install valkey browser test spec lint demo demo-tls demo-cluster stack stack-down bench bench-export bench-queue bench-miss bench-redact bench-mcp bench-recall bench-ingest bench-plugin bench-bulk bench-capture bench-tokens bench-ablate bench-import clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -89,6 +89,11 @@ bench-recall: install
 #   make bench-tokens STACK_DIR=/tmp/stk-sem
 bench-tokens: install
 	$(PY) local/bench_tokens.py --stack-dir $(or $(STACK_DIR),.stack)
+
+# recall's rules taken out one at a time, per conversation, on a stack bench-recall ingested:
+#   make bench-ablate STACK_DIR=/tmp/stk-sem
+bench-ablate: install
+	$(PY) local/bench_ablate.py --stack-dir $(or $(STACK_DIR),.stack)
 
 # `import opencode` over 100 sessions real OpenCode wrote, imported twice: make bench-import STACK_DIR=/tmp/stk-sem
 bench-import: install

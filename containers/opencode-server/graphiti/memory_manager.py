@@ -1707,6 +1707,40 @@ class _Graphs:
         return await connection.info(section)
 
 
+class _SaidAgain:
+    """Which events' text was said again, word for word, elsewhere in the group ("Wow, congratulations!",
+    "run the tests again"): each episode carries its text's sha256, range-indexed, so recall asks the index
+    rather than reading every text. The digest, not the text: FalkorDB's range index drops a string's
+    trailing spaces, and a text (or its opening) that ends in one would not find itself."""
+
+    PROPERTY = "content_sha256"
+    BACKFILL_PAGE = 500
+    UNMARKED = "MATCH (e:Episodic) WHERE e.content_sha256 IS NULL RETURN ID(e), e.content LIMIT $page"
+    MARK = "UNWIND $marks AS m MATCH (e:Episodic) WHERE ID(e) = m.id SET e.content_sha256 = m.digest"
+    COPIES = ("UNWIND $uuids AS u MATCH (n:Episodic {uuid: u}) WITH u, n.content_sha256 AS digest "
+              "MATCH (x:Episodic {content_sha256: digest}) WITH u, count(x) AS copies WHERE copies > 1 RETURN u")
+
+    @staticmethod
+    def digest(text: str | None) -> str:
+        return hashlib.sha256((text or "").encode()).hexdigest()
+
+    @classmethod
+    async def ensure(cls, graph: Any, state: _IndexState) -> None:
+        """Every episode's digest (a graph written before it, or by other means, gets it here, a page at
+        a time) and its index."""
+        while rows := (await graph.query(cls.UNMARKED, {"page": cls.BACKFILL_PAGE})).result_set:
+            await graph.query(cls.MARK, {"marks": [{"id": node, "digest": cls.digest(text)} for node, text in rows]})
+        if ("Episodic", cls.PROPERTY) not in state.ranges:
+            await graph.query(f"CREATE INDEX FOR (n:Episodic) ON (n.{cls.PROPERTY})")
+
+    @classmethod
+    async def among(cls, graph: Any, uuids: list[str]) -> set[str]:
+        """Those of the events whose text another event of the group holds too."""
+        if not uuids:
+            return set()
+        return {uid for (uid,) in (await graph.ro_query(cls.COPIES, {"uuids": uuids})).result_set}
+
+
 class _Indexes:
     """graphiti's and recall's indexes of a group's graph: built once per graph and process, waited for until
     usable, checked again after the graph was replaced."""
@@ -1730,6 +1764,7 @@ class _Indexes:
             state = await cls.state(graph)
         for drop in state.shadowed:
             await graph.query(drop)
+        await _SaidAgain.ensure(graph, state)  # before the vector indexes: a write waits while one fills
         dimension = _settings().embedding_dim
         for label, prop, pattern in VECTOR_INDEXES:
             if (label, prop) not in state.vectors:
@@ -1756,7 +1791,7 @@ class _Indexes:
     async def state(graph: Any) -> _IndexState:
         rows = (await graph.ro_query("CALL db.indexes() YIELD label, types, entitytype "
                                      "RETURN label, types, entitytype")).result_set
-        state = _IndexState(set(), [], set())
+        state = _IndexState(set(), [], set(), set())
         for label, types, entity_type in rows:
             state.labels.add(label)
             for prop, kinds in types.items():
@@ -1765,6 +1800,8 @@ class _Indexes:
                     state.shadowed.append(f"DROP INDEX FOR {target} ON (n.{prop})")
                 if "VECTOR" in kinds:
                     state.vectors.add((label, prop))
+                if "RANGE" in kinds:
+                    state.ranges.add((label, prop))
         state.shadowed.sort()
         return state
 
@@ -1780,6 +1817,7 @@ class _IndexState:
     labels: set[str]          # labels (and relationship types) that have any index
     shadowed: list[str]       # DROP statements for range indexes shadowed by a fulltext one
     vectors: set[tuple[str, str]]  # (label, property) with a vector index
+    ranges: set[tuple[str, str]]   # (label, property) with a range index
 
 
 async def close() -> None:
@@ -3641,32 +3679,46 @@ class _Recall:
         return {row[0]: dict(zip(names, row, strict=True)) for row in result.result_set}
 
     @classmethod
-    async def with_neighbours(cls, graph: Any, scores: dict[str, float]) -> dict[str, float]:
+    async def with_neighbours(cls, graph: Any, scores: dict[str, float], as_of: str | None) -> dict[str, float]:
         """The best events lend part of their score to the cls.NEIGHBOUR_REACH events just before and just
         after each (within cls.NEIGHBOUR_WINDOW_S), less with each step away: in a conversation the answer
         is often the reply to the turn that matches the question, and an agent's next step follows from
-        the one before."""
+        the one before. A neighbour whose text was said again elsewhere gains nothing: a stock phrase
+        ("Wow, congratulations!", "That made me laugh") says the same whatever came before it, so it
+        is no reply that holds the answer, and beside every matching turn it took the answer's slot.
+        With `as_of`, nothing said after it lends or gains: it had not happened yet."""
         sources = sorted(scores, key=lambda uid: (-round(scores[uid], 12), uid))[:cls.NEIGHBOUR_SOURCES]
         times = {uid: at for uid, at in (await graph.ro_query(
             "MATCH (x:Episodic) WHERE x.uuid IN $uuids RETURN x.uuid, toString(x.valid_at)",
             {"uuids": sources})).result_set if at}
-        reach_s = cls.NEIGHBOUR_WINDOW_S
-        windows = [{"uuid": uid, "at": at, "lo": cls.shifted(at, -reach_s), "hi": cls.shifted(at, reach_s)}
-                   for uid, at in times.items()]
+        windows = cls.neighbour_windows(times, as_of)
         asked = {"windows": windows, "reach": cls.NEIGHBOUR_REACH}
         rows = (await graph.ro_query(cls.NEAREST_IN_TIME, asked)).result_set \
             if windows else []
         around: dict[str, list[tuple[str, str]]] = defaultdict(list)
         for source, uid, at in rows:
             around[source].append((at, uid))
+        stock = await _SaidAgain.among(graph, sorted({uid for _, uid, _ in rows}))
         lifted = defaultdict(float, scores)
         for source, at in times.items():
             before = sorted(((t, u) for t, u in around[source] if (t, u) < (at, source)), reverse=True)
             after = sorted((t, u) for t, u in around[source] if (t, u) > (at, source))
             for side in (before, after):
                 for distance, (_, neighbour) in enumerate(side[:cls.NEIGHBOUR_REACH], start=1):
-                    lifted[neighbour] += cls.NEIGHBOUR_SHARE / distance * scores[source]
+                    if neighbour not in stock:
+                        lifted[neighbour] += cls.NEIGHBOUR_SHARE / distance * scores[source]
         return lifted
+
+    @classmethod
+    def neighbour_windows(cls, times: dict[str, str], as_of: str | None) -> list[dict[str, str]]:
+        """Where each source's neighbours are looked for: cls.NEIGHBOUR_WINDOW_S either side, ending at
+        `as_of` when the recall is as of a time."""
+        def until(at: str) -> str:
+            latest = cls.shifted(at, cls.NEIGHBOUR_WINDOW_S)
+            return latest if as_of is None else min(latest, as_of)
+
+        return [{"uuid": uid, "at": at, "lo": cls.shifted(at, -cls.NEIGHBOUR_WINDOW_S), "hi": until(at)}
+                for uid, at in times.items()]
 
     @classmethod
     async def with_later_words(cls, graph: Any, scores: dict[str, float], keys: dict[str, dict],
@@ -3762,7 +3814,7 @@ class _Recall:
             text = _Fusion.with_fact_evidence({u: x for x, u in ranked[-2]}, fact_text, fact_records,
                                               _Fusion.FACT_TEXT_SHARE * with_facts)
             meaning = {u: x for x, u in ranked[-1]}  # facts lend no vector evidence: see _Fusion
-            events = await cls.with_neighbours(graph, _Fusion.combined(text, meaning))
+            events = await cls.with_neighbours(graph, _Fusion.combined(text, meaning), window.as_of)
             keys = await cls.details(graph, EPISODES, list(events), "coalesce(x.valid_at, '') AS at, "
                                      "left(x.content, 200) AS opening, size(x.content) AS length")
             events = _NamedTime.in_named_time(events, {u: k["at"] for u, k in keys.items()}, named)
@@ -4602,9 +4654,11 @@ class _GraphitiPass:
 
 FIND_EPISODE = ("MATCH (e:Episodic) WHERE e.job_id = $job OR (e.name = $name AND e.job_id IS NULL) "
                 "RETURN e.uuid, e.job_id ORDER BY e.job_id IS NULL LIMIT 1")
+# The digest before the vector: a restore sets an episode's properties, then its vectors, and gives
+# them back in the order they were stored.
 MARK_EPISODES = ("UNWIND $marks AS m MATCH (e:Episodic {uuid: m.uuid}) SET e.job_id = m.job, "
                  "e.queue_id = m.queue_id, e.metadata = m.metadata, e.metadata_raw = m.metadata_raw, "
-                 "e.content_embedding = vecf32(m.embedding)")
+                 "e.content_sha256 = m.content_sha256, e.content_embedding = vecf32(m.embedding)")
 EMBEDDED_CHARS = 24_000        # of an episode's text, for its own embedding (~6k tokens; the API takes 8k)
 
 
@@ -4997,7 +5051,8 @@ class _Worker:
             add.set(**{"memory.entities": len(entities), "memory.facts": len(facts)})
             vectors = await embeddings
         marks = [{"uuid": episode.uuid, "job": fields["job"], "queue_id": entry_id, "embedding": vector,
-                  "metadata": fields.get("metadata") or None, "metadata_raw": fields.get("metadata_raw") or None}
+                  "metadata": fields.get("metadata") or None, "metadata_raw": fields.get("metadata_raw") or None,
+                  "content_sha256": _SaidAgain.digest(episode.content)}
                  for episode, (entry_id, fields), vector in zip(episodes, entries, vectors, strict=True)]
         await graphiti.driver.execute_query(MARK_EPISODES, marks=marks)
 
