@@ -312,7 +312,8 @@ def test_a_memory_stored_before_the_text_digests_gets_them_when_its_indexes_are_
     unmarked = memory.ok("query", "--scope", "episodes", "--limit", "3", question).splitlines()
     for key, value in memory.env.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr(mm._SaidAgain, "BACKFILL_PAGE", 2)  # seven episodes: four pages
+    monkeypatch.setattr(mm._SaidAgain, "BACKFILL_PAGE", 3)  # seven episodes: three pages,
+    monkeypatch.setattr(mm._SaidAgain, "BACKFILL_CHARS", 100)  # of one or two texts a read
 
     async def check_indexes() -> None:
         try:

@@ -1714,11 +1714,15 @@ class _SaidAgain:
     trailing spaces, and a text (or its opening) that ends in one would not find itself."""
 
     PROPERTY = "content_sha256"
-    BACKFILL_PAGE = 500
-    UNMARKED = "MATCH (e:Episodic) WHERE e.content_sha256 IS NULL RETURN ID(e), e.content LIMIT $page"
+    BACKFILL_PAGE = 500            # unmarked episodes looked up at a time
+    BACKFILL_CHARS = 4_000_000     # of their text read at a time (an episode may hold 10M characters)
+    UNMARKED = "MATCH (e:Episodic) WHERE e.content_sha256 IS NULL RETURN ID(e), size(e.content) LIMIT $page"
+    TEXTS = "UNWIND $ids AS id MATCH (e:Episodic) WHERE ID(e) = id RETURN id, e.content"
     MARK = "UNWIND $marks AS m MATCH (e:Episodic) WHERE ID(e) = m.id SET e.content_sha256 = m.digest"
+    # An unmarked episode (no digest yet) is looked up no further: without the index that would scan them all.
     COPIES = ("UNWIND $uuids AS u MATCH (n:Episodic {uuid: u}) WITH u, n.content_sha256 AS digest "
-              "MATCH (x:Episodic {content_sha256: digest}) WITH u, count(x) AS copies WHERE copies > 1 RETURN u")
+              "WHERE digest IS NOT NULL MATCH (x:Episodic {content_sha256: digest}) "
+              "WITH u, count(x) AS copies WHERE copies > 1 RETURN u")
 
     @staticmethod
     def digest(text: str | None) -> str:
@@ -1726,12 +1730,29 @@ class _SaidAgain:
 
     @classmethod
     async def ensure(cls, graph: Any, state: _IndexState) -> None:
-        """Every episode's digest (a graph written before it, or by other means, gets it here, a page at
-        a time) and its index."""
-        while rows := (await graph.query(cls.UNMARKED, {"page": cls.BACKFILL_PAGE})).result_set:
-            await graph.query(cls.MARK, {"marks": [{"id": node, "digest": cls.digest(text)} for node, text in rows]})
+        """Every episode's digest (a graph written before it, or by other means, gets it here) and its
+        index."""
+        while sizes := (await graph.query(cls.UNMARKED, {"page": cls.BACKFILL_PAGE})).result_set:
+            for ids in cls.batches(sizes):
+                texts = (await graph.query(cls.TEXTS, {"ids": ids})).result_set
+                marks = [{"id": node, "digest": cls.digest(text)} for node, text in texts]
+                await graph.query(cls.MARK, {"marks": marks})
         if ("Episodic", cls.PROPERTY) not in state.ranges:
             await graph.query(f"CREATE INDEX FOR (n:Episodic) ON (n.{cls.PROPERTY})")
+
+    @classmethod
+    def batches(cls, sizes: list[list[int]]) -> Iterator[list[int]]:
+        """Node ids in batches of at most cls.BACKFILL_CHARS characters of text (a longer one alone)."""
+        batch: list[int] = []
+        chars = 0
+        for node, size in sizes:
+            if batch and chars + (size or 0) > cls.BACKFILL_CHARS:
+                yield batch
+                batch, chars = [], 0
+            batch.append(node)
+            chars += size or 0
+        if batch:
+            yield batch
 
     @classmethod
     async def among(cls, graph: Any, uuids: list[str]) -> set[str]:
