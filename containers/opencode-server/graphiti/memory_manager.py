@@ -1718,7 +1718,10 @@ class _SaidAgain:
     BACKFILL_CHARS = 4_000_000     # of their text read at a time (an episode may hold 10M characters)
     UNMARKED = "MATCH (e:Episodic) WHERE e.content_sha256 IS NULL RETURN ID(e), size(e.content) LIMIT $page"
     TEXTS = "UNWIND $ids AS id MATCH (e:Episodic) WHERE ID(e) = id RETURN id, e.content"
-    MARK = "UNWIND $marks AS m MATCH (e:Episodic) WHERE ID(e) = m.id SET e.content_sha256 = m.digest"
+    # `m.id AS id` first: FalkorDB seeks a node by an id it was given as a value, and scans every
+    # episode for one it must read from the map.
+    MARK = ("UNWIND $marks AS m WITH m, m.id AS id MATCH (e:Episodic) WHERE ID(e) = id "
+            "SET e.content_sha256 = m.digest")
     # An unmarked episode (no digest yet) is looked up no further: without the index that would scan them all.
     COPIES = ("UNWIND $uuids AS u MATCH (n:Episodic {uuid: u}) WITH u, n.content_sha256 AS digest "
               "WHERE digest IS NOT NULL MATCH (x:Episodic {content_sha256: digest}) "
