@@ -1711,7 +1711,8 @@ class _SaidAgain:
     """Which events' text was said again, word for word, elsewhere in the group ("Wow, congratulations!",
     "run the tests again"): each episode carries its text's sha256, range-indexed, so recall asks the index
     rather than reading every text. The digest, not the text: FalkorDB's range index drops a string's
-    trailing spaces, and a text (or its opening) that ends in one would not find itself."""
+    trailing spaces (FalkorDB issues 280 and 1340), and a text (or its opening) that ends in one would
+    not find itself."""
 
     PROPERTY = "content_sha256"
     BACKFILL_PAGE = 500            # unmarked episodes looked up at a time
@@ -3810,10 +3811,10 @@ class _Recall:
         match as the share of the question it holds, a vector match at most _Fusion.MEANING_WEIGHT). One
         embeddings call; no LLM call; with the embeddings endpoint failing, text alone (one warning).
         Scope `all` ranks events: a fact raises its events only by what it matched beyond their own
-        text. The best events then lend part of their score to their neighbours in time, the events of a
-        time the question names count double, for a question about the present the best events lend to
-        what was said after them on their subject, the events by a speaker the question names count
-        double, and each event shows its matching facts."""
+        text. Then, in this order: the best events lend part of their score to their neighbours in time
+        (not to a stock phrase); the events of a time the question names count double; for a question
+        about the present the best events lend to what was said after them on their subject; the events
+        by a speaker the question names count double. Each event shows its matching facts."""
         s = _settings()
         if not await _Graphs.exists(s.group_id):  # searching would create an empty graph
             return []
