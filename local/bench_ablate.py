@@ -13,12 +13,9 @@ constants, restored after each row), so the rest of recall runs as shipped.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -78,12 +75,7 @@ def row(name: str, questions: list[Question], ranking: dict[str, list[list[str]]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stack-dir", type=Path, required=True)
-    parser.add_argument("--corpora", default="dev,project")
-    args = parser.parse_args()
-    stack = bench_recall.running_stack(args.stack_dir)
-    os.environ.update({**stack.env(), "DD_TRACE_ENABLED": "false", "MEMORY_SPOOL_DIR": str(args.stack_dir / "spool")})
+    args, stack = bench_recall.on_an_ingested_stack(__doc__.splitlines()[0])
     for corpus in args.corpora.split(","):
         events, questions = bench_recall.CORPORA[corpus][0]()
         memories = sorted({q.memory for q in questions})

@@ -340,6 +340,18 @@ def running_stack(run_dir: Path) -> Stack:
     return Stack(run_dir, ports=json.loads((run_dir / "stack.json").read_text())["ports"])
 
 
+def on_an_ingested_stack(description: str) -> tuple[argparse.Namespace, Stack]:
+    """`--stack-dir` and `--corpora` of a bench that asks again on a stack this bench ingested, with the
+    module's environment pointed at that stack."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--stack-dir", type=Path, required=True)
+    parser.add_argument("--corpora", default="dev,project")
+    args = parser.parse_args()
+    stack = running_stack(args.stack_dir)
+    os.environ.update({**stack.env(), "DD_TRACE_ENABLED": "false", "MEMORY_SPOOL_DIR": str(args.stack_dir / "spool")})
+    return args, stack
+
+
 @dataclass
 class Measured:
     corpus: str

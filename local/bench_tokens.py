@@ -9,12 +9,9 @@ o200k tokenizer counts them (bpe-openai, offline).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import os
 import statistics
-from pathlib import Path
 
 import bench_recall
 from recall_corpus import Question
@@ -51,12 +48,7 @@ async def costs(questions: list[Question]) -> dict[str, list[tuple[int, bool]]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stack-dir", type=Path, required=True)
-    parser.add_argument("--corpora", default="dev,project")
-    args = parser.parse_args()
-    stack = bench_recall.running_stack(args.stack_dir)
-    os.environ.update({**stack.env(), "DD_TRACE_ENABLED": "false"})
+    args, _ = bench_recall.on_an_ingested_stack(__doc__.splitlines()[0])
     for corpus in args.corpora.split(","):
         _, questions = bench_recall.CORPORA[corpus][0]()
         measured = asyncio.run(costs(questions))
