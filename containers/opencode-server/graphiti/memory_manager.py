@@ -1714,7 +1714,6 @@ class _SaidAgain:
     trailing spaces (FalkorDB issues 280 and 1340), and a text (or its opening) that ends in one would
     not find itself."""
 
-    PROPERTY = "content_sha256"
     BACKFILL_PAGE = 500            # unmarked episodes looked up at a time
     BACKFILL_CHARS = 4_000_000     # of their text read at a time (an episode may hold 10M characters)
     UNMARKED = "MATCH (e:Episodic) WHERE e.content_sha256 IS NULL RETURN ID(e), size(e.content) LIMIT $page"
@@ -1741,8 +1740,8 @@ class _SaidAgain:
                 texts = (await graph.query(cls.TEXTS, {"ids": ids})).result_set
                 marks = [{"id": node, "digest": cls.digest(text)} for node, text in texts]
                 await graph.query(cls.MARK, {"marks": marks})
-        if ("Episodic", cls.PROPERTY) not in state.ranges:
-            await graph.query(f"CREATE INDEX FOR (n:Episodic) ON (n.{cls.PROPERTY})")
+        if ("Episodic", "content_sha256") not in state.ranges:
+            await graph.query("CREATE INDEX FOR (n:Episodic) ON (n.content_sha256)")
 
     @classmethod
     def batches(cls, sizes: list[list[int]]) -> Iterator[list[int]]:
